@@ -1,0 +1,172 @@
+"""The public entry: `attention()`, forcing a backend, `explain()`.
+
+One call: validate the inputs (here, before anything launches) -> build the decision key `select.Call` ->
+`select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from typing import Iterator
+
+import torch
+
+from attnhub import select
+from attnhub import tune as _tune
+from attnhub.rope import CosSinTable
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnhub_backend", default=None)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: CosSinTable | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Softmax attention with optional 2D RoPE on q and k, by the best backend for this call.
+
+    q: [B, H, N, D]; k, v: [B, H, N_kv, D] (N_kv == N with `rope`), any strides. `rope`: a `CosSinTable` with
+    `rope.seq_len == N`. `scale` defaults to D ** -0.5. `backend` forces one backend for this call (it wins
+    over `use_backend` and `ATTNHUB_BACKEND`). Returns o: [B, H, N, D] in q's dtype, or in the autocast dtype
+    under `torch.autocast`, for every backend alike.
+    """
+    _validate(q, k, v, rope, scale, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    autocast = torch.is_autocast_enabled(q.device.type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    call = _call(q, k, v, rope, backend)
+    measure = None
+    if _tune.enabled():
+        measure = lambda names: _tune.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
+    _, fn = select.choose(call, measure)
+    if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, k, v, rope, scale)
+    return fn(q, k, v, rope, scale)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force backend `name` for `attention` calls in this context (thread- and task-local); None: automatic."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"use_backend: name must be a str or None, got {type(name).__name__}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def explain(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: CosSinTable | None = None,
+    *,
+    backend: str | None = None,
+) -> select.Explanation:
+    """Which backend `attention(q, k, v, rope)` would run here and why every other one would not."""
+    _validate(q, k, v, rope, None, backend)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return select.explain(_call(q, k, v, rope, backend))
+
+
+def tune(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None = None, *, scale: float | None = None
+) -> str:
+    """Time every backend eligible for this call, remember (and persist) the fastest, return its name.
+
+    Later `attention` calls with the same decision key run it; `explain` reports it as "fastest when measured".
+    """
+    _validate(q, k, v, rope, scale, None)
+    call = _call(q, k, v, rope, None)._replace(forced=None)
+    names = [n for n, why in select.explain(call).reasons.items() if not why]
+    if not names:
+        raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
+    best = _tune.measure(call, _entries(names), q, k, v, rope, q.shape[-1] ** -0.5 if scale is None else scale)
+    select.clear_cache()
+    return best
+
+
+def _entries(names):
+    return [(n, select.REGISTRY.entry(n)) for n in names]
+
+
+def _call(q, k, v, rope: CosSinTable | None, backend: str | None) -> select.Call:
+    grad = torch.is_grad_enabled()
+    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
+    B, H, N, D = q.shape
+    return select.Call(
+        q.device.type,
+        q.device.index,
+        q.dtype,
+        B,
+        H,
+        N,
+        k.shape[2],
+        D,
+        "none" if rope is None else rope.layout,
+        rope is not None and rope.per_head,
+        grad and rope is not None and rope.requires_grad,
+        grad and (q.requires_grad or k.requires_grad or v.requires_grad),
+        forced,
+        select.REGISTRY.version,
+    )
+
+
+def _validate(q, k, v, rope, scale, backend) -> None:
+    """Every check on user input, before anything runs. Errors name the argument, the expectation and the value."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (B, H, N, D), (Bk, Hk, Nk, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (B, H, D) != (Bk, Hk, Dk):
+        raise ValueError(
+            f"attention: q [B, H, N, D] = {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in B, H and D"
+        )
+    if 0 in q.shape or Nk == 0:
+        raise ValueError(
+            f"attention: every dimension must be > 0, got q {tuple(q.shape)}, k/v {tuple(k.shape)} "
+            "(an empty batch has no attention to compute: skip the call)"
+        )
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"attention: scale must be a finite number, got {scale!r}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"attention: backend must be a str or None, got {type(backend).__name__}")
+    if rope is None:
+        return
+    if not isinstance(rope, CosSinTable):
+        raise TypeError(f"attention: rope must be an attnhub.CosSinTable or None, got {type(rope).__name__}")
+    if rope.device != q.device:
+        raise ValueError(f"attention: rope table is on {rope.device} but q is on {q.device}; use rope.to(q.device)")
+    if rope.head_dim != D:
+        raise ValueError(f"attention: rope table has head_dim {rope.head_dim} but q has D = {D}")
+    if N != rope.seq_len or Nk != rope.seq_len:
+        raise ValueError(
+            f"attention: with rope, q and k must have N = prefix_tokens + patches = {rope.prefix_tokens} + "
+            f"{rope.n_grid} = {rope.seq_len}, got N = {N} (q) and {Nk} (k)"
+        )
+    if rope.per_head and rope.cos.shape[0] != H:
+        raise ValueError(f"attention: per-head rope table has {rope.cos.shape[0]} heads but q has H = {H}")

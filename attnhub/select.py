@@ -1,0 +1,187 @@
+"""Selection over the registry: filter backends by their constraints, pick the highest priority, cache, explain.
+
+`Call` is the decision key: everything about a call that can change which backend runs (and nothing else, so a
+cached decision is a dict lookup). The checks below are generic over the vocabulary of `registry.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import threading
+from typing import Callable, NamedTuple
+
+import torch
+
+from attnhub import tune as _tune
+from attnhub.registry import REGISTRY, Spec
+
+CACHE_SIZE = 4096  # distinct decision keys kept; a model sees a handful, so this only bounds pathological use
+
+
+class UnknownBackendError(ValueError):
+    """A backend name that is not registered."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend that cannot run this call, or a call no backend can run; the message lists why."""
+
+
+class Call(NamedTuple):
+    """The decision key of one `attnhub.attention` call."""
+
+    device_type: str
+    device_index: int | None
+    dtype: torch.dtype
+    batch: int
+    heads: int
+    n_q: int
+    n_kv: int
+    head_dim: int
+    rope_layout: str  # "none", "interleaved" or "half"
+    rope_per_head: bool
+    rope_grad: bool  # the table requires grad and grad mode is on
+    needs_grad: bool  # q, k or v requires grad and grad mode is on
+    forced: str | None
+    registry_version: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """Why a backend was chosen for a call, and why every other one was not. `print()` it."""
+
+    chosen: str | None
+    reasons: dict[str, list[str]]  # backend -> reasons it cannot run this call (empty: it can)
+    forced: str | None
+    how: str  # "forced", "priority" or "measured"
+
+    def __str__(self) -> str:
+        lines = []
+        if self.chosen is None:
+            lines.append("no backend can run this call")
+        else:
+            how = {"forced": "forced", "priority": "highest priority", "measured": "fastest when measured"}[self.how]
+            lines.append(f"chosen: {self.chosen} ({how})")
+        for name, why in self.reasons.items():
+            if name == self.chosen:
+                continue
+            if not why:
+                lines.append(f"  {name}: eligible, not chosen")
+            else:
+                lines.append(f"  {name}: rejected: " + "; ".join(why))
+        return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> float:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major + minor / 10
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _names(items) -> str:
+    return "[" + ", ".join(str(i).replace("torch.", "") for i in items) + "]"
+
+
+def reasons(spec: Spec, call: Call, *, forced: bool) -> list[str]:
+    """Why `spec` cannot run `call` (an empty list: it can). Generic over the registry vocabulary."""
+    out = [f"needs Python module {m!r}" for m in spec.requires if not _importable(m)]
+    if spec.devices is not None and call.device_type not in spec.devices:
+        cc = f" (compute capability >= {spec.min_compute_capability})" if spec.min_compute_capability else ""
+        needs = f"device {call.device_type}: needs {_names(spec.devices)}{cc}"
+        if call.device_type not in spec.interpreter_devices:
+            out.append(needs)
+        elif not forced:
+            out.append(f"{needs}; runs on {call.device_type} only when forced, through the Triton interpreter")
+        elif not _interpreting():
+            out.append(f"{needs}; on {call.device_type} set TRITON_INTERPRET=1 before importing attnhub")
+    elif call.device_type == "cuda" and spec.min_compute_capability is not None:
+        cc = _capability(call.device_index or 0)
+        if cc < spec.min_compute_capability:
+            out.append(f"compute capability {cc}: needs >= {spec.min_compute_capability}")
+    if spec.dtypes is not None and call.dtype not in spec.dtypes:
+        out.append(f"dtype {_names([call.dtype])[1:-1]} not in {_names(spec.dtypes)}")
+    hd = spec.head_dim
+    if "multiple_of" in hd and call.head_dim % hd["multiple_of"]:
+        out.append(f"head_dim {call.head_dim} is not a multiple of {hd['multiple_of']}")
+    if "min" in hd and call.head_dim < hd["min"]:
+        out.append(f"head_dim {call.head_dim} < {hd['min']}")
+    if "max" in hd and call.head_dim > hd["max"]:
+        out.append(f"head_dim {call.head_dim} > {hd['max']}")
+    if spec.max_seq_len is not None and max(call.n_q, call.n_kv) > spec.max_seq_len:
+        out.append(f"sequence length {max(call.n_q, call.n_kv)} > {spec.max_seq_len}")
+    if call.n_q != call.n_kv and not spec.cross_attention:
+        out.append(f"cross-attention (N_q={call.n_q} != N_kv={call.n_kv}) not supported")
+    if call.rope_layout not in spec.rope_layouts:
+        out.append(f"RoPE layout {call.rope_layout!r} not in {_names(spec.rope_layouts)}")
+    if call.rope_per_head and not spec.rope_per_head:
+        out.append("per-head RoPE tables not supported")
+    if call.rope_grad and not spec.rope_grad:
+        out.append("no gradient w.r.t. the RoPE table (the table requires grad)")
+    if call.needs_grad and not spec.backward:
+        out.append("no backward (inputs require grad)")
+    return out
+
+
+def _decide(call: Call, measure: Callable[[list[str]], str] | None = None) -> Explanation:
+    specs = REGISTRY.specs()
+    if call.forced is not None and call.forced not in specs:
+        raise UnknownBackendError(f"unknown attnhub backend {call.forced!r}; known: {sorted(specs)}")
+    why = {name: reasons(spec, call, forced=name == call.forced) for name, spec in specs.items()}
+    if call.forced is not None:
+        if why[call.forced]:
+            raise BackendUnavailableError(
+                f"attnhub backend {call.forced!r} was forced but cannot run this call: "
+                + "; ".join(why[call.forced])
+                + f". Eligible here: {sorted(n for n, w in why.items() if not w) or 'none'}"
+            )
+        return Explanation(call.forced, why, call.forced, "forced")
+    eligible = sorted((n for n, w in why.items() if not w), key=lambda n: (-specs[n].priority, n))
+    measured = _tune.lookup(call, eligible)
+    if measured is None and measure is not None and len(eligible) > 1:
+        measured = measure(eligible)
+    if measured is not None:
+        return Explanation(measured, why, None, "measured")
+    return Explanation(eligible[0] if eligible else None, why, None, "priority")
+
+
+_cache: dict[Call, tuple[str, Callable]] = {}
+_cache_lock = threading.Lock()
+
+
+def choose(call: Call, measure: Callable[[list[str]], str] | None = None) -> tuple[str, Callable]:
+    """The backend name and entry function for `call`; microseconds once cached.
+
+    `measure(eligible_names) -> fastest` is called on a cache miss when given (selection by measurement).
+    """
+    hit = _cache.get(call)
+    if hit is not None:
+        return hit
+    decision = _decide(call, measure)
+    if decision.chosen is None:
+        raise BackendUnavailableError("no attnhub backend can run this call:\n" + str(decision))
+    hit = (decision.chosen, REGISTRY.entry(decision.chosen))
+    with _cache_lock:
+        if len(_cache) >= CACHE_SIZE:
+            _cache.pop(next(iter(_cache)))  # oldest first: dicts keep insertion order
+        _cache[call] = hit
+    return hit
+
+
+def explain(call: Call) -> Explanation:
+    return _decide(call)
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()

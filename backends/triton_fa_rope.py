@@ -1,0 +1,438 @@
+"""FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
+
+Read top-down: jit helpers (pair loads, rotation), the forward kernel, the backward kernels (preprocess, dk/dv,
+dq), the launcher (configs, grids, strides), the `autograd.Function`, the entry `attention`.
+
+How RoPE is fused. RoPE rotates channel pairs `(a_j, b_j)` of q and k (`j < D/2`; pairs `(2j, 2j+1)` for the
+interleaved layout, `(j, j + D/2)` for the half layout). A dot product over D is a sum over pairs, so the kernels
+load q and k as two half-width tiles `xa = x[..., a]`, `xb = x[..., b]` `[BLOCK, D/2]` (by pointer arithmetic, no
+data movement), rotate them in fp32 registers with the `[N_grid, D/2]` cos/sin table, and compute
+`q_r . k_r = qa_r @ ka_r^T + qb_r @ kb_r^T`. Rotated q/k are never written to memory. The backward works in the
+same pair space and rotates dq, dk back by the transpose rotation before storing them.
+
+Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
+float32 inputs use IEEE fp32 dots (not TF32), so every backend computes the same function to fp32 round-off.
+Under `TRITON_INTERPRET=1` (CPU) bfloat16 dot operands are upcast to fp32 (triton-lang/triton#11584).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attnhub.rope import CosSinTable
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, HEAD_D2: tl.constexpr,
+                BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr):
+    """x[offs_n, a_j] and x[offs_n, b_j] as two [BLOCK, BLOCK_D2] tiles (zero outside N and D/2)."""
+    mask = mask_n[:, None]
+    if HEAD_D2 != BLOCK_D2:
+        mask = mask & (offs_j[None, :] < HEAD_D2)
+    ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+    xa = tl.load(ptr, mask=mask, other=0.0)
+    xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
+    return xa, xb
+
+
+@triton.jit
+def _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2: tl.constexpr,
+           BLOCK_D2: tl.constexpr):
+    """cos, sin [BLOCK, BLOCK_D2] fp32 for sequence positions offs_n; identity (1, 0) on prefix tokens."""
+    t = offs_n - P
+    mask = (mask_n & (t >= 0))[:, None]
+    if HEAD_D2 != BLOCK_D2:
+        mask = mask & (offs_j[None, :] < HEAD_D2)
+    off = t[:, None] * stride_tn + offs_j[None, :]
+    c = tl.load(cos_base + off, mask=mask, other=1.0).to(tl.float32)
+    s = tl.load(sin_base + off, mask=mask, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rotate(xa, xb, c, s):
+    """(a, b) -> (a cos - b sin, b cos + a sin), in fp32."""
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
+    return xa * c - xb * s, xb * c + xa * s
+
+
+@triton.jit
+def _load_rotated(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j,
+                  HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
+                  PAIR_OFF: tl.constexpr, ROPE: tl.constexpr, DOT: tl.constexpr):
+    """Rotated pair tiles (xa_r, xb_r) [BLOCK, BLOCK_D2] in the dot dtype."""
+    xa, xb = _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                         PAIR_OFF)
+    if ROPE:
+        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+        xa, xb = _rotate(xa, xb, c, s)
+    return xa.to(DOT), xb.to(DOT)
+
+
+@triton.jit
+def _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x[offs_n, :D] as [BLOCK, BLOCK_D] (zero padded)."""
+    mask = mask_n[:, None]
+    if HEAD_D != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_D)
+    return tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    mask = mask_n[:, None]
+    if HEAD_D != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_D)
+    tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x, mask=mask)
+
+
+@triton.jit
+def _store_pairs_unrotated(base, ga, gb, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P,
+                           offs_j, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
+                           PAIR_OFF: tl.constexpr, ROPE: tl.constexpr):
+    """Store a gradient held in rotated pair space, rotated back by R^T: (a, b) -> (a cos + b sin, b cos - a sin)."""
+    if ROPE:
+        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+        ga, gb = ga * c + gb * s, gb * c - ga * s
+    mask = mask_n[:, None]
+    if HEAD_D2 != BLOCK_D2:
+        mask = mask & (offs_j[None, :] < HEAD_D2)
+    ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+    tl.store(ptr, ga.to(base.dtype.element_ty), mask=mask)
+    tl.store(ptr + PAIR_OFF * stride_d, gb.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2."""
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N_Q
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    qa, qb = _load_rotated(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
+                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_KV
+        ka, kb = _load_rotated(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
+                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+        s = _dot(qa, tl.trans(ka), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+        s = _dot(qb, tl.trans(kb), s, PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
+        acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    _store_rows(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, mask_m, son, sod, offs_d, HEAD_D,
+                BLOCK_D)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+# --------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
+                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DELTA[bh, n] = sum_d O * dO (fp32): the softmax-gradient row term."""
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries. Deterministic: no atomics."""
+    n_n = tl.cdiv(N_KV, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // n_n
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_KV
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    ka, kb = _load_rotated(K + b * skb + h * skh, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
+                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    v = _load_rows(V + b * svb + h * svh, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    row_base = bh.to(tl.int64) * N_Q
+
+    dka = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    dkb = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_Q
+        qa, qb = _load_rotated(q_base, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
+                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+        do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        # rows past N_Q: lse = +inf makes their probabilities exactly 0
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+        st = _dot(ka, tl.trans(qa), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+        st = _dot(kb, tl.trans(qb), st, PRECISION)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
+        dv = _dot(pt.to(DOT), do, dv, PRECISION)
+        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(DOT)
+        dka = _dot(dst, qa, dka, PRECISION)
+        dkb = _dot(dst, qb, dkb, PRECISION)
+
+    _store_pairs_unrotated(DK + b * sdkb + h * sdkh, dka * scale, dkb * scale, offs_n, mask_n, sdkn, sdkd,
+                           cos_base, sin_base, stab_n, P, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE)
+    _store_rows(DV + b * sdvb + h * sdvh, dv.to(DV.dtype.element_ty), offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D,
+                BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N_Q
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    qa, qb = _load_rotated(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
+                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    row_base = bh.to(tl.int64) * N_Q
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    dqa = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    dqb = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_KV
+        ka, kb = _load_rotated(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
+                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        s = _dot(qa, tl.trans(ka), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+        s = _dot(qb, tl.trans(kb), s, PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+        ds = (p * (dp - delta[:, None])).to(DOT)
+        dqa = _dot(ds, ka, dqa, PRECISION)
+        dqb = _dot(ds, kb, dqb, PRECISION)
+
+    _store_pairs_unrotated(DQ + b * sdqb + h * sdqh, dqa * scale, dqb * scale, offs_m, mask_m, sdqn, sdqd,
+                           cos_base, sin_base, stab_n, P, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE)
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+# Tuned per (compute capability major, head-dim bucket): (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
+# forward, the dk/dv kernel and the dq kernel. Fixed configs, no run-time autotune: the first call on a new
+# shape costs one compilation per kernel. Measured with benchmarks/bench_kernels.py (see benchmarks/results/).
+_CONFIGS = {
+    # Hopper (H100/H200)
+    (9, 64): {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
+    (9, 128): {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    (9, 256): {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+}
+_DEFAULT = {
+    64: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
+    128: {"fwd": (64, 64, 4, 2), "dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2)},
+    256: {"fwd": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+}
+_INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1)}
+_MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
+
+
+def _configs(q: torch.Tensor, block_d: int) -> dict:
+    if _INTERPRET or q.device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    bucket = min(b for b in (64, 128, 256) if b >= block_d)
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return _CONFIGS.get((major, bucket), _DEFAULT[bucket])
+
+
+def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
+    """Compile-time parameters shared by every kernel of one call."""
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    dot = tl.float32 if q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16) else (
+        tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+    interleaved = rope is not None and rope.layout == "interleaved"
+    return dict(
+        HEAD_D=D,
+        BLOCK_D=block_d,
+        HEAD_D2=D // 2,
+        BLOCK_D2=max(16, triton.next_power_of_2(D // 2)),
+        PAIR_STEP=2 if interleaved else 1,
+        PAIR_OFF=1 if interleaved else D // 2,
+        ROPE=rope is not None,
+        DOT=dot,
+        PRECISION="ieee" if dot == tl.float32 else "tf32",
+    )
+
+
+def _table_args(rope: CosSinTable | None, q: torch.Tensor):
+    """(cos, sin, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE."""
+    if rope is None:
+        dummy = q.new_empty(1, dtype=torch.float32)
+        return dummy, dummy, 0, 0, 0
+    cos, sin = rope.cos.detach(), rope.sin.detach()
+    head_stride = cos.stride(0) if rope.per_head else 0
+    return cos, sin, head_stride, cos.stride(-2), rope.prefix_tokens
+
+
+def _grid(n_rows: int, block: int, bh: int) -> tuple[int]:
+    programs = triton.cdiv(n_rows, block) * bh
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"triton_fa_rope: {programs} programs exceed the launch-grid limit {_MAX_PROGRAMS}")
+    return (programs,)
+
+
+def _output_like(q: torch.Tensor) -> torch.Tensor:
+    """o: [B, H, N, D] laid out as [B, N, H, D] in memory, so `o.transpose(1, 2).reshape(B, N, H*D)` is free."""
+    B, H, N, D = q.shape
+    return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
+def _forward(q, k, v, rope, scale):
+    B, H, N_Q, D = q.shape
+    N_KV = k.shape[2]
+    meta = _meta(q, rope)
+    BLOCK_M, BLOCK_N, warps, stages = _configs(q, meta["BLOCK_D"])["fwd"]
+    o = _output_like(q)
+    lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
+    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    _fwd_kernel[_grid(N_Q, BLOCK_M, B * H)](
+        q, k, v, o, lse, cos, sin, *q.stride(), *k.stride(), *v.stride(), *o.stride(), stab_h, stab_n,
+        H, N_Q, N_KV, P, scale * _LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, rope, scale):
+    B, H, N_Q, D = q.shape
+    N_KV = k.shape[2]
+    meta = _meta(q, rope)
+    cfg = _configs(q, meta["BLOCK_D"])
+    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    delta = torch.empty_like(lse)
+    PRE_M = 64
+    _bwd_preprocess[_grid(N_Q, PRE_M, B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
+        HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
+    _bwd_dkdv_kernel[_grid(N_KV, BLOCK_N, B * H)](
+        q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n,
+        H, N_Q, N_KV, P, scale * _LOG2E, scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
+    )
+    BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
+    _bwd_dq_kernel[_grid(N_Q, BLOCK_M, B * H)](
+        q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n,
+        H, N_Q, N_KV, P, scale * _LOG2E, scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------- autograd
+class _FlashRopeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rope, scale):
+        o, lse = _forward(q, k, v, rope, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.rope, ctx.scale = rope, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.rope, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# ------------------------------------------------------------------------------------------------------ entry
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
+) -> torch.Tensor:
+    """q: [B, H, N, D], k, v: [B, H, N_kv, D] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    return _FlashRopeAttention.apply(q, k, v, rope, scale)
