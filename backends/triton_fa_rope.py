@@ -1,14 +1,18 @@
 """FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
 
-Read top-down: jit helpers (pair loads, rotation), the forward kernel, the backward kernels (preprocess, dk/dv,
-dq), the launcher (configs, grids, strides), the `autograd.Function`, the entry `attention`.
+Read top-down: jit helpers (loads, rotation, stores), the forward kernel, the backward kernels (preprocess,
+dk/dv, dq), the launcher (configs, grids, strides), the `autograd.Function`, the entry `attention`.
 
 How RoPE is fused. RoPE rotates channel pairs `(a_j, b_j)` of q and k (`j < D/2`; pairs `(2j, 2j+1)` for the
-interleaved layout, `(j, j + D/2)` for the half layout). A dot product over D is a sum over pairs, so the kernels
-load q and k as two half-width tiles `xa = x[..., a]`, `xb = x[..., b]` `[BLOCK, D/2]` (by pointer arithmetic, no
-data movement), rotate them in fp32 registers with the `[N_grid, D/2]` cos/sin table, and compute
-`q_r . k_r = qa_r @ ka_r^T + qb_r @ kb_r^T`. Rotated q/k are never written to memory. The backward works in the
-same pair space and rotates dq, dk back by the transpose rotation before storing them.
+interleaved layout, `(j, j + D/2)` for the half layout). The kernels load a q or k tile as two pair tiles
+`[BLOCK, D/2]` (interleaved: one contiguous row load split in registers; half: two contiguous half-row loads),
+rotate them in fp32 with the `[N_grid, D/2]` cos/sin table, and join them back into one `[BLOCK, D]` tile in
+the order `(a_0, b_0, a_1, b_1, ...)`. The same channel permutation on q and k leaves `q . k` unchanged, so
+one `tl.dot` over D computes the scores.
+
+Training: the forward also writes the rotated q and k it computed (in that joined order), so the backward
+kernels are plain FlashAttention-2 loops without any rotation; only dq and dk are rotated back (by R^T) and
+scattered to the caller's layout when they are stored. Inference writes nothing extra.
 
 Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
 float32 inputs use IEEE fp32 dots (not TF32), so every backend computes the same function to fp32 round-off.
@@ -17,7 +21,6 @@ Under `TRITON_INTERPRET=1` (CPU) bfloat16 dot operands are upcast to fp32 (trito
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -31,54 +34,6 @@ _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
-@triton.jit
-def _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, HEAD_D2: tl.constexpr,
-                BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr):
-    """x[offs_n, a_j] and x[offs_n, b_j] as two [BLOCK, BLOCK_D2] tiles (zero outside N and D/2)."""
-    mask = mask_n[:, None]
-    if HEAD_D2 != BLOCK_D2:
-        mask = mask & (offs_j[None, :] < HEAD_D2)
-    ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
-    xa = tl.load(ptr, mask=mask, other=0.0)
-    xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
-    return xa, xb
-
-
-@triton.jit
-def _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2: tl.constexpr,
-           BLOCK_D2: tl.constexpr):
-    """cos, sin [BLOCK, BLOCK_D2] fp32 for sequence positions offs_n; identity (1, 0) on prefix tokens."""
-    t = offs_n - P
-    mask = (mask_n & (t >= 0))[:, None]
-    if HEAD_D2 != BLOCK_D2:
-        mask = mask & (offs_j[None, :] < HEAD_D2)
-    off = t[:, None] * stride_tn + offs_j[None, :]
-    c = tl.load(cos_base + off, mask=mask, other=1.0).to(tl.float32)
-    s = tl.load(sin_base + off, mask=mask, other=0.0).to(tl.float32)
-    return c, s
-
-
-@triton.jit
-def _rotate(xa, xb, c, s):
-    """(a, b) -> (a cos - b sin, b cos + a sin), in fp32."""
-    xa = xa.to(tl.float32)
-    xb = xb.to(tl.float32)
-    return xa * c - xb * s, xb * c + xa * s
-
-
-@triton.jit
-def _load_rotated(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j,
-                  HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
-                  PAIR_OFF: tl.constexpr, ROPE: tl.constexpr, DOT: tl.constexpr):
-    """Rotated pair tiles (xa_r, xb_r) [BLOCK, BLOCK_D2] in the dot dtype."""
-    xa, xb = _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP,
-                         PAIR_OFF)
-    if ROPE:
-        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
-        xa, xb = _rotate(xa, xb, c, s)
-    return xa.to(DOT), xb.to(DOT)
-
-
 @triton.jit
 def _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """x[offs_n, :D] as [BLOCK, BLOCK_D] (zero padded)."""
@@ -94,23 +49,76 @@ def _store_rows(base, x, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.
     mask = mask_n[:, None]
     if HEAD_D != BLOCK_D:
         mask = mask & (offs_d[None, :] < HEAD_D)
-    tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x, mask=mask)
+    tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
-def _store_pairs_unrotated(base, ga, gb, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P,
-                           offs_j, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
-                           PAIR_OFF: tl.constexpr, ROPE: tl.constexpr):
-    """Store a gradient held in rotated pair space, rotated back by R^T: (a, b) -> (a cos + b sin, b cos - a sin)."""
-    if ROPE:
-        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
-        ga, gb = ga * c + gb * s, gb * c - ga * s
+def _pair_mask(mask_n, offs_j, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr):
     mask = mask_n[:, None]
     if HEAD_D2 != BLOCK_D2:
         mask = mask & (offs_j[None, :] < HEAD_D2)
-    ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
-    tl.store(ptr, ga.to(base.dtype.element_ty), mask=mask)
-    tl.store(ptr + PAIR_OFF * stride_d, gb.to(base.dtype.element_ty), mask=mask)
+    return mask
+
+
+@triton.jit
+def _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2: tl.constexpr,
+           BLOCK_D2: tl.constexpr):
+    """cos, sin [BLOCK, BLOCK_D2] fp32 for sequence positions offs_n; identity (1, 0) on prefix tokens."""
+    t = offs_n - P
+    mask = _pair_mask(mask_n & (t >= 0), offs_j, HEAD_D2, BLOCK_D2)
+    off = t[:, None] * stride_tn + offs_j[None, :]
+    c = tl.load(cos_base + off, mask=mask, other=1.0).to(tl.float32)
+    s = tl.load(sin_base + off, mask=mask, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _load_qk(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j, offs_d,
+             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+             PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+             DOT: tl.constexpr):
+    """A q or k tile [BLOCK, BLOCK_D] in the dot dtype; with ROPE rotated, in joined pair order (a0, b0, a1, ..)."""
+    if not ROPE:
+        return _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    if SPLIT:  # interleaved pairs, D a power of two: one vectorized row load, pairs separated in registers
+        x = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_n[:, None],
+                    other=0.0)
+        xa, xb = tl.split(tl.reshape(x, [offs_n.shape[0], BLOCK_D2, 2]))
+    else:
+        mask = _pair_mask(mask_n, offs_j, HEAD_D2, BLOCK_D2)
+        ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+        xa = tl.load(ptr, mask=mask, other=0.0)
+        xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
+    c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
+    ra = (xa * c - xb * s).to(DOT)
+    rb = (xb * c + xa * s).to(DOT)
+    return tl.reshape(tl.join(ra, rb), [offs_n.shape[0], BLOCK_D])
+
+
+@triton.jit
+def _store_grad_qk(base, g, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j, offs_d,
+                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+                   PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr):
+    """Store dq or dk [BLOCK, BLOCK_D] fp32. With ROPE g is w.r.t. the rotated, joined-order tile: rotate it back
+    by R^T, (a, b) -> (a cos + b sin, b cos - a sin), and scatter the pairs to the caller's layout."""
+    if not ROPE:
+        _store_rows(base, g, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D)
+    else:
+        ga, gb = tl.split(tl.reshape(g, [offs_n.shape[0], BLOCK_D2, 2]))
+        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+        ga, gb = ga * c + gb * s, gb * c - ga * s
+        if SPLIT:
+            x = tl.reshape(tl.join(ga, gb), [offs_n.shape[0], BLOCK_D])
+            tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+                     mask=mask_n[:, None])
+        else:
+            mask = _pair_mask(mask_n, offs_j, HEAD_D2, BLOCK_D2)
+            ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+            tl.store(ptr, ga.to(base.dtype.element_ty), mask=mask)
+            tl.store(ptr + PAIR_OFF * stride_d, gb.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -120,58 +128,95 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------------- forward
 @triton.jit
+def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
+              stab_n, P, qk_scale, offs_j, offs_d, KR_base, save_k,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+              PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+              MASK: tl.constexpr, SAVE_ROT: tl.constexpr):
+    """One K/V tile of the online softmax. MASK: the tile reaches past N_KV (only the last one does)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK:
+        mask_n = offs_n < N_KV
+    else:
+        mask_n = tl.full([BLOCK_N], 1, tl.int1)
+    k = _load_qk(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                 HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
+    if SAVE_ROT:
+        if save_k:
+            _store_rows(KR_base, k, offs_n, mask_n, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * qk_scale
+    if MASK:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
+    acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN,
+    Q, K, V, O, LSE, COS, SIN, QR, KR,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_h, stab_n,
     H, N_Q, N_KV, P, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_ROT: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2."""
+    """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
+
+    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order);
+    K tiles are written by the programs of the first query block.
+    """
     n_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // n_m
+    pid_m = pid % n_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N_Q
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
     cos_base = COS + h * stab_h
     sin_base = SIN + h * stab_h
 
-    qa, qb = _load_rotated(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
-                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    q = _load_qk(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                 HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
+    rot_base = bh.to(tl.int64) * N_Q * HEAD_D
+    if SAVE_ROT:
+        _store_rows(QR + rot_base, q, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    save_k = pid_m == 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N_KV, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N_KV
-        ka, kb = _load_rotated(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
-                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
-        s = _dot(qa, tl.trans(ka), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        s = _dot(qb, tl.trans(kb), s, PRECISION)
-        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
-        acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
-        m_i = m_new
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, save_k,
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
+                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT)
+    if n_full < N_KV:
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n_full, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, save_k,
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
+                                  BLOCK_M, BLOCK_N, DOT, PRECISION, True, SAVE_ROT)
 
     acc = acc / l_i[:, None]
-    _store_rows(O + b * sob + h * soh, acc.to(O.dtype.element_ty), offs_m, mask_m, son, sod, offs_d, HEAD_D,
-                BLOCK_D)
+    _store_rows(O + b * sob + h * soh, acc, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 # --------------------------------------------------------------------------------------------------- backward
+# q and k arrive already rotated (QR, KR from the forward; or the inputs themselves without RoPE), so these are
+# plain FlashAttention-2 loops; dq and dk are rotated back only when they are stored.
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -196,7 +241,7 @@ def _bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
     H, N_Q, N_KV, P, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries. Deterministic: no atomics."""
@@ -209,41 +254,34 @@ def _bwd_dkdv_kernel(
     mask_n = offs_n < N_KV
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
-    cos_base = COS + h * stab_h
-    sin_base = SIN + h * stab_h
 
-    ka, kb = _load_rotated(K + b * skb + h * skh, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
-                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    k = _load_rows(K + b * skb + h * skh, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
     v = _load_rows(V + b * svb + h * svh, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = bh.to(tl.int64) * N_Q
 
-    dka = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
-    dkb = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_Q
-        qa, qb = _load_rotated(q_base, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
-                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+        q = _load_rows(q_base, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
         do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
         # rows past N_Q: lse = +inf makes their probabilities exactly 0
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        st = _dot(ka, tl.trans(qa), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
-        st = _dot(kb, tl.trans(qb), st, PRECISION)
+        st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
         pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
         dv = _dot(pt.to(DOT), do, dv, PRECISION)
         dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(DOT)
-        dka = _dot(dst, qa, dka, PRECISION)
-        dkb = _dot(dst, qb, dkb, PRECISION)
+        dk = _dot(dst, q, dk, PRECISION)
 
-    _store_pairs_unrotated(DK + b * sdkb + h * sdkh, dka * scale, dkb * scale, offs_n, mask_n, sdkn, sdkd,
-                           cos_base, sin_base, stab_n, P, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE)
-    _store_rows(DV + b * sdvb + h * sdvh, dv.to(DV.dtype.element_ty), offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D,
-                BLOCK_D)
+    _store_grad_qk(DK + b * sdkb + h * sdkh, dk * scale, offs_n, mask_n, sdkn, sdkd, COS + h * stab_h,
+                   SIN + h * stab_h, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                   PAIR_OFF, SPLIT, ROPE)
+    _store_rows(DV + b * sdvb + h * sdvh, dv, offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D, BLOCK_D)
 
 
 @triton.jit
@@ -253,7 +291,7 @@ def _bwd_dq_kernel(
     sdqb, sdqh, sdqn, sdqd, stab_h, stab_n,
     H, N_Q, N_KV, P, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, ROPE: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
@@ -266,11 +304,8 @@ def _bwd_dq_kernel(
     mask_m = offs_m < N_Q
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
-    cos_base = COS + h * stab_h
-    sin_base = SIN + h * stab_h
 
-    qa, qb = _load_rotated(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j,
-                           HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
     row_base = bh.to(tl.int64) * N_Q
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
@@ -278,31 +313,28 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    dqa = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-    dqb = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_KV
-        ka, kb = _load_rotated(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j,
-                               HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE, DOT)
+        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
         v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        s = _dot(qa, tl.trans(ka), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        s = _dot(qb, tl.trans(kb), s, PRECISION)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         ds = (p * (dp - delta[:, None])).to(DOT)
-        dqa = _dot(ds, ka, dqa, PRECISION)
-        dqb = _dot(ds, kb, dqb, PRECISION)
+        dq = _dot(ds, k, dq, PRECISION)
 
-    _store_pairs_unrotated(DQ + b * sdqb + h * sdqh, dqa * scale, dqb * scale, offs_m, mask_m, sdqn, sdqd,
-                           cos_base, sin_base, stab_n, P, offs_j, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, ROPE)
+    _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, COS + h * stab_h,
+                   SIN + h * stab_h, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                   PAIR_OFF, SPLIT, ROPE)
 
 
 # --------------------------------------------------------------------------------------------------- launcher
 # Tuned per (compute capability major, head-dim bucket): (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
 # forward, the dk/dv kernel and the dq kernel. Fixed configs, no run-time autotune: the first call on a new
-# shape costs one compilation per kernel. Measured with benchmarks/bench_kernels.py (see benchmarks/results/).
+# shape costs one compilation per kernel. Measured with benchmarks/tune_triton.py (see benchmarks/results/).
 _CONFIGS = {
     # Hopper (H100/H200)
     (9, 64): {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
@@ -329,7 +361,7 @@ def _configs(q: torch.Tensor, block_d: int) -> dict:
 def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
     """Compile-time parameters shared by every kernel of one call."""
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(32, triton.next_power_of_2(D))  # tl.dot needs K >= 16, and pairs need BLOCK_D/2 >= 16
     dot = tl.float32 if q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16) else (
         tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     interleaved = rope is not None and rope.layout == "interleaved"
@@ -337,9 +369,10 @@ def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
         HEAD_D=D,
         BLOCK_D=block_d,
         HEAD_D2=D // 2,
-        BLOCK_D2=max(16, triton.next_power_of_2(D // 2)),
+        BLOCK_D2=block_d // 2,
         PAIR_STEP=2 if interleaved else 1,
         PAIR_OFF=1 if interleaved else D // 2,
+        SPLIT=interleaved and block_d == D,
         ROPE=rope is not None,
         DOT=dot,
         PRECISION="ieee" if dot == tl.float32 else "tf32",
@@ -369,7 +402,8 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
-def _forward(q, k, v, rope, scale):
+def _forward(q, k, v, rope, scale, save_rotated: bool):
+    """-> o [B, H, N, D], lse [B*H, N] and, with save_rotated, rotated q and k [B, H, N, D] in pair-halves order."""
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
@@ -377,15 +411,20 @@ def _forward(q, k, v, rope, scale):
     o = _output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    save_rotated = save_rotated and rope is not None
+    # Saved in the dtype the dots consumed, so the backward recomputes exactly the forward's scores.
+    rot_dtype = torch.float32 if meta["DOT"] == tl.float32 else q.dtype
+    qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rot_dtype) if save_rotated else lse for _ in "qk")
     _fwd_kernel[_grid(N_Q, BLOCK_M, B * H)](
-        q, k, v, o, lse, cos, sin, *q.stride(), *k.stride(), *v.stride(), *o.stride(), stab_h, stab_n,
+        q, k, v, o, lse, cos, sin, qr, kr, *q.stride(), *k.stride(), *v.stride(), *o.stride(), stab_h, stab_n,
         H, N_Q, N_KV, P, scale * _LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, SAVE_ROT=save_rotated, **meta,
     )
-    return o, lse
+    return o, lse, (qr, kr) if save_rotated else (q, k)
 
 
 def _backward(do, q, k, v, o, lse, rope, scale):
+    """q, k: rotated (from `_forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv."""
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
@@ -397,7 +436,7 @@ def _backward(do, q, k, v, o, lse, rope, scale):
         o, do, delta, *o.stride(), *do.stride(), H, N_Q,
         HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M,
     )
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     _bwd_dkdv_kernel[_grid(N_KV, BLOCK_N, B * H)](
@@ -418,9 +457,11 @@ def _backward(do, q, k, v, o, lse, rope, scale):
 class _FlashRopeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rope, scale):
-        o, lse = _forward(q, k, v, rope, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.rope, ctx.scale = rope, scale
+        training = any(ctx.needs_input_grad[:3])
+        o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, save_rotated=training)
+        if training:
+            ctx.save_for_backward(q_saved, k_saved, v, o, lse)
+            ctx.rope, ctx.scale = rope, scale
         return o
 
     @staticmethod

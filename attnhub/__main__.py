@@ -1,0 +1,3 @@
+from attnhub.cli import main
+
+raise SystemExit(main())

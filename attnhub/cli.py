@@ -1,0 +1,133 @@
+"""`python -m attnhub {check,info,bench}`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+# (name, B, H, grid, prefix tokens, D): the ViT shapes `check` explains.
+_VIT_SHAPES = [
+    ("ViT-S/16@224", 256, 6, 14, 1, 64),
+    ("ViT-B/16@384", 64, 12, 24, 1, 64),
+    ("ViT-B/16@512+4reg", 32, 12, 32, 5, 64),
+]
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _describe_device(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    return f"cpu ({platform.processor() or platform.machine()}); no CUDA device"
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    out = []
+    for pkg in ("attnhub", "torch", "triton", "timm"):
+        try:
+            out.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            out.append(f"{pkg} -")
+    return ", ".join(out)
+
+
+def info(_args) -> int:
+    import attnhub
+
+    device = _device()
+    print(f"device: {_describe_device(device)}")
+    print(f"versions: {_versions()}, python {platform.python_version()}")
+    for b in attnhub.backends():
+        state = "available" if b.available else f"unavailable: {b.why_not}"
+        print(f"  {b.name:<16} priority {b.priority:>4}  {state}\n  {'':<16} {b.description}")
+    return 0
+
+
+def check(args) -> int:
+    """Device, backends, the choice for a few ViT shapes, and a small parity check of every runnable backend."""
+    import torch
+
+    device = _device()
+    if device.type == "cpu":  # the Triton backend runs on the CPU through its interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import attnhub
+    from attnhub.registry import REGISTRY
+
+    info(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"\nchoice for {dtype} inputs with an interleaved RoPE table:")
+    for name, B, H, g, P, D in _VIT_SHAPES:
+        q = torch.empty(B, H, P + g * g, D, device=device, dtype=dtype)
+        table = attnhub.CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P, device=device)
+        print(f"{name} {tuple(q.shape)}: " + str(attnhub.explain(q, q, q, table)).replace("\n", "\n    "))
+
+    print("\nparity against math in float64 (relative L2 error, forward and dq/dk/dv):")
+    B, H, g, P, D = (2, 3, 5, 1, 64) if device.type == "cuda" else (1, 2, 3, 1, 32)
+    shape = (B, H, P + g * g, D)
+    dtypes = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+    table = attnhub.CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P, device=device)
+    rows, failed = [], 0
+    for name in REGISTRY.specs():
+        for dt in dtypes:
+            q, k, v = (torch.randn(shape, device=device, dtype=dt) for _ in range(3))
+            do = torch.randn(shape, device=device, dtype=dt)
+            ref = _run("math", q.double(), k.double(), v.double(), do.double(), table)
+            try:
+                got = _run(name, q, k, v, do, table)
+            except (attnhub.BackendUnavailableError, RuntimeError) as exc:
+                rows.append((name, str(dt).replace("torch.", ""), "skip", str(exc).splitlines()[0][:90]))
+                continue
+            errs = [float((g_.double() - r).norm() / r.norm()) for g_, r in zip(got, ref)]
+            ok = max(errs) < tol[dt]
+            failed += not ok
+            detail = " ".join(f"{w}={e:.1e}" for w, e in zip(("o", "dq", "dk", "dv"), errs))
+            rows.append((name, str(dt).replace("torch.", ""), "PASS" if ok else "FAIL", detail))
+    print(f"  {'backend':<16} {'dtype':<9} {'result':<6} detail")
+    for r in rows:
+        print(f"  {r[0]:<16} {r[1]:<9} {r[2]:<6} {r[3]}")
+    print(f"\n{sum(r[2] == 'PASS' for r in rows)} passed, {failed} failed, {sum(r[2] == 'skip' for r in rows)} skipped")
+    return 1 if failed else 0
+
+
+def _run(backend, q, k, v, do, table):
+    import attnhub
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = attnhub.attention(q, k, v, table.to(q.device), backend=backend)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def bench(args) -> int:
+    from attnhub import bench as _bench
+
+    return _bench.main(args.bench_args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnhub", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="device, backends, choices for ViT shapes, parity check").set_defaults(fn=check)
+    sub.add_parser("info", help="device, versions and backends").set_defaults(fn=info)
+    b = sub.add_parser("bench", help="kernel benchmark (see benchmarks/); pass its options after 'bench'",
+                       add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=bench)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
