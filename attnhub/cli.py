@@ -121,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="device, backends, choices for ViT shapes, parity check").set_defaults(fn=check)
     sub.add_parser("info", help="device, versions and backends").set_defaults(fn=info)
-    b = sub.add_parser("bench", help="kernel benchmark (see benchmarks/); pass its options after 'bench'",
-                       add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=bench)
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="kernel benchmark; `python -m attnhub bench --help` lists its options",
+                   add_help=False).set_defaults(fn=bench)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
     return args.fn(args)
 
 

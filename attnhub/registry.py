@@ -211,6 +211,16 @@ class Registry:
             self._fns[name] = fn
         return fn
 
+    def snapshot(self) -> dict[str, Spec]:
+        """The current specs, for `restore` (tests, and code that registers backends temporarily)."""
+        return self.specs()
+
+    def restore(self, specs: Mapping[str, Spec]) -> None:
+        with self._lock:
+            self._specs = dict(specs)
+            self._fns.clear()
+            self.version += 1
+
     def load_file(self, path: str) -> None:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

@@ -129,7 +129,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
-              stab_n, P, qk_scale, offs_j, offs_d, KR_base, save_k,
+              stab_n, P, qk_scale, offs_j, offs_d, KR_base, n_m, pid_m,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
               PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -142,8 +142,8 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, sv
         mask_n = tl.full([BLOCK_N], 1, tl.int1)
     k = _load_qk(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
-    if SAVE_ROT:
-        if save_k:
+    if SAVE_ROT:  # K tile t is saved by query block t mod n_m: the extra writes spread evenly over programs
+        if (start_n // BLOCK_N) % n_m == pid_m:
             _store_rows(KR_base, k, offs_n, mask_n, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * qk_scale
     if MASK:
@@ -169,8 +169,7 @@ def _fwd_kernel(
 ):
     """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
 
-    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order);
-    K tiles are written by the programs of the first query block.
+    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order).
     """
     n_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
@@ -192,7 +191,6 @@ def _fwd_kernel(
         _store_rows(QR + rot_base, q, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    save_k = pid_m == 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -200,12 +198,12 @@ def _fwd_kernel(
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd,
-                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, save_k,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
                                   BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT)
     if n_full < N_KV:
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n_full, N_KV, skn, skd, svn, svd,
-                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, save_k,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
                                   BLOCK_M, BLOCK_N, DOT, PRECISION, True, SAVE_ROT)
 
@@ -337,8 +335,9 @@ def _bwd_dq_kernel(
 # shape costs one compilation per kernel. Measured with benchmarks/tune_triton.py (see benchmarks/results/).
 _CONFIGS = {
     # Hopper (H100/H200)
-    (9, 64): {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
-    (9, 128): {"fwd": (128, 64, 8, 3), "dkdv": (64, 64, 8, 2), "dq": (64, 64, 8, 2)},
+    # D <= 64: swept on H100 at N = 197 and 577 (benchmarks/results/dev_h100_tune3.json). Larger D: not yet swept.
+    (9, 64): {"fwd": (128, 64, 4, 2), "dkdv": (32, 128, 4, 2), "dq": (128, 64, 8, 3)},
+    (9, 128): {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2)},
     (9, 256): {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
 }
 _DEFAULT = {
