@@ -37,21 +37,81 @@ def attention(
     over `use_backend` and `ATTNHUB_BACKEND`). Returns o: [B, H, N, D] in q's dtype, or in the autocast dtype
     under `torch.autocast`, for every backend alike.
     """
-    _validate(q, k, v, rope, scale, backend)
+    if torch.compiler.is_compiling():
+        return _compiled_attention(q, k, v, rope, scale, backend)
+    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
+    grad, autocast = torch.is_grad_enabled(), False
+    try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
+        autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
+        key = (
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            None if rope is None else (type(rope), rope.layout, rope.prefix_tokens, rope.cos.shape, rope.cos.device,
+                                       grad and rope.requires_grad),
+            grad and (q.requires_grad or k.requires_grad or v.requires_grad), forced, type(scale),
+            autocast and torch.get_autocast_dtype(q.device.type), select.REGISTRY.version, _tune.enabled(),
+        )
+        fn = select.FAST.get(key)
+    except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
+        key, fn = None, None
+    if fn is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
+        _validate(q, k, v, rope, scale, backend)
+        fn = _choose(q, k, v, rope, scale, forced)
+        if key is not None:
+            select.remember_fast(key, fn)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    autocast = torch.is_autocast_enabled(q.device.type)
-    if autocast:
+    if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    call = _call(q, k, v, rope, backend)
-    measure = None
-    if _tune.enabled():
-        measure = lambda names: _tune.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
-    _, fn = select.choose(call, measure)
-    if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
         with torch.autocast(q.device.type, enabled=False):
             return fn(q, k, v, rope, scale)
     return fn(q, k, v, rope, scale)
+
+
+def _choose(q, k, v, rope, scale, forced):
+    """The entry function for this call (slow path: build the decision key, select, maybe measure)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    call = _call(q, k, v, rope, forced)
+    measure = None
+    if _tune.enabled():
+        measure = lambda names: _tune.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
+    return select.choose(call, measure)[1]
+
+
+def _compiled_attention(q, k, v, rope, scale, backend):
+    """Inside `torch.compile`: the decision is made once, at trace time, and baked into the graph.
+
+    Only static facts enter it (device, dtype, head_dim, sequence lengths, RoPE signature, grad mode), so the
+    batch size may be dynamic and a cached graph never re-dispatches. Backends must be traceable; the Triton
+    backend runs as `torch.ops.attnhub.*` custom operators there. Changing the forced backend takes effect at
+    the next compilation.
+    """
+    _validate(q, k, v, rope, scale, backend)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    grad = torch.is_grad_enabled()
+    name = _static_choice(
+        q.device.type, q.device.index, q.dtype, q.shape[2], k.shape[2], D,
+        "none" if rope is None else rope.layout, rope is not None and rope.per_head,
+        grad and rope is not None and rope.requires_grad,
+        grad and (q.requires_grad or k.requires_grad or v.requires_grad), backend,
+    )
+    with torch.autocast(q.device.type, enabled=False):
+        return select.REGISTRY.entry(name)(q, k, v, rope, scale)
+
+
+@torch.compiler.assume_constant_result
+def _static_choice(device_type, device_index, dtype, n_q, n_kv, head_dim, layout, per_head, rope_grad, needs_grad,
+                   backend) -> str:
+    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
+    call = select.Call(device_type, device_index, dtype, 0, 0, n_q, n_kv, head_dim, layout, per_head, rope_grad,
+                       needs_grad, forced, select.REGISTRY.version)
+    return select.choose(call)[0]
 
 
 @contextlib.contextmanager
@@ -79,7 +139,7 @@ def explain(
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return select.explain(_call(q, k, v, rope, backend))
+    return select.explain(_call(q, k, v, rope, backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None))
 
 
 def tune(
@@ -103,9 +163,8 @@ def _entries(names):
     return [(n, select.REGISTRY.entry(n)) for n in names]
 
 
-def _call(q, k, v, rope: CosSinTable | None, backend: str | None) -> select.Call:
+def _call(q, k, v, rope: CosSinTable | None, forced: str | None) -> select.Call:
     grad = torch.is_grad_enabled()
-    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
     B, H, N, D = q.shape
     return select.Call(
         q.device.type,
@@ -151,8 +210,7 @@ def _validate(q, k, v, rope, scale, backend) -> None:
             "(an empty batch has no attention to compute: skip the call)"
         )
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"attention: scale must be a finite number, got {scale!r}")
+        _check_scale(scale)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"attention: backend must be a str or None, got {type(backend).__name__}")
     if rope is None:
@@ -170,3 +228,8 @@ def _validate(q, k, v, rope, scale, backend) -> None:
         )
     if rope.per_head and rope.cos.shape[0] != H:
         raise ValueError(f"attention: per-head rope table has {rope.cos.shape[0]} heads but q has H = {H}")
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite number (or None for D ** -0.5), got {scale!r}")

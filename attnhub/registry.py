@@ -6,6 +6,7 @@ vocabulary documented at the top of `registry.yaml`. This module only parses and
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib
 import importlib.metadata
@@ -172,9 +173,26 @@ def _parse_document(doc: Any, source: str, existing: Mapping[str, Spec]) -> dict
     }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise RegistryError(f"{source}: not valid YAML: {exc}") from exc
 
@@ -235,8 +253,13 @@ def _builtin_registry_text() -> tuple[str, str]:
 def _load_entry_points(registry: Registry) -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         source = f"entry point {ep.name!r} ({ep.value})"
-        obj = ep.load()
-        spec_map = obj() if callable(obj) else obj
+        try:  # a broken plug-in must fail with its name, not with a bare ImportError from `import attnhub`
+            obj = ep.load()
+            spec_map = obj() if callable(obj) else obj
+        except Exception as exc:
+            raise RegistryError(f"{source}: could not load: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(spec_map, Mapping):
+            raise RegistryError(f"{source}: expected a mapping of backend name -> fields, got {spec_map!r}")
         registry.add(_parse_document({"backends": spec_map}, source, registry.specs()))
 
 

@@ -178,6 +178,18 @@ def choose(call: Call, measure: Callable[[list[str]], str] | None = None) -> tup
     return hit
 
 
+# The API's fast path: a key of raw call facts (shapes, dtypes, devices, table signature, grad, forced, registry
+# version) -> entry function. A hit skips validation and selection, which are functions of those same facts.
+FAST: dict[tuple, Callable] = {}
+
+
+def remember_fast(key: tuple, fn: Callable) -> None:
+    with _cache_lock:
+        if len(FAST) >= CACHE_SIZE:
+            FAST.pop(next(iter(FAST)))
+        FAST[key] = fn
+
+
 def explain(call: Call) -> Explanation:
     return _decide(call)
 
@@ -185,3 +197,4 @@ def explain(call: Call) -> Explanation:
 def clear_cache() -> None:
     with _cache_lock:
         _cache.clear()
+        FAST.clear()

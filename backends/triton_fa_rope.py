@@ -21,7 +21,9 @@ Under `TRITON_INTERPRET=1` (CPU) bfloat16 dot operands are upcast to fp32 (trito
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -352,18 +354,27 @@ _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b,
 def _configs(q: torch.Tensor, block_d: int) -> dict:
     if _INTERPRET or q.device.type != "cuda":
         return _INTERPRETER_CONFIG
+    return _device_configs(q.device.index, block_d)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_configs(device_index: int | None, block_d: int) -> dict:
     bucket = min(b for b in (64, 128, 256) if b >= block_d)
-    major, _ = torch.cuda.get_device_capability(q.device)
+    major, _ = torch.cuda.get_device_capability(device_index)
     return _CONFIGS.get((major, bucket), _DEFAULT[bucket])
 
 
 def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
     """Compile-time parameters shared by every kernel of one call."""
-    D = q.shape[-1]
+    return _meta_for(q.shape[-1], q.dtype, None if rope is None else rope.layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_for(D: int, dtype: torch.dtype, layout: str | None) -> dict:
     block_d = max(32, triton.next_power_of_2(D))  # tl.dot needs K >= 16, and pairs need BLOCK_D/2 >= 16
-    dot = tl.float32 if q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16) else (
-        tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
-    interleaved = rope is not None and rope.layout == "interleaved"
+    dot = tl.float32 if dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16) else (
+        tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    interleaved = layout == "interleaved"
     return dict(
         HEAD_D=D,
         BLOCK_D=block_d,
@@ -372,7 +383,7 @@ def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
         PAIR_STEP=2 if interleaved else 1,
         PAIR_OFF=1 if interleaved else D // 2,
         SPLIT=interleaved and block_d == D,
-        ROPE=rope is not None,
+        ROPE=layout is not None,
         DOT=dot,
         PRECISION="ieee" if dot == tl.float32 else "tf32",
     )
@@ -470,9 +481,92 @@ class _FlashRopeAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+# ------------------------------------------------------------------------------------- torch.compile operators
+# Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
+# it shapes and strides), with the same forward/backward functions as the eager `autograd.Function` above.
+# Eager calls skip the operator layer: it costs tens of microseconds of host time per call.
+class _Table(NamedTuple):
+    """The parts of a `CosSinTable` the kernels read; cos, sin: [N_grid, D/2] or [H, N_grid, D/2]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prefix_tokens: int
+    layout: str
+
+    @property
+    def per_head(self) -> bool:
+        return self.cos.dim() == 3
+
+
+def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
+    return None if layout == "none" else _Table(cos, sin, prefix, layout)
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    prefix: int, layout: str, scale: float, save_rotated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+    rope = _op_table(cos, sin, prefix, layout)
+    o, lse, (qr, kr) = _forward(q, k, v, rope, scale, save_rotated)
+    if not (save_rotated and rope is not None):
+        qr, kr = q.new_empty(0), k.new_empty(0)
+    return o, lse, qr, kr
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated):
+    B, H, N_Q, D = q.shape
+    lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
+    if save_rotated and layout != "none":
+        rot_dtype = torch.float32 if q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16) else q.dtype
+        qr, kr = q.new_empty(q.shape, dtype=rot_dtype), k.new_empty(k.shape, dtype=rot_dtype)
+    else:
+        qr, kr = q.new_empty(0), k.new_empty(0)
+    return _output_like(q), lse, qr, kr
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k: rotated (saved by the forward) with RoPE -> dq, dk, dv."""
+    return _backward(do, q, k, v, o, lse, _op_table(cos, sin, prefix, layout), scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale):
+    return tuple(torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, prefix, layout, scale, _ = inputs
+    o, lse, qr, kr = output
+    rotated = layout != "none"
+    ctx.save_for_backward(qr if rotated else q, kr if rotated else k, v, o, lse, cos, sin)
+    ctx.prefix, ctx.layout, ctx.scale = prefix, layout, scale
+
+
+def _op_backward(ctx, do, _dlse, _dqr, _dkr):
+    q, k, v, o, lse, cos, sin = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, cos, sin, ctx.prefix, ctx.layout, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 # ------------------------------------------------------------------------------------------------------ entry
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H, N_kv, D] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    if torch.compiler.is_compiling():
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if rope is None:
+            return _fwd_op(q, k, v, None, None, 0, "none", scale, training)[0]
+        return _fwd_op(q, k, v, rope.cos.detach(), rope.sin.detach(), rope.prefix_tokens, rope.layout, scale,
+                       training)[0]
     return _FlashRopeAttention.apply(q, k, v, rope, scale)
