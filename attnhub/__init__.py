@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 from attnhub.api import attention, explain, tune, use_backend
 from attnhub.registry import REGISTRY, RegistryError, register_backend
@@ -13,6 +14,10 @@ from attnhub.rope import CosSinTable
 from attnhub.select import BackendUnavailableError, Explanation, UnknownBackendError
 
 __version__ = "0.1.0"
+
+# Import the backends subpackage now, so that the `backends()` function defined below is the last binding of
+# the name: a later `import attnhub.backends.<name>` must not replace it with the subpackage.
+importlib.import_module("attnhub.backends")
 
 __all__ = [
     "attention",

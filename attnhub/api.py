@@ -116,7 +116,11 @@ def _static_choice(device_type, device_index, dtype, n_q, n_kv, head_dim, layout
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force backend `name` for `attention` calls in this context (thread- and task-local); None: automatic."""
+    """Force backend `name` for `attention` calls in this context (thread- and task-local).
+
+    None lifts an enclosing `use_backend` for this context: `ATTNHUB_BACKEND`, then automatic selection, apply.
+    A per-call `backend=` still wins over this context.
+    """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"use_backend: name must be a str or None, got {type(name).__name__}")
     token = _FORCED.set(name)

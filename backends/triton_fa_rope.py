@@ -395,6 +395,8 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
         dummy = q.new_empty(1, dtype=torch.float32)
         return dummy, dummy, 0, 0, 0
     cos, sin = rope.cos.detach(), rope.sin.detach()
+    if cos.dtype != torch.float32:  # e.g. a bf16 table from a model cast to bf16: the kernels read fp32 angles
+        cos, sin = cos.float(), sin.float()
     head_stride = cos.stride(0) if rope.per_head else 0
     return cos, sin, head_stride, cos.stride(-2), rope.prefix_tokens
 

@@ -1,0 +1,171 @@
+"""Run timm's Eva-family RoPE ViTs on `attnhub.attention`.
+
+    model = timm.create_model("vit_base_patch16_rope_224")
+    attnhub.integrations.timm.patch(model)   # in place; returns the model
+    attnhub.integrations.timm.unpatch(model)  # back to timm's own forward
+
+Covers every `Eva` model with a RoPE module (`model.rope`): RoPE-Axial (`vit_*_patch16_rope_224`, interleaved
+pairs), DINOv3 (`vit_*_patch16_dinov3*`, half layout, CLS + 4 registers), RoPE-Mixed
+(`vit_*_patch16_rope_mixed_224`, one table per head and block with learnable frequencies) and any grid size
+(`dynamic_img_size=True`): timm hands each attention module its embedding `rope: [N_grid, 2*D]` (or
+`[H, N_grid, 2*D]` for RoPE-Mixed), which becomes a `CosSinTable` as is.
+
+A patched attention module computes q, k, v exactly as timm does (fused or separate projections, EVA's q/v
+bias, q/k norm, grouped k/v heads), then `attnhub.attention(q, k, v, rope=table, scale=module.scale)`, then
+timm's output norm, gate, projection and projection dropout. Patching swaps the instance's class for a
+subclass that only overrides `forward` (timm's classes are untouched; `unpatch` swaps it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import attention as _timm_attention
+from timm.models.eva import Eva, EvaAttention
+
+import attnhub
+from attnhub.rope import CosSinTable
+
+__all__ = ["patch", "unpatch", "patched"]
+
+log = logging.getLogger(__name__)
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Route the attention of every RoPE-using Eva inside `model` through attnhub, in place; returns `model`.
+
+    Patched: the `attn` of each block of an `Eva` whose `rope` is set. Already patched modules are left as they
+    are; `patched(model)` lists the names. Raises ValueError when `model` holds no such module.
+    """
+    names = []
+    for name, module in _rope_attention_modules(model):
+        cls = _PATCHED.get(type(module))
+        if cls is None and type(module) not in _PATCHED.values():
+            log.warning("attnhub: %s is a %s, not a timm attention class attnhub knows; left as is",
+                        name, type(module).__name__)
+            continue
+        if cls is not None:
+            module.__class__ = cls
+        names.append(name)
+    if not names:
+        raise ValueError(
+            f"attnhub.integrations.timm.patch: model ({type(model).__name__}) holds no timm Eva model with RoPE "
+            "(model.rope set); nothing to patch"
+        )
+    log.info("attnhub: %d attention modules patched: %s", len(names), ", ".join(names))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore timm's own attention forward in every module `patch` changed; returns `model`."""
+    for module in model.modules():
+        if type(module) in _ORIGINAL:
+            module.__class__ = _ORIGINAL[type(module)]
+    return model
+
+
+def patched(model: nn.Module) -> list[str]:
+    """Qualified names of the attention modules of `model` that currently run on attnhub."""
+    return [name for name, module in model.named_modules() if type(module) in _ORIGINAL]
+
+
+def _rope_attention_modules(model: nn.Module):
+    for prefix, eva in model.named_modules():
+        if isinstance(eva, Eva) and getattr(eva, "rope", None) is not None:
+            for i, block in enumerate(eva.blocks):
+                yield ".".join(filter(None, (prefix, "blocks", str(i), "attn"))), block.attn
+
+
+# ---------------------------------------------------------------------------------------------- the forward
+def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+             is_causal: bool = False) -> torch.Tensor:
+    """x: [B, N, C] with N = prefix tokens + grid; rope: [N_grid, 2*D] or [H, N_grid, 2*D] -> [B, N, C_out]."""
+    if attn_mask is not None:
+        raise NotImplementedError("attnhub-patched timm attention: attn_mask is not supported; unpatch the model")
+    if is_causal:
+        raise NotImplementedError("attnhub-patched timm attention: is_causal=True is not supported")
+    if self.training and self.attn_drop.p > 0:
+        raise NotImplementedError(
+            f"attnhub-patched timm attention: attention dropout (attn_drop p={self.attn_drop.p}) in training "
+            "mode; attnhub has no dropout: build the model with attn_drop_rate=0 or call model.eval()"
+        )
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    q, k, v = _qkv(self, x)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if q.shape[1] != k.shape[1]:  # grouped-query attention: head h reads k/v head h // groups, as in timm
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    table = None if rope is None else _table(rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
+    x = attnhub.attention(q, k, v, rope=table, scale=self.scale)  # [B, H, N, D], laid out [B, N, H, D]
+    x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
+def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, N, C] -> q: [B, H, N, D], k, v: [B, H_kv, N, D], as timm's EvaAttention / AttentionRope."""
+    B, N, _ = x.shape
+    if self.qkv is not None:
+        if getattr(self, "q_bias", None) is None:
+            qkv = self.qkv(x)
+        else:  # EvaAttention: learnable q and v bias, a zero k bias
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x) + bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
+        return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+    kv_heads = getattr(self, "num_kv_heads", self.num_heads)
+    k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------------- the table
+# One slot: every block of a model gets the same embedding tensor in one forward (and the same buffer in every
+# forward at a fixed grid), so the table is built once. The weak reference never keeps `emb` alive and never
+# matches a new tensor that reuses a freed one's id.
+_last: tuple | None = None  # (weakref to emb, emb._version, prefix_tokens, layout, table)
+
+
+def _table(emb: torch.Tensor, prefix_tokens: int, half: bool) -> CosSinTable:
+    """timm's `rope` argument (`[N_grid, 2*D]`, or `[H, N_grid, 2*D]` for RoPE-Mixed) -> CosSinTable."""
+    global _last
+    if emb.dim() not in (2, 3):
+        raise NotImplementedError(
+            f"attnhub-patched timm attention: rope embedding of shape {tuple(emb.shape)} has a batch dimension "
+            "(timm's patch dropout, patch_drop_rate > 0, gives one per sample); attnhub takes one table per batch"
+        )
+    layout = "half" if half else "interleaved"
+    # Not cached: tables that carry gradient (learnable frequencies) need this call's graph; under torch.compile
+    # the build is traced into the graph; inference tensors have no version counter.
+    cacheable = not (emb.requires_grad or torch.compiler.is_compiling() or emb.is_inference())
+    if cacheable:
+        hit = _last
+        if hit is not None and hit[0]() is emb and hit[1:4] == (emb._version, prefix_tokens, layout):
+            return hit[4]
+    table = CosSinTable.from_sin_cos(emb, prefix_tokens=prefix_tokens, layout=layout, check=False)  # timm's own
+    if cacheable:
+        _last = (weakref.ref(emb), emb._version, prefix_tokens, layout, table)
+    return table
+
+
+# --------------------------------------------------------------------------------------- patched classes
+def _subclass(base: type) -> type:
+    """A subclass of timm's `base` whose forward runs on attnhub; module-level, so patched models pickle."""
+    cls = type(f"Attnhub{base.__name__}", (base,), {"forward": _forward, "__module__": __name__})
+    cls.__doc__ = f"timm's {base.__name__} with attention by `attnhub.attention` (see attnhub.integrations.timm)."
+    globals()[cls.__name__] = cls
+    return cls
+
+
+_BASES = [EvaAttention] + ([_timm_attention.AttentionRope] if hasattr(_timm_attention, "AttentionRope") else [])
+_PATCHED = {base: _subclass(base) for base in _BASES}  # timm class -> patched subclass
+_ORIGINAL = {cls: base for base, cls in _PATCHED.items()}

@@ -1,0 +1,273 @@
+"""End-to-end throughput of timm RoPE ViTs: timm's own attention vs attnhub-patched, eager and torch.compile.
+
+    python benchmarks/bench_e2e.py                                   # H100: B=256, 224 px, both ViTs
+    python benchmarks/bench_e2e.py --device cpu --batch 2 --img 64 --iters 2 --depth 2 --compile-backend eager
+
+For each model, mode and variant one fresh model (random weights, same seed) runs:
+  train  forward + backward + AdamW step under bf16 autocast (cross-entropy on random labels)
+  infer  forward under torch.no_grad() and bf16 autocast
+Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (mode default, not
+fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
+over --iters steps after --warmup steps, by CUDA events (perf_counter on the CPU); the first call is timed
+apart (compilation included). Before timing, each model's patched and timm logits and gradients are compared
+(relative L2, bf16 autocast). Ratios: timm ms / attnhub ms (> 1: attnhub faster), eager vs eager and compiled
+vs compiled. The JSON (--out) holds the date, the environment (GPU, torch/triton/timm/attnhub versions), the
+config, the checks, every record and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import attnhub
+from attnhub.bench import _environment
+from attnhub.integrations import timm as attnhub_timm
+
+MODELS = ("vit_small_patch16_rope_224", "vit_base_patch16_rope_224")
+MODES = ("train", "infer")
+VARIANTS = ("timm", "attnhub")
+
+
+def build(name: str, variant: str, args, device: torch.device, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    extra = {"depth": args.depth} if args.depth else {}
+    model = timm.create_model(name, pretrained=False, img_size=args.img, **extra, **kwargs).to(device)
+    return attnhub_timm.patch(model) if variant == "attnhub" else model
+
+
+def step_fn(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """One benchmark step: a closure over the model (eager or compiled), its optimizer and the batch."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.no_grad(), autocast:
+                return model(x)
+
+        return infer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    return train
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def chosen_backend(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> str:
+    """`attnhub.explain` of the first attention call of one eager step of a patched model."""
+    seen = []
+    real = attnhub.attention
+
+    def spy(q, k, v, rope=None, **kw):
+        if not seen:
+            seen.append(str(attnhub.explain(q, k, v, rope)))
+        return real(q, k, v, rope, **kw)
+
+    attnhub.attention = spy
+    try:
+        step_fn(copy.deepcopy(model), mode, x, y, device)()
+    finally:
+        attnhub.attention = real
+    return seen[0] if seen else "no attnhub call"
+
+
+def check(name: str, args, device: torch.device, x: torch.Tensor) -> dict:
+    """Relative L2 of attnhub-patched vs timm (eager, bf16 autocast, first 32 images): logits without grad, and
+    the gradient of block 0's attention input projection after backward of sum(logits * w)."""
+    x = x[:32]
+    w = torch.randn(x.shape[0], 1000, generator=torch.Generator().manual_seed(2)).to(device)
+    out = {}
+    try:
+        got = {}
+        for variant in VARIANTS:
+            # layer scale 1: timm's initial 1e-5 would hide the attention branch in the logits
+            model = build(name, variant, args, device, init_values=1.0)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                with torch.no_grad():
+                    logits = model(x).float()
+                (model(x).float() * w).sum().backward()
+            attn = model.blocks[0].attn
+            proj = attn.qkv if attn.qkv is not None else attn.q_proj
+            got[variant] = (logits, proj.weight.grad.float())
+        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+        out = {"logits_rel_l2": rel(got["attnhub"][0], got["timm"][0]),
+               "qkv_grad_rel_l2": rel(got["attnhub"][1], got["timm"][1])}
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    return {"model": name, **out}
+
+
+def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x, y) -> dict:
+    rec = {"model": name, "mode": mode, "variant": variant, "compiled": compiled}
+    model = fn = None
+    try:
+        model = build(name, variant, args, device)
+        if variant == "attnhub" and not compiled:
+            rec["attnhub_explain"] = chosen_backend(model, mode, x, y, device)
+        if compiled:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+        fn = step_fn(torch.compile(model, backend=args.compile_backend) if compiled else model, mode, x, y, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        rec["first_call_s"] = time.perf_counter() - start
+        rec["ms"] = median_ms(fn, args.warmup, args.iters, device)
+        rec["img_per_s"] = x.shape[0] / rec["ms"] * 1e3
+        if compiled:
+            rec["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+        if device.type == "cuda":
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as exc:  # a failing variant (OOM, compile error) is recorded, the others still run
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        del model, fn
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """timm ms / attnhub ms per model and mode, eager vs eager and compiled vs compiled."""
+    ms = {(r["model"], r["mode"], r["variant"], r["compiled"]): r.get("ms") for r in records}
+    out = []
+    for name, mode in dict.fromkeys((r["model"], r["mode"]) for r in records):
+        row = {"model": name, "mode": mode}
+        for compiled, key in ((False, "attnhub_eager_vs_timm_eager"), (True, "attnhub_compiled_vs_timm_compiled")):
+            timm_ms, ours = ms.get((name, mode, "timm", compiled)), ms.get((name, mode, "attnhub", compiled))
+            row[key] = timm_ms / ours if timm_ms and ours else None
+        out.append(row)
+    return out
+
+
+def print_table(report: dict) -> None:
+    head = f"{'model':<28} {'mode':<6} {'variant':<8} {'compiled':<8} {'ms':>9} {'img/s':>9} {'breaks':>6}  first s"
+    print(head)
+    print("-" * len(head))
+    for r in report["records"]:
+        if "error" in r:
+            cells = f"error: {r['error'][:70]}"
+        else:
+            cells = (f"{r['ms']:9.2f} {r['img_per_s']:9.1f} {str(r.get('graph_breaks', '')):>6}  "
+                     f"{r['first_call_s']:.1f}")
+        print(f"{r['model']:<28} {r['mode']:<6} {r['variant']:<8} {str(r['compiled']):<8} {cells}")
+    print()
+    for c in report["checks"]:
+        print(f"{c['model']:<28} attnhub vs timm (bf16): " + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else
+                                                                   f"{k} {v}" for k, v in c.items() if k != "model"))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}x"  # noqa: E731
+    for r in report["ratios"]:
+        print(f"{r['model']:<28} {r['mode']:<6} attnhub vs timm: eager {fmt(r['attnhub_eager_vs_timm_eager'])}, "
+              f"compiled {fmt(r['attnhub_compiled_vs_timm_compiled'])}  (timm ms / attnhub ms)")
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
+    y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+    compiled_opts = (False,) if args.no_compile else (False, True)
+    records, checks = [], []
+    for name in args.models:
+        checks.append(check(name, args, device, x))
+        print(f"  {name} check (attnhub vs timm, bf16): {checks[-1]}", file=sys.stderr)
+        for mode in args.modes:
+            for compiled in compiled_opts:
+                for variant in VARIANTS:
+                    rec = measure(name, mode, variant, compiled, args, device, x, y)
+                    print(f"  {name} {mode} {variant} compiled={compiled}: "
+                          + (rec["error"][:200] if "error" in rec else f"{rec['ms']:.2f} ms"), file=sys.stderr)
+                    records.append(rec)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": _environment(device),
+        "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
+                   "depth": args.depth, "iters": args.iters, "warmup": args.warmup, "autocast": "bfloat16",
+                   "optimizer": "AdamW", "compile": None if args.no_compile else
+                   {"mode": "default", "fullgraph": False, "backend": args.compile_backend}},
+        "checks": checks,
+        "records": records,
+        "ratios": ratios(records),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--models", type=csv, default=list(MODELS), help="comma-separated timm model names")
+    p.add_argument("--modes", type=csv, default=list(MODES), help="train,infer")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--img", type=int, default=224, help="image size in pixels")
+    p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick checks)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=20, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first call")
+    p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a fast smoke test)")
+    p.add_argument("--out", default="benchmarks/results/e2e_h100.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if unknown := [m for m in args.modes if m not in MODES]:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    report = run(args)
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}")
+    return 1 if any("error" in r for r in report["records"]) else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,131 @@
+"""NaN and inf inputs: `math` defines the result; every backend must give exactly its NaN pattern.
+
+What `math` gives (softmax over the scores of one query row, then the weighted sum of v):
+- NaN in q[b, h, i, c]: the scores of row i are NaN, so o[b, h, i, :] is all NaN; every other row is finite.
+- NaN in k[b, h, j, c]: every row attends to key j, so all of o[b, h] is NaN; other (b, h) are finite.
+- NaN in v[b, h, j, c]: only channel c of v is touched, so o[b, h, :, c] is NaN (every row) and the rest finite.
+- +inf or -inf in q[b, h, i, c]: the scores of row i are +-inf. If one is +inf, softmax computes inf - inf; if all
+  are -inf, 0 / 0. Either way o[b, h, i, :] is all NaN and every other row is finite.
+For the NaN cases the NaN masks of dq, dk, dv must equal math's too; for inf only the forward is compared.
+
+PyTorch's SDPA alone returns 0, not NaN, for a row whose scores are all -inf (its convention for fully masked
+rows), and in float16/bfloat16 on CPU also for a row that mixes +inf and -inf scores when N is a multiple of 16;
+the torch_sdpa backend restores math's NaN (see backends/torch_sdpa.py), and these tests hold it to that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnhub
+from tests.backends.test_parity import BACKENDS, DEVICE, available, run_backend
+
+# the Triton interpreter (numpy) warns on the NaNs these tests make on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+NAN, INF = float("nan"), float("inf")
+B, H, P, GRID, D = 2, 2, 1, (3, 5), 32  # N = 16
+N = P + GRID[0] * GRID[1]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _inputs(dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, N, D, generator=gen).to(device=DEVICE, dtype=dtype) for _ in range(4))
+    return q, k, v, do
+
+
+def _table(layout: str | None):
+    if layout is None:
+        return None
+    return attnhub.CosSinTable(grid=GRID, head_dim=D, prefix_tokens=P, layout=layout, device=DEVICE)
+
+
+def _run_all(name, q, k, v, do, table):
+    """(o, dq, dk, dv) of backend `name` and of math on the same inputs (skip when `name` cannot run here)."""
+    why = available(name, q.detach().requires_grad_(), k, v, table)
+    if why:
+        pytest.skip(f"{name} cannot run this call here: {why}")
+    return run_backend(name, q, k, v, do, table), run_backend("math", q, k, v, do, table)
+
+
+def _assert_same_nan(got, ref, whats=("o", "dq", "dk", "dv")):
+    for what, a, b in zip(whats, got, ref):
+        diff = (torch.isnan(a) != torch.isnan(b)).nonzero().tolist()
+        assert not diff, f"{what}: NaN pattern differs from math at {len(diff)} places, first {diff[:4]}"
+
+
+@pytest.mark.parametrize("layout", ["interleaved", None])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_in_q_poisons_its_row(name, dtype, layout):
+    q, k, v, do = _inputs(dtype, seed=10)
+    q[1, 0, 7, 3] = NAN  # a patch token
+    got, ref = _run_all(name, q, k, v, do, _table(layout))
+    o = got[0]
+    assert torch.isnan(o[1, 0, 7]).all(), "the row of the NaN query must be all NaN"
+    o_rest = torch.cat([o[1, 0, :7], o[1, 0, 8:], o[0].flatten(0, 1), o[1, 1:].flatten(0, 1)])
+    assert torch.isfinite(o_rest).all(), "rows other than the NaN query's must stay finite"
+    _assert_same_nan(got, ref)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", None])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_in_k_poisons_its_head(name, dtype, layout):
+    q, k, v, do = _inputs(dtype, seed=11)
+    k[0, 1, 0, 5] = NAN  # the CLS key, which RoPE does not rotate
+    got, ref = _run_all(name, q, k, v, do, _table(layout))
+    o = got[0]
+    assert torch.isnan(o[0, 1]).all(), "every row attends to the NaN key: all of its head must be NaN"
+    assert torch.isfinite(o[0, 0]).all() and torch.isfinite(o[1]).all(), "other heads must stay finite"
+    _assert_same_nan(got, ref)
+
+
+@pytest.mark.parametrize("layout", ["half", None])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_nan_in_v_poisons_its_channel(name, dtype, layout):
+    q, k, v, do = _inputs(dtype, seed=12)
+    v[1, 1, 9, 17] = NAN
+    got, ref = _run_all(name, q, k, v, do, _table(layout))
+    expected = torch.zeros(B, H, N, D, dtype=torch.bool, device=DEVICE)
+    expected[1, 1, :, 17] = True
+    assert torch.equal(torch.isnan(got[0]), expected), "exactly channel 17 of head (1, 1) must be NaN"
+    _assert_same_nan(got, ref)
+
+
+@pytest.mark.parametrize(
+    "scores,sign,layout",
+    [("mixed", 1.0, "interleaved"), ("mixed", -1.0, None), ("all_neg_inf", 1.0, None),
+     ("all_neg_inf", -1.0, "interleaved")],
+    ids=["mixed-+inf-interleaved", "mixed--inf-none", "all_neg_inf-+inf-none", "all_neg_inf--inf-interleaved"],
+)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_inf_in_q_gives_nan_row(name, dtype, scores, sign, layout):
+    """An infinite query channel (on the CLS token, which RoPE leaves as is) makes its row of o NaN (forward only).
+
+    mixed: random keys, so row 0 has +inf and -inf scores; all_neg_inf: channel c of every key (after RoPE)
+    has the sign opposite to the inf, so every score of row 0 is -inf.
+    """
+    q, k, v, _ = _inputs(dtype, seed=13)
+    table = _table(layout)
+    c = 4
+    q[0, 1, 0, c] = sign * INF
+    if scores == "all_neg_inf":
+        # rotated channel c of a key mixes channels c and c + 1 (interleaved pair c // 2): make them (-s |x|, 0)
+        k[0, 1, :, c] = -sign * (k[0, 1, :, c].abs() + 0.5)
+        k[0, 1, :, c + 1] = 0.0
+        if table is not None:  # rotated channel c is then -s |x| cos(angle): needs cos > 0 on every patch token
+            assert (table.cos[:, c // 2] > 0).all(), "the test needs cos > 0 for rotary pair c // 2"
+    why = available(name, q, k, v, table)
+    if why:
+        pytest.skip(f"{name} cannot run this call here: {why}")
+    o = attnhub.attention(q, k, v, table, backend=name)
+    o_ref = attnhub.attention(q, k, v, table, backend="math")
+    assert torch.isnan(o_ref[0, 1, 0]).all(), "math: the row of the infinite query is NaN"
+    rest = torch.ones(B, H, N, dtype=torch.bool, device=DEVICE)
+    rest[0, 1, 0] = False
+    assert torch.isfinite(o_ref[rest]).all(), "math: every other row is finite"
+    _assert_same_nan((o,), (o_ref,), whats=("o",))

@@ -1,0 +1,347 @@
+"""attnhub/api.py (and the public names of attnhub/__init__.py): forcing precedence, use_backend, explain,
+run-time registration, autocast, scale, strided inputs, input validation, `attnhub.backends()`, `attnhub.tune()`.
+
+On CPU the Triton backend runs forced, under the interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes and
+in float32/float16 only (the interpreter's bf16 tl.dot is wrong: triton-lang/triton#11584).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnhub
+from tests.tolerances import assert_close_rel
+
+BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
+HAS_CUDA = torch.cuda.is_available()
+_tune = importlib.import_module("attnhub.tune")  # the module; `attnhub.tune` is the public function
+
+
+def _qkv(dtype=torch.float32, B=2, H=2, N=7, D=16, N_kv=None, seed=0, device="cpu"):
+    """q: [B, H, N, D], k, v: [B, H, N_kv, D], fresh random."""
+    g = torch.Generator().manual_seed(seed)
+    N_kv = N if N_kv is None else N_kv
+    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).to(device)
+    k, v = (torch.randn(B, H, N_kv, D, generator=g, dtype=dtype).to(device) for _ in range(2))
+    return q, k, v
+
+
+def _table(D=16, grid=(2, 3), prefix=1, layout="interleaved"):
+    return attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=prefix, layout=layout)
+
+
+def _reference(q, k, v, rope=None, scale=None):
+    """float64 math backend on the same inputs: o [B, H, N, D] float64."""
+    return attnhub.attention(q.double(), k.double(), v.double(), rope, scale=scale, backend="math")
+
+
+def _recorder(name: str, calls: list):
+    ref = attnhub.REGISTRY.entry("math")
+
+    def fn(q, k, v, rope, scale):
+        calls.append(name)
+        return ref(q, k, v, rope, scale)
+
+    return fn
+
+
+@pytest.fixture
+def toys():
+    """Three low-priority CPU backends that record their name in the returned list when they run."""
+    calls: list[str] = []
+    for i, name in enumerate(("toy_call", "toy_ctx", "toy_env")):
+        attnhub.register_backend(name, _recorder(name, calls), priority=-10 - i, devices=["cpu"])
+    return calls
+
+
+# ------------------------------------------------------------------------------------------ forcing precedence
+def _ran(calls, q, k, v, **kw) -> str:
+    """Which backend `attention` ran ('torch_sdpa' when no toy recorded), checked against `explain`."""
+    before = len(calls)
+    attnhub.attention(q, k, v, **kw)
+    name = calls[-1] if len(calls) > before else "torch_sdpa"
+    assert attnhub.explain(q, k, v, **kw).chosen == name
+    return name
+
+
+def test_precedence_per_call_over_context_over_env_over_automatic(toys, monkeypatch):
+    q, k, v = _qkv()
+    assert _ran(toys, q, k, v) == "torch_sdpa"
+    monkeypatch.setenv("ATTNHUB_BACKEND", "toy_env")
+    assert _ran(toys, q, k, v) == "toy_env"
+    with attnhub.use_backend("toy_ctx"):
+        assert _ran(toys, q, k, v) == "toy_ctx"
+        assert _ran(toys, q, k, v, backend="toy_call") == "toy_call"
+        why = attnhub.explain(q, k, v, backend="toy_call")
+        assert why.how == "forced" and why.forced == "toy_call" and "chosen: toy_call (forced)" in str(why)
+    assert _ran(toys, q, k, v) == "toy_env"
+    monkeypatch.delenv("ATTNHUB_BACKEND")
+    assert _ran(toys, q, k, v) == "torch_sdpa"
+    assert _ran(toys, q, k, v, backend="toy_call") == "toy_call"
+
+
+def test_nested_contexts_and_none_restores_automatic(toys):
+    q, k, v = _qkv()
+    with attnhub.use_backend("toy_ctx"):
+        with attnhub.use_backend("toy_env"):
+            assert _ran(toys, q, k, v) == "toy_env"
+            with attnhub.use_backend(None):
+                assert _ran(toys, q, k, v) == "torch_sdpa"
+            assert _ran(toys, q, k, v) == "toy_env"
+        assert _ran(toys, q, k, v) == "toy_ctx"
+    assert _ran(toys, q, k, v) == "torch_sdpa"
+
+
+def test_context_is_restored_after_an_exception(toys):
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnhub.use_backend("toy_ctx"):
+            raise RuntimeError("boom")
+    assert _ran(toys, q, k, v) == "torch_sdpa"
+
+
+def test_use_backend_name_must_be_str():
+    with pytest.raises(TypeError, match="name must be a str or None, got int"):
+        with attnhub.use_backend(3):
+            pass
+
+
+def test_env_backend_unknown_is_reported(monkeypatch):
+    monkeypatch.setenv("ATTNHUB_BACKEND", "nonesuch")
+    with pytest.raises(attnhub.UnknownBackendError, match="'nonesuch'"):
+        attnhub.attention(*_qkv())
+
+
+# ------------------------------------------------------------------------------------ explain and registration
+def test_explain_is_printable_and_names_reasons():
+    q, k, v = _qkv(torch.float64)
+    why = attnhub.explain(q, k, v, _table())
+    assert isinstance(why, attnhub.Explanation)
+    text = str(why)
+    assert text.splitlines()[0] == "chosen: torch_sdpa (highest priority)"
+    assert "triton_fa_rope: rejected:" in text and "dtype float64 not in" in text and "needs [cuda]" in text
+    assert "math: eligible, not chosen" in text
+
+
+def test_registered_backend_is_selected_and_explained():
+    calls: list[str] = []
+    attnhub.register_backend("toy", _recorder("toy", calls), priority=1000, devices=["cpu"], dtypes=["float32"],
+                             head_dim={"multiple_of": 8})
+    q, k, v = _qkv(D=16)
+    why = attnhub.explain(q, k, v)
+    assert why.chosen == "toy" and "chosen: toy (highest priority)" in str(why)
+    assert "torch_sdpa: eligible, not chosen" in str(why)
+    o = attnhub.attention(q, k, v)
+    assert calls == ["toy"]
+    assert_close_rel(o, _reference(q, k, v), torch.float32)
+    # rejected with its own reason where its constraints fail
+    why = attnhub.explain(*_qkv(D=12))
+    assert why.chosen == "torch_sdpa" and "head_dim 12 is not a multiple of 8" in why.reasons["toy"]
+
+
+# ------------------------------------------------------------------------------------------------- numerics
+def _pairs(dtypes):
+    """(backend, dtype) pairs; Triton (interpreter on CPU) not in bfloat16."""
+    return [(b, d) for b in BACKENDS for d in dtypes if not (b == "triton_fa_rope" and d == torch.bfloat16 and not HAS_CUDA)]
+
+
+@pytest.mark.parametrize("backend, ac_dtype", _pairs([torch.bfloat16, torch.float16]))
+def test_autocast_output_dtype_for_every_backend(backend, ac_dtype):
+    q, k, v = _qkv(torch.float32)
+    rope = _table()
+    with torch.autocast("cpu", dtype=ac_dtype):
+        o = attnhub.attention(q, k, v, rope, backend=backend)
+        o_auto = attnhub.attention(q, k, v, rope)
+        assert attnhub.explain(q, k, v, rope).chosen == "torch_sdpa"
+    assert o.dtype == ac_dtype and o_auto.dtype == ac_dtype
+    ref = _reference(*(t.to(ac_dtype) for t in (q, k, v)), rope)  # what autocast feeds the backend
+    assert_close_rel(o, ref, ac_dtype, f"{backend} under autocast {ac_dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_and_custom_scale(backend):
+    """Against an independent float64 softmax(q k^T * scale) v; cross-attention N_kv != N."""
+    q, k, v = _qkv(torch.float32, N=5, N_kv=9, D=16)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+
+    def manual(scale):
+        return torch.softmax(q64 @ k64.transpose(-1, -2) * scale, dim=-1) @ v64
+
+    o_default = attnhub.attention(q, k, v, backend=backend)
+    assert_close_rel(o_default, manual(16**-0.5), torch.float32, f"{backend} default scale")
+    o_custom = attnhub.attention(q, k, v, scale=0.9, backend=backend)
+    assert_close_rel(o_custom, manual(0.9), torch.float32, f"{backend} scale=0.9")
+    assert (o_custom - o_default).norm() > 1e-2 * o_default.norm()  # the scale matters at these inputs
+    assert_close_rel(attnhub.attention(q, k, v, scale=1, backend=backend), manual(1.0), torch.float32, "int scale")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("view", ["fused_qkv", "d_strided"])
+def test_strided_inputs(backend, layout, view):
+    B, N, H, D = 2, 7, 2, 16
+    g = torch.Generator().manual_seed(1)
+    if view == "fused_qkv":  # timm's qkv Linear output [B, N, 3, H, D] -> three [B, H, N, D] views
+        q, k, v = torch.randn(B, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # the last dimension not contiguous
+        q, k, v = (torch.randn(B, H, D, N, generator=g).transpose(-1, -2) for _ in range(3))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    rope = _table(D, (2, 3), 1, layout)
+    o = attnhub.attention(q, k, v, rope, backend=backend)
+    assert_close_rel(o, _reference(q.contiguous(), k.contiguous(), v.contiguous(), rope), torch.float32, backend)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _per_head_table(H: int):
+    t = _table()
+    emb = torch.cat([t.sin.repeat_interleave(2, -1), t.cos.repeat_interleave(2, -1)], -1)
+    return attnhub.CosSinTable.from_sin_cos(emb.expand(H, -1, -1).clone(), 1)
+
+
+def _bad(name):
+    """Keyword arguments of one invalid call (q, k, v: [2, 2, 7, 16] float32 on CPU, a 2x3 table, 1 prefix)."""
+    q, k, v = _qkv()
+    rope = _table()
+    cases = {
+        "q_rank": dict(q=q[0]),
+        "k_rank5": dict(k=k[None]),
+        "q_not_tensor": dict(q=q.tolist()),
+        "v_not_tensor": dict(v=None),
+        "k_int": dict(k=k.to(torch.int32)),
+        "q_complex": dict(q=q.to(torch.complex64)),
+        "v_bool": dict(v=v > 0),
+        "mixed_dtypes": dict(k=k.double()),
+        "device_mismatch": dict(k=k.to("meta"), v=v.to("meta")),
+        "B_mismatch": dict(k=k[:1], v=v[:1]),
+        "H_mismatch": dict(k=k[:, :1], v=v[:, :1]),
+        "D_mismatch": dict(k=k[..., :8], v=v[..., :8]),
+        "kv_shape": dict(v=v[:, :, :5]),
+        "seq_len_vs_table": dict(q=q[:, :, :6], k=k[:, :, :6], v=v[:, :, :6]),
+        "k_seq_len_vs_table": dict(k=k[:, :, :6], v=v[:, :, :6]),
+        "table_head_dim": dict(rope=_table(D=32)),
+        "per_head_H": dict(rope=_per_head_table(3)),
+        "table_device": dict(rope=rope.to("meta")),
+        "zero_B": dict(q=q[:0], k=k[:0], v=v[:0], rope=None),
+        "zero_N": dict(q=q[:, :, :0], rope=None),
+        "zero_Nkv": dict(k=k[:, :, :0], v=v[:, :, :0], rope=None),
+        "zero_D": dict(q=q[..., :0], k=k[..., :0], v=v[..., :0], rope=None),
+        "scale_nan": dict(scale=float("nan")),
+        "scale_inf": dict(scale=-math.inf),
+        "scale_bool": dict(scale=True),
+        "scale_str": dict(scale="0.5"),
+        "scale_tensor": dict(scale=torch.tensor(0.5)),
+        "backend_not_str": dict(backend=1),
+        "rope_not_table": dict(rope=torch.zeros(6, 8)),
+    }
+    return {"q": q, "k": k, "v": v, "rope": rope, **cases[name]}
+
+
+BAD = {  # case: (error type, pattern naming the argument)
+    "q_rank": (ValueError, r"q must be 4-D \[B, H, N, D\], got shape \(2, 7, 16\)"),
+    "k_rank5": (ValueError, r"k must be 4-D"),
+    "q_not_tensor": (TypeError, r"q must be a torch.Tensor, got list"),
+    "v_not_tensor": (TypeError, r"v must be a torch.Tensor, got NoneType"),
+    "k_int": (TypeError, r"k must be a floating-point tensor, got dtype torch.int32"),
+    "q_complex": (TypeError, r"q must be a floating-point tensor, got dtype torch.complex64"),
+    "v_bool": (TypeError, r"v must be a floating-point tensor"),
+    "mixed_dtypes": (TypeError, r"q, k, v must share one dtype, got torch.float32, torch.float64, torch.float32"),
+    "device_mismatch": (ValueError, r"q, k, v must be on one device, got cpu, meta, meta"),
+    "B_mismatch": (ValueError, r"must agree in B, H and D"),
+    "H_mismatch": (ValueError, r"must agree in B, H and D"),
+    "D_mismatch": (ValueError, r"must agree in B, H and D"),
+    "kv_shape": (ValueError, r"k and v must have the same shape"),
+    "seq_len_vs_table": (ValueError, r"N = prefix_tokens \+ patches = 1 \+ 6 = 7, got N = 6 \(q\)"),
+    "k_seq_len_vs_table": (ValueError, r"= 7, got N = 7 \(q\) and 6 \(k\)"),
+    "table_head_dim": (ValueError, r"rope table has head_dim 32 but q has D = 16"),
+    "per_head_H": (ValueError, r"per-head rope table has 3 heads but q has H = 2"),
+    "table_device": (ValueError, r"rope table is on meta but q is on cpu"),
+    "zero_B": (ValueError, r"every dimension must be > 0"),
+    "zero_N": (ValueError, r"every dimension must be > 0"),
+    "zero_Nkv": (ValueError, r"every dimension must be > 0"),
+    "zero_D": (ValueError, r"every dimension must be > 0"),
+    "scale_nan": (ValueError, r"scale must be a finite number"),
+    "scale_inf": (ValueError, r"scale must be a finite number"),
+    "scale_bool": (ValueError, r"scale must be a finite number"),
+    "scale_str": (ValueError, r"scale must be a finite number"),
+    "scale_tensor": (ValueError, r"scale must be a finite number"),
+    "backend_not_str": (TypeError, r"backend must be a str or None, got int"),
+    "rope_not_table": (TypeError, r"rope must be an attnhub.CosSinTable or None, got Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_input_raises_typed_error_naming_the_argument(case):
+    exc, pattern = BAD[case]
+    good = _bad("backend_not_str") | {"backend": None}
+    for _ in range(2):  # warm every cache with the valid call first: a cache hit must not skip validation
+        attnhub.attention(**good)
+    kw = _bad(case)
+    with pytest.raises(exc, match=pattern):
+        attnhub.attention(**kw)
+    if "scale" not in kw or kw["scale"] is None:
+        with pytest.raises(exc, match=pattern):
+            attnhub.explain(**{n: a for n, a in kw.items() if n != "scale"})
+
+
+# --------------------------------------------------------------------------------------- attnhub.backends()
+def _backends_fn():
+    return attnhub.backends
+
+
+def test_backends_lists_all_three_with_availability():
+    infos = _backends_fn()()
+    by_name = {i.name: i for i in infos}
+    assert set(BACKENDS) <= set(by_name)
+    assert [i.priority for i in infos] == sorted((i.priority for i in infos), reverse=True)
+    for name in ("torch_sdpa", "math"):
+        assert by_name[name].available and by_name[name].why_not == "" and by_name[name].description
+    tri = by_name["triton_fa_rope"]
+    if not HAS_CUDA:
+        assert not tri.available and "needs a device of ['cuda']" in tri.why_not, tri
+
+
+def test_backends_stays_callable_after_a_backend_ran():
+    attnhub.attention(*_qkv(), backend="math")
+    assert callable(attnhub.backends)
+
+
+# ------------------------------------------------------------------------------------------------- tune()
+@pytest.fixture
+def fresh_tune(monkeypatch):
+    """An empty in-memory tuning table (it is process-wide), restored afterwards; files in conftest's tmp dir."""
+    monkeypatch.setattr(_tune, "_results", None)
+    return Path(os.environ["ATTNHUB_CACHE_DIR"]) / "tune.json"
+
+
+def test_tune_measures_persists_and_explains(fresh_tune, monkeypatch):
+    q, k, v = _qkv(B=1, N=7, D=16)
+    rope = _table()
+    assert not fresh_tune.exists()
+    best = attnhub.tune(q, k, v, rope)
+    assert best in ("torch_sdpa", "math")  # the eligible ones on CPU
+    saved = json.loads(fresh_tune.read_text())
+    assert [best] == [name for table in saved.values() for name in table.values()]
+    why = attnhub.explain(q, k, v, rope)
+    assert why.chosen == best and why.how == "measured" and f"chosen: {best} (fastest when measured)" in str(why)
+    assert attnhub.explain(q, k, v, rope, backend="math").how == "forced"
+    assert attnhub.explain(q.double(), k.double(), v.double(), rope).how == "priority"  # another decision key
+    # a new process (empty in-memory table) reads the file back
+    monkeypatch.setattr(_tune, "_results", None)
+    monkeypatch.setenv("ATTNHUB_TUNE", "1")
+    assert attnhub.explain(q, k, v, rope).how == "measured"
+
+
+def test_tune_env_measures_on_first_call(fresh_tune, monkeypatch):
+    monkeypatch.setenv("ATTNHUB_TUNE", "1")
+    q, k, v = _qkv(B=1, N=5, D=8)
+    o = attnhub.attention(q, k, v)
+    assert fresh_tune.exists()
+    assert_close_rel(o, _reference(q, k, v), torch.float32)
+    assert attnhub.explain(q, k, v).how == "measured"

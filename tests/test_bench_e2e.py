@@ -1,0 +1,55 @@
+"""benchmarks/bench_e2e.py on the CPU: one tiny run of every mode and variant, the report's keys and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_cpu(tmp_path, capsys):
+    bench_e2e = _load()
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--batch", "2", "--img", "64", "--iters", "2", "--warmup", "1", "--depth", "1",
+            "--models", "vit_small_patch16_rope_224", "--compile-backend", "eager", "--out", str(out)]
+    assert bench_e2e.main(argv) == 0
+
+    report = json.loads(out.read_text())
+    assert set(report) >= {"date", "environment", "config", "checks", "records", "ratios"}
+    assert set(report["environment"]["versions"]) >= {"attnhub", "torch", "triton", "timm"}
+    assert report["config"]["compile"] == {"mode": "default", "fullgraph": False, "backend": "eager"}
+    (chk,) = report["checks"]
+    assert chk["logits_rel_l2"] < 2e-2 and chk["qkv_grad_rel_l2"] < 2e-2  # bf16 autocast, CPU
+    keys = [(r["mode"], r["variant"], r["compiled"]) for r in report["records"]]
+    assert sorted(keys) == sorted((m, v, c) for m in ("train", "infer") for v in ("timm", "attnhub")
+                                  for c in (False, True))
+    for rec in report["records"]:
+        assert "error" not in rec and rec["ms"] > 0 and rec["img_per_s"] > 0
+        assert ("graph_breaks" in rec) == rec["compiled"]
+        if rec["variant"] == "attnhub" and not rec["compiled"]:
+            assert rec["attnhub_explain"].startswith("chosen: torch_sdpa")
+    for row in report["ratios"]:
+        assert row["attnhub_eager_vs_timm_eager"] > 0 and row["attnhub_compiled_vs_timm_compiled"] > 0
+    assert "attnhub vs timm: eager" in capsys.readouterr().out
+
+
+def test_ratios_pair_eager_with_eager_and_compiled_with_compiled():
+    bench_e2e = _load()
+    rec = lambda variant, compiled, ms: dict(model="m", mode="train", variant=variant, compiled=compiled, ms=ms)  # noqa: E731
+    rows = bench_e2e.ratios([rec("timm", False, 30.0), rec("attnhub", False, 20.0), rec("timm", True, 12.0),
+                             {**rec("attnhub", True, None), "error": "boom"}])
+    assert rows == [{"model": "m", "mode": "train", "attnhub_eager_vs_timm_eager": 1.5,
+                     "attnhub_compiled_vs_timm_compiled": None}]

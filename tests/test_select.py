@@ -1,0 +1,240 @@
+"""attnhub/select.py: the automatic choice on CPU, rejection reasons, forced-backend errors, the decision cache
+(its key, its invalidation, its bound) and thread safety."""
+
+from __future__ import annotations
+
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import attnhub
+from attnhub import select
+from tests.tolerances import assert_close_rel
+
+
+def _qkv(dtype=torch.float32, B=1, H=2, N=7, D=16, seed=0, requires_grad=False):
+    """q, k, v: [B, H, N, D], fresh random."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _table(layout="interleaved", grid=(2, 3), D=16, prefix=1, heads=None, requires_grad=False):
+    """A CosSinTable for N = prefix + gh*gw; per-head (cos: [heads, N_grid, D/2]) when `heads` is given."""
+    t = attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=prefix, layout=layout)
+    if heads is not None:
+        widen = (lambda x: x.repeat_interleave(2, -1)) if layout == "interleaved" else (lambda x: torch.cat([x, x], -1))
+        emb = torch.cat([widen(t.sin), widen(t.cos)], -1)  # timm's [N_grid, 2*D] = cat(sin, cos)
+        t = attnhub.CosSinTable.from_sin_cos(emb.expand(heads, -1, -1).clone(), prefix, layout)
+    if requires_grad:
+        t.cos.requires_grad_(True)
+    return t
+
+
+# ------------------------------------------------------------------------------------------- automatic choice
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_picks_torch_sdpa_never_triton(dtype):
+    q, k, v = _qkv(dtype)
+    why = attnhub.explain(q, k, v, _table())
+    assert why.chosen == "torch_sdpa" and why.how == "priority"
+    assert why.reasons["torch_sdpa"] == [] and why.reasons["math"] == []
+    assert why.reasons["triton_fa_rope"], "triton must not be chosen automatically on CPU"
+    assert any("device cpu: needs [cuda]" in r for r in why.reasons["triton_fa_rope"])
+
+
+def test_float64_reason_names_the_dtype_and_the_allowed_ones():
+    why = attnhub.explain(*_qkv(torch.float64))
+    r = why.reasons["triton_fa_rope"]
+    assert "dtype float64 not in [float16, bfloat16, float32]" in r, r
+    text = str(why)
+    assert "chosen: torch_sdpa (highest priority)" in text
+    assert "triton_fa_rope: rejected:" in text and "dtype float64 not in" in text
+    assert "math: eligible, not chosen" in text
+
+
+def test_triton_forced_on_cpu_runs_only_through_the_interpreter(monkeypatch):
+    q, k, v = _qkv()
+    assert attnhub.explain(q, k, v, backend="triton_fa_rope").chosen == "triton_fa_rope"  # conftest: interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(attnhub.BackendUnavailableError, match="set TRITON_INTERPRET=1"):
+        attnhub.explain(q, k, v, backend="triton_fa_rope")
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    q, k, v = _qkv(torch.float64, D=8)
+    with pytest.raises(attnhub.BackendUnavailableError) as err:
+        attnhub.attention(q, k, v, backend="triton_fa_rope")
+    msg = str(err.value)
+    assert "'triton_fa_rope' was forced but cannot run" in msg
+    assert "dtype float64 not in" in msg and "head_dim 8 < 16" in msg
+    assert "Eligible here: ['math', 'torch_sdpa']" in msg
+
+
+def test_unknown_backend_lists_known_names():
+    q, k, v = _qkv()
+    for call in (lambda: attnhub.attention(q, k, v, backend="flash9"), lambda: attnhub.explain(q, k, v, backend="flash9")):
+        with pytest.raises(attnhub.UnknownBackendError, match=r"'flash9'.*known: \['math', 'torch_sdpa', 'triton_fa_rope'\]"):
+            call()
+    assert issubclass(attnhub.UnknownBackendError, ValueError)
+
+
+def test_no_backend_can_run(monkeypatch):
+    """Every backend rejected: a BackendUnavailableError that carries the whole explanation."""
+    q, k, v = _qkv()
+    specs = attnhub.REGISTRY.specs()
+    attnhub.REGISTRY.restore({n: s for n, s in specs.items() if n == "triton_fa_rope"})
+    with pytest.raises(attnhub.BackendUnavailableError, match="no attnhub backend can run this call") as err:
+        attnhub.attention(q, k, v)
+    assert "triton_fa_rope: rejected: device cpu" in str(err.value)
+
+
+# -------------------------------------------------------------------------------------------- decision cache
+def _toy(calls: list):
+    """A backend entry that records that it ran and returns the math result."""
+    ref = attnhub.REGISTRY.entry("math")
+
+    def toy(q, k, v, rope, scale):
+        calls.append(q.dtype)
+        return ref(q, k, v, rope, scale)
+
+    return toy
+
+
+# constraint on a toy backend (priority above every built-in), a call it accepts, one it must reject
+CASES = {
+    "dtype": (dict(dtypes=["float16"]), dict(dtype=torch.float16), dict(dtype=torch.float32)),
+    "seq_len": (dict(max_seq_len=7), dict(N=7), dict(N=8)),
+    "head_dim": (dict(head_dim={"max": 16}), dict(D=16), dict(D=32)),
+    "layout": (dict(rope_layouts=["half"]), dict(layout="half"), dict(layout="interleaved")),
+    "rope_none": (dict(rope_layouts=["none"]), dict(layout=None), dict(layout="interleaved")),
+    "per_head": (dict(rope_per_head=False), dict(heads=None), dict(heads=2)),
+    "rope_grad": (dict(rope_grad=False), dict(rope_grad=False), dict(rope_grad=True)),
+    "grad": (dict(backward=False), dict(grad=False), dict(grad=True)),
+    "cross": (dict(cross_attention=False, rope_layouts=["none"]), dict(layout=None), dict(layout=None, n_kv=9)),
+}
+
+
+def _run(dtype=torch.float32, N=7, D=16, layout="interleaved", heads=None, rope_grad=False, grad=False,
+         n_kv=None, backend=None):
+    """One attention call with these facts (B=1, H=2); returns the output."""
+    q, k, v = _qkv(dtype, N=N, D=D, requires_grad=grad)
+    if n_kv is not None:
+        k, v = _qkv(dtype, N=n_kv, D=D, seed=1)[:2]
+    rope = None
+    if layout is not None:
+        rope = _table(layout, grid=(2, (N - 1) // 2) if N % 2 else (1, N - 1), D=D, heads=heads,
+                      requires_grad=rope_grad)
+    return attnhub.attention(q, k, v, rope, backend=backend)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("order", ["accepted_first", "rejected_first"])
+def test_cache_key_separates_calls_that_differ_in_one_fact(case, order):
+    constraint, accepted, rejected = CASES[case]
+    calls = []
+    attnhub.register_backend("toy", _toy(calls), priority=1000, devices=["cpu"], **constraint)
+    seq = [(accepted, True), (rejected, False)]
+    for kwargs, expect in (seq if order == "accepted_first" else seq[::-1]) * 2:  # twice: the second is cached
+        before = len(calls)
+        _run(**kwargs)
+        assert (len(calls) > before) == expect, (case, kwargs)
+
+
+def test_forced_backend_is_part_of_the_key():
+    calls = []
+    attnhub.register_backend("toy", _toy(calls), priority=1000, devices=["cpu"])
+    _run()
+    _run(backend="math")
+    _run()
+    assert len(calls) == 2
+    o_math, o_auto = _run(backend="math"), _run()
+    assert len(calls) == 3 and torch.equal(o_math, o_auto)
+
+
+def test_registration_invalidates_cached_decisions():
+    """A call cached before a registration is re-decided after it (the registry version is in the key)."""
+    q, k, v = _qkv(torch.float16)
+    q32, k32, v32 = _qkv(torch.float32)
+    for _ in range(2):
+        attnhub.attention(q, k, v)
+        attnhub.attention(q32, k32, v32)
+    assert attnhub.explain(q, k, v).chosen == "torch_sdpa"
+    calls = []
+    attnhub.register_backend("toy", _toy(calls), priority=1000, devices=["cpu"], dtypes=["float16"])
+    attnhub.attention(q32, k32, v32)
+    assert calls == []
+    attnhub.attention(q, k, v)
+    assert calls == [torch.float16]
+    assert attnhub.explain(q, k, v).chosen == "toy" and attnhub.explain(q32, k32, v32).chosen == "torch_sdpa"
+    # and restoring the registry (as conftest does) drops the toy again
+    attnhub.REGISTRY.restore({n: s for n, s in attnhub.REGISTRY.specs().items() if n != "toy"})
+    attnhub.attention(q, k, v)
+    assert calls == [torch.float16]
+
+
+def test_cache_key_fields():
+    """The fields of the decision key: a new constraint in the registry vocabulary needs its fact here."""
+    assert set(select.Call._fields) >= {
+        "device_type", "device_index", "dtype", "batch", "heads", "n_q", "n_kv", "head_dim", "rope_layout",
+        "rope_per_head", "rope_grad", "needs_grad", "forced", "registry_version",
+    }
+
+
+def test_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(select, "CACHE_SIZE", 4)
+    select.clear_cache()
+    for B in range(1, 11):
+        q, k, v = _qkv(B=B, N=3, D=8)
+        attnhub.attention(q, k, v)
+        assert len(select._cache) <= 4
+        for name in ("FAST",):  # the API's fast-path cache, when there is one
+            assert len(getattr(select, name, {})) <= 4
+    assert len(select._cache) >= 1
+
+
+# ------------------------------------------------------------------------------------------------- threads
+def test_threads_mixed_calls_and_forced_backends():
+    """8 threads, a few hundred mixed attention/explain calls, each under its own use_backend context."""
+    ran = threading.local()
+
+    def recorder(name):
+        ref = attnhub.REGISTRY.entry("math")
+
+        def fn(q, k, v, rope, scale):
+            ran.name = name
+            return ref(q, k, v, rope, scale)
+
+        return fn
+
+    for name, prio in (("toy_a", -10), ("toy_b", -20)):
+        attnhub.register_backend(name, recorder(name), priority=prio, devices=["cpu"])
+    inputs = {}
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _qkv(dtype, N=7, D=16, seed=3)
+        t = _table()
+        ref = attnhub.attention(*(x.double() for x in (q, k, v)), t, backend="math")
+        inputs[dtype] = (q, k, v, t, ref)
+
+    def task(i):
+        rnd = random.Random(i)
+        dtype = rnd.choice([torch.float32, torch.float64])
+        ctx = rnd.choice([None, "toy_a", "toy_b", "math"])
+        per_call = rnd.choice([None, None, "toy_b"])
+        expected = per_call or ctx or "torch_sdpa"
+        q, k, v, t, ref = inputs[dtype]
+        with attnhub.use_backend(ctx):
+            if rnd.random() < 0.3:
+                assert attnhub.explain(q, k, v, t, backend=per_call).chosen == expected
+                return expected
+            ran.name = None
+            o = attnhub.attention(q, k, v, t, backend=per_call)
+        assert o.dtype == dtype
+        assert_close_rel(o, ref, dtype, f"task {i}")
+        assert ran.name == (expected if expected.startswith("toy") else None), (i, ran.name, expected)
+        return expected
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(task, range(400)))
+    assert set(results) == {"torch_sdpa", "toy_a", "toy_b", "math"}
