@@ -246,3 +246,36 @@ def test_patch_dropout_is_refused():
     _, pat = pair(FAMILIES["rope_axial"][0], patch_drop_rate=0.5)
     with pytest.raises(NotImplementedError, match="patch dropout"):
         pat(images(9))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["rope_axial", "dinov3_reg4"])
+def test_patched_on_gpu_runs_the_fused_kernel(family, calls):
+    """On CUDA the patched model runs triton_fa_rope (chosen automatically). float32: equal to timm within float32
+    round-off (IEEE fp32 dots). bf16 autocast: its error against timm in float32 is at most twice timm's own
+    bf16 error (plus 1e-3), for the logits and every parameter gradient."""
+    from tests.tolerances import rel_l2
+
+    name, kwargs, *_ = FAMILIES[family]
+    ref, pat = (m.cuda() for m in pair(name, **kwargs))
+    x = images(4).cuda()
+    w = torch.randn(x.shape[0], ref.num_classes, generator=torch.Generator().manual_seed(7)).cuda()
+    truth = run(ref, x, w)
+    got = {}
+    for bf16 in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            got[bf16] = run(ref, x, w), run(pat, x, w)
+    table = calls[0]
+    q = torch.empty(x.shape[0], pat.blocks[0].attn.num_heads, table.seq_len, table.head_dim, device="cuda",
+                    requires_grad=True)
+    assert attnhub.explain(q, q, q, table).chosen == "triton_fa_rope"
+    assert attnhub.explain(q.bfloat16(), q.bfloat16(), q.bfloat16(), table).chosen == "triton_fa_rope"
+
+    (out_ref, g_ref), (out_pat, g_pat) = got[False]
+    assert_close_rel(out_pat, out_ref, F32, "logits fp32")
+    (out_tb, g_tb), (out_pb, g_pb) = got[True]
+    pairs = [("logits", out_pb, out_tb, truth[0])] + [
+        (f"grad {n}", g_pb[n], g_tb[n], g) for n, g in truth[1].items() if g is not None and g.norm() > 0]
+    for what, mine, timms, exact in pairs:
+        err, base = rel_l2(mine.float(), exact), rel_l2(timms.float(), exact)
+        assert err <= 2 * base + 1e-3, f"{what} (bf16): attnhub error {err:.2e} vs timm's own {base:.2e}"
