@@ -1,7 +1,8 @@
 """FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
 
-Read top-down: jit helpers (loads, rotation, stores), the forward kernel, the backward kernels (preprocess,
-dk/dv, dq), the launcher (configs, grids, strides), the `autograd.Function`, the entry `attention`.
+Read top-down: jit helpers (loads, rotation, stores), the forward kernel, the backward helpers and kernels
+(split: preprocess, dk/dv, dq; fused), the launcher (configs, path choice, grids, strides), the
+`autograd.Function`, the torch.compile custom operators, the entry `attention`.
 
 How RoPE is fused. RoPE rotates channel pairs `(a_j, b_j)` of q and k (`j < D/2`; pairs `(2j, 2j+1)` for the
 interleaved layout, `(j, j + D/2)` for the half layout). The kernels load a q or k tile as two pair tiles
@@ -13,6 +14,20 @@ one `tl.dot` over D computes the scores.
 Training: the forward also writes the rotated q and k it computed (in that joined order), so the backward
 kernels are plain FlashAttention-2 loops without any rotation; only dq and dk are rotated back (by R^T) and
 scattered to the caller's layout when they are stored. Inference writes nothing extra.
+
+Two backward paths, both deterministic (no atomics: bitwise-equal gradients run to run):
+- split, three launches: `_bwd_preprocess` (delta = rowsum(o * do), [B*H, N_Q] fp32), `_bwd_dkdv_kernel` (one
+  program per BLOCK_N keys, looping over all queries) and `_bwd_dq_kernel` (one program per BLOCK_M queries,
+  looping over all keys, recomputing the scores);
+- fused, one launch: `_bwd_fused_kernel`, one program per (b, h). It computes delta, then
+  takes BLOCK_N keys at a time against all queries, accumulating dk, dv in registers and each query block's dq
+  in an fp32 scratch [B*H, N_Q, D] (read-modify-write, in a fixed order), then rotates dq back and stores it.
+  One pass over the scores instead of two, one launch and one compilation instead of three; but only B*H
+  programs, each walking every (key block, query block) pair in turn, so on an H100 it is slower than split at
+  every swept ViT shape (see the configs below) and wins only where the host's launch time is the limit.
+`_backward` takes the fused path while max(N_Q, N_KV) <= the config's "bwd_fused_max_n" (0 everywhere today:
+never automatically). The environment variable ATTNHUB_TRITON_BWD, read once at import, forces a path: "auto"
+(default), "fused" or "split"; any other value raises ValueError. Tests and benchmarks assign `_BWD_PATH`.
 
 Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
 float32 inputs use IEEE fp32 dots (not TF32), so every backend computes the same function to fp32 round-off.
@@ -216,22 +231,72 @@ def _fwd_kernel(
 
 # --------------------------------------------------------------------------------------------------- backward
 # q and k arrive already rotated (QR, KR from the forward; or the inputs themselves without RoPE), so these are
-# plain FlashAttention-2 loops; dq and dk are rotated back only when they are stored.
+# plain FlashAttention-2 loops; dq and dk are rotated back only when they are stored. Two paths, both without
+# atomics (bitwise repeatable): split (preprocess, dk/dv, dq: three launches, the dq kernel recomputes the scores)
+# and fused (one program per (b, h) does everything, dq accumulated in an fp32 scratch; short sequences).
+@triton.jit
+def _bwd_delta(o_base, do_base, delta_base, offs_m, mask_m, son, sod, sdon, sdod, offs_d,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_base[offs_m] = sum_d O * dO (fp32): the softmax-gradient row term of one query block."""
+    o = _load_rows(o_base, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    tl.store(delta_base + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m, sqn, sqd, sdon, sdod, offs_d,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """q, dO [BLOCK_M, BLOCK_D] in the dot dtype, lse and delta [BLOCK_M] fp32 of one query block. Rows past N_Q:
+    q = dO = 0 and lse = +inf, which makes their probabilities exactly 0."""
+    q = _load_rows(q_base, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 MASK_N: tl.constexpr):
+    """BLOCK_N keys k, v [BLOCK_N, BLOCK_D] against one query block (from `_bwd_q_block`): dk, dv [BLOCK_N,
+    BLOCK_D] fp32 accumulated; -> dk, dv, dS^T [BLOCK_N, BLOCK_M] in the dot dtype (unscaled: dq = scale dS k).
+    MASK_N: P^T = 0 on rows of keys past N_KV, where dS feeds dq. (Their k rows are zero-padded, so dS k adds 0
+    for finite values anyway; the mask keeps an infinite P from making it NaN, as in the split dq kernel.)"""
+    st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
+    if MASK_N:
+        pt = tl.where(mask_n[:, None], pt, 0.0)
+    dv = _dot(pt.to(DOT), do, dv, PRECISION)
+    dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+    dst = (pt * (dpt - delta[None, :])).to(DOT)
+    dk = _dot(dst, q, dk, PRECISION)
+    return dk, dv, dst
+
+
+@triton.jit
+def _bwd_store_dkdv(dk_base, dv_base, dk, dv, scale, offs_n, mask_n, sdkn, sdkd, sdvn, sdvd, cos_base, sin_base,
+                    stab_n, P, offs_j, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr,
+                    BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr,
+                    ROPE: tl.constexpr):
+    """Store dk (times scale, rotated back) and dv [BLOCK_N, BLOCK_D] fp32 of BLOCK_N keys."""
+    _store_grad_qk(dk_base, dk * scale, offs_n, mask_n, sdkn, sdkd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+    _store_rows(dv_base, dv, offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D, BLOCK_D)
+
+
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """DELTA[bh, n] = sum_d O * dO (fp32): the softmax-gradient row term."""
+    """Split path. One program: DELTA [B*H, N_Q] fp32 of BLOCK_M query rows of one (b, h)."""
     n_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // n_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N_Q
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * sob + h * soh, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=mask_m)
+    _bwd_delta(O + b * sob + h * soh, DO + b * sdob + h * sdoh, DELTA + bh.to(tl.int64) * N_Q, offs_m,
+               offs_m < N_Q, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
 
 
 @triton.jit
@@ -244,7 +309,7 @@ def _bwd_dkdv_kernel(
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries. Deterministic: no atomics."""
+    """Split path. One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries."""
     n_n = tl.cdiv(N_KV, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // n_n
@@ -265,23 +330,14 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < N_Q
-        q = _load_rows(q_base, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        # rows past N_Q: lse = +inf makes their probabilities exactly 0
-        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
-        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-        st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
-        pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
-        dv = _dot(pt.to(DOT), do, dv, PRECISION)
-        dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(DOT)
-        dk = _dot(dst, q, dk, PRECISION)
+        q, do, lse, delta = _bwd_q_block(q_base, do_base, LSE + row_base, DELTA + row_base, offs_m, offs_m < N_Q,
+                                         sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
+        dk, dv, _ = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                                 BLOCK_M, BLOCK_N, DOT, PRECISION, False)  # rows past N_KV are not stored
 
-    _store_grad_qk(DK + b * sdkb + h * sdkh, dk * scale, offs_n, mask_n, sdkn, sdkd, COS + h * stab_h,
-                   SIN + h * stab_h, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
-                   PAIR_OFF, SPLIT, ROPE)
-    _store_rows(DV + b * sdvb + h * sdvh, dv, offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D, BLOCK_D)
+    _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                    sdkn, sdkd, sdvn, sdvd, COS + h * stab_h, SIN + h * stab_h, stab_n, P, offs_j, offs_d,
+                    HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
 
 
 @triton.jit
@@ -294,7 +350,7 @@ def _bwd_dq_kernel(
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
+    """Split path. One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
     n_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // n_m
@@ -305,11 +361,10 @@ def _bwd_dq_kernel(
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_rows(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
     row_base = bh.to(tl.int64) * N_Q
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    q, do, lse, delta = _bwd_q_block(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + row_base,
+                                     DELTA + row_base, offs_m, mask_m, sqn, sqd, sdon, sdod, offs_d,
+                                     HEAD_D, BLOCK_D, DOT)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
@@ -331,24 +386,124 @@ def _bwd_dq_kernel(
                    PAIR_OFF, SPLIT, ROPE)
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQACC, DQ, DK, DV, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod, sob, soh, son, sod,
+    sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fused path. One program: the whole backward of one (b, h), in one pass over the scores.
+
+    Pass 0 writes DELTA [B*H, N_Q] fp32. The main loop takes BLOCK_N keys at a time and all queries: dk, dv as in
+    the split dk/dv kernel, and each query block's dq contribution dS k added into the scratch DQACC [B*H, N_Q, D]
+    fp32 (read-modify-write; the first key block only writes). The last pass rotates DQACC back into DQ. The
+    program re-reads what its own threads wrote with other thread-element mappings, hence the barriers.
+    """
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_base = bh.to(tl.int64) * N_Q
+    lse_base = LSE + row_base
+    delta_base = DELTA + row_base
+    acc_base = DQACC + row_base * HEAD_D
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        _bwd_delta(O + b * sob + h * soh, do_base, delta_base, offs_m, offs_m < N_Q, son, sod, sdon, sdod, offs_d,
+                   HEAD_D, BLOCK_D)
+    tl.debug_barrier()
+
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_KV
+        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N_Q
+            q, do, lse, delta = _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m,
+                                             sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
+            dk, dv, dst = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                                       BLOCK_M, BLOCK_N, DOT, PRECISION, True)
+            # dq_i += dS_ij k_j; the first key block finds nothing to add (the load is masked off, DQACC unset)
+            dq = _load_rows(acc_base, offs_m, mask_m & (start_n > 0), HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+            dq = _dot(tl.trans(dst), k, dq, PRECISION)
+            _store_rows(acc_base, dq, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+        tl.debug_barrier()  # this key block's DQACC writes land before the next one reads them
+        _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                        sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                        HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+
+    tl.debug_barrier()
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_Q
+        dq = _load_rows(acc_base, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+        _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base, sin_base,
+                       stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT,
+                       ROPE)
+
+
 # --------------------------------------------------------------------------------------------------- launcher
 # Tuned per (compute capability major, head-dim bucket): (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
-# forward, the dk/dv kernel and the dq kernel. Fixed configs, no run-time autotune: the first call on a new
-# shape costs one compilation per kernel. Measured with benchmarks/tune_triton.py (see benchmarks/results/).
+# forward (inference; "fwd_train" when it also writes the rotated q, k), the split backward's dk/dv and dq
+# kernels and the fused backward kernel, and "bwd_fused_max_n", the
+# longest sequence (max of N_Q, N_KV) for which `_backward` takes the fused path. Fixed configs, no run-time
+# autotune: the first call on a new shape costs one compilation per kernel. Measured with
+# benchmarks/tune_triton.py and benchmarks/bwd_variants.py (see benchmarks/results/).
 _CONFIGS = {
-    # Hopper (H100/H200)
-    # D <= 64: swept on H100 at N = 197 and 577 (benchmarks/results/dev_h100_tune3.json). Larger D: not yet swept.
-    (9, 64): {"fwd": (128, 64, 4, 2), "dkdv": (32, 128, 4, 2), "dq": (128, 64, 8, 3)},
-    (9, 128): {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2)},
-    (9, 256): {"fwd": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+    # Hopper (H100/H200). D <= 64: swept on H100 at N = 197, 577 and 1029 (benchmarks/results/dev_h100_tune3.json;
+    # forward: dev_h100_fwd_variants.json, the training forward with its extra q/k writes prefers BLOCK_N = 32;
+    # fused backward: dev_h100_bwd_variants.json). Larger D: not yet swept.
+    # bwd_fused_max_n = 0: the fused backward is slower on the GPU than the split one at every swept shape (ViT-S
+    # 0.388 vs 0.335 ms at its best config; ViT-B/16@384 1.17 vs 0.78 ms): B*H programs are too few and each
+    # walks every (key block, query block) pair serially. It only wins where the host is the limit (one launch
+    # instead of three), so it stays opt-in: ATTNHUB_TRITON_BWD=fused.
+    (9, 64): {"fwd": (128, 64, 4, 3), "fwd_train": (128, 32, 4, 2), "dkdv": (32, 128, 4, 2), "dq": (128, 64, 8, 3),
+              "bwd_fused": (128, 128, 8, 1), "bwd_fused_max_n": 0},
+    (9, 128): {"fwd": (128, 64, 8, 2), "fwd_train": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2),
+               "bwd_fused": (64, 64, 8, 2), "bwd_fused_max_n": 0},
+    (9, 256): {"fwd": (64, 32, 8, 2), "fwd_train": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1),
+               "bwd_fused": (32, 32, 8, 1), "bwd_fused_max_n": 0},
 }
-_DEFAULT = {
-    64: {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
-    128: {"fwd": (64, 64, 4, 2), "dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2)},
-    256: {"fwd": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)},
+_DEFAULT = {  # other GPUs: not swept; the fused backward only when forced
+    64: {"fwd": (64, 64, 4, 2), "fwd_train": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2),
+         "bwd_fused": (64, 64, 4, 2), "bwd_fused_max_n": 0},
+    128: {"fwd": (64, 64, 4, 2), "fwd_train": (64, 64, 4, 2), "dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2),
+          "bwd_fused": (64, 32, 4, 2), "bwd_fused_max_n": 0},
+    256: {"fwd": (64, 32, 8, 1), "fwd_train": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1),
+          "bwd_fused": (32, 32, 8, 1), "bwd_fused_max_n": 0},
 }
-_INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1)}
+_INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1),
+                       "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
 _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
+_BWD_PATHS = ("auto", "fused", "split")
+
+
+def _bwd_path(value: str | None) -> str:
+    """The backward path forced by ATTNHUB_TRITON_BWD (unset or empty: "auto", by sequence length)."""
+    value = value or "auto"
+    if value not in _BWD_PATHS:
+        raise ValueError(f"ATTNHUB_TRITON_BWD={value!r}: expected one of {', '.join(_BWD_PATHS)}")
+    return value
+
+
+# Read once, at import; tests and benchmarks switch paths by assigning this module variable.
+_BWD_PATH = _bwd_path(os.environ.get("ATTNHUB_TRITON_BWD"))
 
 
 def _configs(q: torch.Tensor, block_d: int) -> dict:
@@ -419,11 +574,11 @@ def _forward(q, k, v, rope, scale, save_rotated: bool):
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
-    BLOCK_M, BLOCK_N, warps, stages = _configs(q, meta["BLOCK_D"])["fwd"]
+    save_rotated = save_rotated and rope is not None
+    BLOCK_M, BLOCK_N, warps, stages = _configs(q, meta["BLOCK_D"])["fwd_train" if save_rotated else "fwd"]
     o = _output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
-    save_rotated = save_rotated and rope is not None
     # Saved in the dtype the dots consumed, so the backward recomputes exactly the forward's scores.
     rot_dtype = torch.float32 if meta["DOT"] == tl.float32 else q.dtype
     qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rot_dtype) if save_rotated else lse for _ in "qk")
@@ -435,31 +590,47 @@ def _forward(q, k, v, rope, scale, save_rotated: bool):
     return o, lse, (qr, kr) if save_rotated else (q, k)
 
 
+def _use_fused_bwd(cfg: dict, n_q: int, n_kv: int) -> bool:
+    if _BWD_PATH == "auto":
+        return max(n_q, n_kv) <= cfg["bwd_fused_max_n"]
+    return _BWD_PATH == "fused"
+
+
 def _backward(do, q, k, v, o, lse, rope, scale):
-    """q, k: rotated (from `_forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv."""
+    """q, k: rotated (from `_forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv.
+
+    Fused path (one launch, B*H programs) up to cfg["bwd_fused_max_n"] tokens, else split (three launches)."""
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
     cfg = _configs(q, meta["BLOCK_D"])
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
     delta = torch.empty_like(lse)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    sizes = (H, N_Q, N_KV, P, scale * _LOG2E, scale)
+    if _use_fused_bwd(cfg, N_Q, N_KV):
+        dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
+        BLOCK_M, BLOCK_N, warps, stages = cfg["bwd_fused"]
+        _bwd_fused_kernel[_grid(1, 1, B * H)](
+            q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
+            *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
+        )
+        return dq, dk, dv
     PRE_M = 64
     _bwd_preprocess[_grid(N_Q, PRE_M, B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, N_Q,
         HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M,
     )
-    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     _bwd_dkdv_kernel[_grid(N_KV, BLOCK_N, B * H)](
-        q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n,
-        H, N_Q, N_KV, P, scale * _LOG2E, scale,
+        q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
     _bwd_dq_kernel[_grid(N_Q, BLOCK_M, B * H)](
-        q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n,
-        H, N_Q, N_KV, P, scale * _LOG2E, scale,
+        q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     return dq, dk, dv

@@ -122,6 +122,7 @@ def main():
             T._CONFIGS.clear()
             T._CONFIGS.update({k: dict(v) for k, v in base.items()})
             T._CONFIGS[(9, 64)][kernel] = cfg
+            T._device_configs.cache_clear()  # the launcher caches the config it looked up per device
             try:
                 fwd, fb, ft, bw = time_triton(shape, "interleaved")
                 err = max(check(shape, "interleaved"))
@@ -133,6 +134,7 @@ def main():
                   f"err {err:.1e}", flush=True)
     T._CONFIGS.clear()
     T._CONFIGS.update(base)
+    T._device_configs.cache_clear()
 
     json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "shapes": recs,
                "sweep": rows}, open(args.out, "w"), indent=1)

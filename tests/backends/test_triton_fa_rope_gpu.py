@@ -125,3 +125,17 @@ def test_automatic_choice_is_triton_on_gpu():
     q = torch.randn(2, 6, 197, 64, device="cuda", dtype=torch.bfloat16)
     assert attnhub.explain(q, q, q, table).chosen == "triton_fa_rope"
     assert attnhub.explain(q.double(), q.double(), q.double(), table).chosen == "torch_sdpa"
+
+
+@pytest.mark.parametrize("path", ["split", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,grid,P,layout", [(2, 6, (14, 14), 1, "interleaved"), (1, 3, (24, 24), 5, "half")])
+def test_both_backward_paths(B, H, grid, P, layout, dtype, path, monkeypatch):
+    """The split (default) and the fused (ATTNHUB_TRITON_BWD=fused) backward, compiled, against float64 math."""
+    from attnhub.backends import triton_fa_rope as T
+
+    monkeypatch.setattr(T, "_BWD_PATH", path)
+    N, D = P + grid[0] * grid[1], 64
+    table = attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout, device="cuda")
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
+    _check(q, k, v, table, dtype)
