@@ -174,7 +174,7 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, sv
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def _fwd_kernel(
     Q, K, V, O, LSE, COS, SIN, QR, KR,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_h, stab_n,
@@ -285,7 +285,7 @@ def _bwd_store_dkdv(dk_base, dv_base, dk, dv, scale, offs_n, mask_n, sdkn, sdkd,
     _store_rows(dv_base, dv, offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # no recompile per head count
 def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Split path. One program: DELTA [B*H, N_Q] fp32 of BLOCK_M query rows of one (b, h)."""
@@ -299,7 +299,7 @@ def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H,
                offs_m < N_Q, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
@@ -340,7 +340,7 @@ def _bwd_dkdv_kernel(
                     HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
@@ -386,7 +386,7 @@ def _bwd_dq_kernel(
                    PAIR_OFF, SPLIT, ROPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def _bwd_fused_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQACC, DQ, DK, DV, COS, SIN,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod, sob, soh, son, sod,

@@ -39,7 +39,7 @@ rows = {
 }
 for name, fn in rows.items():
     print(f"{name:<32} {per_call_us(fn):8.1f} us/call")
-for name in ("T._forward", "fwd+bwd autograd"):
+for name in ("T._forward", "T._backward", "fwd+bwd autograd"):
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(500):
@@ -47,3 +47,4 @@ for name in ("T._forward", "fwd+bwd autograd"):
     pr.disable()
     print(f"\n=== cProfile {name} (500 calls)")
     pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(14)
