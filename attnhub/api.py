@@ -9,16 +9,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 from typing import Iterator
 
 import torch
 
-from attnhub import select
+from attnhub import _env, select
 from attnhub import tune as _tune
 from attnhub.rope import CosSinTable
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnhub_backend", default=None)
+_env_backend = _env.getter("ATTNHUB_BACKEND")
 
 
 def attention(
@@ -39,7 +39,7 @@ def attention(
     """
     if torch.compiler.is_compiling():
         return _compiled_attention(q, k, v, rope, scale, backend)
-    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
+    forced = backend or _FORCED.get() or _env_backend() or None
     grad, autocast = torch.is_grad_enabled(), False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
@@ -108,7 +108,7 @@ def _compiled_attention(q, k, v, rope, scale, backend):
 @torch.compiler.assume_constant_result
 def _static_choice(device_type, device_index, dtype, n_q, n_kv, head_dim, layout, per_head, rope_grad, needs_grad,
                    backend) -> str:
-    forced = backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None
+    forced = backend or _FORCED.get() or _env_backend() or None
     call = select.Call(device_type, device_index, dtype, 0, 0, n_q, n_kv, head_dim, layout, per_head, rope_grad,
                        needs_grad, forced, select.REGISTRY.version)
     return select.choose(call)[0]
@@ -143,7 +143,7 @@ def explain(
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return select.explain(_call(q, k, v, rope, backend or _FORCED.get() or os.environ.get("ATTNHUB_BACKEND") or None))
+    return select.explain(_call(q, k, v, rope, backend or _FORCED.get() or _env_backend() or None))
 
 
 def tune(

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from attnhub import _env
 from attnhub.registry import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,11 @@ _results: dict[str, dict[str, str]] | None = None  # environment -> key -> backe
 _results_path: Path | None = None  # the file `_results` was loaded from
 
 
+_env_tune = _env.getter("ATTNHUB_TUNE")
+
+
 def enabled() -> bool:
-    return os.environ.get("ATTNHUB_TUNE", "0") == "1"
+    return _env_tune() == "1"
 
 
 def _path() -> Path:
