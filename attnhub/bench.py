@@ -261,7 +261,24 @@ def dispatch_overhead(backends: list[str], device: torch.device, dtype: torch.dt
                                    "overhead_us": via - direct}
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
             out[name or "auto"] = {"error": _error(exc)}
+    out["noop"] = _noop_overhead(q, k, v, table, calls, device)
     return out
+
+
+def _noop_overhead(q, k, v, table, calls: int, device: torch.device) -> dict:
+    """The dispatch alone: `attnhub.attention` routed (automatically) to a registered backend that returns q,
+    against that function called directly. No kernel runs, so the difference is not two large noisy timings."""
+    def noop(q, k, v, rope, scale):
+        return q
+
+    snapshot = REGISTRY.snapshot()
+    try:
+        attnhub.register_backend("_bench_noop", noop, priority=10**9)
+        via, direct = _host_us([lambda: attnhub.attention(q, k, v, rope=table), lambda: noop(q, k, v, table, 0.125)],
+                               calls, device)
+    finally:
+        REGISTRY.restore(snapshot)
+    return {"backend": "_bench_noop", "attention_us": via, "entry_us": direct, "overhead_us": via - direct}
 
 
 # ------------------------------------------------------------------------------------------------------- run

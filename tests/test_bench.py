@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+import attnhub
+
 from attnhub import bench
 
 pytest.importorskip("timm")
@@ -35,8 +37,11 @@ def test_main_writes_report_and_plot(tmp_path, capsys):
     checks = report["checks"]["custom_2x2x17x32"]
     for name in ("attnhub:torch_sdpa", "attnhub:math"):
         assert checks[name]["ok"] and checks[name]["rel_l2"]["o"] < 2e-2 and checks[name]["first_call_s"] > 0
-    assert set(report["dispatch_overhead_us"]) == {"torch_sdpa", "math", "auto"}
+    assert set(report["dispatch_overhead_us"]) == {"torch_sdpa", "math", "auto", "noop"}
     assert "overhead_us" in report["dispatch_overhead_us"]["auto"]
+    noop = report["dispatch_overhead_us"]["noop"]
+    assert noop["backend"] == "_bench_noop" and noop["attention_us"] > noop["entry_us"] > 0
+    assert "_bench_noop" not in attnhub.registry.REGISTRY.specs()  # the temporary backend is gone
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ratio vs sdpa_cudnn" in capsys.readouterr().out
 
