@@ -39,7 +39,7 @@ def attention(
     """
     if torch.compiler.is_compiling():
         return _compiled_attention(q, k, v, rope, scale, backend)
-    forced = backend or _FORCED.get() or _env_backend() or None
+    forced = _forced(backend)
     grad, autocast = torch.is_grad_enabled(), False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
@@ -58,10 +58,9 @@ def attention(
         fn = _choose(q, k, v, rope, scale, forced)
         if key is not None:
             select.remember_fast(key, fn)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
             return fn(q, k, v, rope, scale)
     return fn(q, k, v, rope, scale)
@@ -69,10 +68,8 @@ def attention(
 
 def _choose(q, k, v, rope, scale, forced):
     """The entry function for this call (slow path: build the decision key, select, maybe measure)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = _scale(q, scale)
+    q, k, v = _autocast_inputs(q, k, v)
     call = _call(q, k, v, rope, forced)
     measure = None
     if _tune.enabled():
@@ -90,10 +87,8 @@ def _compiled_attention(q, k, v, rope, scale, backend):
     """
     _validate(q, k, v, rope, scale, backend)
     D = q.shape[-1]
-    scale = D ** -0.5 if scale is None else float(scale)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = _scale(q, scale)
+    q, k, v = _autocast_inputs(q, k, v)
     grad = torch.is_grad_enabled()
     name = _static_choice(
         q.device.type, q.device.index, q.dtype, q.shape[2], k.shape[2], D,
@@ -108,7 +103,7 @@ def _compiled_attention(q, k, v, rope, scale, backend):
 @torch.compiler.assume_constant_result
 def _static_choice(device_type, device_index, dtype, n_q, n_kv, head_dim, layout, per_head, rope_grad, needs_grad,
                    backend) -> str:
-    forced = backend or _FORCED.get() or _env_backend() or None
+    forced = _forced(backend)
     call = select.Call(device_type, device_index, dtype, 0, 0, n_q, n_kv, head_dim, layout, per_head, rope_grad,
                        needs_grad, forced, select.REGISTRY.version)
     return select.choose(call)[0]
@@ -140,10 +135,7 @@ def explain(
 ) -> select.Explanation:
     """Which backend `attention(q, k, v, rope)` would run here and why every other one would not."""
     _validate(q, k, v, rope, None, backend)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return select.explain(_call(q, k, v, rope, backend or _FORCED.get() or _env_backend() or None))
+    return select.explain(_call(*_autocast_inputs(q, k, v), rope, _forced(backend)))
 
 
 def tune(
@@ -154,13 +146,31 @@ def tune(
     Later `attention` calls with the same decision key run it; `explain` reports it as "fastest when measured".
     """
     _validate(q, k, v, rope, scale, None)
-    call = _call(q, k, v, rope, None)._replace(forced=None)
+    q, k, v = _autocast_inputs(q, k, v)  # the key `attention` will look up under the same autocast
+    call = _call(q, k, v, rope, None)
     names = [n for n, why in select.explain(call).reasons.items() if not why]
     if not names:
         raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
-    best = _tune.measure(call, _entries(names), q, k, v, rope, q.shape[-1] ** -0.5 if scale is None else scale)
+    best = _tune.measure(call, _entries(names), q, k, v, rope, _scale(q, scale))
     select.clear_cache()
     return best
+
+
+def _forced(backend: str | None) -> str | None:
+    """The forced backend: per call, else `use_backend`, else ATTNHUB_BACKEND; None for automatic."""
+    return backend or _FORCED.get() or _env_backend() or None
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _autocast_inputs(q, k, v):
+    """q, k, v in the autocast dtype when autocast is on for their device (every backend alike), else as given."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
 
 
 def _entries(names):

@@ -338,6 +338,16 @@ def test_tune_measures_persists_and_explains(fresh_tune, monkeypatch):
     assert attnhub.explain(q, k, v, rope).how == "measured"
 
 
+def test_tune_under_autocast_keys_the_autocast_dtype(fresh_tune):
+    """`tune` inside autocast records the decision `attention` looks up there (inputs cast to the autocast dtype)."""
+    q, k, v = _qkv(B=1, N=7, D=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        best = attnhub.tune(q, k, v, _table())
+        why = attnhub.explain(q, k, v, _table())
+    assert why.chosen == best and why.how == "measured"
+    assert attnhub.explain(q, k, v, _table()).how == "priority"  # float32 outside autocast: another key
+
+
 def test_tune_env_measures_on_first_call(fresh_tune, monkeypatch):
     monkeypatch.setenv("ATTNHUB_TUNE", "1")
     q, k, v = _qkv(B=1, N=5, D=8)
