@@ -1,8 +1,8 @@
 """FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
 
-Read top-down: jit helpers (loads, rotation, stores), the forward kernel, the backward helpers and kernels
-(split: preprocess, dk/dv, dq; fused), the launcher (configs, path choice, grids, strides), the
-`autograd.Function`, the torch.compile custom operators, the entry `attention`.
+Read top-down: jit helpers (loads, rotation, stores), the forward kernel and the rotation pass, the backward
+helpers and kernels (split: preprocess, dk/dv, dq; fused), the launcher (configs, path choice, grids, strides),
+the `autograd.Function`, the torch.compile custom operators, the entry `attention`.
 
 How RoPE is fused. RoPE rotates channel pairs `(a_j, b_j)` of q and k (`j < D/2`; pairs `(2j, 2j+1)` for the
 interleaved layout, `(j, j + D/2)` for the half layout). The kernels load a q or k tile as two pair tiles
@@ -14,6 +14,10 @@ one `tl.dot` over D computes the scores.
 Training: the forward also writes the rotated q and k it computed (in that joined order), so the backward
 kernels are plain FlashAttention-2 loops without any rotation; only dq and dk are rotated back (by R^T) and
 scattered to the caller's layout when they are stored. Inference writes nothing extra.
+
+Not yet measured on a GPU, so off by default (`_FWD_VARIANTS`, measured by benchmarks/fwd_paths.py): rotating
+K (inference) or q and K (training) in a separate pass (`_rotate_kernel`) so that the attention kernel's K tiles
+feed the tensor cores without a rotation per query block; and a narrow last K tile.
 
 Two backward paths, both deterministic (no atomics: bitwise-equal gradients run to run):
 - split, three launches: `_bwd_preprocess` (delta = rowsum(o * do), [B*H, N_Q] fp32), `_bwd_dkdv_kernel` (one
@@ -139,6 +143,17 @@ def _store_grad_qk(base, g, offs_n, mask_n, stride_n, stride_d, cos_base, sin_ba
 
 
 @triton.jit
+def _program_rows(N, H, BLOCK: tl.constexpr):
+    """This program's (b, h) pair and rows when launch-grid axis 0 enumerates (b, h, block of BLOCK rows of N):
+    -> bh, b, h (int64 for the base offsets), offs [BLOCK], mask [BLOCK]."""
+    n_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), offs, offs < N
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
@@ -182,20 +197,18 @@ def _fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    SAVE_ROT: tl.constexpr,
+    SAVE_ROT: tl.constexpr, ROPE_K: tl.constexpr, TAIL_N: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
 
     SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order).
+    ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `_rotate_kernel`).
+    TAIL_N: the width of the last, masked K tile (BLOCK_N, or with "narrow_tail" N_KV % BLOCK_N rounded up to a
+    power of two >= 16: at ViT lengths, 197 = 3 * 64 + 5, a full-width tile computes 59 padded keys for 5 real ones).
     """
     n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    pid_m = pid % n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N_Q
+    pid_m = tl.program_id(0) % n_m
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
     cos_base = COS + h * stab_h
@@ -216,17 +229,34 @@ def _fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
-                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
                                   BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT)
     if n_full < N_KV:
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n_full, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
-                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE,
-                                  BLOCK_M, BLOCK_N, DOT, PRECISION, True, SAVE_ROT)
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
+                                  BLOCK_M, TAIL_N, DOT, PRECISION, True, SAVE_ROT)
 
     acc = acc / l_i[:, None]
     _store_rows(O + b * sob + h * soh, acc, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D)
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["H", "P"])
+def _rotate_kernel(
+    X, XR, COS, SIN, sxb, sxh, sxn, sxd, stab_h, stab_n, H, N, P,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] (any strides) rotated into XR [B*H, N, D]
+    (contiguous, joined pair order, the dot dtype)."""
+    bh, b, h, offs_m, mask_m = _program_rows(N, H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = _load_qk(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, COS + h * stab_h, SIN + h * stab_h, stab_n, P,
+                 tl.arange(0, BLOCK_D2), offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, True,
+                 DOT)
+    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------- backward
@@ -289,14 +319,9 @@ def _bwd_store_dkdv(dk_base, dv_base, dk, dv, scale, offs_n, mask_n, sdkn, sdkd,
 def _bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Split path. One program: DELTA [B*H, N_Q] fp32 of BLOCK_M query rows of one (b, h)."""
-    n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
     _bwd_delta(O + b * sob + h * soh, DO + b * sdob + h * sdoh, DELTA + bh.to(tl.int64) * N_Q, offs_m,
-               offs_m < N_Q, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
+               mask_m, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
@@ -310,13 +335,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Split path. One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries."""
-    n_n = tl.cdiv(N_KV, BLOCK_N)
-    pid = tl.program_id(0)
-    bh = pid // n_n
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_n = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N_KV
+    bh, b, h, offs_n, mask_n = _program_rows(N_KV, H, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -351,13 +370,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Split path. One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
-    n_m = tl.cdiv(N_Q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // n_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N_Q
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -465,6 +478,7 @@ def _bwd_fused_kernel(
 # longest sequence (max of N_Q, N_KV) for which `_backward` takes the fused path. Fixed configs, no run-time
 # autotune: the first call on a new shape costs one compilation per kernel. Measured with
 # benchmarks/tune_triton.py and benchmarks/bwd_variants.py (see benchmarks/results/).
+# A table may also set the `_FWD_VARIANTS` keys (below); those it does not set take their defaults.
 _CONFIGS = {
     # Hopper (H100/H200). D <= 64: swept on H100 at N = 197, 577 and 1029 (benchmarks/results/dev_h100_tune3.json;
     # forward: dev_h100_fwd_variants.json, the training forward with its extra q/k writes prefers BLOCK_N = 32;
@@ -490,6 +504,17 @@ _DEFAULT = {  # other GPUs: not swept; the fused backward only when forced
 }
 _INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1),
                        "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
+# Forward variants that are written and tested (interpreter) but not yet measured on a GPU: the session that wrote
+# them had no device time left; `benchmarks/fwd_paths.py` measures them against the in-kernel path. Off until a
+# measurement turns them on per GPU.
+# - "prerotate" (inference, training): rotate K (inference) or q and K (training, where the rotated q and K are
+#   saved for the backward anyway) in one `_rotate_kernel` pass, so the attention kernel's K loads feed the
+#   tensor cores directly instead of being rotated in registers by every query block.
+# - "narrow_tail": the last, partial K tile only as wide as the remainder needs (`_tail`).
+_FWD_VARIANTS = {"prerotate": (False, False), "narrow_tail": False}
+_INTERPRETER_CONFIG.update(_FWD_VARIANTS)
+_ROT_M = 64  # rows per program of `_rotate_kernel` (a pure load-rotate-store pass)
+_ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
 _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
 _BWD_PATHS = ("auto", "fused", "split")
 
@@ -516,7 +541,7 @@ def _configs(q: torch.Tensor, block_d: int) -> dict:
 def _device_configs(device_index: int | None, block_d: int) -> dict:
     bucket = min(b for b in (64, 128, 256) if b >= block_d)
     major, _ = torch.cuda.get_device_capability(device_index)
-    return _CONFIGS.get((major, bucket), _DEFAULT[bucket])
+    return {**_FWD_VARIANTS, **_CONFIGS.get((major, bucket), _DEFAULT[bucket])}
 
 
 def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
@@ -527,8 +552,7 @@ def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
 @functools.lru_cache(maxsize=None)
 def _meta_for(D: int, dtype: torch.dtype, layout: str | None) -> dict:
     block_d = max(32, triton.next_power_of_2(D))  # tl.dot needs K >= 16, and pairs need BLOCK_D/2 >= 16
-    dot = tl.float32 if dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16) else (
-        tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    dot = _dot_dtype(dtype)
     interleaved = layout == "interleaved"
     return dict(
         HEAD_D=D,
@@ -544,6 +568,19 @@ def _meta_for(D: int, dtype: torch.dtype, layout: str | None) -> dict:
     )
 
 
+def _dot_dtype(dtype: torch.dtype):
+    """The dtype of tl.dot operands for inputs of `dtype` (fp32 in the interpreter for bf16: triton#11584)."""
+    if dtype == torch.float32 or (_INTERPRET and dtype == torch.bfloat16):
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _rot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved rotated q, k: the one the dots consumed, so the backward recomputes exactly the
+    forward's scores."""
+    return torch.float32 if _dot_dtype(dtype) == tl.float32 else dtype
+
+
 def _table_args(rope: CosSinTable | None, q: torch.Tensor):
     """(cos, sin, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE."""
     if rope is None:
@@ -556,11 +593,18 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
     return cos, sin, head_stride, cos.stride(-2), rope.prefix_tokens
 
 
-def _grid(n_rows: int, block: int, bh: int) -> tuple[int]:
+def _grid(n_rows: int, block: int, bh: int) -> int:
+    """Programs on launch-grid axis 0: ceil(n_rows / block) blocks of each of bh (batch, head) pairs."""
     programs = triton.cdiv(n_rows, block) * bh
     if programs > _MAX_PROGRAMS:
         raise ValueError(f"triton_fa_rope: {programs} programs exceed the launch-grid limit {_MAX_PROGRAMS}")
-    return (programs,)
+    return programs
+
+
+def _launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) with the launch options: every launch of this module goes through here
+    (benchmarks/fwd_paths.py swaps in a launcher that skips Triton's per-call specialization, to measure it)."""
+    kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
 
 def _output_like(q: torch.Tensor) -> torch.Tensor:
@@ -570,24 +614,45 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(q, k, v, rope, scale, save_rotated: bool):
-    """-> o [B, H, N, D], lse [B*H, N] and, with save_rotated, rotated q and k [B, H, N, D] in pair-halves order."""
+    """-> o [B, H, N, D], lse [B*H, N] and, with save_rotated, rotated q and k [B, H, N, D] in joined pair order.
+
+    With RoPE, the config's "prerotate" pair (inference, training) says whether K (inference) or q and K
+    (training) are rotated by `_rotate_kernel` into a buffer before the attention kernel, instead of inside it."""
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
-    save_rotated = save_rotated and rope is not None
-    BLOCK_M, BLOCK_N, warps, stages = _configs(q, meta["BLOCK_D"])["fwd_train" if save_rotated else "fwd"]
+    cfg = _configs(q, meta["BLOCK_D"])
+    training = save_rotated and rope is not None
+    BLOCK_M, BLOCK_N, warps, stages = cfg["fwd_train" if training else "fwd"]
     o = _output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
-    # Saved in the dtype the dots consumed, so the backward recomputes exactly the forward's scores.
-    rot_dtype = torch.float32 if meta["DOT"] == tl.float32 else q.dtype
-    qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rot_dtype) if save_rotated else lse for _ in "qk")
-    _fwd_kernel[_grid(N_Q, BLOCK_M, B * H)](
-        q, k, v, o, lse, cos, sin, qr, kr, *q.stride(), *k.stride(), *v.stride(), *o.stride(), stab_h, stab_n,
-        H, N_Q, N_KV, P, scale * _LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, SAVE_ROT=save_rotated, **meta,
-    )
-    return o, lse, (qr, kr) if save_rotated else (q, k)
+    rot_dtype = _rot_dtype(q.dtype)
+    qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rot_dtype) if training else lse for _ in "qk")
+    q_in, k_in, rope_k, save_rot = q, k, True, training
+    if rope is not None and cfg["prerotate"][training]:
+        if not training:
+            kr = torch.empty(B, H, N_KV, D, device=q.device, dtype=rot_dtype)
+        # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
+        for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
+            _launch(_rotate_kernel, (_grid(N_KV, _ROT_M, B * H),),
+                    (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=_ROT_M,
+                    **{name: meta[name] for name in _ROT_META})
+        k_in, rope_k = kr, False
+        if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
+            q_in, meta, save_rot = qr, _meta_for(D, q.dtype, None), False
+    _launch(_fwd_kernel, (_grid(N_Q, BLOCK_M, B * H),),
+            (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
+             stab_h, stab_n, H, N_Q, N_KV, P, scale * _LOG2E),
+            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SAVE_ROT=save_rot, ROPE_K=rope_k and meta["ROPE"],
+            TAIL_N=_tail(N_KV, BLOCK_N) if cfg["narrow_tail"] else BLOCK_N, **meta)
+    return o, lse, (qr, kr) if training else (q, k)
+
+
+def _tail(n: int, block: int) -> int:
+    """Width of the last, partial tile of n rows in blocks of `block`: a power of two >= 16 (tl.dot's minimum)."""
+    rem = n % block
+    return block if rem == 0 else min(block, max(16, triton.next_power_of_2(rem)))
 
 
 def _use_fused_bwd(cfg: dict, n_q: int, n_kv: int) -> bool:
@@ -612,27 +677,22 @@ def _backward(do, q, k, v, o, lse, rope, scale):
     if _use_fused_bwd(cfg, N_Q, N_KV):
         dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
         BLOCK_M, BLOCK_N, warps, stages = cfg["bwd_fused"]
-        _bwd_fused_kernel[_grid(1, 1, B * H)](
-            q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
-            *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
-        )
+        _launch(_bwd_fused_kernel, (_grid(1, 1, B * H),),
+                (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
+                 *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+                warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
         return dq, dk, dv
     PRE_M = 64
-    _bwd_preprocess[_grid(N_Q, PRE_M, B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
-        HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M,
-    )
+    _launch(_bwd_preprocess, (_grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
+            4, 1, HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
-    _bwd_dkdv_kernel[_grid(N_KV, BLOCK_N, B * H)](
-        q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
-    )
+    _launch(_bwd_dkdv_kernel, (_grid(N_KV, BLOCK_N, B * H),),
+            (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
-    _bwd_dq_kernel[_grid(N_Q, BLOCK_M, B * H)](
-        q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
-    )
+    _launch(_bwd_dq_kernel, (_grid(N_Q, BLOCK_M, B * H),),
+            (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
+            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     return dq, dk, dv
 
 
@@ -693,7 +753,7 @@ def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated):
     B, H, N_Q, D = q.shape
     lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
     if save_rotated and layout != "none":
-        rot_dtype = torch.float32 if q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16) else q.dtype
+        rot_dtype = _rot_dtype(q.dtype)
         qr, kr = q.new_empty(q.shape, dtype=rot_dtype), k.new_empty(k.shape, dtype=rot_dtype)
     else:
         qr, kr = q.new_empty(0), k.new_empty(0)
