@@ -603,7 +603,15 @@ def _grid(n_rows: int, block: int, bh: int) -> int:
 
 def _launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
     """kernel[grid](*args, **constexprs) with the launch options: every launch of this module goes through here
-    (benchmarks/fwd_paths.py swaps in a launcher that skips Triton's per-call specialization, to measure it)."""
+    (benchmarks/fwd_paths.py swaps in a launcher that skips Triton's per-call specialization, to measure it).
+
+    Triton launches on the current CUDA device and its stream; args[0] (a tensor in every kernel here) says which
+    device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current)."""
+    dev = args[0].device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
 

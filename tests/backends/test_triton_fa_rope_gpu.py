@@ -24,7 +24,7 @@ def _run(backend, q, k, v, do, table):
 
 
 def _check(q, k, v, table, dtype):
-    do = torch.randn(q.shape, device="cuda", dtype=dtype)
+    do = torch.randn(q.shape, device=q.device, dtype=dtype)
     got = _run("triton_fa_rope", q, k, v, do, table)
     ref = _run("math", q.double(), k.double(), v.double(), do.double(), table)
     for what, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
@@ -117,6 +117,16 @@ def test_long_sequence_4096():
     B, H, g, D = 1, 4, 64, 64
     table = attnhub.CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=0, device="cuda")
     q, k, v = (torch.randn(B, H, g * g, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    _check(q, k, v, table, torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_current():
+    """q, k, v on cuda:1 while cuda:0 is current: the kernels must run on cuda:1 (Triton launches on the current
+    device unless told otherwise)."""
+    assert torch.cuda.current_device() == 0
+    table = attnhub.CosSinTable(grid=(14, 14), head_dim=64, device="cuda:1")
+    q, k, v = (torch.randn(2, 6, 197, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
     _check(q, k, v, table, torch.bfloat16)
 
 
