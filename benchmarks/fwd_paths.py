@@ -173,7 +173,7 @@ def main() -> None:
 
     with open(args.out, "w") as fh:
         json.dump(records, fh, indent=1)
-    print("\n== best forward per shape / pass / path (tail on)")
+    print("\n== best forward per shape / pass / path / last K tile")
     best = {}
     for r in records:
         if r["what"] == "fwd":
