@@ -1,55 +1,126 @@
-"""Static look at the triton_fa_rope kernels as compiled for Hopper (sm_90), without a GPU.
+"""The triton_fa_rope kernels compiled for Hopper (sm_90) offline, without a GPU: what the launcher really launches.
 
-Compiles each forward variant offline with `triton.compile(..., target=GPUTarget("cuda", 90, 32))` for the ViT-S/16
-bf16 call (q, k, v views of one fused qkv projection) and reports, per variant: compile time on this machine,
-registers and spills (ptxas -v on Triton's PTX), shared memory, and instruction counts that tell how K and V
-reach the tensor cores (wgmma, cp.async / TMA loads, plain global loads, shared-memory stores). A GPU measures
-speed; this says what the compiler made of each variant. Usage: python benchmarks/sm90_static.py [--out FILE]
+`record_launches` runs the backend's own launcher (`_forward`, `_backward`) on CPU tensors with the launch replaced
+by a recorder and the per-GPU config table of the target, so every recorded launch carries the exact arguments,
+compile-time parameters and launch options a GPU call would. `compile_launch` compiles one for sm_90 with
+`triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton's own specialization: ints equal to 1 become
+constants, pointers and ints divisible by 16 get the divisibility hint) and reports shared memory, registers and
+spills (ptxas -v on the PTX) and the instruction mix that tells how K and V reach the tensor cores (wgmma, cp.async,
+TMA, plain global loads, ldmatrix, ex2). A GPU measures speed; this says what the compiler made of each variant.
+
+Usage:
+    python benchmarks/sm90_static.py [--out FILE]   ViT-S/16 bf16: each forward variant and the backward, reported
+    python benchmarks/sm90_static.py --matrix       every launch of `MATRIX` (head dims, dtypes, layouts, per-head
+                                                    and cross attention, variants) must compile and fit the shared
+                                                    memory of an sm_90 block; exit 1 otherwise. CI runs this
+                                                    (tests/backends/test_triton_fa_rope_sm90.py): it has no GPU,
+                                                    and the interpreter compiles nothing.
+Triton must not be in interpreter mode (TRITON_INTERPRET unset): the kernels must be compilable JIT functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from attnhub import CosSinTable
 from attnhub.backends import triton_fa_rope as T
 
-B, H, N, D, P = 256, 6, 197, 64, 1  # ViT-S/16 @ 224
-QKV_STRIDES = (N * 3 * H * D, D, 3 * H * D, 1)  # [B, N, 3, H, D] viewed as [B, H, N, D]
-O_STRIDES = (N * H * D, D, H * D, 1)  # the [B, N, H, D] output layout
-ROT_STRIDES = (H * N * D, N * D, D, 1)  # saved rotations [B, H, N, D]
+H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"cp\.async\.(?:ca|cg)",
+               "tma_load": r"cp\.async\.bulk\.tensor", "ld_global": r"\bld\.global", "st_shared": r"\bst\.shared",
+               "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx"}
 
 
-def _signature(kernel, args: list, constexprs: dict):
-    """Triton's JIT specialization, done by hand: pointers and ints divisible by 16 get the divisibility
-    attribute, ints equal to 1 become constants (except do_not_specialize parameters)."""
-    sig, consts, attrs = {}, dict(constexprs), {}
-    dns = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
-    for i, (p, a) in enumerate(zip(kernel.params, args)):
-        name = p.name
-        if isinstance(a, str):  # a pointer: "*bf16"
-            sig[name] = a
-            attrs[(i,)] = [["tt.divisibility", 16]]
+class Launch(NamedTuple):
+    kernel: object
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+@contextlib.contextmanager
+def record_launches(arch: int = 9, **config):
+    """Within: triton_fa_rope's launcher records its launches (list yielded) instead of running them, plans with
+    the config table of compute capability `arch` (`config` overrides entries, e.g. prerotate=(True, True)), and
+    picks dot dtypes as on a GPU (not the interpreter's)."""
+    launches: list[Launch] = []
+    saved = T._launch, T._configs, T._INTERPRET
+
+    def configs(q, block_d):
+        bucket = min(b for b in (64, 128, 256) if b >= block_d)
+        return {**T._FWD_VARIANTS, **T._CONFIGS.get((arch, bucket), T._DEFAULT[bucket]), **config}
+
+    T._launch = lambda kernel, grid, args, num_warps, num_stages, **cx: launches.append(
+        Launch(kernel, args, cx, num_warps, num_stages))
+    T._configs, T._INTERPRET = configs, False
+    T._meta_for.cache_clear()
+    try:
+        yield launches
+    finally:
+        T._launch, T._configs, T._INTERPRET = saved
+        T._meta_for.cache_clear()
+
+
+def training_step_launches(q, k, v, rope, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
+    """Every launch of an inference forward, a training forward and its backward (`bwd`: split or fused)."""
+    scale = q.shape[-1] ** -0.5
+    saved_path = T._BWD_PATH
+    T._BWD_PATH = bwd
+    try:
+        with record_launches(arch, **config) as launches:
+            T._forward(q, k, v, rope, scale, False)
+            o, lse, (qs, ks) = T._forward(q, k, v, rope, scale, True)
+            T._backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale)
+    finally:
+        T._BWD_PATH = saved_path
+    return launches
+
+
+def _specialize(launch: Launch):
+    """(signature, constants, attrs) for `ASTSource`, as Triton's JIT would specialize this launch."""
+    params = launch.kernel.params
+    if len(launch.args) + len(launch.constexprs) != len(params):
+        raise TypeError(f"{launch.name}: {len(launch.args)} arguments + {len(launch.constexprs)} constexprs for "
+                        f"{len(params)} parameters")
+    sig, consts, attrs = {}, dict(launch.constexprs), {}
+    for i, (p, a) in enumerate(zip(params, launch.args)):
+        if p.is_constexpr:
+            raise TypeError(f"{launch.name}: run-time argument {i} lands on constexpr parameter {p.name}")
+        if isinstance(a, torch.Tensor):
+            sig[p.name] = _POINTER[a.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif isinstance(a, float):
-            sig[name] = "fp32"
-        elif a == 1 and name not in dns:
-            sig[name] = "constexpr"
-            consts[name] = 1
-        else:
-            sig[name] = "i32"
-            if a % 16 == 0 and name not in dns:
+            sig[p.name] = "fp32"
+        elif isinstance(a, int) and not isinstance(a, bool):
+            if a == 1 and not p.do_not_specialize:
+                sig[p.name], consts[p.name] = "constexpr", 1
+                continue
+            sig[p.name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            if a % 16 == 0 and not p.do_not_specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    for name in constexprs:
+        else:
+            raise TypeError(f"{launch.name}: argument {p.name} of type {type(a).__name__}")
+    for name in launch.constexprs:
         sig[name] = "constexpr"
     return sig, consts, attrs
 
@@ -68,62 +139,123 @@ def _ptxas(ptx: str) -> dict:
                 spill_stores=int(spill.group(1)) if spill else None, spill_loads=int(spill.group(2)) if spill else None)
 
 
-def compile_variant(kernel, args, constexprs, warps, stages) -> dict:
-    sig, consts, attrs = _signature(kernel, args, constexprs)
-    src = ASTSource(kernel, sig, consts, attrs)
-    t0 = time.perf_counter()
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    seconds = time.perf_counter() - t0
-    ptx = k.asm["ptx"]
-    counts = {name: len(re.findall(pat, ptx)) for name, pat in [
-        ("wgmma", r"wgmma\.mma_async"), ("mma_sync", r"\bmma\.sync"), ("cp_async", r"cp\.async\.(?:ca|cg)"),
-        ("tma_load", r"cp\.async\.bulk\.tensor"), ("ld_global", r"\bld\.global"), ("st_shared", r"\bst\.shared"),
-        ("ldmatrix", r"ldmatrix"), ("ex2", r"ex2\.approx")]}
-    return dict(compile_s=round(seconds, 2), shared_bytes=k.metadata.shared, **_ptxas(ptx), **counts)
+def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
+    """Compile one recorded launch for sm_`arch` -> shared bytes, compile seconds (this machine's), and with
+    `ptxas` registers, spills and PTX instruction counts."""
+    sig, consts, attrs = _specialize(launch)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    report = dict(compile_s=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
+    if ptxas:
+        ptx = compiled.asm["ptx"]
+        report.update(_ptxas(ptx), **{name: len(re.findall(pat, ptx)) for name, pat in _PTX_COUNTS.items()})
+    return report
 
 
-def fwd_args(rope_k: bool, save_rot: bool, training_prerot: bool) -> list:
-    ptr, f32 = "*bf16", "*fp32"
-    q_strides = ROT_STRIDES if training_prerot else QKV_STRIDES
-    k_strides = ROT_STRIDES if not rope_k else QKV_STRIDES
-    return [ptr, ptr, ptr, ptr, f32, f32, f32, ptr, ptr, *q_strides, *k_strides, *QKV_STRIDES, *O_STRIDES,
-            0, D // 2, H, N, N, P, 0.125 * 1.4426950408889634]
+# name: (D, dtype, layout or None, per-head table, N_kv for cross attention)
+CASES = {
+    "d64_bf16_interleaved": (64, torch.bfloat16, "interleaved", False, None),
+    "d64_bf16_half": (64, torch.bfloat16, "half", False, None),
+    "d64_bf16_norope_cross": (64, torch.bfloat16, None, False, 77),
+    "d64_fp16_interleaved": (64, torch.float16, "interleaved", False, None),
+    "d64_fp32_interleaved": (64, torch.float32, "interleaved", False, None),
+    "d64_bf16_perhead": (64, torch.bfloat16, "interleaved", True, None),
+    "d80_bf16_interleaved": (80, torch.bfloat16, "interleaved", False, None),  # BLOCK_D 128: pair loads
+    "d128_bf16_half": (128, torch.bfloat16, "half", False, None),
+    "d256_bf16_interleaved": (256, torch.bfloat16, "interleaved", False, None),
+}
+# name: (launcher config overrides, backward path); every case runs "default", the ViT case every variant
+VARIANTS = {
+    "default": ({}, "split"),
+    "fused_backward": ({}, "fused"),
+    "prerotate_narrow_tail": (dict(prerotate=(True, True), narrow_tail=True), "split"),
+}
+MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) for v in VARIANTS if v != "default"]
 
 
-def main() -> None:
+def case_inputs(D, dtype, layout, per_head, n_kv, B=2, H=3, grid=(14, 14), P=1):
+    """q, k, v [B, H, N, D] as views of one fused [B, N, 3, H, D] projection (k, v [B, H, n_kv, D] of their own
+    for cross attention) and the table (None without RoPE; from timm's sin/cos format when per head)."""
+    N = P + grid[0] * grid[1]
+    q, k, v = torch.empty(B, N, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    if n_kv is not None:
+        k, v = (torch.empty(B, n_kv, H, D, dtype=dtype).transpose(1, 2) for _ in "kv")
+    if layout is None:
+        return q, k, v, None
+    if not per_head:
+        return q, k, v, CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout)
+    angles = torch.rand(H, grid[0] * grid[1], D // 2)
+    if layout == "interleaved":
+        sin, cos = angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
+    else:
+        sin, cos = angles.sin().repeat(1, 1, 2), angles.cos().repeat(1, 1, 2)
+    return q, k, v, CosSinTable.from_sin_cos(torch.cat([sin, cos], -1), prefix_tokens=P, layout=layout)
+
+
+def check_matrix() -> dict:
+    """Compile every launch of `MATRIX` for sm_90 -> {"ok": bool, "rows": [...], "failures": [...]}."""
+    rows, failures = [], []
+    for case, variant in MATRIX:
+        D, dtype, layout, per_head, n_kv = CASES[case]
+        config, bwd = VARIANTS[variant]
+        launches = training_step_launches(*case_inputs(D, dtype, layout, per_head, n_kv), bwd=bwd, **config)
+        for launch in launches:
+            where = f"{case}/{variant} {launch.name} {launch.constexprs.get('BLOCK_M')}x{launch.constexprs.get('BLOCK_N')}"
+            try:
+                report = compile_launch(launch, ptxas=False)
+            except Exception as exc:  # noqa: BLE001 - every compile error is a finding to report
+                failures.append(f"{where}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            if report["shared_bytes"] > H100_SHARED_BYTES:
+                failures.append(f"{where}: {report['shared_bytes']} bytes of shared memory > {H100_SHARED_BYTES}")
+            rows.append(dict(case=case, variant=variant, kernel=launch.name, **report))
+    # the checker checks itself: a launch with one argument too few must be refused
+    launch = training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"]))[0]
+    try:
+        _specialize(launch._replace(args=launch.args[:-1]))
+        failures.append("self-check: a launch with one argument too few was not refused")
+    except TypeError:
+        pass
+    return dict(ok=not failures, triton=triton.__version__, rows=rows, failures=failures)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--matrix", action="store_true", help="compile every launch of MATRIX; exit 1 on a failure")
     args = ap.parse_args()
-    meta_rope = {k: v for k, v in T._meta_for(D, torch.bfloat16, "interleaved").items()}
-    meta_none = T._meta_for(D, torch.bfloat16, None)
+    if T._INTERPRET:
+        raise SystemExit("sm90_static.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    if args.matrix:
+        result = check_matrix()
+        print(json.dumps(result, indent=1))
+        return 0 if result["ok"] else 1
+    B, H, g, P, D = 256, 6, 14, 1, 64  # ViT-S/16 @ 224, q, k, v views of one fused qkv projection
+    N = P + g * g
+    q, k, v = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
+    rope = CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P)
+    variants = {"in kernel": {}, "in kernel, narrow tail": dict(narrow_tail=True),
+                "prerotate": dict(prerotate=(True, True)),
+                "prerotate, narrow tail": dict(prerotate=(True, True), narrow_tail=True)}
     rows = []
-    variants = [  # name, meta, ROPE_K, SAVE_ROT, training with pre-rotated q and k, configs
-        ("infer: rope in kernel", meta_rope, True, False, False),
-        ("infer: K pre-rotated", meta_rope, False, False, False),
-        ("infer: no rope (bound)", meta_none, False, False, False),
-        ("train: rope in kernel, saves q,k", meta_rope, True, True, False),
-        ("train: q,K pre-rotated", meta_none, False, False, True),
-    ]
-    for cfg in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)]:
-        bm, bn, warps, stages = cfg
-        for tail in (bn, 16):
-            for name, meta, rope_k, save_rot, prerot in variants:
-                constexprs = dict(meta, BLOCK_M=bm, BLOCK_N=bn, SAVE_ROT=save_rot, ROPE_K=rope_k and meta["ROPE"],
-                                  TAIL_N=tail)
-                r = compile_variant(T._fwd_kernel, fwd_args(rope_k and meta["ROPE"], save_rot, prerot), constexprs,
-                                    warps, stages)
-                rows.append(dict(variant=name, cfg=cfg, tail=tail, **r))
-                print(f"{name:<36} cfg {cfg} tail {tail:>3}: " + " ".join(f"{k} {v}" for k, v in r.items()))
-    meta_rot = {k: meta_rope[k] for k in T._ROT_META}
-    r = compile_variant(T._rotate_kernel, ["*bf16", "*bf16", "*fp32", "*fp32", *QKV_STRIDES, 0, D // 2, H, N, P],
-                        dict(meta_rot, BLOCK_M=T._ROT_M), 4, 1)
-    rows.append(dict(variant="rotate pass", cfg=(T._ROT_M, 0, 4, 1), tail=0, **r))
-    print(f"{'rotate pass':<36}: " + " ".join(f"{k} {v}" for k, v in r.items()))
+    for variant, config in variants.items():
+        for step, launch in enumerate(training_step_launches(q, k, v, rope, **config)):
+            if variant != "in kernel" and launch.name.startswith("_bwd"):
+                continue  # the backward does not depend on the forward variant
+            report = compile_launch(launch)
+            cfg = (launch.constexprs.get("BLOCK_M"), launch.constexprs.get("BLOCK_N"), launch.num_warps,
+                   launch.num_stages)
+            rows.append(dict(variant=variant, step=step, kernel=launch.name, cfg=cfg, **report))
+            print(f"{variant:<24} {launch.name:<18} cfg {cfg}: " + " ".join(f"{k} {v}" for k, v in report.items()))
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(dict(triton=triton.__version__, torch=torch.__version__, target="cuda sm_90 (offline)",
-                           shape=dict(B=B, H=H, N=N, D=D, P=P), rows=rows), fh, indent=1)
+            json.dump(dict(triton=triton.__version__, torch=torch.__version__, target="cuda sm_90, compiled offline",
+                           shape=dict(B=B, H=H, N=N, D=D, P=P, dtype="bfloat16", layout="interleaved"),
+                           note="steps: 0 inference forward (1 with prerotate), then training forward, backward",
+                           rows=rows), fh, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
