@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# What the open issues still need from the lent GPU, in one device call (each stage under its own time limit, so
-# the whole stays inside the 10-minute command limit). Logs and results go to $OUT (the device tool's folder;
-# ./out elsewhere), at most 8 files, so they all come back.
+# What the open issues still need from the lent GPU, in two device calls (each stage under its own time limit, so
+# each call stays inside the 10-minute command limit). Logs and results go to $OUT (the device tool's folder;
+# ./out elsewhere), at most 8 files a call, so they all come back.
 #
-#   bash benchmarks/device_session.sh [STAGE ...]      default stages: env tests paths bench
+#   bash benchmarks/device_session.sh [STAGE ...]      default stages: env tests paths (about 8 minutes)
+#   bash benchmarks/device_session.sh env bench        the kernel table, in a second call
 #
 #   env    versions of the stack, GPU name                      -> stdout
 #   tests  pytest -m gpu (every GPU test, full log)              -> pytest_gpu.log, pytest_gpu.xml
@@ -16,7 +17,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests paths bench)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests paths)
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps -e .
 status=0
@@ -27,15 +28,15 @@ for stage in "${stages[@]}"; do
       python3 -m pip show torch triton timm 2>/dev/null | grep -E "^(Name|Version)"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ;;
     tests)
-      timeout 260 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+      timeout 230 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.log" 2>&1 || status=1
       tail -25 "$OUT/pytest_gpu.log" ;;
     paths)
-      timeout 200 python3 benchmarks/fwd_paths.py --out "$OUT/fwd_paths.json" >"$OUT/fwd_paths.log" 2>&1 || status=1
+      timeout 250 python3 benchmarks/fwd_paths.py --out "$OUT/fwd_paths.json" >"$OUT/fwd_paths.log" 2>&1 || status=1
       grep -E "^(check|host|vit_[a-z0-9_]+ (cudnn|fwd\+bwd))" "$OUT/fwd_paths.log" | head -40
       sed -n '/== best forward/,$p' "$OUT/fwd_paths.log" ;;
     bench)
-      timeout 240 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
+      timeout 500 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
         || status=1
       tail -30 "$OUT/bench.log" ;;
     *) echo "unknown stage $stage (env, tests, paths, bench)"; status=2 ;;
