@@ -15,6 +15,9 @@ Training: the forward also writes the rotated q and k it computed (in that joine
 kernels are plain FlashAttention-2 loops without any rotation; only dq and dk are rotated back (by R^T) and
 scattered to the caller's layout when they are stored. Inference writes nothing extra.
 
+A table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch
+after the backward kernels: from the unrotated q, k (then saved as well) and their gradients, summed over the batch.
+
 Not yet measured on a GPU, so off by default (`_FWD_VARIANTS`, measured by benchmarks/fwd_paths.py): rotating
 K (inference) or q and K (training) in a separate pass (`_rotate_kernel`) so that the attention kernel's K tiles
 feed the tensor cores without a rotation per query block; and a narrow last K tile.
@@ -705,21 +708,51 @@ def _backward(do, q, k, v, o, lse, rope, scale):
 
 
 # --------------------------------------------------------------------------------------------------- autograd
+def _table_grad(rope, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the loss w.r.t. rope.cos and rope.sin ([N_grid, D/2] or [H, N_grid, D/2]), in PyTorch.
+
+    q, k: [B, H, N, D] the unrotated inputs; dq, dk: the kernels' gradients w.r.t. them. A pair (a, b) rotates to
+    (a c - b s, b c + a s); its gradient g w.r.t. the rotated pair is R dx = (dxa c - dxb s, dxb c + dxa s), so
+    dL/dc = sum(g . (a, b)) = c U + s W and dL/ds = sum(g . (-b, a)) = s U - c W with U = sum(dxa a + dxb b),
+    W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k. fp32 (fp64 tables stay
+    fp64); prefix tokens do not rotate and contribute nothing.
+    """
+    P, half = rope.prefix_tokens, rope.cos.shape[-1]
+    ct = torch.promote_types(rope.cos.dtype, torch.float32)
+
+    def pairs(x):  # [B, H, N, D] -> a, b: [B, H, N_grid, D/2]
+        x = x[:, :, P:].to(ct)
+        return (x[..., 0::2], x[..., 1::2]) if rope.layout == "interleaved" else (x[..., :half], x[..., half:])
+
+    U = W = 0
+    for x, dx in ((q, dq), (k, dk)):
+        (a, b), (ga, gb) = pairs(x), pairs(dx)
+        U = U + (ga * a + gb * b).sum(0)
+        W = W + (ga * b - gb * a).sum(0)
+    if not rope.per_head:
+        U, W = U.sum(0), W.sum(0)
+    cos, sin = rope.cos.detach().to(ct), rope.sin.detach().to(ct)
+    return (cos * U + sin * W).to(rope.cos.dtype), (sin * U - cos * W).to(rope.sin.dtype)
+
+
 class _FlashRopeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rope, scale):
-        training = any(ctx.needs_input_grad[:3])
+    def forward(ctx, q, k, v, cos, sin, rope, scale):
+        """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients."""
+        table_grad = any(ctx.needs_input_grad[3:5])
+        training = any(ctx.needs_input_grad[:3]) or table_grad
         o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, save_rotated=training)
-        if training:
-            ctx.save_for_backward(q_saved, k_saved, v, o, lse)
+        if training:  # with a learnable table, the unrotated q and k too (its gradient needs them)
+            ctx.save_for_backward(q_saved, k_saved, v, o, lse, *((q, k) if table_grad else ()))
             ctx.rope, ctx.scale = rope, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *unrotated = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.rope, ctx.scale)
-        return dq, dk, dv, None, None
+        dcos, dsin = _table_grad(ctx.rope, *unrotated, dq, dk) if unrotated else (None, None)
+        return dq, dk, dv, dcos, dsin, None, None
 
 
 # ------------------------------------------------------------------------------------- torch.compile operators
@@ -786,14 +819,19 @@ def _op_setup_context(ctx, inputs, output):
     q, k, v, cos, sin, prefix, layout, scale, _ = inputs
     o, lse, qr, kr = output
     rotated = layout != "none"
-    ctx.save_for_backward(qr if rotated else q, kr if rotated else k, v, o, lse, cos, sin)
+    table_grad = rotated and (cos.requires_grad or sin.requires_grad)
+    ctx.save_for_backward(qr if rotated else q, kr if rotated else k, v, o, lse, cos, sin,
+                          *((q, k) if table_grad else ()))
     ctx.prefix, ctx.layout, ctx.scale = prefix, layout, scale
 
 
 def _op_backward(ctx, do, _dlse, _dqr, _dkr):
-    q, k, v, o, lse, cos, sin = ctx.saved_tensors
+    q, k, v, o, lse, cos, sin, *unrotated = ctx.saved_tensors
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, cos, sin, ctx.prefix, ctx.layout, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None
+    dcos = dsin = None
+    if unrotated:
+        dcos, dsin = _table_grad(_Table(cos, sin, ctx.prefix, ctx.layout), *unrotated, dq, dk)
+    return dq, dk, dv, dcos, dsin, None, None, None, None
 
 
 _fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -805,9 +843,11 @@ def attention(
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H, N_kv, D] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
     if torch.compiler.is_compiling():
-        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                or (rope is not None and rope.requires_grad))
         if rope is None:
             return _fwd_op(q, k, v, None, None, 0, "none", scale, training)[0]
-        return _fwd_op(q, k, v, rope.cos.detach(), rope.sin.detach(), rope.prefix_tokens, rope.layout, scale,
-                       training)[0]
-    return _FlashRopeAttention.apply(q, k, v, rope, scale)
+        return _fwd_op(q, k, v, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, scale, training)[0]
+    if rope is None:
+        return _FlashRopeAttention.apply(q, k, v, None, None, None, scale)
+    return _FlashRopeAttention.apply(q, k, v, rope.cos, rope.sin, rope, scale)

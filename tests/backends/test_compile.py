@@ -48,6 +48,31 @@ def test_fullgraph_matches_eager_math(backend, layout):
         assert_close_rel(a, b, torch.float32, f"{backend} compiled {what}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_table_gradient(backend):
+    """Learnable RoPE frequencies under torch.compile: the gradient reaches `emb` through the table, as in eager."""
+    from tests.backends.test_parity import SHAPES, make_learnable_table
+
+    torch._dynamo.reset()
+    s = SHAPES["perhead_3x5_d32_interleaved"]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(s.B, s.H, s.N, s.D, generator=gen) for _ in "qkv")
+    do = torch.randn(s.B, s.H, s.N, s.D, generator=gen)
+    state = gen.get_state()
+    grads = []
+    for compiled in (True, False):
+        gen.set_state(state)
+        emb, table = make_learnable_table(s, gen, torch.float32 if compiled else torch.float64)
+        x = [t.detach().to(emb.dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        name = backend if compiled else "math"
+        f = lambda q, k, v, t: attnhub.attention(q, k, v, t, backend=name)  # noqa: E731
+        (torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f)(*x, table).backward(
+            do.to(emb.dtype))
+        grads.append([emb.grad, *(t.grad for t in x)])
+    for what, a, b in zip(("emb", "dq", "dk", "dv"), *grads):
+        assert_close_rel(a, b, torch.float32, f"{backend} compiled {what}")
+
+
 def test_compiled_call_does_not_recompile_for_new_inputs(monkeypatch):
     torch._dynamo.reset()
     q, k, v, table = _inputs(2, 2, (4, 4), 1, 32, torch.float32, "cpu")
@@ -77,14 +102,17 @@ def test_compiled_forced_backend_is_honoured_and_explained_by_trace():
     assert seen  # traced through the forced backend
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "none"])
+@pytest.mark.parametrize("layout", ["interleaved", "interleaved_learnable", "none"])
 def test_opcheck_triton_custom_ops(layout):
-    """Schema, fake tensor, autograd registration and AOT dispatch of attnhub::triton_fa_rope_fwd."""
+    """Schema, fake tensor, autograd registration and AOT dispatch of attnhub::triton_fa_rope_fwd (with a table
+    that requires grad too)."""
     from attnhub.backends import triton_fa_rope as T
 
     dtype = torch.float32
     q, k, v, table = _inputs(1, 2, (2, 3), 1, 32, dtype, DEVICE)
     cos, sin = (table.cos, table.sin) if layout != "none" else (None, None)
+    if layout == "interleaved_learnable":
+        cos, sin, layout = cos.clone().requires_grad_(), sin.clone().requires_grad_(), "interleaved"
     args = (q, k, v, cos, sin, 1 if layout != "none" else 0, layout, 32**-0.5, True)
     torch.library.opcheck(T._fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                        "test_autograd_registration", "test_aot_dispatch_dynamic"))

@@ -184,3 +184,46 @@ def test_half(name, shape_name, dtype):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_strided(name, shape_name, kind, dtype):
     _check_shape(name, shape_name, dtype, kind, seed=3)
+
+
+# ------------------------------------------------------------------------------------ gradient into the table
+TABLE_GRAD_SHAPES = ["cls_3x5_d64_interleaved", "noprefix_4x4_d64_half", "reg5_4x4_d32_half",
+                     "perhead_3x5_d32_interleaved", "perhead_4x4_d64_half"]
+
+
+def make_learnable_table(s: Shape, gen: torch.Generator, dtype) -> tuple[torch.Tensor, attnhub.CosSinTable]:
+    """(emb, table): timm's cat(sin, cos) embedding as a leaf that requires grad ([N_grid, 2D], or [H, N_grid, 2D]
+    per head, random angles as learnable frequencies give), and the table made from it."""
+    n = s.grid[0] * s.grid[1]
+    ang = torch.rand(*((s.H,) if s.per_head else ()), n, s.D // 2, generator=gen, dtype=torch.float64) * 6.0
+    ang = ang.repeat_interleave(2, dim=-1) if s.layout == "interleaved" else torch.cat([ang, ang], dim=-1)
+    emb = torch.cat([ang.sin(), ang.cos()], dim=-1).to(device=DEVICE, dtype=dtype).requires_grad_()
+    return emb, attnhub.CosSinTable.from_sin_cos(emb, prefix_tokens=s.P, layout=s.layout)
+
+
+@pytest.mark.parametrize("qkv_grad", [True, False], ids=["qkv_and_table", "table_only"])
+@pytest.mark.parametrize("shape_name", TABLE_GRAD_SHAPES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_table_gradient(name, shape_name, qkv_grad):
+    """d loss / d emb through the table (learnable RoPE frequencies), float32 against math in float64; with
+    q, k, v requiring grad or not."""
+    s = SHAPES[shape_name]
+    if not REGISTRY.specs()[name].rope_grad:
+        pytest.skip(f"{name} declares no gradient into the table")
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv("transposed", s.B, s.H, s.N, s.D, torch.float32, gen)
+    do = make_tensor("contiguous", s.B, s.H, s.N, s.D, torch.float32, gen)
+    state = gen.get_state()
+    grads = {}
+    for backend, dtype in ((name, torch.float32), ("math", torch.float64)):
+        gen.set_state(state)
+        emb, table = make_learnable_table(s, gen, dtype)
+        x = [t.detach().to(dtype, copy=True).requires_grad_(qkv_grad) for t in (q, k, v)]
+        attnhub.attention(*x, table, backend=backend).backward(do.to(dtype))
+        grads[backend] = [emb.grad, *(t.grad for t in x)]
+    for what, a, b in zip(("emb", "dq", "dk", "dv"), grads[name], grads["math"]):
+        if not qkv_grad and what != "emb":
+            assert a is None and b is None, f"{name}: {what} computed though q, k, v need no grad"
+            continue
+        assert a is not None and a.abs().sum() > 0, f"{name}: no gradient reached {what}"
+        assert_close_rel(a, b, torch.float32, f"{name} {what}")
