@@ -4,13 +4,14 @@
 # ./out elsewhere), at most 8 files a call, so they all come back.
 #
 #   bash benchmarks/device_session.sh [STAGE ...]      default stages: env tests paths (about 8 minutes)
-#   bash benchmarks/device_session.sh env bench        the kernel table, in a second call
+#   bash benchmarks/device_session.sh env bench mixed  the kernel table and RoPE-Mixed e2e, in a second call
 #
 #   env    versions of the stack, GPU name                      -> stdout
 #   tests  pytest -m gpu (every GPU test, full log)              -> pytest_gpu.log, pytest_gpu.xml
 #   paths  benchmarks/fwd_paths.py: forward variants (prerotate, narrow tail), configs, the cached launcher,
 #          host cost; checked against float64 math first        -> fwd_paths.json, fwd_paths.log
 #   bench  python -m attnhub bench (the kernel table of README) -> h100.json, h100.png, bench.log
+#   mixed  RoPE-Mixed (learnable frequencies) train step, timm vs patched, eager -> e2e_rope_mixed.json, .log
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -39,7 +40,11 @@ for stage in "${stages[@]}"; do
       timeout 500 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
         || status=1
       tail -30 "$OUT/bench.log" ;;
-    *) echo "unknown stage $stage (env, tests, paths, bench)"; status=2 ;;
+    mixed)
+      timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
+        --no-compile --out "$OUT/e2e_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
+      tail -15 "$OUT/e2e_rope_mixed.log" ;;
+    *) echo "unknown stage $stage (env, tests, paths, bench, mixed)"; status=2 ;;
   esac
 done
 exit $status
