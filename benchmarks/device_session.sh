@@ -37,11 +37,11 @@ for stage in "${stages[@]}"; do
       grep -E "^(check|host|vit_[a-z0-9_]+ (cudnn|fwd\+bwd))" "$OUT/fwd_paths.log" | head -40
       sed -n '/== best forward/,$p' "$OUT/fwd_paths.log" ;;
     bench)
-      timeout 500 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
+      timeout 360 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
         || status=1
       tail -30 "$OUT/bench.log" ;;
     mixed)
-      timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
+      timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
       tail -15 "$OUT/e2e_rope_mixed.log" ;;
     *) echo "unknown stage $stage (env, tests, paths, bench, mixed)"; status=2 ;;
