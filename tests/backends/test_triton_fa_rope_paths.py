@@ -75,3 +75,13 @@ def test_forward_paths_match_math(shape_name, path, dtype, monkeypatch, poisoned
 def test_tail_width(n, block, expected):
     """The last K tile: the remainder rounded up to a power of two, at least 16, at most the block."""
     assert T._tail(n, block) == expected
+
+
+@pytest.mark.parametrize("n_rows,block,bh", [(197, 64, 3), (192, 64, 1), (1, 128, 7), (1029, 32, 70_400)])
+def test_grid_counts_blocks_of_every_pair(n_rows, block, bh):
+    assert T._grid(n_rows, block, bh) == -(-n_rows // block) * bh == ((n_rows + block - 1) // block) * bh
+
+
+def test_grid_beyond_the_launch_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="launch-grid limit"):
+        T._grid(2**20, 1, 2**12)
