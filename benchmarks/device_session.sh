@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env tests paths)
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install -q --no-deps -e .
+# nothing can be fetched there: build with the machine's own setuptools (>= 77 for the SPDX license field)
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { echo "pip install -e . failed (see install.log):"; tail -5 "$OUT/install.log"; exit 3; }
 status=0
 for stage in "${stages[@]}"; do
   echo "== $stage ($(date -u +%H:%M:%S))"
