@@ -505,8 +505,6 @@ _DEFAULT = {  # other GPUs: not swept; the fused backward only when forced
     256: {"fwd": (64, 32, 8, 1), "fwd_train": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1),
           "bwd_fused": (32, 32, 8, 1), "bwd_fused_max_n": 0},
 }
-_INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1),
-                       "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
 # Forward variants that are written and tested (interpreter) but not yet measured on a GPU: the session that wrote
 # them had no device time left; `benchmarks/fwd_paths.py` measures them against the in-kernel path. Off until a
 # measurement turns them on per GPU.
@@ -515,7 +513,8 @@ _INTERPRETER_CONFIG = {"fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1), "dkdv
 #   tensor cores directly instead of being rotated in registers by every query block.
 # - "narrow_tail": the last, partial K tile only as wide as the remainder needs (`_tail`).
 _FWD_VARIANTS = {"prerotate": (False, False), "narrow_tail": False}
-_INTERPRETER_CONFIG.update(_FWD_VARIANTS)
+_INTERPRETER_CONFIG = {**_FWD_VARIANTS, "fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1),
+                       "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
 _ROT_M = 64  # rows per program of `_rotate_kernel` (a pure load-rotate-store pass)
 _ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
 _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
@@ -542,8 +541,12 @@ def _configs(q: torch.Tensor, block_d: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _device_configs(device_index: int | None, block_d: int) -> dict:
+    return _arch_configs(torch.cuda.get_device_capability(device_index)[0], block_d)
+
+
+def _arch_configs(major: int, block_d: int) -> dict:
+    """The config table of compute capability `major` for head dims up to `block_d`, variants defaulted."""
     bucket = min(b for b in (64, 128, 256) if b >= block_d)
-    major, _ = torch.cuda.get_device_capability(device_index)
     return {**_FWD_VARIANTS, **_CONFIGS.get((major, bucket), _DEFAULT[bucket])}
 
 

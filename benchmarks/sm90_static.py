@@ -67,8 +67,7 @@ def record_launches(arch: int = 9, **config):
     saved = T._launch, T._configs, T._INTERPRET
 
     def configs(q, block_d):
-        bucket = min(b for b in (64, 128, 256) if b >= block_d)
-        return {**T._FWD_VARIANTS, **T._CONFIGS.get((arch, bucket), T._DEFAULT[bucket]), **config}
+        return {**T._arch_configs(arch, block_d), **config}
 
     T._launch = lambda kernel, grid, args, num_warps, num_stages, **cx: launches.append(
         Launch(kernel, args, cx, num_warps, num_stages))
