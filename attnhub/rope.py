@@ -85,11 +85,7 @@ class CosSinTable:
             raise TypeError(f"CosSinTable.from_sin_cos: emb must be floating point, got {emb.dtype}")
         _check_layout(layout)
         sin, cos = emb.chunk(2, dim=-1)
-        d = sin.shape[-1]
-        if layout == "interleaved":
-            parts = (sin[..., 0::2], sin[..., 1::2], cos[..., 0::2], cos[..., 1::2])
-        else:
-            parts = (sin[..., : d // 2], sin[..., d // 2 :], cos[..., : d // 2], cos[..., d // 2 :])
+        parts = (*split_pairs(sin, layout), *split_pairs(cos, layout))
         if check and not (torch.equal(parts[0], parts[1]) and torch.equal(parts[2], parts[3])):
             raise ValueError(
                 f"CosSinTable.from_sin_cos: emb is not a {layout!r} RoPE embedding (the two channels of a rotary "
@@ -172,15 +168,22 @@ def apply_rope(x: torch.Tensor, table: CosSinTable) -> torch.Tensor:
     cos, sin = table.cos.to(ct), table.sin.to(ct)
     if table.per_head:  # [H, N_grid, D/2] -> broadcast over B
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    patches = x[:, :, p:].to(ct)
-    d2 = x.shape[-1] // 2
+    a, b = split_pairs(x[:, :, p:].to(ct), table.layout)
+    ra, rb = a * cos - b * sin, b * cos + a * sin
     if table.layout == "interleaved":
-        a, b = patches[..., 0::2], patches[..., 1::2]
-        rotated = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+        rotated = torch.stack([ra, rb], dim=-1).flatten(-2)
     else:
-        a, b = patches[..., :d2], patches[..., d2:]
-        rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        rotated = torch.cat([ra, rb], dim=-1)
     return torch.cat([x[:, :, :p], rotated.to(x.dtype)], dim=2)
+
+
+def split_pairs(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [..., D] -> the rotary pairs' first and second channels a, b: [..., D/2] (views): channels (2j, 2j+1)
+    for the interleaved layout, (j, j + D/2) for the half layout."""
+    if layout == "interleaved":
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
 
 
 def _check_grid(grid) -> tuple[int, int]:

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnhub.rope import CosSinTable
+from attnhub.rope import CosSinTable, split_pairs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -720,16 +720,10 @@ def _table_grad(rope, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
     W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k. fp32 (fp64 tables stay
     fp64); prefix tokens do not rotate and contribute nothing.
     """
-    P, half = rope.prefix_tokens, rope.cos.shape[-1]
-    ct = torch.promote_types(rope.cos.dtype, torch.float32)
-
-    def pairs(x):  # [B, H, N, D] -> a, b: [B, H, N_grid, D/2]
-        x = x[:, :, P:].to(ct)
-        return (x[..., 0::2], x[..., 1::2]) if rope.layout == "interleaved" else (x[..., :half], x[..., half:])
-
+    P, ct = rope.prefix_tokens, torch.promote_types(rope.cos.dtype, torch.float32)
     U = W = 0
-    for x, dx in ((q, dq), (k, dk)):
-        (a, b), (ga, gb) = pairs(x), pairs(dx)
+    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H, N_grid, D/2] each
+        (a, b), (ga, gb) = (split_pairs(t[:, :, P:].to(ct), rope.layout) for t in (x, dx))
         U = U + (ga * a + gb * b).sum(0)
         W = W + (ga * b - gb * a).sum(0)
     if not rope.per_head:
