@@ -86,13 +86,19 @@ def make_table(shape: Shape, gen: torch.Generator) -> attnhub.CosSinTable | None
     if not shape.per_head:
         return attnhub.CosSinTable(grid=shape.grid, head_dim=shape.D, prefix_tokens=shape.P,
                                    layout=shape.layout, device=DEVICE)
-    ang = torch.rand(shape.H, shape.grid[0] * shape.grid[1], shape.D // 2, generator=gen) * 6.0  # [H, N_grid, D/2]
+    return attnhub.CosSinTable.from_sin_cos(make_emb(shape, gen, heads=True), prefix_tokens=shape.P,
+                                            layout=shape.layout)
+
+
+def make_emb(shape: Shape, gen: torch.Generator, heads: bool, dtype=torch.float32) -> torch.Tensor:
+    """timm's cat(sin, cos) embedding of random angles: [H, N_grid, 2D] with `heads`, else [N_grid, 2D]."""
+    n = shape.grid[0] * shape.grid[1]
+    ang = torch.rand(*((shape.H,) if heads else ()), n, shape.D // 2, generator=gen) * 6.0  # [(H,) N_grid, D/2]
     if shape.layout == "interleaved":  # channels (2j, 2j+1) share angle j
         ang = ang.repeat_interleave(2, dim=-1)
     else:  # channels (j, j + D/2) share angle j
         ang = torch.cat([ang, ang], dim=-1)
-    emb = torch.cat([ang.sin(), ang.cos()], dim=-1).to(DEVICE)  # [H, N_grid, 2D], timm's cat(sin, cos)
-    return attnhub.CosSinTable.from_sin_cos(emb, prefix_tokens=shape.P, layout=shape.layout)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).to(device=DEVICE, dtype=dtype)
 
 
 def available(name: str, q, k, v, table) -> str:
@@ -192,12 +198,9 @@ TABLE_GRAD_SHAPES = ["cls_3x5_d64_interleaved", "noprefix_4x4_d64_half", "reg5_4
 
 
 def make_learnable_table(s: Shape, gen: torch.Generator, dtype) -> tuple[torch.Tensor, attnhub.CosSinTable]:
-    """(emb, table): timm's cat(sin, cos) embedding as a leaf that requires grad ([N_grid, 2D], or [H, N_grid, 2D]
-    per head, random angles as learnable frequencies give), and the table made from it."""
-    n = s.grid[0] * s.grid[1]
-    ang = torch.rand(*((s.H,) if s.per_head else ()), n, s.D // 2, generator=gen, dtype=torch.float64) * 6.0
-    ang = ang.repeat_interleave(2, dim=-1) if s.layout == "interleaved" else torch.cat([ang, ang], dim=-1)
-    emb = torch.cat([ang.sin(), ang.cos()], dim=-1).to(device=DEVICE, dtype=dtype).requires_grad_()
+    """(emb, table): `make_emb` (per head when the shape says so) as a leaf that requires grad, as learnable
+    frequencies give, and the table made from it."""
+    emb = make_emb(s, gen, heads=s.per_head, dtype=dtype).requires_grad_()
     return emb, attnhub.CosSinTable.from_sin_cos(emb, prefix_tokens=s.P, layout=s.layout)
 
 

@@ -2,10 +2,10 @@
 (`_rotate_kernel`), and the narrow last K tile.
 
 Each path is forced by editing the launcher's config (`prerotate`: (inference, training), `narrow_tail`) and
-compared with `math` in float64: output without grad, output and dq, dk, dv with grad. Every `torch.empty` buffer is filled with
-NaN first, so a kernel that leaves part of its output (or a scratch it reads) unwritten fails. On CPU the
-interpreter runs them in float32 (blocks of 32: N = 71 and 65 leave 7 and 1 keys for the last tile); with CUDA
-the compiled kernels in bfloat16 and float16.
+compared with `math` in float64: output without grad, output and dq, dk, dv with grad. Every `torch.empty` buffer
+is filled with NaN first (conftest's `nan_empty`), so a kernel that leaves part of its output unwritten fails.
+On CPU the interpreter runs them in float32 (blocks of 32: N = 71 and 65 leave 7 and 1 keys for the last tile);
+with CUDA the compiled kernels in bfloat16 and float16.
 """
 
 from __future__ import annotations
@@ -32,17 +32,6 @@ PATHS = {  # launcher config overrides
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def _force_path(monkeypatch, path: str, q: torch.Tensor, meta_d: int) -> None:
     cfg = {**T._configs(q, meta_d), **PATHS[path]}
     monkeypatch.setattr(T, "_configs", lambda *_: cfg)
@@ -51,7 +40,7 @@ def _force_path(monkeypatch, path: str, q: torch.Tensor, meta_d: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_forward_paths_match_math(shape_name, path, dtype, monkeypatch, poisoned):
+def test_forward_paths_match_math(shape_name, path, dtype, monkeypatch, nan_empty):
     s = SHAPES[shape_name]
     gen = torch.Generator().manual_seed(21)
     q, k, v = make_qkv("transposed", s.B, s.H, s.N, s.D, dtype, gen)
