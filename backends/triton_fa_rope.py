@@ -1,7 +1,8 @@
 """FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
 
 Read top-down: jit helpers (loads, rotation, stores), the forward kernel and the rotation pass, the backward
-helpers and kernels (split: preprocess, dk/dv, dq; fused), the launcher (configs, path choice, grids, strides),
+helpers and kernels (split: preprocess, dk/dv, dq; fused), the launcher (configs, path choice, grids, strides, the
+compiled kernels it keeps per launch so a repeated call skips Triton's per-launch argument specialization),
 the `autograd.Function`, the torch.compile custom operators, the entry `attention`.
 
 How RoPE is fused. RoPE rotates channel pairs `(a_j, b_j)` of q and k (`j < D/2`; pairs `(2j, 2j+1)` for the
@@ -18,9 +19,9 @@ scattered to the caller's layout when they are stored. Inference writes nothing 
 A table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch
 after the backward kernels: from the unrotated q, k (then saved as well) and their gradients, summed over the batch.
 
-Not yet measured on a GPU, so off by default (`_FWD_VARIANTS`, measured by benchmarks/fwd_paths.py): rotating
-K (inference) or q and K (training) in a separate pass (`_rotate_kernel`) so that the attention kernel's K tiles
-feed the tensor cores without a rotation per query block; and a narrow last K tile.
+Forward variants, per GPU in the config table (`_FWD_VARIANTS`, measured by benchmarks/fwd_paths.py): rotating
+K (inference) or q and K (training) in a separate pass (`_rotate_kernel`) from a sequence length on, so that the
+attention kernel's K tiles feed the tensor cores without a rotation per query block; and a narrow last K tile.
 
 Two backward paths, both deterministic (no atomics: bitwise-equal gradients run to run):
 - split, three launches: `_bwd_preprocess` (delta = rowsum(o * do), [B*H, N_Q] fp32), `_bwd_dkdv_kernel` (one
@@ -490,8 +491,14 @@ _CONFIGS = {
     # 0.388 vs 0.335 ms at its best config; ViT-B/16@384 1.17 vs 0.78 ms): B*H programs are too few and each
     # walks every (key block, query block) pair serially. It only wins where the host is the limit (one launch
     # instead of three), so it stays opt-in: ATTNHUB_TRITON_BWD=fused.
-    (9, 64): {"fwd": (128, 64, 4, 3), "fwd_train": (128, 32, 4, 2), "dkdv": (32, 128, 4, 2), "dq": (128, 64, 8, 3),
-              "bwd_fused": (128, 128, 8, 1), "bwd_fused_max_n": 0},
+    # Forward variants (benchmarks/results/dev_h100_fwd_paths.json, bf16, N = 197, 577, 1029): the narrow tail wins
+    # at every shape (3-9%); rotating K or q and K first wins from N = 577 on (ViT-B/16@384 training forward
+    # 0.475 -> 0.299 ms, @512 0.675 -> 0.378 ms, inference 0.341 -> 0.299 and 0.495 -> 0.400 ms) and loses at
+    # N = 197 (ViT-S inference 0.141 vs 0.147 ms); at N = 197 the in-kernel training forward prefers BLOCK_M = 256
+    # (one query block per (b, h): each K tile rotated once; 0.172 vs 0.184 ms).
+    (9, 64): {"fwd": (128, 64, 4, 3), "fwd_train": (256, 64, 8, 3), "fwd_train_prerotated": (128, 64, 8, 3),
+              "prerotate_from_n": (384, 384), "narrow_tail": True,
+              "dkdv": (32, 128, 4, 2), "dq": (128, 64, 8, 3), "bwd_fused": (128, 128, 8, 1), "bwd_fused_max_n": 0},
     (9, 128): {"fwd": (128, 64, 8, 2), "fwd_train": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2),
                "bwd_fused": (64, 64, 8, 2), "bwd_fused_max_n": 0},
     (9, 256): {"fwd": (64, 32, 8, 2), "fwd_train": (64, 32, 8, 2), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1),
@@ -505,16 +512,15 @@ _DEFAULT = {  # other GPUs: not swept; the fused backward only when forced
     256: {"fwd": (64, 32, 8, 1), "fwd_train": (64, 32, 8, 1), "dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1),
           "bwd_fused": (32, 32, 8, 1), "bwd_fused_max_n": 0},
 }
-# Forward variants that are written and tested (interpreter) but not yet measured on a GPU: the session that wrote
-# them had no device time left; `benchmarks/fwd_paths.py` measures them against the in-kernel path. Off until a
-# measurement turns them on per GPU.
-# - "prerotate" (inference, training): rotate K (inference) or q and K (training, where the rotated q and K are
-#   saved for the backward anyway) in one `_rotate_kernel` pass, so the attention kernel's K loads feed the
-#   tensor cores directly instead of being rotated in registers by every query block.
+# Forward variants; a config table sets those it measured, the others take these defaults (off):
+# - "prerotate_from_n" (inference, training): from this sequence length on (None: never), rotate K (inference) or
+#   q and K (training, where the rotated q and K are saved for the backward anyway) in one `_rotate_kernel` pass,
+#   so the attention kernel's K loads feed the tensor cores directly instead of being rotated in registers by every
+#   query block. The prerotated training forward runs with "fwd_train_prerotated" (default: "fwd_train").
 # - "narrow_tail": the last, partial K tile only as wide as the remainder needs (`_tail`).
-_FWD_VARIANTS = {"prerotate": (False, False), "narrow_tail": False}
+_FWD_VARIANTS = {"prerotate_from_n": (None, None), "narrow_tail": False}
 _INTERPRETER_CONFIG = {**_FWD_VARIANTS, "fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1),
-                       "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
+                       "fwd_train_prerotated": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
 _ROT_M = 64  # rows per program of `_rotate_kernel` (a pure load-rotate-store pass)
 _ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
 _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
@@ -547,7 +553,9 @@ def _device_configs(device_index: int | None, block_d: int) -> dict:
 def _arch_configs(major: int, block_d: int) -> dict:
     """The config table of compute capability `major` for head dims up to `block_d`, variants defaulted."""
     bucket = min(b for b in (64, 128, 256) if b >= block_d)
-    return {**_FWD_VARIANTS, **_CONFIGS.get((major, bucket), _DEFAULT[bucket])}
+    table = {**_FWD_VARIANTS, **_CONFIGS.get((major, bucket), _DEFAULT[bucket])}
+    table.setdefault("fwd_train_prerotated", table["fwd_train"])
+    return table
 
 
 def _meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
@@ -607,18 +615,49 @@ def _grid(n_rows: int, block: int, bh: int) -> int:
     return programs
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
+# Compiled kernels by launch: after the first launch of a specialization, `_launch` calls Triton's compiled kernel
+# directly instead of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every
+# call (on the H100 host: 88 -> 63 us per inference forward, checked bitwise, benchmarks/results/dev_h100_fwd_paths.json).
+# The compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]`
+# passes them to it: so in triton 3.6 and 3.8 (their source was read for this); older versions use `kernel[grid]`.
+_RUNNERS: dict = {}
+_RUNNERS_MAX = 4096  # distinct launches kept (shapes, strides, dtypes, configs): cleared when full
+_CACHED_RUNNERS = not _INTERPRET and _triton_at_least(3, 6)
+
+
 def _launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
-    """kernel[grid](*args, **constexprs) with the launch options: every launch of this module goes through here
-    (benchmarks/fwd_paths.py swaps in a launcher that skips Triton's per-call specialization, to measure it).
+    """kernel[grid](*args, **constexprs) with the launch options: every launch of this module goes through here.
 
     Triton launches on the current CUDA device and its stream; args[0] (a tensor in every kernel here) says which
-    device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current)."""
+    device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current).
+    The key of `_RUNNERS` holds everything Triton specializes on, and more: the exact value and type of every scalar,
+    each tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device."""
     dev = args[0].device
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
-            kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            _launch(kernel, grid, args, num_warps, num_stages, **constexprs)
         return
-    kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    if not _CACHED_RUNNERS:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
+    key = (kernel, dev.index, num_warps, num_stages, *constexprs.items(),
+           *((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args))
+    hit = _RUNNERS.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        params = kernel.params[len(args):]
+        if not all(p.is_constexpr and p.name in constexprs for p in params):  # not this module's kernel layout
+            return
+        if len(_RUNNERS) >= _RUNNERS_MAX:
+            _RUNNERS.clear()
+        _RUNNERS[key] = (compiled, tuple(constexprs[p.name] for p in params))
+        return
+    compiled, tail = hit
+    compiled[(*grid, 1, 1)[:3]](*args, *tail)
 
 
 def _output_like(q: torch.Tensor) -> torch.Tensor:
@@ -630,21 +669,24 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
 def _forward(q, k, v, rope, scale, save_rotated: bool):
     """-> o [B, H, N, D], lse [B*H, N] and, with save_rotated, rotated q and k [B, H, N, D] in joined pair order.
 
-    With RoPE, the config's "prerotate" pair (inference, training) says whether K (inference) or q and K
-    (training) are rotated by `_rotate_kernel` into a buffer before the attention kernel, instead of inside it."""
+    With RoPE, from the config's "prerotate_from_n" (inference, training) sequence length on, K (inference) or q
+    and K (training) are rotated by `_rotate_kernel` into a buffer before the attention kernel, not inside it."""
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
     cfg = _configs(q, meta["BLOCK_D"])
     training = save_rotated and rope is not None
-    BLOCK_M, BLOCK_N, warps, stages = cfg["fwd_train" if training else "fwd"]
+    from_n = cfg["prerotate_from_n"][training]
+    prerotate = rope is not None and from_n is not None and N_KV >= from_n
+    BLOCK_M, BLOCK_N, warps, stages = cfg[("fwd_train_prerotated" if prerotate else "fwd_train") if training
+                                          else "fwd"]
     o = _output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
     rot_dtype = _rot_dtype(q.dtype)
     qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rot_dtype) if training else lse for _ in "qk")
     q_in, k_in, rope_k, save_rot = q, k, True, training
-    if rope is not None and cfg["prerotate"][training]:
+    if prerotate:
         if not training:
             kr = torch.empty(B, H, N_KV, D, device=q.device, dtype=rot_dtype)
         # one launch per tensor: q and k may have different strides, which Triton types and specializes apart

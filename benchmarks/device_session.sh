@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# What the open issues still need from the lent GPU, in two device calls (each stage under its own time limit, so
-# each call stays inside the 10-minute command limit). Logs and results go to $OUT (the device tool's folder;
-# ./out elsewhere), at most 8 files a call, so they all come back.
+# The GPU runs the open issues need, in two device calls (each stage under its own time limit, so each call stays
+# inside the 10-minute command limit). Logs and results go to $OUT (the device tool's folder; ./out elsewhere), at
+# most 8 files a call, so they all come back.
 #
-#   bash benchmarks/device_session.sh [STAGE ...]      default stages: env tests paths (about 8 minutes)
-#   bash benchmarks/device_session.sh env bench mixed  the kernel table and RoPE-Mixed e2e, in a second call
+#   bash benchmarks/device_session.sh [STAGE ...]           default stages: env tests (about 7 minutes)
+#   bash benchmarks/device_session.sh env first bench e2e hyp   cold first call, kernel table, ViT-S e2e, hypothesis
 #
-#   env    versions of the stack, GPU name                      -> stdout
-#   tests  pytest -m gpu (every GPU test, full log)              -> pytest_gpu.log, pytest_gpu.xml
-#   paths  benchmarks/fwd_paths.py: forward variants (prerotate, narrow tail), configs, the cached launcher,
-#          host cost; checked against float64 math first        -> fwd_paths.json, fwd_paths.log
-#   bench  python -m attnhub bench (the kernel table of README) -> h100.json, h100.png, bench.log
-#   mixed  RoPE-Mixed (learnable frequencies) train step, timm vs patched, eager -> e2e_rope_mixed.json, .log
+#   env    versions of the stack, GPU name                              -> stdout
+#   tests  pytest -m gpu, then the backend tests that run on CUDA when there is one (forward paths, the kept
+#          compiled kernels, NaN/inf, determinism)                       -> pytest_gpu.log/.xml, pytest_cuda.log
+#   paths  benchmarks/fwd_paths.py: forward variants, configs, launch paths, host cost -> fwd_paths.json, .log
+#   first  benchmarks/first_call.py with an empty Triton cache (cold)     -> first_call.txt
+#   bench  python -m attnhub bench (the kernel table of README)          -> h100.json, h100.png, bench.log
+#   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
+#   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_rope_mixed.json, .log
+#   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tests paths)
+[ ${#stages[@]} -eq 0 ] && stages=(env tests)
 
 # nothing can be fetched there: build with the machine's own setuptools (>= 77 for the SPDX license field)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
@@ -31,9 +34,12 @@ for stage in "${stages[@]}"; do
       python3 -m pip show torch triton timm 2>/dev/null | grep -E "^(Name|Version)"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ;;
     tests)
-      timeout 230 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+      timeout 330 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.log" 2>&1 || status=1
-      tail -25 "$OUT/pytest_gpu.log" ;;
+      tail -5 "$OUT/pytest_gpu.log"
+      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/test_triton_fa_rope_paths.py \
+        tests/backends/test_nonfinite.py tests/backends/test_determinism.py >"$OUT/pytest_cuda.log" 2>&1 || status=1
+      tail -5 "$OUT/pytest_cuda.log" ;;
     paths)
       timeout 250 python3 benchmarks/fwd_paths.py --out "$OUT/fwd_paths.json" >"$OUT/fwd_paths.log" 2>&1 || status=1
       grep -E "^(check|host|vit_[a-z0-9_]+ (cudnn|fwd\+bwd))" "$OUT/fwd_paths.log" | head -40
@@ -46,7 +52,18 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
       tail -15 "$OUT/e2e_rope_mixed.log" ;;
-    *) echo "unknown stage $stage (env, tests, paths, bench, mixed)"; status=2 ;;
+    first)
+      TRITON_CACHE_DIR=$(mktemp -d) timeout 120 python3 benchmarks/first_call.py >"$OUT/first_call.txt" 2>&1 || status=1
+      cat "$OUT/first_call.txt" ;;
+    e2e)
+      timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --out "$OUT/e2e_h100_vit_s.json" \
+        >"$OUT/e2e_vit_s.log" 2>&1 || status=1
+      tail -12 "$OUT/e2e_vit_s.log" ;;
+    hyp)
+      ATTNHUB_HYPOTHESIS_EXAMPLES=60 timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
+      tail -5 "$OUT/hypothesis_cuda.log" ;;
+    *) echo "unknown stage $stage (env, tests, paths, first, bench, e2e, mixed, hyp)"; status=2 ;;
   esac
 done
 exit $status

@@ -6,7 +6,8 @@ On the lent GPU, side by side in one process, for the ViT shapes:
 - `_forward` time per path, config and pass (inference / training), with and without the narrow last K tile;
 - F.sdpa cuDNN without RoPE, forward and forward+backward (the reference);
 - host time per call of `_forward`, `_backward` and an autograd forward+backward, launching through
-  `kernel[grid](...)` (as shipped) and through a compiled-kernel cache (`_cached_launch`, the candidate);
+  `kernel[grid](...)` every time and through the launcher's kept compiled kernels (`T._RUNNERS`, shipped since
+  this script measured it as a candidate);
 - forward+backward of `attnhub.attention` per training path, against cuDNN.
 Usage: python benchmarks/fwd_paths.py --out $OUT/fwd_paths.json
 """
@@ -30,28 +31,14 @@ SHAPES = {name: (B, H, g, P, D) for name, (B, H, N, D, P, g) in BENCH_SHAPES.ite
 # the shipped inference and training configs, 8 warps (no spills offline), and BLOCK_M = 256 (one query block
 # per (b, h) at N <= 256: each K tile rotated once instead of twice)
 CONFIGS = [(128, 64, 4, 3), (128, 32, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]
-_TRITON_LAUNCH = T._launch
-# The candidate launcher: after the first launch of a specialization, call the compiled kernel directly instead of
-# letting `kernel[grid](...)` re-derive Triton's specialization key from every argument (tens of microseconds of
-# host time per launch; a training step launches four kernels). The key holds everything Triton specializes on,
-# exactly: integer and float values, tensor dtypes and 16-byte alignment, the compile-time parameters, the device.
-_COMPILED: dict = {}
+_SHIPPED_LAUNCH = T._CACHED_RUNNERS
+LAUNCHES = (("kernel[grid]", False), ("cached", True))
 
 
-def _cached_launch(kernel, grid, args, num_warps, num_stages, **constexprs):
-    key = (kernel, num_warps, num_stages, torch.cuda.current_device(), *constexprs.items(),
-           *((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args))
-    hit = _COMPILED.get(key)
-    if hit is None:
-        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
-        # the compiled kernel takes every parameter in signature order, constexprs included (it skips them)
-        params = kernel.params[len(args):]
-        if not all(p.is_constexpr for p in params):
-            raise RuntimeError(f"{kernel.fn.__name__}: run-time parameters after the constexprs")
-        _COMPILED[key] = (compiled, tuple(constexprs[p.name] for p in params))
-        return
-    compiled, tail = hit
-    compiled[(*grid, 1, 1)[:3]](*args, *tail)  # the compiled kernel's runner reads grid[0], grid[1], grid[2]
+def use_launch(cached: bool) -> None:
+    """Launch through `kernel[grid](...)` every time, or through the kept compiled kernels (emptied first)."""
+    T._CACHED_RUNNERS = cached
+    T._RUNNERS.clear()
 
 
 def bench(fn, grads=None):
@@ -90,7 +77,8 @@ def main() -> None:
             o_ref = attnhub.attention(*ref, tab, backend="math")
             o_ref.backward(x[3].double())
             for pre in ((False, False), (True, True)):
-                set_cfg(base, prerotate=pre, narrow_tail=pre[0])
+                set_cfg(base, prerotate_from_n=(0, 0) if pre[0] else (None, None), narrow_tail=pre[0])
+                use_launch(False)
                 xs = [t.clone().requires_grad_() for t in x[:3]]
                 o = attnhub.attention(*xs, tab, backend="triton_fa_rope")
                 o.backward(x[3])
@@ -98,12 +86,12 @@ def main() -> None:
                     o_inf = attnhub.attention(*x[:3], tab, backend="triton_fa_rope")
                 errs = dict(o_train=rel(o, o_ref), o_infer=rel(o_inf, o_ref),
                             **{f"d{c}": rel(a.grad, r.grad) for c, a, r in zip("qkv", xs, ref)})
-                T._launch = _cached_launch  # the candidate launcher must give the same bits
+                use_launch(True)  # the kept compiled kernels must give the same bits
                 for _ in range(2):  # the first call fills its cache, the second launches from it
                     xc = [t.clone().requires_grad_() for t in x[:3]]
                     oc = attnhub.attention(*xc, tab, backend="triton_fa_rope")
                     oc.backward(x[3])
-                T._launch = _TRITON_LAUNCH
+                use_launch(_SHIPPED_LAUNCH)
                 errs["cached_launch_bitwise"] = float(all(torch.equal(a, b) for a, b in
                                                           zip([o, *(t.grad for t in xs)], [oc, *(t.grad for t in xc)])))
                 records.append(dict(what="check", shape=name, layout=lay, prerotate=pre, **errs))
@@ -127,7 +115,8 @@ def main() -> None:
             for tail in (True, False):
                 for train in (False, True):
                     for pre in (False, True):
-                        set_cfg(base, fwd=cfg, fwd_train=cfg, prerotate=(pre, pre), narrow_tail=tail)
+                        set_cfg(base, fwd=cfg, fwd_train=cfg, fwd_train_prerotated=cfg,
+                                prerotate_from_n=(0, 0) if pre else (None, None), narrow_tail=tail)
                         try:
                             ms = bench(lambda: T._forward(q, k, v, tab, scale, train))
                         except Exception as exc:  # e.g. out of shared memory for a config
@@ -153,12 +142,12 @@ def main() -> None:
         "F.sdpa fwd+bwd (autograd)": lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(do),
         "F.sdpa fwd": lambda: F.scaled_dot_product_attention(q, q, q),
     }
-    for launch_name, launch in (("kernel[grid]", _TRITON_LAUNCH), ("cached", _cached_launch)):
-        T._launch = launch
+    for launch_name, cached in LAUNCHES:
+        use_launch(cached)
         for row, us in zip(rows, _host_us(list(rows.values()), 1000, torch.device("cuda"))):
             records.append(dict(what="host_us", launch=launch_name, row=row, us=us))
             print(f"host {launch_name:<13} {row:<34} {us:8.1f} us/call")
-    T._launch = _TRITON_LAUNCH
+    use_launch(_SHIPPED_LAUNCH)
     save()
 
     # forward+backward through attnhub.attention per training path and launch, ViT-S and ViT-B@384
@@ -169,15 +158,15 @@ def main() -> None:
         qg, kg, vg = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                       for _ in range(3))
         do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
-        for launch_name, launch in (("kernel[grid]", _TRITON_LAUNCH), ("cached", _cached_launch)):
-            T._launch = launch
+        for launch_name, cached in LAUNCHES:
+            use_launch(cached)
             for pre in (False, True):
-                set_cfg(base, prerotate=(False, pre))
+                set_cfg(base, prerotate_from_n=(None, 0 if pre else None))
                 attnhub.attention(qg, kg, vg, tab).backward(do)
                 ms = bench(lambda: attnhub.attention(qg, kg, vg, tab).backward(do), [qg, kg, vg])
                 records.append(dict(what="fwdbwd", shape=name, launch=launch_name, prerotate_train=pre, ms=ms))
                 print(f"{name} fwd+bwd launch {launch_name:<13} prerotate_train {pre!s:<5} {ms:.4f} ms")
-        T._launch = _TRITON_LAUNCH
+        use_launch(_SHIPPED_LAUNCH)
         set_cfg(base)
 
     save()

@@ -61,7 +61,7 @@ class Launch(NamedTuple):
 @contextlib.contextmanager
 def record_launches(arch: int = 9, **config):
     """Within: triton_fa_rope's launcher records its launches (list yielded) instead of running them, plans with
-    the config table of compute capability `arch` (`config` overrides entries, e.g. prerotate=(True, True)), and
+    the config table of compute capability `arch` (`config` overrides entries, e.g. prerotate_from_n=(0, 0)), and
     picks dot dtypes as on a GPU (not the interpreter's)."""
     launches: list[Launch] = []
     saved = T._launch, T._configs, T._INTERPRET
@@ -164,11 +164,13 @@ CASES = {
     "d128_bf16_half": (128, torch.bfloat16, "half", False, None),
     "d256_bf16_interleaved": (256, torch.bfloat16, "interleaved", False, None),
 }
-# name: (launcher config overrides, backward path); every case runs "default", the ViT case every variant
+# name: (launcher config overrides, backward path); every case runs "default" (the Hopper table: at N = 197 RoPE in
+# the kernel, narrow last K tile), the ViT case every variant
 VARIANTS = {
     "default": ({}, "split"),
     "fused_backward": ({}, "fused"),
-    "prerotate_narrow_tail": (dict(prerotate=(True, True), narrow_tail=True), "split"),
+    "prerotate_narrow_tail": (dict(prerotate_from_n=(0, 0), narrow_tail=True), "split"),
+    "in_kernel_full_tail": (dict(prerotate_from_n=(None, None), narrow_tail=False), "split"),
 }
 MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) for v in VARIANTS if v != "default"]
 
@@ -234,9 +236,9 @@ def main() -> int:
     N = P + g * g
     q, k, v = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
     rope = CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P)
-    variants = {"in kernel": {}, "in kernel, narrow tail": dict(narrow_tail=True),
-                "prerotate": dict(prerotate=(True, True)),
-                "prerotate, narrow tail": dict(prerotate=(True, True), narrow_tail=True)}
+    never, always = dict(prerotate_from_n=(None, None)), dict(prerotate_from_n=(0, 0))
+    variants = {"in kernel": dict(**never, narrow_tail=False), "in kernel, narrow tail": dict(**never, narrow_tail=True),
+                "prerotate": dict(**always, narrow_tail=False), "prerotate, narrow tail": dict(**always, narrow_tail=True)}
     rows = []
     for variant, config in variants.items():
         for step, launch in enumerate(training_step_launches(q, k, v, rope, **config)):

@@ -149,3 +149,35 @@ def test_both_backward_paths(B, H, grid, P, layout, dtype, path, monkeypatch):
     table = attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout, device="cuda")
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
     _check(q, k, v, table, dtype)
+
+
+def test_relaunch_through_the_cached_compiled_kernel_is_bitwise_equal():
+    """The second call of a shape launches the compiled kernels `_launch` keeps (not `kernel[grid]`): same bits."""
+    from attnhub.backends import triton_fa_rope as T
+
+    if not T._CACHED_RUNNERS:
+        pytest.skip(f"triton {T.triton.__version__}: launches go through kernel[grid] only")
+    table = attnhub.CosSinTable(grid=(14, 14), head_dim=64, device="cuda")
+    q, k, v = (torch.randn(2, 6, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    do = torch.randn_like(q)
+    T._RUNNERS.clear()
+    first = _run("triton_fa_rope", q, k, v, do, table)
+    assert T._RUNNERS, "no launch was kept"
+    hits = []  # launches through the kept kernels
+    runners = dict(T._RUNNERS)
+    T._RUNNERS.clear()
+    T._RUNNERS.update({key: (_Counting(compiled, hits), tail) for key, (compiled, tail) in runners.items()})
+    again = _run("triton_fa_rope", q, k, v, do, table)
+    assert set(T._RUNNERS) == set(runners) and len(hits) >= len(runners)  # no launch missed the kept kernels
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    _check(q, k, v, table, torch.bfloat16)
+
+
+class _Counting:
+    def __init__(self, compiled, hits):
+        self.compiled, self.hits = compiled, hits
+
+    def __getitem__(self, grid):
+        self.hits.append(grid)
+        return self.compiled[grid]

@@ -1,7 +1,7 @@
 """triton_fa_rope forward paths: RoPE inside the attention kernel or K / q and K rotated first
 (`_rotate_kernel`), and the narrow last K tile.
 
-Each path is forced by editing the launcher's config (`prerotate`: (inference, training), `narrow_tail`) and
+Each path is forced by editing the launcher's config (`prerotate_from_n`: (inference, training), `narrow_tail`) and
 compared with `math` in float64: output without grad, output and dq, dk, dv with grad. Every `torch.empty` buffer
 is filled with NaN first (conftest's `nan_empty`), so a kernel that leaves part of its output unwritten fails.
 On CPU the interpreter runs them in float32 (blocks of 32: N = 71 and 65 leave 7 and 1 keys for the last tile);
@@ -25,9 +25,9 @@ SHAPES = {
     "norope_p1_7x10_d64": Shape(1, 2, (7, 10), 1, 64, None),
 }
 PATHS = {  # launcher config overrides
-    "in_kernel": dict(prerotate=(False, False), narrow_tail=False),  # the shipped default
-    "in_kernel_narrow_tail": dict(prerotate=(False, False), narrow_tail=True),
-    "prerotate_narrow_tail": dict(prerotate=(True, True), narrow_tail=True),
+    "in_kernel": dict(prerotate_from_n=(None, None), narrow_tail=False),  # the default off Hopper
+    "in_kernel_narrow_tail": dict(prerotate_from_n=(None, None), narrow_tail=True),
+    "prerotate_narrow_tail": dict(prerotate_from_n=(0, 0), narrow_tail=True),
 }
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 
@@ -74,3 +74,88 @@ def test_grid_counts_blocks_of_every_pair(n_rows, block, bh):
 def test_grid_beyond_the_launch_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="launch-grid limit"):
         T._grid(2**20, 1, 2**12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_prerotate_from_n_is_a_sequence_length_threshold(training, monkeypatch):
+    """K (and q in training) go through `_rotate_kernel` exactly when N >= the config's threshold for the pass."""
+    s = SHAPES["il_p1_7x10_d64"]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv("contiguous", s.B, s.H, s.N, s.D, DTYPES[0], gen)
+    table = make_table(s, gen)
+    why = available(TRITON, q, k, v, table)
+    if why:
+        pytest.skip(why)
+    launched = []
+    launch = T._launch
+    monkeypatch.setattr(T, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
+    block_d = T._meta(q, table)["BLOCK_D"]
+    for from_n, rotations in ((s.N, 2 if training else 1), (s.N + 1, 0)):
+        threshold = (None, from_n) if training else (from_n, None)
+        cfg = {**T._configs(q, block_d), "prerotate_from_n": threshold}
+        monkeypatch.setattr(T, "_configs", lambda *_: cfg)
+        launched.clear()
+        T._forward(q, k, v, table, s.D ** -0.5, training)
+        assert launched.count(T._rotate_kernel) == rotations, (from_n, launched)
+        assert launched[-1] is T._fwd_kernel
+
+
+class _FakeParam:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeKernel:
+    """Stands in for a Triton JITFunction `f(X, n, s, A: constexpr, B: constexpr)`: `kernel[grid](...)` records the
+    call and returns a compiled kernel whose runner (`compiled[grid](*args)`) records its arguments."""
+
+    params = [_FakeParam("X", False), _FakeParam("n", False), _FakeParam("s", False), _FakeParam("A", True),
+              _FakeParam("B", True)]
+
+    def __init__(self):
+        self.jit_calls, self.runner_calls = [], []
+        kernel = self
+
+        class Compiled:
+            def __getitem__(self, grid):
+                return lambda *args: kernel.runner_calls.append((grid, args))
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages, **constexprs):
+            self.jit_calls.append((grid, args, num_warps, num_stages, constexprs))
+            return self.compiled
+
+        return run
+
+
+def test_launcher_keeps_compiled_kernels_per_specialization(monkeypatch):
+    """`_launch` compiles through `kernel[grid]` once per set of facts Triton specializes on, then calls the
+    compiled kernel with the run-time arguments and the constexprs in signature order."""
+    kernel = _FakeKernel()
+    monkeypatch.setattr(T, "_CACHED_RUNNERS", True)
+    monkeypatch.setattr(T, "_RUNNERS", {})
+    x = torch.zeros(64)
+
+    def launch(t, n=7, s=0.5, B=2):
+        T._launch(kernel, (3,), (t, n, s), 4, 2, B=B, A=1)  # constexprs passed out of signature order
+
+    launch(x)
+    assert len(kernel.jit_calls) == 1 and not kernel.runner_calls
+    launch(x)
+    assert len(kernel.jit_calls) == 1
+    assert kernel.runner_calls == [((3, 1, 1), (x, 7, 0.5, 1, 2))]  # A, B appended in signature order
+    # every fact Triton specializes on makes a new entry: alignment, dtype, scalar value and type, constexpr
+    for i, variant in enumerate([x[1:], x.half(), dict(n=16), dict(n=7.0), dict(s=7.5), dict(B=3)], start=2):
+        launch(variant) if isinstance(variant, torch.Tensor) else launch(x, **variant)
+        assert len(kernel.jit_calls) == i and len(T._RUNNERS) == i
+    assert len(kernel.runner_calls) == 1
+
+
+def test_launcher_without_kept_kernels_calls_triton_every_time(monkeypatch):
+    kernel = _FakeKernel()
+    monkeypatch.setattr(T, "_CACHED_RUNNERS", False)
+    for _ in range(2):
+        T._launch(kernel, (3,), (torch.zeros(4), 1, 0.5), 4, 2, A=1, B=2)
+    assert len(kernel.jit_calls) == 2 and not kernel.runner_calls
