@@ -44,7 +44,9 @@ Under `TRITON_INTERPRET=1` (CPU) bfloat16 dot operands are upcast to fp32 (trito
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 from typing import NamedTuple, Optional
 
@@ -53,6 +55,8 @@ import triton
 import triton.language as tl
 
 from attnhub.rope import CosSinTable, split_pairs
+
+log = logging.getLogger(__name__)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -666,11 +670,13 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
-def _forward(q, k, v, rope, scale, save_rotated: bool):
+def _forward(q, k, v, rope, scale, save_rotated: bool, launch=None):
     """-> o [B, H, N, D], lse [B*H, N] and, with save_rotated, rotated q and k [B, H, N, D] in joined pair order.
 
     With RoPE, from the config's "prerotate_from_n" (inference, training) sequence length on, K (inference) or q
-    and K (training) are rotated by `_rotate_kernel` into a buffer before the attention kernel, not inside it."""
+    and K (training) are rotated by `_rotate_kernel` into a buffer before the attention kernel, not inside it.
+    `launch` (default `_launch`) runs each kernel; `_compile_ahead` passes one that only compiles."""
+    launch = launch or _launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
@@ -691,13 +697,13 @@ def _forward(q, k, v, rope, scale, save_rotated: bool):
             kr = torch.empty(B, H, N_KV, D, device=q.device, dtype=rot_dtype)
         # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
         for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
-            _launch(_rotate_kernel, (_grid(N_KV, _ROT_M, B * H),),
+            launch(_rotate_kernel, (_grid(N_KV, _ROT_M, B * H),),
                     (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=_ROT_M,
                     **{name: meta[name] for name in _ROT_META})
         k_in, rope_k = kr, False
         if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, meta, save_rot = qr, _meta_for(D, q.dtype, None), False
-    _launch(_fwd_kernel, (_grid(N_Q, BLOCK_M, B * H),),
+    launch(_fwd_kernel, (_grid(N_Q, BLOCK_M, B * H),),
             (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
              stab_h, stab_n, H, N_Q, N_KV, P, scale * _LOG2E),
             warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SAVE_ROT=save_rot, ROPE_K=rope_k and meta["ROPE"],
@@ -717,10 +723,11 @@ def _use_fused_bwd(cfg: dict, n_q: int, n_kv: int) -> bool:
     return _BWD_PATH == "fused"
 
 
-def _backward(do, q, k, v, o, lse, rope, scale):
+def _backward(do, q, k, v, o, lse, rope, scale, launch=None):
     """q, k: rotated (from `_forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv.
 
     Fused path (one launch, B*H programs) up to cfg["bwd_fused_max_n"] tokens, else split (three launches)."""
+    launch = launch or _launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     meta = _meta(q, rope)
@@ -733,23 +740,68 @@ def _backward(do, q, k, v, o, lse, rope, scale):
     if _use_fused_bwd(cfg, N_Q, N_KV):
         dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
         BLOCK_M, BLOCK_N, warps, stages = cfg["bwd_fused"]
-        _launch(_bwd_fused_kernel, (_grid(1, 1, B * H),),
+        launch(_bwd_fused_kernel, (_grid(1, 1, B * H),),
                 (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
                  *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
                 warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
         return dq, dk, dv
     PRE_M = 64
-    _launch(_bwd_preprocess, (_grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
+    launch(_bwd_preprocess, (_grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
             4, 1, HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
-    _launch(_bwd_dkdv_kernel, (_grid(N_KV, BLOCK_N, B * H),),
+    launch(_bwd_dkdv_kernel, (_grid(N_KV, BLOCK_N, B * H),),
             (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
             warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
-    _launch(_bwd_dq_kernel, (_grid(N_Q, BLOCK_M, B * H),),
+    launch(_bwd_dq_kernel, (_grid(N_Q, BLOCK_M, B * H),),
             (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
             warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     return dq, dk, dv
+
+
+# First training call of a shape: its kernels (forward, and the backward's delta, dk/dv and dq; plus the rotation and
+# the plain attention kernel from "prerotate_from_n" on) would compile one after another as the launches reach them.
+# `_compile_ahead` plans the same launches with a launcher that only compiles (`kernel.warmup`), inside Triton's
+# AsyncCompileMode, so they compile in parallel threads; the launches then find them compiled. The backward is
+# planned with o standing in for the incoming gradient (the same layout in the usual case; another layout just
+# compiles its own kernels at the backward, as without this). Keyed on exact shapes and strides: a new batch size
+# plans again, and then finds every kernel in Triton's cache.
+_COMPILE_AHEAD = not _INTERPRET and hasattr(triton, "AsyncCompileMode")
+_AHEAD_DONE: set = set()
+_AHEAD_MAX = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="attnhub-compile")
+
+
+def _compile_only(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
+    kernel.warmup(*args, grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs)
+
+
+def _compile_ahead(q, k, v, rope, scale) -> None:
+    """Compile the kernels of a training forward and backward of this call's shapes in parallel (once per key).
+
+    Only an optimization: should planning or compiling fail, a warning says so and the launches compile (and
+    report their own errors) as they would without it."""
+    key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(),
+           None if rope is None else (rope.layout, rope.per_head, rope.prefix_tokens, rope.cos.dtype))
+    if key in _AHEAD_DONE:
+        return
+    if len(_AHEAD_DONE) >= _AHEAD_MAX:
+        _AHEAD_DONE.clear()
+    _AHEAD_DONE.add(key)
+    on_device = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    try:
+        with on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
+            o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, True, launch=_compile_only)
+            _backward(o, q_saved, k_saved, v, o, lse, rope, scale, launch=_compile_only)
+    except Exception as exc:  # noqa: BLE001 - the launches that follow compile and raise on their own
+        log.warning("triton_fa_rope: compiling ahead failed (%s: %s); kernels compile at their launches",
+                    type(exc).__name__, exc)
 
 
 # --------------------------------------------------------------------------------------------------- autograd
@@ -780,6 +832,8 @@ class _FlashRopeAttention(torch.autograd.Function):
         """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients."""
         table_grad = any(ctx.needs_input_grad[3:5])
         training = any(ctx.needs_input_grad[:3]) or table_grad
+        if training and _COMPILE_AHEAD and q.is_cuda:
+            _compile_ahead(q, k, v, rope, scale)
         o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, save_rotated=training)
         if training:  # with a learnable table, the unrotated q and k too (its gradient needs them)
             ctx.save_for_backward(q_saved, k_saved, v, o, lse, *((q, k) if table_grad else ()))

@@ -10,7 +10,8 @@
 #   tests  pytest -m gpu, then the backend tests that run on CUDA when there is one (forward paths, the kept
 #          compiled kernels, NaN/inf, determinism)                       -> pytest_gpu.log/.xml, pytest_cuda.log
 #   paths  benchmarks/fwd_paths.py: forward variants, configs, launch paths, host cost -> fwd_paths.json, .log
-#   first  benchmarks/first_call.py with an empty Triton cache (cold)     -> first_call.txt
+#   first  benchmarks/first_call.py with an empty Triton cache (cold), twice without and twice with compiling
+#          ahead                                                         -> first_call.txt
 #   bench  python -m attnhub bench (the kernel table of README)          -> h100.json, h100.png, bench.log
 #   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
 #   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_rope_mixed.json, .log
@@ -52,8 +53,11 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
       tail -15 "$OUT/e2e_rope_mixed.log" ;;
-    first)
-      TRITON_CACHE_DIR=$(mktemp -d) timeout 120 python3 benchmarks/first_call.py >"$OUT/first_call.txt" 2>&1 || status=1
+    first)  # cold, each run in its own process with its own empty Triton cache; without and with compiling ahead
+      for flag in --no-compile-ahead "" --no-compile-ahead ""; do
+        TRITON_CACHE_DIR=$(mktemp -d) timeout 60 python3 benchmarks/first_call.py $flag >>"$OUT/first_call.txt" 2>&1 \
+          || status=1
+      done
       cat "$OUT/first_call.txt" ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --out "$OUT/e2e_h100_vit_s.json" \

@@ -1,15 +1,25 @@
 """Wall time of the first triton_fa_rope fwd+bwd call per ViT shape in one process (compilation included).
 
 Run with an empty TRITON_CACHE_DIR for cold numbers:
-    TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/first_call.py
+    TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/first_call.py [--no-compile-ahead]
 Shapes after the first reuse its kernels unless a compile-time specialization differs (head_dim, dtype, layout).
+--no-compile-ahead: compile each kernel at its launch, one after another, instead of all the training call's
+kernels in parallel first (`_compile_ahead` in backends/triton_fa_rope.py).
 """
 
+import argparse
 import time
 
 import torch
 
 import attnhub
+from attnhub.backends import triton_fa_rope as T
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--no-compile-ahead", action="store_true")
+if ap.parse_args().no_compile_ahead:
+    T._COMPILE_AHEAD = False
+print(f"compile ahead: {T._COMPILE_AHEAD}")
 
 SHAPES = [  # name, B, H, grid, prefix tokens, layout
     ("vit_s16_224", 256, 6, 14, 1, "interleaved"),

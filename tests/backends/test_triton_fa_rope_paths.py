@@ -159,3 +159,52 @@ def test_launcher_without_kept_kernels_calls_triton_every_time(monkeypatch):
     for _ in range(2):
         T._launch(kernel, (3,), (torch.zeros(4), 1, 0.5), 4, 2, A=1, B=2)
     assert len(kernel.jit_calls) == 2 and not kernel.runner_calls
+
+
+def _launch_signature(kernel, grid, args, num_warps, num_stages, **constexprs):
+    """What a launch compiles from: the kernel, its options, and each argument's dtype, shape and strides (tensors)
+    or value (scalars)."""
+    return (kernel, grid, num_warps, num_stages, tuple(sorted(constexprs.items())),
+            tuple((a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+@pytest.mark.parametrize("shape_name", ["il_p1_7x10_d64", "half_p1_8x8_d32", "norope_p1_7x10_d64"])
+def test_compile_ahead_plans_the_launches_of_a_training_call(shape_name, monkeypatch):
+    """`_compile_ahead` compiles exactly what the forward and backward of a training call then launch (the upstream
+    gradient in o's layout), each once per key, and a failure to compile ahead only warns."""
+    s = SHAPES[shape_name]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv("fused", s.B, s.H, s.N, s.D, DTYPES[0], gen)
+    table = make_table(s, gen)
+    why = available(TRITON, q, k, v, table)
+    if why:
+        pytest.skip(why)
+    monkeypatch.setattr(T, "_AHEAD_DONE", set())
+    monkeypatch.setattr(T, "_COMPILE_AHEAD", False)  # the real call below must not plan on its own
+    planned, launched = [], []
+    monkeypatch.setattr(T, "_compile_only", lambda *a, **kw: planned.append(_launch_signature(*a, **kw)))
+    T._compile_ahead(q, k, v, table, s.D ** -0.5)
+    T._compile_ahead(q, k, v, table, s.D ** -0.5)  # the same key: nothing more
+    launch = T._launch
+    monkeypatch.setattr(T, "_launch", lambda *a, **kw: (launched.append(_launch_signature(*a, **kw)), launch(*a, **kw)))
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    o = T.attention(qg, kg, vg, table, s.D ** -0.5)
+    o.backward(torch.randn_like(o))
+    assert planned == launched and len(planned) >= 4  # forward, delta, dk/dv, dq at least
+
+
+def test_compile_ahead_failure_warns_and_leaves_no_async_mode(monkeypatch, caplog):
+    s = SHAPES["il_p1_7x10_d64"]
+    q, k, v = make_qkv("contiguous", s.B, s.H, s.N, s.D, DTYPES[0], torch.Generator().manual_seed(6))
+    monkeypatch.setattr(T, "_AHEAD_DONE", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(T, "_compile_only", broken)
+    with caplog.at_level("WARNING", logger=T.log.name):
+        T._compile_ahead(q, k, v, make_table(s, torch.Generator().manual_seed(6)), s.D ** -0.5)
+    assert "compiling ahead failed (RuntimeError: no compiler here)" in caplog.text
+    from triton.runtime import _async_compile
+
+    assert _async_compile.active_mode.get() is None  # later compiles are not left in async mode
