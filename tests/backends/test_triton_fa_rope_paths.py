@@ -32,6 +32,18 @@ PATHS = {  # launcher config overrides
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 
 
+def _case(shape_name: str, kind: str, seed: int, dtype: torch.dtype = DTYPES[0]):
+    """-> (shape, generator, q, k, v, table) of SHAPES[shape_name], or a skip where triton_fa_rope cannot run it."""
+    s = SHAPES[shape_name]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(kind, s.B, s.H, s.N, s.D, dtype, gen)
+    table = make_table(s, gen)
+    why = available(TRITON, q, k, v, table)
+    if why:
+        pytest.skip(why)
+    return s, gen, q, k, v, table
+
+
 def _force_path(monkeypatch, path: str, q: torch.Tensor, meta_d: int) -> None:
     cfg = {**T._configs(q, meta_d), **PATHS[path]}
     monkeypatch.setattr(T, "_configs", lambda *_: cfg)
@@ -41,14 +53,8 @@ def _force_path(monkeypatch, path: str, q: torch.Tensor, meta_d: int) -> None:
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_forward_paths_match_math(shape_name, path, dtype, monkeypatch, nan_empty):
-    s = SHAPES[shape_name]
-    gen = torch.Generator().manual_seed(21)
-    q, k, v = make_qkv("transposed", s.B, s.H, s.N, s.D, dtype, gen)
+    s, gen, q, k, v, table = _case(shape_name, "transposed", 21, dtype)
     do = make_tensor("contiguous", s.B, s.H, s.N, s.D, dtype, gen)
-    table = make_table(s, gen)
-    why = available(TRITON, q, k, v, table)
-    if why:
-        pytest.skip(why)
     _force_path(monkeypatch, path, q, T._meta(q, table)["BLOCK_D"])
     ref = run_backend("math", *(t.double() for t in (q, k, v, do)), table)
     got = run_backend(TRITON, q, k, v, do, table)
@@ -79,13 +85,7 @@ def test_grid_beyond_the_launch_limit_is_a_clear_error():
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_prerotate_from_n_is_a_sequence_length_threshold(training, monkeypatch):
     """K (and q in training) go through `_rotate_kernel` exactly when N >= the config's threshold for the pass."""
-    s = SHAPES["il_p1_7x10_d64"]
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = make_qkv("contiguous", s.B, s.H, s.N, s.D, DTYPES[0], gen)
-    table = make_table(s, gen)
-    why = available(TRITON, q, k, v, table)
-    if why:
-        pytest.skip(why)
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
     launched = []
     launch = T._launch
     monkeypatch.setattr(T, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), launch(kernel, *a, **kw)))
@@ -171,14 +171,8 @@ def _launch_signature(kernel, grid, args, num_warps, num_stages, **constexprs):
 @pytest.mark.parametrize("shape_name", ["il_p1_7x10_d64", "half_p1_8x8_d32", "norope_p1_7x10_d64"])
 def test_compile_ahead_plans_the_launches_of_a_training_call(shape_name, monkeypatch):
     """`_compile_ahead` compiles exactly what the forward and backward of a training call then launch (the upstream
-    gradient in o's layout), each once per key, and a failure to compile ahead only warns."""
-    s = SHAPES[shape_name]
-    gen = torch.Generator().manual_seed(5)
-    q, k, v = make_qkv("fused", s.B, s.H, s.N, s.D, DTYPES[0], gen)
-    table = make_table(s, gen)
-    why = available(TRITON, q, k, v, table)
-    if why:
-        pytest.skip(why)
+    gradient in o's layout), once per key."""
+    s, _, q, k, v, table = _case(shape_name, "fused", 5)
     monkeypatch.setattr(T, "_AHEAD_DONE", set())
     monkeypatch.setattr(T, "_COMPILE_AHEAD", False)  # the real call below must not plan on its own
     planned, launched = [], []
@@ -194,8 +188,7 @@ def test_compile_ahead_plans_the_launches_of_a_training_call(shape_name, monkeyp
 
 
 def test_compile_ahead_failure_warns_and_leaves_no_async_mode(monkeypatch, caplog):
-    s = SHAPES["il_p1_7x10_d64"]
-    q, k, v = make_qkv("contiguous", s.B, s.H, s.N, s.D, DTYPES[0], torch.Generator().manual_seed(6))
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 6)
     monkeypatch.setattr(T, "_AHEAD_DONE", set())
 
     def broken(*args, **kwargs):
@@ -203,7 +196,7 @@ def test_compile_ahead_failure_warns_and_leaves_no_async_mode(monkeypatch, caplo
 
     monkeypatch.setattr(T, "_compile_only", broken)
     with caplog.at_level("WARNING", logger=T.log.name):
-        T._compile_ahead(q, k, v, make_table(s, torch.Generator().manual_seed(6)), s.D ** -0.5)
+        T._compile_ahead(q, k, v, table, s.D ** -0.5)
     assert "compiling ahead failed (RuntimeError: no compiler here)" in caplog.text
     from triton.runtime import _async_compile
 
