@@ -760,12 +760,14 @@ def _backward(do, q, k, v, o, lse, rope, scale, launch=None):
 
 
 # First training call of a shape: its kernels (forward, and the backward's delta, dk/dv and dq; plus the rotation and
-# the plain attention kernel from "prerotate_from_n" on) would compile one after another as the launches reach them.
-# `_compile_ahead` plans the same launches with a launcher that only compiles (`kernel.warmup`), inside Triton's
-# AsyncCompileMode, so they compile in parallel threads; the launches then find them compiled. The backward is
-# planned with o standing in for the incoming gradient (the same layout in the usual case; another layout just
-# compiles its own kernels at the backward, as without this). Keyed on exact shapes and strides: a new batch size
-# plans again, and then finds every kernel in Triton's cache.
+# the plain attention kernel from "prerotate_from_n" on) would compile one after another as the launches reach them,
+# and each would then build its C launcher (a host-compiler run per kernel signature, triton 3.6) at its first
+# launch. `_compile_ahead` plans the same launches with a launcher that only compiles (`kernel.warmup`), inside
+# Triton's AsyncCompileMode, so they compile in parallel threads; then it builds their C launchers in parallel
+# (into Triton's disk cache, where the first launches find them). The backward is planned with o standing in for
+# the incoming gradient (the same layout in the usual case; another layout just compiles its own kernels at the
+# backward, as without this). Keyed on exact shapes and strides: a new batch size plans again, and then finds
+# every kernel in Triton's cache.
 _COMPILE_AHEAD = not _INTERPRET and hasattr(triton, "AsyncCompileMode")
 _AHEAD_DONE: set = set()
 _AHEAD_MAX = 4096
@@ -778,12 +780,24 @@ def _compile_pool():
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="attnhub-compile")
 
 
-def _compile_only(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
-    kernel.warmup(*args, grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs)
+def _compile_only(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs):
+    """-> the compiled kernel, or a `triton.FutureKernel` inside AsyncCompileMode."""
+    return kernel.warmup(*args, grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs)
+
+
+def _build_launchers(kernels: list) -> None:
+    """Build the C launchers of compiled kernels not yet loaded, in parallel (they land in Triton's disk cache)."""
+    from triton.runtime import driver
+
+    builds = [_compile_pool().submit(driver.active.launcher_cls, kernel.src, kernel.metadata)
+              for kernel in kernels if kernel is not None and getattr(kernel, "module", None) is None]
+    for build in builds:
+        build.result()
 
 
 def _compile_ahead(q, k, v, rope, scale) -> None:
-    """Compile the kernels of a training forward and backward of this call's shapes in parallel (once per key).
+    """Compile the kernels of a training forward and backward of this call's shapes, and their launchers, in
+    parallel (once per key).
 
     Only an optimization: should planning or compiling fail, a warning says so and the launches compile (and
     report their own errors) as they would without it."""
@@ -795,10 +809,17 @@ def _compile_ahead(q, k, v, rope, scale) -> None:
         _AHEAD_DONE.clear()
     _AHEAD_DONE.add(key)
     on_device = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+    planned = []
+
+    def plan(*args, **kwargs):
+        planned.append(_compile_only(*args, **kwargs))
+
     try:
         with on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
-            o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, True, launch=_compile_only)
-            _backward(o, q_saved, k_saved, v, o, lse, rope, scale, launch=_compile_only)
+            o, lse, (q_saved, k_saved) = _forward(q, k, v, rope, scale, True, launch=plan)
+            _backward(o, q_saved, k_saved, v, o, lse, rope, scale, launch=plan)
+        _build_launchers([p.result(ignore_errors=True) if isinstance(p, triton.FutureKernel) else p
+                          for p in planned])
     except Exception as exc:  # noqa: BLE001 - the launches that follow compile and raise on their own
         log.warning("triton_fa_rope: compiling ahead failed (%s: %s); kernels compile at their launches",
                     type(exc).__name__, exc)

@@ -11,6 +11,7 @@ with CUDA the compiled kernels in bfloat16 and float16.
 from __future__ import annotations
 
 import pytest
+import triton.runtime
 import torch
 
 from attnhub.backends import triton_fa_rope as T
@@ -201,3 +202,30 @@ def test_compile_ahead_failure_warns_and_leaves_no_async_mode(monkeypatch, caplo
     from triton.runtime import _async_compile
 
     assert _async_compile.active_mode.get() is None  # later compiles are not left in async mode
+
+
+def test_compile_ahead_builds_the_launchers_of_what_it_compiled(monkeypatch):
+    """After compiling, `_compile_ahead` builds the C launcher of every planned kernel not yet loaded, in the pool."""
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 7)
+    monkeypatch.setattr(T, "_AHEAD_DONE", set())
+
+    class Compiled:
+        def __init__(self, name, module=None):
+            self.src, self.metadata, self.module = f"src {name}", f"meta {name}", module
+
+    planned = []
+    monkeypatch.setattr(T, "_compile_only", lambda kernel, *a, **kw: planned.append(kernel) or Compiled(
+        kernel.fn.__name__, module="loaded" if kernel is T._bwd_preprocess else None))
+    built = []
+
+    class Driver:  # triton.runtime.driver: `active.launcher_cls(src, metadata)` builds a launcher
+        class active:
+            @staticmethod
+            def launcher_cls(src, metadata):
+                built.append((src, metadata))
+
+    monkeypatch.setattr(triton.runtime, "driver", Driver)
+    T._compile_ahead(q, k, v, table, s.D ** -0.5)
+    expected = [(f"src {kernel.fn.__name__}", f"meta {kernel.fn.__name__}") for kernel in planned
+                if kernel is not T._bwd_preprocess]  # an already loaded kernel has its launcher
+    assert sorted(built) == sorted(expected) and len(built) == len(planned) - 1
