@@ -37,6 +37,9 @@ Two backward paths, both deterministic (no atomics: bitwise-equal gradients run 
 never automatically). The environment variable ATTNHUB_TRITON_BWD, read once at import, forces a path: "auto"
 (default), "fused" or "split"; any other value raises ValueError. Tests and benchmarks assign `_BWD_PATH`.
 
+First call: the first training call of a shape compiles all its kernels, and builds their launchers, in parallel
+threads before launching (`_compile_ahead`); ATTNHUB_TRITON_COMPILE_AHEAD=0 (read at import) turns that off.
+
 Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
 float32 inputs use IEEE fp32 dots (not TF32), so every backend computes the same function to fp32 round-off.
 Under `TRITON_INTERPRET=1` (CPU) bfloat16 dot operands are upcast to fp32 (triton-lang/triton#11584).
@@ -768,7 +771,16 @@ def _backward(do, q, k, v, o, lse, rope, scale, launch=None):
 # the incoming gradient (the same layout in the usual case; another layout just compiles its own kernels at the
 # backward, as without this). Keyed on exact shapes and strides: a new batch size plans again, and then finds
 # every kernel in Triton's cache.
-_COMPILE_AHEAD = not _INTERPRET and hasattr(triton, "AsyncCompileMode")
+def _compile_ahead_switch(value: str | None) -> bool:
+    """ATTNHUB_TRITON_COMPILE_AHEAD: unset, empty or "1" compiles ahead (where Triton can), "0" does not."""
+    if value not in (None, "", "0", "1"):
+        raise ValueError(f"ATTNHUB_TRITON_COMPILE_AHEAD={value!r}: expected 0 or 1")
+    return value != "0"
+
+
+# Read once, at import; tests and benchmarks assign this module variable.
+_COMPILE_AHEAD = (_compile_ahead_switch(os.environ.get("ATTNHUB_TRITON_COMPILE_AHEAD"))
+                  and not _INTERPRET and hasattr(triton, "AsyncCompileMode"))
 _AHEAD_DONE: set = set()
 _AHEAD_MAX = 4096
 

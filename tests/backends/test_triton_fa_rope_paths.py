@@ -229,3 +229,14 @@ def test_compile_ahead_builds_the_launchers_of_what_it_compiled(monkeypatch):
     expected = [(f"src {kernel.fn.__name__}", f"meta {kernel.fn.__name__}") for kernel in planned
                 if kernel is not T._bwd_preprocess]  # an already loaded kernel has its launcher
     assert sorted(built) == sorted(expected) and len(built) == len(planned) - 1
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("", True), ("1", True), ("0", False)])
+def test_compile_ahead_env_values(value, on):
+    assert T._compile_ahead_switch(value) is on
+
+
+@pytest.mark.parametrize("value", ["yes", "true", " 1", "2"])
+def test_compile_ahead_env_invalid_value_raises(value):
+    with pytest.raises(ValueError, match=r"ATTNHUB_TRITON_COMPILE_AHEAD=.*expected 0 or 1"):
+        T._compile_ahead_switch(value)
