@@ -527,7 +527,8 @@ _DEFAULT = {  # other GPUs: not swept; the fused backward only when forced
 # - "narrow_tail": the last, partial K tile only as wide as the remainder needs (`_tail`).
 _FWD_VARIANTS = {"prerotate_from_n": (None, None), "narrow_tail": False}
 _INTERPRETER_CONFIG = {**_FWD_VARIANTS, "fwd": (32, 32, 1, 1), "fwd_train": (32, 32, 1, 1),
-                       "fwd_train_prerotated": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1), "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
+                       "fwd_train_prerotated": (32, 32, 1, 1), "dkdv": (32, 32, 1, 1), "dq": (32, 32, 1, 1),
+                       "bwd_fused": (32, 32, 1, 1), "bwd_fused_max_n": 0}
 _ROT_M = 64  # rows per program of `_rotate_kernel` (a pure load-rotate-store pass)
 _ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
 _MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
@@ -628,7 +629,7 @@ def _triton_at_least(major: int, minor: int) -> bool:
 
 # Compiled kernels by launch: after the first launch of a specialization, `_launch` calls Triton's compiled kernel
 # directly instead of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every
-# call (on the H100 host: 88 -> 63 us per inference forward, checked bitwise, benchmarks/results/dev_h100_fwd_paths.json).
+# call (on the H100 host: 88 -> 63 us per inference forward, checked bitwise; dev_h100_fwd_paths.json).
 # The compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]`
 # passes them to it: so in triton 3.6 and 3.8 (their source was read for this); older versions use `kernel[grid]`.
 _RUNNERS: dict = {}
@@ -701,16 +702,16 @@ def _forward(q, k, v, rope, scale, save_rotated: bool, launch=None):
         # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
         for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
             launch(_rotate_kernel, (_grid(N_KV, _ROT_M, B * H),),
-                    (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=_ROT_M,
-                    **{name: meta[name] for name in _ROT_META})
+                   (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=_ROT_M,
+                   **{name: meta[name] for name in _ROT_META})
         k_in, rope_k = kr, False
         if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, meta, save_rot = qr, _meta_for(D, q.dtype, None), False
     launch(_fwd_kernel, (_grid(N_Q, BLOCK_M, B * H),),
-            (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
-             stab_h, stab_n, H, N_Q, N_KV, P, scale * _LOG2E),
-            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SAVE_ROT=save_rot, ROPE_K=rope_k and meta["ROPE"],
-            TAIL_N=_tail(N_KV, BLOCK_N) if cfg["narrow_tail"] else BLOCK_N, **meta)
+           (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
+            stab_h, stab_n, H, N_Q, N_KV, P, scale * _LOG2E),
+           warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SAVE_ROT=save_rot, ROPE_K=rope_k and meta["ROPE"],
+           TAIL_N=_tail(N_KV, BLOCK_N) if cfg["narrow_tail"] else BLOCK_N, **meta)
     return o, lse, (qr, kr) if training else (q, k)
 
 
@@ -744,21 +745,21 @@ def _backward(do, q, k, v, o, lse, rope, scale, launch=None):
         dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
         BLOCK_M, BLOCK_N, warps, stages = cfg["bwd_fused"]
         launch(_bwd_fused_kernel, (_grid(1, 1, B * H),),
-                (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
-                 *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-                warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+               (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
+                *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+               warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
         return dq, dk, dv
     PRE_M = 64
     launch(_bwd_preprocess, (_grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
-            4, 1, HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M)
+           4, 1, HEAD_D=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_M)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dkdv"]
     launch(_bwd_dkdv_kernel, (_grid(N_KV, BLOCK_N, B * H),),
-            (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+           (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+           warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     BLOCK_M, BLOCK_N, warps, stages = cfg["dq"]
     launch(_bwd_dq_kernel, (_grid(N_Q, BLOCK_M, B * H),),
-            (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
-            warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
+           (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
+           warps, stages, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **meta)
     return dq, dk, dv
 
 

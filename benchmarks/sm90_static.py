@@ -202,7 +202,8 @@ def check_matrix() -> dict:
         config, bwd = VARIANTS[variant]
         launches = training_step_launches(*case_inputs(D, dtype, layout, per_head, n_kv), bwd=bwd, **config)
         for launch in launches:
-            where = f"{case}/{variant} {launch.name} {launch.constexprs.get('BLOCK_M')}x{launch.constexprs.get('BLOCK_N')}"
+            cx = launch.constexprs
+            where = f"{case}/{variant} {launch.name} {cx.get('BLOCK_M')}x{cx.get('BLOCK_N')}"
             try:
                 report = compile_launch(launch, ptxas=False)
             except Exception as exc:  # noqa: BLE001 - every compile error is a finding to report
@@ -237,8 +238,10 @@ def main() -> int:
     q, k, v = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
     rope = CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P)
     never, always = dict(prerotate_from_n=(None, None)), dict(prerotate_from_n=(0, 0))
-    variants = {"in kernel": dict(**never, narrow_tail=False), "in kernel, narrow tail": dict(**never, narrow_tail=True),
-                "prerotate": dict(**always, narrow_tail=False), "prerotate, narrow tail": dict(**always, narrow_tail=True)}
+    variants = {"in kernel": dict(**never, narrow_tail=False),
+                "in kernel, narrow tail": dict(**never, narrow_tail=True),
+                "prerotate": dict(**always, narrow_tail=False),
+                "prerotate, narrow tail": dict(**always, narrow_tail=True)}
     rows = []
     for variant, config in variants.items():
         for step, launch in enumerate(training_step_launches(q, k, v, rope, **config)):
