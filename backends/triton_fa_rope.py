@@ -652,8 +652,10 @@ def _launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, *
     if not _CACHED_RUNNERS:
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return
-    key = (kernel, dev.index, num_warps, num_stages, *constexprs.items(),
-           *((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a) for a in args))
+    # ints as themselves (the common case, and the cheapest), other scalars with their type (1.0 is not 1)
+    key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
+           tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                  else (type(a), a) for a in args]))
     hit = _RUNNERS.get(key)
     if hit is None:
         compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)

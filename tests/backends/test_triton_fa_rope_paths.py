@@ -147,6 +147,9 @@ def test_launcher_keeps_compiled_kernels_per_specialization(monkeypatch):
     launch(x)
     assert len(kernel.jit_calls) == 1
     assert kernel.runner_calls == [((3, 1, 1), (x, 7, 0.5, 1, 2))]  # A, B appended in signature order
+    launch(torch.nn.Parameter(x.clone()))  # another tensor (a subclass, too) of the same facts: no new entry
+    assert len(kernel.jit_calls) == 1 and len(T._RUNNERS) == 1 and len(kernel.runner_calls) == 2
+    kernel.runner_calls.pop()
     # every fact Triton specializes on makes a new entry: alignment, dtype, scalar value and type, constexpr
     for i, variant in enumerate([x[1:], x.half(), dict(n=16), dict(n=7.0), dict(s=7.5), dict(B=3)], start=2):
         launch(variant) if isinstance(variant, torch.Tensor) else launch(x, **variant)
