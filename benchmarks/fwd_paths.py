@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnhub
 from attnhub.backends import triton_fa_rope as T
 from attnhub.bench import SHAPES as BENCH_SHAPES, _host_us
+from profile_host import host_rows  # benchmarks/ is on sys.path when this script runs
 
 SHAPES = {name: (B, H, g, P, D) for name, (B, H, N, D, P, g) in BENCH_SHAPES.items()  # (B, H, grid, prefix, D)
           if name != "vit_l16_224"}
@@ -129,19 +130,7 @@ def main() -> None:
         save()
 
     # host cost per call, tiny shape (the GPU work is negligible), fast vs slow launch
-    q = torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16)
-    t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda")
-    qg, kg, vg = (q.clone().requires_grad_() for _ in range(3))
-    do = torch.randn_like(q)
-    o, lse, (qs, ks) = T._forward(q, q, q, t, 0.125, True)
-    rows = {
-        "T._forward": lambda: T._forward(q, q, q, t, 0.125, False),
-        "T._backward": lambda: T._backward(do, qs, ks, q, o, lse, t, 0.125),
-        "T.attention fwd+bwd (autograd)": lambda: T.attention(qg, kg, vg, t, 0.125).backward(do),
-        "attnhub.attention fwd+bwd": lambda: attnhub.attention(qg, kg, vg, t).backward(do),
-        "F.sdpa fwd+bwd (autograd)": lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(do),
-        "F.sdpa fwd": lambda: F.scaled_dot_product_attention(q, q, q),
-    }
+    rows = host_rows()
     for launch_name, cached in LAUNCHES:
         use_launch(cached)
         for row, us in zip(rows, _host_us(list(rows.values()), 1000, torch.device("cuda"))):
