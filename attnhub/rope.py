@@ -177,6 +177,28 @@ def apply_rope(x: torch.Tensor, table: CosSinTable) -> torch.Tensor:
     return torch.cat([x[:, :, :p], rotated.to(x.dtype)], dim=2)
 
 
+def table_grad(cos: torch.Tensor, sin: torch.Tensor, prefix_tokens: int, layout: str, q: torch.Tensor,
+               k: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the loss w.r.t. a table's cos and sin ([N_grid, D/2] or [H, N_grid, D/2]) from the unrotated
+    q, k: [B, H, N, D] and the gradients dq, dk w.r.t. them (for backends that rotate outside autograd).
+
+    A pair (a, b) rotates to (a c - b s, b c + a s); its gradient g w.r.t. the rotated pair is R dx = (dxa c - dxb s,
+    dxb c + dxa s), so dL/dc = sum(g . (a, b)) = c U + s W and dL/ds = sum(g . (-b, a)) = s U - c W with
+    U = sum(dxa a + dxb b), W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k.
+    fp32 (fp64 tables stay fp64); prefix tokens do not rotate and contribute nothing.
+    """
+    ct = torch.promote_types(cos.dtype, torch.float32)
+    U = W = 0
+    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H, N_grid, D/2] each
+        (a, b), (ga, gb) = (split_pairs(t[:, :, prefix_tokens:].to(ct), layout) for t in (x, dx))
+        U = U + (ga * a + gb * b).sum(0)
+        W = W + (ga * b - gb * a).sum(0)
+    if cos.dim() == 2:  # one table shared by the heads
+        U, W = U.sum(0), W.sum(0)
+    c, s = cos.detach().to(ct), sin.detach().to(ct)
+    return (c * U + s * W).to(cos.dtype), (s * U - c * W).to(sin.dtype)
+
+
 def split_pairs(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [..., D] -> the rotary pairs' first and second channels a, b: [..., D/2] (views): channels (2j, 2j+1)
     for the interleaved layout, (j, j + D/2) for the half layout."""

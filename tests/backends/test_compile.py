@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import attnhub
+from attnhub.registry import REGISTRY
+from tests.backends.test_parity import available
 from tests.tolerances import assert_close_rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
+BACKENDS = sorted(REGISTRY.specs())
 
 
 def _inputs(B, H, grid, P, D, dtype, device, layout="interleaved"):
@@ -36,6 +38,8 @@ def test_fullgraph_matches_eager_math(backend, layout):
     torch._dynamo.reset()
     q, k, v, table = _inputs(2, 2, (3, 5), 1, 32, torch.float32, "cpu", layout or "interleaved")
     table = table if layout else None
+    if why := available(backend, q, k, v, table):
+        pytest.skip(f"{backend} cannot run this call: {why}")
     do = torch.randn_like(q)
 
     def f(q, k, v, table):
@@ -116,6 +120,21 @@ def test_opcheck_triton_custom_ops(layout):
     args = (q, k, v, cos, sin, 1 if layout != "none" else 0, layout, 32**-0.5, True)
     torch.library.opcheck(T._fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                        "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half_learnable"])
+def test_opcheck_rope_rotate_op(layout):
+    """attnhub::rope_rotate (triton_rope_sdpa's rotation): schema, fake tensor, autograd, AOT dispatch."""
+    from attnhub.backends import triton_rope_sdpa as R
+
+    q, k, _, table = _inputs(1, 2, (2, 3), 1, 32, torch.float32, DEVICE, layout.split("_")[0])
+    cos, sin = table.cos, table.sin
+    if layout.endswith("learnable"):
+        cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    for inverse in (False, True):
+        torch.library.opcheck(R._rotate_op, (q, k, cos, sin, 1, table.layout, inverse),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                          "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.gpu

@@ -1,0 +1,177 @@
+"""RoPE applied once by a Triton pass, then `F.scaled_dot_product_attention` (cuDNN on Hopper).
+
+Rotating each token once costs one read and one write of q and k, whereas a fused kernel that rotates K inside its
+tile loop re-rotates every K tile for every query block; at ViT lengths the separate pass plus PyTorch's fastest
+attention kernel wins (see benchmarks/README.md). Read top-down: the jit kernel, the launcher, the autograd
+function and the `torch.compile` operator, the entry.
+
+Forward: one launch rotates q and k (any strides in, e.g. views of a fused qkv projection; fp32 rotation math;
+prefix tokens pass unchanged; both layouts; shared or per-head tables) into buffers laid out [B, N, H, D] in memory
+(the layout a qkv projection produces, which SDPA's kernels read directly and mirror in o). Backward: SDPA's own
+backward, then one launch applying R^T to dq and dk; the table's gradient (learnable frequencies) as in
+`attnhub.rope.table_grad`.
+
+Non-finite inputs: a query row holding an inf or NaN is written as an all-NaN rotated row, so the row of o is NaN
+in every SDPA kernel (alone, SDPA returns 0 for a row whose scores are all -inf), as `math` defines it.
+"""
+
+from __future__ import annotations
+
+import functools
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from attnhub.rope import CosSinTable, table_grad
+
+_ROWS = 32  # tokens per program: 2 x 32 rows x D of q and k in flight, enough to saturate HBM at D = 64
+
+
+@triton.jit
+def _rotate_kernel(
+    X1, X2, Y1, Y2, COS, SIN,
+    sx1b, sx1h, sx1n, sx1d, sx2b, sx2h, sx2n, sx2d,
+    sy1b, sy1h, sy1n, sy1d, sy2b, sy2h, sy2n, sy2d,
+    stab_h, stab_n, H, N, P,
+    HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
+    SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Y1 = R X1, Y2 = R X2 (SIGN = 1) or R^T (SIGN = -1) for ROWS tokens of one (b, h); X, Y: [B, H, N, D]
+    of any strides. A pair (a, b) turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied."""
+    n_blocks = tl.cdiv(N, ROWS)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_n = (pid % n_blocks) * ROWS + tl.arange(0, ROWS)
+    offs_j = tl.arange(0, BLOCK_D2)
+    mask = (offs_n < N)[:, None] & (offs_j < HEAD_D2)[None, :]
+    t = offs_n - P
+    tab = h * stab_h + t[:, None] * stab_n + offs_j[None, :]
+    tmask = mask & (t >= 0)[:, None]
+    c = tl.load(COS + tab, mask=tmask, other=1.0).to(tl.float32)
+    s = tl.load(SIN + tab, mask=tmask, other=0.0).to(tl.float32) * SIGN
+    rows = offs_n[:, None].to(tl.int64)
+    pairs = (offs_j * PAIR_STEP)[None, :]
+
+    x = X1 + b * sx1b + h * sx1h + rows * sx1n + pairs * sx1d
+    xa = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    xb = tl.load(x + PAIR_OFF * sx1d, mask=mask, other=0.0).to(tl.float32)
+    ya, yb = xa * c - xb * s, xb * c + xa * s
+    if NAN_ROWS:  # x - x is NaN exactly where x is inf or NaN
+        bad = tl.max(((xa - xa) != 0).to(tl.int32) + ((xb - xb) != 0).to(tl.int32), axis=1) > 0
+        ya = tl.where(bad[:, None], float("nan"), ya)
+        yb = tl.where(bad[:, None], float("nan"), yb)
+    y = Y1 + b * sy1b + h * sy1h + rows * sy1n + pairs * sy1d
+    tl.store(y, ya.to(Y1.dtype.element_ty), mask=mask)
+    tl.store(y + PAIR_OFF * sy1d, yb.to(Y1.dtype.element_ty), mask=mask)
+
+    x = X2 + b * sx2b + h * sx2h + rows * sx2n + pairs * sx2d
+    xa = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    xb = tl.load(x + PAIR_OFF * sx2d, mask=mask, other=0.0).to(tl.float32)
+    y = Y2 + b * sy2b + h * sy2h + rows * sy2n + pairs * sy2d
+    tl.store(y, (xa * c - xb * s).to(Y2.dtype.element_ty), mask=mask)
+    tl.store(y + PAIR_OFF * sy2d, (xb * c + xa * s).to(Y2.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------- launcher
+_MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; (b, h, block of rows) is flattened onto axis 0
+
+
+def _bnhd_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, N, D] tensor laid out [B, N, H, D] in memory (what a qkv projection gives SDPA)."""
+    B, H, N, D = x.shape
+    return torch.empty(B, N, H, D, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(D: int, layout: str) -> dict:
+    interleaved = layout == "interleaved"
+    return dict(HEAD_D2=D // 2, BLOCK_D2=triton.next_power_of_2(D // 2), PAIR_STEP=2 if interleaved else 1,
+                PAIR_OFF=1 if interleaved else D // 2)
+
+
+def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
+            inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R x1, R x2), or (R^T x1, R^T x2) with `inverse`; x: [B, H, N, D] -> [B, H, N, D] laid out [B, N, H, D].
+
+    cos, sin: [N - prefix, D/2] or [H, N - prefix, D/2]. The forward rotation NaN-fills non-finite rows of x1 (q).
+    """
+    B, H, N, D = x1.shape
+    y1, y2 = _bnhd_like(x1), _bnhd_like(x2)
+    cos, sin = cos.detach(), sin.detach()
+    if cos.dtype != torch.float32:  # e.g. a bf16 table of a model cast to bf16: the rotation reads fp32 angles
+        cos, sin = cos.float(), sin.float()
+    programs = -(-N // _ROWS) * B * H
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"triton_rope_sdpa: {programs} programs exceed the launch-grid limit {_MAX_PROGRAMS}")
+    _rotate_kernel[(programs,)](
+        x1, x2, y1, y2, cos, sin, *x1.stride(), *x2.stride(), *y1.stride(), *y2.stride(),
+        cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), H, N, prefix,
+        SIGN=-1 if inverse else 1, NAN_ROWS=not inverse, ROWS=_ROWS, num_warps=4, **_meta(D, layout),
+    )
+    return y1, y2
+
+
+# --------------------------------------------------------------------------------------------------- autograd
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, rope):
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the table's gradient needs the unrotated q, k
+            ctx.save_for_backward(q, k)
+        ctx.rope = rope
+        return _rotate(q, k, cos, sin, rope.prefix_tokens, rope.layout, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dqr, dkr):
+        rope = ctx.rope
+        dq, dk = _rotate(dqr, dkr, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, inverse=True)
+        dcos = dsin = None
+        if ctx.saved_tensors:
+            dcos, dsin = table_grad(rope.cos, rope.sin, rope.prefix_tokens, rope.layout, *ctx.saved_tensors, dq, dk)
+        return dq, dk, dcos, dsin, None
+
+
+# Inside torch.compile the rotation runs as a custom operator, opaque to the compiler; eager calls skip the
+# operator layer (tens of microseconds of host time per call).
+@torch.library.custom_op("attnhub::rope_rotate", mutates_args=())
+def _rotate_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
+               inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(q, k, cos, sin, prefix, layout, inverse)
+
+
+@_rotate_op.register_fake
+def _(q, k, cos, sin, prefix, layout, inverse):
+    return _bnhd_like(q), _bnhd_like(k)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, cos, sin, prefix, layout, _ = inputs
+    table_needs_grad = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, *((q, k) if table_needs_grad else ()))
+    ctx.prefix, ctx.layout = prefix, layout
+
+
+def _op_backward(ctx, dqr, dkr):
+    cos, sin, *unrotated = ctx.saved_tensors
+    dq, dk = _rotate_op(dqr, dkr, cos, sin, ctx.prefix, ctx.layout, True)
+    dcos = dsin = None
+    if unrotated:
+        dcos, dsin = table_grad(cos, sin, ctx.prefix, ctx.layout, *unrotated, dq, dk)
+    return dq, dk, dcos, dsin, None, None, None
+
+
+_rotate_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------ entry
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
+) -> torch.Tensor:
+    """q, k, v: [B, H, N, D], rope: a table (the registry admits no call without one) -> o: [B, H, N, D] in q's
+    dtype (memory layout [B, N, H, D] where SDPA's kernel mirrors its inputs)."""
+    if torch.compiler.is_compiling():
+        qr, kr = _rotate_op(q, k, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, False)
+    else:
+        qr, kr = _Rotate.apply(q, k, rope.cos, rope.sin, rope)
+    return F.scaled_dot_product_attention(qr, kr, v, scale=scale)
