@@ -29,13 +29,43 @@ _ROWS = 32  # tokens per program: 2 x 32 rows x D of q and k in flight, enough t
 
 
 @triton.jit
+def _load_pairs(base, rows, rmask, mask, offs_j, sn, sd, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
+                PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr):
+    """The rotary pairs (a, b) of x[rows, :] as two fp32 [ROWS, BLOCK_D2] tiles; rmask: [ROWS, 1] rows in range,
+    mask: [ROWS, BLOCK_D2] also pairs in range."""
+    if SPLIT:  # interleaved pairs, D a power of two: one coalesced row load, pairs separated in registers
+        offs_d = tl.arange(0, 2 * BLOCK_D2)
+        x = tl.load(base + rows * sn + offs_d[None, :] * sd, mask=rmask, other=0.0)
+        xa, xb = tl.split(tl.reshape(x, [x.shape[0], BLOCK_D2, 2]))
+    else:  # half layout: two contiguous halves; interleaved with D not a power of two: strided loads
+        ptr = base + rows * sn + (offs_j * PAIR_STEP)[None, :] * sd
+        xa = tl.load(ptr, mask=mask, other=0.0)
+        xb = tl.load(ptr + PAIR_OFF * sd, mask=mask, other=0.0)
+    return xa.to(tl.float32), xb.to(tl.float32)
+
+
+@triton.jit
+def _store_pairs(base, ya, yb, rows, rmask, mask, offs_j, sn, sd, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr,
+                 PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr):
+    ty = base.dtype.element_ty
+    if SPLIT:
+        offs_d = tl.arange(0, 2 * BLOCK_D2)
+        y = tl.reshape(tl.join(ya, yb), [ya.shape[0], 2 * BLOCK_D2])
+        tl.store(base + rows * sn + offs_d[None, :] * sd, y.to(ty), mask=rmask)
+    else:
+        ptr = base + rows * sn + (offs_j * PAIR_STEP)[None, :] * sd
+        tl.store(ptr, ya.to(ty), mask=mask)
+        tl.store(ptr + PAIR_OFF * sd, yb.to(ty), mask=mask)
+
+
+@triton.jit
 def _rotate_kernel(
     X1, X2, Y1, Y2, COS, SIN,
     sx1b, sx1h, sx1n, sx1d, sx2b, sx2h, sx2n, sx2d,
     sy1b, sy1h, sy1n, sy1d, sy2b, sy2h, sy2n, sy2d,
     stab_h, stab_n, H, N, P,
     HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
-    SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr,
+    SPLIT: tl.constexpr, SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Y1 = R X1, Y2 = R X2 (SIGN = 1) or R^T (SIGN = -1) for ROWS tokens of one (b, h); X, Y: [B, H, N, D]
     of any strides. A pair (a, b) turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied."""
@@ -45,33 +75,28 @@ def _rotate_kernel(
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_n = (pid % n_blocks) * ROWS + tl.arange(0, ROWS)
     offs_j = tl.arange(0, BLOCK_D2)
-    mask = (offs_n < N)[:, None] & (offs_j < HEAD_D2)[None, :]
+    rmask = (offs_n < N)[:, None]
+    mask = rmask & (offs_j < HEAD_D2)[None, :]
     t = offs_n - P
     tab = h * stab_h + t[:, None] * stab_n + offs_j[None, :]
     tmask = mask & (t >= 0)[:, None]
     c = tl.load(COS + tab, mask=tmask, other=1.0).to(tl.float32)
     s = tl.load(SIN + tab, mask=tmask, other=0.0).to(tl.float32) * SIGN
     rows = offs_n[:, None].to(tl.int64)
-    pairs = (offs_j * PAIR_STEP)[None, :]
 
-    x = X1 + b * sx1b + h * sx1h + rows * sx1n + pairs * sx1d
-    xa = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    xb = tl.load(x + PAIR_OFF * sx1d, mask=mask, other=0.0).to(tl.float32)
+    xa, xb = _load_pairs(X1 + b * sx1b + h * sx1h, rows, rmask, mask, offs_j, sx1n, sx1d, BLOCK_D2, PAIR_STEP,
+                         PAIR_OFF, SPLIT)
     ya, yb = xa * c - xb * s, xb * c + xa * s
     if NAN_ROWS:  # x - x is NaN exactly where x is inf or NaN
         bad = tl.max(((xa - xa) != 0).to(tl.int32) + ((xb - xb) != 0).to(tl.int32), axis=1) > 0
         ya = tl.where(bad[:, None], float("nan"), ya)
         yb = tl.where(bad[:, None], float("nan"), yb)
-    y = Y1 + b * sy1b + h * sy1h + rows * sy1n + pairs * sy1d
-    tl.store(y, ya.to(Y1.dtype.element_ty), mask=mask)
-    tl.store(y + PAIR_OFF * sy1d, yb.to(Y1.dtype.element_ty), mask=mask)
-
-    x = X2 + b * sx2b + h * sx2h + rows * sx2n + pairs * sx2d
-    xa = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    xb = tl.load(x + PAIR_OFF * sx2d, mask=mask, other=0.0).to(tl.float32)
-    y = Y2 + b * sy2b + h * sy2h + rows * sy2n + pairs * sy2d
-    tl.store(y, (xa * c - xb * s).to(Y2.dtype.element_ty), mask=mask)
-    tl.store(y + PAIR_OFF * sy2d, (xb * c + xa * s).to(Y2.dtype.element_ty), mask=mask)
+    _store_pairs(Y1 + b * sy1b + h * sy1h, ya, yb, rows, rmask, mask, offs_j, sy1n, sy1d, BLOCK_D2, PAIR_STEP,
+                 PAIR_OFF, SPLIT)
+    xa, xb = _load_pairs(X2 + b * sx2b + h * sx2h, rows, rmask, mask, offs_j, sx2n, sx2d, BLOCK_D2, PAIR_STEP,
+                         PAIR_OFF, SPLIT)
+    _store_pairs(Y2 + b * sy2b + h * sy2h, xa * c - xb * s, xb * c + xa * s, rows, rmask, mask, offs_j, sy2n, sy2d,
+                 BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT)
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -87,8 +112,9 @@ def _bnhd_like(x: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _meta(D: int, layout: str) -> dict:
     interleaved = layout == "interleaved"
-    return dict(HEAD_D2=D // 2, BLOCK_D2=triton.next_power_of_2(D // 2), PAIR_STEP=2 if interleaved else 1,
-                PAIR_OFF=1 if interleaved else D // 2)
+    block_d2 = triton.next_power_of_2(D // 2)
+    return dict(HEAD_D2=D // 2, BLOCK_D2=block_d2, PAIR_STEP=2 if interleaved else 1,
+                PAIR_OFF=1 if interleaved else D // 2, SPLIT=interleaved and block_d2 == D // 2)
 
 
 def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
