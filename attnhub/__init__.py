@@ -8,12 +8,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import torch.fx
+
 from attnhub.api import attention, explain, tune, use_backend
 from attnhub.registry import REGISTRY, RegistryError, register_backend
 from attnhub.rope import CosSinTable
 from attnhub.select import BackendUnavailableError, Explanation, UnknownBackendError
 
 __version__ = "0.1.0"
+
+# Under FX symbolic tracing `attnhub.attention(...)` is one leaf node (it reads concrete shapes and dtypes to pick
+# a backend); the graph calls it when it runs.
+torch.fx.wrap("attention")
 
 # Import the backends subpackage now, so that the `backends()` function defined below is the last binding of
 # the name: a later `import attnhub.backends.<name>` must not replace it with the subpackage.

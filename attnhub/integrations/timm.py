@@ -14,6 +14,11 @@ A patched attention module computes q, k, v exactly as timm does (fused or separ
 bias, q/k norm, grouped k/v heads), then `attnhub.attention(q, k, v, rope=table, scale=module.scale)`, then
 timm's output norm, gate, projection and projection dropout. Patching swaps the instance's class for a
 subclass that only overrides `forward` (timm's classes are untouched; `unpatch` swaps it back).
+
+A patched model still goes through `torch.compile`, `torch.export` and FX symbolic tracing (`torch.fx`, timm's and
+torchvision's `create_feature_extractor`): in an FX graph `attnhub.attention` and the table build are leaf calls,
+and a mask is refused when the graph runs. TorchScript cannot compile it: `torch.jit.script` (of the model or of
+its FX graph) and `patch` under `timm.layers.set_scriptable(True)` raise NotImplementedError naming the way out.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import attention as _timm_attention
+from timm.layers import is_scriptable, register_notrace_function
 from timm.models.eva import Eva, EvaAttention
 
 import attnhub
@@ -41,6 +47,10 @@ def patch(model: nn.Module) -> nn.Module:
     Patched: the `attn` of each block of an `Eva` whose `rope` is set. Already patched modules are left as they
     are; `patched(model)` lists the names. Raises ValueError when `model` holds no such module.
     """
+    if is_scriptable():
+        raise NotImplementedError(
+            f"attnhub.integrations.timm.patch: timm.layers.set_scriptable(True) is on, and {_NO_TORCHSCRIPT}"
+        )
     names = []
     for name, module in _rope_attention_modules(model):
         cls = _PATCHED.get(type(module))
@@ -84,10 +94,8 @@ def _rope_attention_modules(model: nn.Module):
 def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
              is_causal: bool = False) -> torch.Tensor:
     """x: [B, N, C] with N = prefix tokens + grid; rope: [N_grid, 2*D] or [H, N_grid, 2*D] -> [B, N, C_out]."""
-    if attn_mask is not None:
-        raise NotImplementedError("attnhub-patched timm attention: attn_mask is not supported; unpatch the model")
-    if is_causal:
-        raise NotImplementedError("attnhub-patched timm attention: is_causal=True is not supported")
+    if attn_mask is not None or is_causal is not False:  # identity tests only: FX Proxies reach the leaf
+        x = _no_mask(x, attn_mask, is_causal)
     if self.training and self.attn_drop.p > 0:
         raise NotImplementedError(
             f"attnhub-patched timm attention: attention dropout (attn_drop p={self.attn_drop.p}) in training "
@@ -97,9 +105,13 @@ def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask:
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     q, k, v = _qkv(self, x)
     q, k = self.q_norm(q), self.k_norm(k)
-    if q.shape[1] != k.shape[1]:  # grouped-query attention: head h reads k/v head h // groups, as in timm
-        groups = q.shape[1] // k.shape[1]
+    groups = self.num_heads // _kv_heads(self)  # from attributes, not shapes: under FX tracing shapes are Proxies
+    if groups > 1:  # grouped-query attention: head h reads k/v head h // groups, as in timm
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if isinstance(x, torch.fx.Proxy) and isinstance(rope, torch.Tensor):
+        # FX tracing, timm's fixed-grid embedding buffer: made a graph value, so that the `_table` leaf builds the
+        # table when the graph runs (following the buffer, its device and in-place edits) instead of now
+        rope = torch.fx.Proxy(x.tracer.create_arg(rope), x.tracer)
     table = None if rope is None else _table(rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
     x = attnhub.attention(q, k, v, rope=table, scale=self.scale)  # [B, H, N, D], laid out [B, N, H, D]
     x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
@@ -122,10 +134,24 @@ def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
                 qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
         return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-    kv_heads = getattr(self, "num_kv_heads", self.num_heads)
-    k = self.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
-    v = self.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    k = self.k_proj(x).reshape(B, N, _kv_heads(self), -1).transpose(1, 2)
+    v = self.v_proj(x).reshape(B, N, _kv_heads(self), -1).transpose(1, 2)
     return q, k, v
+
+
+def _kv_heads(self) -> int:
+    """k/v heads: fewer than `num_heads` only with separate projections and `num_kv_heads` (timm >= 1.0.30)."""
+    return self.num_heads if self.qkv is not None else getattr(self, "num_kv_heads", self.num_heads)
+
+
+def _no_mask(x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """x, after refusing what attnhub does not compute. A leaf under FX tracing (see the end of this module):
+    there `attn_mask` and `is_causal` are Proxies of the model's inputs, known only when the graph runs."""
+    if attn_mask is not None:
+        raise NotImplementedError("attnhub-patched timm attention: attn_mask is not supported; unpatch the model")
+    if is_causal:
+        raise NotImplementedError("attnhub-patched timm attention: is_causal=True is not supported; unpatch the model")
+    return x
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -158,9 +184,23 @@ def _table(emb: torch.Tensor, prefix_tokens: int, half: bool) -> CosSinTable:
 
 
 # --------------------------------------------------------------------------------------- patched classes
+def _refuse_scripting(*_):
+    """torch.jit.script calls this on every submodule, and on every function a graph calls, before compiling them:
+    a clear error instead of TorchScript's (patched modules; the leaves of an FX graph traced from a patched model)."""
+    raise NotImplementedError(_NO_TORCHSCRIPT)
+
+
+_NO_TORCHSCRIPT = (
+    "attnhub-patched timm attention cannot be compiled by TorchScript (attnhub.attention picks its backend in "
+    "Python). Script the model without attnhub (leave it unpatched, or attnhub.integrations.timm.unpatch(model)), "
+    "or keep it patched and use torch.export.export or torch.compile, which run attnhub"
+)
+
+
 def _subclass(base: type) -> type:
     """A subclass of timm's `base` whose forward runs on attnhub; module-level, so patched models pickle."""
-    cls = type(f"Attnhub{base.__name__}", (base,), {"forward": _forward, "__module__": __name__})
+    attrs = {"forward": _forward, "__prepare_scriptable__": _refuse_scripting, "__module__": __name__}
+    cls = type(f"Attnhub{base.__name__}", (base,), attrs)
     cls.__doc__ = f"timm's {base.__name__} with attention by `attnhub.attention` (see attnhub.integrations.timm)."
     globals()[cls.__name__] = cls
     return cls
@@ -169,3 +209,12 @@ def _subclass(base: type) -> type:
 _BASES = [EvaAttention] + ([_timm_attention.AttentionRope] if hasattr(_timm_attention, "AttentionRope") else [])
 _PATCHED = {base: _subclass(base) for base in _BASES}  # timm class -> patched subclass
 _ORIGINAL = {cls: base for base, cls in _PATCHED.items()}
+
+# FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records these calls as single
+# nodes instead of running them on Proxies: they read concrete values (the mask, the embedding's shape, the
+# tables' facts). `torch.fx.wrap` covers every tracer; timm's own list also covers code that imported the
+# function by name (`from attnhub import attention`).
+torch.fx.wrap("_no_mask")
+torch.fx.wrap("_table")
+_no_mask.__prepare_scriptable__ = _table.__prepare_scriptable__ = _refuse_scripting
+register_notrace_function(attnhub.attention)
