@@ -94,7 +94,8 @@ def _rope_attention_modules(model: nn.Module):
 def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
              is_causal: bool = False) -> torch.Tensor:
     """x: [B, N, C] with N = prefix tokens + grid; rope: [N_grid, 2*D] or [H, N_grid, 2*D] -> [B, N, C_out]."""
-    if attn_mask is not None or is_causal is not False:  # identity tests only: FX Proxies reach the leaf
+    # `is`, never bool(): under FX tracing both are Proxies, which the `_no_mask` leaf checks when the graph runs
+    if attn_mask is not None or is_causal is not False:
         x = _no_mask(x, attn_mask, is_causal)
     if self.training and self.attn_drop.p > 0:
         raise NotImplementedError(
