@@ -13,12 +13,11 @@ from typing import Iterator
 
 import torch
 
-from attnhub import _env, select
+from attnhub import select, settings
 from attnhub import tune as _tune
 from attnhub.rope import CosSinTable
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnhub_backend", default=None)
-_env_backend = _env.getter("ATTNHUB_BACKEND")
 
 
 def attention(
@@ -158,7 +157,7 @@ def tune(
 
 def _forced(backend: str | None) -> str | None:
     """The forced backend: per call, else `use_backend`, else ATTNHUB_BACKEND; None for automatic."""
-    return backend or _FORCED.get() or _env_backend() or None
+    return backend or _FORCED.get() or settings.backend()
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
+from attnhub import settings
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "attnhub.backends"
@@ -268,7 +270,7 @@ def _build_default() -> Registry:
     text, source = _builtin_registry_text()
     registry.add(_parse_document(_load_yaml(text, source), source, {}))
     _load_entry_points(registry)
-    user_file = os.environ.get("ATTNHUB_REGISTRY")
+    user_file = settings.registry()
     if user_file:
         registry.load_file(user_file)
     return registry

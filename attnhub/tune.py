@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from attnhub import _env
+from attnhub import settings
 from attnhub.registry import REGISTRY
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,12 @@ _results: dict[str, dict[str, str]] | None = None  # environment -> key -> backe
 _results_path: Path | None = None  # the file `_results` was loaded from
 
 
-_env_tune = _env.getter("ATTNHUB_TUNE")
-
-
 def enabled() -> bool:
-    return _env_tune() == "1"
+    return settings.tune()
 
 
 def _path() -> Path:
-    root = os.environ.get("ATTNHUB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "attnhub")
-    return Path(root) / "tune.json"
+    return Path(settings.cache_dir()) / "tune.json"
 
 
 def _environment(device_type: str, device_index: int | None) -> str:
