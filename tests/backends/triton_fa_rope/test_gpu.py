@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnhub
+from attnhub import settings
 from tests.tolerances import assert_close_rel
 
 pytestmark = pytest.mark.gpu
@@ -140,35 +141,35 @@ def test_automatic_choice_is_triton_on_gpu():
 @pytest.mark.parametrize("path", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,grid,P,layout", [(2, 6, (14, 14), 1, "interleaved"), (1, 3, (24, 24), 5, "half")])
-def test_both_backward_paths(B, H, grid, P, layout, dtype, path, monkeypatch):
+def test_both_backward_paths(B, H, grid, P, layout, dtype, path):
     """The split (default) and the fused (ATTNHUB_TRITON_BWD=fused) backward, compiled, against float64 math."""
-    from attnhub.backends import triton_fa_rope as T
-
-    monkeypatch.setattr(T, "_BWD_PATH", path)
     N, D = P + grid[0] * grid[1], 64
     table = attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout, device="cuda")
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
-    _check(q, k, v, table, dtype)
+    with settings.override(triton_bwd=path):
+        _check(q, k, v, table, dtype)
 
 
 def test_relaunch_through_the_cached_compiled_kernel_is_bitwise_equal():
-    """The second call of a shape launches the compiled kernels `_launch` keeps (not `kernel[grid]`): same bits."""
-    from attnhub.backends import triton_fa_rope as T
+    """The second call of a shape launches the compiled kernels `runtime.launch` keeps (not `kernel[grid]`): same
+    bits."""
+    import triton
 
-    if not T._CACHED_RUNNERS:
-        pytest.skip(f"triton {T.triton.__version__}: launches go through kernel[grid] only")
+    from attnhub.backends.triton_fa_rope import runtime
+
+    if not runtime.KEEPS_RUNNERS:
+        pytest.skip(f"triton {triton.__version__}: launches go through kernel[grid] only")
     table = attnhub.CosSinTable(grid=(14, 14), head_dim=64, device="cuda")
     q, k, v = (torch.randn(2, 6, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     do = torch.randn_like(q)
-    T._RUNNERS.clear()
-    first = _run("triton_fa_rope", q, k, v, do, table)
-    assert T._RUNNERS, "no launch was kept"
-    hits = []  # launches through the kept kernels
-    runners = dict(T._RUNNERS)
-    T._RUNNERS.clear()
-    T._RUNNERS.update({key: (_Counting(compiled, hits), tail) for key, (compiled, tail) in runners.items()})
-    again = _run("triton_fa_rope", q, k, v, do, table)
-    assert set(T._RUNNERS) == set(runners) and len(hits) >= len(runners)  # no launch missed the kept kernels
+    with runtime.fresh_caches() as state:
+        first = _run("triton_fa_rope", q, k, v, do, table)
+        assert state.runners, "no launch was kept"
+        hits = []  # launches through the kept kernels
+        runners = dict(state.runners)
+        state.runners.update({key: (_Counting(compiled, hits), tail) for key, (compiled, tail) in runners.items()})
+        again = _run("triton_fa_rope", q, k, v, do, table)
+        assert set(state.runners) == set(runners) and len(hits) >= len(runners)  # no launch missed the kept ones
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     _check(q, k, v, table, torch.bfloat16)

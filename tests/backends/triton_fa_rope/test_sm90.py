@@ -2,8 +2,8 @@
 
 CI has no GPU and the interpreter compiles nothing, so without this a kernel that the GPU compiler rejects (a type
 mismatch between branches, a shape tl.dot refuses, a config that needs more shared memory than a Hopper block
-has) or a launcher that passes the wrong arguments would first fail on a user's GPU. `benchmarks/sm90_static.py
---matrix` records the launches of real inference forwards, training forwards and backwards (CPU tensors, the
+has) or a launcher that passes the wrong arguments would first fail on a user's GPU. `sm90.py --matrix` (next to
+this file) records the launches of real inference forwards, training forwards and backwards (CPU tensors, the
 Hopper config table, launches recorded rather than run) over head dims, dtypes, layouts, per-head tables, cross
 attention and the forward variants, and compiles each with `triton.compile` for sm_90: the exact arguments,
 constexprs and launch options a GPU call would use. It runs in a subprocess without TRITON_INTERPRET (which this
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sm90_static.py"
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_launch_compiles_for_sm90(tmp_path):
@@ -34,15 +34,15 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         pytest.skip("this triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--matrix"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.backends.triton_fa_rope.sm90", "--matrix"], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["ok"], "\n".join(result["failures"])
     compiled = {(r["case"], r["variant"], r["kernel"]) for r in result["rows"]}
     # the matrix really ran: every path's kernels were compiled
-    assert ("d64_bf16_interleaved", "default", "_bwd_dq_kernel") in compiled
-    assert ("d64_bf16_interleaved", "fused_backward", "_bwd_fused_kernel") in compiled
-    assert ("d64_bf16_interleaved", "prerotate_narrow_tail", "_rotate_kernel") in compiled
-    assert ("d256_bf16_interleaved", "default", "_fwd_kernel") in compiled
+    assert ("d64_bf16_interleaved", "default", "bwd_dq_kernel") in compiled
+    assert ("d64_bf16_interleaved", "fused_backward", "bwd_fused_kernel") in compiled
+    assert ("d64_bf16_interleaved", "prerotate_narrow_tail", "rotate_kernel") in compiled
+    assert ("d256_bf16_interleaved", "default", "fwd_kernel") in compiled
     assert len(compiled) >= 30

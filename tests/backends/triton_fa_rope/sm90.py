@@ -1,27 +1,28 @@
 """The triton_fa_rope kernels compiled for Hopper (sm_90) offline, without a GPU: what the launcher really launches.
 
-`record_launches` runs the backend's own launcher (`_forward`, `_backward`) on CPU tensors with the launch replaced
-by a recorder and the per-GPU config table of the target, so every recorded launch carries the exact arguments,
+`training_step_launches` runs the backend's own launcher (`launch.forward`, `launch.backward`) on CPU tensors with a
+recording launcher and the config table of the target, so every recorded launch carries the exact arguments,
 compile-time parameters and launch options a GPU call would. `compile_launch` compiles one for sm_90 with
 `triton.compile(..., target=GPUTarget("cuda", 90, 32))` (Triton's own specialization: ints equal to 1 become
 constants, pointers and ints divisible by 16 get the divisibility hint) and reports shared memory, registers and
 spills (ptxas -v on the PTX) and the instruction mix that tells how K and V reach the tensor cores (wgmma, cp.async,
 TMA, plain global loads, ldmatrix, ex2). A GPU measures speed; this says what the compiler made of each variant.
 
-Usage:
-    python benchmarks/sm90_static.py [--out FILE]   ViT-S/16 bf16: each forward variant and the backward, reported
-    python benchmarks/sm90_static.py --matrix       every launch of `MATRIX` (head dims, dtypes, layouts, per-head
-                                                    and cross attention, variants) must compile and fit the shared
-                                                    memory of an sm_90 block; exit 1 otherwise. CI runs this
-                                                    (tests/backends/test_triton_fa_rope_sm90.py): it has no GPU,
-                                                    and the interpreter compiles nothing.
+Usage (from the repository root):
+    python -m tests.backends.triton_fa_rope.sm90 --matrix
+        every launch of `MATRIX` (head dims, dtypes, layouts, per-head and cross attention, variants) must compile
+        and fit the shared memory of an sm_90 block; exit 1 otherwise. CI runs this (test_sm90.py next to this
+        file): it has no GPU, and the interpreter compiles nothing.
+    python -m tests.backends.triton_fa_rope.sm90 --out FILE
+        ViT-S/16 bf16: each forward variant and the backward, with registers, spills and instruction mix (the sm_90
+        record in benchmarks/results/ was made this way).
 Triton must not be in interpreter mode (TRITON_INTERPRET unset): the kernels must be compilable JIT functions.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NamedTuple
 
 import torch
 import triton
@@ -37,7 +37,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from attnhub import CosSinTable
-from attnhub.backends import triton_fa_rope as T
+from attnhub.backends.triton_fa_rope import configs
+from attnhub.backends.triton_fa_rope import launch as launcher
+from attnhub.backends.triton_fa_rope.runtime import Launch
 
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -46,52 +48,20 @@ _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_asy
                "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx"}
 
 
-class Launch(NamedTuple):
-    kernel: object
-    args: tuple
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
-
-
-@contextlib.contextmanager
-def record_launches(arch: int = 9, **config):
-    """Within: triton_fa_rope's launcher records its launches (list yielded) instead of running them, plans with
-    the config table of compute capability `arch` (`config` overrides entries, e.g. prerotate_from_n=(0, 0)), and
-    picks dot dtypes as on a GPU (not the interpreter's)."""
-    launches: list[Launch] = []
-    saved = T._launch, T._configs, T._INTERPRET
-
-    def configs(q, block_d):
-        return {**T._arch_configs(arch, block_d), **config}
-
-    T._launch = lambda kernel, grid, args, num_warps, num_stages, **cx: launches.append(
-        Launch(kernel, args, cx, num_warps, num_stages))
-    T._configs, T._INTERPRET = configs, False
-    T._meta_for.cache_clear()
-    try:
-        yield launches
-    finally:
-        T._launch, T._configs, T._INTERPRET = saved
-        T._meta_for.cache_clear()
-
-
 def training_step_launches(q, k, v, rope, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
-    """Every launch of an inference forward, a training forward and its backward (`bwd`: split or fused)."""
+    """Every launch of an inference forward, a training forward and its backward (`bwd`: split or fused) with the
+    config table of compute capability `arch` (`config` replaces its fields, e.g. prerotate_from_n=0), recorded
+    instead of run."""
     scale = q.shape[-1] ** -0.5
-    saved_path = T._BWD_PATH
-    T._BWD_PATH = bwd
-    try:
-        with record_launches(arch, **config) as launches:
-            T._forward(q, k, v, rope, scale, False)
-            o, lse, (qs, ks) = T._forward(q, k, v, rope, scale, True)
-            T._backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale)
-    finally:
-        T._BWD_PATH = saved_path
+    cfg = dataclasses.replace(configs.for_arch(arch, q.shape[-1]), **config)
+    launches: list[Launch] = []
+
+    def record(kernel, grid, args, num_warps, num_stages, **constexprs):
+        launches.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
+
+    launcher.forward(q, k, v, rope, scale, False, cfg, launch=record)
+    o, lse, (qs, ks) = launcher.forward(q, k, v, rope, scale, True, cfg, launch=record)
+    launcher.backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale, cfg, bwd == "fused", launch=record)
     return launches
 
 
@@ -166,11 +136,13 @@ CASES = {
 }
 # name: (launcher config overrides, backward path); every case runs "default" (the Hopper table: at N = 197 RoPE in
 # the kernel, narrow last K tile), the ViT case every variant
+NEVER = dict(prerotate_from_n=None, prerotate_train_from_n=None)
+ALWAYS = dict(prerotate_from_n=0, prerotate_train_from_n=0)
 VARIANTS = {
     "default": ({}, "split"),
     "fused_backward": ({}, "fused"),
-    "prerotate_narrow_tail": (dict(prerotate_from_n=(0, 0), narrow_tail=True), "split"),
-    "in_kernel_full_tail": (dict(prerotate_from_n=(None, None), narrow_tail=False), "split"),
+    "prerotate_narrow_tail": (dict(**ALWAYS, narrow_tail=True), "split"),
+    "in_kernel_full_tail": (dict(**NEVER, narrow_tail=False), "split"),
 }
 MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) for v in VARIANTS if v != "default"]
 
@@ -227,8 +199,8 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--matrix", action="store_true", help="compile every launch of MATRIX; exit 1 on a failure")
     args = ap.parse_args()
-    if T._INTERPRET:
-        raise SystemExit("sm90_static.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+    if configs.INTERPRET:
+        raise SystemExit("sm90: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     if args.matrix:
         result = check_matrix()
         print(json.dumps(result, indent=1))
@@ -237,15 +209,14 @@ def main() -> int:
     N = P + g * g
     q, k, v = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)
     rope = CosSinTable(grid=(g, g), head_dim=D, prefix_tokens=P)
-    never, always = dict(prerotate_from_n=(None, None)), dict(prerotate_from_n=(0, 0))
-    variants = {"in kernel": dict(**never, narrow_tail=False),
-                "in kernel, narrow tail": dict(**never, narrow_tail=True),
-                "prerotate": dict(**always, narrow_tail=False),
-                "prerotate, narrow tail": dict(**always, narrow_tail=True)}
+    variants = {"in kernel": dict(**NEVER, narrow_tail=False),
+                "in kernel, narrow tail": dict(**NEVER, narrow_tail=True),
+                "prerotate": dict(**ALWAYS, narrow_tail=False),
+                "prerotate, narrow tail": dict(**ALWAYS, narrow_tail=True)}
     rows = []
     for variant, config in variants.items():
         for step, launch in enumerate(training_step_launches(q, k, v, rope, **config)):
-            if variant != "in kernel" and launch.name.startswith("_bwd"):
+            if variant != "in kernel" and launch.name.startswith("bwd"):
                 continue  # the backward does not depend on the forward variant
             report = compile_launch(launch)
             cfg = (launch.constexprs.get("BLOCK_M"), launch.constexprs.get("BLOCK_N"), launch.num_warps,

@@ -1,0 +1,36 @@
+"""FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
+
+Read in this order, one job per module:
+    kernels.py    the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
+    configs.py    `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`, `override`,
+                  and `LIMITS` (what the tables cover; the registry checks its entry against it at load)
+    launch.py     compile-time parameters, grids, strides: `forward` and `backward` with an explicit config
+    runtime.py    the only module touching Triton internals: kept compiled runners, compiling ahead
+    autograd.py   the `autograd.Function`, the torch.compile custom operators and the entry `attention`
+
+The registry's entry is `attention(q, k, v, rope, scale)` (q: [B, H, N, D], k, v: [B, H, N_kv, D]) -> o. It is
+imported from `autograd` on first access, so that reading `configs` (the registry does, at `import attnhub`) loads
+neither Triton's kernels nor the custom operators.
+
+Switches: ATTNHUB_TRITON_BWD (the backward path) and ATTNHUB_TRITON_COMPILE_AHEAD, through `attnhub.settings`.
+Under `TRITON_INTERPRET=1` (CPU) the interpreter's config table is used and bfloat16 dot operands are upcast to
+fp32 (triton-lang/triton#11584).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from attnhub.backends.triton_fa_rope.autograd import attention
+
+__all__ = ["attention"]
+
+
+def __getattr__(name: str):
+    if name == "attention":
+        from attnhub.backends.triton_fa_rope.autograd import attention
+
+        globals()["attention"] = attention
+        return attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

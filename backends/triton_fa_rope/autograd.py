@@ -1,0 +1,181 @@
+"""Gradients of triton_fa_rope: the `autograd.Function` of eager calls, the torch.compile custom operators, and the
+entry `attention` the registry points to.
+
+Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
+helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
+call. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
+it shapes and strides).
+
+Training: the forward also returns the rotated q and k it computed, so the backward kernels need no rotation. A
+table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch after
+the backward kernels, from the unrotated q, k (then saved as well) and their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from attnhub import settings
+from attnhub.backends.triton_fa_rope import configs, launch, runtime
+from attnhub.rope import CosSinTable, split_pairs
+
+
+class _Table(NamedTuple):
+    """The parts of a `CosSinTable` the kernels read; cos, sin: [N_grid, D/2] or [H, N_grid, D/2]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prefix_tokens: int
+    layout: str
+
+    @property
+    def per_head(self) -> bool:
+        return self.cos.dim() == 3
+
+
+def _table_grad(rope, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the loss w.r.t. rope.cos and rope.sin ([N_grid, D/2] or [H, N_grid, D/2]), in PyTorch.
+
+    q, k: [B, H, N, D] the unrotated inputs; dq, dk: the kernels' gradients w.r.t. them. A pair (a, b) rotates to
+    (a c - b s, b c + a s); its gradient g w.r.t. the rotated pair is R dx = (dxa c - dxb s, dxb c + dxa s), so
+    dL/dc = sum(g . (a, b)) = c U + s W and dL/ds = sum(g . (-b, a)) = s U - c W with U = sum(dxa a + dxb b),
+    W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k. fp32 (fp64 tables stay
+    fp64); prefix tokens do not rotate and contribute nothing.
+    """
+    P, ct = rope.prefix_tokens, torch.promote_types(rope.cos.dtype, torch.float32)
+    U = W = 0
+    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H, N_grid, D/2] each
+        (a, b), (ga, gb) = (split_pairs(t[:, :, P:].to(ct), rope.layout) for t in (x, dx))
+        U = U + (ga * a + gb * b).sum(0)
+        W = W + (ga * b - gb * a).sum(0)
+    if not rope.per_head:
+        U, W = U.sum(0), W.sum(0)
+    cos, sin = rope.cos.detach().to(ct), rope.sin.detach().to(ct)
+    return (cos * U + sin * W).to(rope.cos.dtype), (sin * U - cos * W).to(rope.sin.dtype)
+
+
+def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_saved) -> None:
+    """Keep what the backward needs: q_saved, k_saved (rotated with RoPE), v, o, lse, the table and, when the table
+    requires grad, the unrotated q and k."""
+    table_grad = table is not None and (table.cos.requires_grad or table.sin.requires_grad)
+    ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if table is None else (table.cos, table.sin)),
+                          *((q, k) if table_grad else ()))
+    ctx.table_meta = None if table is None else (table.prefix_tokens, table.layout)
+    ctx.scale = scale
+
+
+def _saved(ctx):
+    """-> q, k (as saved), v, o, lse, the table (or None), the unrotated q and k (empty when not saved), scale."""
+    q, k, v, o, lse, *rest = ctx.saved_tensors
+    if ctx.table_meta is None:
+        return q, k, v, o, lse, None, (), ctx.scale
+    cos, sin, *unrotated = rest
+    return q, k, v, o, lse, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
+
+
+def _backward(do, q, k, v, o, lse, rope, scale):
+    """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD)."""
+    config = configs.for_call(q.device, q.shape[-1])
+    fused = launch.use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
+    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused)
+
+
+class FlashRopeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, rope, scale):
+        """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients."""
+        table_grad = any(ctx.needs_input_grad[3:5])
+        training = any(ctx.needs_input_grad[:3]) or table_grad
+        config = configs.for_call(q.device, q.shape[-1])
+        if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
+            launch.compile_ahead(q, k, v, rope, scale, config)
+        o, lse, (q_saved, k_saved) = launch.forward(q, k, v, rope, scale, training, config)
+        if training:
+            table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
+            _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, table, unrotated, scale = _saved(ctx)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, table, scale)
+        dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
+        return dq, dk, dv, dcos, dsin, None, None
+
+
+def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
+    return None if layout == "none" else _Table(cos, sin, prefix, layout)
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
+def fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    prefix: int, layout: str, scale: float, save_rotated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+    rope = _op_table(cos, sin, prefix, layout)
+    o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]))
+    if not (save_rotated and rope is not None):
+        qr, kr = q.new_empty(0), k.new_empty(0)
+    return o, lse, qr, kr
+
+
+@fwd_op.register_fake
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated):
+    B, H, N_Q, D = q.shape
+    lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
+    if save_rotated and layout != "none":
+        rot_dtype = launch.rot_dtype(q.dtype)
+        qr, kr = q.new_empty(q.shape, dtype=rot_dtype), k.new_empty(k.shape, dtype=rot_dtype)
+    else:
+        qr, kr = q.new_empty(0), k.new_empty(0)
+    return launch.output_like(q), lse, qr, kr
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_bwd", mutates_args=())
+def bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k: rotated (saved by the forward) with RoPE -> dq, dk, dv."""
+    return _backward(do, q, k, v, o, lse, _op_table(cos, sin, prefix, layout), scale)
+
+
+@bwd_op.register_fake
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale):
+    return tuple(torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, prefix, layout, scale, _ = inputs
+    o, lse, qr, kr = output
+    table = _op_table(cos, sin, prefix, layout)
+    _save(ctx, q, k, v, table, scale, o, lse, *((q, k) if table is None else (qr, kr)))
+
+
+def _op_backward(ctx, do, _dlse, _dqr, _dkr):
+    q, k, v, o, lse, table, unrotated, scale = _saved(ctx)
+    cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
+    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale)
+    dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
+    return dq, dk, dv, dcos, dsin, None, None, None, None
+
+
+fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
+) -> torch.Tensor:
+    """q: [B, H, N, D], k, v: [B, H, N_kv, D] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    if torch.compiler.is_compiling():
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                or (rope is not None and rope.requires_grad))
+        if rope is None:
+            return fwd_op(q, k, v, None, None, 0, "none", scale, training)[0]
+        return fwd_op(q, k, v, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, scale, training)[0]
+    if rope is None:
+        return FlashRopeAttention.apply(q, k, v, None, None, None, scale)
+    return FlashRopeAttention.apply(q, k, v, rope.cos, rope.sin, rope, scale)

@@ -1,0 +1,131 @@
+"""Launch configs of the triton_fa_rope kernels: one table per GPU architecture, without importing Triton.
+
+`KernelConfig` is one kernel's (block_m, block_n, num_warps, num_stages); `ArchConfigs` holds every kernel's config
+for head dims up to its `max_head_dim`, and the forward's variants. `for_call(device, head_dim)` picks the table a
+call runs with; `override(**fields)` replaces fields of whatever it picks, for sweeps and tests. Fixed configs, no
+run-time autotuning: the first call of a new shape costs one compilation per kernel. How the Hopper tables were
+measured: benchmarks/README.md.
+
+`LIMITS` is what the tables cover, in the registry's vocabulary; `registry.yaml` names it (`limits:`), so an entry
+that allows more is a `RegistryError` when the registry loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from typing import Any, Iterator, NamedTuple
+
+import torch
+
+
+class KernelConfig(NamedTuple):
+    """One kernel's launch: rows of queries and keys per tile, warps, software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfigs:
+    """Every kernel's config for head dims up to `max_head_dim` on one architecture.
+
+    fwd: inference forward; fwd_train: the training forward (it also writes the rotated q and k);
+    fwd_train_prerotated: the training forward after the rotation pass (None: fwd_train); dkdv, dq: the split
+    backward's kernels; bwd_fused: the fused backward, taken automatically while max(N_Q, N_KV) <= bwd_fused_max_n.
+    prerotate_from_n, prerotate_train_from_n: from this K/V length on (None: never), inference rotates K, training
+    q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
+    rotation per query block. narrow_tail: the last, partial K tile only as wide as the remainder needs.
+    """
+
+    max_head_dim: int
+    fwd: KernelConfig
+    fwd_train: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+    bwd_fused: KernelConfig
+    fwd_train_prerotated: KernelConfig | None = None
+    bwd_fused_max_n: int = 0
+    prerotate_from_n: int | None = None
+    prerotate_train_from_n: int | None = None
+    narrow_tail: bool = False
+
+
+K = KernelConfig
+# Hopper (H100/H200), swept on an H100 for D <= 64; larger D not yet swept. The fused backward is slower than the
+# split one at every swept shape (B*H programs are too few), so bwd_fused_max_n = 0: only when forced.
+HOPPER = (
+    ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(128, 64, 8, 3),
+                dkdv=K(32, 128, 4, 2), dq=K(128, 64, 8, 3), bwd_fused=K(128, 128, 8, 1),
+                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True),
+    ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
+                bwd_fused=K(64, 64, 8, 2)),
+    ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),
+                bwd_fused=K(32, 32, 8, 1)),
+)
+# Other GPUs: not swept.
+OTHER = (
+    ArchConfigs(64, fwd=K(64, 64, 4, 2), fwd_train=K(64, 64, 4, 2), dkdv=K(64, 64, 4, 2), dq=K(64, 64, 4, 2),
+                bwd_fused=K(64, 64, 4, 2)),
+    ArchConfigs(128, fwd=K(64, 64, 4, 2), fwd_train=K(64, 64, 4, 2), dkdv=K(64, 32, 4, 2), dq=K(64, 32, 4, 2),
+                bwd_fused=K(64, 32, 4, 2)),
+    ArchConfigs(256, fwd=K(64, 32, 8, 1), fwd_train=K(64, 32, 8, 1), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),
+                bwd_fused=K(32, 32, 8, 1)),
+)
+# The CPU interpreter: small blocks keep it fast; one warp, one stage (it simulates neither).
+INTERPRETER = (
+    ArchConfigs(256, fwd=K(32, 32, 1, 1), fwd_train=K(32, 32, 1, 1), fwd_train_prerotated=K(32, 32, 1, 1),
+                dkdv=K(32, 32, 1, 1), dq=K(32, 32, 1, 1), bwd_fused=K(32, 32, 1, 1)),
+)
+TABLES: dict[int, tuple[ArchConfigs, ...]] = {9: HOPPER}  # compute capability major -> table; others: OTHER
+del K
+
+# What every table covers, for the registry's check at load (registry.yaml: `limits:`).
+LIMITS = {"head_dim": {"max": min(table[-1].max_head_dim for table in (*TABLES.values(), OTHER, INTERPRETER))}}
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does
+_OVERRIDES: dict[str, Any] = {}
+
+
+def for_arch(major: int | None, head_dim: int) -> ArchConfigs:
+    """The configs of compute capability `major` (None: the interpreter's) for head dim `head_dim`."""
+    table = INTERPRETER if major is None else TABLES.get(major, OTHER)
+    for configs in table:
+        if head_dim <= configs.max_head_dim:
+            return configs
+    raise ValueError(f"triton_fa_rope: head_dim {head_dim} > {table[-1].max_head_dim}, the largest its configs "
+                     "cover (the registry entry should not allow it)")
+
+
+@functools.lru_cache(maxsize=None)
+def _for_device(device: torch.device, head_dim: int) -> ArchConfigs:
+    if INTERPRET or device.type != "cuda":
+        return for_arch(None, head_dim)
+    return for_arch(torch.cuda.get_device_capability(device)[0], head_dim)
+
+
+def for_call(device: torch.device, head_dim: int) -> ArchConfigs:
+    """The configs a call on `device` with head dim `head_dim` runs with, fields of `override` applied."""
+    configs = _for_device(device, head_dim)
+    return dataclasses.replace(configs, **_OVERRIDES) if _OVERRIDES else configs
+
+
+@contextlib.contextmanager
+def override(**fields: Any) -> Iterator[None]:
+    """Within the block, `for_call` returns its configs with these fields replaced (process-wide; nests), e.g.
+    `override(prerotate_from_n=0, narrow_tail=True)` or `override(fwd=KernelConfig(64, 32, 4, 2))`."""
+    known = {f.name for f in dataclasses.fields(ArchConfigs)} - {"max_head_dim"}
+    unknown = set(fields) - known
+    if unknown:
+        raise TypeError(f"configs.override: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(fields)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)

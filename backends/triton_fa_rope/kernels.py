@@ -1,0 +1,433 @@
+"""The Triton kernels of triton_fa_rope: jit helpers, the forward and rotation kernels, the backward kernels.
+
+Only `@triton.jit` code; `launch.py` chooses configs, grids and strides. How RoPE is fused: the kernels load a q or
+k tile as two pair tiles `[BLOCK, D/2]` (interleaved: one contiguous row load split in registers; half: two
+contiguous half-row loads), rotate them in fp32 with the `[N_grid, D/2]` cos/sin table, and join them back into
+one `[BLOCK, D]` tile in the order `(a_0, b_0, a_1, b_1, ...)`. The same channel permutation on q and k leaves
+`q . k` unchanged, so one `tl.dot` over D computes the scores. The backward kernels get q and k already rotated
+(saved by the training forward) and rotate only dq and dk back, by R^T, when they store them.
+
+Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x[offs_n, :D] as [BLOCK, BLOCK_D] (zero padded)."""
+    mask = mask_n[:, None]
+    if HEAD_D != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_D)
+    return tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, x, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    mask = mask_n[:, None]
+    if HEAD_D != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_D)
+    tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _pair_mask(mask_n, offs_j, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr):
+    mask = mask_n[:, None]
+    if HEAD_D2 != BLOCK_D2:
+        mask = mask & (offs_j[None, :] < HEAD_D2)
+    return mask
+
+
+@triton.jit
+def _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2: tl.constexpr,
+           BLOCK_D2: tl.constexpr):
+    """cos, sin [BLOCK, BLOCK_D2] fp32 for sequence positions offs_n; identity (1, 0) on prefix tokens."""
+    t = offs_n - P
+    mask = _pair_mask(mask_n & (t >= 0), offs_j, HEAD_D2, BLOCK_D2)
+    off = t[:, None] * stride_tn + offs_j[None, :]
+    c = tl.load(cos_base + off, mask=mask, other=1.0).to(tl.float32)
+    s = tl.load(sin_base + off, mask=mask, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _load_qk(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j, offs_d,
+             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+             PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+             DOT: tl.constexpr):
+    """A q or k tile [BLOCK, BLOCK_D] in the dot dtype; with ROPE rotated, in joined pair order (a0, b0, a1, ..)."""
+    if not ROPE:
+        return _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    if SPLIT:  # interleaved pairs, D a power of two: one vectorized row load, pairs separated in registers
+        x = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_n[:, None],
+                    other=0.0)
+        xa, xb = tl.split(tl.reshape(x, [offs_n.shape[0], BLOCK_D2, 2]))
+    else:
+        mask = _pair_mask(mask_n, offs_j, HEAD_D2, BLOCK_D2)
+        ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+        xa = tl.load(ptr, mask=mask, other=0.0)
+        xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
+    c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
+    ra = (xa * c - xb * s).to(DOT)
+    rb = (xb * c + xa * s).to(DOT)
+    return tl.reshape(tl.join(ra, rb), [offs_n.shape[0], BLOCK_D])
+
+
+@triton.jit
+def _store_grad_qk(base, g, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, stride_tn, P, offs_j, offs_d,
+                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+                   PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr):
+    """Store dq or dk [BLOCK, BLOCK_D] fp32. With ROPE g is w.r.t. the rotated, joined-order tile: rotate it back
+    by R^T, (a, b) -> (a cos + b sin, b cos - a sin), and scatter the pairs to the caller's layout."""
+    if not ROPE:
+        _store_rows(base, g, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D)
+    else:
+        ga, gb = tl.split(tl.reshape(g, [offs_n.shape[0], BLOCK_D2, 2]))
+        c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+        ga, gb = ga * c + gb * s, gb * c - ga * s
+        if SPLIT:
+            x = tl.reshape(tl.join(ga, gb), [offs_n.shape[0], BLOCK_D])
+            tl.store(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, x.to(base.dtype.element_ty),
+                     mask=mask_n[:, None])
+        else:
+            mask = _pair_mask(mask_n, offs_j, HEAD_D2, BLOCK_D2)
+            ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
+            tl.store(ptr, ga.to(base.dtype.element_ty), mask=mask)
+            tl.store(ptr + PAIR_OFF * stride_d, gb.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _program_rows(N, H, BLOCK: tl.constexpr):
+    """This program's (b, h) pair and rows when launch-grid axis 0 enumerates (b, h, block of BLOCK rows of N):
+    -> bh, b, h (int64 for the base offsets), offs [BLOCK], mask [BLOCK]."""
+    n_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = pid // n_blocks
+    offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), offs, offs < N
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
+              stab_n, P, qk_scale, offs_j, offs_d, KR_base, n_m, pid_m,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+              PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+              MASK: tl.constexpr, SAVE_ROT: tl.constexpr):
+    """One K/V tile of the online softmax. MASK: the tile reaches past N_KV (only the last one does)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK:
+        mask_n = offs_n < N_KV
+    else:
+        mask_n = tl.full([BLOCK_N], 1, tl.int1)
+    k = _load_qk(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                 HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
+    if SAVE_ROT:  # K tile t is saved by query block t mod n_m: the extra writes spread evenly over programs
+        if (start_n // BLOCK_N) % n_m == pid_m:
+            _store_rows(KR_base, k, offs_n, mask_n, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * qk_scale
+    if MASK:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
+    acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
+def fwd_kernel(
+    Q, K, V, O, LSE, COS, SIN, QR, KR,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_ROT: tl.constexpr, ROPE_K: tl.constexpr, TAIL_N: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
+
+    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order).
+    ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `rotate_kernel`).
+    TAIL_N: the width of the last, masked K tile (BLOCK_N, or with "narrow_tail" N_KV % BLOCK_N rounded up to a
+    power of two >= 16: at ViT lengths, 197 = 3 * 64 + 5, a full-width tile computes 59 padded keys for 5 real ones).
+    """
+    n_m = tl.cdiv(N_Q, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    q = _load_qk(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                 HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
+    rot_base = bh.to(tl.int64) * N_Q * HEAD_D
+    if SAVE_ROT:
+        _store_rows(QR + rot_base, q, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
+                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT)
+    if n_full < N_KV:
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n_full, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
+                                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
+                                  BLOCK_M, TAIL_N, DOT, PRECISION, True, SAVE_ROT)
+
+    acc = acc / l_i[:, None]
+    _store_rows(O + b * sob + h * soh, acc, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+@triton.jit(do_not_specialize=["H", "P"])
+def rotate_kernel(
+    X, XR, COS, SIN, sxb, sxh, sxn, sxd, stab_h, stab_n, H, N, P,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] (any strides) rotated into XR [B*H, N, D]
+    (contiguous, joined pair order, the dot dtype)."""
+    bh, b, h, offs_m, mask_m = _program_rows(N, H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    x = _load_qk(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, COS + h * stab_h, SIN + h * stab_h, stab_n, P,
+                 tl.arange(0, BLOCK_D2), offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, True,
+                 DOT)
+    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------------- backward
+# q and k arrive already rotated (QR, KR from the forward; or the inputs themselves without RoPE), so these are
+# plain FlashAttention-2 loops; dq and dk are rotated back only when they are stored. Two paths, both without
+# atomics (bitwise repeatable): split (preprocess, dk/dv, dq: three launches, the dq kernel recomputes the scores)
+# and fused (one program per (b, h) does everything, dq accumulated in an fp32 scratch; short sequences).
+@triton.jit
+def _bwd_delta(o_base, do_base, delta_base, offs_m, mask_m, son, sod, sdon, sdod, offs_d,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_base[offs_m] = sum_d O * dO (fp32): the softmax-gradient row term of one query block."""
+    o = _load_rows(o_base, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(tl.float32)
+    tl.store(delta_base + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m, sqn, sqd, sdon, sdod, offs_d,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """q, dO [BLOCK_M, BLOCK_D] in the dot dtype, lse and delta [BLOCK_M] fp32 of one query block. Rows past N_Q:
+    q = dO = 0 and lse = +inf, which makes their probabilities exactly 0."""
+    q = _load_rows(q_base, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))
+    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 MASK_N: tl.constexpr):
+    """BLOCK_N keys k, v [BLOCK_N, BLOCK_D] against one query block (from `_bwd_q_block`): dk, dv [BLOCK_N,
+    BLOCK_D] fp32 accumulated; -> dk, dv, dS^T [BLOCK_N, BLOCK_M] in the dot dtype (unscaled: dq = scale dS k).
+    MASK_N: P^T = 0 on rows of keys past N_KV, where dS feeds dq. (Their k rows are zero-padded, so dS k adds 0
+    for finite values anyway; the mask keeps an infinite P from making it NaN, as in the split dq kernel.)"""
+    st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
+    if MASK_N:
+        pt = tl.where(mask_n[:, None], pt, 0.0)
+    dv = _dot(pt.to(DOT), do, dv, PRECISION)
+    dpt = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
+    dst = (pt * (dpt - delta[None, :])).to(DOT)
+    dk = _dot(dst, q, dk, PRECISION)
+    return dk, dv, dst
+
+
+@triton.jit
+def _bwd_store_dkdv(dk_base, dv_base, dk, dv, scale, offs_n, mask_n, sdkn, sdkd, sdvn, sdvd, cos_base, sin_base,
+                    stab_n, P, offs_j, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr,
+                    BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr,
+                    ROPE: tl.constexpr):
+    """Store dk (times scale, rotated back) and dv [BLOCK_N, BLOCK_D] fp32 of BLOCK_N keys."""
+    _store_grad_qk(dk_base, dk * scale, offs_n, mask_n, sdkn, sdkd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+    _store_rows(dv_base, dv, offs_n, mask_n, sdvn, sdvd, offs_d, HEAD_D, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["H"])  # no recompile per head count
+def bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, N_Q,
+                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Split path. One program: DELTA [B*H, N_Q] fp32 of BLOCK_M query rows of one (b, h)."""
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
+    _bwd_delta(O + b * sob + h * soh, DO + b * sdob + h * sdoh, DELTA + bh.to(tl.int64) * N_Q, offs_m,
+               mask_m, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
+def bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split path. One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries."""
+    bh, b, h, offs_n, mask_n = _program_rows(N_KV, H, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = _load_rows(K + b * skb + h * skh, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    v = _load_rows(V + b * svb + h * svh, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    row_base = bh.to(tl.int64) * N_Q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = _bwd_q_block(q_base, do_base, LSE + row_base, DELTA + row_base, offs_m, offs_m < N_Q,
+                                         sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
+        dk, dv, _ = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                                 BLOCK_M, BLOCK_N, DOT, PRECISION, False)  # rows past N_KV are not stored
+
+    _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                    sdkn, sdkd, sdvn, sdvd, COS + h * stab_h, SIN + h * stab_h, stab_n, P, offs_j, offs_d,
+                    HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+
+
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
+def bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split path. One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
+    bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    row_base = bh.to(tl.int64) * N_Q
+    q, do, lse, delta = _bwd_q_block(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + row_base,
+                                     DELTA + row_base, offs_m, mask_m, sqn, sqd, sdon, sdod, offs_d,
+                                     HEAD_D, BLOCK_D, DOT)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_KV
+        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+        ds = (p * (dp - delta[:, None])).to(DOT)
+        dq = _dot(ds, k, dq, PRECISION)
+
+    _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, COS + h * stab_h,
+                   SIN + h * stab_h, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                   PAIR_OFF, SPLIT, ROPE)
+
+
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
+def bwd_fused_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQACC, DQ, DK, DV, COS, SIN,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod, sob, soh, son, sod,
+    sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fused path. One program: the whole backward of one (b, h), in one pass over the scores.
+
+    Pass 0 writes DELTA [B*H, N_Q] fp32. The main loop takes BLOCK_N keys at a time and all queries: dk, dv as in
+    the split dk/dv kernel, and each query block's dq contribution dS k added into the scratch DQACC [B*H, N_Q, D]
+    fp32 (read-modify-write; the first key block only writes). The last pass rotates DQACC back into DQ. The
+    program re-reads what its own threads wrote with other thread-element mappings, hence the barriers.
+    """
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_base = bh.to(tl.int64) * N_Q
+    lse_base = LSE + row_base
+    delta_base = DELTA + row_base
+    acc_base = DQACC + row_base * HEAD_D
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    cos_base = COS + h * stab_h
+    sin_base = SIN + h * stab_h
+
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        _bwd_delta(O + b * sob + h * soh, do_base, delta_base, offs_m, offs_m < N_Q, son, sod, sdon, sdod, offs_d,
+                   HEAD_D, BLOCK_D)
+    tl.debug_barrier()
+
+    for start_n in range(0, N_KV, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_KV
+        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N_Q
+            q, do, lse, delta = _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m,
+                                             sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
+            dk, dv, dst = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                                       BLOCK_M, BLOCK_N, DOT, PRECISION, True)
+            # dq_i += dS_ij k_j; the first key block finds nothing to add (the load is masked off, DQACC unset)
+            dq = _load_rows(acc_base, offs_m, mask_m & (start_n > 0), HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+            dq = _dot(tl.trans(dst), k, dq, PRECISION)
+            _store_rows(acc_base, dq, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+        tl.debug_barrier()  # this key block's DQACC writes land before the next one reads them
+        _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                        sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                        HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+
+    tl.debug_barrier()
+    for start_m in range(0, N_Q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_Q
+        dq = _load_rows(acc_base, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+        _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base, sin_base,
+                       stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT,
+                       ROPE)

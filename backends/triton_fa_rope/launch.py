@@ -1,0 +1,204 @@
+"""The launcher of triton_fa_rope: compile-time parameters, grids, strides and the launches of one forward or
+backward, with an explicit `ArchConfigs`.
+
+`forward` and `backward` take `launch(kernel, grid, args, num_warps, num_stages, **constexprs)`, by default
+`runtime.launch` (which runs the kernel); compiling ahead passes one that only compiles, the offline sm_90 check
+one that records.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from attnhub import settings
+from attnhub.backends.triton_fa_rope import kernels, runtime
+from attnhub.backends.triton_fa_rope.configs import INTERPRET, ArchConfigs
+from attnhub.rope import CosSinTable
+
+LOG2E = 1.4426950408889634
+ROT_M = 64  # rows per program of `rotate_kernel` (a pure load-rotate-store pass)
+_ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
+MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
+PRE_M = 64  # rows per program of the split backward's delta pass
+
+Launcher = Callable[..., object]
+
+
+def meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
+    """Compile-time parameters shared by every kernel of one call."""
+    return _meta_for(q.shape[-1], q.dtype, None if rope is None else rope.layout)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_for(D: int, dtype: torch.dtype, layout: str | None) -> dict:
+    block_d = max(32, triton.next_power_of_2(D))  # tl.dot needs K >= 16, and pairs need BLOCK_D/2 >= 16
+    dot = dot_dtype(dtype)
+    interleaved = layout == "interleaved"
+    return dict(
+        HEAD_D=D,
+        BLOCK_D=block_d,
+        HEAD_D2=D // 2,
+        BLOCK_D2=block_d // 2,
+        PAIR_STEP=2 if interleaved else 1,
+        PAIR_OFF=1 if interleaved else D // 2,
+        SPLIT=interleaved and block_d == D,
+        ROPE=layout is not None,
+        DOT=dot,
+        PRECISION="ieee" if dot == tl.float32 else "tf32",
+    )
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The dtype of tl.dot operands for inputs of `dtype`. float32 uses IEEE fp32 dots (not TF32), so every backend
+    computes the same function to fp32 round-off; bf16 is upcast in the interpreter (triton-lang/triton#11584)."""
+    if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16):
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def rot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved rotated q, k: the one the dots consumed, so the backward recomputes exactly the
+    forward's scores."""
+    return torch.float32 if dot_dtype(dtype) == tl.float32 else dtype
+
+
+def _table_args(rope: CosSinTable | None, q: torch.Tensor):
+    """(cos, sin, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE."""
+    if rope is None:
+        dummy = q.new_empty(1, dtype=torch.float32)
+        return dummy, dummy, 0, 0, 0
+    cos, sin = rope.cos.detach(), rope.sin.detach()
+    if cos.dtype != torch.float32:  # e.g. a bf16 table from a model cast to bf16: the kernels read fp32 angles
+        cos, sin = cos.float(), sin.float()
+    head_stride = cos.stride(0) if rope.per_head else 0
+    return cos, sin, head_stride, cos.stride(-2), rope.prefix_tokens
+
+
+def grid(n_rows: int, block: int, bh: int) -> int:
+    """Programs on launch-grid axis 0: ceil(n_rows / block) blocks of each of bh (batch, head) pairs."""
+    programs = -(-n_rows // block) * bh  # triton.cdiv costs ~3 us of host time per call (a constexpr_function)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"triton_fa_rope: {programs} programs exceed the launch-grid limit {MAX_PROGRAMS}")
+    return programs
+
+
+def tail(n: int, block: int) -> int:
+    """Width of the last, partial tile of n rows in blocks of `block`: a power of two >= 16 (tl.dot's minimum)."""
+    rem = n % block
+    return block if rem == 0 else min(block, max(16, 1 << (rem - 1).bit_length()))  # next power of two
+
+
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """o: [B, H, N, D] laid out as [B, N, H, D] in memory, so `o.transpose(1, 2).reshape(B, N, H*D)` is free."""
+    B, H, N, D = q.shape
+    return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
+def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launch: Launcher | None = None):
+    """q: [B, H, N, D], k, v: [B, H, N_KV, D] -> o [B, H, N, D], lse [B*H, N] fp32 and, with save_rotated and RoPE,
+    the rotated q and k [B, H, N, D] in joined pair order (else q and k themselves).
+
+    With RoPE, from `config.prerotate_from_n` (inference) or `prerotate_train_from_n` (training) on, K (inference)
+    or q and K (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
+    launch = launch or runtime.launch
+    B, H, N_Q, D = q.shape
+    N_KV = k.shape[2]
+    cx = meta(q, rope)
+    training = save_rotated and rope is not None
+    from_n = config.prerotate_train_from_n if training else config.prerotate_from_n
+    prerotate = rope is not None and from_n is not None and N_KV >= from_n
+    if training:
+        cfg = (config.fwd_train_prerotated or config.fwd_train) if prerotate else config.fwd_train
+    else:
+        cfg = config.fwd
+    o = output_like(q)
+    lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
+    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    rdtype = rot_dtype(q.dtype)
+    qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rdtype) if training else lse for _ in "qk")
+    q_in, k_in, rope_k, save_rot = q, k, True, training
+    if prerotate:
+        if not training:
+            kr = torch.empty(B, H, N_KV, D, device=q.device, dtype=rdtype)
+        # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
+        for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
+            launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * H),),
+                   (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=ROT_M,
+                   **{name: cx[name] for name in _ROT_META})
+        k_in, rope_k = kr, False
+        if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
+            q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
+    launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
+           (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
+            stab_h, stab_n, H, N_Q, N_KV, P, scale * LOG2E),
+           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SAVE_ROT=save_rot,
+           ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
+           **cx)
+    return o, lse, (qr, kr) if training else (q, k)
+
+
+def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None):
+    """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv.
+
+    Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
+    `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
+    the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores with dq accumulated
+    in an fp32 scratch [B*H, N_Q, D]."""
+    launch = launch or runtime.launch
+    B, H, N_Q, D = q.shape
+    N_KV = k.shape[2]
+    cx = meta(q, rope)
+    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    delta = torch.empty_like(lse)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
+    if fused:
+        dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
+        cfg = config.bwd_fused
+        launch(kernels.bwd_fused_kernel, (grid(1, 1, B * H),),
+               (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
+                *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+               cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+        return dq, dk, dv
+    launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
+           4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
+    cfg = config.dkdv
+    launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * H),),
+           (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
+           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+    cfg = config.dq
+    launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
+           (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
+           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+    return dq, dk, dv
+
+
+def use_fused_backward(config: ArchConfigs, n_q: int, n_kv: int, path: str) -> bool:
+    """`path` ("auto", "fused" or "split", from ATTNHUB_TRITON_BWD): auto takes the fused backward while
+    max(n_q, n_kv) <= config.bwd_fused_max_n."""
+    if path == "auto":
+        return max(n_q, n_kv) <= config.bwd_fused_max_n
+    return path == "fused"
+
+
+def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None) -> None:
+    """Compile the kernels of a training forward and backward of this call's shapes, and their launchers, in
+    parallel threads before the first launch (once per key; see `runtime.compile_ahead`).
+
+    The backward is planned with o standing in for the incoming gradient (the same layout in the usual case;
+    another layout compiles its own kernels at the backward, as without this)."""
+    key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(),
+           None if rope is None else (rope.layout, rope.per_head, rope.prefix_tokens, rope.cos.dtype))
+    fused = use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
+
+    def plan(launch: Launcher) -> None:
+        o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch=launch)
+        backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch=launch)
+
+    runtime.compile_ahead(key, q.device, plan, compile_one)

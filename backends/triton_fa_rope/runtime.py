@@ -1,0 +1,185 @@
+"""The only module of triton_fa_rope that touches Triton's runtime internals: the compiled runners it keeps per
+launch, and compiling a training call's kernels ahead.
+
+Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
+of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call. The
+compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]` passes
+them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`.
+
+Compiling ahead: the first training call of a shape would compile its kernels one after another as the launches
+reach them, and each would build its C launcher (a host-compiler run per kernel signature) at its first launch.
+`compile_ahead` plans the same launches with a launcher that only compiles (`kernel.warmup`) inside Triton's
+AsyncCompileMode, so they compile in parallel threads, then builds their C launchers in parallel (into Triton's
+disk cache, where the first launches find them).
+
+Tests observe launches with `recording()` and start from empty caches with `fresh_caches()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+import triton
+
+from attnhub.backends.triton_fa_rope.configs import INTERPRET
+
+log = logging.getLogger("attnhub.backends.triton_fa_rope")
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (major, minor)
+
+
+KEEPS_RUNNERS = not INTERPRET and _triton_at_least(3, 6)  # where `launch` can keep compiled runners
+CAN_COMPILE_AHEAD = not INTERPRET and hasattr(triton, "AsyncCompileMode")
+_RUNNERS_MAX = 4096  # distinct launches kept (shapes, strides, dtypes, configs): cleared when full
+_AHEAD_MAX = 4096
+
+
+class Launch(NamedTuple):
+    """One kernel launch as `launch` receives it."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+class _State:
+    """The caches, and the recorder of `recording`."""
+
+    __slots__ = ("keep_runners", "runners", "compiled_ahead", "recorder", "record_runs")
+
+    def __init__(self, keep_runners: bool) -> None:
+        self.keep_runners = keep_runners
+        self.runners: dict = {}
+        self.compiled_ahead: set = set()
+        self.recorder: list[Launch] | None = None
+        self.record_runs = True
+
+
+_state = _State(KEEPS_RUNNERS)
+
+
+def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) with the launch options: every launch of the backend goes through here.
+
+    Triton launches on the current CUDA device and its stream; args[0] (a tensor in every kernel) says which
+    device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current).
+    The key of the kept runners holds everything Triton specializes on, and more: the exact value and type of every
+    scalar, each tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device."""
+    dev = args[0].device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            launch(kernel, grid, args, num_warps, num_stages, **constexprs)
+        return
+    state = _state
+    if state.recorder is not None:
+        state.recorder.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
+        if not state.record_runs:
+            return
+    if not state.keep_runners:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
+    # ints as themselves (the common case, and the cheapest), other scalars with their type (1.0 is not 1)
+    key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
+           tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                  else (type(a), a) for a in args]))
+    hit = state.runners.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        params = kernel.params[len(args):]
+        if not all(p.is_constexpr and p.name in constexprs for p in params):  # not this backend's kernel layout
+            return
+        if len(state.runners) >= _RUNNERS_MAX:
+            state.runners.clear()
+        state.runners[key] = (compiled, tuple(constexprs[p.name] for p in params))
+        return
+    compiled, tail = hit
+    compiled[(*grid, 1, 1)[:3]](*args, *tail)
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="attnhub-compile")
+
+
+def compile_only(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs):
+    """-> the compiled kernel, or a `triton.FutureKernel` inside AsyncCompileMode."""
+    return kernel.warmup(*args, grid=grid, num_warps=num_warps, num_stages=num_stages, **constexprs)
+
+
+def _build_launchers(kernels: list) -> None:
+    """Build the C launchers of compiled kernels not yet loaded, in parallel (they land in Triton's disk cache)."""
+    from triton.runtime import driver
+
+    builds = [_compile_pool().submit(driver.active.launcher_cls, kernel.src, kernel.metadata)
+              for kernel in kernels if kernel is not None and getattr(kernel, "module", None) is None]
+    for build in builds:
+        build.result()
+
+
+def compile_ahead(key, device: torch.device, plan: Callable[[Callable], None], compile_one=None) -> None:
+    """Once per `key`: `plan(launcher)` makes the launches of a call with a launcher that compiles each kernel
+    (`compile_one`, default `compile_only`) in Triton's AsyncCompileMode; then the C launchers are built.
+
+    Only an optimization: should planning or compiling fail, a warning says so and the launches compile (and
+    report their own errors) as they would without it."""
+    compile_one = compile_one or compile_only
+    done = _state.compiled_ahead
+    if key in done:
+        return
+    if len(done) >= _AHEAD_MAX:
+        done.clear()
+    done.add(key)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    planned = []
+
+    def plan_one(*args, **kwargs):
+        planned.append(compile_one(*args, **kwargs))
+
+    try:
+        with on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
+            plan(plan_one)
+        _build_launchers([p.result(ignore_errors=True) if isinstance(p, triton.FutureKernel) else p
+                          for p in planned])
+    except Exception as exc:  # noqa: BLE001 - the launches that follow compile and raise on their own
+        log.warning("triton_fa_rope: compiling ahead failed (%s: %s); kernels compile at their launches",
+                    type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def fresh_caches(keep_runners: bool | None = None) -> Iterator[_State]:
+    """Within the block: empty kept-runner and compiled-ahead caches (`.runners`, `.compiled_ahead` of the state
+    yielded), runners kept iff `keep_runners` (None: where Triton allows); the previous state after it. For tests."""
+    global _state
+    saved = _state
+    _state = _State(KEEPS_RUNNERS if keep_runners is None else keep_runners)
+    try:
+        yield _state
+    finally:
+        _state = saved
+
+
+@contextlib.contextmanager
+def recording(run: bool = True) -> Iterator[list[Launch]]:
+    """Within the block every launch is appended to the list yielded, and runs only if `run`. For tests."""
+    saved = _state.recorder, _state.record_runs
+    _state.recorder, _state.record_runs = [], run
+    try:
+        yield _state.recorder
+    finally:
+        _state.recorder, _state.record_runs = saved

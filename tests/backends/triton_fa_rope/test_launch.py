@@ -1,0 +1,116 @@
+"""triton_fa_rope's launcher: forward paths (RoPE inside the attention kernel or K / q and K rotated first by
+`rotate_kernel`, and the narrow last K tile), the last tile's width, grids.
+
+Each path is forced through `configs.override` (`prerotate_from_n`, `prerotate_train_from_n`, `narrow_tail`) and
+compared with `math` in float64: output without grad, output and dq, dk, dv with grad. Every `torch.empty` buffer
+is filled with NaN first (conftest's `nan_empty`), so a kernel that leaves part of its output unwritten fails.
+On CPU the interpreter runs them in float32 (blocks of 32: N = 71 and 65 leave 7 and 1 keys for the last tile);
+with CUDA the compiled kernels in bfloat16 and float16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch, runtime
+from tests.backends.test_parity import DEVICE, TRITON, Shape, available, make_qkv, make_table, make_tensor, run_backend
+from tests.tolerances import assert_close_rel
+
+SHAPES = {
+    "il_p1_7x10_d64": Shape(1, 2, (7, 10), 1, 64, "interleaved"),  # N = 71
+    "half_p1_8x8_d32": Shape(2, 1, (8, 8), 1, 32, "half"),  # N = 65: a last tile of one key
+    "il_p5_6x12_d48": Shape(1, 2, (6, 12), 5, 48, "interleaved"),  # HEAD_D != BLOCK_D: pair loads
+    "perhead_il_p0_8x9_d32": Shape(1, 2, (8, 9), 0, 32, "interleaved", per_head=True),
+    "norope_p1_7x10_d64": Shape(1, 2, (7, 10), 1, 64, None),
+}
+NEVER, ALWAYS = dict(prerotate_from_n=None, prerotate_train_from_n=None), dict(prerotate_from_n=0,
+                                                                           prerotate_train_from_n=0)
+PATHS = {  # config overrides
+    "in_kernel": dict(**NEVER, narrow_tail=False),  # the default off Hopper
+    "in_kernel_narrow_tail": dict(**NEVER, narrow_tail=True),
+    "prerotate_narrow_tail": dict(**ALWAYS, narrow_tail=True),
+}
+DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def _case(shape_name: str, kind: str, seed: int, dtype: torch.dtype = DTYPES[0]):
+    """-> (shape, generator, q, k, v, table) of SHAPES[shape_name], or a skip where triton_fa_rope cannot run it."""
+    s = SHAPES[shape_name]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(kind, s.B, s.H, s.N, s.D, dtype, gen)
+    table = make_table(s, gen)
+    why = available(TRITON, q, k, v, table)
+    if why:
+        pytest.skip(why)
+    return s, gen, q, k, v, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_forward_paths_match_math(shape_name, path, dtype, nan_empty):
+    s, gen, q, k, v, table = _case(shape_name, "transposed", 21, dtype)
+    do = make_tensor("contiguous", s.B, s.H, s.N, s.D, dtype, gen)
+    ref = run_backend("math", *(t.double() for t in (q, k, v, do)), table)
+    with configs.override(**PATHS[path]):
+        got = run_backend(TRITON, q, k, v, do, table)
+        with torch.no_grad():
+            o = autograd.attention(q, k, v, table, s.D ** -0.5)
+    for what, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert_close_rel(a, b, dtype, f"{path} {what}")
+    assert_close_rel(o, ref[0], dtype, f"{path} inference o")
+
+
+@pytest.mark.parametrize("n,block,expected", [(197, 64, 16), (192, 64, 64), (577, 64, 16), (100, 64, 64),
+                                              (90, 64, 32), (71, 32, 8 * 2), (200, 128, 128), (1029, 128, 16)])
+def test_tail_width(n, block, expected):
+    """The last K tile: the remainder rounded up to a power of two, at least 16, at most the block."""
+    assert launch.tail(n, block) == expected
+
+
+@pytest.mark.parametrize("n_rows,block,bh", [(197, 64, 3), (192, 64, 1), (1, 128, 7), (1029, 32, 70_400)])
+def test_grid_counts_blocks_of_every_pair(n_rows, block, bh):
+    assert launch.grid(n_rows, block, bh) == -(-n_rows // block) * bh == ((n_rows + block - 1) // block) * bh
+
+
+def test_grid_beyond_the_launch_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="launch-grid limit"):
+        launch.grid(2**20, 1, 2**12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_prerotate_from_n_is_a_sequence_length_threshold(training):
+    """K (and q in training) go through `rotate_kernel` exactly when N >= the config's threshold for the pass."""
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
+    field = "prerotate_train_from_n" if training else "prerotate_from_n"
+    for from_n, rotations in ((s.N, 2 if training else 1), (s.N + 1, 0)):
+        with configs.override(**{**NEVER, field: from_n}), runtime.recording() as launched:
+            launch.forward(q, k, v, table, s.D ** -0.5, training, configs.for_call(q.device, s.D))
+        kernels_launched = [x.kernel for x in launched]
+        assert kernels_launched.count(kernels.rotate_kernel) == rotations, (from_n, kernels_launched)
+        assert kernels_launched[-1] is kernels.fwd_kernel
+
+
+def test_config_tables_cover_their_buckets():
+    """Every table answers every head dim up to `LIMITS` and names a larger one."""
+    for major in (None, 8, 9):
+        for D in (16, 32, 48, 64, 80, 128, 200, 256):
+            assert D <= configs.for_arch(major, D).max_head_dim
+        with pytest.raises(ValueError, match="head_dim 512 > 256"):
+            configs.for_arch(major, 512)
+    assert configs.LIMITS == {"head_dim": {"max": 256}}
+
+
+def test_config_override_replaces_fields_and_restores():
+    cpu = torch.device("cpu")
+    base = configs.for_call(cpu, 64)
+    with configs.override(narrow_tail=True, fwd=configs.KernelConfig(16, 16, 1, 1)):
+        with configs.override(bwd_fused_max_n=7):
+            got = configs.for_call(cpu, 64)
+            assert (got.narrow_tail, got.fwd, got.bwd_fused_max_n) == (True, (16, 16, 1, 1), 7)
+        assert configs.for_call(cpu, 64).bwd_fused_max_n == base.bwd_fused_max_n
+    assert configs.for_call(cpu, 64) == base
+    with pytest.raises(TypeError, match="unknown field.*nonesuch"):
+        with configs.override(nonesuch=1):
+            pass

@@ -1,0 +1,144 @@
+"""triton_fa_rope's runtime: compiled runners kept per launch, and compiling a training call's kernels ahead
+(planned through the launcher, checked against what the call then launches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton.runtime
+
+from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch, runtime
+from tests.backends.triton_fa_rope.test_launch import _case
+
+
+class _FakeParam:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeKernel:
+    """Stands in for a Triton JITFunction `f(X, n, s, A: constexpr, B: constexpr)`: `kernel[grid](...)` records the
+    call and returns a compiled kernel whose runner (`compiled[grid](*args)`) records its arguments."""
+
+    params = [_FakeParam("X", False), _FakeParam("n", False), _FakeParam("s", False), _FakeParam("A", True),
+              _FakeParam("B", True)]
+
+    def __init__(self):
+        self.jit_calls, self.runner_calls = [], []
+        kernel = self
+
+        class Compiled:
+            def __getitem__(self, grid):
+                return lambda *args: kernel.runner_calls.append((grid, args))
+
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages, **constexprs):
+            self.jit_calls.append((grid, args, num_warps, num_stages, constexprs))
+            return self.compiled
+
+        return run
+
+
+def test_launcher_keeps_compiled_kernels_per_specialization():
+    """`launch` compiles through `kernel[grid]` once per set of facts Triton specializes on, then calls the
+    compiled kernel with the run-time arguments and the constexprs in signature order."""
+    kernel = _FakeKernel()
+    x = torch.zeros(64)
+
+    def run(t, n=7, s=0.5, B=2):
+        runtime.launch(kernel, (3,), (t, n, s), 4, 2, B=B, A=1)  # constexprs passed out of signature order
+
+    with runtime.fresh_caches(keep_runners=True) as state:
+        run(x)
+        assert len(kernel.jit_calls) == 1 and not kernel.runner_calls
+        run(x)
+        assert len(kernel.jit_calls) == 1
+        assert kernel.runner_calls == [((3, 1, 1), (x, 7, 0.5, 1, 2))]  # A, B appended in signature order
+        run(torch.nn.Parameter(x.clone()))  # another tensor (a subclass, too) of the same facts: no new entry
+        assert len(kernel.jit_calls) == 1 and len(state.runners) == 1 and len(kernel.runner_calls) == 2
+        kernel.runner_calls.pop()
+        # every fact Triton specializes on makes a new entry: alignment, dtype, scalar value and type, constexpr
+        for i, variant in enumerate([x[1:], x.half(), dict(n=16), dict(n=7.0), dict(s=7.5), dict(B=3)], start=2):
+            run(variant) if isinstance(variant, torch.Tensor) else run(x, **variant)
+            assert len(kernel.jit_calls) == i and len(state.runners) == i
+        assert len(kernel.runner_calls) == 1
+
+
+def test_launcher_without_kept_kernels_calls_triton_every_time():
+    kernel = _FakeKernel()
+    with runtime.fresh_caches(keep_runners=False):
+        for _ in range(2):
+            runtime.launch(kernel, (3,), (torch.zeros(4), 1, 0.5), 4, 2, A=1, B=2)
+    assert len(kernel.jit_calls) == 2 and not kernel.runner_calls
+
+
+def _launch_signature(kernel, grid, args, num_warps, num_stages, **constexprs):
+    """What a launch compiles from: the kernel, its options, and each argument's dtype, shape and strides (tensors)
+    or value (scalars)."""
+    return (kernel, grid, num_warps, num_stages, tuple(sorted(constexprs.items())),
+            tuple((a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def _compile_ahead(q, k, v, table, scale, compile_one):
+    launch.compile_ahead(q, k, v, table, scale, configs.for_call(q.device, q.shape[-1]), compile_one)
+
+
+@pytest.mark.parametrize("shape_name", ["il_p1_7x10_d64", "half_p1_8x8_d32", "norope_p1_7x10_d64"])
+def test_compile_ahead_plans_the_launches_of_a_training_call(shape_name):
+    """`compile_ahead` compiles exactly what the forward and backward of a training call then launch (the upstream
+    gradient in o's layout), once per key."""
+    s, _, q, k, v, table = _case(shape_name, "fused", 5)
+    planned = []
+    with runtime.fresh_caches():
+        _compile_ahead(q, k, v, table, s.D ** -0.5, lambda *a, **kw: planned.append(_launch_signature(*a, **kw)))
+        _compile_ahead(q, k, v, table, s.D ** -0.5, lambda *a, **kw: planned.append("again"))  # the same key
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        with runtime.recording() as launches:
+            o = autograd.attention(qg, kg, vg, table, s.D ** -0.5)
+            o.backward(torch.randn_like(o))
+    launched = [_launch_signature(x.kernel, x.grid, x.args, x.num_warps, x.num_stages, **x.constexprs)
+                for x in launches]
+    assert planned == launched and len(planned) >= 4  # forward, delta, dk/dv, dq at least
+
+
+def test_compile_ahead_failure_warns_and_leaves_no_async_mode(caplog):
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 6)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    with runtime.fresh_caches(), caplog.at_level("WARNING", logger=runtime.log.name):
+        _compile_ahead(q, k, v, table, s.D ** -0.5, broken)
+    assert "compiling ahead failed (RuntimeError: no compiler here)" in caplog.text
+    from triton.runtime import _async_compile
+
+    assert _async_compile.active_mode.get() is None  # later compiles are not left in async mode
+
+
+def test_compile_ahead_builds_the_launchers_of_what_it_compiled(monkeypatch):
+    """After compiling, `compile_ahead` builds the C launcher of every planned kernel not yet loaded, in the pool."""
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 7)
+
+    class Compiled:
+        def __init__(self, name, module=None):
+            self.src, self.metadata, self.module = f"src {name}", f"meta {name}", module
+
+    planned = []
+    compile_one = lambda kernel, *a, **kw: planned.append(kernel) or Compiled(  # noqa: E731
+        kernel.fn.__name__, module="loaded" if kernel is kernels.bwd_preprocess else None)
+    built = []
+
+    class Driver:  # triton.runtime.driver: `active.launcher_cls(src, metadata)` builds a launcher
+        class active:
+            @staticmethod
+            def launcher_cls(src, metadata):
+                built.append((src, metadata))
+
+    monkeypatch.setattr(triton.runtime, "driver", Driver)
+    with runtime.fresh_caches():
+        _compile_ahead(q, k, v, table, s.D ** -0.5, compile_one)
+    expected = [(f"src {kernel.fn.__name__}", f"meta {kernel.fn.__name__}") for kernel in planned
+                if kernel is not kernels.bwd_preprocess]  # an already loaded kernel has its launcher
+    assert sorted(built) == sorted(expected) and len(built) == len(planned) - 1
