@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.resources
+import importlib.util
 import logging
 import os
 import threading
@@ -56,6 +57,7 @@ class Spec:
     backward: bool = True
     deterministic_backward: bool = False
     description: str = ""
+    limits: str | None = None
 
 
 def _as_tuple_of_str(value: Any, where: str) -> tuple[str, ...]:
@@ -105,6 +107,12 @@ def _as_layouts(value: Any, where: str) -> tuple[str, ...]:
     return layouts
 
 
+def _as_limits(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.count(":") != 1:
+        raise RegistryError(f"{where}: expected 'module:attribute', got {value!r}")
+    return value
+
+
 def _as_impl(value: Any, where: str) -> str | Callable:
     if callable(value):
         return value
@@ -138,6 +146,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "backward": _as_bool,
     "deterministic_backward": _as_bool,
     "description": lambda v, w: v if isinstance(v, str) else _raise(f"{w}: expected a string, got {v!r}"),
+    "limits": _as_limits,
 }
 CONSTRAINT_KEYS = frozenset(_PARSERS)
 
@@ -162,8 +171,41 @@ def parse_spec(name: str, fields: Mapping[str, Any], source: str, base: Spec | N
                 raise RegistryError(f"{where}: missing required field {required!r}")
     parsed = {k: _PARSERS[k](v, f"{where}.{k}") for k, v in fields.items()}
     if base is None:
-        return Spec(name=name, source=source, **parsed)
-    return dataclasses.replace(base, source=f"{base.source} + {source}", **parsed)
+        spec = Spec(name=name, source=source, **parsed)
+    else:
+        spec = dataclasses.replace(base, source=f"{base.source} + {source}", **parsed)
+    _check_limits(spec, where)
+    return spec
+
+
+def _check_limits(spec: Spec, where: str) -> None:
+    """The entry allows no more than the backend's `limits` mapping says its code covers, e.g.
+    {"head_dim": {"max": 256}, "max_seq_len": 65536}: a bound the entry leaves open or sets wider is an error.
+
+    Skipped where a module in `requires` is not installed: the backend cannot be selected there anyway."""
+    if spec.limits is None or any(importlib.util.find_spec(m) is None for m in spec.requires):
+        return
+    module, _, attr = spec.limits.partition(":")
+    try:
+        limits = getattr(importlib.import_module(module), attr)
+    except Exception as exc:
+        raise RegistryError(f"{where}.limits: could not load {spec.limits!r}: {type(exc).__name__}: {exc}") from exc
+    for field, bound in limits.items():
+        if field == "head_dim":
+            for key, limit in bound.items():
+                value = spec.head_dim.get(key)
+                wider = value is None or (value > limit if key == "max" else value < limit if key == "min"
+                                          else value % limit != 0)
+                if wider:
+                    raise RegistryError(
+                        f"{where}.head_dim.{key}: {value} allows more than its code covers ({key} {limit}, from "
+                        f"{spec.limits}); set head_dim.{key} within it")
+        elif field == "max_seq_len":
+            if spec.max_seq_len is None or spec.max_seq_len > bound:
+                raise RegistryError(f"{where}.max_seq_len: {spec.max_seq_len} allows more than its code covers "
+                                    f"({bound}, from {spec.limits})")
+        else:
+            raise RegistryError(f"{where}.limits: {spec.limits} names unknown field {field!r}")
 
 
 def _parse_document(doc: Any, source: str, existing: Mapping[str, Spec]) -> dict[str, Spec]:

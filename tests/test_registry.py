@@ -120,6 +120,38 @@ def test_malformed_overlay_fails_at_default_build(tmp_path, monkeypatch):
     assert path in str(err.value) and "'torch_sdpa'" in str(err.value) and "dtypes" in str(err.value)
 
 
+@pytest.mark.parametrize("fields,field", [
+    ("head_dim: {max: 512}", "head_dim.max: 512"),
+    ("head_dim: {multiple_of: 2, min: 16}", "head_dim.max: None"),
+])
+def test_overlay_beyond_the_backends_limits_fails_at_load(tmp_path, monkeypatch, fields, field):
+    """triton_fa_rope's configs cover head dims up to 256 (`limits:` in registry.yaml): an overlay that allows more
+    (or drops the bound) is a RegistryError at load naming the file, the backend and the field, not a failure at
+    the first call."""
+    path = _write(tmp_path, f"backends:\n  triton_fa_rope:\n    {fields}\n")
+    monkeypatch.setenv("ATTNHUB_REGISTRY", path)
+    with pytest.raises(RegistryError, match=re.escape(field) + ".*allows more than its code covers") as err:
+        registry._build_default()
+    assert path in str(err.value) and "'triton_fa_rope'" in str(err.value)
+
+
+@pytest.mark.parametrize("limits,words", [
+    ("attnhub.rope:NONESUCH", "could not load 'attnhub.rope:NONESUCH'"),
+    ("attnhub.rope", "expected 'module:attribute'"),
+])
+def test_malformed_limits_field_is_named(tmp_path, limits, words):
+    path = _write(tmp_path, f"backends:\n  toy: {{impl: 'a:b', priority: 1, limits: '{limits}'}}\n")
+    with pytest.raises(RegistryError, match=re.escape(words)) as err:
+        Registry().load_file(path)
+    assert path in str(err.value) and "'toy'" in str(err.value) and "limits" in str(err.value)
+
+
+def test_limits_are_checked_for_runtime_registration():
+    with pytest.raises(RegistryError, match=r"head_dim.max: 300 allows more"):
+        attnhub.register_backend("toy", lambda *a: None, priority=1, head_dim={"max": 300},
+                                 limits="attnhub.backends.triton_fa_rope.configs:LIMITS")
+
+
 # ------------------------------------------------------------------------------------------------------ overlay
 def test_overlay_adds_a_backend_and_overrides_a_priority(tmp_path, monkeypatch):
     path = _write(
