@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-BACKENDS = ("__init__", "math", "torch_sdpa", "triton_fa_rope")
+BACKEND_FILES = sorted(p.relative_to(ROOT / "backends").as_posix() for p in (ROOT / "backends").rglob("*.py"))
 
 
 def _build_wheel(tmp_path: Path) -> Path:
@@ -44,10 +44,11 @@ def _check_contents(wheel: Path) -> None:
         assert registry is not None, sorted(infos)
         assert stat.S_IFMT(registry.external_attr >> 16) != stat.S_IFLNK, "registry.yaml stored as a symlink"
         assert zf.read(registry) == (ROOT / "registry.yaml").read_bytes()
-        for name in BACKENDS:
-            path = f"attnhub/backends/{name}.py"
+        assert "triton_fa_rope/kernels.py" in BACKEND_FILES  # subpackages included
+        for name in BACKEND_FILES:
+            path = f"attnhub/backends/{name}"
             assert path in infos, f"{path} missing from {wheel.name}"
-            assert zf.read(path) == (ROOT / "backends" / f"{name}.py").read_bytes()
+            assert zf.read(path) == (ROOT / "backends" / name).read_bytes()
     tops = {name.split("/", 1)[0] for name in infos}
     dist_info = {t for t in tops if t.endswith(".dist-info")}
     assert len(dist_info) == 1 and tops - dist_info == {"attnhub"}, f"top-level entries: {sorted(tops)}"

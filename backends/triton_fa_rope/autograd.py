@@ -19,7 +19,7 @@ import torch
 
 from attnhub import settings
 from attnhub.backends.triton_fa_rope import configs, launch, runtime
-from attnhub.rope import CosSinTable, split_pairs
+from attnhub.rope import CosSinTable, table_grad
 
 
 class _Table(NamedTuple):
@@ -35,25 +35,9 @@ class _Table(NamedTuple):
         return self.cos.dim() == 3
 
 
-def _table_grad(rope, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the loss w.r.t. rope.cos and rope.sin ([N_grid, D/2] or [H, N_grid, D/2]), in PyTorch.
-
-    q, k: [B, H, N, D] the unrotated inputs; dq, dk: the kernels' gradients w.r.t. them. A pair (a, b) rotates to
-    (a c - b s, b c + a s); its gradient g w.r.t. the rotated pair is R dx = (dxa c - dxb s, dxb c + dxa s), so
-    dL/dc = sum(g . (a, b)) = c U + s W and dL/ds = sum(g . (-b, a)) = s U - c W with U = sum(dxa a + dxb b),
-    W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k. fp32 (fp64 tables stay
-    fp64); prefix tokens do not rotate and contribute nothing.
-    """
-    P, ct = rope.prefix_tokens, torch.promote_types(rope.cos.dtype, torch.float32)
-    U = W = 0
-    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H, N_grid, D/2] each
-        (a, b), (ga, gb) = (split_pairs(t[:, :, P:].to(ct), rope.layout) for t in (x, dx))
-        U = U + (ga * a + gb * b).sum(0)
-        W = W + (ga * b - gb * a).sum(0)
-    if not rope.per_head:
-        U, W = U.sum(0), W.sum(0)
-    cos, sin = rope.cos.detach().to(ct), rope.sin.detach().to(ct)
-    return (cos * U + sin * W).to(rope.cos.dtype), (sin * U - cos * W).to(rope.sin.dtype)
+def _table_grad(table: _Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. table.cos and table.sin from the unrotated q, k and the kernels' dq, dk."""
+    return table_grad(table.cos, table.sin, table.prefix_tokens, table.layout, q, k, dq, dk)
 
 
 def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_saved) -> None:
