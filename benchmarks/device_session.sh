@@ -38,7 +38,7 @@ for stage in "${stages[@]}"; do
       timeout 330 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_gpu.log"
-      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/test_triton_fa_rope_paths.py \
+      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
         tests/backends/test_nonfinite.py tests/backends/test_determinism.py >"$OUT/pytest_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda.log" ;;
     paths)

@@ -39,11 +39,7 @@ SPLIT_KERNELS = ["bwd_preprocess", "bwd_dkdv_kernel", "bwd_dq_kernel"]
 BWD_KERNELS = {"bwd_fused_kernel", *SPLIT_KERNELS}
 
 
-@pytest.fixture
-def launches(nan_empty) -> list[str]:
-    """The names of the backward kernels of the last `_grads`, in order; every torch.empty / empty_like is
-    NaN-filled."""
-    return []
+pytestmark = pytest.mark.usefixtures("nan_empty")  # every torch.empty / empty_like buffer NaN-filled
 
 
 def _inputs(s: Shape, dtype, kind: str, seed: int):
@@ -57,22 +53,22 @@ def _inputs(s: Shape, dtype, kind: str, seed: int):
     return q, k, v, do, table
 
 
-def _grads(path: str, launches: list[str], q, k, v, do, table):
+def _grads(path: str, q, k, v, do, table):
     """dq, dk, dv of triton_fa_rope with the backward path forced to `path`; checks the kernels it launched."""
     with settings.override(triton_bwd=path), runtime.recording() as recorded:
         grads = run_backend(TRITON, q, k, v, do, table)[1:]
-    launches[:] = [x.name for x in recorded if x.name in BWD_KERNELS]
+    launches = [x.name for x in recorded if x.name in BWD_KERNELS]
     assert launches == (["bwd_fused_kernel"] if path == "fused" else SPLIT_KERNELS), launches
     return grads
 
 
-def _check(shape_name: str, dtype, kind: str, seed: int, launches) -> None:
+def _check(shape_name: str, dtype, kind: str, seed: int) -> None:
     q, k, v, do, table = _inputs(SHAPES[shape_name], dtype, kind, seed)
     if kind != "contiguous":
         assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or do.is_contiguous())
     ref = run_backend("math", *(t.detach().double() for t in (q, k, v, do)), table)[1:]
-    fused = _grads("fused", launches, q, k, v, do, table)
-    split = _grads("split", launches, q, k, v, do, table)
+    fused = _grads("fused", q, k, v, do, table)
+    split = _grads("split", q, k, v, do, table)
     for what, f, s, r, x in zip(("dq", "dk", "dv"), fused, split, ref, (q, k, v)):
         assert f.dtype == dtype and f.shape == x.shape, f"fused {what}: {f.dtype} {tuple(f.shape)}"
         assert_close_rel(f, r, dtype, f"fused {what} vs math")
@@ -81,32 +77,32 @@ def _check(shape_name: str, dtype, kind: str, seed: int, launches) -> None:
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_float32(shape_name, launches):
-    _check(shape_name, torch.float32, "contiguous", 11, launches)
+def test_float32(shape_name):
+    _check(shape_name, torch.float32, "contiguous", 11)
 
 
 @pytest.mark.parametrize("shape_name", HALF_SHAPES)
-def test_float16(shape_name, launches):
-    _check(shape_name, torch.float16, "contiguous", 12, launches)
+def test_float16(shape_name):
+    _check(shape_name, torch.float16, "contiguous", 12)
 
 
 @pytest.mark.parametrize("shape_name,kind", STRIDED)
-def test_strided(shape_name, kind, launches):
-    _check(shape_name, torch.float32, kind, 13, launches)
+def test_strided(shape_name, kind):
+    _check(shape_name, torch.float32, kind, 13)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fused_is_bitwise_repeatable(dtype, launches):
+def test_fused_is_bitwise_repeatable(dtype):
     q, k, v, do, table = _inputs(SHAPES["il_p1_7x10_d32"], dtype, "transposed", 14)
-    first = _grads("fused", launches, q, k, v, do, table)
-    second = _grads("fused", launches, q, k, v, do, table)
+    first = _grads("fused", q, k, v, do, table)
+    second = _grads("fused", q, k, v, do, table)
     for what, a, b in zip(("dq", "dk", "dv"), first, second):
         assert torch.isfinite(a).all() and a.abs().sum() > 0, f"{what} is not finite or all zero"
         assert torch.equal(a, b), f"fused {what} differs between two identical backward passes"
 
 
 @pytest.mark.parametrize("max_n,expected", [(71, ["bwd_fused_kernel"]), (70, SPLIT_KERNELS)])
-def test_auto_takes_fused_up_to_the_configured_length(max_n, expected, launches):
+def test_auto_takes_fused_up_to_the_configured_length(max_n, expected):
     """auto: fused while max(N_Q, N_KV) <= the config's bwd_fused_max_n (71 tokens here), else split."""
     q, k, v, do, table = _inputs(Shape(1, 2, (7, 10), 1, 32, None, n_kv=16), torch.float32, "contiguous", 15)
     with configs.override(bwd_fused_max_n=max_n), settings.override(triton_bwd="auto"), \
