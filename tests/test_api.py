@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnhub
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
 HAS_CUDA = torch.cuda.is_available()

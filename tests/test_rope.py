@@ -16,7 +16,7 @@ import torch
 
 import attnhub
 from attnhub.rope import CosSinTable, apply_rope
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 timm_pe = pytest.importorskip("timm.layers.pos_embed_sincos")
 

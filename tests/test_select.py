@@ -14,7 +14,7 @@ import torch
 
 import attnhub
 from attnhub import select
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 
 def _qkv(dtype=torch.float32, B=1, H=2, N=7, D=16, seed=0, requires_grad=False):

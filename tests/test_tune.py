@@ -21,7 +21,7 @@ import torch
 import attnhub
 from attnhub import select
 from attnhub.backends.math import attention as math_attention
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 # The submodule, not the function `attnhub.tune` that shadows it as an attribute of the package.
 tune = importlib.import_module("attnhub.tune")

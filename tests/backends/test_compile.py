@@ -12,8 +12,7 @@ import torch
 
 import attnhub
 from attnhub.registry import REGISTRY
-from tests.backends.test_parity import available
-from tests.tolerances import assert_close_rel
+from tests.helpers import Shape, assert_close_rel, available, make_learnable_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = sorted(REGISTRY.specs())
@@ -55,10 +54,8 @@ def test_fullgraph_matches_eager_math(backend, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_table_gradient(backend):
     """Learnable RoPE frequencies under torch.compile: the gradient reaches `emb` through the table, as in eager."""
-    from tests.backends.test_parity import SHAPES, make_learnable_table
-
     torch._dynamo.reset()
-    s = SHAPES["perhead_3x5_d32_interleaved"]
+    s = Shape(2, 3, (3, 5), 1, 32, "interleaved", per_head=True)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(s.B, s.H, s.N, s.D, generator=gen) for _ in "qkv")
     do = torch.randn(s.B, s.H, s.N, s.D, generator=gen)

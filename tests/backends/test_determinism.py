@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnhub.registry import REGISTRY
-from tests.backends.test_parity import DEVICE, Shape, available, make_qkv, make_table, make_tensor, run_backend
+from tests.helpers import DEVICE, Shape, available, make_qkv, make_table, make_tensor, run_backend
 
 CLAIMED = sorted(name for name, spec in REGISTRY.specs().items() if spec.deterministic_backward)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import attnhub
-from tests.backends.test_parity import BACKENDS, DEVICE, available, run_backend
+from tests.helpers import BACKENDS, DEVICE, available, run_backend
 
 # the Triton interpreter (numpy) warns on the NaNs these tests make on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

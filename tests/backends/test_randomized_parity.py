@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnhub.registry import REGISTRY
-from tests.backends.test_parity import DEVICE, Shape, available, check_parity, make_qkv, make_table, make_tensor
+from tests.helpers import DEVICE, Shape, available, check_parity, make_qkv, make_table, make_tensor
 
 EXAMPLES = int(os.environ.get("ATTNHUB_HYPOTHESIS_EXAMPLES", "25"))
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

@@ -1,8 +1,9 @@
 """attnhub.integrations.timm on tiny random timm models (CPU, float32): patched == timm, in outputs and gradients.
 
-Every comparison is patched vs unpatched timm on the same weights and inputs, with REL_L2[float32] (1e-5) per
-tensor: both sides compute in float32, so they differ by round-off only (the automatic backend on the CPU,
-torch_sdpa, is usually bit-equal; the Triton kernel in the interpreter sums in another order).
+Every comparison is patched vs unpatched timm on the same weights and inputs, with the float32 bound of
+attnhub.tolerances (1e-5) per tensor: both sides compute in float32, so they differ by round-off only (the
+automatic backend on the CPU, torch_sdpa, is usually bit-equal; the Triton kernel in the interpreter sums in
+another order).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import attnhub
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 timm = pytest.importorskip("timm")
 from attnhub.integrations import timm as at  # noqa: E402  (needs timm)
@@ -247,7 +248,7 @@ def test_patched_on_gpu_runs_the_fused_kernel(family, calls):
     """On CUDA the patched model runs triton_fa_rope (chosen automatically). float32: equal to timm within float32
     round-off (IEEE fp32 dots). bf16 autocast: its error against timm in float32 is at most twice timm's own
     bf16 error (plus 1e-3), for the logits and every parameter gradient."""
-    from tests.tolerances import rel_l2
+    from attnhub.tolerances import rel_l2
 
     name, kwargs, *_ = FAMILIES[family]
     ref, pat = (m.cuda() for m in pair(name, **kwargs))

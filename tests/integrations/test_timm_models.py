@@ -18,7 +18,7 @@ import torch
 
 import attnhub
 from attnhub import attention
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 timm = pytest.importorskip("timm")
 fx_extraction = pytest.importorskip("torchvision.models.feature_extraction")

@@ -16,10 +16,9 @@ import torch
 
 from attnhub import settings
 from attnhub.backends.triton_fa_rope import configs, runtime
-from tests.backends.test_parity import (
-    DEVICE, TRITON, Shape, available, make_qkv, make_table, make_tensor, run_backend,
+from tests.helpers import (
+    DEVICE, TRITON, Shape, assert_close_rel, available, make_qkv, make_table, make_tensor, run_backend,
 )
-from tests.tolerances import assert_close_rel
 
 SHAPES = {  # N = P + gh * gw
     "il_p1_7x10_d32": Shape(1, 2, (7, 10), 1, 32, "interleaved"),

@@ -10,7 +10,7 @@ import torch
 
 import attnhub
 from attnhub import settings
-from tests.tolerances import assert_close_rel
+from tests.helpers import assert_close_rel
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch, runtime
-from tests.backends.test_parity import DEVICE, TRITON, Shape, available, make_qkv, make_table, make_tensor, run_backend
-from tests.tolerances import assert_close_rel
+from tests.helpers import (
+    DEVICE, TRITON, Shape, assert_close_rel, available, make_qkv, make_table, make_tensor, run_backend,
+)
 
 SHAPES = {
     "il_p1_7x10_d64": Shape(1, 2, (7, 10), 1, 64, "interleaved"),  # N = 71
