@@ -1,4 +1,4 @@
-"""The public entry: `attention()`, forcing a backend, `explain()`.
+"""The public entry: `attention()`, forcing a backend, `explain()`, `tune()`, `list_backends()`.
 
 One call: validate the inputs (here, before anything launches) -> build the decision key `select.Call` ->
 `select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from typing import Iterator
 
 import torch
 
-from attnhub import select, settings
-from attnhub import tune as _tune
+from attnhub import _tuning, select, settings
 from attnhub.rope import CosSinTable
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnhub_backend", default=None)
@@ -47,7 +47,7 @@ def attention(
             None if rope is None else (type(rope), rope.layout, rope.prefix_tokens, rope.cos.shape, rope.cos.device,
                                        grad and rope.requires_grad),
             grad and (q.requires_grad or k.requires_grad or v.requires_grad), forced, type(scale),
-            autocast and torch.get_autocast_dtype(q.device.type), select.REGISTRY.version, _tune.enabled(),
+            autocast and torch.get_autocast_dtype(q.device.type), select.REGISTRY.version, _tuning.enabled(),
         )
         fn = select.FAST.get(key)
     except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
@@ -71,8 +71,8 @@ def _choose(q, k, v, rope, scale, forced):
     q, k, v = _autocast_inputs(q, k, v)
     call = _call(q, k, v, rope, forced)
     measure = None
-    if _tune.enabled():
-        measure = lambda names: _tune.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
+    if _tuning.enabled():
+        measure = lambda names: _tuning.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
     return select.choose(call, measure)[1]
 
 
@@ -150,9 +150,33 @@ def tune(
     names = [n for n, why in select.explain(call).reasons.items() if not why]
     if not names:
         raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
-    best = _tune.measure(call, _entries(names), q, k, v, rope, _scale(q, scale))
+    best = _tuning.measure(call, _entries(names), q, k, v, rope, _scale(q, scale))
     select.clear_cache()
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    priority: int
+    available: bool
+    why_not: str  # empty when available
+    description: str
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every registered backend, highest priority first, with whether it can run on this machine and why not.
+
+    Available means: selection would consider it for some device of this machine (its modules import, the device
+    and its compute capability are ones it is selected on); the reasons are the ones `explain` gives.
+    """
+    devices = [("cpu", None)] + ([("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else [])
+    out = []
+    for name, spec in sorted(select.REGISTRY.specs().items(), key=lambda kv: (-kv[1].priority, kv[0])):
+        per_device = [select.device_reasons(spec, d, i, forced=False) for d, i in devices]
+        why = [] if not all(per_device) else list(dict.fromkeys(r for rs in per_device for r in rs))
+        out.append(BackendInfo(name, spec.priority, not why, "; ".join(why), spec.description))
+    return out
 
 
 def _forced(backend: str | None) -> str | None:

@@ -49,7 +49,7 @@ def info(_args) -> int:
     device = _device()
     print(f"device: {_describe_device(device)}")
     print(f"versions: {_versions()}, python {platform.python_version()}")
-    for b in attnhub.backends():
+    for b in attnhub.list_backends():
         state = "available" if b.available else f"unavailable: {b.why_not}"
         print(f"  {b.name:<16} priority {b.priority:>4}  {state}\n  {'':<16} {b.description}")
     return 0

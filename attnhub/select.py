@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from attnhub import tune as _tune
+from attnhub import _tuning
 from attnhub.registry import REGISTRY, Spec
 
 CACHE_SIZE = 4096  # distinct decision keys kept; a model sees a handful, so this only bounds pathological use
@@ -93,22 +93,28 @@ def _names(items) -> str:
     return "[" + ", ".join(str(i).replace("torch.", "") for i in items) + "]"
 
 
-def reasons(spec: Spec, call: Call, *, forced: bool) -> list[str]:
-    """Why `spec` cannot run `call` (an empty list: it can). Generic over the registry vocabulary."""
+def device_reasons(spec: Spec, device_type: str, device_index: int | None, *, forced: bool) -> list[str]:
+    """Why `spec` cannot run on this device whatever the inputs: a missing module, the device, its capability."""
     out = [f"needs Python module {m!r}" for m in spec.requires if not _importable(m)]
-    if spec.devices is not None and call.device_type not in spec.devices:
+    if spec.devices is not None and device_type not in spec.devices:
         cc = f" (compute capability >= {spec.min_compute_capability})" if spec.min_compute_capability else ""
-        needs = f"device {call.device_type}: needs {_names(spec.devices)}{cc}"
-        if call.device_type not in spec.interpreter_devices:
+        needs = f"device {device_type}: needs {_names(spec.devices)}{cc}"
+        if device_type not in spec.interpreter_devices:
             out.append(needs)
         elif not forced:
-            out.append(f"{needs}; runs on {call.device_type} only when forced, through the Triton interpreter")
+            out.append(f"{needs}; runs on {device_type} only when forced, through the Triton interpreter")
         elif not _interpreting():
-            out.append(f"{needs}; on {call.device_type} set TRITON_INTERPRET=1 before importing attnhub")
-    elif call.device_type == "cuda" and spec.min_compute_capability is not None:
-        cc = _capability(call.device_index or 0)
+            out.append(f"{needs}; on {device_type} set TRITON_INTERPRET=1 before importing attnhub")
+    elif device_type == "cuda" and spec.min_compute_capability is not None:
+        cc = _capability(device_index or 0)
         if cc < spec.min_compute_capability:
             out.append(f"compute capability {cc}: needs >= {spec.min_compute_capability}")
+    return out
+
+
+def reasons(spec: Spec, call: Call, *, forced: bool) -> list[str]:
+    """Why `spec` cannot run `call` (an empty list: it can). Generic over the registry vocabulary."""
+    out = device_reasons(spec, call.device_type, call.device_index, forced=forced)
     if spec.dtypes is not None and call.dtype not in spec.dtypes:
         out.append(f"dtype {_names([call.dtype])[1:-1]} not in {_names(spec.dtypes)}")
     hd = spec.head_dim
@@ -147,7 +153,7 @@ def _decide(call: Call, measure: Callable[[list[str]], str] | None = None) -> Ex
             )
         return Explanation(call.forced, why, call.forced, "forced")
     eligible = sorted((n for n, w in why.items() if not w), key=lambda n: (-specs[n].priority, n))
-    measured = _tune.lookup(call, eligible)
+    measured = _tuning.lookup(call, eligible)
     if measured is None and measure is not None and len(eligible) > 1:
         measured = measure(eligible)
     if measured is not None:

@@ -1,5 +1,5 @@
 """attnhub/api.py (and the public names of attnhub/__init__.py): forcing precedence, use_backend, explain,
-run-time registration, autocast, scale, strided inputs, input validation, `attnhub.backends()`, `attnhub.tune()`.
+run-time registration, autocast, scale, strided inputs, input validation, `attnhub.list_backends()`, `attnhub.tune()`.
 
 On CPU the Triton backend runs forced, under the interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes and
 in float32/float16 only (the interpreter's bf16 tl.dot is wrong: triton-lang/triton#11584).
@@ -7,7 +7,6 @@ in float32/float16 only (the interpreter's bf16 tl.dot is wrong: triton-lang/tri
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -17,11 +16,11 @@ import pytest
 import torch
 
 import attnhub
+from attnhub import _tuning
 from tests.helpers import assert_close_rel
 
 BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
 HAS_CUDA = torch.cuda.is_available()
-_tune = importlib.import_module("attnhub.tune")  # the module; `attnhub.tune` is the public function
 
 
 def _qkv(dtype=torch.float32, B=2, H=2, N=7, D=16, N_kv=None, seed=0, device="cpu"):
@@ -290,13 +289,9 @@ def test_invalid_input_raises_typed_error_naming_the_argument(case):
             attnhub.explain(**{n: a for n, a in kw.items() if n != "scale"})
 
 
-# --------------------------------------------------------------------------------------- attnhub.backends()
-def _backends_fn():
-    return attnhub.backends
-
-
-def test_backends_lists_all_three_with_availability():
-    infos = _backends_fn()()
+# ---------------------------------------------------------------------------------- attnhub.list_backends()
+def test_list_backends_lists_all_three_with_availability():
+    infos = attnhub.list_backends()
     by_name = {i.name: i for i in infos}
     assert set(BACKENDS) <= set(by_name)
     assert [i.priority for i in infos] == sorted((i.priority for i in infos), reverse=True)
@@ -304,19 +299,16 @@ def test_backends_lists_all_three_with_availability():
         assert by_name[name].available and by_name[name].why_not == "" and by_name[name].description
     tri = by_name["triton_fa_rope"]
     if not HAS_CUDA:
-        assert not tri.available and "needs a device of ['cuda']" in tri.why_not, tri
-
-
-def test_backends_stays_callable_after_a_backend_ran():
-    attnhub.attention(*_qkv(), backend="math")
-    assert callable(attnhub.backends)
+        assert not tri.available and "device cpu: needs [cuda]" in tri.why_not, tri
+        why = attnhub.explain(*_qkv()).reasons["triton_fa_rope"]
+        assert tri.why_not in why, "list_backends gives the reasons selection gives"
 
 
 # ------------------------------------------------------------------------------------------------- tune()
 @pytest.fixture
 def fresh_tune(monkeypatch):
     """An empty in-memory tuning table (it is process-wide), restored afterwards; files in conftest's tmp dir."""
-    monkeypatch.setattr(_tune, "_results", None)
+    monkeypatch.setattr(_tuning, "_results", None)
     return Path(os.environ["ATTNHUB_CACHE_DIR"]) / "tune.json"
 
 
@@ -333,7 +325,7 @@ def test_tune_measures_persists_and_explains(fresh_tune, monkeypatch):
     assert attnhub.explain(q, k, v, rope, backend="math").how == "forced"
     assert attnhub.explain(q.double(), k.double(), v.double(), rope).how == "priority"  # another decision key
     # a new process (empty in-memory table) reads the file back
-    monkeypatch.setattr(_tune, "_results", None)
+    monkeypatch.setattr(_tuning, "_results", None)
     monkeypatch.setenv("ATTNHUB_TUNE", "1")
     assert attnhub.explain(q, k, v, rope).how == "measured"
 

@@ -45,7 +45,7 @@ def test_check_in_process(capsys):
     out = capsys.readouterr().out
 
     assert out.startswith("device: cpu")
-    for b in attnhub.backends():
+    for b in attnhub.list_backends():
         assert re.search(rf"^  {b.name}\s+priority\s+{b.priority}\s+{'available' if b.available else 'unavailable: '}",
                          out, re.M), b
     for shape, chosen in _expected_choices().items():
@@ -118,7 +118,7 @@ def test_info(capsys):
 
     assert out.startswith("device: cpu")
     assert f"torch {md.version('torch')}" in out and f"attnhub {attnhub.__version__}" in out
-    for b in attnhub.backends():
+    for b in attnhub.list_backends():
         state = "available" if b.available else f"unavailable: {b.why_not}"
         assert f"{b.name:<16} priority {b.priority:>4}  {state}" in out
         assert b.description in out

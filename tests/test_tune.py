@@ -5,7 +5,6 @@ it, and a registry change invalidates a record. Tiny shapes: q, k, v: [1, 2, 5, 
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
 import json
 import logging
@@ -19,12 +18,11 @@ import pytest
 import torch
 
 import attnhub
+from attnhub import _tuning as tune
 from attnhub import select
 from attnhub.backends.math import attention as math_attention
 from tests.helpers import assert_close_rel
 
-# The submodule, not the function `attnhub.tune` that shadows it as an attribute of the package.
-tune = importlib.import_module("attnhub.tune")
 
 B, H, GRID, P, D = 1, 2, (2, 2), 1, 16
 N = P + GRID[0] * GRID[1]
@@ -127,12 +125,12 @@ def test_env_var_measures_on_first_call_with_grad(monkeypatch):
 
 _NEW_PROCESS = textwrap.dedent(
     """
-    import importlib, json, torch, attnhub
+    import json, torch, attnhub, attnhub._tuning
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again instead of reading tune.json")
 
-    importlib.import_module("attnhub.tune").measure = no_measuring
+    attnhub._tuning.measure = no_measuring
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn({B}, {H}, {N}, {D}, generator=g) for _ in range(3))
     rope = attnhub.CosSinTable(grid={GRID}, head_dim={D}, prefix_tokens={P})

@@ -27,7 +27,7 @@ import torch
 from attnhub import settings
 from attnhub.registry import REGISTRY
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("attnhub.tune")  # named for what users know, `attnhub.tune`, not this private module
 
 _lock = threading.Lock()
 _results: dict[str, dict[str, str]] | None = None  # environment -> key -> backend; None: not loaded
