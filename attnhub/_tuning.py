@@ -158,7 +158,7 @@ def measure(call, entries: Sequence[tuple[str, Callable]], q, k, v, rope, scale:
                 out.backward(torch.ones_like(out))
 
         times[name] = _time_ms(run, q.device)
-    best = min(times, key=times.get)
+    best = min(times, key=times.__getitem__)
     env, key = _environment(call.device_type, call.device_index), _key(call, list(times))
     log.info("attnhub tune: %s -> %s (%s)", key, best, {n: f"{t:.3f} ms" for n, t in times.items()})
     _table(call)[key] = best

@@ -106,9 +106,9 @@ def device_reasons(spec: Spec, device_type: str, device_index: int | None, *, fo
         elif not _interpreting():
             out.append(f"{needs}; on {device_type} set TRITON_INTERPRET=1 before importing attnhub")
     elif device_type == "cuda" and spec.min_compute_capability is not None:
-        cc = _capability(device_index or 0)
-        if cc < spec.min_compute_capability:
-            out.append(f"compute capability {cc}: needs >= {spec.min_compute_capability}")
+        capability = _capability(device_index or 0)
+        if capability < spec.min_compute_capability:
+            out.append(f"compute capability {capability}: needs >= {spec.min_compute_capability}")
     return out
 
 

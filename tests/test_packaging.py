@@ -1,6 +1,6 @@
-"""The wheel: built from a copy of the checkout, it holds attnhub/registry.yaml as a real file, the backends as
-attnhub.backends (never a top-level `backends`), and, installed into a bare folder, `python -m attnhub check` runs
-from there (not from the checkout) and passes.
+"""The wheel: built from a copy of the checkout, it holds attnhub/registry.yaml as a real file, the py.typed
+marker, the backends as attnhub.backends (never a top-level `backends`), and, installed into a bare folder,
+`python -m attnhub check` runs from there (not from the checkout) and passes.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def _check_contents(wheel: Path) -> None:
         assert registry is not None, sorted(infos)
         assert stat.S_IFMT(registry.external_attr >> 16) != stat.S_IFLNK, "registry.yaml stored as a symlink"
         assert zf.read(registry) == (ROOT / "registry.yaml").read_bytes()
+        assert "attnhub/py.typed" in infos, "no py.typed: type checkers would ignore attnhub's annotations"
         assert "triton_fa_rope/kernels.py" in BACKEND_FILES  # subpackages included
         for name in BACKEND_FILES:
             path = f"attnhub/backends/{name}"
