@@ -84,12 +84,7 @@ def _candidates(names: Sequence[str]) -> dict[str, str]:
 
 
 def _key(call, candidates: Sequence[str]) -> str:
-    fields = call._asdict()
-    fields.pop("forced")
-    fields.pop("registry_version")
-    fields["dtype"] = str(fields["dtype"])
-    fields["candidates"] = _candidates(candidates)
-    return json.dumps(fields, sort_keys=True)
+    return json.dumps({**call.facts(), "candidates": _candidates(candidates)}, sort_keys=True)
 
 
 def _read(path: Path, *, warn: bool = True) -> dict[str, Any]:

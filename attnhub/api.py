@@ -1,7 +1,8 @@
 """The public entry: `attention()`, forcing a backend, `explain()`, `tune()`, `list_backends()`.
 
-One call: validate the inputs (here, before anything launches) -> build the decision key `select.Call` ->
-`select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`.
+One call: validate the inputs (here, before anything launches) -> the decision key `select.Call.from_inputs` ->
+`select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`. A repeated call skips the
+middle: `select.fast_key` of its raw facts finds the entry function directly.
 """
 
 from __future__ import annotations
@@ -38,17 +39,10 @@ def attention(
     """
     if torch.compiler.is_compiling():
         return _compiled_attention(q, k, v, rope, scale, backend)
-    forced = _forced(backend)
-    grad, autocast = torch.is_grad_enabled(), False
+    forced, autocast = _forced(backend), False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
-        key = (
-            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-            None if rope is None else (type(rope), rope.layout, rope.prefix_tokens, rope.cos.shape, rope.cos.device,
-                                       grad and rope.requires_grad),
-            grad and (q.requires_grad or k.requires_grad or v.requires_grad), forced, type(scale),
-            autocast and torch.get_autocast_dtype(q.device.type), select.REGISTRY.version, _tuning.enabled(),
-        )
+        key = select.fast_key(q, k, v, rope, forced, scale, autocast)
         fn = select.FAST.get(key)
     except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
         key, fn = None, None
@@ -69,7 +63,7 @@ def _choose(q, k, v, rope, scale, forced):
     """The entry function for this call (slow path: build the decision key, select, maybe measure)."""
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
-    call = _call(q, k, v, rope, forced)
+    call = select.Call.from_inputs(q, k, v, rope, forced)
     measure = None
     if _tuning.enabled():
         measure = lambda names: _tuning.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
@@ -85,26 +79,18 @@ def _compiled_attention(q, k, v, rope, scale, backend):
     the next compilation.
     """
     _validate(q, k, v, rope, scale, backend)
-    D = q.shape[-1]
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
-    grad = torch.is_grad_enabled()
-    name = _static_choice(
-        q.device.type, q.device.index, q.dtype, q.shape[2], k.shape[2], D,
-        "none" if rope is None else rope.layout, rope is not None and rope.per_head,
-        grad and rope is not None and rope.requires_grad,
-        grad and (q.requires_grad or k.requires_grad or v.requires_grad), backend,
-    )
+    name = _static_choice(backend, *select.Call.from_inputs(q, k, v, rope, None, static=True))
     with torch.autocast(q.device.type, enabled=False):
         return select.REGISTRY.entry(name)(q, k, v, rope, scale)
 
 
 @torch.compiler.assume_constant_result
-def _static_choice(device_type, device_index, dtype, n_q, n_kv, head_dim, layout, per_head, rope_grad, needs_grad,
-                   backend) -> str:
-    forced = _forced(backend)
-    call = select.Call(device_type, device_index, dtype, 0, 0, n_q, n_kv, head_dim, layout, per_head, rope_grad,
-                       needs_grad, forced, select.REGISTRY.version)
+def _static_choice(backend: str | None, *static_facts) -> str:
+    """The backend for a `Call` of static facts, run once at trace time: the forced backend and the registry
+    version are read here, outside the graph, so they add no guards."""
+    call = select.Call(*static_facts)._replace(forced=_forced(backend), registry_version=select.REGISTRY.version)
     return select.choose(call)[0]
 
 
@@ -134,7 +120,8 @@ def explain(
 ) -> select.Explanation:
     """Which backend `attention(q, k, v, rope)` would run here and why every other one would not."""
     _validate(q, k, v, rope, None, backend)
-    return select.explain(_call(*_autocast_inputs(q, k, v), rope, _forced(backend)))
+    q, k, v = _autocast_inputs(q, k, v)
+    return select.explain(select.Call.from_inputs(q, k, v, rope, _forced(backend)))
 
 
 def tune(
@@ -146,7 +133,7 @@ def tune(
     """
     _validate(q, k, v, rope, scale, None)
     q, k, v = _autocast_inputs(q, k, v)  # the key `attention` will look up under the same autocast
-    call = _call(q, k, v, rope, None)
+    call = select.Call.from_inputs(q, k, v, rope, None)
     names = [n for n, why in select.explain(call).reasons.items() if not why]
     if not names:
         raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
@@ -198,27 +185,6 @@ def _autocast_inputs(q, k, v):
 
 def _entries(names):
     return [(n, select.REGISTRY.entry(n)) for n in names]
-
-
-def _call(q, k, v, rope: CosSinTable | None, forced: str | None) -> select.Call:
-    grad = torch.is_grad_enabled()
-    B, H, N, D = q.shape
-    return select.Call(
-        q.device.type,
-        q.device.index,
-        q.dtype,
-        B,
-        H,
-        N,
-        k.shape[2],
-        D,
-        "none" if rope is None else rope.layout,
-        rope is not None and rope.per_head,
-        grad and rope is not None and rope.requires_grad,
-        grad and (q.requires_grad or k.requires_grad or v.requires_grad),
-        forced,
-        select.REGISTRY.version,
-    )
 
 
 def _validate(q, k, v, rope, scale, backend) -> None:

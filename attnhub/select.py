@@ -17,6 +17,7 @@ import torch
 
 from attnhub import _tuning
 from attnhub.registry import REGISTRY, Spec
+from attnhub.rope import CosSinTable
 
 CACHE_SIZE = 4096  # distinct decision keys kept; a model sees a handful, so this only bounds pathological use
 
@@ -30,13 +31,14 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Call(NamedTuple):
-    """The decision key of one `attnhub.attention` call."""
+    """The decision key of one `attnhub.attention` call. Build it with `Call.from_inputs`, the one place that turns
+    a call into its key (for the API, the compiled path, `explain` and tuning alike)."""
 
     device_type: str
     device_index: int | None
     dtype: torch.dtype
-    batch: int
-    heads: int
+    batch: int  # 0 in a compiled graph (see `from_inputs`)
+    heads: int  # 0 in a compiled graph
     n_q: int
     n_kv: int
     head_dim: int
@@ -46,6 +48,69 @@ class Call(NamedTuple):
     needs_grad: bool  # q, k or v requires grad and grad mode is on
     forced: str | None
     registry_version: int
+
+    @classmethod
+    def from_inputs(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: CosSinTable | None,
+        forced: str | None,
+        *,
+        static: bool = False,
+    ) -> Call:
+        """The key of `attention(q, k, v, rope)` with backend `forced` (None: automatic) in the current grad mode.
+
+        q: [B, H, N, D]; k, v: [B, H, N_kv, D], validated and already in the dtype the backend computes in (the
+        autocast dtype under autocast). `static`: only the facts a compiled graph fixes; batch and heads read as 0
+        so a dynamic batch size never enters the key (the caller sets `forced` and `registry_version` at trace time).
+        """
+        grad = torch.is_grad_enabled()
+        B, H, N, D = q.shape
+        return cls(
+            q.device.type,
+            q.device.index,
+            q.dtype,
+            0 if static else B,
+            0 if static else H,
+            N,
+            k.shape[2],
+            D,
+            "none" if rope is None else rope.layout,
+            rope is not None and rope.per_head,
+            grad and rope is not None and rope.requires_grad,
+            grad and (q.requires_grad or k.requires_grad or v.requires_grad),
+            forced,
+            0 if static else REGISTRY.version,
+        )
+
+    def facts(self) -> dict[str, object]:
+        """The facts of the call as JSON values, without the selection context (forced backend, registry version):
+        what a measured choice is recorded under in tune.json."""
+        fields = self._asdict()
+        del fields["forced"], fields["registry_version"]
+        fields["dtype"] = str(self.dtype)
+        return fields
+
+
+def fast_key(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, forced: str | None,
+    scale: float | None, autocast: bool,
+) -> tuple:
+    """The key of `FAST`: the raw facts that validation and `Call.from_inputs` read, in a tuple that is cheaper to
+    build and hash than a `Call` (the API builds it on every call). A hit skips validation and selection, which are
+    functions of these facts. Raises AttributeError or TypeError when q, k, v are not tensors or `rope` is not a
+    table (the caller then validates, which names the argument).
+    """
+    grad = torch.is_grad_enabled()
+    return (
+        q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+        None if rope is None else (type(rope), rope.layout, rope.prefix_tokens, rope.cos.shape, rope.cos.device,
+                                   grad and rope.requires_grad),
+        grad and (q.requires_grad or k.requires_grad or v.requires_grad), forced, type(scale),
+        autocast and torch.get_autocast_dtype(q.device.type), REGISTRY.version, _tuning.enabled(),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +249,7 @@ def choose(call: Call, measure: Callable[[list[str]], str] | None = None) -> tup
     return hit
 
 
-# The API's fast path: a key of raw call facts (shapes, dtypes, devices, table signature, grad, forced, registry
-# version) -> entry function. A hit skips validation and selection, which are functions of those same facts.
+# The API's fast path: `fast_key(...)` -> entry function.
 FAST: dict[tuple, Callable] = {}
 
 
