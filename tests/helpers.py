@@ -94,8 +94,6 @@ def make_emb(shape: Shape, gen: torch.Generator, heads: bool, dtype=torch.float3
 
 def available(name: str, q, k, v, table) -> str:
     """Why backend `name` cannot run this call when forced ("" when it can), from `attnhub.explain`."""
-    if name == TRITON and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return "the Triton CPU interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584)"
     try:
         reasons = attnhub.explain(q, k, v, table, backend=name).reasons[name]
     except attnhub.BackendUnavailableError as exc:

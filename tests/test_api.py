@@ -1,8 +1,7 @@
 """attnhub/api.py (and the public names of attnhub/__init__.py): forcing precedence, use_backend, explain,
 run-time registration, autocast, scale, strided inputs, input validation, `attnhub.list_backends()`, `attnhub.tune()`.
 
-On CPU the Triton backend runs forced, under the interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes and
-in float32/float16 only (the interpreter's bf16 tl.dot is wrong: triton-lang/triton#11584).
+On CPU the Triton backend runs forced, under the interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes.
 """
 
 from __future__ import annotations
@@ -146,12 +145,8 @@ def test_registered_backend_is_selected_and_explained():
 
 
 # ------------------------------------------------------------------------------------------------- numerics
-def _pairs(dtypes):
-    """(backend, dtype) pairs; Triton (interpreter on CPU) not in bfloat16."""
-    return [(b, d) for b in BACKENDS for d in dtypes if not (b == "triton_fa_rope" and d == torch.bfloat16 and not HAS_CUDA)]
-
-
-@pytest.mark.parametrize("backend, ac_dtype", _pairs([torch.bfloat16, torch.float16]))
+@pytest.mark.parametrize("ac_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_output_dtype_for_every_backend(backend, ac_dtype):
     q, k, v = _qkv(torch.float32)
     rope = _table()

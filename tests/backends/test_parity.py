@@ -2,8 +2,8 @@
 
 A covering design rather than the full product (the Triton interpreter is slow on CPU):
 - every shape in `SHAPES` with every backend in float32, contiguous inputs;
-- float16 (every backend) and bfloat16 (backends other than triton_fa_rope under the interpreter,
-  triton-lang/triton#11584) on the `HALF_SHAPES` subset;
+- float16 and bfloat16 on the `HALF_SHAPES` subset (triton_fa_rope included: under the interpreter it computes
+  bfloat16 dots in fp32, since the interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584);
 - strided inputs (`STRIDES`: views of a fused qkv projection, [B, N, H, D] transposed, a non-unit stride on D)
   on the `STRIDED_SHAPES` subset, float32 and float16.
 
