@@ -55,43 +55,29 @@ def _assert_same_nan(got, ref, whats=("o", "dq", "dk", "dv")):
         assert not diff, f"{what}: NaN pattern differs from math at {len(diff)} places, first {diff[:4]}"
 
 
-@pytest.mark.parametrize("layout", ["interleaved", None])
+# NaN in one element of q, k or v: (seed, the input, the element, the region of o that must be NaN (the rest finite),
+# the RoPE layout of the case with a table). The k element is on the CLS key, which RoPE does not rotate.
+NAN_CASES = {
+    "q_poisons_its_row": (10, "q", (1, 0, 7, 3), (1, 0, 7), "interleaved"),  # a patch token's query
+    "k_poisons_its_head": (11, "k", (0, 1, 0, 5), (0, 1), "interleaved"),  # every row attends to the NaN key
+    "v_poisons_its_channel": (12, "v", (1, 1, 9, 17), (1, 1, slice(None), 17), "half"),  # only channel 17 is read
+}
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "norope"])
+@pytest.mark.parametrize("case", list(NAN_CASES))
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("name", BACKENDS)
-def test_nan_in_q_poisons_its_row(name, dtype, layout):
-    q, k, v, do = _inputs(dtype, seed=10)
-    q[1, 0, 7, 3] = NAN  # a patch token
-    got, ref = _run_all(name, q, k, v, do, _table(layout))
-    o = got[0]
-    assert torch.isnan(o[1, 0, 7]).all(), "the row of the NaN query must be all NaN"
-    o_rest = torch.cat([o[1, 0, :7], o[1, 0, 8:], o[0].flatten(0, 1), o[1, 1:].flatten(0, 1)])
-    assert torch.isfinite(o_rest).all(), "rows other than the NaN query's must stay finite"
-    _assert_same_nan(got, ref)
-
-
-@pytest.mark.parametrize("layout", ["interleaved", None])
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("name", BACKENDS)
-def test_nan_in_k_poisons_its_head(name, dtype, layout):
-    q, k, v, do = _inputs(dtype, seed=11)
-    k[0, 1, 0, 5] = NAN  # the CLS key, which RoPE does not rotate
-    got, ref = _run_all(name, q, k, v, do, _table(layout))
-    o = got[0]
-    assert torch.isnan(o[0, 1]).all(), "every row attends to the NaN key: all of its head must be NaN"
-    assert torch.isfinite(o[0, 0]).all() and torch.isfinite(o[1]).all(), "other heads must stay finite"
-    _assert_same_nan(got, ref)
-
-
-@pytest.mark.parametrize("layout", ["half", None])
-@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-@pytest.mark.parametrize("name", BACKENDS)
-def test_nan_in_v_poisons_its_channel(name, dtype, layout):
-    q, k, v, do = _inputs(dtype, seed=12)
-    v[1, 1, 9, 17] = NAN
-    got, ref = _run_all(name, q, k, v, do, _table(layout))
+def test_nan_input(name, dtype, case, rope):
+    seed, where, index, region, layout = NAN_CASES[case]
+    q, k, v, do = _inputs(dtype, seed)
+    {"q": q, "k": k, "v": v}[where][index] = NAN
+    got, ref = _run_all(name, q, k, v, do, _table(layout if rope else None))
     expected = torch.zeros(B, H, N, D, dtype=torch.bool, device=DEVICE)
-    expected[1, 1, :, 17] = True
-    assert torch.equal(torch.isnan(got[0]), expected), "exactly channel 17 of head (1, 1) must be NaN"
+    expected[region] = True
+    o = got[0]
+    assert torch.equal(torch.isnan(o), expected), f"{case}: o must be NaN exactly at {region}"
+    assert torch.isfinite(o[~expected]).all(), f"{case}: o must be finite outside {region}"
     _assert_same_nan(got, ref)
 
 
