@@ -1,21 +1,18 @@
 """attnhub/api.py (and the public names of attnhub/__init__.py): forcing precedence, use_backend, explain,
-run-time registration, autocast, scale, strided inputs, input validation, `attnhub.list_backends()`, `attnhub.tune()`.
+run-time registration, autocast, scale, strided inputs, input validation, `attnhub.list_backends()`.
+`attnhub.tune()` is tested in tests/test_tune.py.
 
 On CPU the Triton backend runs forced, under the interpreter (conftest sets TRITON_INTERPRET=1), at tiny shapes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import attnhub
-from attnhub import _tuning
 from tests.helpers import assert_close_rel
 
 BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
@@ -297,48 +294,3 @@ def test_list_backends_lists_all_three_with_availability():
         assert not tri.available and "device cpu: needs [cuda]" in tri.why_not, tri
         why = attnhub.explain(*_qkv()).reasons["triton_fa_rope"]
         assert tri.why_not in why, "list_backends gives the reasons selection gives"
-
-
-# ------------------------------------------------------------------------------------------------- tune()
-@pytest.fixture
-def fresh_tune(monkeypatch):
-    """An empty in-memory tuning table (it is process-wide), restored afterwards; files in conftest's tmp dir."""
-    monkeypatch.setattr(_tuning, "_results", None)
-    return Path(os.environ["ATTNHUB_CACHE_DIR"]) / "tune.json"
-
-
-def test_tune_measures_persists_and_explains(fresh_tune, monkeypatch):
-    q, k, v = _qkv(B=1, N=7, D=16)
-    rope = _table()
-    assert not fresh_tune.exists()
-    best = attnhub.tune(q, k, v, rope)
-    assert best in ("torch_sdpa", "math")  # the eligible ones on CPU
-    saved = json.loads(fresh_tune.read_text())
-    assert [best] == [name for table in saved.values() for name in table.values()]
-    why = attnhub.explain(q, k, v, rope)
-    assert why.chosen == best and why.how == "measured" and f"chosen: {best} (fastest when measured)" in str(why)
-    assert attnhub.explain(q, k, v, rope, backend="math").how == "forced"
-    assert attnhub.explain(q.double(), k.double(), v.double(), rope).how == "priority"  # another decision key
-    # a new process (empty in-memory table) reads the file back
-    monkeypatch.setattr(_tuning, "_results", None)
-    monkeypatch.setenv("ATTNHUB_TUNE", "1")
-    assert attnhub.explain(q, k, v, rope).how == "measured"
-
-
-def test_tune_under_autocast_keys_the_autocast_dtype(fresh_tune):
-    """`tune` inside autocast records the decision `attention` looks up there (inputs cast to the autocast dtype)."""
-    q, k, v = _qkv(B=1, N=7, D=16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        best = attnhub.tune(q, k, v, _table())
-        why = attnhub.explain(q, k, v, _table())
-    assert why.chosen == best and why.how == "measured"
-    assert attnhub.explain(q, k, v, _table()).how == "priority"  # float32 outside autocast: another key
-
-
-def test_tune_env_measures_on_first_call(fresh_tune, monkeypatch):
-    monkeypatch.setenv("ATTNHUB_TUNE", "1")
-    q, k, v = _qkv(B=1, N=5, D=8)
-    o = attnhub.attention(q, k, v)
-    assert fresh_tune.exists()
-    assert_close_rel(o, _reference(q, k, v), torch.float32)
-    assert attnhub.explain(q, k, v).how == "measured"

@@ -70,6 +70,8 @@ def test_tune_picks_an_eligible_backend_and_persists_it():
     ex = attnhub.explain(q, k, v, rope)
     assert (ex.chosen, ex.how) == (best, "measured")
     assert "fastest when measured" in str(ex)
+    assert attnhub.explain(q, k, v, rope, backend="math").how == "forced"
+    assert attnhub.explain(q.double(), k.double(), v.double(), rope).how == "priority"  # another decision key
 
     path = _tune_file()
     assert str(path.parent) == os.environ["ATTNHUB_CACHE_DIR"]
@@ -81,6 +83,16 @@ def test_tune_picks_an_eligible_backend_and_persists_it():
     ((key, chosen),) = data[env].items()
     assert chosen == best
     assert set(json.loads(key)["candidates"]) == eligible
+
+
+def test_tune_under_autocast_keys_the_autocast_dtype():
+    """`tune` inside autocast records the decision `attention` looks up there (inputs cast to the autocast dtype)."""
+    q, k, v, rope = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        best = attnhub.tune(q, k, v, rope)
+        why = attnhub.explain(q, k, v, rope)
+    assert why.chosen == best and why.how == "measured"
+    assert attnhub.explain(q, k, v, rope).how == "priority"  # float32 outside autocast: another key
 
 
 def _slow_math(q, k, v, rope, scale):
