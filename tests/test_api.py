@@ -115,16 +115,6 @@ def test_env_backend_unknown_is_reported(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ explain and registration
-def test_explain_is_printable_and_names_reasons():
-    q, k, v = _qkv(torch.float64)
-    why = attnhub.explain(q, k, v, _table())
-    assert isinstance(why, attnhub.Explanation)
-    text = str(why)
-    assert text.splitlines()[0] == "chosen: torch_sdpa (highest priority)"
-    assert "triton_fa_rope: rejected:" in text and "dtype float64 not in" in text and "needs [cuda]" in text
-    assert "math: eligible, not chosen" in text
-
-
 def test_registered_backend_is_selected_and_explained():
     calls: list[str] = []
     attnhub.register_backend("toy", _recorder("toy", calls), priority=1000, devices=["cpu"], dtypes=["float32"],

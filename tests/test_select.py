@@ -46,13 +46,14 @@ def test_cpu_picks_torch_sdpa_never_triton(dtype):
     assert any("device cpu: needs [cuda]" in r for r in why.reasons["triton_fa_rope"])
 
 
-def test_float64_reason_names_the_dtype_and_the_allowed_ones():
-    why = attnhub.explain(*_qkv(torch.float64))
+def test_explanation_prints_the_choice_and_every_reason():
+    why = attnhub.explain(*_qkv(torch.float64), _table())
+    assert isinstance(why, attnhub.Explanation)
     r = why.reasons["triton_fa_rope"]
     assert "dtype float64 not in [float16, bfloat16, float32]" in r, r
     text = str(why)
-    assert "chosen: torch_sdpa (highest priority)" in text
-    assert "triton_fa_rope: rejected:" in text and "dtype float64 not in" in text
+    assert text.splitlines()[0] == "chosen: torch_sdpa (highest priority)"
+    assert "triton_fa_rope: rejected:" in text and "dtype float64 not in" in text and "needs [cuda]" in text
     assert "math: eligible, not chosen" in text
 
 
@@ -176,6 +177,20 @@ def test_registration_invalidates_cached_decisions():
     assert calls == [torch.float16]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "compiled"])
+def test_call_from_inputs(static):
+    """The one constructor of the key; a compiled graph's key leaves out batch and heads (a dynamic batch)."""
+    q, k, v = _qkv(B=3, N=7, D=16, requires_grad=True)
+    table = _table("half", heads=2, requires_grad=True)
+    call = select.Call.from_inputs(q, k, v, table, "math", static=static)
+    B, H = (0, 0) if static else (3, 2)
+    version = 0 if static else select.REGISTRY.version
+    assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True, "math", version)
+    with torch.no_grad():
+        call = select.Call.from_inputs(q, k, v, None, None)
+    assert (call.rope_layout, call.rope_per_head, call.rope_grad, call.needs_grad) == ("none", False, False, False)
+
+
 def test_cache_key_fields():
     """The fields of the decision key: a new constraint in the registry vocabulary needs its fact here."""
     assert set(select.Call._fields) >= {
@@ -190,9 +205,7 @@ def test_cache_is_bounded(monkeypatch):
     for B in range(1, 11):
         q, k, v = _qkv(B=B, N=3, D=8)
         attnhub.attention(q, k, v)
-        assert len(select._cache) <= 4
-        for name in ("FAST",):  # the API's fast-path cache, when there is one
-            assert len(getattr(select, name, {})) <= 4
+        assert len(select._cache) <= 4 and len(select.FAST) <= 4
     assert len(select._cache) >= 1
 
 
