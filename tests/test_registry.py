@@ -185,16 +185,17 @@ def test_overlay_adds_a_backend_and_overrides_a_priority(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- run-time registration
-def test_register_backend_unknown_constraint_is_named():
-    with pytest.raises(RegistryError, match=r"unknown field\(s\) \['max_heads'\]") as err:
-        attnhub.register_backend("toy", lambda q, k, v, rope, scale: q, priority=1, max_heads=8)
+@pytest.mark.parametrize(
+    "constraint, words",
+    [(dict(max_heads=8), "unknown field(s) ['max_heads']"),
+     (dict(dtypes=["int8"]), "'toy'.dtypes: unknown dtype(s) ['int8']")],
+    ids=["unknown_constraint", "bad_value"],
+)
+def test_register_backend_malformed_constraint_is_named(constraint, words):
+    with pytest.raises(RegistryError, match=re.escape(words)) as err:
+        attnhub.register_backend("toy", lambda q, k, v, rope, scale: q, priority=1, **constraint)
     assert "'toy'" in str(err.value) and "register_backend()" in str(err.value)
     assert "toy" not in attnhub.REGISTRY.specs()
-
-
-def test_register_backend_bad_value_is_named():
-    with pytest.raises(RegistryError, match=r"'toy'\.dtypes: unknown dtype\(s\) \['int8'\]"):
-        attnhub.register_backend("toy", lambda q, k, v, rope, scale: q, priority=1, dtypes=["int8"])
 
 
 def test_register_backend_bumps_version():
