@@ -75,6 +75,11 @@ def _wrong_scale(q, k, v, rope, scale):
     return math_attention(q, k, v, rope, scale * 1.5)
 
 
+def _off_by_5e5(q, k, v, rope, scale):
+    """Relative error 5e-5 in o and every gradient: above the float32 bound of attnhub.tolerances (1e-5)."""
+    return math_attention(q, k, v, rope, scale) * (1 + 5e-5)
+
+
 def _raises(q, k, v, rope, scale):
     raise RuntimeError("toy kernel exploded")
 
@@ -91,13 +96,14 @@ def _wrong_shape(q, k, v, rope, scale):
     "impl, fields, result, detail, rc",
     [
         (_wrong_scale, {}, "FAIL", r"o=\S+ dq=", 1),
+        (_off_by_5e5, {}, "FAIL", r"o=5\.0e-05 dq=5\.0e-05", 1),  # the tests' bound, not a looser one
         (_raises, {}, "FAIL", "RuntimeError: toy kernel exploded", 1),
         (_detached, {}, "FAIL", "RuntimeError: ", 1),  # no gradient: backward raises
         (_wrong_shape, {}, "FAIL", "o: expected shape", 1),
         (_detached, {"backward": False}, "PASS", r"^o=\S+$", 0),  # forward only, as its registry entry says
         (_raises, {"dtypes": ["float64"]}, "skip", "cannot run this call", 0),  # float32 is not its dtype
     ],
-    ids=["wrong-scale", "raises", "no-grad", "wrong-shape", "forward-only", "not-runnable"],
+    ids=["wrong-scale", "off-by-5e-5", "raises", "no-grad", "wrong-shape", "forward-only", "not-runnable"],
 )
 def test_check_reports_a_toy_backend(capsys, impl, fields, result, detail, rc):
     attnhub.register_backend("toy", impl, priority=-10, devices=["cpu"], **fields)
