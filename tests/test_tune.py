@@ -52,10 +52,10 @@ def _tune_file():
     return tune._path()
 
 
-def _forget_in_memory():
-    """As a new process would start: nothing loaded, nothing cached."""
-    tune._results = None
-    tune._results_path = None
+def _forget_in_memory(monkeypatch, results=None):
+    """As a new process would start: nothing loaded (or `results`), nothing cached."""
+    monkeypatch.setattr(tune, "_results", results)
+    monkeypatch.setattr(tune, "_results_path", None)
     select.clear_cache()
 
 
@@ -206,7 +206,7 @@ def test_registry_change_invalidates(monkeypatch, change):
     else:  # same name, another implementation
         attnhub.register_backend("math", _other_math, priority=0)
     assert attnhub.explain(q, k, v, rope).how == "priority"
-    _forget_in_memory()  # and likewise in a new process reading the file
+    _forget_in_memory(monkeypatch)  # and likewise in a new process reading the file
     monkeypatch.setenv("ATTNHUB_TUNE", "1")
     assert attnhub.explain(q, k, v, rope).how == "priority"
 
@@ -220,7 +220,7 @@ def test_registry_change_invalidates(monkeypatch, change):
     assert attnhub.explain(q, k, v, rope).how == "measured"
 
 
-def test_record_of_another_environment_is_not_used():
+def test_record_of_another_environment_is_not_used(monkeypatch):
     q, k, v, rope = _inputs()
     attnhub.tune(q, k, v, rope)
     path = _tune_file()
@@ -228,7 +228,6 @@ def test_record_of_another_environment_is_not_used():
     (env,) = data
     path.write_text(json.dumps({env.replace("torch=", "torch=0.0.0-"): data[env]}))
 
-    _forget_in_memory()
-    tune._results = {}  # as after an explicit attnhub.tune() in this process: lookups consult the file
-    tune._results_path = None
+    # as after an explicit attnhub.tune() in this process: results loaded, so lookups consult the file
+    _forget_in_memory(monkeypatch, results={})
     assert attnhub.explain(q, k, v, rope).how == "priority"
