@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from attnhub import _tuning
+from attnhub import _measured, _tuning
 from attnhub.registry import REGISTRY, Spec
 from attnhub.rope import CosSinTable
 
@@ -120,15 +120,19 @@ class Explanation:
     chosen: str | None
     reasons: dict[str, list[str]]  # backend -> reasons it cannot run this call (empty: it can)
     forced: str | None
-    how: str  # "forced", "priority" or "measured"
+    how: str  # "forced", "priority", "measured" (tuned on this machine) or "table" (the shipped measured winners)
+    detail: str = ""  # for "table": what was measured
 
     def __str__(self) -> str:
         lines = []
         if self.chosen is None:
             lines.append("no backend can run this call")
         else:
-            how = {"forced": "forced", "priority": "highest priority", "measured": "fastest when measured"}[self.how]
+            how = {"forced": "forced", "priority": "highest priority", "measured": "fastest when measured",
+                   "table": "fastest in attnhub's measured winners"}[self.how]
             lines.append(f"chosen: {self.chosen} ({how})")
+            if self.detail:
+                lines.append(f"  measured: {self.detail}")
         for name, why in self.reasons.items():
             if name == self.chosen:
                 continue
@@ -223,6 +227,9 @@ def _decide(call: Call, measure: Callable[[list[str]], str] | None = None) -> Ex
         measured = measure(eligible)
     if measured is not None:
         return Explanation(measured, why, None, "measured")
+    row = _measured.lookup(call, eligible)
+    if row is not None:
+        return Explanation(row.backend, why, None, "table", row.measured)
     return Explanation(eligible[0] if eligible else None, why, None, "priority")
 
 

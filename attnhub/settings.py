@@ -10,6 +10,9 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
     ATTNHUB_TUNE                  "1": select by measurement on the first call of each decision key; unset, empty
                                   or "0": static priorities.
     ATTNHUB_CACHE_DIR             folder of the tuning cache `tune.json`; unset or empty: ~/.cache/attnhub.
+    ATTNHUB_MEASURED              path of a measured-winners file used instead of the shipped `measured.yaml`
+                                  (attnhub/_measured.py says its format); unset or empty: the shipped one. Read
+                                  when a decision key is first decided: `attnhub.select.clear_cache()` after a change.
     ATTNHUB_TRITON_BWD            triton_fa_rope's backward path: "auto" (default; by the config's
                                   bwd_fused_max_n), "fused" (one launch) or "split" (three launches).
     ATTNHUB_TRITON_COMPILE_AHEAD  "1" (default): the first training call of a shape compiles all its Triton kernels
@@ -58,6 +61,7 @@ _backend = _getter("ATTNHUB_BACKEND")
 _registry = _getter("ATTNHUB_REGISTRY")
 _tune = _getter("ATTNHUB_TUNE")
 _cache_dir = _getter("ATTNHUB_CACHE_DIR")
+_measured = _getter("ATTNHUB_MEASURED")
 _triton_bwd = _getter("ATTNHUB_TRITON_BWD")
 _compile_ahead = _getter("ATTNHUB_TRITON_COMPILE_AHEAD")
 
@@ -99,6 +103,13 @@ def cache_dir() -> str:
     return _cache_dir() or os.path.join(os.path.expanduser("~"), ".cache", "attnhub")
 
 
+def measured_path() -> str | None:
+    """ATTNHUB_MEASURED: the measured-winners file's path, or None for the shipped one."""
+    if "measured" in _OVERRIDES:
+        return _OVERRIDES["measured"]
+    return _measured() or None
+
+
 def triton_bwd() -> str:
     """ATTNHUB_TRITON_BWD: "auto", "fused" or "split"."""
     if "triton_bwd" in _OVERRIDES:
@@ -122,6 +133,7 @@ def _check_override(name: str, value: Any) -> None:
         "registry": lambda v: v is None or isinstance(v, str),
         "tune": lambda v: isinstance(v, bool),
         "cache_dir": lambda v: isinstance(v, str),
+        "measured": lambda v: v is None or isinstance(v, str),
         "triton_bwd": lambda v: v in TRITON_BWD_PATHS,
         "compile_ahead": lambda v: isinstance(v, bool),
     }
@@ -135,7 +147,7 @@ def _check_override(name: str, value: Any) -> None:
 def override(**values: Any) -> Iterator[None]:
     """Within the block, the named settings take these values instead of the environment's; nests.
 
-    Names: backend, registry, tune, cache_dir, triton_bwd, compile_ahead (see the module docstring)."""
+    Names: backend, registry, tune, cache_dir, measured, triton_bwd, compile_ahead (see the module docstring)."""
     for name, value in values.items():
         _check_override(name, value)
     saved = dict(_OVERRIDES)

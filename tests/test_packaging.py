@@ -40,10 +40,11 @@ def _build_wheel(tmp_path: Path) -> Path:
 def _check_contents(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         infos = {i.filename: i for i in zf.infolist()}
-        registry = infos.get("attnhub/registry.yaml")
-        assert registry is not None, sorted(infos)
-        assert stat.S_IFMT(registry.external_attr >> 16) != stat.S_IFLNK, "registry.yaml stored as a symlink"
-        assert zf.read(registry) == (ROOT / "registry.yaml").read_bytes()
+        for data in ("registry.yaml", "measured.yaml"):  # symlinks in the checkout, real files in the wheel
+            info = infos.get(f"attnhub/{data}")
+            assert info is not None, sorted(infos)
+            assert stat.S_IFMT(info.external_attr >> 16) != stat.S_IFLNK, f"{data} stored as a symlink"
+            assert zf.read(info) == (ROOT / data).read_bytes()
         assert "attnhub/py.typed" in infos, "no py.typed: type checkers would ignore attnhub's annotations"
         assert "triton_fa_rope/kernels.py" in BACKEND_FILES  # subpackages included
         for name in BACKEND_FILES:

@@ -1,0 +1,76 @@
+"""The shipped measured winners (attnhub/_measured.py): rows from benchmark results, and selection by them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnhub
+from attnhub import _measured, select, settings
+
+
+def _qkv(n: int, grad: bool):
+    table = attnhub.CosSinTable(grid=(1, n - 1), head_dim=32, prefix_tokens=1)
+    q, k, v = (torch.randn(1, 2, n, 32, requires_grad=grad) for _ in "qkv")
+    return q, k, v, table
+
+
+def _result(shape, n, backend, ms, pass_="fwd+bwd"):
+    return dict(shape=shape, n=n, head_dim=32, dtype="float32", backend=backend, ms=ms, **{"pass": pass_})
+
+
+def test_winners_split_lengths_at_geometric_midpoints_and_average_shapes():
+    results = [
+        _result("a", 16, "math", 1.0), _result("a", 16, "torch_sdpa", 2.0),
+        _result("b", 16, "math", 1.0), _result("b", 16, "torch_sdpa", 0.9),  # mean ratio: math 1.05, sdpa 1.5
+        _result("c", 64, "math", 3.0), _result("c", 64, "torch_sdpa", 2.0),
+        _result("c", 64, "math", 1.0, "fwd"), _result("c", 64, "torch_sdpa", 2.0, "fwd"),
+    ]
+    rows = _measured.winners(results, "cpu", "test machine")
+    got = {(r["pass"], r["n_min"], r["n_max"]): r["backend"] for r in rows}
+    assert got == {("training", 0, 32): "math", ("training", 32, None): "torch_sdpa", ("inference", 0, None): "math"}
+    first = next(r for r in rows if (r["pass"], r["n_min"]) == ("training", 0))
+    assert first["measured"] == "N=16 on test machine, ms: a: math 1.000, torch_sdpa 2.000; b: torch_sdpa 0.900, math 1.000"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_selection_follows_the_table_and_explains_it(tmp_path, grad):
+    results = [_result("s", 17, "math", 1.0, "fwd+bwd" if grad else "fwd"), _result("s", 17, "torch_sdpa", 2.0,
+                                                                                   "fwd+bwd" if grad else "fwd")]
+    path = tmp_path / "measured.yaml"
+    path.write_text(_measured.dump(_measured.winners(results, "cpu", "test machine"), "a test"))
+    q, k, v, table = _qkv(17, grad)
+    assert attnhub.explain(q, k, v, table).chosen == "torch_sdpa"  # priority, without the table
+    with settings.override(measured=str(path)):
+        select.clear_cache()
+        how = attnhub.explain(q, k, v, table)
+        assert (how.chosen, how.how) == ("math", "table")
+        assert "measured: N=17 on test machine" in str(how)
+        seen = []
+        attnhub.register_backend("math", lambda *a: seen.append(1) or torch.zeros_like(a[0]), priority=0)
+        attnhub.attention(q, k, v, table)
+        assert seen  # the call ran the table's winner
+        q2, k2, v2, table2 = _qkv(9, not grad)  # the other pass: no row applies
+        assert attnhub.explain(q2, k2, v2, table2).how == "priority"
+    select.clear_cache()
+
+
+def test_a_winner_that_cannot_run_the_call_leaves_priorities_in_charge(tmp_path):
+    path = tmp_path / "measured.yaml"
+    path.write_text(_measured.dump([dict(arch="cpu", dtype="float32", head_dim=32, **{"pass": "inference"},
+                                         n_min=0, n_max=None, backend="triton_rope_sdpa", measured="x")], "a test"))
+    q, k, v, table = _qkv(17, False)
+    with settings.override(measured=str(path)):
+        select.clear_cache()
+        assert attnhub.explain(q, k, v, table).how == "priority"
+    select.clear_cache()
+
+
+def test_a_malformed_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("winners:\n  - {arch: cpu, dtype: float32}\n")
+    q, k, v, table = _qkv(17, False)
+    with settings.override(measured=str(path)), pytest.raises(ValueError, match="bad.yaml: winners\\[0\\]"):
+        select.clear_cache()
+        attnhub.explain(q, k, v, table)
+    select.clear_cache()
