@@ -1,7 +1,7 @@
 """Sweep one field of triton_fa_rope's config table over candidate values: error and time per shape and pass.
 
     python benchmarks/sweep.py --field fwd                                  # the default candidates of `fwd`
-    python benchmarks/sweep.py --field dkdv --values "32,128,4,2 64,64,4,2" --shapes vit_s16_224,vit_b16_384
+    python benchmarks/sweep.py --field dkdv --values "32,128,4,2 64,64,4,2" --shapes vit_s16_224,vit_b16_512_reg4
     python benchmarks/sweep.py --field prerotate_from_n --values "none 0 384" --set narrow_tail=true
     python benchmarks/sweep.py --field bwd_fused_max_n --values "0 100000"  # split against fused backward
 
@@ -47,6 +47,7 @@ CANDIDATES = {
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")
+DEFAULT_SHAPES = ("vit_s16_224", "vit_b16_384")  # N = 197 (RoPE in the kernel) and N = 577 (rotated first)
 
 
 def parse_value(text: str):
@@ -94,7 +95,8 @@ def measure(s: benchkit.Shape, backend: str, passes: tuple[str, ...], device: to
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    shapes = [benchkit.parse_shape(n) for n in args.shapes.split(",")]
+    names = [*(args.shapes.split(",") if args.shapes else []), *args.shape] or list(DEFAULT_SHAPES)
+    shapes = [benchkit.parse_shape(n) for n in names]
     passes = tuple(p for p in args.passes.split(",") if p)
     fixed = dict(args.set)
     values = [parse_value(v) for v in args.values.split()] if args.values else CANDIDATES[args.field]
@@ -148,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--field", required=True, choices=sorted(CANDIDATES), help="the config field to sweep")
     p.add_argument("--values", default=None, help="space-separated values (default: the field's candidates)")
     p.add_argument("--set", type=_set, action="append", default=[], help="FIELD=VALUE fixed for the whole sweep")
-    p.add_argument("--shapes", default="vit_s16_224,vit_b16_384", help="comma list of attnhub.benchkit shapes")
+    p.add_argument("--shapes", default=None, help=f"comma list of attnhub.benchkit shape names (default: "
+                   f"{','.join(DEFAULT_SHAPES)})")
+    p.add_argument("--shape", action="append", default=[], help="a shape name or custom:B,H,N,D,P,grid (repeatable)")
     p.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, fwdbwd")
     p.add_argument("--backend", default="triton_fa_rope")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
