@@ -32,7 +32,7 @@ def test_sweep_cpu(tmp_path, capsys):
     sweep = _load()
     out = tmp_path / "sweep.json"
     argv = ["--device", "cpu", "--dtype", "fp32", "--field", "fwd", "--values", "32,32,1,1 16,16,1,1",
-            "--set", "narrow_tail=true", "--shapes", "custom:1,1,5,16,1,2", "--passes", "fwd", "--warmup", "1",
+            "--set", "narrow_tail=true", "--shape", "custom:1,1,5,16,1,2", "--passes", "fwd", "--warmup", "1",
             "--rep", "1", "--out", str(out)]
     assert sweep.main(argv) == 0
     report = json.loads(out.read_text())
@@ -47,5 +47,5 @@ def test_unknown_field_of_set_is_a_usage_error():
     sweep = _load()
     with pytest.raises(SystemExit) as exc:
         sweep.main(["--device", "cpu", "--field", "fwd", "--values", "32,32,1,1", "--set", "nope=1",
-                    "--shapes", "custom:1,1,5,16,1,2"])
+                    "--shape", "custom:1,1,5,16,1,2"])
     assert exc.value.code == 2
