@@ -164,7 +164,7 @@ def errors(got: Sequence[torch.Tensor | None], ref: Sequence[torch.Tensor | None
 
 def within_bounds(errs: dict[str, float | None], dtype: torch.dtype) -> bool:
     """Every error present is below the bound of `attnhub.tolerances` for `dtype` (False for NaN)."""
-    return all(e < bound(dtype, grad=name != "o") for name, e in errs.items() if e is not None)
+    return all(e <= bound(dtype, grad=name != "o") for name, e in errs.items() if e is not None)
 
 
 # ------------------------------------------------------------------------------------------------- environment
