@@ -176,8 +176,9 @@ def _check_shape(s: Shape, built: dict, x: dict, backward: bool, device: torch.d
     return out
 
 
-def table(shapes: list[Shape], passes: tuple[str, ...], impls: list[str], primary: str | None, dtype: torch.dtype,
-          device: torch.device, timer: Callable, bandwidth: float, progress: bool) -> tuple[list, dict]:
+def kernel_table(shapes: list[Shape], passes: tuple[str, ...], impls: list[str], primary: str | None,
+                 dtype: torch.dtype, device: torch.device, timer: Callable, bandwidth: float,
+                 progress: bool) -> tuple[list, dict]:
     """(results, checks): the timed cells per shape and pass, and the first calls and errors per shape."""
     from tqdm.auto import tqdm
 
@@ -387,8 +388,8 @@ def run(
 
         report["copy_bandwidth_gbs"] = bandwidth = copy_bandwidth(device, timer)
         log.info("device-to-device copy: %.0f GB/s", bandwidth)
-        report["results"], report["checks"] = table(shapes, passes, impls, primary, dtype, device, timer, bandwidth,
-                                                    progress)
+        report["results"], report["checks"] = kernel_table(shapes, passes, impls, primary, dtype, device, timer,
+                                                           bandwidth, progress)
     if "first_call" in sections:
         log.info("first calls in fresh processes: %s", ", ".join(backends))
         report["first_call"] = first_call(backends, shapes, device, dtype)

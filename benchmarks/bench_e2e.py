@@ -9,10 +9,10 @@ For each model, mode and variant one fresh model (random weights, same seed) run
 Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (mode default, not
 fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
 step time of `attnhub.benchkit.time_ms` (triton.testing.do_bench with --warmup and --rep budgets in ms;
-perf_counter on the CPU); the first call is timed apart (compilation included). Before timing, each model's patched and timm logits and gradients are compared
-(relative L2, bf16 autocast). Ratios: timm ms / attnhub ms (> 1: attnhub faster), eager vs eager and compiled
-vs compiled. The JSON (--out) holds the date, the environment (GPU, torch/triton/timm/attnhub versions), the
-config, the checks, every record and the ratios.
+perf_counter on the CPU); the first call is timed apart (compilation included). Before timing, each model's
+patched and timm logits and gradients are compared (relative L2, bf16 autocast). Ratios: timm ms / attnhub ms
+(> 1: attnhub faster), eager vs eager and compiled vs compiled. The JSON (--out) holds the date, the environment
+(`benchkit.environment`), the config, the checks, every record and the ratios.
 """
 
 from __future__ import annotations
