@@ -1,18 +1,18 @@
 """End-to-end throughput of timm RoPE ViTs: timm's own attention vs attnhub-patched, eager and torch.compile.
 
     python benchmarks/bench_e2e.py                                   # H100: B=256, 224 px, both ViTs
-    python benchmarks/bench_e2e.py --device cpu --batch 2 --img 64 --iters 2 --depth 2 --compile-backend eager
+    python benchmarks/bench_e2e.py --device cpu --batch 2 --img 64 --rep 5 --depth 2 --compile-backend eager
 
 For each model, mode and variant one fresh model (random weights, same seed) runs:
   train  forward + backward + AdamW step under bf16 autocast (cross-entropy on random labels)
   infer  forward under torch.no_grad() and bf16 autocast
 Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (mode default, not
 fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
-over --iters steps after --warmup steps, by CUDA events (perf_counter on the CPU); the first call is timed
-apart (compilation included). Before timing, each model's patched and timm logits and gradients are compared
-(relative L2, bf16 autocast). Ratios: timm ms / attnhub ms (> 1: attnhub faster), eager vs eager and compiled
-vs compiled. The JSON (--out) holds the date, the environment (GPU, torch/triton/timm/attnhub versions), the
-config, the checks, every record and the ratios.
+step time of `attnhub.benchkit.time_ms` (triton.testing.do_bench with --warmup and --rep budgets in ms;
+perf_counter on the CPU); the first call is timed apart (compilation included). Before timing, each model's
+patched and timm logits and gradients are compared (relative L2, bf16 autocast). Ratios: timm ms / attnhub ms
+(> 1: attnhub faster), eager vs eager and compiled vs compiled. The JSON (--out) holds the date, the environment
+(`benchkit.environment`), the config, the checks, every record and the ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import copy
 import datetime
 import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import attnhub
-from attnhub.bench import _environment
+from attnhub import benchkit
 from attnhub.integrations import timm as attnhub_timm
 
 MODELS = ("vit_small_patch16_rope_224", "vit_base_patch16_rope_224")
@@ -72,31 +71,6 @@ def step_fn(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.de
     return train
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, warmup: int, iters: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def chosen_backend(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> str:
     """`attnhub.explain` of the first attention call of one eager step of a patched model."""
     seen = []
@@ -133,9 +107,8 @@ def check(name: str, args, device: torch.device, x: torch.Tensor) -> dict:
             attn = model.blocks[0].attn
             proj = attn.qkv if attn.qkv is not None else attn.q_proj
             got[variant] = (logits, proj.weight.grad.float())
-        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-        out = {"logits_rel_l2": rel(got["attnhub"][0], got["timm"][0]),
-               "qkv_grad_rel_l2": rel(got["attnhub"][1], got["timm"][1])}
+        out = {"logits_rel_l2": benchkit.rel_l2(got["attnhub"][0], got["timm"][0]),
+               "qkv_grad_rel_l2": benchkit.rel_l2(got["attnhub"][1], got["timm"][1])}
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     return {"model": name, **out}
@@ -156,9 +129,9 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        benchkit.sync(device)
         rec["first_call_s"] = time.perf_counter() - start
-        rec["ms"] = median_ms(fn, args.warmup, args.iters, device)
+        rec["ms"] = benchkit.time_ms(fn, device=device, warmup=args.warmup, rep=args.rep)
         rec["img_per_s"] = x.shape[0] / rec["ms"] * 1e3
         if compiled:
             rec["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -227,9 +200,9 @@ def run(args) -> dict:
                     records.append(rec)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": _environment(device),
+        "environment": benchkit.environment(device),
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
-                   "depth": args.depth, "iters": args.iters, "warmup": args.warmup, "autocast": "bfloat16",
+                   "depth": args.depth, "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
                    "optimizer": "AdamW", "compile": None if args.no_compile else
                    {"mode": "default", "fullgraph": False, "backend": args.compile_backend}},
         "checks": checks,
@@ -247,8 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--img", type=int, default=224, help="image size in pixels")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick checks)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--iters", type=int, default=20, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps after the first call")
+    p.add_argument("--warmup", type=int, default=500, help="untimed steps after the first call, ms (do_bench)")
+    p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a fast smoke test)")
     p.add_argument("--out", default="benchmarks/results/e2e_h100.json")

@@ -4,17 +4,17 @@
 # most 8 files a call, so they all come back.
 #
 #   bash benchmarks/device_session.sh [STAGE ...]           default stages: env tests (about 7 minutes)
-#   bash benchmarks/device_session.sh env first bench e2e hyp   cold first call, kernel table, ViT-S e2e, hypothesis
+#   bash benchmarks/device_session.sh env first bench e2e hyp   first calls, kernel table, ViT-S e2e, hypothesis
 #
-#   env    versions of the stack, GPU name                              -> stdout
-#   tests  pytest -m gpu, then the backend tests that run on CUDA when there is one (forward paths, the kept
-#          compiled kernels, NaN/inf, determinism)                       -> pytest_gpu.log/.xml, pytest_cuda.log
-#   paths  benchmarks/fwd_paths.py: forward variants, configs, launch paths, host cost -> fwd_paths.json, .log
-#   first  benchmarks/first_call.py with an empty Triton cache (cold), twice without and twice with compiling
-#          ahead                                                         -> first_call.txt
-#   bench  python -m attnhub bench (the kernel table of README)          -> h100.json, h100.png, bench.log
+#   env    versions of the stack, GPU name and driver                  -> stdout
+#   tests  pytest -m gpu, then the backend tests that run on CUDA when there is one (launch paths, NaN/inf,
+#          determinism)                                                  -> pytest_gpu.log/.xml, pytest_cuda.log
+#   first  python -m attnhub bench --sections first_call: each backend's first call per shape in fresh processes,
+#          cold (empty Triton cache) and warm; then again with ATTNHUB_TRITON_COMPILE_AHEAD=0 -> first_call*.json
+#   bench  python -m attnhub bench --sections table,host (kernel table, host overhead) -> h100.json, .png, bench.log
+#   sweep  benchmarks/sweep.py over the forward configs ($SWEEP_ARGS overrides)   -> sweep.json, sweep.log
 #   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
-#   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_rope_mixed.json, .log
+#   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_h100_rope_mixed.json, .log
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 set -uo pipefail
 OUT=${OUT:-out}
@@ -41,24 +41,25 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
         tests/backends/test_nonfinite.py tests/backends/test_determinism.py >"$OUT/pytest_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda.log" ;;
-    paths)
-      timeout 250 python3 benchmarks/fwd_paths.py --out "$OUT/fwd_paths.json" >"$OUT/fwd_paths.log" 2>&1 || status=1
-      grep -E "^(check|host|vit_[a-z0-9_]+ (cudnn|fwd\+bwd))" "$OUT/fwd_paths.log" | head -40
-      sed -n '/== best forward/,$p' "$OUT/fwd_paths.log" ;;
     bench)
-      timeout 360 python3 -m attnhub bench --out "$OUT/h100.json" --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 \
-        || status=1
+      timeout 480 python3 -m attnhub bench --sections table,host --no-progress --out "$OUT/h100.json" \
+        --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 || status=1
       tail -30 "$OUT/bench.log" ;;
     mixed)
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
-        --no-compile --out "$OUT/e2e_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
+        --no-compile --out "$OUT/e2e_h100_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
       tail -15 "$OUT/e2e_rope_mixed.log" ;;
-    first)  # cold, each run in its own process with its own empty Triton cache; without and with compiling ahead
-      for flag in --no-compile-ahead "" --no-compile-ahead ""; do
-        TRITON_CACHE_DIR=$(mktemp -d) timeout 60 python3 benchmarks/first_call.py $flag >>"$OUT/first_call.txt" 2>&1 \
-          || status=1
-      done
-      cat "$OUT/first_call.txt" ;;
+    first)
+      timeout 250 python3 -m attnhub bench --sections first_call --no-progress --out "$OUT/first_call.json" \
+        >"$OUT/first_call.log" 2>&1 || status=1
+      ATTNHUB_TRITON_COMPILE_AHEAD=0 timeout 250 python3 -m attnhub bench --sections first_call --no-progress \
+        --out "$OUT/first_call_no_compile_ahead.json" >>"$OUT/first_call.log" 2>&1 || status=1
+      cat "$OUT/first_call.log" ;;
+    sweep)
+      # shellcheck disable=SC2086
+      timeout 400 python3 benchmarks/sweep.py ${SWEEP_ARGS:---field fwd} --out "$OUT/sweep.json" >"$OUT/sweep.log" \
+        2>&1 || status=1
+      tail -30 "$OUT/sweep.log" ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --out "$OUT/e2e_h100_vit_s.json" \
         >"$OUT/e2e_vit_s.log" 2>&1 || status=1
@@ -67,7 +68,7 @@ for stage in "${stages[@]}"; do
       ATTNHUB_HYPOTHESIS_EXAMPLES=60 timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/hypothesis_cuda.log" ;;
-    *) echo "unknown stage $stage (env, tests, paths, first, bench, e2e, mixed, hyp)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, first, bench, sweep, e2e, mixed, hyp)"; status=2 ;;
   esac
 done
 exit $status

@@ -23,7 +23,7 @@ def _load():
 def test_smoke_cpu(tmp_path, capsys):
     bench_e2e = _load()
     out = tmp_path / "e2e.json"
-    argv = ["--device", "cpu", "--batch", "2", "--img", "64", "--iters", "2", "--warmup", "1", "--depth", "1",
+    argv = ["--device", "cpu", "--batch", "2", "--img", "64", "--rep", "5", "--warmup", "1", "--depth", "1",
             "--models", "vit_small_patch16_rope_224", "--compile-backend", "eager", "--out", str(out)]
     assert bench_e2e.main(argv) == 0
 
