@@ -4,6 +4,7 @@
 
 Shapes, timer, error measure and environment record come from `attnhub.benchkit` (method:
 benchmarks/README.md). All implementations run in one process on one device:
+  attnhub                  attnhub.attention(q, k, v, rope=table): the automatic choice (the primary)
   attnhub:<backend>        attnhub.attention(q, k, v, rope=table, backend=<backend>), for every registered backend
                            that can run the call here (a new backend appears without changes here)
   timm_eager               timm's RoPE path: apply_rot_embed_cat on q and k after the prefix tokens, then SDPA
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import attnhub
-from attnhub import benchkit
+from attnhub import _measured, benchkit
 from attnhub.benchkit import TINY, VIT_SHAPES, Shape, parse_shape
 from attnhub.registry import REGISTRY
 
@@ -69,8 +70,8 @@ class Impl:
 # ------------------------------------------------------------------------------------------- implementations
 def build(impl: str, s: Shape, device: torch.device) -> Impl:
     """The callable of implementation `impl` for shape `s` (its RoPE table built here, outside the timing)."""
-    if impl.startswith("attnhub:"):
-        backend = impl.partition(":")[2]
+    if impl == "attnhub" or impl.startswith("attnhub:"):
+        backend = impl.partition(":")[2] or None
         table = benchkit.rope_table(s, device)
         return Impl(lambda q, k, v: attnhub.attention(q, k, v, rope=table, backend=backend))
     if impl in ("timm_eager", "timm_compiled"):
@@ -109,7 +110,7 @@ def default_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Every registered attnhub backend that can run RoPE attention of `dtype` on `device`, then the baselines
     (on CPU only timm_eager)."""
     names = [f"attnhub:{n}" for n, why in _probe(device, dtype).reasons.items() if not why]
-    return names + list(BASELINES if device.type == "cuda" else ("timm_eager",))
+    return ["attnhub", *names] + list(BASELINES if device.type == "cuda" else ("timm_eager",))
 
 
 # ----------------------------------------------------------------------------------------------------- table
@@ -122,28 +123,34 @@ def copy_bandwidth(device: torch.device, timer: Callable) -> float:
     return 2 * n * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def _qkv(x: dict, backward: bool) -> tuple[torch.Tensor, ...]:
+    """(qkv, q, k, v): q, k, v [B, H, N, D] as views of one fused projection qkv [B, N, 3, H, D], the layout timm's
+    attention modules hand over; qkv is the leaf that gradients reach."""
+    qkv = torch.stack([x[n] for n in "qkv"]).permute(1, 3, 0, 2, 4).contiguous().requires_grad_(backward)
+    return (qkv, *qkv.permute(2, 0, 3, 1, 4).unbind(0))
+
+
 def _first_call(impl: Impl, x: dict, backward: bool, device: torch.device) -> tuple[list, float]:
-    """One call on fresh leaves -> ([o, dq, dk, dv] (grads None without backward), wall seconds)."""
-    q, k, v = (x[n].detach().requires_grad_(backward) for n in "qkv")
+    """One call on fresh inputs -> ([o, dq, dk, dv] (grads None without backward), wall seconds)."""
+    _, q, k, v = _qkv(x, backward)
     benchkit.sync(device)
     start = time.perf_counter()
     with impl.context():
         o = impl.fn(q, k, v)
-        if backward:
-            o.backward(x["do"])
+        grads = torch.autograd.grad(o, (q, k, v), x["do"]) if backward else (None,) * 3
     benchkit.sync(device)
-    return [o.detach(), q.grad, k.grad, v.grad], time.perf_counter() - start
+    return [o.detach(), *grads], time.perf_counter() - start
 
 
 def _time_pass(impl: Impl, x: dict, pass_: str, timer: Callable) -> float:
     backward = pass_ == "fwdbwd"
-    q, k, v = (x[n].detach().requires_grad_(backward) for n in "qkv")
+    qkv, q, k, v = _qkv(x, backward)
     if backward:
         fn = lambda: impl.fn(q, k, v).backward(x["do"])  # noqa: E731
     else:
         fn = lambda: impl.fn(q, k, v)  # noqa: E731
     with impl.context():
-        return timer(fn, grads=[q, k, v] if backward else None)
+        return timer(fn, grads=[qkv] if backward else None)
 
 
 def _error(exc: BaseException) -> str:
@@ -212,6 +219,9 @@ def kernel_table(shapes: list[Shape], passes: tuple[str, ...], impls: list[str],
             ms = rec["ms"]
             rec["pct_of_floor"] = {n: 100 * rec["floor_ms"] / t for n, t in ms.items()}
             rec["ratios"] = {o: ms[primary] / ms[o] for o in RATIO_VS if primary in ms and o in ms}
+            backend_ms = [t for n, t in ms.items() if n.startswith("attnhub:")]
+            if primary in ms and backend_ms:  # the automatic choice against the fastest backend forced
+                rec["ratios"]["fastest_backend"] = ms[primary] / min(backend_ms)
             results.append(rec)
         del x, built
     bar.close()
@@ -369,8 +379,7 @@ def run(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     impls = list(impls or default_impls(device, dtype))
     backends = [i.partition(":")[2] for i in impls if i.startswith("attnhub:")]
-    auto = f"attnhub:{_probe(device, dtype).chosen}"
-    primary = auto if auto in impls else next((i for i in impls if i.startswith("attnhub:")), None)
+    primary = next((i for i in impls if i == "attnhub" or i.startswith("attnhub:")), None)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": benchkit.environment(device),
@@ -396,6 +405,17 @@ def run(
     if "host" in sections:
         report["host"] = host(backends, device, dtype, host_calls)
     return report
+
+
+def winners(report: dict, source: str) -> str:
+    """measured.yaml's text: per GPU architecture the fastest attnhub backend of each timed (shape, pass)."""
+    env, shapes = report["environment"], report["shapes"]
+    arch = "sm_" + env["compute_capability"].replace(".", "") if env.get("compute_capability") else env["device"]
+    rows = [dict(shape=rec["shape"], n=shapes[rec["shape"]]["N"], head_dim=shapes[rec["shape"]]["D"],
+                 dtype=report["config"]["dtype"], backend=name.partition(":")[2], ms=ms,
+                 **{"pass": "fwd" if rec["pass"] == "fwd" else "fwd+bwd"})
+            for rec in report["results"] for name, ms in rec["ms"].items() if name.startswith("attnhub:")]
+    return _measured.dump(_measured.winners(rows, arch, env["device_name"]), source)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -424,11 +444,12 @@ def _print_table(console, report: dict) -> None:
              f"{report['copy_bandwidth_gbs']:.0f} GB/s; primary {primary}")
     t = Table(title=title, caption=f"ratio: {primary} ms / other ms (< 1: {primary} is faster); % of floor: "
               f"HBM floor / {primary} ms")
-    for col in ["shape", "pass", *impls, "HBM floor", *[f"ratio vs {o}" for o in RATIO_VS], "% of floor"]:
+    vs = (*RATIO_VS, "fastest_backend")
+    for col in ["shape", "pass", *impls, "HBM floor", *[f"ratio vs {o}" for o in vs], "% of floor"]:
         t.add_column(col, justify="left" if col in ("shape", "pass") else "right")
     for rec in report["results"]:
         cells = [_ms_cell(rec, n) for n in impls]
-        ratios = [f"{rec['ratios'][o]:.2f}x" if o in rec["ratios"] else "-" for o in RATIO_VS]
+        ratios = [f"{rec['ratios'][o]:.2f}x" if o in rec["ratios"] else "-" for o in vs]
         pct = rec["pct_of_floor"].get(primary)
         shape = str(Shape(**report["shapes"][rec["shape"]])) if rec["pass"] == cfg["passes"][0] else ""
         t.add_row(shape, rec["pass"], *cells, f"{rec['floor_ms']:.3f}", *ratios, "-" if pct is None else f"{pct:.0f}%")
@@ -551,12 +572,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host-calls", type=int, default=2000, help="calls timed per host measurement")
     p.add_argument("--out", default=None, help="write the JSON report here (e.g. benchmarks/results/h100.json)")
     p.add_argument("--plot", default=None, help="write a bar chart PNG here (needs the table section)")
+    p.add_argument("--winners", default=None, help="write the measured winners of the table section here "
+                   "(measured.yaml: what the automatic choice follows on this GPU architecture)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def _known_impl(name: str) -> bool:
-    return name in BASELINES or (name.startswith("attnhub:") and name.partition(":")[2] in REGISTRY.specs())
+    return name in BASELINES or name == "attnhub" or (name.startswith("attnhub:")
+                                                       and name.partition(":")[2] in REGISTRY.specs())
 
 
 def _csv(value: str, allowed: tuple[str, ...], flag: str, parser: argparse.ArgumentParser) -> tuple[str, ...]:
@@ -580,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     sections = _csv(args.sections, SECTIONS, "--sections", parser)
     passes = _csv(args.passes, PASSES, "--passes", parser)
-    if args.plot and "table" not in sections:
+    if (args.plot or args.winners) and "table" not in sections:
         parser.error("--plot: the plot shows the table section; add it to --sections")
     impls = args.impls.split(",") if args.impls else None
     unknown = [i for i in impls or () if not _known_impl(i)]
@@ -593,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         log.info("wrote %s", args.out)
+    if args.winners:
+        Path(args.winners).write_text(winners(report, args.out or "an unsaved run"))
+        log.info("wrote %s", args.winners)
     if args.plot:
         plot(report, args.plot)
         log.info("wrote %s", args.plot)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 import attnhub
 from attnhub import bench
@@ -15,13 +16,14 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("rich")
 pytest.importorskip("tqdm")
 
-IMPLS = ["attnhub:torch_sdpa", "attnhub:math", "timm_eager"]
+IMPLS = ["attnhub", "attnhub:torch_sdpa", "attnhub:math", "timm_eager"]
 
 
 def test_main_writes_report_and_plot(tmp_path, capsys):
-    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    out, png, winners = tmp_path / "b.json", tmp_path / "b.png", tmp_path / "measured.yaml"
     argv = ["--device", "cpu", "--shape", "custom:2,2,17,32,1,4", "--impls", ",".join(IMPLS), "--warmup", "1",
-            "--rep", "5", "--host-calls", "50", "--no-progress", "--out", str(out), "--plot", str(png)]
+            "--rep", "5", "--host-calls", "50", "--no-progress", "--out", str(out), "--plot", str(png),
+            "--winners", str(winners)]
     assert bench.main(argv) == 0
 
     report = json.loads(out.read_text())
@@ -31,7 +33,7 @@ def test_main_writes_report_and_plot(tmp_path, capsys):
     assert set(report["environment"]["versions"]) >= {"attnhub", "torch", "triton", "timm", "python"}
     assert "git_commit" in report["environment"] and "driver" in report["environment"]
     assert report["config"]["impls"] == IMPLS and report["config"]["reference"] == "math, float64"
-    assert report["config"]["primary"] == "attnhub:torch_sdpa"  # what attnhub chooses on the CPU
+    assert report["config"]["primary"] == "attnhub"  # the automatic choice
     assert [(r["shape"], r["pass"]) for r in report["results"]] == [("custom_2x2x17x32", p) for p in bench.PASSES]
     for rec in report["results"]:
         assert set(rec["ms"]) == set(IMPLS) and not rec["errors"]
@@ -59,6 +61,14 @@ def test_main_writes_report_and_plot(tmp_path, capsys):
     assert noop["backend"] == "_bench_noop" and noop["attention_us"] > noop["entry_us"] > 0
     assert "_bench_noop" not in attnhub.registry.REGISTRY.specs()  # the temporary backend is gone
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for rec in report["results"]:  # the automatic choice against the fastest backend forced
+        fastest = min(t for n, t in rec["ms"].items() if n.startswith("attnhub:"))
+        assert rec["ratios"]["fastest_backend"] == pytest.approx(rec["ms"]["attnhub"] / fastest)
+    rows = yaml.safe_load(winners.read_text())["winners"]  # one row per pass, the faster backend of each
+    assert [(r["arch"], r["pass"], r["n_min"], r["n_max"]) for r in rows] == [("cpu", "inference", 0, None),
+                                                                              ("cpu", "training", 0, None)]
+    for row, rec in zip(rows, report["results"]):
+        assert row["backend"] == min(("torch_sdpa", "math"), key=lambda b: rec["ms"][f"attnhub:{b}"])
     printed = capsys.readouterr().out
     assert "ratio vs sdpa_cudnn" in printed and "cold fwd" in printed and "dispatch overhead noop" in printed
 
