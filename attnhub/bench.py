@@ -124,29 +124,30 @@ def copy_bandwidth(device: torch.device, timer: Callable) -> float:
 
 
 def _qkv(x: dict, backward: bool) -> tuple[torch.Tensor, ...]:
-    """(qkv, q, k, v): q, k, v [B, H, N, D] as views of one fused projection qkv [B, N, 3, H, D], the layout timm's
-    attention modules hand over; qkv is the leaf that gradients reach."""
+    """(qkv, q, k, v, do): q, k, v [B, H, N, D] as views of one fused projection qkv [B, N, 3, H, D], the layout
+    timm's attention modules hand over (qkv is the leaf that gradients reach), and the output gradient laid out
+    [B, N, H, D] in memory, as the projection after attention hands it back."""
     qkv = torch.stack([x[n] for n in "qkv"]).permute(1, 3, 0, 2, 4).contiguous().requires_grad_(backward)
-    return (qkv, *qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    return (qkv, *qkv.permute(2, 0, 3, 1, 4).unbind(0), x["do"].transpose(1, 2).contiguous().transpose(1, 2))
 
 
 def _first_call(impl: Impl, x: dict, backward: bool, device: torch.device) -> tuple[list, float]:
     """One call on fresh inputs -> ([o, dq, dk, dv] (grads None without backward), wall seconds)."""
-    _, q, k, v = _qkv(x, backward)
+    _, q, k, v, do = _qkv(x, backward)
     benchkit.sync(device)
     start = time.perf_counter()
     with impl.context():
         o = impl.fn(q, k, v)
-        grads = torch.autograd.grad(o, (q, k, v), x["do"]) if backward else (None,) * 3
+        grads = torch.autograd.grad(o, (q, k, v), do) if backward else (None,) * 3
     benchkit.sync(device)
     return [o.detach(), *grads], time.perf_counter() - start
 
 
 def _time_pass(impl: Impl, x: dict, pass_: str, timer: Callable) -> float:
     backward = pass_ == "fwdbwd"
-    qkv, q, k, v = _qkv(x, backward)
+    qkv, q, k, v, do = _qkv(x, backward)
     if backward:
-        fn = lambda: impl.fn(q, k, v).backward(x["do"])  # noqa: E731
+        fn = lambda: impl.fn(q, k, v).backward(do)  # noqa: E731
     else:
         fn = lambda: impl.fn(q, k, v)  # noqa: E731
     with impl.context():
