@@ -124,29 +124,36 @@ def copy_bandwidth(device: torch.device, timer: Callable) -> float:
 
 
 def _qkv(x: dict, backward: bool) -> tuple[torch.Tensor, ...]:
-    """(qkv, q, k, v, do): q, k, v [B, H, N, D] as views of one fused projection qkv [B, N, 3, H, D], the layout
-    timm's attention modules hand over (qkv is the leaf that gradients reach), and the output gradient laid out
-    [B, N, H, D] in memory, as the projection after attention hands it back."""
+    """(qkv, q, k, v): q, k, v [B, H, N, D] as views of one fused projection qkv [B, N, 3, H, D], the layout timm's
+    attention modules hand over; qkv is the leaf that gradients reach."""
     qkv = torch.stack([x[n] for n in "qkv"]).permute(1, 3, 0, 2, 4).contiguous().requires_grad_(backward)
-    return (qkv, *qkv.permute(2, 0, 3, 1, 4).unbind(0), x["do"].transpose(1, 2).contiguous().transpose(1, 2))
+    return (qkv, *qkv.permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def _grad_like(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """do laid out like o in memory, as the layer after attention hands it back (and as torch.compile's backward
+    expects: torch 2.11's Inductor computed wrong gradients from a tangent of other strides here)."""
+    return torch.empty_like(o).copy_(do)
 
 
 def _first_call(impl: Impl, x: dict, backward: bool, device: torch.device) -> tuple[list, float]:
     """One call on fresh inputs -> ([o, dq, dk, dv] (grads None without backward), wall seconds)."""
-    _, q, k, v, do = _qkv(x, backward)
+    _, q, k, v = _qkv(x, backward)
     benchkit.sync(device)
     start = time.perf_counter()
     with impl.context():
         o = impl.fn(q, k, v)
-        grads = torch.autograd.grad(o, (q, k, v), do) if backward else (None,) * 3
+        grads = torch.autograd.grad(o, (q, k, v), _grad_like(o, x["do"])) if backward else (None,) * 3
     benchkit.sync(device)
     return [o.detach(), *grads], time.perf_counter() - start
 
 
 def _time_pass(impl: Impl, x: dict, pass_: str, timer: Callable) -> float:
     backward = pass_ == "fwdbwd"
-    qkv, q, k, v, do = _qkv(x, backward)
+    qkv, q, k, v = _qkv(x, backward)
     if backward:
+        with impl.context(), torch.no_grad():
+            do = _grad_like(impl.fn(q, k, v), x["do"])
         fn = lambda: impl.fn(q, k, v).backward(do)  # noqa: E731
     else:
         fn = lambda: impl.fn(q, k, v)  # noqa: E731

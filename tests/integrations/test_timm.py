@@ -293,7 +293,8 @@ def test_patched_model_under_cuda_graphs(backend):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             eager = run(pat, x, w)
             for _ in range(4):  # warm-up, recording, then replays
-                got = run(graphed, x, w)
+                logits, grads = run(graphed, x, w)
+    got = logits, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}  # the compiled wrapper's names
     rows = [("logits", got[0], eager[0], truth[0])] + [
         (f"grad {n}", got[1][n], eager[1][n], g) for n, g in truth[1].items() if g is not None and g.norm() > 0]
     for what, mine, ref, exact in rows:
