@@ -165,6 +165,9 @@ class CosSinTable:
             heads = self._cos.shape[-3] if self._cos.dim() >= 3 else None
             self.heads = None if self.batch is not None and heads == 1 else heads
             self._n_grid, self._half = self._cos.shape[-2:]
+        # every fact of the table that validation and selection read, for the API's cached fast path
+        self.signature = (layout, prefix_tokens, self.batch, self.heads, self._n_grid, self._half,
+                          self.coords is not None, self.device)
 
     # ------------------------------------------------------------------------------------------ cos and sin
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
