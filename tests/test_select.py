@@ -269,3 +269,21 @@ def test_threads_mixed_calls_and_forced_backends():
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(task, range(400)))
     assert set(results) == {"torch_sdpa", "toy_a", "toy_b", "math"}
+
+
+def test_issue12_arguments_are_reasons_in_explain_and_forced_errors():
+    """A mask, grouped k/v heads, a per-sample table, a coordinate table: each a reason of its own for the
+    backends that declare it false, in `explain` and in the error of a forced backend."""
+    q, k, v = _qkv(B=2, H=4)
+    k, v = k[:, :2], v[:, :2]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    yx = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+    table = attnhub.CosSinTable.from_coords(yx.expand(2, -1, -1), attnhub.rope.axial_freqs(16), prefix_tokens=1)
+    why = attnhub.explain(q, k, v, table, key_padding_mask=mask)
+    assert why.chosen == "torch_sdpa" and why.reasons["math"] == []
+    expected = ["per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported",
+                "RoPE tables from coordinates (CosSinTable.from_coords) not supported",
+                "no key_padding_mask support", "grouped k/v heads (H_kv < H) not supported"]
+    assert all(r in why.reasons["triton_fa_rope"] for r in expected), why.reasons["triton_fa_rope"]
+    with pytest.raises(attnhub.BackendUnavailableError, match=r"forced but cannot run.*no key_padding_mask support"):
+        attnhub.attention(q, k, v, table, backend="triton_fa_rope", key_padding_mask=mask)
