@@ -200,10 +200,18 @@ def test_call_from_inputs(static):
     call = select.Call.from_inputs(q, k, v, table, "math", static=static)
     B, H = (0, 0) if static else (3, 2)
     version = 0 if static else select.REGISTRY.version
-    assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True, "math", version)
+    assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True,
+                               False, False, False, False, "math", version)
     with torch.no_grad():
         call = select.Call.from_inputs(q, k, v, None, None)
     assert (call.rope_layout, call.rope_per_head, call.rope_grad, call.needs_grad) == ("none", False, False, False)
+    # issue 12's facts: a mask, grouped k/v heads, a per-sample table from coordinates
+    yx = torch.zeros(3, 6, 2)
+    coords = attnhub.CosSinTable.from_coords(yx, attnhub.rope.axial_freqs(16), prefix_tokens=1)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    call = select.Call.from_inputs(q, k[:, :1], v[:, :1], coords, None, mask, static=static)
+    assert (call.key_padding, call.gqa, call.rope_batched, call.rope_coords) == (True, True, True, True)
+    assert call.facts()["gqa"] is True and "gqa" not in select.Call.from_inputs(q, k, v, None, None).facts()
 
 
 def test_cache_key_fields():
