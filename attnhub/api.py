@@ -1,8 +1,9 @@
 """The public entry: `attention()`, forcing a backend, `explain()`, `tune()`, `list_backends()`.
 
 One call: validate the inputs (here, before anything launches) -> the decision key `select.Call.from_inputs` ->
-`select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`. A repeated call skips the
-middle: `select.fast_key` of its raw facts finds the entry function directly.
+`select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`, called with
+`key_padding_mask=` as well when a mask is given (only backends declaring `key_padding` are chosen then). A repeated
+call skips the middle: `select.fast_key` of its raw facts finds the entry function directly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from typing import Iterator
 
@@ -29,48 +31,62 @@ def attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention with optional 2D RoPE on q and k, by the best backend for this call.
 
-    q: [B, H, N, D]; k, v: [B, H, N_kv, D] (N_kv == N with `rope`), any strides. `rope`: a `CosSinTable` with
-    `rope.seq_len == N`. `scale` defaults to D ** -0.5. `backend` forces one backend for this call (it wins
-    over `use_backend` and `ATTNHUB_BACKEND`). Returns o: [B, H, N, D] in q's dtype, or in the autocast dtype
-    under `torch.autocast`, for every backend alike.
+    q: [B, H, N, D]; k, v: [B, H_kv, N_kv, D] (N_kv == N with `rope`), any strides. Grouped k/v heads: H a
+    multiple of H_kv, query head h uses k/v head h // (H // H_kv) (as SDPA's `enable_gqa`). `rope`: a
+    `CosSinTable` with `rope.seq_len == N` (one table, per head, per sample, or from coordinates).
+    `key_padding_mask`: bool [B, N_kv], True = attend to this key; every query row (padded ones too) sees only
+    valid keys, and a sample with no valid key gets o = 0 and zero gradients. `scale` defaults to D ** -0.5.
+    `backend` forces one backend for this call (it wins over `use_backend` and `ATTNHUB_BACKEND`). Returns
+    o: [B, H, N, D] in q's dtype, or in the autocast dtype under `torch.autocast`, for every backend alike.
     """
+    mask = key_padding_mask
     if torch.compiler.is_compiling():
-        return _compiled_attention(q, k, v, rope, scale, backend)
+        return _compiled_attention(q, k, v, rope, scale, backend, mask)
     forced, autocast = _forced(backend), False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
-        key = select.fast_key(q, k, v, rope, forced, scale, autocast)
+        key = select.fast_key(q, k, v, rope, forced, scale, autocast, mask)
         fn = select.FAST.get(key)
     except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
         key, fn = None, None
     if fn is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
-        _validate(q, k, v, rope, scale, backend)
-        fn = _choose(q, k, v, rope, scale, forced)
+        _validate(q, k, v, rope, scale, backend, mask)
+        fn = _choose(q, k, v, rope, scale, forced, mask)
         if key is not None:
             select.remember_fast(key, fn)
     scale = _scale(q, scale)
     if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
         q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
-            return fn(q, k, v, rope, scale)
-    return fn(q, k, v, rope, scale)
+            return _run(fn, q, k, v, rope, scale, mask)
+    return _run(fn, q, k, v, rope, scale, mask)
 
 
-def _choose(q, k, v, rope, scale, forced):
+def _run(fn, q, k, v, rope, scale, key_padding_mask):
+    # without a mask the entry keeps its original five arguments (backends registered before masks existed)
+    if key_padding_mask is None:
+        return fn(q, k, v, rope, scale)
+    return fn(q, k, v, rope, scale, key_padding_mask=key_padding_mask)
+
+
+def _choose(q, k, v, rope, scale, forced, key_padding_mask):
     """The entry function for this call (slow path: build the decision key, select, maybe measure)."""
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
-    call = select.Call.from_inputs(q, k, v, rope, forced)
+    call = select.Call.from_inputs(q, k, v, rope, forced, key_padding_mask)
     measure = None
     if _tuning.enabled():
-        measure = lambda names: _tuning.measure(call, _entries(names), q, k, v, rope, scale)  # noqa: E731
+        measure = lambda names: _tuning.measure(  # noqa: E731
+            call, _entries(names, key_padding_mask), q, k, v, rope, scale
+        )
     return select.choose(call, measure)[1]
 
 
-def _compiled_attention(q, k, v, rope, scale, backend):
+def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
     """Inside `torch.compile`: the decision is made once, at trace time, and baked into the graph.
 
     Only static facts enter it (device, dtype, head_dim, sequence lengths, RoPE signature, grad mode), so the
@@ -78,12 +94,12 @@ def _compiled_attention(q, k, v, rope, scale, backend):
     backend runs as `torch.ops.attnhub.*` custom operators there. Changing the forced backend takes effect at
     the next compilation.
     """
-    _validate(q, k, v, rope, scale, backend)
+    _validate(q, k, v, rope, scale, backend, key_padding_mask)
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
-    name = _static_choice(backend, *select.Call.from_inputs(q, k, v, rope, None, static=True))
+    name = _static_choice(backend, *select.Call.from_inputs(q, k, v, rope, None, key_padding_mask, static=True))
     with torch.autocast(q.device.type, enabled=False):
-        return select.REGISTRY.entry(name)(q, k, v, rope, scale)
+        return _run(select.REGISTRY.entry(name), q, k, v, rope, scale, key_padding_mask)
 
 
 @torch.compiler.assume_constant_result
@@ -117,27 +133,35 @@ def explain(
     rope: CosSinTable | None = None,
     *,
     backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> select.Explanation:
-    """Which backend `attention(q, k, v, rope)` would run here and why every other one would not."""
-    _validate(q, k, v, rope, None, backend)
+    """Which backend `attention(q, k, v, rope, key_padding_mask=...)` would run here and why every other one
+    would not."""
+    _validate(q, k, v, rope, None, backend, key_padding_mask)
     q, k, v = _autocast_inputs(q, k, v)
-    return select.explain(select.Call.from_inputs(q, k, v, rope, _forced(backend)))
+    return select.explain(select.Call.from_inputs(q, k, v, rope, _forced(backend), key_padding_mask))
 
 
 def tune(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None = None, *, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: CosSinTable | None = None,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> str:
     """Time every backend eligible for this call, remember (and persist) the fastest, return its name.
 
     Later `attention` calls with the same decision key run it; `explain` reports it as "fastest when measured".
     """
-    _validate(q, k, v, rope, scale, None)
+    _validate(q, k, v, rope, scale, None, key_padding_mask)
     q, k, v = _autocast_inputs(q, k, v)  # the key `attention` will look up under the same autocast
-    call = select.Call.from_inputs(q, k, v, rope, None)
+    call = select.Call.from_inputs(q, k, v, rope, None, key_padding_mask)
     names = [n for n, why in select.explain(call).reasons.items() if not why]
     if not names:
         raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
-    best = _tuning.measure(call, _entries(names), q, k, v, rope, _scale(q, scale))
+    best = _tuning.measure(call, _entries(names, key_padding_mask), q, k, v, rope, _scale(q, scale))
     select.clear_cache()
     return best
 
@@ -183,11 +207,15 @@ def _autocast_inputs(q, k, v):
     return q, k, v
 
 
-def _entries(names):
-    return [(n, select.REGISTRY.entry(n)) for n in names]
+def _entries(names, key_padding_mask=None):
+    """(name, entry) pairs to measure, each taking the call's mask when there is one."""
+    entries = [(n, select.REGISTRY.entry(n)) for n in names]
+    if key_padding_mask is None:
+        return entries
+    return [(n, functools.partial(fn, key_padding_mask=key_padding_mask)) for n, fn in entries]
 
 
-def _validate(q, k, v, rope, scale, backend) -> None:
+def _validate(q, k, v, rope, scale, backend, key_padding_mask=None) -> None:
     """Every check on user input, before anything runs. Errors name the argument, the expectation and the value."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -203,19 +231,27 @@ def _validate(q, k, v, rope, scale, backend) -> None:
     (B, H, N, D), (Bk, Hk, Nk, Dk) = q.shape, k.shape
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if (B, H, D) != (Bk, Hk, Dk):
-        raise ValueError(
-            f"attention: q [B, H, N, D] = {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in B, H and D"
-        )
-    if 0 in q.shape or Nk == 0:
+    if 0 in q.shape or 0 in k.shape:
         raise ValueError(
             f"attention: every dimension must be > 0, got q {tuple(q.shape)}, k/v {tuple(k.shape)} "
             "(an empty batch has no attention to compute: skip the call)"
+        )
+    if (B, D) != (Bk, Dk):
+        raise ValueError(
+            f"attention: q [B, H, N, D] = {tuple(q.shape)} and k/v [B, H_kv, N_kv, D] = {tuple(k.shape)} must "
+            "agree in B and D"
+        )
+    if H % Hk:
+        raise ValueError(
+            f"attention: q has H = {H} heads and k/v have H_kv = {Hk}: H must be a multiple of H_kv "
+            "(grouped k/v heads: query head h uses k/v head h // (H // H_kv))"
         )
     if scale is not None:
         _check_scale(scale)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"attention: backend must be a str or None, got {type(backend).__name__}")
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, B, Nk, q.device)
     if rope is None:
         return
     if not isinstance(rope, CosSinTable):
@@ -229,8 +265,35 @@ def _validate(q, k, v, rope, scale, backend) -> None:
             f"attention: with rope, q and k must have N = prefix_tokens + patches = {rope.prefix_tokens} + "
             f"{rope.n_grid} = {rope.seq_len}, got N = {N} (q) and {Nk} (k)"
         )
-    if rope.per_head and rope.cos.shape[0] != H:
-        raise ValueError(f"attention: per-head rope table has {rope.cos.shape[0]} heads but q has H = {H}")
+    if rope.per_head and rope.heads != H:
+        raise ValueError(f"attention: per-head rope table has {rope.heads} heads but q has H = {H}")
+    if rope.per_head and Hk != H:
+        raise ValueError(
+            f"attention: a per-head rope table cannot be used with grouped k/v heads (H = {H}, H_kv = {Hk}): "
+            "each k/v head would need the angles of several query heads; use one table for all heads"
+        )
+    if rope.batched and rope.batch != B:
+        raise ValueError(f"attention: per-sample rope table has B = {rope.batch} tables but q has B = {B}")
+
+
+def _check_key_padding_mask(mask, B: int, Nk: int, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"attention: key_padding_mask must be a bool tensor [B, N_kv] or None, got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"attention: key_padding_mask must be bool [B, N_kv] (True = attend to this key), got dtype {mask.dtype}; "
+            "an additive float mask is not accepted"
+        )
+    if tuple(mask.shape) != (B, Nk):
+        raise ValueError(
+            f"attention: key_padding_mask must have shape [B, N_kv] = {(B, Nk)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(
+            f"attention: key_padding_mask is on {mask.device} but q is on {device}; move it to q's device"
+        )
 
 
 def _check_scale(scale) -> None:

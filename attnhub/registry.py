@@ -53,6 +53,11 @@ class Spec:
     rope_layouts: tuple[str, ...] = ROPE_LAYOUTS
     rope_per_head: bool = True
     rope_grad: bool = True
+    # newer capabilities default to False: a backend registered before they existed is never handed them
+    rope_batched: bool = False
+    rope_coords: bool = False
+    key_padding: bool = False
+    gqa: bool = False
     cross_attention: bool = True
     backward: bool = True
     deterministic_backward: bool = False
@@ -142,6 +147,10 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "rope_layouts": _as_layouts,
     "rope_per_head": _as_bool,
     "rope_grad": _as_bool,
+    "rope_batched": _as_bool,
+    "rope_coords": _as_bool,
+    "key_padding": _as_bool,
+    "gqa": _as_bool,
     "cross_attention": _as_bool,
     "backward": _as_bool,
     "deterministic_backward": _as_bool,

@@ -46,6 +46,10 @@ class Call(NamedTuple):
     rope_per_head: bool
     rope_grad: bool  # the table requires grad and grad mode is on
     needs_grad: bool  # q, k or v requires grad and grad mode is on
+    key_padding: bool  # a key_padding_mask is given
+    gqa: bool  # k/v have fewer heads than q (grouped k/v heads)
+    rope_batched: bool  # one RoPE table per sample ([B, 1|H, N_grid, D/2])
+    rope_coords: bool  # a RoPE table built from coordinates and frequencies (CosSinTable.from_coords)
     forced: str | None
     registry_version: int
 
@@ -57,12 +61,14 @@ class Call(NamedTuple):
         v: torch.Tensor,
         rope: CosSinTable | None,
         forced: str | None,
+        key_padding_mask: torch.Tensor | None = None,
         *,
         static: bool = False,
     ) -> Call:
-        """The key of `attention(q, k, v, rope)` with backend `forced` (None: automatic) in the current grad mode.
+        """The key of `attention(q, k, v, rope, key_padding_mask=...)` with backend `forced` (None: automatic) in
+        the current grad mode.
 
-        q: [B, H, N, D]; k, v: [B, H, N_kv, D], validated and already in the dtype the backend computes in (the
+        q: [B, H, N, D]; k, v: [B, H_kv, N_kv, D], validated and already in the dtype the backend computes in (the
         autocast dtype under autocast). `static`: only the facts a compiled graph fixes; batch and heads read as 0
         so a dynamic batch size never enters the key (the caller sets `forced` and `registry_version` at trace time).
         """
@@ -81,6 +87,10 @@ class Call(NamedTuple):
             rope is not None and rope.per_head,
             grad and rope is not None and rope.requires_grad,
             grad and (q.requires_grad or k.requires_grad or v.requires_grad),
+            key_padding_mask is not None,
+            k.shape[1] != H,
+            rope is not None and rope.batched,
+            rope is not None and rope.coords is not None,
             forced,
             0 if static else REGISTRY.version,
         )
@@ -90,24 +100,27 @@ class Call(NamedTuple):
         what a measured choice is recorded under in tune.json."""
         fields = self._asdict()
         del fields["forced"], fields["registry_version"]
+        for name in ("key_padding", "gqa", "rope_batched", "rope_coords"):  # absent when false: the keys of
+            if not fields[name]:  # calls without them stay what they were before these facts existed
+                del fields[name]
         fields["dtype"] = str(self.dtype)
         return fields
 
 
 def fast_key(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, forced: str | None,
-    scale: float | None, autocast: bool,
+    scale: float | None, autocast: bool, key_padding_mask: torch.Tensor | None = None,
 ) -> tuple:
     """The key of `FAST`: the raw facts that validation and `Call.from_inputs` read, in a tuple that is cheaper to
     build and hash than a `Call` (the API builds it on every call). A hit skips validation and selection, which are
     functions of these facts. Raises AttributeError or TypeError when q, k, v are not tensors or `rope` is not a
     table (the caller then validates, which names the argument).
     """
-    grad = torch.is_grad_enabled()
+    grad, mask = torch.is_grad_enabled(), key_padding_mask
     return (
         q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-        None if rope is None else (type(rope), rope.layout, rope.prefix_tokens, rope.cos.shape, rope.cos.device,
-                                   grad and rope.requires_grad),
+        None if rope is None else (type(rope), rope.signature, grad and rope.requires_grad),
+        None if mask is None else (type(mask), mask.shape, mask.dtype, mask.device),
         grad and (q.requires_grad or k.requires_grad or v.requires_grad), forced, type(scale),
         autocast and torch.get_autocast_dtype(q.device.type), REGISTRY.version, _tuning.enabled(),
     )
@@ -201,6 +214,14 @@ def reasons(spec: Spec, call: Call, *, forced: bool) -> list[str]:
         out.append(f"RoPE layout {call.rope_layout!r} not in {_names(spec.rope_layouts)}")
     if call.rope_per_head and not spec.rope_per_head:
         out.append("per-head RoPE tables not supported")
+    if call.rope_batched and not spec.rope_batched:
+        out.append("per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported")
+    if call.rope_coords and not spec.rope_coords:
+        out.append("RoPE tables from coordinates (CosSinTable.from_coords) not supported")
+    if call.key_padding and not spec.key_padding:
+        out.append("no key_padding_mask support")
+    if call.gqa and not spec.gqa:
+        out.append("grouped k/v heads (H_kv < H) not supported")
     if call.rope_grad and not spec.rope_grad:
         out.append("no gradient w.r.t. the RoPE table (the table requires grad)")
     if call.needs_grad and not spec.backward:

@@ -186,6 +186,12 @@ def _per_head_table(H: int):
     return attnhub.CosSinTable.from_sin_cos(emb.expand(H, -1, -1).clone(), 1)
 
 
+def _batched_table(B: int):
+    t = _table()
+    emb = torch.cat([t.sin.repeat_interleave(2, -1), t.cos.repeat_interleave(2, -1)], -1)
+    return attnhub.CosSinTable.from_sin_cos(emb.expand(B, 1, -1, -1).clone(), 1)
+
+
 def _bad(name):
     """Keyword arguments of one invalid call (q, k, v: [2, 2, 7, 16] float32 on CPU, a 2x3 table, 1 prefix)."""
     q, k, v = _qkv()
@@ -201,7 +207,14 @@ def _bad(name):
         "mixed_dtypes": dict(k=k.double()),
         "device_mismatch": dict(k=k.to("meta"), v=v.to("meta")),
         "B_mismatch": dict(k=k[:1], v=v[:1]),
-        "H_mismatch": dict(k=k[:, :1], v=v[:, :1]),
+        "H_not_multiple": dict(k=k[:, [0, 1, 0]], v=v[:, [0, 1, 0]]),
+        "per_head_gqa": dict(k=k[:, :1], v=v[:, :1], rope=_per_head_table(2)),
+        "batched_B": dict(rope=_batched_table(3)),
+        "mask_not_tensor": dict(key_padding_mask=[[True] * 7] * 2),
+        "mask_float": dict(key_padding_mask=torch.ones(2, 7)),
+        "mask_shape": dict(key_padding_mask=torch.ones(2, 1, 7, dtype=torch.bool)),
+        "mask_N": dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+        "mask_device": dict(key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device="meta")),
         "D_mismatch": dict(k=k[..., :8], v=v[..., :8]),
         "kv_shape": dict(v=v[:, :, :5]),
         "seq_len_vs_table": dict(q=q[:, :, :6], k=k[:, :, :6], v=v[:, :, :6]),
@@ -234,9 +247,16 @@ BAD = {  # case: (error type, pattern naming the argument)
     "v_bool": (TypeError, r"v must be a floating-point tensor"),
     "mixed_dtypes": (TypeError, r"q, k, v must share one dtype, got torch.float32, torch.float64, torch.float32"),
     "device_mismatch": (ValueError, r"q, k, v must be on one device, got cpu, meta, meta"),
-    "B_mismatch": (ValueError, r"must agree in B, H and D"),
-    "H_mismatch": (ValueError, r"must agree in B, H and D"),
-    "D_mismatch": (ValueError, r"must agree in B, H and D"),
+    "B_mismatch": (ValueError, r"must agree in B and D"),
+    "D_mismatch": (ValueError, r"must agree in B and D"),
+    "H_not_multiple": (ValueError, r"q has H = 2 heads and k/v have H_kv = 3: H must be a multiple of H_kv"),
+    "per_head_gqa": (ValueError, r"per-head rope table cannot be used with grouped k/v heads \(H = 2, H_kv = 1\)"),
+    "batched_B": (ValueError, r"per-sample rope table has B = 3 tables but q has B = 2"),
+    "mask_not_tensor": (TypeError, r"key_padding_mask must be a bool tensor \[B, N_kv\] or None, got list"),
+    "mask_float": (TypeError, r"key_padding_mask must be bool \[B, N_kv\] .* got dtype torch.float32"),
+    "mask_shape": (ValueError, r"key_padding_mask must have shape \[B, N_kv\] = \(2, 7\), got \(2, 1, 7\)"),
+    "mask_N": (ValueError, r"key_padding_mask must have shape \[B, N_kv\] = \(2, 7\), got \(2, 6\)"),
+    "mask_device": (ValueError, r"key_padding_mask is on meta but q is on cpu"),
     "kv_shape": (ValueError, r"k and v must have the same shape"),
     "seq_len_vs_table": (ValueError, r"N = prefix_tokens \+ patches = 1 \+ 6 = 7, got N = 6 \(q\)"),
     "k_seq_len_vs_table": (ValueError, r"= 7, got N = 7 \(q\) and 6 \(k\)"),

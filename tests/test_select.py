@@ -98,9 +98,9 @@ def _toy(calls: list):
     """A backend entry that records that it ran and returns the math result."""
     ref = attnhub.REGISTRY.entry("math")
 
-    def toy(q, k, v, rope, scale):
+    def toy(q, k, v, rope, scale, **kwargs):  # kwargs: key_padding_mask, for a toy declaring key_padding
         calls.append(q.dtype)
-        return ref(q, k, v, rope, scale)
+        return ref(q, k, v, rope, scale, **kwargs)
 
     return toy
 
@@ -116,20 +116,35 @@ CASES = {
     "rope_grad": (dict(rope_grad=False), dict(rope_grad=False), dict(rope_grad=True)),
     "grad": (dict(backward=False), dict(grad=False), dict(grad=True)),
     "cross": (dict(cross_attention=False, rope_layouts=["none"]), dict(layout=None), dict(layout=None, n_kv=9)),
+    "key_padding": (dict(key_padding=False), dict(mask=False), dict(mask=True)),
+    "gqa": (dict(gqa=False), dict(kv_heads=2), dict(kv_heads=1)),
+    "rope_batched": (dict(rope_batched=False), dict(batched=False), dict(batched=True)),
+    "rope_coords": (dict(rope_coords=False), dict(coords=False), dict(coords=True)),
 }
 
 
 def _run(dtype=torch.float32, N=7, D=16, layout="interleaved", heads=None, rope_grad=False, grad=False,
-         n_kv=None, backend=None):
+         n_kv=None, backend=None, mask=False, kv_heads=2, batched=False, coords=False):
     """One attention call with these facts (B=1, H=2); returns the output."""
     q, k, v = _qkv(dtype, N=N, D=D, requires_grad=grad)
     if n_kv is not None:
         k, v = _qkv(dtype, N=n_kv, D=D, seed=1)[:2]
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
     rope = None
     if layout is not None:
-        rope = _table(layout, grid=(2, (N - 1) // 2) if N % 2 else (1, N - 1), D=D, heads=heads,
-                      requires_grad=rope_grad)
-    return attnhub.attention(q, k, v, rope, backend=backend)
+        grid = (2, (N - 1) // 2) if N % 2 else (1, N - 1)
+        rope = _table(layout, grid=grid, D=D, heads=heads, requires_grad=rope_grad)
+        if batched:  # the same table as one per sample: [1, 1, N_grid, D/2]
+            emb = torch.cat([rope.sin, rope.sin, rope.cos, rope.cos], -1)  # half layout: pairs (j, j + D/2)
+            rope = attnhub.CosSinTable.from_sin_cos(emb[None, None], rope.prefix_tokens, "half")
+        if coords:
+            yx = torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij"), -1)
+            rope = attnhub.CosSinTable.from_coords(yx.reshape(-1, 2), attnhub.rope.axial_freqs(D), prefix_tokens=1)
+    key_padding_mask = None
+    if mask:
+        key_padding_mask = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool)
+        key_padding_mask[:, -1] = False
+    return attnhub.attention(q, k, v, rope, backend=backend, key_padding_mask=key_padding_mask)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -185,17 +200,26 @@ def test_call_from_inputs(static):
     call = select.Call.from_inputs(q, k, v, table, "math", static=static)
     B, H = (0, 0) if static else (3, 2)
     version = 0 if static else select.REGISTRY.version
-    assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True, "math", version)
+    assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True,
+                               False, False, False, False, "math", version)
     with torch.no_grad():
         call = select.Call.from_inputs(q, k, v, None, None)
     assert (call.rope_layout, call.rope_per_head, call.rope_grad, call.needs_grad) == ("none", False, False, False)
+    # issue 12's facts: a mask, grouped k/v heads, a per-sample table from coordinates
+    yx = torch.zeros(3, 6, 2)
+    coords = attnhub.CosSinTable.from_coords(yx, attnhub.rope.axial_freqs(16), prefix_tokens=1)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    call = select.Call.from_inputs(q, k[:, :1], v[:, :1], coords, None, mask, static=static)
+    assert (call.key_padding, call.gqa, call.rope_batched, call.rope_coords) == (True, True, True, True)
+    assert call.facts()["gqa"] is True and "gqa" not in select.Call.from_inputs(q, k, v, None, None).facts()
 
 
 def test_cache_key_fields():
     """The fields of the decision key: a new constraint in the registry vocabulary needs its fact here."""
     assert set(select.Call._fields) >= {
         "device_type", "device_index", "dtype", "batch", "heads", "n_q", "n_kv", "head_dim", "rope_layout",
-        "rope_per_head", "rope_grad", "needs_grad", "forced", "registry_version",
+        "rope_per_head", "rope_grad", "needs_grad", "key_padding", "gqa", "rope_batched", "rope_coords", "forced",
+        "registry_version",
     }
 
 
@@ -253,3 +277,21 @@ def test_threads_mixed_calls_and_forced_backends():
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(task, range(400)))
     assert set(results) == {"torch_sdpa", "toy_a", "toy_b", "math"}
+
+
+def test_issue12_arguments_are_reasons_in_explain_and_forced_errors():
+    """A mask, grouped k/v heads, a per-sample table, a coordinate table: each a reason of its own for the
+    backends that declare it false, in `explain` and in the error of a forced backend."""
+    q, k, v = _qkv(B=2, H=4)
+    k, v = k[:, :2], v[:, :2]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    yx = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+    table = attnhub.CosSinTable.from_coords(yx.expand(2, -1, -1), attnhub.rope.axial_freqs(16), prefix_tokens=1)
+    why = attnhub.explain(q, k, v, table, key_padding_mask=mask)
+    assert why.chosen == "torch_sdpa" and why.reasons["math"] == []
+    expected = ["per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported",
+                "RoPE tables from coordinates (CosSinTable.from_coords) not supported",
+                "no key_padding_mask support", "grouped k/v heads (H_kv < H) not supported"]
+    assert all(r in why.reasons["triton_fa_rope"] for r in expected), why.reasons["triton_fa_rope"]
+    with pytest.raises(attnhub.BackendUnavailableError, match=r"forced but cannot run.*no key_padding_mask support"):
+        attnhub.attention(q, k, v, table, backend="triton_fa_rope", key_padding_mask=mask)

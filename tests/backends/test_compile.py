@@ -142,3 +142,29 @@ def test_opcheck_rope_rotate_op(layout):
         torch.library.opcheck(R._rotate_op, (q, k, cos, sin, 1, table.layout, inverse),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                           "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", ["math", "torch_sdpa"])
+def test_fullgraph_key_padding_gqa_and_coords(backend):
+    """Issue 12's arguments under torch.compile: a key padding mask, 4 query heads on 2 k/v heads, a per-sample
+    table built from coordinates inside the graph with learnable frequencies; output and grads as eager."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 7, 16, generator=gen) for _ in "kv")
+    mask = torch.rand(2, 7, generator=gen) > 0.3
+    mask[:, 0] = True
+    coords = torch.rand(2, 6, 2, generator=gen) * 3
+
+    def f(q, k, v, freqs):
+        table = attnhub.CosSinTable.from_coords(coords, freqs, prefix_tokens=1)
+        return attnhub.attention(q, k, v, table, backend=backend, key_padding_mask=mask)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, attnhub.rope.axial_freqs(16))]
+        o = fn(*leaves)
+        return [o.detach(), *torch.autograd.grad(o, leaves, torch.ones_like(o))]
+
+    for what, a, b in zip(("o", "dq", "dk", "dv", "dfreqs"), run(torch.compile(f, fullgraph=True, backend="aot_eager")),
+                          run(f)):
+        assert_close_rel(a, b, torch.float32, f"{backend} compiled {what}")
