@@ -155,6 +155,7 @@ class CosSinTable:
         self.prefix_tokens = prefix_tokens
         self.layout = layout
         self.grid = grid
+        self._wide_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_wide`
         if self.coords is not None:  # [(B,) N_grid, 2] x [(H,) D/2, 2] -> cos [(B, 1|H,) or (H,)] N_grid, D/2]
             self.batch = self.coords.shape[0] if self.coords.dim() == 3 else None
             self.heads = self.freqs.shape[0] if self.freqs.dim() == 3 else None
@@ -351,27 +352,51 @@ def apply_rope(x: torch.Tensor, table: CosSinTable) -> torch.Tensor:
     x's dtype once, as timm's `apply_rot_embed_cat` does. A per-sample table needs B to match, a per-head
     table H.
     """
-    return _rotate(x, table, *table.cos_sin())
+    return _rotate(x, table, *_wide(table, x.dtype))
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, table: CosSinTable) -> tuple[torch.Tensor, torch.Tensor]:
     """`apply_rope` to q and k with one evaluation of the table (a `from_coords` table computes its angles once)."""
+    wide = _wide(table, q.dtype)
+    return _rotate(q, table, *wide), _rotate(k, table, *wide)
+
+
+def _wide(table: CosSinTable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin per channel, [..., D] in the compute dtype, so that x * cos + swap(x) * sin rotates x
+    (swap: each channel's pair partner); kept on the table while it needs no gradient."""
     cos, sin = table.cos_sin()
-    return _rotate(q, table, cos, sin), _rotate(k, table, cos, sin)
+    ct = torch.promote_types(dtype, cos.dtype)
+    keep = not table.requires_grad and not torch.compiler.is_compiling()  # a graph computes it in place, fused
+    cache = table._wide_cache
+    if keep and ct in cache:
+        return cache[ct]
+    cos, sin = cos.to(ct), sin.to(ct)
+    if table.layout == "interleaved":
+        wide = cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
+    else:
+        wide = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+    if keep:
+        cache[ct] = wide
+    return wide
 
 
 def _rotate(x: torch.Tensor, table: CosSinTable, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # cos, sin: [N_grid, D/2], [H, N_grid, D/2], [B, 1|H, N_grid, D/2]: each broadcasts against [B, H, N_grid, D/2]
+    # cos, sin: [N_grid, D], [H, N_grid, D], [B, 1|H, N_grid, D]: each broadcasts against [B, H, N_grid, D].
+    # Four kernels over x (swap, product, fused multiply-add, cast; one more copy with prefix tokens), where the
+    # pairwise form took ten: this backend is the portable path, so it must not be slower than timm's own.
     p = table.prefix_tokens
-    ct = torch.promote_types(x.dtype, cos.dtype)
-    cos, sin = cos.to(ct), sin.to(ct)
-    a, b = split_pairs(x[:, :, p:].to(ct), table.layout)
-    ra, rb = a * cos - b * sin, b * cos + a * sin
+    xs = x[:, :, p:]
     if table.layout == "interleaved":
-        rotated = torch.stack([ra, rb], dim=-1).flatten(-2)
+        swapped = xs.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        rotated = torch.cat([ra, rb], dim=-1)
-    return torch.cat([x[:, :, :p], rotated.to(x.dtype)], dim=2)
+        swapped = xs.roll(xs.shape[-1] // 2, -1)
+    rotated = torch.addcmul(xs * cos, swapped, sin)
+    if p == 0:
+        return rotated.to(x.dtype)
+    out = torch.empty_like(x)
+    out[:, :, :p] = x[:, :, :p]
+    out[:, :, p:] = rotated
+    return out
 
 
 def table_grad(cos: torch.Tensor, sin: torch.Tensor, prefix_tokens: int, layout: str, q: torch.Tensor,
