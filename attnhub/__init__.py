@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.fx
 
 from attnhub.api import BackendInfo, attention, explain, list_backends, tune, use_backend
+from attnhub.control import disable_backends, pin_backend, pinned
 from attnhub.registry import REGISTRY, RegistryError, register_backend
 from attnhub.rope import CosSinTable
 from attnhub.select import BackendUnavailableError, Explanation, UnknownBackendError
@@ -22,6 +23,9 @@ __all__ = [
     "attention",
     "explain",
     "use_backend",
+    "pin_backend",
+    "pinned",
+    "disable_backends",
     "tune",
     "list_backends",
     "register_backend",

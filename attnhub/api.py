@@ -8,19 +8,15 @@ call skips the middle: `select.fast_key` of its raw facts finds the entry functi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
-from typing import Iterator
 
 import torch
 
-from attnhub import _tuning, select, settings
+from attnhub import _tuning, control, select
+from attnhub.control import use_backend  # noqa: F401  (public, as attnhub.use_backend)
 from attnhub.rope import CosSinTable
-
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnhub_backend", default=None)
 
 
 def attention(
@@ -40,25 +36,30 @@ def attention(
     `CosSinTable` with `rope.seq_len == N` (one table, per head, per sample, or from coordinates).
     `key_padding_mask`: bool [B, N_kv], True = attend to this key; every query row (padded ones too) sees only
     valid keys, and a sample with no valid key gets o = 0 and zero gradients. `scale` defaults to D ** -0.5.
-    `backend` forces one backend for this call (it wins over `use_backend` and `ATTNHUB_BACKEND`). Returns
-    o: [B, H, N, D] in q's dtype, or in the autocast dtype under `torch.autocast`, for every backend alike.
+    `backend` forces one backend for this call (it wins over a module pin, `use_backend` and `ATTNHUB_BACKEND`: see
+    attnhub.control). Returns o: [B, H, N, D] in q's dtype, or in the autocast dtype under `torch.autocast`, for
+    every backend alike.
     """
     mask = key_padding_mask
     if torch.compiler.is_compiling():
         return _compiled_attention(q, k, v, rope, scale, backend, mask)
-    forced, autocast = _forced(backend), False
+    ctl, autocast = control.resolve(backend, control.current_pin()), False  # (forced, by whom, disabled)
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
-        key = select.fast_key(q, k, v, rope, forced, scale, autocast, mask)
+        key = select.fast_key(q, k, v, rope, ctl, scale, autocast, mask)
         fn = select.FAST.get(key)
     except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
         key, fn = None, None
     if fn is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
         _validate(q, k, v, rope, scale, backend, mask)
-        fn = _choose(q, k, v, rope, scale, forced, mask)
-        if key is not None:
+        fn, out = _choose_and_run(q, k, v, rope, scale, ctl, mask, autocast)
+        if key is not None:  # only once a run succeeded: until then a failing backend may still fall back
             select.remember_fast(key, fn)
-    scale = _scale(q, scale)
+        return out
+    return _call_entry(fn, q, k, v, rope, _scale(q, scale), mask, autocast)
+
+
+def _call_entry(fn, q, k, v, rope, scale: float, mask, autocast: bool) -> torch.Tensor:
     if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
         q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
@@ -73,17 +74,17 @@ def _run(fn, q, k, v, rope, scale, key_padding_mask):
     return fn(q, k, v, rope, scale, key_padding_mask=key_padding_mask)
 
 
-def _choose(q, k, v, rope, scale, forced, key_padding_mask):
-    """The entry function for this call (slow path: build the decision key, select, maybe measure)."""
+def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast):
+    """Slow path: build the decision key, select (maybe measure) and run, through `select.run` (the fallback)."""
     scale = _scale(q, scale)
-    q, k, v = _autocast_inputs(q, k, v)
-    call = select.Call.from_inputs(q, k, v, rope, forced, key_padding_mask)
+    cq, ck, cv = _autocast_inputs(q, k, v)
+    call = select.Call.from_inputs(cq, ck, cv, rope, ctl, key_padding_mask)
     measure = None
     if _tuning.enabled():
         measure = lambda names: _tuning.measure(  # noqa: E731
-            call, _entries(names, key_padding_mask), q, k, v, rope, scale
+            call, _entries(names, key_padding_mask), cq, ck, cv, rope, scale
         )
-    return select.choose(call, measure)[1]
+    return select.run(call, lambda fn: _call_entry(fn, q, k, v, rope, scale, key_padding_mask, autocast), measure)
 
 
 def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
@@ -91,39 +92,29 @@ def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
 
     Only static facts enter it (device, dtype, head_dim, sequence lengths, RoPE signature, grad mode), so the
     batch size may be dynamic and a cached graph never re-dispatches. Backends must be traceable; the Triton
-    backend runs as `torch.ops.attnhub.*` custom operators there. Changing the forced backend takes effect at
-    the next compilation.
+    backend runs as `torch.ops.attnhub.*` custom operators there. Changing the forced or disabled backends
+    takes effect at the next compilation; changing a module pin recompiles (Dynamo guards on it). There is no
+    fallback here: a backend that fails while traced, or when the graph runs, raises (rule it out with
+    ATTNHUB_DISABLE or `disable_backends` and compile again).
     """
     _validate(q, k, v, rope, scale, backend, key_padding_mask)
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
-    name = _static_choice(backend, *select.Call.from_inputs(q, k, v, rope, None, key_padding_mask, static=True))
+    # the pin is read here, traced: the pin hooks' pushes exist only in the graph being traced
+    name = _static_choice(backend, control.current_pin(),
+                          *select.Call.from_inputs(q, k, v, rope, None, key_padding_mask, static=True))
     with torch.autocast(q.device.type, enabled=False):
         return _run(select.REGISTRY.entry(name), q, k, v, rope, scale, key_padding_mask)
 
 
 @torch.compiler.assume_constant_result
-def _static_choice(backend: str | None, *static_facts) -> str:
-    """The backend for a `Call` of static facts, run once at trace time: the forced backend and the registry
-    version are read here, outside the graph, so they add no guards."""
-    call = select.Call(*static_facts)._replace(forced=_forced(backend), registry_version=select.REGISTRY.version)
+def _static_choice(backend: str | None, pin: tuple[str, str] | None, *static_facts) -> str:
+    """The backend for a `Call` of static facts, run once at trace time: the forced and disabled backends and the
+    registry version are read here, outside the graph, so they add no guards."""
+    forced, by, disabled = control.resolve(backend, pin)
+    call = select.Call(*static_facts)._replace(forced=forced, forced_by=by, disabled=disabled,
+                                               registry_version=select.REGISTRY.version)
     return select.choose(call)[0]
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Force backend `name` for `attention` calls in this context (thread- and task-local).
-
-    None lifts an enclosing `use_backend` for this context: `ATTNHUB_BACKEND`, then automatic selection, apply.
-    A per-call `backend=` still wins over this context.
-    """
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"use_backend: name must be a str or None, got {type(name).__name__}")
-    token = _FORCED.set(name)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
 
 
 def explain(
@@ -136,10 +127,14 @@ def explain(
     key_padding_mask: torch.Tensor | None = None,
 ) -> select.Explanation:
     """Which backend `attention(q, k, v, rope, key_padding_mask=...)` would run here and why every other one
-    would not."""
+    would not.
+
+    "Here": with the forced, pinned and disabled backends in effect at this point (called inside a pinned
+    module's forward, its pin applies), and the backends that failed at run time for this call."""
     _validate(q, k, v, rope, None, backend, key_padding_mask)
     q, k, v = _autocast_inputs(q, k, v)
-    return select.explain(select.Call.from_inputs(q, k, v, rope, _forced(backend), key_padding_mask))
+    ctl = control.resolve(backend, control.current_pin())
+    return select.explain(select.Call.from_inputs(q, k, v, rope, ctl, key_padding_mask))
 
 
 def tune(
@@ -157,7 +152,7 @@ def tune(
     """
     _validate(q, k, v, rope, scale, None, key_padding_mask)
     q, k, v = _autocast_inputs(q, k, v)  # the key `attention` will look up under the same autocast
-    call = select.Call.from_inputs(q, k, v, rope, None, key_padding_mask)
+    call = select.Call.from_inputs(q, k, v, rope, (None, None, control.resolve(None, None)[2]), key_padding_mask)
     names = [n for n, why in select.explain(call).reasons.items() if not why]
     if not names:
         raise select.BackendUnavailableError("no attnhub backend can run this call:\n" + str(select.explain(call)))
@@ -179,20 +174,19 @@ def list_backends() -> list[BackendInfo]:
     """Every registered backend, highest priority first, with whether it can run on this machine and why not.
 
     Available means: selection would consider it for some device of this machine (its modules import, the device
-    and its compute capability are ones it is selected on); the reasons are the ones `explain` gives.
+    and its compute capability are ones it is selected on, and it is not disabled here); the reasons are the ones
+    `explain` gives.
     """
     devices = [("cpu", None)] + ([("cuda", torch.cuda.current_device())] if torch.cuda.is_available() else [])
+    disabled = dict(control.resolve(None, None)[2])
     out = []
     for name, spec in sorted(select.REGISTRY.specs().items(), key=lambda kv: (-kv[1].priority, kv[0])):
         per_device = [select.device_reasons(spec, d, i, forced=False) for d, i in devices]
         why = [] if not all(per_device) else list(dict.fromkeys(r for rs in per_device for r in rs))
+        if name in disabled:
+            why.append(f"disabled by {disabled[name]}")
         out.append(BackendInfo(name, spec.priority, not why, "; ".join(why), spec.description))
     return out
-
-
-def _forced(backend: str | None) -> str | None:
-    """The forced backend: per call, else `use_backend`, else ATTNHUB_BACKEND; None for automatic."""
-    return backend or _FORCED.get() or settings.backend()
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

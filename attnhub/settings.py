@@ -4,7 +4,12 @@ Each variable is read when it is used (not once at import), so a change of `os.e
 call; an invalid value raises `ValueError` naming the variable, at that use.
 
     ATTNHUB_BACKEND               a backend name forced on every `attnhub.attention` call (below the per-call
-                                  `backend=` and `attnhub.use_backend`); unset or empty: automatic selection.
+                                  `backend=`, a module pin and `attnhub.use_backend`); unset or empty: automatic
+                                  selection.
+    ATTNHUB_DISABLE               comma-separated backend names that selection never picks (a deny-list, joined
+                                  with `attnhub.disable_backends`); forcing or pinning one of them is an error.
+                                  Unset or empty: none. An empty name ("a,,b") is an error here; an unknown one is
+                                  an `UnknownBackendError` at the next `attnhub.attention` call.
     ATTNHUB_REGISTRY              path of a YAML overlay of `registry.yaml`, read when the registry is built (at
                                   `import attnhub`); unset or empty: none.
     ATTNHUB_TUNE                  "1": select by measurement on the first call of each decision key; unset, empty
@@ -31,6 +36,7 @@ autograd may run on another thread, sees it too), never by assigning module vari
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Callable, Iterator
 
@@ -58,6 +64,7 @@ def _getter(name: str) -> Callable[[], str | None]:
 
 
 _backend = _getter("ATTNHUB_BACKEND")
+_disable = _getter("ATTNHUB_DISABLE")
 _registry = _getter("ATTNHUB_REGISTRY")
 _tune = _getter("ATTNHUB_TUNE")
 _cache_dir = _getter("ATTNHUB_CACHE_DIR")
@@ -80,6 +87,24 @@ def backend() -> str | None:
     if "backend" in _OVERRIDES:
         return _OVERRIDES["backend"]
     return _backend() or None
+
+
+def disable() -> tuple[str, ...]:
+    """ATTNHUB_DISABLE: the denied backend names, in the order given (not checked against the registry here)."""
+    if "disable" in _OVERRIDES:
+        return _OVERRIDES["disable"]
+    return _names("ATTNHUB_DISABLE", _disable() or "")
+
+
+@functools.lru_cache(maxsize=64)  # read on every attention call: parse each distinct value once
+def _names(name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated list of names; spaces around a name are ignored, an empty name is an error."""
+    if not value:
+        return ()
+    names = tuple(n.strip() for n in value.split(","))
+    if not all(names):
+        raise ValueError(f"{name}={value!r}: an empty backend name; expected name[,name...]")
+    return names
 
 
 def registry() -> str | None:
@@ -130,6 +155,7 @@ def compile_ahead() -> bool:
 def _check_override(name: str, value: Any) -> None:
     ok = {
         "backend": lambda v: v is None or isinstance(v, str),
+        "disable": lambda v: isinstance(v, tuple) and all(isinstance(n, str) and n for n in v),
         "registry": lambda v: v is None or isinstance(v, str),
         "tune": lambda v: isinstance(v, bool),
         "cache_dir": lambda v: isinstance(v, str),
@@ -147,7 +173,8 @@ def _check_override(name: str, value: Any) -> None:
 def override(**values: Any) -> Iterator[None]:
     """Within the block, the named settings take these values instead of the environment's; nests.
 
-    Names: backend, registry, tune, cache_dir, measured, triton_bwd, compile_ahead (see the module docstring)."""
+    Names: backend, disable (a tuple of names), registry, tune, cache_dir, measured, triton_bwd, compile_ahead (see
+    the module docstring)."""
     for name, value in values.items():
         _check_override(name, value)
     saved = dict(_OVERRIDES)

@@ -1,8 +1,8 @@
 """Test session set-up.
 
 Without CUDA, the Triton backend runs in the CPU interpreter: TRITON_INTERPRET must be set before triton
-compiles anything, so it is set here, at collection. Tests marked `gpu` are skipped without CUDA; tests marked
-`slow` run only with ATTNHUB_SLOW=1.
+compiles anything, so it is set here, at collection. Tests marked `gpu` are skipped without CUDA, tests marked
+`multigpu` with fewer than two GPUs; tests marked `slow` run only with ATTNHUB_SLOW=1.
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never read or write a user's tuning cache or pick up a user's registry or forced backend.
-for var in ("ATTNHUB_BACKEND", "ATTNHUB_REGISTRY", "ATTNHUB_TUNE"):
+for var in ("ATTNHUB_BACKEND", "ATTNHUB_DISABLE", "ATTNHUB_REGISTRY", "ATTNHUB_TUNE"):
     os.environ.pop(var, None)
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the lent H100: pytest -m gpu)")
     skip_slow = pytest.mark.skip(reason="slow: set ATTNHUB_SLOW=1")
+    skip_multigpu = pytest.mark.skip(reason="needs two CUDA GPUs (run on the lent 2x H200: pytest -m multigpu)")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and torch.cuda.device_count() < 2:
+            item.add_marker(skip_multigpu)
         if "slow" in item.keywords and os.environ.get("ATTNHUB_SLOW") != "1":
             item.add_marker(skip_slow)
 
@@ -37,6 +40,7 @@ def _isolated(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ATTNHUB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ATTNHUB_BACKEND", raising=False)
+    monkeypatch.delenv("ATTNHUB_DISABLE", raising=False)
     snapshot = select.REGISTRY.snapshot() if hasattr(select.REGISTRY, "snapshot") else None
     yield
     if snapshot is not None:

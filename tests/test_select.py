@@ -197,13 +197,14 @@ def test_call_from_inputs(static):
     """The one constructor of the key; a compiled graph's key leaves out batch and heads (a dynamic batch)."""
     q, k, v = _qkv(B=3, N=7, D=16, requires_grad=True)
     table = _table("half", heads=2, requires_grad=True)
-    call = select.Call.from_inputs(q, k, v, table, "math", static=static)
+    control = ("math", "forced by attnhub.use_backend", (("torch_sdpa", "ATTNHUB_DISABLE"),))
+    call = select.Call.from_inputs(q, k, v, table, control, static=static)
     B, H = (0, 0) if static else (3, 2)
     version = 0 if static else select.REGISTRY.version
     assert call == select.Call("cpu", None, torch.float32, B, H, 7, 7, 16, "half", True, True, True,
-                               False, False, False, False, "math", version)
+                               False, False, False, False, *control, version)
     with torch.no_grad():
-        call = select.Call.from_inputs(q, k, v, None, None)
+        call = select.Call.from_inputs(q, k, v, None)
     assert (call.rope_layout, call.rope_per_head, call.rope_grad, call.needs_grad) == ("none", False, False, False)
     # issue 12's facts: a mask, grouped k/v heads, a per-sample table from coordinates
     yx = torch.zeros(3, 6, 2)
@@ -219,7 +220,7 @@ def test_cache_key_fields():
     assert set(select.Call._fields) >= {
         "device_type", "device_index", "dtype", "batch", "heads", "n_q", "n_kv", "head_dim", "rope_layout",
         "rope_per_head", "rope_grad", "needs_grad", "key_padding", "gqa", "rope_batched", "rope_coords", "forced",
-        "registry_version",
+        "forced_by", "disabled", "registry_version",
     }
 
 
@@ -295,3 +296,142 @@ def test_issue12_arguments_are_reasons_in_explain_and_forced_errors():
     assert all(r in why.reasons["triton_fa_rope"] for r in expected), why.reasons["triton_fa_rope"]
     with pytest.raises(attnhub.BackendUnavailableError, match=r"forced but cannot run.*no key_padding_mask support"):
         attnhub.attention(q, k, v, table, backend="triton_fa_rope", key_padding_mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------- fallback
+class Flaky:
+    """A backend entry that raises `error(message)` on the calls numbered in `fail` (1-based, or "all"), else
+    runs torch_sdpa."""
+
+    def __init__(self, fail=(1,), error=RuntimeError, message="kernel compilation failed"):
+        self.calls, self.fail, self.error, self.message = 0, fail, error, message
+
+    def __call__(self, q, k, v, rope, scale):
+        self.calls += 1
+        if self.fail == "all" or self.calls in self.fail:
+            raise self.error(self.message)
+        return attnhub.REGISTRY.entry("torch_sdpa")(q, k, v, rope, scale)
+
+
+def _flaky(name="flaky", **kw) -> Flaky:
+    fn = Flaky(**kw)
+    attnhub.register_backend(name, fn, priority=200, devices=["cpu"])
+    return fn
+
+
+def test_backend_failing_at_its_first_run_falls_back(caplog):
+    flaky = _flaky()
+    q, k, v = _qkv(requires_grad=True)
+    with caplog.at_level("WARNING", logger="attnhub.select"):
+        o = attnhub.attention(q, k, v)
+        again = attnhub.attention(q, k, v)
+    assert torch.equal(o, attnhub.attention(q, k, v, backend="torch_sdpa")) and torch.equal(again, o)
+    assert flaky.calls == 1  # marked failed for this key: never tried again
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "'flaky' failed at its first run" in record.getMessage()
+    assert "Call(device_type='cpu'" in record.getMessage()
+    assert "RuntimeError: kernel compilation failed" in record.getMessage()
+    why = attnhub.explain(q, k, v)
+    assert why.chosen == "torch_sdpa" and why.fell_back_from == ("flaky",)
+    assert "chosen: torch_sdpa (highest priority; fallback: flaky failed at run time)" in str(why)
+    assert "flaky: rejected: failed at its first run for this call" in str(why)
+    attnhub.attention(*_qkv(N=9))  # another key: the backend gets its own first run
+    assert flaky.calls == 2
+
+
+def test_fallback_inside_a_training_step_equals_the_next_backend_forced():
+    """The forward of the first step fails on `flaky`: the step runs on torch_sdpa, bitwise as when forced."""
+
+    def step(**kw):
+        torch.manual_seed(0)
+        proj = torch.nn.Linear(16, 3 * 16)
+        x = torch.randn(2, 7, 16)
+        q, k, v = proj(x).reshape(2, 7, 3, 1, 16).permute(2, 0, 3, 1, 4)
+        attnhub.attention(q, k, v, **kw).square().mean().backward()
+        return proj.weight.grad
+
+    flaky = _flaky()
+    assert torch.equal(step(), step(backend="torch_sdpa")) and flaky.calls == 1
+
+
+@pytest.mark.parametrize("how", ["backend", "pin"])
+def test_forced_or_pinned_backend_failure_propagates(how):
+    flaky = _flaky()
+    q, k, v = _qkv()
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attnhub.attention(q, k, v)
+
+    with pytest.raises(RuntimeError, match="kernel compilation failed"):
+        if how == "backend":
+            attnhub.attention(q, k, v, backend="flaky")
+        else:
+            attnhub.pin_backend(Attn(), "flaky")(q, k, v)
+    assert flaky.calls == 1 and attnhub.explain(q, k, v).chosen == "flaky"  # not marked
+
+
+def test_out_of_memory_propagates_and_marks_nothing():
+    flaky = _flaky(error=torch.OutOfMemoryError, message="CUDA out of memory")
+    q, k, v = _qkv()
+    with pytest.raises(torch.OutOfMemoryError):
+        attnhub.attention(q, k, v)
+    attnhub.attention(q, k, v)  # the next call tries the backend again, and it runs
+    assert flaky.calls == 2 and attnhub.explain(q, k, v).chosen == "flaky"
+
+
+def test_failure_after_a_successful_run_propagates():
+    flaky = _flaky(fail=(2,))
+    q, k, v = _qkv()
+    attnhub.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="kernel compilation failed"):
+        attnhub.attention(q, k, v)
+
+
+def test_every_backend_failing_raises_with_their_errors():
+    _flaky("flaky", fail="all")
+    _flaky("flaky2", fail="all", error=ValueError, message="launch failed")
+    q, k, v = _qkv()
+    with attnhub.disable_backends("torch_sdpa", "math"):
+        with pytest.raises(attnhub.BackendUnavailableError, match="no attnhub backend can run this call") as err:
+            attnhub.attention(q, k, v)
+    assert isinstance(err.value.__cause__, ValueError)  # the last failure
+    assert "ValueError: launch failed" in str(err.value) and "RuntimeError: kernel compilation failed" in str(err.value)
+
+
+@torch.library.custom_op("attnhub_tests::failing_kernel", mutates_args=())
+def _failing_kernel(q: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("kernel compilation failed")  # as a Triton kernel that fails at its first launch
+
+
+@_failing_kernel.register_fake
+def _(q):
+    return torch.empty_like(q)
+
+
+@pytest.mark.parametrize("where", ["trace_fullgraph", "trace", "graph_run"])
+def test_under_torch_compile(where):
+    """Documented in api._compiled_attention: a compiled graph has no fallback. A backend that raises while traced
+    fails the compilation under fullgraph=True (torch._dynamo.exc.Unsupported); without fullgraph Dynamo runs that
+    `attention` call eagerly, where the fallback applies; an error when the graph runs (a custom op's kernel)
+    propagates. Disabling the backend and compiling again runs the next one."""
+    if where == "graph_run":
+        attnhub.register_backend("flaky", lambda q, k, v, rope, scale: _failing_kernel(q), priority=200,
+                                 devices=["cpu"])
+    else:
+        flaky = _flaky(fail="all")
+    q, k, v = _qkv()
+    torch._dynamo.reset()  # the graphs of another case of this test: the choice is fixed in them, unguarded
+    fn = torch.compile(lambda q, k, v: attnhub.attention(q, k, v), backend="aot_eager",
+                       fullgraph=where != "trace")
+    expected = attnhub.attention(q, k, v, backend="torch_sdpa")
+    if where == "trace":
+        assert torch.equal(fn(q, k, v), expected)
+        assert attnhub.explain(q, k, v).fell_back_from == ("flaky",) and flaky.calls == 1
+    else:
+        error = torch._dynamo.exc.Unsupported if where == "trace_fullgraph" else RuntimeError
+        with pytest.raises(error, match="kernel compilation failed" if where == "graph_run" else "Observed exception"):
+            fn(q, k, v)
+    torch._dynamo.reset()
+    with attnhub.disable_backends("flaky"):
+        assert torch.equal(fn(q, k, v), expected)

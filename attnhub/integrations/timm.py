@@ -2,6 +2,7 @@
 
     model = timm.create_model("vit_base_patch16_rope_224")
     attnhub.integrations.timm.patch(model)   # in place; returns the model
+    attnhub.integrations.timm.patch(model, backend={"blocks.*": "triton_fa_rope", "blocks.1[0-1].attn": "math"})
     attnhub.integrations.timm.unpatch(model)  # back to timm's own forward
 
 Covers every `Eva` model with a RoPE module (`model.rope`): RoPE-Axial (`vit_*_patch16_rope_224`, interleaved
@@ -23,8 +24,10 @@ its FX graph) and `patch` under `timm.layers.set_scriptable(True)` raise NotImpl
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import weakref
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -34,6 +37,7 @@ from timm.layers import is_scriptable, register_notrace_function
 from timm.models.eva import Eva, EvaAttention
 
 import attnhub
+from attnhub import control
 from attnhub.rope import CosSinTable
 
 __all__ = ["patch", "unpatch", "patched"]
@@ -41,40 +45,79 @@ __all__ = ["patch", "unpatch", "patched"]
 log = logging.getLogger(__name__)
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, backend: str | Mapping[str, str] | None = None) -> nn.Module:
     """Route the attention of every RoPE-using Eva inside `model` through attnhub, in place; returns `model`.
 
     Patched: the `attn` of each block of an `Eva` whose `rope` is set. Already patched modules are left as they
     are; `patched(model)` lists the names. Raises ValueError when `model` holds no such module.
+
+    `backend` pins backends (`attnhub.pin_backend`): a name pins every patched module; a dict maps `fnmatch`
+    patterns over the patched modules' names in `model.named_modules()` (e.g. "blocks.0.attn",
+    "blocks.1[0-1].attn", "blocks.*") to names, a later pattern winning over an earlier one, and the patched
+    modules no pattern matches get no pin. None leaves pins as they are (none on a fresh model). Every argument is
+    checked before the model changes: on an error (a pattern that matches no patched module lists the names it
+    could match) the model is left as it was.
     """
     if is_scriptable():
         raise NotImplementedError(
             f"attnhub.integrations.timm.patch: timm.layers.set_scriptable(True) is on, and {_NO_TORCHSCRIPT}"
         )
-    names = []
+    todo = {}  # name -> (module, patched class)
     for name, module in _rope_attention_modules(model):
-        cls = _PATCHED.get(type(module))
-        if cls is None and type(module) not in _PATCHED.values():
+        cls = _PATCHED.get(type(module), type(module))
+        if cls not in _ORIGINAL:
             log.warning("attnhub: %s is a %s, not a timm attention class attnhub knows; left as is",
                         name, type(module).__name__)
             continue
-        if cls is not None:
-            module.__class__ = cls
-        names.append(name)
-    if not names:
+        todo[name] = (module, cls)
+    if not todo:
         raise ValueError(
             f"attnhub.integrations.timm.patch: model ({type(model).__name__}) holds no timm Eva model with RoPE "
             "(model.rope set); nothing to patch"
         )
-    log.info("attnhub: %d attention modules patched: %s", len(names), ", ".join(names))
+    pins = _pins(backend, list(todo))
+    for name, (module, cls) in todo.items():
+        module.__class__ = cls
+        if pins is not None:
+            control._pin(module, pins.get(name), name)
+    log.info("attnhub: %d attention modules patched: %s", len(todo), ", ".join(todo))
     return model
 
 
+def _pins(backend: str | Mapping[str, str] | None, names: list[str]) -> dict[str, str] | None:
+    """{module name: backend} that `patch(model, backend)` pins, checked in full; None: leave pins as they are."""
+    where = "attnhub.integrations.timm.patch: backend"
+    if backend is None:
+        return None
+    if isinstance(backend, str):
+        backend = {"*": backend}
+    elif not isinstance(backend, Mapping):
+        raise TypeError(f"{where} must be a backend name, a dict of module-name patterns to names, or None; "
+                        f"got {type(backend).__name__}")
+    known = attnhub.REGISTRY.specs()
+    pins = {}
+    for pattern, name in backend.items():
+        if not isinstance(pattern, str) or not isinstance(name, str):
+            raise TypeError(f"{where}: a dict of module-name patterns (str) to backend names (str); got "
+                            f"{pattern!r}: {name!r}")
+        if name not in known:
+            raise attnhub.UnknownBackendError(f"{where}[{pattern!r}]: unknown attnhub backend {name!r}; "
+                                              f"known: {sorted(known)}")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"{where}: pattern {pattern!r} matches no patched module; the patched modules are "
+                             f"{names}")
+        pins.update(dict.fromkeys(matched, name))
+    return pins
+
+
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restore timm's own attention forward in every module `patch` changed; returns `model`."""
+    """Restore timm's own attention forward in every module `patch` changed, and drop their pins (which would do
+    nothing there); returns `model`."""
     for module in model.modules():
         if type(module) in _ORIGINAL:
             module.__class__ = _ORIGINAL[type(module)]
+            control._pin(module, None, "")
     return model
 
 

@@ -242,6 +242,55 @@ def test_patch_dropout_is_refused():
         pat(images(9))
 
 
+# ------------------------------------------------------------------------------------------------------ pins
+@pytest.fixture
+def toys():
+    """Backends toy_a, toy_b (CPU, below torch_sdpa): they run math and record their name in the returned list."""
+    ran: list[str] = []
+    math = attnhub.REGISTRY.entry("math")
+    for i, name in enumerate(("toy_a", "toy_b")):
+        def fn(q, k, v, rope, scale, _name=name):
+            ran.append(_name)
+            return math(q, k, v, rope, scale)
+        attnhub.register_backend(name, fn, priority=-10 - i, devices=["cpu"])
+    return ran
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_patch_pins_by_name_and_by_pattern(toys, compiled):
+    ref = create(FAMILIES["rope_axial"][0], depth=4)
+    pat = at.patch(copy.deepcopy(ref), backend={"blocks.*": "toy_a", "blocks.[1-2].attn": "toy_b"})  # later wins
+    assert attnhub.pinned(pat) == {"blocks.0.attn": "toy_a", "blocks.1.attn": "toy_b", "blocks.2.attn": "toy_b",
+                                   "blocks.3.attn": "toy_a"}
+    run_model = torch.compile(pat, backend="aot_eager", fullgraph=True) if compiled else pat
+    x = images(8)
+    with torch.no_grad():
+        assert_close_rel(run_model(x), ref(x), F32, "logits")
+    assert toys == ["toy_a", "toy_b", "toy_b", "toy_a"]
+    at.patch(pat, backend="toy_b")  # a name pins every patched module; a new patch replaces the pins
+    assert set(attnhub.pinned(pat).values()) == {"toy_b"}
+    at.patch(pat)  # None: pins left as they are
+    assert set(attnhub.pinned(pat).values()) == {"toy_b"}
+    at.unpatch(pat)
+    assert attnhub.pinned(pat) == {}
+
+
+@pytest.mark.parametrize("backend,error,match", [
+    (3, TypeError, "backend must be a backend name, a dict of module-name patterns"),
+    ({3: "math"}, TypeError, "a dict of module-name patterns .str. to backend names .str.; got 3: 'math'"),
+    ({"blocks.*": 3}, TypeError, "got 'blocks.*': 3"),
+    ({"blocks.*": "nonesuch"}, attnhub.UnknownBackendError, r"backend\['blocks.\*'\]: unknown attnhub backend"),
+    ({"blocks.*": "math", "blocks.9.attn": "math"}, ValueError,
+     r"pattern 'blocks.9.attn' matches no patched module; the patched modules are \['blocks.0.attn', "
+     r"'blocks.1.attn'\]"),
+])
+def test_bad_backend_leaves_the_model_as_it_was(backend, error, match):
+    model = create(FAMILIES["rope_axial"][0])
+    with pytest.raises(error, match=match):
+        at.patch(model, backend=backend)
+    assert at.patched(model) == [] and attnhub.pinned(model) == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["rope_axial", "dinov3_reg4", "rope_mixed"])
 def test_patched_on_gpu_runs_the_fused_kernel(family, calls):
