@@ -401,22 +401,21 @@ def _rotate(x: torch.Tensor, table: CosSinTable, cos: torch.Tensor, sin: torch.T
 
 def table_grad(cos: torch.Tensor, sin: torch.Tensor, prefix_tokens: int, layout: str, q: torch.Tensor,
                k: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the loss w.r.t. a table's cos and sin ([N_grid, D/2] or [H, N_grid, D/2]) from the unrotated
-    q, k: [B, H, N, D] and the gradients dq, dk w.r.t. them (for backends that rotate outside autograd).
+    """Gradients of the loss w.r.t. a table's cos and sin ([N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid,
+    D/2]) from the unrotated q: [B, H, N, D], k: [B, H_kv, N, D] and the gradients dq, dk w.r.t. them (for backends
+    that rotate outside autograd).
 
     A pair (a, b) rotates to (a c - b s, b c + a s); its gradient g w.r.t. the rotated pair is R dx = (dxa c - dxb s,
     dxb c + dxa s), so dL/dc = sum(g . (a, b)) = c U + s W and dL/ds = sum(g . (-b, a)) = s U - c W with
-    U = sum(dxa a + dxb b), W = sum(dxa b - dxb a) over the batch (and the heads for a shared table), for q and k.
+    U = sum(dxa a + dxb b), W = sum(dxa b - dxb a) over what the table is shared by (batch, heads), for q and k.
     fp32 (fp64 tables stay fp64); prefix tokens do not rotate and contribute nothing.
     """
     ct = torch.promote_types(cos.dtype, torch.float32)
     U = W = 0
-    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H, N_grid, D/2] each
+    for x, dx in ((q, dq), (k, dk)):  # pairs of the patch tokens: [B, H or H_kv, N_grid, D/2] each
         (a, b), (ga, gb) = (split_pairs(t[:, :, prefix_tokens:].to(ct), layout) for t in (x, dx))
-        U = U + (ga * a + gb * b).sum(0)
-        W = W + (ga * b - gb * a).sum(0)
-    if cos.dim() == 2:  # one table shared by the heads
-        U, W = U.sum(0), W.sum(0)
+        U = U + (ga * a + gb * b).sum_to_size(cos.shape)
+        W = W + (ga * b - gb * a).sum_to_size(cos.shape)
     c, s = cos.detach().to(ct), sin.detach().to(ct)
     return (c * U + s * W).to(cos.dtype), (s * U - c * W).to(sin.dtype)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import functools
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from attnhub.backends.torch_sdpa import sdpa
 from attnhub.backends.triton_fa_rope import runtime
 from attnhub.rope import CosSinTable, table_grad
 
@@ -64,12 +64,13 @@ def _rotate_kernel(
     X1, X2, Y1, Y2, COS, SIN,
     sx1b, sx1h, sx1n, sx1d, sx2b, sx2h, sx2n, sx2d,
     sy1b, sy1h, sy1n, sy1d, sy2b, sy2h, sy2n, sy2d,
-    stab_h, stab_n, H, N, P,
+    stab_b, stab_h, stab_n, H, H2, N, P,
     HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
     SPLIT: tl.constexpr, SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Y1 = R X1, Y2 = R X2 (SIGN = 1) or R^T (SIGN = -1) for ROWS tokens of one (b, h); X, Y: [B, H, N, D]
-    of any strides. A pair (a, b) turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied."""
+    """Y1 = R X1, Y2 = R X2 (SIGN = 1) or R^T (SIGN = -1) for ROWS tokens of one (b, h); X1, Y1: [B, H, N, D],
+    X2, Y2: [B, H2, N, D] (H2 <= H: grouped k/v heads; heads h >= H2 only rotate X1), any strides. A pair (a, b)
+    turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied."""
     n_blocks = tl.cdiv(N, ROWS)
     pid = tl.program_id(0)
     bh = pid // n_blocks
@@ -79,7 +80,7 @@ def _rotate_kernel(
     rmask = (offs_n < N)[:, None]
     mask = rmask & (offs_j < HEAD_D2)[None, :]
     t = offs_n - P
-    tab = h * stab_h + t[:, None] * stab_n + offs_j[None, :]
+    tab = b * stab_b + h * stab_h + t[:, None] * stab_n + offs_j[None, :]
     tmask = mask & (t >= 0)[:, None]
     c = tl.load(COS + tab, mask=tmask, other=1.0).to(tl.float32)
     s = tl.load(SIN + tab, mask=tmask, other=0.0).to(tl.float32) * SIGN
@@ -94,10 +95,11 @@ def _rotate_kernel(
         yb = tl.where(bad[:, None], float("nan"), yb)
     _store_pairs(Y1 + b * sy1b + h * sy1h, ya, yb, rows, rmask, mask, offs_j, sy1n, sy1d, BLOCK_D2, PAIR_STEP,
                  PAIR_OFF, SPLIT)
-    xa, xb = _load_pairs(X2 + b * sx2b + h * sx2h, rows, rmask, mask, offs_j, sx2n, sx2d, BLOCK_D2, PAIR_STEP,
-                         PAIR_OFF, SPLIT)
-    _store_pairs(Y2 + b * sy2b + h * sy2h, xa * c - xb * s, xb * c + xa * s, rows, rmask, mask, offs_j, sy2n, sy2d,
-                 BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT)
+    if h < H2:
+        xa, xb = _load_pairs(X2 + b * sx2b + h * sx2h, rows, rmask, mask, offs_j, sx2n, sx2d, BLOCK_D2, PAIR_STEP,
+                             PAIR_OFF, SPLIT)
+        _store_pairs(Y2 + b * sy2b + h * sy2h, xa * c - xb * s, xb * c + xa * s, rows, rmask, mask, offs_j, sy2n,
+                     sy2d, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT)
 
 
 # --------------------------------------------------------------------------------------------------- launcher
@@ -118,11 +120,21 @@ def _meta(D: int, layout: str) -> dict:
                 PAIR_OFF=1 if interleaved else D // 2, SPLIT=interleaved and block_d2 == D // 2)
 
 
+def _table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a table [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2]; 0 where it
+    is shared."""
+    if cos.dim() == 4:
+        return cos.stride(0), cos.stride(1) if cos.shape[1] > 1 else 0, cos.stride(2)
+    return 0, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2)
+
+
 def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
             inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R x1, R x2), or (R^T x1, R^T x2) with `inverse`; x: [B, H, N, D] -> [B, H, N, D] laid out [B, N, H, D].
+    """(R x1, R x2), or (R^T x1, R^T x2) with `inverse`; x1: [B, H, N, D], x2: [B, H_kv, N, D] -> the same shapes
+    laid out [B, N, H, D] in memory.
 
-    cos, sin: [N - prefix, D/2] or [H, N - prefix, D/2]. The forward rotation NaN-fills non-finite rows of x1 (q).
+    cos, sin: [N - prefix, D/2], [H, N - prefix, D/2] or [B, 1|H, N - prefix, D/2] (one table per sample). The
+    forward rotation NaN-fills non-finite rows of x1 (q).
     """
     B, H, N, D = x1.shape
     y1, y2 = _bnhd_like(x1), _bnhd_like(x2)
@@ -136,7 +148,7 @@ def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     runtime.launch(
         _rotate_kernel, (programs,),
         (x1, x2, y1, y2, cos, sin, *x1.stride(), *x2.stride(), *y1.stride(), *y2.stride(),
-         cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2), H, N, prefix),
+         *_table_strides(cos), H, x2.shape[1], N, prefix),
         4, 1, SIGN=-1 if inverse else 1, NAN_ROWS=not inverse, ROWS=_ROWS, **_meta(D, layout),
     )
     return y1, y2
@@ -148,16 +160,16 @@ class _Rotate(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, rope):
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the table's gradient needs the unrotated q, k
             ctx.save_for_backward(q, k)
-        ctx.rope = rope
+        ctx.rope, ctx.table = rope, (cos.detach(), sin.detach())
         return _rotate(q, k, cos, sin, rope.prefix_tokens, rope.layout, inverse=False)
 
     @staticmethod
     def backward(ctx, dqr, dkr):
-        rope = ctx.rope
-        dq, dk = _rotate(dqr, dkr, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, inverse=True)
+        rope, (cos, sin) = ctx.rope, ctx.table
+        dq, dk = _rotate(dqr, dkr, cos, sin, rope.prefix_tokens, rope.layout, inverse=True)
         dcos = dsin = None
         if ctx.saved_tensors:
-            dcos, dsin = table_grad(rope.cos, rope.sin, rope.prefix_tokens, rope.layout, *ctx.saved_tensors, dq, dk)
+            dcos, dsin = table_grad(cos, sin, rope.prefix_tokens, rope.layout, *ctx.saved_tensors, dq, dk)
         return dq, dk, dcos, dsin, None
 
 
@@ -195,12 +207,15 @@ _rotate_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 # ------------------------------------------------------------------------------------------------------ entry
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q, k, v: [B, H, N, D], rope: a table (the registry admits no call without one) -> o: [B, H, N, D] in q's
-    dtype (memory layout [B, N, H, D] where SDPA's kernel mirrors its inputs)."""
+    """q: [B, H, N, D], k, v: [B, H_kv, N, D], rope: a table (the registry admits no call without one),
+    key_padding_mask: bool [B, N] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D] where SDPA's kernel
+    mirrors its inputs). Grouped heads and the mask go to SDPA's own arguments (`torch_sdpa.sdpa`)."""
+    cos, sin = rope.cos_sin()  # a from_coords table computes its angles here, in autograd when they are learnable
     if torch.compiler.is_compiling():
-        qr, kr = _rotate_op(q, k, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, False)
+        qr, kr = _rotate_op(q, k, cos, sin, rope.prefix_tokens, rope.layout, False)
     else:
-        qr, kr = _Rotate.apply(q, k, rope.cos, rope.sin, rope)
-    return F.scaled_dot_product_attention(qr, kr, v, scale=scale)
+        qr, kr = _Rotate.apply(q, k, cos, sin, rope)
+    return sdpa(qr, kr, v, scale, key_padding_mask)

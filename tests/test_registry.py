@@ -52,15 +52,13 @@ NEW_CAPABILITIES = ("key_padding", "gqa", "rope_batched", "rope_coords")
 
 
 def test_new_capabilities_default_to_false_and_are_declared_by_the_builtins():
-    """Issue 12's vocabulary: math and torch_sdpa implement it, the Triton backends not yet; a backend registered
-    without the fields is never handed such a call."""
+    """Issue 12's vocabulary: math, torch_sdpa and triton_rope_sdpa implement it, the fused kernel not yet; a backend
+    registered without the fields is never handed such a call."""
     specs = registry._build_default().specs()
     for field in NEW_CAPABILITIES:
-        assert getattr(specs["math"], field) and getattr(specs["torch_sdpa"], field), field
-        triton = [n for n, spec in specs.items() if n.startswith("triton") and spec.source.endswith("registry.yaml")]
-        assert triton, sorted(specs)
-        for name in triton:  # the Triton backends: not yet
-            assert not getattr(specs[name], field), (name, field)
+        for name in ("math", "torch_sdpa", "triton_rope_sdpa"):
+            assert getattr(specs[name], field), (name, field)
+        assert not getattr(specs["triton_fa_rope"], field), field
     attnhub.register_backend("toy", lambda q, k, v, rope, scale: q, priority=1)
     assert not any(getattr(attnhub.REGISTRY.specs()["toy"], f) for f in NEW_CAPABILITIES)
     with pytest.raises(RegistryError, match=r"'toy'\.gqa: expected true or false, got 'yes'"):

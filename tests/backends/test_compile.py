@@ -129,13 +129,17 @@ def test_opcheck_triton_custom_ops(layout):
                                                        "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "half_learnable"])
+@pytest.mark.parametrize("layout", ["interleaved", "half_learnable", "interleaved_per_sample_gqa"])
 def test_opcheck_rope_rotate_op(layout):
-    """attnhub::rope_rotate (triton_rope_sdpa's rotation): schema, fake tensor, autograd, AOT dispatch."""
+    """attnhub::rope_rotate (triton_rope_sdpa's rotation): schema, fake tensor, autograd, AOT dispatch; also with
+    one learnable table per sample ([B, 1, N_grid, D/2]) and k on fewer heads than q."""
     from attnhub.backends import triton_rope_sdpa as R
 
-    q, k, _, table = _inputs(1, 2, (2, 3), 1, 32, torch.float32, DEVICE, layout.split("_")[0])
+    q, k, _, table = _inputs(2, 2, (2, 3), 1, 32, torch.float32, DEVICE, layout.split("_")[0])
     cos, sin = table.cos, table.sin
+    if layout.endswith("gqa"):
+        k = k[:, :1].detach().clone().requires_grad_()
+        cos, sin = (t.expand(2, 1, *t.shape).clone().requires_grad_() for t in (cos, sin))
     if layout.endswith("learnable"):
         cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
     for inverse in (False, True):
@@ -144,7 +148,7 @@ def test_opcheck_rope_rotate_op(layout):
                                           "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("backend", ["math", "torch_sdpa"])
+@pytest.mark.parametrize("backend", ["math", "torch_sdpa", "triton_rope_sdpa"])
 def test_fullgraph_key_padding_gqa_and_coords(backend):
     """Issue 12's arguments under torch.compile: a key padding mask, 4 query heads on 2 k/v heads, a per-sample
     table built from coordinates inside the graph with learnable frequencies; output and grads as eager."""
