@@ -141,3 +141,12 @@ def assert_close_rel(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, w
     assert torch.isfinite(got).all(), f"{what}: non-finite values in the result"
     err, limit = rel_l2(got, ref), bound(dtype, grad=grad)
     assert err <= limit, f"{what}: relative L2 error {err:.3e} > {limit:.1e} allowed for {dtype}"
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -9,7 +9,6 @@ that training moved the weights by far more than that.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from attnhub.tolerances import bound, rel_l2
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, free_port
 
 timm = pytest.importorskip("timm")
 from attnhub.integrations import timm as at  # noqa: E402  (needs timm)
@@ -62,14 +61,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     init = _model(patch=False).state_dict()

@@ -15,7 +15,6 @@ bitwise the same weights as rank 0.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 import attnhub
 from attnhub.tolerances import bound, rel_l2
-from tests.helpers import BACKENDS, check_parity
+from tests.helpers import BACKENDS, check_parity, free_port
 
 timm = pytest.importorskip("timm")
 from attnhub.integrations import timm as at  # noqa: E402  (needs timm)
@@ -93,19 +92,13 @@ def _worker(rank: int, mode: str, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.flatten().double() for _, w in sorted(weights.items())])
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_patched_training_equals_timm(mode, tmp_path):
-    mp.spawn(_worker, args=(mode, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(mode, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     first, limit = ranks[0], bound(torch.float32)
     assert set(first["pins"].values()) == {PINNED} and len(first["pins"]) == DEPTH
