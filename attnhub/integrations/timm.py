@@ -11,10 +11,23 @@ pairs), DINOv3 (`vit_*_patch16_dinov3*`, half layout, CLS + 4 registers), RoPE-M
 (`dynamic_img_size=True`): timm hands each attention module its embedding `rope: [N_grid, 2*D]` (or
 `[H, N_grid, 2*D]` for RoPE-Mixed), which becomes a `CosSinTable` as is.
 
+Also covers timm's variable-resolution `NaFlexVit` with `rope_type` "axial", "mixed", "dinov3" (or "mrope"),
+and any NaFlexVit built of Eva blocks (`num_kv_heads`, `attn_type="rope"`/"eva"): in NaFlex mode (the collator's
+dict {"patches", "patch_coord", "patch_valid"}) timm hands each block one embedding per sample, `[B, 1, N_grid,
+2*D]` (`[B, H, N_grid, 2*D]` for RoPE-Mixed; zero rows at padding; gathered after patch dropout; with train-time
+coordinate augmentation drawn by timm), taken as a per-sample `CosSinTable`. The patched NaFlexVit builds no
+`[B, 1, L, L]` float mask: the blocks get the key validity as a bool `[B, 1, 1, P + L]` mask (`patch_valid` after
+patch dropout, prefix tokens valid), which becomes attnhub's `key_padding_mask`. Padded query tokens then attend
+to the valid keys (under timm's symmetric mask they attend uniformly to all keys); pooling ignores them either way.
+
 A patched attention module computes q, k, v exactly as timm does (fused or separate projections, EVA's q/v
-bias, q/k norm, grouped k/v heads), then `attnhub.attention(q, k, v, rope=table, scale=module.scale)`, then
-timm's output norm, gate, projection and projection dropout. Patching swaps the instance's class for a
-subclass that only overrides `forward` (timm's classes are untouched; `unpatch` swaps it back).
+bias, q/k norm), then `attnhub.attention(q, k, v, rope=table, scale=module.scale, key_padding_mask=...)` with
+grouped k/v heads as they are (no repeated k/v), then timm's output norm, gate, projection and projection
+dropout. Patching swaps the instance's class for a subclass that only overrides `forward` (NaFlexVit:
+`_forward_embeds`); timm's classes are untouched and `unpatch` swaps them back. A patched attention module
+takes as `attn_mask` only a key mask, bool `[B, 1, 1, N]` (True = attend; a sample with no valid key gets
+zeros, where SDPA gives NaN); any other mask, `is_causal` and attention dropout in training raise
+NotImplementedError naming the way out.
 
 A patched model still goes through `torch.compile`, `torch.export` and FX symbolic tracing (`torch.fx`, timm's and
 torchvision's `create_feature_extractor`): in an FX graph `attnhub.attention` and the table build are leaf calls,
@@ -32,9 +45,11 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm
 from timm.layers import attention as _timm_attention
 from timm.layers import is_scriptable, register_notrace_function
-from timm.models.eva import Eva, EvaAttention
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.naflexvit import NaFlexVit
 
 import attnhub
 from attnhub import control
@@ -46,10 +61,13 @@ log = logging.getLogger(__name__)
 
 
 def patch(model: nn.Module, backend: str | Mapping[str, str] | None = None) -> nn.Module:
-    """Route the attention of every RoPE-using Eva inside `model` through attnhub, in place; returns `model`.
+    """Route the attention of every RoPE-using Eva and every Eva-block NaFlexVit inside `model` through attnhub,
+    in place; returns `model`.
 
-    Patched: the `attn` of each block of an `Eva` whose `rope` is set. Already patched modules are left as they
-    are; `patched(model)` lists the names. Raises ValueError when `model` holds no such module.
+    Patched: the `attn` of each block of an `Eva` whose `rope` is set, and of each Eva block of a `NaFlexVit`
+    (any `rope_type`, or none with `num_kv_heads`), plus the NaFlexVit itself (its key padding, see the module
+    docstring). Already patched modules are left as they are; `patched(model)` lists the attention modules.
+    Raises ValueError when `model` holds no such module.
 
     `backend` pins backends (`attnhub.pin_backend`): a name pins every patched module; a dict maps `fnmatch`
     patterns over the patched modules' names in `model.named_modules()` (e.g. "blocks.0.attn",
@@ -73,9 +91,12 @@ def patch(model: nn.Module, backend: str | Mapping[str, str] | None = None) -> n
     if not todo:
         raise ValueError(
             f"attnhub.integrations.timm.patch: model ({type(model).__name__}) holds no timm Eva model with RoPE "
-            "(model.rope set); nothing to patch"
+            "(model.rope set) and no NaFlexVit of Eva blocks (rope_type set, or num_kv_heads); nothing to patch"
         )
     pins = _pins(backend, list(todo))
+    _check_naflex(model)
+    for naflex in _naflex_models(model):
+        naflex.__class__ = AttnhubNaFlexVit
     for name, (module, cls) in todo.items():
         module.__class__ = cls
         if pins is not None:
@@ -118,6 +139,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         if type(module) in _ORIGINAL:
             module.__class__ = _ORIGINAL[type(module)]
             control._pin(module, None, "")
+        elif type(module) is AttnhubNaFlexVit:
+            module.__class__ = NaFlexVit
     return model
 
 
@@ -127,19 +150,47 @@ def patched(model: nn.Module) -> list[str]:
 
 
 def _rope_attention_modules(model: nn.Module):
-    for prefix, eva in model.named_modules():
-        if isinstance(eva, Eva) and getattr(eva, "rope", None) is not None:
-            for i, block in enumerate(eva.blocks):
+    for prefix, vit in model.named_modules():
+        if (isinstance(vit, Eva) and getattr(vit, "rope", None) is not None) or _is_eva_naflex(vit):
+            for i, block in enumerate(vit.blocks):
                 yield ".".join(filter(None, (prefix, "blocks", str(i), "attn"))), block.attn
+
+
+def _is_eva_naflex(module: nn.Module) -> bool:
+    """A NaFlexVit whose blocks are Eva blocks (any RoPE type, grouped k/v heads, attn_type 'rope'/'eva')."""
+    return isinstance(module, NaFlexVit) and all(isinstance(b, EvaBlock) for b in module.blocks)
+
+
+def _naflex_models(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m) is NaFlexVit and _is_eva_naflex(m)]
+
+
+def _check_naflex(model: nn.Module) -> None:
+    """Refuse, before anything changes, the NaFlexVits whose mask path `AttnhubNaFlexVit` cannot take over."""
+    for name, m in model.named_modules():
+        if not _is_eva_naflex(m) or type(m) in (NaFlexVit, AttnhubNaFlexVit):
+            continue
+        raise NotImplementedError(
+            f"attnhub.integrations.timm.patch: {name or 'model'} is a {type(m).__name__}, a subclass of timm's "
+            "NaFlexVit; attnhub replaces the padding mask of NaFlexVit itself only. Build a NaFlexVit, or leave "
+            "this model unpatched"
+        )
+    if not hasattr(NaFlexVit, "_forward_embeds") and _naflex_models(model):
+        raise NotImplementedError(
+            f"attnhub.integrations.timm.patch: timm {timm.__version__}'s NaFlexVit has no _forward_embeds, where "
+            "attnhub takes over the padding mask; install timm >= 1.0.31 or leave the model unpatched"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the forward
 def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
              is_causal: bool = False) -> torch.Tensor:
-    """x: [B, N, C] with N = prefix tokens + grid; rope: [N_grid, 2*D] or [H, N_grid, 2*D] -> [B, N, C_out]."""
-    # `is`, never bool(): under FX tracing both are Proxies, which the `_no_mask` leaf checks when the graph runs
+    """x: [B, N, C] with N = prefix tokens + grid; rope: [N_grid, 2*D], [H, N_grid, 2*D], or per sample
+    [B, 1|H, N_grid, 2*D]; attn_mask: None or a key mask, bool [B, 1, 1, N] -> [B, N, C_out]."""
+    key_padding = None
+    # `is`, never bool(): under FX tracing both are Proxies, which the `_key_padding` leaf checks when the graph runs
     if attn_mask is not None or is_causal is not False:
-        x = _no_mask(x, attn_mask, is_causal)
+        key_padding = _key_padding(x, attn_mask, is_causal)
     if self.training and self.attn_drop.p > 0:
         raise NotImplementedError(
             f"attnhub-patched timm attention: attention dropout (attn_drop p={self.attn_drop.p}) in training "
@@ -147,17 +198,15 @@ def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask:
         )
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    q, k, v = _qkv(self, x)
+    q, k, v = _qkv(self, x)  # grouped-query attention: k, v keep their H_kv heads (attnhub reads h // groups)
     q, k = self.q_norm(q), self.k_norm(k)
-    groups = self.num_heads // _kv_heads(self)  # from attributes, not shapes: under FX tracing shapes are Proxies
-    if groups > 1:  # grouped-query attention: head h reads k/v head h // groups, as in timm
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if isinstance(x, torch.fx.Proxy) and isinstance(rope, torch.Tensor):
         # FX tracing, timm's fixed-grid embedding buffer: made a graph value, so that the `_table` leaf builds the
         # table when the graph runs (following the buffer, its device and in-place edits) instead of now
         rope = torch.fx.Proxy(x.tracer.create_arg(rope), x.tracer)
     table = None if rope is None else _table(rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
-    x = attnhub.attention(q, k, v, rope=table, scale=self.scale)  # [B, H, N, D], laid out [B, N, H, D]
+    # [B, H, N, D], laid out [B, N, H, D]
+    x = attnhub.attention(q, k, v, rope=table, scale=self.scale, key_padding_mask=key_padding)
     x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
     if gate is not None:
         x = x * gate
@@ -188,14 +237,24 @@ def _kv_heads(self) -> int:
     return self.num_heads if self.qkv is not None else getattr(self, "num_kv_heads", self.num_heads)
 
 
-def _no_mask(x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """x, after refusing what attnhub does not compute. A leaf under FX tracing (see the end of this module):
-    there `attn_mask` and `is_causal` are Proxies of the model's inputs, known only when the graph runs."""
-    if attn_mask is not None:
-        raise NotImplementedError("attnhub-patched timm attention: attn_mask is not supported; unpatch the model")
+def _key_padding(x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor | None:
+    """The key padding mask bool [B, N] of a key mask `attn_mask` bool [B, 1, 1, N] (True = attend: what the
+    patched NaFlexVit hands its blocks; for SDPA the same mask), after refusing what attnhub does not compute.
+    A leaf under FX tracing (see the end of this module): there `attn_mask` and `is_causal` are Proxies of the
+    model's inputs, known only when the graph runs."""
     if is_causal:
         raise NotImplementedError("attnhub-patched timm attention: is_causal=True is not supported; unpatch the model")
-    return x
+    if attn_mask is None:
+        return None
+    B, N = x.shape[0], x.shape[1]
+    if attn_mask.dtype != torch.bool or attn_mask.shape != (B, 1, 1, N):
+        raise NotImplementedError(
+            f"attnhub-patched timm attention: attn_mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype}; "
+            f"attnhub takes only key padding, a bool [B, 1, 1, N] = {(B, 1, 1, N)} mask (True = attend). For "
+            "NaFlexVit leave attn_mask None and pass patch_valid (the patched model turns it into key padding); for "
+            "any other mask unpatch the model (attnhub.integrations.timm.unpatch)"
+        )
+    return attn_mask[:, 0, 0, :]
 
 
 # ----------------------------------------------------------------------------------------------- the table
@@ -206,12 +265,13 @@ _last: tuple | None = None  # (weakref to emb, emb._version, prefix_tokens, layo
 
 
 def _table(emb: torch.Tensor, prefix_tokens: int, half: bool) -> CosSinTable:
-    """timm's `rope` argument (`[N_grid, 2*D]`, or `[H, N_grid, 2*D]` for RoPE-Mixed) -> CosSinTable."""
+    """timm's `rope` argument -> CosSinTable: `[N_grid, 2*D]`, `[H, N_grid, 2*D]` (RoPE-Mixed), or one per
+    sample, `[B, 1|H, N_grid, 2*D]` (NaFlexVit; patch dropout, gathered per token)."""
     global _last
-    if emb.dim() not in (2, 3):
+    if emb.dim() not in (2, 3, 4):
         raise NotImplementedError(
-            f"attnhub-patched timm attention: rope embedding of shape {tuple(emb.shape)} has a batch dimension "
-            "(timm's patch dropout, patch_drop_rate > 0, gives one per sample); attnhub takes one table per batch"
+            f"attnhub-patched timm attention: rope embedding of shape {tuple(emb.shape)}; attnhub takes timm's "
+            "[N_grid, 2*D], [H, N_grid, 2*D] and [B, 1|H, N_grid, 2*D] embeddings; unpatch the model for others"
         )
     layout = "half" if half else "interleaved"
     # Not cached: tables that carry gradient (learnable frequencies) need this call's graph; under torch.compile
@@ -254,11 +314,43 @@ _BASES = [EvaAttention] + ([_timm_attention.AttentionRope] if hasattr(_timm_atte
 _PATCHED = {base: _subclass(base) for base in _BASES}  # timm class -> patched subclass
 _ORIGINAL = {cls: base for base, cls in _PATCHED.items()}
 
+
+# ------------------------------------------------------------------------------------------------ NaFlexVit
+def _naflex_forward_embeds(self, x, patch_coord, patch_valid, attn_mask) -> dict:
+    """timm's `NaFlexVit._forward_embeds` with the blocks' mask as key padding: bool [B, 1, 1, P + L] from
+    `patch_valid` after patch dropout (prefix tokens valid), instead of timm's additive [B, 1, L, L] float mask.
+    A mask the caller passes goes to the blocks as it is (they take a key mask, else refuse it)."""
+    if attn_mask is not None or patch_valid is None:
+        return NaFlexVit._forward_embeds(self, x, patch_coord, patch_valid, attn_mask)
+    # any non-None attn_mask makes timm skip create_attention_mask and hand it on untouched; it is replaced here
+    embeds = NaFlexVit._forward_embeds(self, x, patch_coord, patch_valid, _DEFERRED)
+    embeds["attn_mask"] = _key_mask(embeds["patch_valid"], self.num_prefix_tokens)
+    return embeds
+
+
+_DEFERRED = object()
+
+
+def _key_mask(patch_valid: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """patch_valid: [B, L] -> bool [B, 1, 1, P + L], True = attend (prefix tokens always)."""
+    valid = patch_valid.bool()
+    if prefix_tokens:
+        valid = torch.cat([valid.new_ones(valid.shape[0], prefix_tokens), valid], dim=1)
+    return valid[:, None, None, :]
+
+
+class AttnhubNaFlexVit(NaFlexVit):
+    """timm's NaFlexVit whose blocks get key padding from patch_valid (see attnhub.integrations.timm)."""
+
+    _forward_embeds = _naflex_forward_embeds
+
+
 # FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records these calls as single
 # nodes instead of running them on Proxies: they read concrete values (the mask, the embedding's shape, the
 # tables' facts). `torch.fx.wrap` covers every tracer; timm's own list also covers code that imported the
 # function by name (`from attnhub import attention`).
-torch.fx.wrap("_no_mask")
+torch.fx.wrap("_key_padding")
 torch.fx.wrap("_table")
-_no_mask.__prepare_scriptable__ = _table.__prepare_scriptable__ = _refuse_scripting
+register_notrace_function(_key_mask)
+_key_padding.__prepare_scriptable__ = _table.__prepare_scriptable__ = _refuse_scripting
 register_notrace_function(attnhub.attention)

@@ -236,10 +236,22 @@ def test_attention_dropout_is_refused_in_training_only():
         assert_close_rel(pat(x), ref(x), F32, "logits (eval: no dropout)")
 
 
-def test_patch_dropout_is_refused():
-    _, pat = pair(FAMILIES["rope_axial"][0], patch_drop_rate=0.5)
-    with pytest.raises(NotImplementedError, match="patch dropout"):
-        pat(images(9))
+@pytest.mark.parametrize("family", ["rope_axial", "dinov3_reg4", "rope_mixed"])
+def test_patch_dropout(family, calls):
+    """Patch dropout gathers timm's embedding per sample ([B, 1|H, N_kept, 2*D]): per-sample tables, same RNG."""
+    name, kwargs, *_ = FAMILIES[family]
+    ref, pat = pair(name, patch_drop_rate=0.5, **kwargs)
+    x = images(9)
+    w = torch.randn(x.shape[0], ref.num_classes, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(3)
+    out_ref, g_ref = run(ref, x, w)
+    torch.manual_seed(3)
+    out_pat, g_pat = run(pat, x, w)
+    assert_close_rel(out_pat, out_ref, F32, "logits")
+    for n, g in g_ref.items():
+        if g is not None and g.norm() > 0:
+            assert_close_rel(g_pat[n], g, F32, f"grad {n}")
+    assert all(t.batched and t.n_grid == 8 for t in calls)  # half of the 4 x 4 grid kept, per sample
 
 
 # ------------------------------------------------------------------------------------------------------ pins
