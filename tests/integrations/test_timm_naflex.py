@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -252,3 +253,19 @@ def test_naflex_subclass_is_refused_before_any_change():
     with pytest.raises(NotImplementedError, match="MyNaFlexVit, a subclass of timm's NaFlexVit"):
         at.patch(model)
     assert at.patched(model) == []
+
+
+# conftest sets TRITON_INTERPRET=1 on machines without CUDA; with CUDA the kernel cannot take CPU tensors
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@interpreter
+@pytest.mark.parametrize("rope_type, extra", [("mixed", {}), ("dinov3", dict(embed_dim=96, num_heads=6,
+                                                                                  num_kv_heads=2, qkv_fused=False))],
+                         ids=["mixed", "dinov3_gqa"])
+def test_forced_triton_interpreter(rope_type, extra):
+    """A Triton backend taking key padding, per-sample tables and grouped k/v heads (triton_rope_sdpa, in the
+    CPU interpreter) inside the patched NaFlexVit, one training step with patch dropout and augmentation."""
+    ref = naflex(rope_type, depth=1, patch_drop_rate=0.3, **AUG, **extra)
+    pat = at.patch(copy.deepcopy(ref), backend="triton_rope_sdpa")
+    assert_same_training_step(ref, pat, collate(GRIDS[:3], seq_len=16))
