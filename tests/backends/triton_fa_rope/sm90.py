@@ -166,13 +166,40 @@ def case_inputs(D, dtype, layout, per_head, n_kv, B=2, H=3, grid=(14, 14), P=1):
     return q, k, v, CosSinTable.from_sin_cos(torch.cat([sin, cos], -1), prefix_tokens=P, layout=layout)
 
 
+# triton_rope_sdpa's rotation pass (it launches through the same runtime): name -> (D, dtype, layout, table kind,
+# k/v heads); table kind: "shared" [N_grid, D/2], "per_head" [H, ...], "per_sample" [B, 1, ...]
+ROTATE_CASES = {
+    "d64_bf16_interleaved": (64, torch.bfloat16, "interleaved", "shared", 3),
+    "d64_bf16_half_per_head": (64, torch.bfloat16, "half", "per_head", 3),
+    "d64_bf16_per_sample_gqa": (64, torch.bfloat16, "interleaved", "per_sample", 1),
+    "d80_fp16_interleaved": (80, torch.float16, "interleaved", "shared", 3),  # pairs loaded with a stride
+    "d128_fp32_half": (128, torch.float32, "half", "shared", 3),
+}
+
+
+def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1) -> list[Launch]:
+    """The launches of triton_rope_sdpa's forward rotation and its backward (R^T) pass, recorded, not run."""
+    from attnhub.backends import triton_rope_sdpa as rope_sdpa
+    from attnhub.backends.triton_fa_rope import runtime
+
+    q = torch.empty(B, grid[0] * grid[1] + P, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)[0]
+    k = torch.empty(B, h_kv, grid[0] * grid[1] + P, D, dtype=dtype)
+    shape = {"shared": (), "per_head": (H,), "per_sample": (B, 1)}[table] + (grid[0] * grid[1], D // 2)
+    cos = sin = torch.rand(shape)
+    with runtime.recording(run=False) as launches:
+        for inverse in (False, True):
+            rope_sdpa._rotate(q, k, cos, sin, P, layout, inverse)
+    return launches
+
+
 def check_matrix() -> dict:
-    """Compile every launch of `MATRIX` for sm_90 -> {"ok": bool, "rows": [...], "failures": [...]}."""
+    """Compile every launch of `MATRIX` and `ROTATE_CASES` for sm_90 -> {"ok": bool, "rows": [...], "failures":
+    [...]}."""
     rows, failures = [], []
-    for case, variant in MATRIX:
-        D, dtype, layout, per_head, n_kv = CASES[case]
-        config, bwd = VARIANTS[variant]
-        launches = training_step_launches(*case_inputs(D, dtype, layout, per_head, n_kv), bwd=bwd, **config)
+    jobs = [(case, variant, training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
+                                                   **VARIANTS[variant][0])) for case, variant in MATRIX]
+    jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
+    for case, variant, launches in jobs:
         for launch in launches:
             cx = launch.constexprs
             where = f"{case}/{variant} {launch.name} {cx.get('BLOCK_M')}x{cx.get('BLOCK_N')}"
