@@ -227,21 +227,20 @@ def reasons(spec: Spec, call: Call, *, forced: bool) -> list[str]:
         out.append(f"cross-attention (N_q={call.n_q} != N_kv={call.n_kv}) not supported")
     if call.rope_layout not in spec.rope_layouts:
         out.append(f"RoPE layout {call.rope_layout!r} not in {_names(spec.rope_layouts)}")
-    if call.rope_per_head and not spec.rope_per_head:
-        out.append("per-head RoPE tables not supported")
-    if call.rope_batched and not spec.rope_batched:
-        out.append("per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported")
-    if call.rope_coords and not spec.rope_coords:
-        out.append("RoPE tables from coordinates (CosSinTable.from_coords) not supported")
-    if call.key_padding and not spec.key_padding:
-        out.append("no key_padding_mask support")
-    if call.gqa and not spec.gqa:
-        out.append("grouped k/v heads (H_kv < H) not supported")
-    if call.rope_grad and not spec.rope_grad:
-        out.append("no gradient w.r.t. the RoPE table (the table requires grad)")
-    if call.needs_grad and not spec.backward:
-        out.append("no backward (inputs require grad)")
+    out += [why for need, can, why in _FEATURES if getattr(call, need) and not getattr(spec, can)]
     return out
+
+
+# (fact of the call, registry field that admits it, the reason when it does not)
+_FEATURES = (
+    ("rope_per_head", "rope_per_head", "per-head RoPE tables not supported"),
+    ("rope_batched", "rope_batched", "per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported"),
+    ("rope_coords", "rope_coords", "RoPE tables from coordinates (CosSinTable.from_coords) not supported"),
+    ("key_padding", "key_padding", "no key_padding_mask support"),
+    ("gqa", "gqa", "grouped k/v heads (H_kv < H) not supported"),
+    ("rope_grad", "rope_grad", "no gradient w.r.t. the RoPE table (the table requires grad)"),
+    ("needs_grad", "backward", "no backward (inputs require grad)"),
+)
 
 
 def _decide(call: Call, measure: Callable[[list[str]], str] | None = None) -> Explanation:

@@ -150,3 +150,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_same_grads(got: dict, ref: dict, dtype) -> None:
+    """Per-parameter gradients (name -> tensor or None) of two models agree: the same names, None and zero where
+    the reference has them, else within the bound of `dtype`."""
+    assert ref.keys() == got.keys()
+    for name, g in ref.items():
+        if g is None:
+            assert got[name] is None, f"{name}: gradient only in the patched model"
+        elif g.norm() == 0:
+            assert got[name].norm() == 0, f"{name}: gradient should be zero"
+        else:
+            assert_close_rel(got[name], g, dtype, f"grad {name}")

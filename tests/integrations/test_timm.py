@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnhub
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, assert_same_grads
 
 timm = pytest.importorskip("timm")
 from attnhub.integrations import timm as at  # noqa: E402  (needs timm)
@@ -96,14 +96,7 @@ def assert_same_training_step(ref, pat, x) -> None:
     out_ref, g_ref = run(ref, x, w)
     out_pat, g_pat = run(pat, x, w)
     assert_close_rel(out_pat, out_ref, F32, "logits")
-    assert g_ref.keys() == g_pat.keys()
-    for name, g in g_ref.items():
-        if g is None:
-            assert g_pat[name] is None, f"{name}: gradient only in the patched model"
-        elif g.norm() == 0:
-            assert g_pat[name].norm() == 0, f"{name}: gradient should be zero"
-        else:
-            assert_close_rel(g_pat[name], g, F32, f"grad {name}")
+    assert_same_grads(g_pat, g_ref, F32)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
