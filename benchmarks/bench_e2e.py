@@ -2,6 +2,10 @@
 
     python benchmarks/bench_e2e.py                                   # H100: B=256, 224 px, both ViTs
     python benchmarks/bench_e2e.py --device cpu --batch 2 --img 64 --rep 5 --depth 2 --compile-backend eager
+    python benchmarks/bench_e2e.py --models naflexvit_base_patch16_gap --model-kwargs '{"rope_type": "axial"}' \
+        --batch 64 --seq-len 576 --modes train       # variable-resolution batches (NaFlex, 10-40% padding)
+    python benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 --modes train \
+        --model-kwargs '{"attn_type": "rope", "num_kv_heads": 4, "qkv_fused": false}'   # grouped k/v heads
 
 For each model, mode and variant one fresh model (random weights, same seed) runs:
   train  forward + backward + AdamW step under bf16 autocast (cross-entropy on random labels)
@@ -43,8 +47,41 @@ VARIANTS = ("timm", "attnhub")
 def build(name: str, variant: str, args, device: torch.device, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"depth": args.depth} if args.depth else {}
-    model = timm.create_model(name, pretrained=False, img_size=args.img, **extra, **kwargs).to(device)
+    if not _naflex(name):  # NaFlexVit takes patches of any grid, not an image size
+        extra["img_size"] = args.img
+    model = timm.create_model(name, pretrained=False, **extra, **args.model_kwargs, **kwargs).to(device)
     return attnhub_timm.patch(model) if variant == "attnhub" else model
+
+
+def _naflex(name: str) -> bool:
+    return name.startswith("naflexvit")
+
+
+# patch grids of a NaFlex batch: aspect ratios from 1:2 to 2:1, each 0.6-0.9 of the bucket length
+_GRIDS = ((0.75, 1.0), (1.0, 0.75), (0.5, 1.6), (1.6, 0.5), (0.85, 0.85), (0.65, 1.2), (1.2, 0.65), (0.8, 0.9))
+
+
+def naflex_batch(batch: int, seq_len: int, patch: int = 16, generator=None) -> dict[str, torch.Tensor]:
+    """A batch as timm's NaFlexCollator pads it: {"patches": [B, L, patch*patch*3], "patch_coord": [B, L, 2] (y, x),
+    "patch_valid": [B, L]}, valid patches a row-major prefix of each sample's own grid (10-40% padding)."""
+    side = seq_len**0.5
+    patches = torch.randn(batch, seq_len, patch * patch * 3, generator=generator)
+    coord = torch.zeros(batch, seq_len, 2, dtype=torch.long)
+    valid = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        fy, fx = _GRIDS[b % len(_GRIDS)]
+        gh, gw = max(1, int(side * fy)), max(1, int(side * fx))
+        while gh * gw > 0.9 * seq_len:
+            gw -= 1
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coord[b, : gh * gw] = torch.stack([ys.flatten(), xs.flatten()], -1)
+        valid[b, : gh * gw] = True
+    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+
+
+def _rows(x, n: int):
+    """The first n samples of an image batch or a NaFlex dict."""
+    return {k: t[:n] for k, t in x.items()} if isinstance(x, dict) else x[:n]
 
 
 def step_fn(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device):
@@ -92,8 +129,9 @@ def chosen_backend(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: t
 def check(name: str, args, device: torch.device, x: torch.Tensor) -> dict:
     """Relative L2 of attnhub-patched vs timm (eager, bf16 autocast, first 32 images): logits without grad, and
     the gradient of block 0's attention input projection after backward of sum(logits * w)."""
-    x = x[:32]
-    w = torch.randn(x.shape[0], 1000, generator=torch.Generator().manual_seed(2)).to(device)
+    x = _rows(x, 32)
+    n = (x["patches"] if isinstance(x, dict) else x).shape[0]
+    w = torch.randn(n, 1000, generator=torch.Generator().manual_seed(2)).to(device)
     out = {}
     try:
         got = {}
@@ -132,7 +170,7 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
         benchkit.sync(device)
         rec["first_call_s"] = time.perf_counter() - start
         rec["ms"] = benchkit.time_ms(fn, device=device, warmup=args.warmup, rep=args.rep)
-        rec["img_per_s"] = x.shape[0] / rec["ms"] * 1e3
+        rec["img_per_s"] = len(y) / rec["ms"] * 1e3
         if compiled:
             rec["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
         if device.type == "cuda":
@@ -184,11 +222,14 @@ def print_table(report: dict) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
+    images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     compiled_opts = (False,) if args.no_compile else (False, True)
     records, checks = [], []
     for name in args.models:
+        x = images
+        if _naflex(name):
+            x = {k: t.to(device) for k, t in naflex_batch(args.batch, args.seq_len, generator=g).items()}
         checks.append(check(name, args, device, x))
         print(f"  {name} check (attnhub vs timm, bf16): {checks[-1]}", file=sys.stderr)
         for mode in args.modes:
@@ -202,7 +243,7 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": benchkit.environment(device),
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
-                   "depth": args.depth, "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
+                   "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs, "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
                    "optimizer": "AdamW", "compile": None if args.no_compile else
                    {"mode": "default", "fullgraph": False, "backend": args.compile_backend}},
         "checks": checks,
@@ -219,6 +260,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--img", type=int, default=224, help="image size in pixels")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks (quick checks)")
+    p.add_argument("--seq-len", type=int, default=576, help="NaFlex models (naflexvit_*): the bucket length L")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='JSON keyword arguments of timm.create_model, e.g. \'{"attn_type": "rope", "num_kv_heads": 4, '
+                        '"qkv_fused": false}\' (grouped k/v heads)')
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=500, help="untimed steps after the first call, ms (do_bench)")
     p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")

@@ -53,3 +53,34 @@ def test_ratios_pair_eager_with_eager_and_compiled_with_compiled():
                              {**rec("attnhub", True, None), "error": "boom"}])
     assert rows == [{"model": "m", "mode": "train", "attnhub_eager_vs_timm_eager": 1.5,
                      "attnhub_compiled_vs_timm_compiled": None}]
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    ("naflexvit_base_patch16_gap", '{"rope_type": "axial", "embed_dim": 64, "num_heads": 2}'),
+    ("vit_small_patch16_rope_224", '{"attn_type": "rope", "num_kv_heads": 2, "qkv_fused": false}'),
+], ids=["naflex", "gqa"])
+def test_smoke_cpu_naflex_and_grouped_heads(tmp_path, model, kwargs):
+    """A NaFlex batch (mixed grids, padding) and grouped k/v heads run through the same harness and checks."""
+    bench_e2e = _load()
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--batch", "4", "--img", "64", "--seq-len", "64", "--rep", "3", "--warmup", "1",
+            "--depth", "1", "--models", model, "--model-kwargs", kwargs, "--modes", "train", "--no-compile",
+            "--out", str(out)]
+    assert bench_e2e.main(argv) == 0
+    report = json.loads(out.read_text())
+    (chk,) = report["checks"]
+    assert chk["logits_rel_l2"] < 2e-2 and chk["qkv_grad_rel_l2"] < 2e-2, chk
+    assert all("error" not in r and r["ms"] > 0 for r in report["records"])
+
+
+def test_naflex_batch_pads_like_the_collator():
+    batch = _load().naflex_batch(8, 576)
+    valid = batch["patch_valid"]
+    padding = 1 - valid.float().mean(1)
+    assert ((padding >= 0.1) & (padding <= 0.4)).all(), padding
+    assert len({int(n) for n in valid.sum(1)}) >= 3  # several grid shapes
+    for b in range(8):  # valid patches: a row-major prefix of the sample's grid
+        n = int(valid[b].sum())
+        assert valid[b, :n].all() and not valid[b, n:].any()
+        ys, xs = batch["patch_coord"][b, :n].T
+        assert (ys * (xs.max() + 1) + xs).tolist() == list(range(n))
