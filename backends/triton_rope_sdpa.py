@@ -2,12 +2,13 @@
 
 Rotating each token once costs one read and one write of q and k, whereas a fused kernel that rotates K inside its
 tile loop re-rotates every K tile for every query block; at ViT lengths the separate pass plus PyTorch's fastest
-attention kernel wins (see benchmarks/README.md). Read top-down: the jit kernel, the launcher, the autograd
-function and the `torch.compile` operator, the entry.
+attention kernel wins the forward (benchmarks/README.md; `measured.yaml` says where). Read top-down: the jit
+kernel, the launcher, the autograd function and the `torch.compile` operator, the entry.
 
 Forward: one launch rotates q and k (any strides in, e.g. views of a fused qkv projection; fp32 rotation math;
-prefix tokens pass unchanged; both layouts; shared or per-head tables) into buffers laid out [B, N, H, D] in memory
-(the layout a qkv projection produces, which SDPA's kernels read directly and mirror in o). Backward: SDPA's own
+prefix tokens pass unchanged; both layouts; shared, per-head, per-sample or coordinate tables; k may have fewer
+heads) into buffers laid out [B, N, H, D] in memory (the layout a qkv projection produces, which SDPA's kernels
+read directly and mirror in o). Grouped heads and key padding go to SDPA's own arguments. Backward: SDPA's own
 backward, then one launch applying R^T to dq and dk; the table's gradient (learnable frequencies) as in
 `attnhub.rope.table_grad`.
 
@@ -18,6 +19,7 @@ in every SDPA kernel (alone, SDPA returns 0 for a row whose scores are all -inf)
 from __future__ import annotations
 
 import functools
+
 import torch
 import triton
 import triton.language as tl
