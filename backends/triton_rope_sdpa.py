@@ -68,11 +68,14 @@ def _rotate_kernel(
     sy1b, sy1h, sy1n, sy1d, sy2b, sy2h, sy2n, sy2d,
     stab_b, stab_h, stab_n, H, H2, N, P,
     HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
-    SPLIT: tl.constexpr, SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr,
+    SPLIT: tl.constexpr, SIGN: tl.constexpr, NAN_ROWS: tl.constexpr, ROWS: tl.constexpr, COORDS: tl.constexpr,
 ):
     """Y1 = R X1, Y2 = R X2 (SIGN = 1) or R^T (SIGN = -1) for ROWS tokens of one (b, h); X1, Y1: [B, H, N, D],
     X2, Y2: [B, H2, N, D] (H2 <= H: grouped k/v heads; heads h >= H2 only rotate X1), any strides. A pair (a, b)
-    turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied."""
+    turns to (a c - b s, b c + a s); prefix tokens (n < P) are copied. COS, SIN: the tables; with COORDS instead
+    coords [(B,) N_grid, 2] (y, x) and freqs [(H,) D/2, 2], contiguous fp32, and pair j's angle y * freqs[j, 0] +
+    x * freqs[j, 1] computed here in fp32 (no table in memory); the strides are then those of coords (batch, row)
+    and of freqs (head)."""
     n_blocks = tl.cdiv(N, ROWS)
     pid = tl.program_id(0)
     bh = pid // n_blocks
@@ -82,10 +85,22 @@ def _rotate_kernel(
     rmask = (offs_n < N)[:, None]
     mask = rmask & (offs_j < HEAD_D2)[None, :]
     t = offs_n - P
-    tab = b * stab_b + h * stab_h + t[:, None] * stab_n + offs_j[None, :]
     tmask = mask & (t >= 0)[:, None]
-    c = tl.load(COS + tab, mask=tmask, other=1.0).to(tl.float32)
-    s = tl.load(SIN + tab, mask=tmask, other=0.0).to(tl.float32) * SIGN
+    if COORDS:
+        tok = COS + b * stab_b + t * stab_n  # coords of each token: [ROWS]
+        tok_ok = (offs_n < N) & (t >= 0)
+        y = tl.load(tok, mask=tok_ok, other=0.0)
+        x = tl.load(tok + 1, mask=tok_ok, other=0.0)
+        f = SIN + h * stab_h + offs_j * 2
+        fy = tl.load(f, mask=offs_j < HEAD_D2, other=0.0)
+        fx = tl.load(f + 1, mask=offs_j < HEAD_D2, other=0.0)
+        angle = y[:, None] * fy[None, :] + x[:, None] * fx[None, :]
+        c = tl.where(tmask, tl.cos(angle), 1.0)
+        s = tl.where(tmask, tl.sin(angle), 0.0) * SIGN
+    else:
+        tab = b * stab_b + h * stab_h + t[:, None] * stab_n + offs_j[None, :]
+        c = tl.load(COS + tab, mask=tmask, other=1.0).to(tl.float32)
+        s = tl.load(SIN + tab, mask=tmask, other=0.0).to(tl.float32) * SIGN
     rows = offs_n[:, None].to(tl.int64)
 
     xa, xb = _load_pairs(X1 + b * sx1b + h * sx1h, rows, rmask, mask, offs_j, sx1n, sx1d, BLOCK_D2, PAIR_STEP,
@@ -131,18 +146,24 @@ def _table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
-            inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            inverse: bool, coords: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(R x1, R x2), or (R^T x1, R^T x2) with `inverse`; x1: [B, H, N, D], x2: [B, H_kv, N, D] -> the same shapes
     laid out [B, N, H, D] in memory.
 
-    cos, sin: [N - prefix, D/2], [H, N - prefix, D/2] or [B, 1|H, N - prefix, D/2] (one table per sample). The
-    forward rotation NaN-fills non-finite rows of x1 (q).
+    cos, sin: [N - prefix, D/2], [H, N - prefix, D/2] or [B, 1|H, N - prefix, D/2] (one table per sample); with
+    `coords`, the coords [(B,) N - prefix, 2] and freqs [(H,) D/2, 2] of a `from_coords` table instead. The forward
+    rotation NaN-fills non-finite rows of x1 (q).
     """
     B, H, N, D = x1.shape
     y1, y2 = _bnhd_like(x1), _bnhd_like(x2)
     cos, sin = cos.detach(), sin.detach()
     if cos.dtype != torch.float32:  # e.g. a bf16 table of a model cast to bf16: the rotation reads fp32 angles
         cos, sin = cos.float(), sin.float()
+    if coords:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        strides = (cos.stride(0) if cos.dim() == 3 else 0, sin.stride(0) if sin.dim() == 3 else 0, cos.stride(-2))
+    else:
+        strides = _table_strides(cos)
     programs = -(-N // _ROWS) * B * H
     if programs > _MAX_PROGRAMS:
         raise ValueError(f"triton_rope_sdpa: {programs} programs exceed the launch-grid limit {_MAX_PROGRAMS}")
@@ -150,8 +171,8 @@ def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     runtime.launch(
         _rotate_kernel, (programs,),
         (x1, x2, y1, y2, cos, sin, *x1.stride(), *x2.stride(), *y1.stride(), *y2.stride(),
-         *_table_strides(cos), H, x2.shape[1], N, prefix),
-        4, 1, SIGN=-1 if inverse else 1, NAN_ROWS=not inverse, ROWS=_ROWS, **_meta(D, layout),
+         *strides, H, x2.shape[1], N, prefix),
+        4, 1, SIGN=-1 if inverse else 1, NAN_ROWS=not inverse, ROWS=_ROWS, COORDS=coords, **_meta(D, layout),
     )
     return y1, y2
 
@@ -159,20 +180,21 @@ def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 # --------------------------------------------------------------------------------------------------- autograd
 class _Rotate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, cos, sin, rope):
+    def forward(ctx, q, k, cos, sin, rope, coords):
+        """cos, sin: the table, or with `coords` the coords and freqs of a table that needs no gradient."""
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # the table's gradient needs the unrotated q, k
             ctx.save_for_backward(q, k)
-        ctx.rope, ctx.table = rope, (cos.detach(), sin.detach())
-        return _rotate(q, k, cos, sin, rope.prefix_tokens, rope.layout, inverse=False)
+        ctx.rope, ctx.table, ctx.coords = rope, (cos.detach(), sin.detach()), coords
+        return _rotate(q, k, cos, sin, rope.prefix_tokens, rope.layout, inverse=False, coords=coords)
 
     @staticmethod
     def backward(ctx, dqr, dkr):
         rope, (cos, sin) = ctx.rope, ctx.table
-        dq, dk = _rotate(dqr, dkr, cos, sin, rope.prefix_tokens, rope.layout, inverse=True)
+        dq, dk = _rotate(dqr, dkr, cos, sin, rope.prefix_tokens, rope.layout, inverse=True, coords=ctx.coords)
         dcos = dsin = None
         if ctx.saved_tensors:
             dcos, dsin = table_grad(cos, sin, rope.prefix_tokens, rope.layout, *ctx.saved_tensors, dq, dk)
-        return dq, dk, dcos, dsin, None
+        return dq, dk, dcos, dsin, None, None
 
 
 # Inside torch.compile the rotation runs as a custom operator, opaque to the compiler; eager calls skip the
@@ -215,9 +237,11 @@ def attention(
     """q: [B, H, N, D], k, v: [B, H_kv, N, D], rope: a table (the registry admits no call without one),
     key_padding_mask: bool [B, N] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D] where SDPA's kernel
     mirrors its inputs). Grouped heads and the mask go to SDPA's own arguments (`torch_sdpa.sdpa`)."""
-    cos, sin = rope.cos_sin()  # a from_coords table computes its angles here, in autograd when they are learnable
     if torch.compiler.is_compiling():
+        cos, sin = rope.cos_sin()
         qr, kr = _rotate_op(q, k, cos, sin, rope.prefix_tokens, rope.layout, False)
-    else:
-        qr, kr = _Rotate.apply(q, k, cos, sin, rope)
+    elif rope.coords is not None and not rope.requires_grad:  # angles from coords inside the kernel: no table
+        qr, kr = _Rotate.apply(q, k, rope.coords, rope.freqs, rope, True)
+    else:  # a learnable from_coords table computes its angles here, in autograd
+        qr, kr = _Rotate.apply(q, k, *rope.cos_sin(), rope, False)
     return sdpa(qr, kr, v, scale, key_padding_mask)

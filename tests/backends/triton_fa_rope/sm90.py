@@ -167,13 +167,15 @@ def case_inputs(D, dtype, layout, per_head, n_kv, B=2, H=3, grid=(14, 14), P=1):
 
 
 # triton_rope_sdpa's rotation pass (it launches through the same runtime): name -> (D, dtype, layout, table kind,
-# k/v heads); table kind: "shared" [N_grid, D/2], "per_head" [H, ...], "per_sample" [B, 1, ...]
+# k/v heads); table kind: "shared" [N_grid, D/2], "per_head" [H, ...], "per_sample" [B, 1, ...], "coords" (angles
+# computed in the kernel from coords [B, N_grid, 2] and per-head freqs [H, D/2, 2])
 ROTATE_CASES = {
     "d64_bf16_interleaved": (64, torch.bfloat16, "interleaved", "shared", 3),
     "d64_bf16_half_per_head": (64, torch.bfloat16, "half", "per_head", 3),
     "d64_bf16_per_sample_gqa": (64, torch.bfloat16, "interleaved", "per_sample", 1),
     "d80_fp16_interleaved": (80, torch.float16, "interleaved", "shared", 3),  # pairs loaded with a stride
     "d128_fp32_half": (128, torch.float32, "half", "shared", 3),
+    "d64_bf16_coords_gqa": (64, torch.bfloat16, "interleaved", "coords", 1),
 }
 
 
@@ -184,11 +186,14 @@ def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1)
 
     q = torch.empty(B, grid[0] * grid[1] + P, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)[0]
     k = torch.empty(B, h_kv, grid[0] * grid[1] + P, D, dtype=dtype)
-    shape = {"shared": (), "per_head": (H,), "per_sample": (B, 1)}[table] + (grid[0] * grid[1], D // 2)
-    cos = sin = torch.rand(shape)
+    n = grid[0] * grid[1]
+    if table == "coords":
+        cos, sin = torch.rand(B, n, 2), torch.rand(H, D // 2, 2)
+    else:
+        cos = sin = torch.rand({"shared": (), "per_head": (H,), "per_sample": (B, 1)}[table] + (n, D // 2))
     with runtime.recording(run=False) as launches:
         for inverse in (False, True):
-            rope_sdpa._rotate(q, k, cos, sin, P, layout, inverse)
+            rope_sdpa._rotate(q, k, cos, sin, P, layout, inverse, coords=table == "coords")
     return launches
 
 

@@ -45,6 +45,7 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert ("d64_bf16_interleaved", "fused_backward", "bwd_fused_kernel") in compiled
     assert ("d64_bf16_interleaved", "prerotate_narrow_tail", "rotate_kernel") in compiled
     assert ("d256_bf16_interleaved", "default", "fwd_kernel") in compiled
-    for case in ("d64_bf16_interleaved", "d64_bf16_per_sample_gqa", "d80_fp16_interleaved"):  # triton_rope_sdpa
+    for case in ("d64_bf16_interleaved", "d64_bf16_per_sample_gqa", "d80_fp16_interleaved",  # triton_rope_sdpa
+                 "d64_bf16_coords_gqa"):
         assert (f"rope_sdpa_{case}", "rotate", "_rotate_kernel") in compiled
     assert len(compiled) >= 30
