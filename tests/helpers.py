@@ -163,3 +163,15 @@ def assert_same_grads(got: dict, ref: dict, dtype) -> None:
             assert got[name].norm() == 0, f"{name}: gradient should be zero"
         else:
             assert_close_rel(got[name], g, dtype, f"grad {name}")
+
+
+def load_script(name: str):
+    """A script of benchmarks/ (no package there) imported as a module, e.g. load_script("sweep")."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

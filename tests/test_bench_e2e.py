@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 pytest.importorskip("timm")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
-
-
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_e2e")
 
 
 def test_smoke_cpu(tmp_path, capsys):

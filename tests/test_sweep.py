@@ -3,23 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 pytest.importorskip("triton")
 pytest.importorskip("attnhub.backends.triton_fa_rope.configs")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep")
 
 
 def test_parse_value():
