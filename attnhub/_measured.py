@@ -67,6 +67,11 @@ def _load(path: Path | None) -> tuple[Row, ...]:
     return tuple(rows)
 
 
+def clear() -> None:
+    """Read the file again at the next decision."""
+    _load.cache_clear()
+
+
 def lookup(call, eligible: Iterable[str]) -> Row | None:
     """The row that decides `call` (a `select.Call`), if one applies and names an eligible backend."""
     rows = _load(_path())

@@ -370,7 +370,9 @@ def explain(call: Call) -> Explanation:
 
 
 def clear_cache() -> None:
-    """Forget every decision (not the backends that failed at run time: those stay ruled out for their call)."""
+    """Forget every decision (not the backends that failed at run time: those stay ruled out for their call) and
+    the measured-winners file read for them (ATTNHUB_MEASURED or the file may have changed)."""
+    _measured.clear()
     with _cache_lock:
         _cache.clear()
         FAST.clear()

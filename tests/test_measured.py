@@ -74,3 +74,18 @@ def test_a_malformed_file_is_an_error_naming_it(tmp_path):
         select.clear_cache()
         attnhub.explain(q, k, v, table)
     select.clear_cache()
+
+
+def test_clear_cache_reads_an_edited_file_again(tmp_path):
+    """select.clear_cache (what settings' docs say to call after a change) re-reads the file, also at the same path."""
+    path = tmp_path / "measured.yaml"
+    row = dict(arch="cpu", dtype="float32", head_dim=32, n_min=0, n_max=None, measured="x", **{"pass": "inference"})
+    q, k, v, table = _qkv(17, False)
+    with settings.override(measured=str(path)):
+        path.write_text(_measured.dump([{**row, "backend": "math"}], "a test"))
+        select.clear_cache()
+        assert attnhub.explain(q, k, v, table).chosen == "math"
+        path.write_text(_measured.dump([{**row, "backend": "torch_sdpa"}], "a test"))
+        select.clear_cache()
+        assert attnhub.explain(q, k, v, table).chosen == "torch_sdpa"
+    select.clear_cache()
