@@ -31,6 +31,10 @@ stages=("$@")
 # nothing can be fetched there: build with the machine's own setuptools (>= 77 for the SPDX license field)
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { echo "pip install -e . failed (see install.log):"; tail -5 "$OUT/install.log"; exit 3; }
+# wheels carried along (`run --carry .whl`), e.g. timm 1.0.31 for NaFlexVit on a machine with an older timm
+for whl in .whl/*.whl; do
+  [ -e "$whl" ] && { python3 -m pip install -q --no-deps "$whl" >>"$OUT/install.log" 2>&1 || echo "could not install $whl"; }
+done
 status=0
 for stage in "${stages[@]}"; do
   echo "== $stage ($(date -u +%H:%M:%S))"

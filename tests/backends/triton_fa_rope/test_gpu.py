@@ -122,9 +122,10 @@ def test_long_sequence_4096():
 
 
 def test_automatic_choice_is_triton_on_gpu():
+    """On the GPU a bf16 RoPE call goes to a Triton backend (which one: the measured table, measured.yaml)."""
     table = attnhub.CosSinTable(grid=(14, 14), head_dim=64, device="cuda")
     q = torch.randn(2, 6, 197, 64, device="cuda", dtype=torch.bfloat16)
-    assert attnhub.explain(q, q, q, table).chosen == "triton_fa_rope"
+    assert attnhub.explain(q, q, q, table).chosen in ("triton_fa_rope", "triton_rope_sdpa")
     assert attnhub.explain(q.double(), q.double(), q.double(), table).chosen == "torch_sdpa"
 
 
