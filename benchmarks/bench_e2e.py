@@ -10,7 +10,7 @@
 For each model, mode and variant one fresh model (random weights, same seed) runs:
   train  forward + backward + AdamW step under bf16 autocast (cross-entropy on random labels)
   infer  forward under torch.no_grad() and bf16 autocast
-Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (mode default, not
+Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (--compile-mode, not
 fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
 step time of `attnhub.benchkit.time_ms` (triton.testing.do_bench with --warmup and --rep budgets in ms;
 perf_counter on the CPU); the first call is timed apart (compilation included). Before timing, each model's
@@ -162,7 +162,10 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
         if compiled:
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
-        fn = step_fn(torch.compile(model, backend=args.compile_backend) if compiled else model, mode, x, y, device)
+        if compiled:
+            model = torch.compile(model, backend=args.compile_backend,
+                                  mode=args.compile_mode if args.compile_backend == "inductor" else None)
+        fn = step_fn(model, mode, x, y, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -243,9 +246,10 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": benchkit.environment(device),
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
-                   "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs, "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
+                   "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs,
+                   "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
                    "optimizer": "AdamW", "compile": None if args.no_compile else
-                   {"mode": "default", "fullgraph": False, "backend": args.compile_backend}},
+                   {"mode": args.compile_mode, "fullgraph": False, "backend": args.compile_backend}},
         "checks": checks,
         "records": records,
         "ratios": ratios(records),
@@ -269,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")
     p.add_argument("--no-compile", action="store_true", help="eager only")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a fast smoke test)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode (inductor); reduce-overhead replays CUDA graphs")
     p.add_argument("--out", default="benchmarks/results/e2e_h100.json")
     return p
 

@@ -38,8 +38,9 @@ CANDIDATES = {
              K(64, 128, 8, 3), K(128, 64, 8, 2)],
     "dq": [K(64, 64, 4, 2), K(128, 64, 8, 2), K(128, 64, 8, 3), K(64, 32, 4, 2), K(128, 32, 8, 2), K(64, 128, 4, 2),
            K(128, 128, 8, 2)],
-    "bwd_fused": [K(bm, bn, w, s) for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128)) for w in (4, 8)
-                  for s in (1, 2, 3)],
+    # block_m 256: every query of N <= 256 in one block (the short-sequence path)
+    "bwd_fused": [K(256, 64, 8, 1), K(256, 64, 8, 2), K(256, 32, 8, 2), K(256, 16, 8, 1), K(128, 64, 8, 2),
+                  K(128, 128, 8, 1)],
     "prerotate_from_n": [None, 0, 384],
     "prerotate_train_from_n": [None, 0, 384],
     "narrow_tail": [False, True],

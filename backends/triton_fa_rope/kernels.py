@@ -370,13 +370,16 @@ def bwd_fused_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_M: tl.constexpr,
 ):
     """Fused path. One program: the whole backward of one (b, h), in one pass over the scores.
 
-    Pass 0 writes DELTA [B*H, N_Q] fp32. The main loop takes BLOCK_N keys at a time and all queries: dk, dv as in
-    the split dk/dv kernel, and each query block's dq contribution dS k added into the scratch DQACC [B*H, N_Q, D]
-    fp32 (read-modify-write; the first key block only writes). The last pass rotates DQACC back into DQ. The
-    program re-reads what its own threads wrote with other thread-element mappings, hence the barriers.
+    SINGLE_M (N_Q <= BLOCK_M, short sequences): q, dO, lse and delta (computed here from O and dO) stay resident
+    for the whole program and dq accumulates in registers; DELTA and DQACC are not touched. Otherwise pass 0 writes
+    DELTA [B*H, N_Q] fp32, and each query block's dq contribution dS k is added into the scratch DQACC [B*H, N_Q, D]
+    fp32 (read-modify-write; the first key block only writes), rotated back into DQ by a last pass. That path
+    re-reads what its own threads wrote with other thread-element mappings, hence the barriers.
+    In both, the main loop takes BLOCK_N keys at a time against all queries (dk, dv as in the split dk/dv kernel).
     """
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
@@ -394,40 +397,70 @@ def bwd_fused_kernel(
     cos_base = COS + h * stab_h
     sin_base = SIN + h * stab_h
 
-    for start_m in range(0, N_Q, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        _bwd_delta(O + b * sob + h * soh, do_base, delta_base, offs_m, offs_m < N_Q, son, sod, sdon, sdod, offs_d,
-                   HEAD_D, BLOCK_D)
-    tl.debug_barrier()
-
-    for start_n in range(0, N_KV, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N_KV
-        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, N_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < N_Q
-            q, do, lse, delta = _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m,
-                                             sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
-            dk, dv, dst = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
-                                       BLOCK_M, BLOCK_N, DOT, PRECISION, True)
-            # dq_i += dS_ij k_j; the first key block finds nothing to add (the load is masked off, DQACC unset)
-            dq = _load_rows(acc_base, offs_m, mask_m & (start_n > 0), HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
-            dq = _dot(tl.trans(dst), k, dq, PRECISION)
-            _store_rows(acc_base, dq, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
-        tl.debug_barrier()  # this key block's DQACC writes land before the next one reads them
-        _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
-                        sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
-                        HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
-
-    tl.debug_barrier()
-    for start_m in range(0, N_Q, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    if SINGLE_M:
+        offs_m = tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_Q
-        dq = _load_rows(acc_base, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+        do = _load_rows(do_base, offs_m, mask_m, sdon, sdod, offs_d, HEAD_D, BLOCK_D)
+        o = _load_rows(O + b * sob + h * soh, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        do = do.to(DOT)
+        q = _load_rows(q_base, offs_m, mask_m, sqn, sqd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # padded rows: P = 0
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, N_KV, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N_KV
+            k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+            v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+            # query-major products (the M = BLOCK_M side feeds the tensor cores' wide dimension)
+            s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+            p = tl.where(mask_n[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+            dv = _dot(tl.trans(p.to(DOT)), do, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), PRECISION)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+            ds = (p * (dp - delta[:, None])).to(DOT)
+            dk = _dot(tl.trans(ds), q, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), PRECISION)
+            dq = _dot(ds, k, dq, PRECISION)
+            _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                            sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                            HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
         _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base, sin_base,
                        stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT,
                        ROPE)
+    else:  # several query blocks: delta and dq go through global scratch
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            _bwd_delta(O + b * sob + h * soh, do_base, delta_base, offs_m, offs_m < N_Q, son, sod, sdon, sdod,
+                       offs_d, HEAD_D, BLOCK_D)
+        tl.debug_barrier()
+
+        for start_n in range(0, N_KV, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N_KV
+            k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+            v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for start_m in range(0, N_Q, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < N_Q
+                q, do, lse, delta = _bwd_q_block(q_base, do_base, lse_base, delta_base, offs_m, mask_m,
+                                                 sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
+                dk, dv, dst = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
+                                           BLOCK_M, BLOCK_N, DOT, PRECISION, True)
+                # dq_i += dS_ij k_j; the first key block finds nothing to add (the load is masked off, DQACC unset)
+                dq = _load_rows(acc_base, offs_m, mask_m & (start_n > 0), HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+                dq = _dot(tl.trans(dst), k, dq, PRECISION)
+                _store_rows(acc_base, dq, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+            tl.debug_barrier()  # this key block's DQACC writes land before the next one reads them
+            _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
+                            sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
+                            HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
+
+        tl.debug_barrier()
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N_Q
+            dq = _load_rows(acc_base, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+            _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base,
+                           sin_base, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                           PAIR_OFF, SPLIT, ROPE)

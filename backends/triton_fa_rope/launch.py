@@ -147,25 +147,28 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
-    the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores with dq accumulated
-    in an fp32 scratch [B*H, N_Q, D]."""
+    the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
+    registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
+    scratch [B*H, N_Q, D]."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     cx = meta(q, rope)
     cos, sin, stab_h, stab_n, P = _table_args(rope, q)
-    delta = torch.empty_like(lse)
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
     if fused:
-        dq_acc = torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32)  # every row written before read
         cfg = config.bwd_fused
+        single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
+        delta, dq_acc = (lse, lse) if single else (
+            torch.empty_like(lse), torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32))
         launch(kernels.bwd_fused_kernel, (grid(1, 1, B * H),),
                (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
                 *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-               cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+               cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_M=single, **cx)
         return dq, dk, dv
+    delta = torch.empty_like(lse)
     launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
     cfg = config.dkdv

@@ -141,6 +141,7 @@ ALWAYS = dict(prerotate_from_n=0, prerotate_train_from_n=0)
 VARIANTS = {
     "default": ({}, "split"),
     "fused_backward": ({}, "fused"),
+    "short_backward": (dict(bwd_fused=configs.KernelConfig(256, 32, 8, 1)), "fused"),  # N <= 256: one query block
     "prerotate_narrow_tail": (dict(**ALWAYS, narrow_tail=True), "split"),
     "in_kernel_full_tail": (dict(**NEVER, narrow_tail=False), "split"),
 }

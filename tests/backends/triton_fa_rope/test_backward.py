@@ -52,12 +52,22 @@ def _inputs(s: Shape, dtype, kind: str, seed: int):
     return q, k, v, do, table
 
 
+# The fused backward with every query in one block (the short-sequence path: dq in registers, no scratch); the
+# default configs take several blocks at these lengths on the interpreter (blocks of 32).
+SINGLE_BLOCK = configs.KernelConfig(128, 32, 4 if DEVICE == "cuda" else 1, 1)
+
+
 def _grads(path: str, q, k, v, do, table):
-    """dq, dk, dv of triton_fa_rope with the backward path forced to `path`; checks the kernels it launched."""
-    with settings.override(triton_bwd=path), runtime.recording() as recorded:
+    """dq, dk, dv of triton_fa_rope with the backward path forced to `path` ("split", "fused" or "fused_single",
+    the latter with SINGLE_BLOCK); checks the kernels it launched."""
+    fields = {"bwd_fused": SINGLE_BLOCK} if path == "fused_single" else {}
+    with settings.override(triton_bwd=path.removesuffix("_single")), configs.override(**fields), \
+            runtime.recording() as recorded:
         grads = run_backend(TRITON, q, k, v, do, table)[1:]
     launches = [x.name for x in recorded if x.name in BWD_KERNELS]
-    assert launches == (["bwd_fused_kernel"] if path == "fused" else SPLIT_KERNELS), launches
+    assert launches == (SPLIT_KERNELS if path == "split" else ["bwd_fused_kernel"]), launches
+    if path == "fused_single":
+        assert [x.constexprs.get("SINGLE_M") for x in recorded if x.name == "bwd_fused_kernel"] == [True]
     return grads
 
 
@@ -67,10 +77,12 @@ def _check(shape_name: str, dtype, kind: str, seed: int) -> None:
         assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or do.is_contiguous())
     ref = run_backend("math", *(t.detach().double() for t in (q, k, v, do)), table)[1:]
     fused = _grads("fused", q, k, v, do, table)
+    single = _grads("fused_single", q, k, v, do, table)
     split = _grads("split", q, k, v, do, table)
-    for what, f, s, r, x in zip(("dq", "dk", "dv"), fused, split, ref, (q, k, v)):
+    for what, f, one, s, r, x in zip(("dq", "dk", "dv"), fused, single, split, ref, (q, k, v)):
         assert f.dtype == dtype and f.shape == x.shape, f"fused {what}: {f.dtype} {tuple(f.shape)}"
         assert_close_rel(f, r, dtype, f"fused {what} vs math")
+        assert_close_rel(one, r, dtype, f"fused single-block {what} vs math")
         assert_close_rel(s, r, dtype, f"split {what} vs math")
         assert_close_rel(f, s, dtype, f"fused {what} vs split")
 
