@@ -127,6 +127,27 @@ def time_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int
     return statistics.median(times) * 1e3
 
 
+def gpu_ms(fn: Callable[[], object], *, device: torch.device | str, iters: int = 20,
+           grads: Sequence[torch.Tensor] | None = None) -> float:
+    """Device ms per call of `fn` on a GPU: the summed durations of the kernels and copies it runs, from
+    torch.profiler over `iters` calls after one untimed call. Host gaps between launches do not count (unlike
+    `time_ms`, which at small shapes measures the host): this is what the call costs a GPU-bound model step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"gpu_ms: needs a CUDA device, got {device}")
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            for g in grads or ():
+                g.grad = None
+            fn()
+        sync(device)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / iters / 1e3
+
+
 def host_us(fns: Sequence[Callable[[], object]], calls: int, device: torch.device | str,
             rounds: int = 10) -> list[float]:
     """Host µs per call of each fn: loops of the fns interleaved (so a drifting host affects all alike), the best

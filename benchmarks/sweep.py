@@ -66,8 +66,10 @@ def _label(value) -> str:
 
 
 def measure(s: benchkit.Shape, backend: str, passes: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-            warmup: int, rep: int) -> dict:
-    """Errors (first two images, against float64 math) and, when within bounds, the median ms of each pass."""
+            warmup: int, rep: int, timer: str = "wall") -> dict:
+    """Errors (first two images, against float64 math) and, when within bounds, the ms of each pass: the median
+    wall time per call (timer "wall", `benchkit.time_ms`) or the GPU kernels' summed time ("gpu",
+    `benchkit.gpu_ms`: host overhead excluded, for shapes where the wall time measures the host)."""
     table = benchkit.rope_table(s, device)
     x = benchkit.inputs(s, device, dtype)
     rec: dict = {}
@@ -85,8 +87,11 @@ def measure(s: benchkit.Shape, backend: str, passes: tuple[str, ...], device: to
         calls = {"fwd": (lambda: attnhub.attention(q, k, v, rope=table, backend=backend), None),
                  "fwdbwd": (lambda: attnhub.attention(qg, kg, vg, rope=table, backend=backend).backward(x["do"]),
                             [qg, kg, vg])}
-        rec["ms"] = {p: benchkit.time_ms(calls[p][0], device=device, warmup=warmup, rep=rep, grads=calls[p][1])
-                     for p in passes}
+        if timer == "gpu":
+            rec["ms"] = {p: benchkit.gpu_ms(calls[p][0], device=device, grads=calls[p][1]) for p in passes}
+        else:
+            rec["ms"] = {p: benchkit.time_ms(calls[p][0], device=device, warmup=warmup, rep=rep,
+                                             grads=calls[p][1]) for p in passes}
     except Exception as exc:  # noqa: BLE001 - a value that does not compile or run is a result too
         rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
         rec["ok"] = False
@@ -107,7 +112,7 @@ def run(args) -> dict:
         for value in values:
             with configs.override(**{**fixed, args.field: value}):
                 rec = {"shape": s.name, "value": value, "shipped": value == shipped,
-                       **measure(s, args.backend, passes, device, dtype, args.warmup, args.rep)}
+                       **measure(s, args.backend, passes, device, dtype, args.warmup, args.rep, args.timer)}
             rows.append(rec)
             shown = rec.get("ms") or rec.get("error") or f"wrong: {rec.get('rel_l2')}"
             print(f"  {s.name} {args.field}={_label(value)}: {shown}", file=sys.stderr, flush=True)
@@ -116,7 +121,8 @@ def run(args) -> dict:
         "environment": benchkit.environment(device),
         "config": {"backend": args.backend, "field": args.field, "values": values, "set": fixed,
                    "shapes": [s.name for s in shapes], "passes": list(passes), "dtype": args.dtype,
-                   "warmup_ms": args.warmup, "rep_ms": args.rep, "reference": "math, float64, first two images"},
+                   "warmup_ms": args.warmup, "rep_ms": args.rep, "timer": args.timer,
+                   "reference": "math, float64, first two images"},
         "rows": rows,
     }
 
@@ -128,8 +134,8 @@ def print_table(report: dict) -> None:
     for shape in cfg["shapes"]:
         rows = [r for r in report["rows"] if r["shape"] == shape]
         rows.sort(key=lambda r: r["ms"][key] if "ms" in r else float("inf"))
-        print(f"\n{shape}: {cfg['field']} ({report['environment']['device_name']}, {cfg['dtype']}, ms, sorted by "
-              f"{key}; * = the table's value)")
+        print(f"\n{shape}: {cfg['field']} ({report['environment']['device_name']}, {cfg['dtype']}, "
+              f"{cfg.get('timer', 'wall')} ms, sorted by {key}; * = the table's value)")
         print(f"  {'value':<18} " + " ".join(f"{p:>9}" for p in passes) + "  max rel_l2")
         for r in rows:
             errs = [e for e in (r.get("rel_l2") or {}).values() if e is not None]
@@ -160,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--timer", default="wall", choices=["wall", "gpu"],
+                   help="wall: median ms per call (do_bench); gpu: the kernels' summed time (torch.profiler)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     return p
 

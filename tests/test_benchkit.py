@@ -57,3 +57,8 @@ def test_environment():
     assert env["device"] == "cpu" and env["compute_capability"] is None and env["driver"] is None
     assert set(env["versions"]) == {"attnhub", "torch", "triton", "timm", "python"}
     assert env["git_commit"] is None or len(env["git_commit"].removesuffix("+dirty")) == 40
+
+
+def test_gpu_ms_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="CUDA"):
+        benchkit.gpu_ms(lambda: None, device="cpu")
