@@ -8,8 +8,9 @@ one `[BLOCK, D]` tile in the order `(a_0, b_0, a_1, b_1, ...)`. The same channel
 (saved by the training forward) and rotate only dq and dk back, by R^T, when they store them.
 
 Variable-resolution batches, each a compile-time switch (off: the code of a plain call is unchanged):
-KEY_MASK reads a key padding mask KPM ([B, N_KV] uint8, 1 = attend) and gives masked keys probability 0; a query
-row without any valid key gets o = 0 and lse = +inf, so the backward's P is exactly 0 there. GROUP = H / H_kv query
+KEY_MASK reads a key padding mask KPM ([B, N_KV] uint8, 1 = attend) and gives masked keys probability 0 (their v,
+and in the backward their k, are read as 0: whatever padding holds adds nothing); a query row without any valid
+key gets o = 0 and lse = +inf, so the backward's P is exactly 0 there. GROUP = H / H_kv query
 heads share one k/v head (head h reads k/v head h // GROUP, never a repeated copy); the dk/dv program of a k/v head
 loops over its GROUP query heads in order (deterministic, no atomics). BATCHED_TABLE: one cos/sin table per sample
 (batch stride stab_b).
@@ -362,12 +363,12 @@ def bwd_dkdv_kernel(
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = _load_rows(K + b * skb + hk * skh, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-    v = _load_rows(V + b * svb + hk * svh, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
     if KEY_MASK:
         keep = _key_keep(KPM + b * smb, offs_n, mask_n)
     else:
         keep = mask_n
+    k = _load_rows(K + b * skb + hk * skh, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    v = _load_rows(V + b * svb + hk * svh, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
