@@ -399,6 +399,14 @@ def _rotate(x: torch.Tensor, table: CosSinTable, cos: torch.Tensor, sin: torch.T
     return out
 
 
+def table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a table [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2]; 0 where it
+    is shared (for kernels that index any of the four shapes alike)."""
+    if cos.dim() == 4:
+        return cos.stride(0), cos.stride(1) if cos.shape[1] > 1 else 0, cos.stride(2)
+    return 0, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2)
+
+
 def table_grad(cos: torch.Tensor, sin: torch.Tensor, prefix_tokens: int, layout: str, q: torch.Tensor,
                k: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the loss w.r.t. a table's cos and sin ([N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid,

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from attnhub.backends.torch_sdpa import sdpa
 from attnhub.backends.triton_fa_rope import runtime
-from attnhub.rope import CosSinTable, table_grad
+from attnhub.rope import CosSinTable, table_grad, table_strides
 
 _ROWS = 32  # tokens per program: 2 x 32 rows x D of q and k in flight, enough to saturate HBM at D = 64
 
@@ -137,14 +137,6 @@ def _meta(D: int, layout: str) -> dict:
                 PAIR_OFF=1 if interleaved else D // 2, SPLIT=interleaved and block_d2 == D // 2)
 
 
-def _table_strides(cos: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a table [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2]; 0 where it
-    is shared."""
-    if cos.dim() == 4:
-        return cos.stride(0), cos.stride(1) if cos.shape[1] > 1 else 0, cos.stride(2)
-    return 0, cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2)
-
-
 def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: int, layout: str,
             inverse: bool, coords: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(R x1, R x2), or (R^T x1, R^T x2) with `inverse`; x1: [B, H, N, D], x2: [B, H_kv, N, D] -> the same shapes
@@ -163,7 +155,7 @@ def _rotate(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         cos, sin = cos.contiguous(), sin.contiguous()
         strides = (cos.stride(0) if cos.dim() == 3 else 0, sin.stride(0) if sin.dim() == 3 else 0, cos.stride(-2))
     else:
-        strides = _table_strides(cos)
+        strides = table_strides(cos)
     programs = -(-N // _ROWS) * B * H
     if programs > _MAX_PROGRAMS:
         raise ValueError(f"triton_rope_sdpa: {programs} programs exceed the launch-grid limit {_MAX_PROGRAMS}")

@@ -52,13 +52,12 @@ NEW_CAPABILITIES = ("key_padding", "gqa", "rope_batched", "rope_coords")
 
 
 def test_new_capabilities_default_to_false_and_are_declared_by_the_builtins():
-    """Issue 12's vocabulary: math, torch_sdpa and triton_rope_sdpa implement it, the fused kernel not yet; a backend
-    registered without the fields is never handed such a call."""
+    """Issue 12's vocabulary: every built-in backend implements it; a backend registered without the fields is never
+    handed such a call."""
     specs = registry._build_default().specs()
     for field in NEW_CAPABILITIES:
-        for name in ("math", "torch_sdpa", "triton_rope_sdpa"):
+        for name in ("math", "torch_sdpa", "triton_rope_sdpa", "triton_fa_rope"):
             assert getattr(specs[name], field), (name, field)
-        assert not getattr(specs["triton_fa_rope"], field), field
     attnhub.register_backend("toy", lambda q, k, v, rope, scale: q, priority=1)
     assert not any(getattr(attnhub.REGISTRY.specs()["toy"], f) for f in NEW_CAPABILITIES)
     with pytest.raises(RegistryError, match=r"'toy'\.gqa: expected true or false, got 'yes'"):

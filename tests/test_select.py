@@ -281,21 +281,23 @@ def test_threads_mixed_calls_and_forced_backends():
 
 
 def test_issue12_arguments_are_reasons_in_explain_and_forced_errors():
-    """A mask, grouped k/v heads, a per-sample table, a coordinate table: each a reason of its own for the
-    backends that declare it false, in `explain` and in the error of a forced backend."""
+    """A mask, grouped k/v heads, a per-sample table, a coordinate table: each a reason of its own for a backend
+    that declares them false (every built-in declares them true: a toy registered without the fields), in `explain`
+    and in the error of a forced backend."""
     q, k, v = _qkv(B=2, H=4)
     k, v = k[:, :2], v[:, :2]
     mask = torch.ones(2, 7, dtype=torch.bool)
     yx = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
     table = attnhub.CosSinTable.from_coords(yx.expand(2, -1, -1), attnhub.rope.axial_freqs(16), prefix_tokens=1)
+    attnhub.register_backend("toy", _toy([]), priority=1000, devices=["cpu"])
     why = attnhub.explain(q, k, v, table, key_padding_mask=mask)
     assert why.chosen == "torch_sdpa" and why.reasons["math"] == []
     expected = ["per-sample RoPE tables ([B, 1|H, N_grid, D/2]) not supported",
                 "RoPE tables from coordinates (CosSinTable.from_coords) not supported",
                 "no key_padding_mask support", "grouped k/v heads (H_kv < H) not supported"]
-    assert all(r in why.reasons["triton_fa_rope"] for r in expected), why.reasons["triton_fa_rope"]
+    assert all(r in why.reasons["toy"] for r in expected), why.reasons["toy"]
     with pytest.raises(attnhub.BackendUnavailableError, match=r"forced but cannot run.*no key_padding_mask support"):
-        attnhub.attention(q, k, v, table, backend="triton_fa_rope", key_padding_mask=mask)
+        attnhub.attention(q, k, v, table, backend="toy", key_padding_mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------- fallback

@@ -8,9 +8,10 @@ Read in this order, one job per module:
     runtime.py    the only module touching Triton internals: kept compiled runners, compiling ahead
     autograd.py   the `autograd.Function`, the torch.compile custom operators and the entry `attention`
 
-The registry's entry is `attention(q, k, v, rope, scale)` (q: [B, H, N, D], k, v: [B, H, N_kv, D]) -> o. It is
-imported from `autograd` on first access, so that reading `configs` (the registry does, at `import attnhub`) loads
-neither Triton's kernels nor the custom operators.
+The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=None)` (q: [B, H, N, D], k, v:
+[B, H_kv, N_kv, D]; rope shared, per head, per sample or from coordinates) -> o. It is imported from `autograd` on
+first access, so that reading `configs` (the registry does, at `import attnhub`) loads neither Triton's kernels nor
+the custom operators.
 
 Switches: ATTNHUB_TRITON_BWD (the backward path) and ATTNHUB_TRITON_COMPILE_AHEAD, through `attnhub.settings`.
 Under `TRITON_INTERPRET=1` (CPU) the interpreter's config table is used and bfloat16 dot operands are upcast to

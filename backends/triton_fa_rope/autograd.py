@@ -8,7 +8,9 @@ it shapes and strides).
 
 Training: the forward also returns the rotated q and k it computed, so the backward kernels need no rotation. A
 table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch after
-the backward kernels, from the unrotated q, k (then saved as well) and their gradients.
+the backward kernels, from the unrotated q, k (then saved as well) and their gradients; a table built
+`from_coords` is read as its materialised cos and sin, so that gradient reaches coords and freqs through autograd.
+A key padding mask travels with the saved tensors to the backward kernels.
 """
 
 from __future__ import annotations
@@ -23,16 +25,13 @@ from attnhub.rope import CosSinTable, table_grad
 
 
 class _Table(NamedTuple):
-    """The parts of a `CosSinTable` the kernels read; cos, sin: [N_grid, D/2] or [H, N_grid, D/2]."""
+    """The parts of a `CosSinTable` the kernels read; cos, sin: [N_grid, D/2], [H, N_grid, D/2] or
+    [B, 1|H, N_grid, D/2]."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     prefix_tokens: int
     layout: str
-
-    @property
-    def per_head(self) -> bool:
-        return self.cos.dim() == 3
 
 
 def _table_grad(table: _Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,53 +39,57 @@ def _table_grad(table: _Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor
     return table_grad(table.cos, table.sin, table.prefix_tokens, table.layout, q, k, dq, dk)
 
 
-def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_saved) -> None:
-    """Keep what the backward needs: q_saved, k_saved (rotated with RoPE), v, o, lse, the table and, when the table
-    requires grad, the unrotated q and k."""
+def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_saved, mask) -> None:
+    """Keep what the backward needs: q_saved, k_saved (rotated with RoPE), v, o, lse, the key padding mask, the
+    table and, when the table requires grad, the unrotated q and k."""
     table_grad = table is not None and (table.cos.requires_grad or table.sin.requires_grad)
-    ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if table is None else (table.cos, table.sin)),
-                          *((q, k) if table_grad else ()))
+    ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if mask is None else (mask,)),
+                          *(() if table is None else (table.cos, table.sin)), *((q, k) if table_grad else ()))
     ctx.table_meta = None if table is None else (table.prefix_tokens, table.layout)
+    ctx.has_mask = mask is not None
     ctx.scale = scale
 
 
 def _saved(ctx):
-    """-> q, k (as saved), v, o, lse, the table (or None), the unrotated q and k (empty when not saved), scale."""
+    """-> q, k (as saved), v, o, lse, the mask (or None), the table (or None), the unrotated q and k (empty when
+    not saved), scale."""
     q, k, v, o, lse, *rest = ctx.saved_tensors
+    mask = rest.pop(0) if ctx.has_mask else None
     if ctx.table_meta is None:
-        return q, k, v, o, lse, None, (), ctx.scale
+        return q, k, v, o, lse, mask, None, (), ctx.scale
     cos, sin, *unrotated = rest
-    return q, k, v, o, lse, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
+    return q, k, v, o, lse, mask, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
 
 
-def _backward(do, q, k, v, o, lse, rope, scale):
+def _backward(do, q, k, v, o, lse, mask, rope, scale):
     """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD)."""
     config = configs.for_call(q.device, q.shape[-1])
     fused = launch.use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
-    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused)
+    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask)
 
 
 class FlashRopeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cos, sin, rope, scale):
-        """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients."""
+    def forward(ctx, q, k, v, cos, sin, rope, scale, mask):
+        """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients;
+        mask: the key padding mask or None."""
         table_grad = any(ctx.needs_input_grad[3:5])
         training = any(ctx.needs_input_grad[:3]) or table_grad
         config = configs.for_call(q.device, q.shape[-1])
+        table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
         if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
-            launch.compile_ahead(q, k, v, rope, scale, config)
-        o, lse, (q_saved, k_saved) = launch.forward(q, k, v, rope, scale, training, config)
+            launch.compile_ahead(q, k, v, table, scale, config, key_padding_mask=mask)
+        o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, training, config, key_padding_mask=mask)
         if training:
-            table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
-            _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved)
+            _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved, mask)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, table, unrotated, scale = _saved(ctx)
-        dq, dk, dv = _backward(do, q, k, v, o, lse, table, scale)
+        q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale)
         dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
-        return dq, dk, dv, dcos, dsin, None, None
+        return dq, dk, dv, dcos, dsin, None, None, None
 
 
 def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
@@ -96,18 +99,19 @@ def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
 @torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
 def fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-    prefix: int, layout: str, scale: float, save_rotated: bool,
+    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
     rope = _op_table(cos, sin, prefix, layout)
-    o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]))
+    o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]),
+                                      key_padding_mask=mask)
     if not (save_rotated and rope is not None):
         qr, kr = q.new_empty(0), k.new_empty(0)
     return o, lse, qr, kr
 
 
 @fwd_op.register_fake
-def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated):
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
     B, H, N_Q, D = q.shape
     lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
     if save_rotated and layout != "none":
@@ -122,44 +126,48 @@ def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated):
 def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
+    mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k: rotated (saved by the forward) with RoPE -> dq, dk, dv."""
-    return _backward(do, q, k, v, o, lse, _op_table(cos, sin, prefix, layout), scale)
+    return _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale)
 
 
 @bwd_op.register_fake
-def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale):
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
     return tuple(torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, cos, sin, prefix, layout, scale, _ = inputs
+    q, k, v, cos, sin, prefix, layout, scale, _, mask = inputs
     o, lse, qr, kr = output
     table = _op_table(cos, sin, prefix, layout)
-    _save(ctx, q, k, v, table, scale, o, lse, *((q, k) if table is None else (qr, kr)))
+    _save(ctx, q, k, v, table, scale, o, lse, *((q, k) if table is None else (qr, kr)), mask)
 
 
 def _op_backward(ctx, do, _dlse, _dqr, _dkr):
-    q, k, v, o, lse, table, unrotated, scale = _saved(ctx)
+    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
     cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
-    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale)
+    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask)
     dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
-    return dq, dk, dv, dcos, dsin, None, None, None, None
+    return dq, dk, dv, dcos, dsin, None, None, None, None, None
 
 
 fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [B, H, N, D], k, v: [B, H, N_kv, D] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    """q: [B, H, N, D], k, v: [B, H_kv, N_kv, D], rope: any table (shared, per head, per sample, from coordinates),
+    key_padding_mask: bool [B, N_kv] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    mask = key_padding_mask
     if torch.compiler.is_compiling():
         training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                 or (rope is not None and rope.requires_grad))
         if rope is None:
-            return fwd_op(q, k, v, None, None, 0, "none", scale, training)[0]
-        return fwd_op(q, k, v, rope.cos, rope.sin, rope.prefix_tokens, rope.layout, scale, training)[0]
+            return fwd_op(q, k, v, None, None, 0, "none", scale, training, mask)[0]
+        return fwd_op(q, k, v, *rope.cos_sin(), rope.prefix_tokens, rope.layout, scale, training, mask)[0]
     if rope is None:
-        return FlashRopeAttention.apply(q, k, v, None, None, None, scale)
-    return FlashRopeAttention.apply(q, k, v, rope.cos, rope.sin, rope, scale)
+        return FlashRopeAttention.apply(q, k, v, None, None, None, scale, mask)
+    return FlashRopeAttention.apply(q, k, v, *rope.cos_sin(), rope, scale, mask)

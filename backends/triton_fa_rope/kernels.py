@@ -7,6 +7,14 @@ one `[BLOCK, D]` tile in the order `(a_0, b_0, a_1, b_1, ...)`. The same channel
 `q . k` unchanged, so one `tl.dot` over D computes the scores. The backward kernels get q and k already rotated
 (saved by the training forward) and rotate only dq and dk back, by R^T, when they store them.
 
+Variable-resolution batches, each a compile-time switch (off: the code of a plain call is unchanged):
+KEY_MASK reads a key padding mask KPM ([B, N_KV] uint8, 1 = attend) and gives masked keys probability 0 (their v,
+and in the backward their k, are read as 0: whatever padding holds adds nothing); a query row without any valid
+key gets o = 0 and lse = +inf, so the backward's P is exactly 0 there. GROUP = H / H_kv query
+heads share one k/v head (head h reads k/v head h // GROUP, never a repeated copy); the dk/dv program of a k/v head
+loops over its GROUP query heads in order (deterministic, no atomics). BATCHED_TABLE: one cos/sin table per sample
+(batch stride stab_b).
+
 Numerics: fp32 accumulation, online softmax in base 2 with the log-sum-exp kept in fp32 for the backward.
 """
 
@@ -105,6 +113,21 @@ def _store_grad_qk(base, g, offs_n, mask_n, stride_n, stride_d, cos_base, sin_ba
 
 
 @triton.jit
+def _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE: tl.constexpr):
+    """The cos and sin [N_grid, D/2] rows of sample b, head h (stab_h is 0 for a table shared by the heads)."""
+    off = h * stab_h
+    if BATCHED_TABLE:
+        off += b * stab_b
+    return COS + off, SIN + off
+
+
+@triton.jit
+def _key_keep(kpm_base, offs_n, mask_n):
+    """Keys in range (mask_n) that the key padding mask lets queries attend: [BLOCK] bool."""
+    return mask_n & (tl.load(kpm_base + offs_n, mask=mask_n, other=0) != 0)
+
+
+@triton.jit
 def _program_rows(N, H, BLOCK: tl.constexpr):
     """This program's (b, h) pair and rows when launch-grid axis 0 enumerates (b, h, block of BLOCK rows of N):
     -> bh, b, h (int64 for the base offsets), offs [BLOCK], mask [BLOCK]."""
@@ -122,49 +145,58 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
-              stab_n, P, qk_scale, offs_j, offs_d, KR_base, n_m, pid_m,
+def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
+              stab_n, P, qk_scale, offs_j, offs_d, KR_base, n_m, pid_m, h,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
               PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-              MASK: tl.constexpr, SAVE_ROT: tl.constexpr):
+              MASK: tl.constexpr, SAVE_ROT: tl.constexpr, GROUP: tl.constexpr, KEY_MASK: tl.constexpr):
     """One K/V tile of the online softmax. MASK: the tile reaches past N_KV (only the last one does)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK:
         mask_n = offs_n < N_KV
     else:
         mask_n = tl.full([BLOCK_N], 1, tl.int1)
+    if KEY_MASK:
+        keep = _key_keep(kpm_base, offs_n, mask_n)
+    else:
+        keep = mask_n
     k = _load_qk(k_base, offs_n, mask_n, skn, skd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
-    if SAVE_ROT:  # K tile t is saved by query block t mod n_m: the extra writes spread evenly over programs
-        if (start_n // BLOCK_N) % n_m == pid_m:
+    if SAVE_ROT:  # K tile t is saved by one program of its k/v head: t mod (n_m GROUP) = pid_m GROUP + h mod GROUP
+        if (start_n // BLOCK_N) % (n_m * GROUP) == pid_m * GROUP + h % GROUP:
             _store_rows(KR_base, k, offs_n, mask_n, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * qk_scale
-    if MASK:
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+    if MASK or KEY_MASK:
+        s = tl.where(keep[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if KEY_MASK:  # a row whose keys so far are all masked has m = -inf: exponents against 0 give 0, not NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
+    v = _load_rows(v_base, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D)  # masked keys: v = 0 (p = 0 too)
     acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN, QR, KR,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_h, stab_n,
+    Q, K, V, O, LSE, COS, SIN, QR, KR, KPM,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     SAVE_ROT: tl.constexpr, ROPE_K: tl.constexpr, TAIL_N: tl.constexpr,
+    GROUP: tl.constexpr, BATCHED_TABLE: tl.constexpr, KEY_MASK: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
 
-    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR, KR ([B*H, N, D], joined order).
-    ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `rotate_kernel`).
+    K, V: [B, H / GROUP, N_KV, D]. KPM: the key padding mask [B, N_KV] (row stride smb) with KEY_MASK.
+    SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR [B*H, N, D] and KR [B*H/GROUP, N, D]
+    (joined order). ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `rotate_kernel`).
     TAIL_N: the width of the last, masked K tile (BLOCK_N, or with "narrow_tail" N_KV % BLOCK_N rounded up to a
     power of two >= 16: at ViT lengths, 197 = 3 * 64 + 5, a full-width tile computes 59 padded keys for 5 real ones).
     """
@@ -173,49 +205,58 @@ def fwd_kernel(
     bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
-    cos_base = COS + h * stab_h
-    sin_base = SIN + h * stab_h
+    cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
 
     q = _load_qk(Q + b * sqb + h * sqh, offs_m, mask_m, sqn, sqd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
                  HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE, DOT)
     rot_base = bh.to(tl.int64) * N_Q * HEAD_D
     if SAVE_ROT:
         _store_rows(QR + rot_base, q, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    kr_base = KR + (bh // GROUP).to(tl.int64) * N_Q * HEAD_D  # KR: [B*H/GROUP, N, D]; RoPE has N_KV = N_Q
+    hk = h // GROUP
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    kpm_base = KPM + b * smb
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, start_n, N_KV, skn, skd, svn, svd,
-                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
-                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT)
+                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT, GROUP, KEY_MASK)
     if n_full < N_KV:
-        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n_full, N_KV, skn, skd, svn, svd,
-                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, KR + rot_base, n_m, pid_m,
+        m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, n_full, N_KV, skn, skd, svn, svd,
+                                  cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
-                                  BLOCK_M, TAIL_N, DOT, PRECISION, True, SAVE_ROT)
+                                  BLOCK_M, TAIL_N, DOT, PRECISION, True, SAVE_ROT, GROUP, KEY_MASK)
 
+    if KEY_MASK:  # a row without a valid key has l = 0 and acc = 0: o = 0, and lse = +inf makes the backward's P 0
+        empty = l_i == 0.0
+        l_i = tl.where(empty, 1.0, l_i)
     acc = acc / l_i[:, None]
+    lse = m_i + tl.math.log2(l_i)
+    if KEY_MASK:
+        lse = tl.where(empty, float("inf"), lse)
     _store_rows(O + b * sob + h * soh, acc, offs_m, mask_m, son, sod, offs_d, HEAD_D, BLOCK_D)
-    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=["H", "P"])
 def rotate_kernel(
-    X, XR, COS, SIN, sxb, sxh, sxn, sxd, stab_h, stab_n, H, N, P,
+    X, XR, COS, SIN, sxb, sxh, sxn, sxd, stab_b, stab_h, stab_n, H, N, P,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BATCHED_TABLE: tl.constexpr,
 ):
-    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] (any strides) rotated into XR [B*H, N, D]
-    (contiguous, joined pair order, the dot dtype)."""
+    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] (any strides; H: X's own head count, H_kv for k)
+    rotated into XR [B*H, N, D] (contiguous, joined pair order, the dot dtype)."""
     bh, b, h, offs_m, mask_m = _program_rows(N, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    x = _load_qk(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, COS + h * stab_h, SIN + h * stab_h, stab_n, P,
+    cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
+    x = _load_qk(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, cos_base, sin_base, stab_n, P,
                  tl.arange(0, BLOCK_D2), offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, True,
                  DOT)
     _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
@@ -253,8 +294,9 @@ def _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
                  MASK_N: tl.constexpr):
     """BLOCK_N keys k, v [BLOCK_N, BLOCK_D] against one query block (from `_bwd_q_block`): dk, dv [BLOCK_N,
     BLOCK_D] fp32 accumulated; -> dk, dv, dS^T [BLOCK_N, BLOCK_M] in the dot dtype (unscaled: dq = scale dS k).
-    MASK_N: P^T = 0 on rows of keys past N_KV, where dS feeds dq. (Their k rows are zero-padded, so dS k adds 0
-    for finite values anyway; the mask keeps an infinite P from making it NaN, as in the split dq kernel.)"""
+    MASK_N: P^T = 0 on the rows of keys not in mask_n: keys past N_KV, where dS feeds dq (their k rows are
+    zero-padded, so dS k adds 0 for finite values anyway; the mask keeps an infinite P from making it NaN, as in the
+    split dq kernel), or keys the key padding mask hides (the split dk/dv kernel: exactly zero dk, dv)."""
     st = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION)
     pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T [BLOCK_N, BLOCK_M]
     if MASK_N:
@@ -286,52 +328,74 @@ def bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, 
                mask_m, son, sod, sdon, sdod, tl.arange(0, BLOCK_D), HEAD_D, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
-def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_h, stab_n,
-    H, N_Q, N_KV, P, qk_scale, scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Split path. One program: dk, dv for BLOCK_N keys of one (b, h), looping over all queries."""
-    bh, b, h, offs_n, mask_n = _program_rows(N_KV, H, BLOCK_N)
-    offs_j = tl.arange(0, BLOCK_D2)
-    offs_d = tl.arange(0, BLOCK_D)
-
-    k = _load_rows(K + b * skb + h * skh, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-    v = _load_rows(V + b * svb + h * svh, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+@triton.jit
+def _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, h, bh, sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod,
+                   N_Q, qk_scale, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, KEY_MASK: tl.constexpr):
+    """dk, dv [BLOCK_N, BLOCK_D] fp32 of one key block accumulated over all queries of query head h (bh = b H + h)."""
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = bh.to(tl.int64) * N_Q
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _bwd_q_block(q_base, do_base, LSE + row_base, DELTA + row_base, offs_m, offs_m < N_Q,
                                          sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
-        dk, dv, _ = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, mask_n, qk_scale,
-                                 BLOCK_M, BLOCK_N, DOT, PRECISION, False)  # rows past N_KV are not stored
+        # rows past N_KV are not stored; masked keys (KEY_MASK) get P = 0, so exactly zero dk and dv
+        dk, dv, _ = _bwd_kv_tile(k, v, q, do, lse, delta, dk, dv, keep, qk_scale,
+                                 BLOCK_M, BLOCK_N, DOT, PRECISION, KEY_MASK)
+    return dk, dv
 
-    _bwd_store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, scale, offs_n, mask_n,
-                    sdkn, sdkd, sdvn, sdvd, COS + h * stab_h, SIN + h * stab_h, stab_n, P, offs_j, offs_d,
+
+@triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
+def bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KPM,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_b, stab_h, stab_n, smb,
+    H, N_Q, N_KV, P, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, BATCHED_TABLE: tl.constexpr, KEY_MASK: tl.constexpr,
+):
+    """Split path. One program: dk, dv for BLOCK_N keys of one (b, k/v head), looping over all queries of the
+    GROUP query heads that share it, in order (the group's sum without atomics). H: query heads."""
+    bhk, b, hk, offs_n, mask_n = _program_rows(N_KV, H // GROUP, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_D2)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    if KEY_MASK:
+        keep = _key_keep(KPM + b * smb, offs_n, mask_n)
+    else:
+        keep = mask_n
+    k = _load_rows(K + b * skb + hk * skh, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    v = _load_rows(V + b * svb + hk * svh, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):
+        dk, dv = _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, hk * GROUP + g, bhk * GROUP + g, sqb,
+                                sqh, sqn, sqd, sdob, sdoh, sdon, sdod, N_Q, qk_scale, offs_d, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N,
+                                DOT, PRECISION, KEY_MASK)
+
+    cos_base, sin_base = _table_bases(COS, SIN, b, hk, stab_b, stab_h, BATCHED_TABLE)  # per-head tables: GROUP = 1
+    _bwd_store_dkdv(DK + b * sdkb + hk * sdkh, DV + b * sdvb + hk * sdvh, dk, dv, scale, offs_n, mask_n,
+                    sdkn, sdkd, sdvn, sdvd, cos_base, sin_base, stab_n, P, offs_j, offs_d,
                     HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
 
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KPM,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    sdqb, sdqh, sdqn, sdqd, stab_h, stab_n,
+    sdqb, sdqh, sdqn, sdqd, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, BATCHED_TABLE: tl.constexpr, KEY_MASK: tl.constexpr,
 ):
-    """Split path. One program: dq for BLOCK_M queries of one (b, h), looping over all keys."""
+    """Split path. One program: dq for BLOCK_M queries of one (b, h), looping over all keys (of k/v head
+    h // GROUP)."""
     bh, b, h, offs_m, mask_m = _program_rows(N_Q, H, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
@@ -340,25 +404,31 @@ def bwd_dq_kernel(
     q, do, lse, delta = _bwd_q_block(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + row_base,
                                      DELTA + row_base, offs_m, mask_m, sqn, sqd, sdon, sdod, offs_d,
                                      HEAD_D, BLOCK_D, DOT)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    hk = h // GROUP
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    kpm_base = KPM + b * smb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_KV, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_KV
-        k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        if KEY_MASK:
+            keep = _key_keep(kpm_base, offs_n, mask_n)
+        else:
+            keep = mask_n
+        k = _load_rows(k_base, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+        v = _load_rows(v_base, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
         s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
+        p = tl.where(keep[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
         ds = (p * (dp - delta[:, None])).to(DOT)
         dq = _dot(ds, k, dq, PRECISION)
 
-    _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, COS + h * stab_h,
-                   SIN + h * stab_h, stab_n, P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP,
-                   PAIR_OFF, SPLIT, ROPE)
+    cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
+    _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base, sin_base, stab_n,
+                   P, offs_j, offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
 
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models

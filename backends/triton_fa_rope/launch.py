@@ -18,7 +18,7 @@ import triton.language as tl
 from attnhub import settings
 from attnhub.backends.triton_fa_rope import kernels, runtime
 from attnhub.backends.triton_fa_rope.configs import INTERPRET, ArchConfigs
-from attnhub.rope import CosSinTable
+from attnhub.rope import CosSinTable, table_strides
 
 LOG2E = 1.4426950408889634
 ROT_M = 64  # rows per program of `rotate_kernel` (a pure load-rotate-store pass)
@@ -68,15 +68,28 @@ def rot_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _table_args(rope: CosSinTable | None, q: torch.Tensor):
-    """(cos, sin, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE."""
+    """(cos, sin, batch stride, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE.
+
+    rope: a `CosSinTable` (one `from_coords` is read as its materialised cos and sin) or the autograd's `_Table`:
+    cos, sin [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2], and prefix_tokens."""
     if rope is None:
         dummy = q.new_empty(1, dtype=torch.float32)
-        return dummy, dummy, 0, 0, 0
+        return dummy, dummy, 0, 0, 0, 0
     cos, sin = rope.cos.detach(), rope.sin.detach()
     if cos.dtype != torch.float32:  # e.g. a bf16 table from a model cast to bf16: the kernels read fp32 angles
         cos, sin = cos.float(), sin.float()
-    head_stride = cos.stride(0) if rope.per_head else 0
-    return cos, sin, head_stride, cos.stride(-2), rope.prefix_tokens
+    return cos, sin, *table_strides(cos), rope.prefix_tokens
+
+
+def _varlen_args(q, k, cos, key_padding_mask):
+    """(mask, its row stride, the constexprs GROUP, BATCHED_TABLE, KEY_MASK) of a call: the mask [B, N_KV] as uint8
+    (a 1-element dummy without one), H / H_kv query heads per k/v head, one table per sample."""
+    if key_padding_mask is None:
+        kpm = q.new_empty(1, dtype=torch.uint8)
+    else:
+        kpm = key_padding_mask.contiguous().view(torch.uint8)
+    return kpm, kpm.stride(0), dict(GROUP=q.shape[1] // k.shape[1], BATCHED_TABLE=cos.dim() == 4,
+                                    KEY_MASK=key_padding_mask is not None)
 
 
 def grid(n_rows: int, block: int, bh: int) -> int:
@@ -99,15 +112,17 @@ def output_like(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
 
 
-def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launch: Launcher | None = None):
-    """q: [B, H, N, D], k, v: [B, H, N_KV, D] -> o [B, H, N, D], lse [B*H, N] fp32 and, with save_rotated and RoPE,
-    the rotated q and k [B, H, N, D] in joined pair order (else q and k themselves).
+def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launch: Launcher | None = None,
+            key_padding_mask: torch.Tensor | None = None):
+    """q: [B, H, N, D], k, v: [B, H_kv, N_KV, D], key_padding_mask: bool [B, N_KV] or None -> o [B, H, N, D], lse
+    [B*H, N] fp32 and, with save_rotated and RoPE, the rotated q [B, H, N, D] and k [B, H_kv, N, D] in joined pair
+    order (else q and k themselves).
 
     With RoPE, from `config.prerotate_from_n` (inference) or `prerotate_train_from_n` (training) on, K (inference)
     or q and K (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
-    N_KV = k.shape[2]
+    H_KV, N_KV = k.shape[1:3]
     cx = meta(q, rope)
     training = save_rotated and rope is not None
     from_n = config.prerotate_train_from_n if training else config.prerotate_from_n
@@ -118,32 +133,36 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
         cfg = config.fwd
     o = output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
-    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
+    kpm, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
     rdtype = rot_dtype(q.dtype)
-    qr, kr = (torch.empty(B, H, N_Q, D, device=q.device, dtype=rdtype) if training else lse for _ in "qk")
+    qr, kr = (torch.empty(B, heads, N_Q, D, device=q.device, dtype=rdtype) if training else lse
+              for heads in (H, H_KV))
     q_in, k_in, rope_k, save_rot = q, k, True, training
     if prerotate:
         if not training:
-            kr = torch.empty(B, H, N_KV, D, device=q.device, dtype=rdtype)
+            kr = torch.empty(B, H_KV, N_KV, D, device=q.device, dtype=rdtype)
         # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
         for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
-            launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * H),),
-                   (x, xr, cos, sin, *x.stride(), stab_h, stab_n, H, N_KV, P), 4, 1, BLOCK_M=ROT_M,
-                   **{name: cx[name] for name in _ROT_META})
+            launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * x.shape[1]),),
+                   (x, xr, cos, sin, *x.stride(), stab_b, stab_h, stab_n, x.shape[1], N_KV, P), 4, 1, BLOCK_M=ROT_M,
+                   BATCHED_TABLE=varlen["BATCHED_TABLE"], **{name: cx[name] for name in _ROT_META})
         k_in, rope_k = kr, False
         if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
     launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q_in, k_in, v, o, lse, cos, sin, qr, kr, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
-            stab_h, stab_n, H, N_Q, N_KV, P, scale * LOG2E),
+           (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
+            stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SAVE_ROT=save_rot,
            ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
-           **cx)
+           **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
 
 
-def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None):
-    """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv.
+def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,
+             key_padding_mask: torch.Tensor | None = None):
+    """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv (dk, dv [B, H_kv,
+    N_KV, D]: summed over the query heads of each k/v head).
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
@@ -154,11 +173,13 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     cx = meta(q, rope)
-    cos, sin, stab_h, stab_n, P = _table_args(rope, q)
+    cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
+    kpm, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
-    if fused:
+    # bwd_fused_kernel reads no mask, k/v head groups or per-sample tables: those calls take the split path
+    if fused and not (varlen["KEY_MASK"] or varlen["GROUP"] > 1 or varlen["BATCHED_TABLE"]):
         cfg = config.bwd_fused
         single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
         delta, dq_acc = (lse, lse) if single else (
@@ -172,13 +193,14 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
     cfg = config.dkdv
-    launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * H),),
-           (q, k, v, do, lse, delta, dk, dv, cos, sin, *common, *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+    tables = (stab_b, stab_h, stab_n, smb)
+    launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
+           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, *common, *dk.stride(), *dv.stride(), *tables, *sizes),
+           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     cfg = config.dq
     launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q, k, v, do, lse, delta, dq, cos, sin, *common, *dq.stride(), stab_h, stab_n, *sizes),
-           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx)
+           (q, k, v, do, lse, delta, dq, cos, sin, kpm, *common, *dq.stride(), *tables, *sizes),
+           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     return dq, dk, dv
 
 
@@ -190,18 +212,19 @@ def use_fused_backward(config: ArchConfigs, n_q: int, n_kv: int, path: str) -> b
     return path == "fused"
 
 
-def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None) -> None:
+def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None,
+                  key_padding_mask: torch.Tensor | None = None) -> None:
     """Compile the kernels of a training forward and backward of this call's shapes, and their launchers, in
     parallel threads before the first launch (once per key; see `runtime.compile_ahead`).
 
     The backward is planned with o standing in for the incoming gradient (the same layout in the usual case;
     another layout compiles its own kernels at the backward, as without this)."""
-    key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(),
-           None if rope is None else (rope.layout, rope.per_head, rope.prefix_tokens, rope.cos.dtype))
+    key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), key_padding_mask is None,
+           None if rope is None else (rope.layout, rope.cos.shape[:-2], rope.prefix_tokens, rope.cos.dtype))
     fused = use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
 
     def plan(launch: Launcher) -> None:
-        o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch=launch)
-        backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch=launch)
+        o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch, key_padding_mask)
+        backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch, key_padding_mask)
 
     runtime.compile_ahead(key, q.device, plan, compile_one)

@@ -113,18 +113,25 @@ def test_compiled_forced_backend_is_honoured_and_explained_by_trace():
     assert seen  # traced through the forced backend
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "interleaved_learnable", "none"])
+@pytest.mark.parametrize("layout", ["interleaved", "interleaved_learnable", "none", "interleaved_per_sample_gqa_mask"])
 def test_opcheck_triton_custom_ops(layout):
     """Schema, fake tensor, autograd registration and AOT dispatch of attnhub::triton_fa_rope_fwd (with a table
-    that requires grad too)."""
+    that requires grad too; with one learnable table per sample, k/v on fewer heads and a key padding mask)."""
     from attnhub.backends.triton_fa_rope import autograd
 
     dtype = torch.float32
-    q, k, v, table = _inputs(1, 2, (2, 3), 1, 32, dtype, DEVICE)
+    q, k, v, table = _inputs(2, 2, (2, 3), 1, 32, dtype, DEVICE)
     cos, sin = (table.cos, table.sin) if layout != "none" else (None, None)
+    mask = None
     if layout == "interleaved_learnable":
         cos, sin, layout = cos.clone().requires_grad_(), sin.clone().requires_grad_(), "interleaved"
-    args = (q, k, v, cos, sin, 1 if layout != "none" else 0, layout, 32**-0.5, True)
+    if layout.endswith("mask"):
+        k, v = (t[:, :1].detach().clone().requires_grad_() for t in (k, v))
+        cos, sin = (t.expand(2, 1, *t.shape).clone().requires_grad_() for t in (cos, sin))
+        mask = torch.rand(2, 7, generator=torch.Generator().manual_seed(0)).to(DEVICE) > 0.4
+        mask[1] = False  # a sample without a valid key
+        layout = "interleaved"
+    args = (q, k, v, cos, sin, 1 if layout != "none" else 0, layout, 32**-0.5, True, mask)
     torch.library.opcheck(autograd.fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                        "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
@@ -148,7 +155,7 @@ def test_opcheck_rope_rotate_op(layout):
                                           "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.parametrize("backend", ["math", "torch_sdpa", "triton_rope_sdpa"])
+@pytest.mark.parametrize("backend", ["math", "torch_sdpa", "triton_rope_sdpa", "triton_fa_rope"])
 def test_fullgraph_key_padding_gqa_and_coords(backend):
     """Issue 12's arguments under torch.compile: a key padding mask, 4 query heads on 2 k/v heads, a per-sample
     table built from coordinates inside the graph with learnable frequencies; output and grads as eager."""

@@ -2,10 +2,12 @@
 tables from coordinates, coordinate augmentation; forward output and gradients to q, k, v and to the table's
 leaf (timm's embedding, the frequencies, the coordinates).
 
-Every backend that can run the call (`attnhub.explain`, forced: math and torch_sdpa today; the Triton backends
-declare these capabilities false and are skipped with their reason) is compared with `reference`, an explicit
-loop over samples and query heads that selects the valid keys and the k/v head of each query head, in float64.
-Backends run in float64 (relative L2 <= 1e-12) and in float32 (<= 1e-5).
+Every backend that can run the call (`attnhub.explain`, forced: all four built-ins; on CPU the Triton backends run
+in the interpreter) is compared with `reference`, an explicit loop over samples and query heads that selects the
+valid keys and the k/v head of each query head, in float64. Backends run in float64 (relative L2 <= 1e-12) and in
+float32 (<= 1e-5), in those of the two their registry entry accepts (the Triton backends: float32 only). On CPU
+triton_fa_rope takes its split backward (the interpreter's configs), the path that reads the mask and k/v groups;
+these shapes fit one tile, tests/backends/triton_fa_rope/test_backward.py has several.
 """
 
 from __future__ import annotations
@@ -192,13 +194,17 @@ def test_key_padding_sample_without_valid_key(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_key_padding_everything_valid_equals_no_mask(name):
-    q, k, v = (torch.randn(2, 2, 7, 16, device=DEVICE, dtype=torch.float64) for _ in "qkv")
-    table = CosSinTable(grid=(2, 3), head_dim=16, device=DEVICE)
-    mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
-    if why := why_not(name, q, k, v, table, mask):
+    """In float64, or float32 where the backend cannot run float64."""
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = (torch.randn(2, 2, 7, 16, device=DEVICE, dtype=dtype) for _ in "qkv")
+        table = CosSinTable(grid=(2, 3), head_dim=16, device=DEVICE)
+        mask = torch.ones(2, 7, dtype=torch.bool, device=DEVICE)
+        if not (why := why_not(name, q, k, v, table, mask)):
+            break
+    if why:
         pytest.skip(why)
     got = attnhub.attention(q, k, v, table, backend=name, key_padding_mask=mask)
-    assert_close_rel(got, attnhub.attention(q, k, v, table, backend=name), torch.float64)
+    assert_close_rel(got, attnhub.attention(q, k, v, table, backend=name), dtype)
 
 
 # -------------------------------------------------------------------------------------- grouped k/v heads

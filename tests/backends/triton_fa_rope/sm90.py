@@ -42,16 +42,16 @@ from attnhub.backends.triton_fa_rope import launch as launcher
 from attnhub.backends.triton_fa_rope.runtime import Launch
 
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
-_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8"}
 _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"cp\.async\.(?:ca|cg)",
                "tma_load": r"cp\.async\.bulk\.tensor", "ld_global": r"\bld\.global", "st_shared": r"\bst\.shared",
                "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx"}
 
 
-def training_step_launches(q, k, v, rope, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
+def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
     """Every launch of an inference forward, a training forward and its backward (`bwd`: split or fused) with the
-    config table of compute capability `arch` (`config` replaces its fields, e.g. prerotate_from_n=0), recorded
-    instead of run."""
+    config table of compute capability `arch` (`config` replaces its fields, e.g. prerotate_from_n=0) and the key
+    padding mask `mask` (or None), recorded instead of run."""
     scale = q.shape[-1] ** -0.5
     cfg = dataclasses.replace(configs.for_arch(arch, q.shape[-1]), **config)
     launches: list[Launch] = []
@@ -59,9 +59,9 @@ def training_step_launches(q, k, v, rope, arch: int = 9, bwd: str = "split", **c
     def record(kernel, grid, args, num_warps, num_stages, **constexprs):
         launches.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
 
-    launcher.forward(q, k, v, rope, scale, False, cfg, launch=record)
-    o, lse, (qs, ks) = launcher.forward(q, k, v, rope, scale, True, cfg, launch=record)
-    launcher.backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale, cfg, bwd == "fused", launch=record)
+    launcher.forward(q, k, v, rope, scale, False, cfg, record, mask)
+    o, lse, (qs, ks) = launcher.forward(q, k, v, rope, scale, True, cfg, record, mask)
+    launcher.backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale, cfg, bwd == "fused", record, mask)
     return launches
 
 
@@ -122,17 +122,25 @@ def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
     return report
 
 
-# name: (D, dtype, layout or None, per-head table, N_kv for cross attention)
+# name: (D, dtype, layout or None, table kind, N_kv for cross attention[, varlen: k/v heads, key padding mask]);
+# table kind: "shared" [N_grid, D/2], "per_head" [H, ...], "per_sample" [B, 1, ...]
 CASES = {
-    "d64_bf16_interleaved": (64, torch.bfloat16, "interleaved", False, None),
-    "d64_bf16_half": (64, torch.bfloat16, "half", False, None),
-    "d64_bf16_norope_cross": (64, torch.bfloat16, None, False, 77),
-    "d64_fp16_interleaved": (64, torch.float16, "interleaved", False, None),
-    "d64_fp32_interleaved": (64, torch.float32, "interleaved", False, None),
-    "d64_bf16_perhead": (64, torch.bfloat16, "interleaved", True, None),
-    "d80_bf16_interleaved": (80, torch.bfloat16, "interleaved", False, None),  # BLOCK_D 128: pair loads
-    "d128_bf16_half": (128, torch.bfloat16, "half", False, None),
-    "d256_bf16_interleaved": (256, torch.bfloat16, "interleaved", False, None),
+    "d64_bf16_interleaved": (64, torch.bfloat16, "interleaved", "shared", None),
+    "d64_bf16_half": (64, torch.bfloat16, "half", "shared", None),
+    "d64_bf16_norope_cross": (64, torch.bfloat16, None, "shared", 77),
+    "d64_fp16_interleaved": (64, torch.float16, "interleaved", "shared", None),
+    "d64_fp32_interleaved": (64, torch.float32, "interleaved", "shared", None),
+    "d64_bf16_perhead": (64, torch.bfloat16, "interleaved", "per_head", None),
+    "d80_bf16_interleaved": (80, torch.bfloat16, "interleaved", "shared", None),  # BLOCK_D 128: pair loads
+    "d128_bf16_half": (128, torch.bfloat16, "half", "shared", None),
+    "d256_bf16_interleaved": (256, torch.bfloat16, "interleaved", "shared", None),
+    # variable resolution: KEY_MASK, GROUP > 1, BATCHED_TABLE, alone and together
+    "d64_bf16_mask": (64, torch.bfloat16, "interleaved", "shared", None, dict(mask=True)),
+    "d64_bf16_gqa": (64, torch.bfloat16, "half", "shared", None, dict(h_kv=1)),
+    "d64_bf16_per_sample": (64, torch.bfloat16, "interleaved", "per_sample", None),
+    "d64_bf16_mask_gqa_per_sample": (64, torch.bfloat16, "interleaved", "per_sample", None, dict(h_kv=1, mask=True)),
+    "d80_fp16_mask_gqa": (80, torch.float16, "interleaved", "shared", None, dict(h_kv=1, mask=True)),
+    "d128_fp32_mask_norope": (128, torch.float32, None, "shared", None, dict(mask=True)),
 }
 # name: (launcher config overrides, backward path); every case runs "default" (the Hopper table: at N = 197 RoPE in
 # the kernel, narrow last K tile), the ViT case every variant
@@ -146,25 +154,29 @@ VARIANTS = {
     "in_kernel_full_tail": (dict(**NEVER, narrow_tail=False), "split"),
 }
 MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) for v in VARIANTS if v != "default"]
+MATRIX += [("d64_bf16_mask_gqa_per_sample", v) for v in VARIANTS if v != "default"]  # the fused request: split
 
 
-def case_inputs(D, dtype, layout, per_head, n_kv, B=2, H=3, grid=(14, 14), P=1):
+def case_inputs(D, dtype, layout, table, n_kv, varlen=None, B=2, H=3, grid=(14, 14), P=1):
     """q, k, v [B, H, N, D] as views of one fused [B, N, 3, H, D] projection (k, v [B, H, n_kv, D] of their own
-    for cross attention) and the table (None without RoPE; from timm's sin/cos format when per head)."""
+    for cross attention; [B, h_kv, N, D] with varlen's h_kv), the table (None without RoPE; from timm's sin/cos
+    format when per head or per sample) and a key padding mask [B, N] (None unless varlen has mask)."""
+    varlen = varlen or {}
     N = P + grid[0] * grid[1]
     q, k, v = torch.empty(B, N, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
-    if n_kv is not None:
-        k, v = (torch.empty(B, n_kv, H, D, dtype=dtype).transpose(1, 2) for _ in "kv")
+    if n_kv is not None or "h_kv" in varlen:
+        k, v = (torch.empty(B, n_kv or N, varlen.get("h_kv", H), D, dtype=dtype).transpose(1, 2) for _ in "kv")
+    mask = torch.ones(B, k.shape[2], dtype=torch.bool) if varlen.get("mask") else None
     if layout is None:
-        return q, k, v, None
-    if not per_head:
-        return q, k, v, CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout)
-    angles = torch.rand(H, grid[0] * grid[1], D // 2)
+        return q, k, v, None, mask
+    if table == "shared":
+        return q, k, v, CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, layout=layout), mask
+    angles = torch.rand(*{"per_head": (H,), "per_sample": (B, 1)}[table], grid[0] * grid[1], D // 2)
     if layout == "interleaved":
         sin, cos = angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
     else:
-        sin, cos = angles.sin().repeat(1, 1, 2), angles.cos().repeat(1, 1, 2)
-    return q, k, v, CosSinTable.from_sin_cos(torch.cat([sin, cos], -1), prefix_tokens=P, layout=layout)
+        sin, cos = torch.cat([angles.sin()] * 2, -1), torch.cat([angles.cos()] * 2, -1)
+    return q, k, v, CosSinTable.from_sin_cos(torch.cat([sin, cos], -1), prefix_tokens=P, layout=layout), mask
 
 
 # triton_rope_sdpa's rotation pass (it launches through the same runtime): name -> (D, dtype, layout, table kind,

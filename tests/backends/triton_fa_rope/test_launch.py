@@ -1,5 +1,6 @@
 """triton_fa_rope's launcher: forward paths (RoPE inside the attention kernel or K / q and K rotated first by
-`rotate_kernel`, and the narrow last K tile), the last tile's width, grids.
+`rotate_kernel`, and the narrow last K tile), the last tile's width, grids; in every path also key padding, grouped
+k/v heads and per-sample tables over several blocks (a whole key block masked, a sample without a valid key).
 
 Each path is forced through `configs.override` (`prerotate_from_n`, `prerotate_train_from_n`, `narrow_tail`) and
 compared with `math` in float64: output without grad, output and dq, dk, dv with grad. Every `torch.empty` buffer
@@ -13,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnhub import attention as attnhub_attention
 from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch, runtime
 from tests.helpers import (
     DEVICE, TRITON, Shape, assert_close_rel, available, make_qkv, make_table, make_tensor, run_backend,
@@ -115,3 +117,57 @@ def test_config_override_replaces_fields_and_restores():
     with pytest.raises(TypeError, match="unknown field.*nonesuch"):
         with configs.override(nonesuch=1):
             pass
+
+
+# name: (H, H_kv, per-sample table); every case has a key padding mask (sample 0: its first key block masked,
+# sample 1: no valid key, sample 2: random keys)
+VARLEN = {
+    "mask": (2, 2, False),
+    "mask_gqa3": (3, 1, False),
+    "mask_gqa2_per_sample": (4, 2, True),
+}
+
+
+def _varlen_mask(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
+    mask = torch.rand(B, N, generator=gen) < 0.6
+    mask[0, :40] = False  # a whole key block of 32 (and part of the next) hidden, the prefix token too
+    mask[1] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", list(VARLEN))
+def test_varlen_paths_match_math(case, path, nan_empty):
+    """Key padding, grouped k/v heads and per-sample tables over several query and key blocks (N = 71), in every
+    forward path, against `math` in float64: o and the gradients of q, k, v and the table's embedding. The fused
+    backward is requested and must not run (it reads no mask, groups or batch stride): the split kernels do."""
+    from attnhub import CosSinTable, settings
+
+    H, H_kv, per_sample = VARLEN[case]
+    B, grid, P, D, dtype = 3, (7, 10), 1, 32, DTYPES[0]
+    N = P + grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(31)
+    q = make_tensor("transposed", B, H, N, D, dtype, gen)
+    k, v = (make_tensor("transposed", B, H_kv, N, D, dtype, gen) for _ in "kv")
+    do = make_tensor("contiguous", B, H, N, D, dtype, gen)
+    mask = _varlen_mask(B, N, gen)
+    ang = torch.rand(*((B, 1) if per_sample else ()), N - P, D // 2, generator=gen) * 6
+    emb = torch.cat([ang.sin(), ang.cos()], -1).repeat_interleave(2, -1).to(DEVICE, dtype)
+
+    def run(name, q, k, v, do, emb):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, emb)]
+        table = CosSinTable.from_sin_cos(leaves[-1], prefix_tokens=P, layout="interleaved")
+        o = attnhub_attention(*leaves[:3], table, backend=name, key_padding_mask=mask)
+        return [o.detach(), *torch.autograd.grad(o, leaves, do)]
+
+    ref = run("math", *(t.double() for t in (q, k, v, do, emb)))
+    with configs.override(**PATHS[path]), settings.override(triton_bwd="fused"), runtime.recording() as launched:
+        got = run(TRITON, q, k, v, do, emb)
+    names = [x.name for x in launched]
+    assert "bwd_fused_kernel" not in names and {"bwd_dkdv_kernel", "bwd_dq_kernel"} <= set(names), names
+    for what, a, b in zip(("o", "dq", "dk", "dv", "d emb"), got, ref):
+        assert_close_rel(a, b, dtype, f"{case} {path} {what}", grad=what != "o")
+    o, dq, dk, dv = got[:4]
+    assert (o[1] == 0).all() and (dq[1] == 0).all(), "a sample without a valid key: o and dq must be 0"
+    hidden = ~mask
+    assert (dk.transpose(1, 2)[hidden] == 0).all() and (dv.transpose(1, 2)[hidden] == 0).all()

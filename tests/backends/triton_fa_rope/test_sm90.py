@@ -5,7 +5,8 @@ mismatch between branches, a shape tl.dot refuses, a config that needs more shar
 has) or a launcher that passes the wrong arguments would first fail on a user's GPU. `sm90.py --matrix` (next to
 this file) records the launches of real inference forwards, training forwards and backwards (CPU tensors, the
 Hopper config table, launches recorded rather than run) over head dims, dtypes, layouts, per-head tables, cross
-attention and the forward variants, and compiles each with `triton.compile` for sm_90: the exact arguments,
+attention, the variable-resolution switches (key padding mask, grouped k/v heads, per-sample tables) and the
+forward variants, and compiles each with `triton.compile` for sm_90: the exact arguments,
 constexprs and launch options a GPU call would use. It runs in a subprocess without TRITON_INTERPRET (which this
 test session sets on CPU and which turns every kernel into an interpreted function). Speed is not checked here.
 """
@@ -45,6 +46,13 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert ("d64_bf16_interleaved", "fused_backward", "bwd_fused_kernel") in compiled
     assert ("d64_bf16_interleaved", "prerotate_narrow_tail", "rotate_kernel") in compiled
     assert ("d256_bf16_interleaved", "default", "fwd_kernel") in compiled
+    for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
+                 "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
+        assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled
+    # all three together through every forward variant; a fused request runs the split kernels
+    assert ("d64_bf16_mask_gqa_per_sample", "prerotate_narrow_tail", "rotate_kernel") in compiled
+    assert ("d64_bf16_mask_gqa_per_sample", "fused_backward", "bwd_dkdv_kernel") in compiled
+    assert ("d64_bf16_mask_gqa_per_sample", "fused_backward", "bwd_fused_kernel") not in compiled
     for case in ("d64_bf16_interleaved", "d64_bf16_per_sample_gqa", "d80_fp16_interleaved",  # triton_rope_sdpa
                  "d64_bf16_coords_gqa"):
         assert (f"rope_sdpa_{case}", "rotate", "_rotate_kernel") in compiled
