@@ -1,0 +1,222 @@
+"""Variable-resolution attention at the kernel level: attnhub against timm's own attention math, per case and pass.
+
+    python benchmarks/bench_varlen.py --out benchmarks/results/h200_varlen.json
+    python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
+
+Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over):
+  naflex  NaFlexViT-B: B x 12 heads x 576 tokens (the bucket), D = 64, one RoPE table per sample
+          ([B, 1, N, 2D], timm's NaFlex embedding, zero rows at padding) and each sample's own grid
+          (`bench_e2e.naflex_batch`: 10-40% padding). timm: `apply_rot_embed_cat` on q and k, then
+          F.scaled_dot_product_attention with its additive mask from `create_attention_mask` (the model's
+          default, [B, 1, N, N]). attnhub: `attention(q, k, v, rope=CosSinTable.from_sin_cos(emb),
+          key_padding_mask=patch_valid)`.
+  gqa     ViT-B/16@384: B x 12 query heads, 4 k/v heads, 577 tokens (1 prefix), D = 64, one axial table. timm
+          (`AttentionRope(num_kv_heads=4)`): RoPE on q and k, `repeat_interleave` of k and v, SDPA. attnhub:
+          `attention(q, k, v, rope=table)` with k, v unrepeated.
+Implementations: `attnhub` (automatic choice), `attnhub:<backend>` forced, `timm_eager`, `timm_compiled`
+(`torch.compile` of the same function). Each cell: relative L2 of o and the q, k, v gradients against `math` in
+float64 over valid query rows (first two samples), then the median wall ms (`benchkit.time_ms`) and, on a GPU, the
+kernels' summed time (`benchkit.gpu_ms`). Ratios: timm_compiled ms / attnhub ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attnhub
+from attnhub import benchkit
+from attnhub.rope import CosSinTable, axial_freqs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_e2e import naflex_batch  # noqa: E402 - the NaFlex batch geometry of the end-to-end benchmark
+
+CASES = ("naflex", "gqa")
+IMPLS = ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "attnhub:torch_sdpa", "timm_eager",
+         "timm_compiled")
+
+
+def _timm_emb(angles: torch.Tensor) -> torch.Tensor:
+    """angles [..., N, D/2] -> timm's interleaved embedding [..., N, 2D]: sin then cos, each repeated per pair."""
+    return torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], -1)
+
+
+def make_case(name: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Inputs of one case: q, k, v, do (views laid out [B, N, H, D]), the timm embedding and mask, attnhub's table
+    and key padding mask."""
+    gen = torch.Generator().manual_seed(seed)
+    D = 64
+    if name == "naflex":
+        H = H_kv = 12
+        nb = naflex_batch(batch, 576, generator=gen)
+        valid, coords = nb["patch_valid"], nb["patch_coord"].float()
+        angles = coords @ axial_freqs(D).T  # [B, N, D/2]
+        emb = (_timm_emb(angles) * valid[..., None])[:, None]  # [B, 1, N, 2D], zero rows at padding
+        N = valid.shape[1]
+        from timm.models.naflexvit import create_attention_mask
+
+        mask = create_attention_mask(valid, num_prefix_tokens=0, symmetric=True, dtype=dtype)
+        extra = {"valid": valid.to(device), "timm_mask": mask.to(device), "prefix": 0}
+    elif name == "gqa":
+        H, H_kv, g, P = 12, 4, 24, 1
+        N = P + g * g
+        ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+        angles = torch.stack([ys.flatten(), xs.flatten()], -1).float() @ axial_freqs(D).T  # [N - P, D/2]
+        emb = _timm_emb(angles)
+        extra = {"valid": None, "timm_mask": None, "prefix": P}
+    else:
+        raise ValueError(f"unknown case {name!r}; expected one of {CASES}")
+    q = torch.randn(batch, N, H, D, generator=gen).to(device, dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, N, H_kv, D, generator=gen).to(device, dtype).transpose(1, 2) for _ in "kv")
+    do = torch.randn(batch, N, H, D, generator=gen).to(device, dtype).transpose(1, 2)
+    emb = emb.to(device)
+    table = CosSinTable.from_sin_cos(emb, prefix_tokens=extra["prefix"], layout="interleaved")
+    return {"q": q, "k": k, "v": v, "do": do, "emb": emb, "table": table, "group": H // H_kv, **extra}
+
+
+def timm_attention(q, k, v, emb, mask, prefix: int, group: int):
+    """timm's math: RoPE on the non-prefix tokens of q and k (`apply_rot_embed_cat`), k and v repeated per group
+    (`repeat_interleave`, as `AttentionRope` with num_kv_heads), SDPA with the additive mask."""
+    from timm.layers import apply_rot_embed_cat
+
+    def rope(x):
+        return torch.cat([x[:, :, :prefix], apply_rot_embed_cat(x[:, :, prefix:], emb)], 2) if prefix else \
+            apply_rot_embed_cat(x, emb)
+
+    q, k = rope(q).type_as(v), rope(k).type_as(v)
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def implementation(impl: str, case: dict):
+    """-> fn(q, k, v) -> o for one implementation name."""
+    if impl.startswith("attnhub"):
+        backend = impl.partition(":")[2] or None
+        return lambda q, k, v: attnhub.attention(q, k, v, rope=case["table"], backend=backend,
+                                                 key_padding_mask=case["valid"])
+    fn = lambda q, k, v: timm_attention(q, k, v, case["emb"], case["timm_mask"], case["prefix"],  # noqa: E731
+                                        case["group"])
+    if impl == "timm_compiled":
+        return torch.compile(fn)
+    if impl == "timm_eager":
+        return fn
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {IMPLS}")
+
+
+def subset(case: dict, n: int) -> dict:
+    """The first n samples of a case (tables, masks and inputs sliced alike)."""
+    sub = dict(case)
+    for name in ("q", "k", "v", "do", "valid", "timm_mask"):
+        if case[name] is not None:
+            sub[name] = case[name][:n]
+    if case["emb"].dim() == 4:  # one table per sample
+        sub["emb"] = case["emb"][:n]
+        sub["table"] = CosSinTable.from_sin_cos(sub["emb"], prefix_tokens=case["prefix"], layout="interleaved")
+    return sub
+
+
+def errors(impl: str, case: dict) -> dict:
+    """Relative L2 of o, dq, dk, dv over valid query rows of the first two samples, against math in float64
+    (timm_compiled is checked through timm_eager: compiling for the subset's shapes would cost a compile)."""
+    few = subset(case, 2)
+    fn = implementation("timm_eager" if impl == "timm_compiled" else impl, few)
+    valid = few["valid"]
+
+    def run(f, dtype):
+        q, k, v = (few[n].detach().to(dtype).requires_grad_() for n in "qkv")
+        o = f(q, k, v)
+        if valid is not None:  # padded query rows are not compared (timm's symmetric mask gives them zeros)
+            o = torch.where(valid[:, None, :, None], o, 0)
+        o.backward(few["do"].to(dtype))
+        return [o, q.grad, k.grad, v.grad]
+
+    table64 = CosSinTable.from_sin_cos(few["emb"].double(), prefix_tokens=few["prefix"], layout="interleaved")
+    ref = run(lambda q, k, v: attnhub.attention(q, k, v, rope=table64, backend="math", key_padding_mask=valid),
+              torch.float64)
+    got = run(fn, few["q"].dtype)
+    return {name: ((g.double() - r).norm() / r.norm()).item()
+            for name, g, r in zip(("o", "dq", "dk", "dv"), got, ref)}
+
+
+def measure(impl: str, case: dict, device: torch.device, warmup: int, rep: int) -> dict:
+    rec: dict = {"impl": impl}
+    try:
+        fn = implementation(impl, case)
+        rec["rel_l2"] = errors(impl, case)
+        q, k, v, do = (case[n] for n in ("q", "k", "v", "do"))
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: fn(qg, kg, vg).backward(do), [qg, kg, vg])}
+        if impl.startswith("attnhub"):
+            rec["chosen"] = attnhub.explain(q, k, v, case["table"], backend=impl.partition(":")[2] or None,
+                                            key_padding_mask=case["valid"]).chosen
+        with torch.no_grad():
+            rec["ms"] = {"fwd": benchkit.time_ms(calls["fwd"][0], device=device, warmup=warmup, rep=rep)}
+        rec["ms"]["fwdbwd"] = benchkit.time_ms(calls["fwdbwd"][0], device=device, warmup=warmup, rep=rep,
+                                               grads=calls["fwdbwd"][1])
+        if device.type == "cuda":
+            with torch.no_grad():
+                rec["gpu_ms"] = {"fwd": benchkit.gpu_ms(calls["fwd"][0], device=device)}
+            rec["gpu_ms"]["fwdbwd"] = benchkit.gpu_ms(calls["fwdbwd"][0], device=device, grads=calls["fwdbwd"][1])
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run a case is a result too
+        rec["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma list (attnhub, attnhub:<backend>, timm_eager, "
+                   "timm_compiled)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16
+    records = []
+    for name in args.cases.split(","):
+        case = make_case(name, args.batch, device, dtype)
+        for impl in args.impls.split(","):
+            rec = {"case": name, **measure(impl, case, device, args.warmup, args.rep)}
+            records.append(rec)
+            print(f"  {name} {impl}: {rec.get('error') or rec['ms']}", file=sys.stderr, flush=True)
+    print(f"\n{'case':<8} {'impl':<26} {'chosen':<18} {'fwd ms':>8} {'fwdbwd ms':>10} {'gpu fwd':>8} {'gpu f+b':>8}"
+          "  max rel_l2")
+    for r in records:
+        if "error" in r:
+            print(f"{r['case']:<8} {r['impl']:<26} {r['error'][:90]}")
+            continue
+        g = r.get("gpu_ms", {})
+        print(f"{r['case']:<8} {r['impl']:<26} {r.get('chosen', ''):<18} {r['ms']['fwd']:8.3f} "
+              f"{r['ms']['fwdbwd']:10.3f} {g.get('fwd', float('nan')):8.3f} {g.get('fwdbwd', float('nan')):8.3f}"
+              f"  {max(r['rel_l2'].values()):.1e}")
+    ratios = {}
+    for name in args.cases.split(","):
+        ms = {r["impl"]: r["ms"] for r in records if r["case"] == name and "ms" in r}
+        if "attnhub" in ms and "timm_compiled" in ms:
+            ratios[name] = {p: ms["timm_compiled"][p] / ms["attnhub"][p] for p in ("fwd", "fwdbwd")}
+            print(f"{name}: timm compiled / attnhub: fwd {ratios[name]['fwd']:.2f}x, "
+                  f"fwd+bwd {ratios[name]['fwdbwd']:.2f}x")
+    if args.out:
+        report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "environment": benchkit.environment(device),
+                  "config": {"cases": args.cases.split(","), "batch": args.batch, "dtype": "bfloat16",
+                             "warmup_ms": args.warmup, "rep_ms": args.rep},
+                  "records": records, "ratios_timm_compiled_over_attnhub": ratios}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""benchmarks/bench_varlen.py on the CPU: both cases, attnhub and timm's math, the report and its error check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnhub
+
+from tests.helpers import load_script
+
+pytest.importorskip("timm")
+
+
+def test_smoke_cpu(tmp_path, capsys):
+    bench = load_script("bench_varlen")
+    out = tmp_path / "varlen.json"
+    argv = ["--device", "cpu", "--batch", "2", "--rep", "1", "--warmup", "1", "--impls", "attnhub,timm_eager",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [(r["case"], r["impl"]) for r in report["records"]] == [
+        (c, i) for c in ("naflex", "gqa") for i in ("attnhub", "timm_eager")]
+    for rec in report["records"]:
+        assert "error" not in rec, rec
+        assert max(rec["rel_l2"].values()) < 2e-2  # bf16 against float64 math, valid query rows
+        assert rec["ms"]["fwd"] > 0 and rec["ms"]["fwdbwd"] > 0
+    assert set(report["ratios_timm_compiled_over_attnhub"]) == set()  # timm_compiled not run
+    assert "naflex" in capsys.readouterr().out
+
+
+def test_error_check_catches_an_unmasked_attention(monkeypatch):
+    """The check compares against float64 math with the key padding: attention that ignores the mask fails it."""
+    bench = load_script("bench_varlen")
+    case = bench.make_case("naflex", 2, torch.device("cpu"), torch.bfloat16)
+    assert max(bench.errors("attnhub", case).values()) < 2e-2
+    monkeypatch.setattr(bench, "implementation", lambda impl, c: lambda q, k, v: attnhub.attention(
+        q, k, v, rope=c["table"]))
+    assert max(bench.errors("attnhub", case).values()) > 5e-2
