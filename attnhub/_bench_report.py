@@ -9,15 +9,16 @@ from attnhub import _measured
 from attnhub.benchkit import Shape
 
 
-def winners(report: dict, source: str) -> str:
-    """measured.yaml's text: per GPU architecture the fastest attnhub backend of each timed (shape, pass)."""
+def winners(report: dict, source: str, old_text: str | None = None) -> str:
+    """measured.yaml's text: per GPU architecture the fastest attnhub backend of each timed (shape, pass), plain
+    inputs; the rows of other classes in `old_text` (the file it replaces) are kept."""
     env, shapes = report["environment"], report["shapes"]
     arch = "sm_" + env["compute_capability"].replace(".", "") if env.get("compute_capability") else env["device"]
     rows = [dict(shape=rec["shape"], n=shapes[rec["shape"]]["N"], head_dim=shapes[rec["shape"]]["D"],
                  dtype=report["config"]["dtype"], backend=name.partition(":")[2], ms=ms,
                  **{"pass": "fwd" if rec["pass"] == "fwd" else "fwd+bwd"})
             for rec in report["results"] for name, ms in rec["ms"].items() if name.startswith("attnhub:")]
-    return _measured.dump(_measured.winners(rows, arch, env["device_name"]), source)
+    return _measured.merge(old_text, _measured.winners(rows, arch, env["device_name"]), source)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

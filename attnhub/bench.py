@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(report, indent=1))
         log.info("wrote %s", args.out)
     if args.winners:
-        Path(args.winners).write_text(winners(report, args.out or "an unsaved run"))
+        target = Path(args.winners)
+        target.write_text(winners(report, args.out or "an unsaved run",
+                                  target.read_text() if target.exists() else None))
         log.info("wrote %s", args.winners)
     if args.plot:
         plot(report, args.plot)

@@ -1,6 +1,6 @@
 """Variable-resolution attention at the kernel level: attnhub against timm's own attention math, per case and pass.
 
-    python benchmarks/bench_varlen.py --out benchmarks/results/h200_varlen.json
+    python benchmarks/bench_varlen.py --out benchmarks/results/h200_varlen.json --winners measured.yaml
     python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
 
 Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over):
@@ -16,7 +16,9 @@ Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a tim
 Implementations: `attnhub` (automatic choice), `attnhub:<backend>` forced, `timm_eager`, `timm_compiled`
 (`torch.compile` of the same function). Each cell: relative L2 of o and the q, k, v gradients against `math` in
 float64 over valid query rows (first two samples), then the median wall ms (`benchkit.time_ms`) and, on a GPU, the
-kernels' summed time (`benchkit.gpu_ms`). Ratios: timm_compiled ms / attnhub ms.
+kernels' summed time (`benchkit.gpu_ms`). Ratios: timm_compiled ms / attnhub ms. `--winners FILE` writes the
+forced backends' winners into a measured.yaml as the `key_padding` (naflex) and `gqa` rows (attnhub/_measured.py),
+keeping its other rows.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 import attnhub
-from attnhub import benchkit
+from attnhub import _measured, benchkit
 from attnhub.rope import CosSinTable, axial_freqs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import naflex_batch  # noqa: E402 - the NaFlex batch geometry of the end-to-end benchmark
 
 CASES = ("naflex", "gqa")
+INPUTS = {"naflex": "key_padding", "gqa": "gqa"}  # the class of inputs of each case in measured.yaml
 IMPLS = ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "attnhub:torch_sdpa", "timm_eager",
          "timm_compiled")
 
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--winners", default=None, help="merge the measured winners into this measured.yaml")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases.split(","):
         case = make_case(name, args.batch, device, dtype)
         for impl in args.impls.split(","):
-            rec = {"case": name, **measure(impl, case, device, args.warmup, args.rep)}
+            rec = {"case": name, "n": case["q"].shape[2], **measure(impl, case, device, args.warmup, args.rep)}
             records.append(rec)
             print(f"  {name} {impl}: {rec.get('error') or rec['ms']}", file=sys.stderr, flush=True)
     print(f"\n{'case':<8} {'impl':<26} {'chosen':<18} {'fwd ms':>8} {'fwdbwd ms':>10} {'gpu fwd':>8} {'gpu f+b':>8}"
@@ -215,7 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
+    if args.winners:
+        write_winners(records, benchkit.environment(device), Path(args.winners), args.out or "an unsaved run")
     return 0
+
+
+def write_winners(records: list[dict], env: dict, path: Path, source: str) -> None:
+    """Merge the winners among the forced attnhub backends of each case and pass (records of a run in the
+    environment `env`, `benchkit.environment`) into the measured.yaml at path."""
+    arch = "sm_" + env["compute_capability"].replace(".", "") if env.get("compute_capability") else env["device"]
+    results = [dict(shape=r["case"], n=r["n"], head_dim=64, dtype="bfloat16", backend=r["impl"].partition(":")[2],
+                    ms=r["ms"][p], inputs=INPUTS[r["case"]], **{"pass": "fwd" if p == "fwd" else "fwd+bwd"})
+               for r in records if r["impl"].startswith("attnhub:") and "ms" in r for p in ("fwd", "fwdbwd")]
+    rows = _measured.winners(results, arch, env["device_name"])
+    path.write_text(_measured.merge(path.read_text() if path.exists() else None, rows, source))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 import attnhub
 from attnhub import _measured, select, settings
@@ -88,4 +89,44 @@ def test_clear_cache_reads_an_edited_file_again(tmp_path):
         path.write_text(_measured.dump([{**row, "backend": "torch_sdpa"}], "a test"))
         select.clear_cache()
         assert attnhub.explain(q, k, v, table).chosen == "torch_sdpa"
+    select.clear_cache()
+
+
+def test_rows_apply_to_their_class_of_inputs(tmp_path):
+    """A key_padding row decides masked calls only, a gqa row grouped-head calls only, a plain row neither."""
+    row = dict(arch="cpu", dtype="float32", head_dim=32, n_min=0, n_max=None, measured="x", **{"pass": "inference"})
+    path = tmp_path / "measured.yaml"
+    path.write_text(_measured.dump([{**row, "backend": "math", "inputs": "key_padding"},
+                                    {**row, "backend": "math", "inputs": "gqa"}], "a test"))
+    q, k, v, table = _qkv(17, False)
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    with settings.override(measured=str(path)):
+        select.clear_cache()
+        assert attnhub.explain(q, k, v, table).how == "priority"  # plain call: no plain row
+        how = attnhub.explain(q, k, v, table, key_padding_mask=mask)
+        assert (how.chosen, how.how) == ("math", "table")
+        assert attnhub.explain(q, k[:, :1], v[:, :1], table).how == "table"  # 2 query heads, 1 k/v head
+        path.write_text(_measured.dump([{**row, "backend": "math"}], "a test"))
+        select.clear_cache()
+        assert attnhub.explain(q, k, v, table).how == "table"
+        assert attnhub.explain(q, k, v, table, key_padding_mask=mask).how == "priority"
+    select.clear_cache()
+
+
+def test_merge_keeps_the_classes_a_run_did_not_measure():
+    row = dict(arch="sm_90", dtype="bfloat16", head_dim=64, n_min=0, n_max=None, measured="x", **{"pass": "training"})
+    old = _measured.dump([{**row, "backend": "a"}, {**row, "backend": "b", "inputs": "gqa"}], "old")
+    merged = yaml.safe_load(_measured.merge(old, [{**row, "backend": "c", "inputs": "gqa"}], "new"))["winners"]
+    assert [(r["backend"], r.get("inputs", "plain")) for r in merged] == [("a", "plain"), ("c", "gqa")]
+    assert yaml.safe_load(_measured.merge(None, [{**row, "backend": "c"}], "new"))["winners"][0]["backend"] == "c"
+
+
+def test_an_unknown_class_of_inputs_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(_measured.dump([dict(arch="cpu", dtype="float32", head_dim=32, n_min=0, n_max=None, measured="x",
+                                         backend="math", inputs="masked", **{"pass": "inference"})], "a test"))
+    q, k, v, table = _qkv(17, False)
+    with settings.override(measured=str(path)), pytest.raises(ValueError, match="inputs must be one of"):
+        select.clear_cache()
+        attnhub.explain(q, k, v, table)
     select.clear_cache()

@@ -252,7 +252,9 @@ def test_integer_coords_equal_the_table(name, layout):
     if why := why_not(name, q, k, v, coords):
         pytest.skip(why)
     got, want = attnhub.attention(q, k, v, coords, backend=name), attnhub.attention(q, k, v, table, backend=name)
-    if name in ANGLES_IN_KERNEL:  # its own cos and sin of the same fp32 angles: equal to fp32 round-off
+    if name in ANGLES_IN_KERNEL or DEVICE == "cuda":
+        # its own cos and sin of the same fp32 angles; on CUDA y*f0 + x*f1 contracts into one FMA where the grid
+        # table's angles round twice: equal to fp32 round-off
         assert_close_rel(got, want, torch.float32, f"{name} coords vs table")
     else:
         assert torch.equal(got, want)
