@@ -183,7 +183,7 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, sk
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN, QR, KR, KPM,
+    Q, K, V, O, LSE, COS, SIN, QR, KR, KPM, KEND,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -194,7 +194,8 @@ def fwd_kernel(
 ):
     """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
 
-    K, V: [B, H / GROUP, N_KV, D]. KPM: the key padding mask [B, N_KV] (row stride smb) with KEY_MASK.
+    K, V: [B, H / GROUP, N_KV, D]. KPM: the key padding mask [B, N_KV] (row stride smb) with KEY_MASK; KEND [B]
+    int32: one past each sample's last valid key, where the loop over K tiles stops (all later keys are masked).
     SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR [B*H, N, D] and KR [B*H/GROUP, N, D]
     (joined order). ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `rotate_kernel`).
     TAIL_N: the width of the last, masked K tile (BLOCK_N, or with "narrow_tail" N_KV % BLOCK_N rounded up to a
@@ -222,12 +223,18 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    n_loop = n_full
+    run_tail = n_full < N_KV
+    if KEY_MASK:  # tiles past the sample's last valid key hold only masked keys: skipped (padding at the end)
+        n_stop = tl.load(KEND + b)
+        n_loop = tl.minimum(n_full, tl.cdiv(n_stop, BLOCK_N) * BLOCK_N)
+        run_tail = n_stop > n_full
+    for start_n in range(0, n_loop, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
                                   BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT, GROUP, KEY_MASK)
-    if n_full < N_KV:
+    if run_tail:
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, n_full, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
@@ -330,13 +337,14 @@ def bwd_preprocess(O, DO, DELTA, sob, soh, son, sod, sdob, sdoh, sdon, sdod, H, 
 
 @triton.jit
 def _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, h, bh, sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod,
-                   N_Q, qk_scale, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   N_Q, m_stop, qk_scale, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, KEY_MASK: tl.constexpr):
-    """dk, dv [BLOCK_N, BLOCK_D] fp32 of one key block accumulated over all queries of query head h (bh = b H + h)."""
+    """dk, dv [BLOCK_N, BLOCK_D] fp32 of one key block accumulated over the queries [0, m_stop) of query head h
+    (bh = b H + h; m_stop: N_Q, or 0 for a block of masked keys only)."""
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = bh.to(tl.int64) * N_Q
-    for start_m in range(0, N_Q, BLOCK_M):
+    for start_m in range(0, m_stop, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _bwd_q_block(q_base, do_base, LSE + row_base, DELTA + row_base, offs_m, offs_m < N_Q,
                                          sqn, sqd, sdon, sdod, offs_d, HEAD_D, BLOCK_D, DOT)
@@ -348,7 +356,7 @@ def _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, h, bh, sqb, sqh, sq
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KPM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KPM, KEND,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale, scale,
@@ -363,8 +371,11 @@ def bwd_dkdv_kernel(
     offs_j = tl.arange(0, BLOCK_D2)
     offs_d = tl.arange(0, BLOCK_D)
 
+    m_stop = N_Q
     if KEY_MASK:
         keep = _key_keep(KPM + b * smb, offs_n, mask_n)
+        # a block past the sample's last valid key: dk = dv = 0 without visiting the queries
+        m_stop = tl.where((tl.program_id(0) % tl.cdiv(N_KV, BLOCK_N)) * BLOCK_N < tl.load(KEND + b), N_Q, 0)
     else:
         keep = mask_n
     k = _load_rows(K + b * skb + hk * skh, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
@@ -374,8 +385,8 @@ def bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GROUP):
         dk, dv = _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, hk * GROUP + g, bhk * GROUP + g, sqb,
-                                sqh, sqn, sqd, sdob, sdoh, sdon, sdod, N_Q, qk_scale, offs_d, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N,
-                                DOT, PRECISION, KEY_MASK)
+                                sqh, sqn, sqd, sdob, sdoh, sdon, sdod, N_Q, m_stop, qk_scale, offs_d, HEAD_D,
+                                BLOCK_D, BLOCK_M, BLOCK_N, DOT, PRECISION, KEY_MASK)
 
     cos_base, sin_base = _table_bases(COS, SIN, b, hk, stab_b, stab_h, BATCHED_TABLE)  # per-head tables: GROUP = 1
     _bwd_store_dkdv(DK + b * sdkb + hk * sdkh, DV + b * sdvb + hk * sdvh, dk, dv, scale, offs_n, mask_n,
@@ -385,7 +396,7 @@ def bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KPM,
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KPM, KEND,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdqb, sdqh, sdqn, sdqd, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale, scale,
@@ -410,7 +421,10 @@ def bwd_dq_kernel(
     kpm_base = KPM + b * smb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N_KV, BLOCK_N):
+    n_stop = N_KV
+    if KEY_MASK:  # keys past the sample's last valid one are all masked: not visited
+        n_stop = tl.minimum(N_KV, tl.load(KEND + b))
+    for start_n in range(0, n_stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_KV
         if KEY_MASK:

@@ -82,14 +82,18 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
 
 
 def _varlen_args(q, k, cos, key_padding_mask):
-    """(mask, its row stride, the constexprs GROUP, BATCHED_TABLE, KEY_MASK) of a call: the mask [B, N_KV] as uint8
-    (a 1-element dummy without one), H / H_kv query heads per k/v head, one table per sample."""
+    """(mask, its ends, its row stride, the constexprs GROUP, BATCHED_TABLE, KEY_MASK) of a call: the mask
+    [B, N_KV] as uint8 and, per sample, one past its last valid key ([B] int32; the kernels skip the tiles after
+    it: NaFlex batches pad at the end), 1-element dummies without a mask; H / H_kv query heads per k/v head, one
+    table per sample."""
     if key_padding_mask is None:
-        kpm = q.new_empty(1, dtype=torch.uint8)
+        kpm = kend = q.new_empty(1, dtype=torch.uint8)
     else:
         kpm = key_padding_mask.contiguous().view(torch.uint8)
-    return kpm, kpm.stride(0), dict(GROUP=q.shape[1] // k.shape[1], BATCHED_TABLE=cos.dim() == 4,
-                                    KEY_MASK=key_padding_mask is not None)
+        positions = torch.arange(1, kpm.shape[1] + 1, device=kpm.device, dtype=torch.int32)
+        kend = torch.amax(kpm * positions, dim=1)  # int32; 0 for a sample without a valid key
+    return kpm, kend, kpm.stride(0), dict(GROUP=q.shape[1] // k.shape[1], BATCHED_TABLE=cos.dim() == 4,
+                                          KEY_MASK=key_padding_mask is not None)
 
 
 def grid(n_rows: int, block: int, bh: int) -> int:
@@ -134,10 +138,12 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     o = output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
-    kpm, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
+    kpm, kend, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
     rdtype = rot_dtype(q.dtype)
     qr, kr = (torch.empty(B, heads, N_Q, D, device=q.device, dtype=rdtype) if training else lse
               for heads in (H, H_KV))
+    if training and not prerotate and varlen["KEY_MASK"]:  # the attention kernel skips the K tiles past the last
+        kr.zero_()  # valid key, so it saves no rotated rows there: zeros, not stale memory, in the saved tensor
     q_in, k_in, rope_k, save_rot = q, k, True, training
     if prerotate:
         if not training:
@@ -151,8 +157,8 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
         if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
     launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
-            stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
+           (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kend, *q_in.stride(), *k_in.stride(), *v.stride(),
+            *o.stride(), stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SAVE_ROT=save_rot,
            ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
            **cx, **varlen)
@@ -174,7 +180,7 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     N_KV = k.shape[2]
     cx = meta(q, rope)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
-    kpm, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
+    kpm, kend, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
@@ -195,11 +201,12 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     cfg = config.dkdv
     tables = (stab_b, stab_h, stab_n, smb)
     launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
-           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, *common, *dk.stride(), *dv.stride(), *tables, *sizes),
+           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kend, *common, *dk.stride(), *dv.stride(), *tables,
+            *sizes),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     cfg = config.dq
     launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q, k, v, do, lse, delta, dq, cos, sin, kpm, *common, *dq.stride(), *tables, *sizes),
+           (q, k, v, do, lse, delta, dq, cos, sin, kpm, kend, *common, *dq.stride(), *tables, *sizes),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     return dq, dk, dv
 

@@ -42,7 +42,8 @@ from attnhub.backends.triton_fa_rope import launch as launcher
 from attnhub.backends.triton_fa_rope.runtime import Launch
 
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
-_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8"}
+_POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
+            torch.int32: "*i32"}
 _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"cp\.async\.(?:ca|cg)",
                "tma_load": r"cp\.async\.bulk\.tensor", "ld_global": r"\bld\.global", "st_shared": r"\bst\.shared",
                "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx"}
