@@ -115,7 +115,7 @@ def chosen_backend(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: t
 
     def spy(q, k, v, rope=None, **kw):
         if not seen:
-            seen.append(str(attnhub.explain(q, k, v, rope)))
+            seen.append(str(attnhub.explain(q, k, v, rope, key_padding_mask=kw.get("key_padding_mask"))))
         return real(q, k, v, rope, **kw)
 
     attnhub.attention = spy
