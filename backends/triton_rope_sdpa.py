@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from attnhub.backends.torch_sdpa import sdpa
-from attnhub.backends.triton_fa_rope import runtime
+from attnhub.backends import _triton_runtime as runtime
 from attnhub.rope import CosSinTable, table_grad, table_strides
 
 _ROWS = 32  # tokens per program: 2 x 32 rows x D of q and k in flight, enough to saturate HBM at D = 64

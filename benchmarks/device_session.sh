@@ -15,8 +15,11 @@
 #   sweep  benchmarks/sweep.py over the forward configs ($SWEEP_ARGS overrides)   -> sweep.json, sweep.log
 #   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
 #   e2e384 ViT-B/16@384 (N = 577) train step, B = 64, eager and compiled  -> e2e_vit_b384.json, .log
-#   varlen NaFlexViT-B axial on a padded 576-token bucket, and ViT-B/16@384 with 4 k/v heads, train steps
-#                                                                       -> e2e_naflex.json, e2e_gqa.json, .log
+#   varlen bench_varlen.py (kernel level, NaFlex and grouped heads; its winners merged into a copy of measured.yaml),
+#          then NaFlexViT-B axial on a padded 576-token bucket and ViT-B/16@384 with 4 k/v heads, train steps
+#                                   -> h200_varlen.json, measured.yaml, e2e_naflex.json, e2e_gqa.json, .log
+#   graphs ViT-S/16 train step at B = 32 under torch.compile(mode="reduce-overhead") (CUDA graphs)
+#                                                                       -> e2e_reduce_overhead.json, .log
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
 #   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_h100_rope_mixed.json, .log
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
@@ -77,12 +80,20 @@ for stage in "${stages[@]}"; do
         --out "$OUT/e2e_vit_b384.json" >"$OUT/e2e_vit_b384.log" 2>&1 || status=1
       tail -6 "$OUT/e2e_vit_b384.log" ;;
     varlen)
+      cp measured.yaml "$OUT/measured.yaml"
+      timeout 150 python3 benchmarks/bench_varlen.py --out "$OUT/h200_varlen.json" --winners "$OUT/measured.yaml" \
+        >"$OUT/bench_varlen.log" 2>&1 || status=1
+      grep -v "^  " "$OUT/bench_varlen.log" | tail -16
       timeout 300 python3 benchmarks/bench_e2e.py --models naflexvit_base_patch16_gap --model-kwargs '{"rope_type": "axial"}' \
         --batch 64 --seq-len 576 --modes train --out "$OUT/e2e_naflex.json" >"$OUT/e2e_varlen.log" 2>&1 || status=1
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 --modes train \
         --model-kwargs '{"attn_type": "rope", "num_kv_heads": 4, "qkv_fused": false}' --out "$OUT/e2e_gqa.json" \
         >>"$OUT/e2e_varlen.log" 2>&1 || status=1
       grep "attnhub vs timm" "$OUT/e2e_varlen.log" ;;
+    graphs)
+      timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --batch 32 --modes train \
+        --compile-mode reduce-overhead --out "$OUT/e2e_reduce_overhead.json" >"$OUT/e2e_graphs.log" 2>&1 || status=1
+      tail -6 "$OUT/e2e_graphs.log" ;;
     multigpu)
       timeout 400 python3 -m pytest -m multigpu -q -rs -p no:cacheprovider >"$OUT/pytest_multigpu.log" 2>&1 || status=1
       tail -3 "$OUT/pytest_multigpu.log" ;;
@@ -90,7 +101,7 @@ for stage in "${stages[@]}"; do
       ATTNHUB_HYPOTHESIS_EXAMPLES=60 timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/hypothesis_cuda.log" ;;
-    *) echo "unknown stage $stage (env, tests, first, bench, sweep, e2e, e2e384, varlen, mixed, multigpu, hyp)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp)"; status=2 ;;
   esac
 done
 exit $status

@@ -4,8 +4,9 @@ Read in this order, one job per module:
     kernels.py    the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
     configs.py    `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`, `override`,
                   and `LIMITS` (what the tables cover; the registry checks its entry against it at load)
-    launch.py     compile-time parameters, grids, strides: `forward` and `backward` with an explicit config
-    runtime.py    the only module touching Triton internals: kept compiled runners, compiling ahead
+    launch.py     compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,
+                  launched through `backends/_triton_runtime.py` (shared with triton_rope_sdpa: the only module
+                  touching Triton internals, kept compiled runners, compiling ahead)
     autograd.py   the `autograd.Function`, the torch.compile custom operators and the entry `attention`
 
 The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=None)` (q: [B, H, N, D], k, v:

@@ -20,7 +20,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from attnhub import settings
-from attnhub.backends.triton_fa_rope import configs, launch, runtime
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.rope import CosSinTable, table_grad
 
 

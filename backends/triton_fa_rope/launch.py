@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from attnhub import settings
-from attnhub.backends.triton_fa_rope import kernels, runtime
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import kernels
 from attnhub.backends.triton_fa_rope.configs import INTERPRET, ArchConfigs
 from attnhub.rope import CosSinTable, table_strides
 

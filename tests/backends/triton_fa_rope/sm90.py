@@ -39,7 +39,7 @@ from triton.compiler import ASTSource
 from attnhub import CosSinTable
 from attnhub.backends.triton_fa_rope import configs
 from attnhub.backends.triton_fa_rope import launch as launcher
-from attnhub.backends.triton_fa_rope.runtime import Launch
+from attnhub.backends._triton_runtime import Launch
 
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8",
@@ -196,7 +196,7 @@ ROTATE_CASES = {
 def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1) -> list[Launch]:
     """The launches of triton_rope_sdpa's forward rotation and its backward (R^T) pass, recorded, not run."""
     from attnhub.backends import triton_rope_sdpa as rope_sdpa
-    from attnhub.backends.triton_fa_rope import runtime
+    from attnhub.backends import _triton_runtime as runtime
 
     q = torch.empty(B, grid[0] * grid[1] + P, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)[0]
     k = torch.empty(B, h_kv, grid[0] * grid[1] + P, D, dtype=dtype)

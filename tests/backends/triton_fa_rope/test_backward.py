@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from attnhub import settings
-from attnhub.backends.triton_fa_rope import configs, runtime
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import configs
 from tests.helpers import (
     DEVICE, TRITON, Shape, assert_close_rel, available, make_qkv, make_table, make_tensor, run_backend,
 )

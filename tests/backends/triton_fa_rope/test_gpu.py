@@ -146,7 +146,7 @@ def test_relaunch_through_the_cached_compiled_kernel_is_bitwise_equal():
     bits."""
     import triton
 
-    from attnhub.backends.triton_fa_rope import runtime
+    from attnhub.backends import _triton_runtime as runtime
 
     if not runtime.KEEPS_RUNNERS:
         pytest.skip(f"triton {triton.__version__}: launches go through kernel[grid] only")

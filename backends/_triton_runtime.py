@@ -1,5 +1,6 @@
-"""The only module of triton_fa_rope that touches Triton's runtime internals: the compiled runners it keeps per
-launch, and compiling a training call's kernels ahead.
+"""The only module of the Triton backends (triton_fa_rope, triton_rope_sdpa) that touches Triton's runtime
+internals: every launch goes through `launch`, which keeps compiled runners per launch; and compiling a training
+call's kernels ahead.
 
 Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
 of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call. The
@@ -26,9 +27,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 import triton
 
-from attnhub.backends.triton_fa_rope.configs import INTERPRET
-
-log = logging.getLogger("attnhub.backends.triton_fa_rope")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does (and configs.py)
+log = logging.getLogger("attnhub.backends")
 
 
 def _triton_at_least(major: int, minor: int) -> bool:

@@ -1,5 +1,6 @@
-"""triton_fa_rope's runtime: compiled runners kept per launch, and compiling a training call's kernels ahead
-(planned through the launcher, checked against what the call then launches)."""
+"""The Triton backends' runtime (`backends/_triton_runtime.py`), through triton_fa_rope: compiled runners kept per
+launch, and compiling a training call's kernels ahead (planned through the launcher, checked against what the call
+then launches)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import triton.runtime
 
-from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch, runtime
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch
 from tests.backends.triton_fa_rope.test_launch import _case
 
 
