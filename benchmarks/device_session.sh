@@ -9,6 +9,8 @@
 #   env    versions of the stack, GPU name and driver                  -> stdout
 #   tests  pytest -m gpu, then the backend tests that run on CUDA when there is one (launch paths, NaN/inf,
 #          determinism)                                                  -> pytest_gpu.log/.xml, pytest_cuda.log
+#   tests2 the suites that run on CUDA when there is one and are not marked gpu: variable-resolution parity, the
+#          backward paths, the Triton runtime                            -> pytest_cuda2.log
 #   first  python -m attnhub bench --sections first_call: each backend's first call per shape in fresh processes,
 #          cold (empty Triton cache) and warm; then again with ATTNHUB_TRITON_COMPILE_AHEAD=0 -> first_call*.json
 #   bench  python -m attnhub bench --sections table,host (kernel table, host overhead) -> h100.json, .png, bench.log
@@ -35,6 +37,7 @@ stages=("$@")
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { echo "pip install -e . failed (see install.log):"; tail -5 "$OUT/install.log"; exit 3; }
 # wheels carried along (`run --carry .whl`), e.g. timm 1.0.31 for NaFlexVit on a machine with an older timm
+# (`pip download timm==1.0.31 --no-deps -d .whl` where there is network)
 for whl in .whl/*.whl; do
   [ -e "$whl" ] && { python3 -m pip install -q --no-deps "$whl" >>"$OUT/install.log" 2>&1 || echo "could not install $whl"; }
 done
@@ -52,6 +55,11 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
         tests/backends/test_nonfinite.py tests/backends/test_determinism.py >"$OUT/pytest_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda.log" ;;
+    tests2)
+      timeout 400 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/test_varlen_parity.py \
+        tests/backends/triton_fa_rope/test_backward.py tests/backends/test_triton_runtime.py \
+        >"$OUT/pytest_cuda2.log" 2>&1 || status=1
+      tail -5 "$OUT/pytest_cuda2.log" ;;
     bench)
       timeout 480 python3 -m attnhub bench --sections table,host --no-progress --out "$OUT/h100.json" \
         --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 || status=1
@@ -101,7 +109,7 @@ for stage in "${stages[@]}"; do
       ATTNHUB_HYPOTHESIS_EXAMPLES=60 timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/hypothesis_cuda.log" ;;
-    *) echo "unknown stage $stage (env, tests, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp)"; status=2 ;;
   esac
 done
 exit $status
