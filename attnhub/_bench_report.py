@@ -13,7 +13,7 @@ def winners(report: dict, source: str, old_text: str | None = None) -> str:
     """measured.yaml's text: per GPU architecture the fastest attnhub backend of each timed (shape, pass), plain
     inputs; the rows of other classes in `old_text` (the file it replaces) are kept."""
     env, shapes = report["environment"], report["shapes"]
-    arch = "sm_" + env["compute_capability"].replace(".", "") if env.get("compute_capability") else env["device"]
+    arch = _measured.arch_of_environment(env)
     rows = [dict(shape=rec["shape"], n=shapes[rec["shape"]]["N"], head_dim=shapes[rec["shape"]]["D"],
                  dtype=report["config"]["dtype"], backend=name.partition(":")[2], ms=ms,
                  **{"pass": "fwd" if rec["pass"] == "fwd" else "fwd+bwd"})

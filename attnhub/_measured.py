@@ -52,6 +52,12 @@ def arch_of(device_type: str, device_index: int | None) -> str:
     return f"sm_{major}{minor}"
 
 
+def arch_of_environment(env: dict[str, Any]) -> str:
+    """The architecture a benchmark record (`benchkit.environment`) was measured on, as `arch_of` names it."""
+    cc = env.get("compute_capability")
+    return "sm_" + cc.replace(".", "") if cc else env["device"]
+
+
 def _path() -> Path | None:
     return Path(settings.measured_path()) if settings.measured_path() else None
 

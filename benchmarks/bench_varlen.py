@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_winners(records: list[dict], env: dict, path: Path, source: str) -> None:
     """Merge the winners among the forced attnhub backends of each case and pass (records of a run in the
     environment `env`, `benchkit.environment`) into the measured.yaml at path."""
-    arch = "sm_" + env["compute_capability"].replace(".", "") if env.get("compute_capability") else env["device"]
+    arch = _measured.arch_of_environment(env)
     results = [dict(shape=r["case"], n=r["n"], head_dim=64, dtype="bfloat16", backend=r["impl"].partition(":")[2],
                     ms=r["ms"][p], inputs=INPUTS[r["case"]], **{"pass": "fwd" if p == "fwd" else "fwd+bwd"})
                for r in records if r["impl"].startswith("attnhub:") and "ms" in r for p in ("fwd", "fwdbwd")]
