@@ -65,7 +65,7 @@ def _saved(ctx):
 def _backward(do, q, k, v, o, lse, mask, rope, scale):
     """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD)."""
     config = configs.for_call(q.device, q.shape[-1])
-    fused = launch.use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
+    fused = launch.use_fused_backward(config, q, k, rope, mask, settings.triton_bwd())
     return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask)
 
 

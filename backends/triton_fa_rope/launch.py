@@ -185,8 +185,7 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
-    # bwd_fused_kernel reads no mask, k/v head groups or per-sample tables: those calls take the split path
-    if fused and not (varlen["KEY_MASK"] or varlen["GROUP"] > 1 or varlen["BATCHED_TABLE"]):
+    if fused:
         cfg = config.bwd_fused
         single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
         delta, dq_acc = (lse, lse) if single else (
@@ -212,11 +211,14 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     return dq, dk, dv
 
 
-def use_fused_backward(config: ArchConfigs, n_q: int, n_kv: int, path: str) -> bool:
-    """`path` ("auto", "fused" or "split", from ATTNHUB_TRITON_BWD): auto takes the fused backward while
-    max(n_q, n_kv) <= config.bwd_fused_max_n."""
+def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: str) -> bool:
+    """Whether the backward of this call takes the fused path. `path` ("auto", "fused" or "split", from
+    ATTNHUB_TRITON_BWD): auto takes it while max(N_Q, N_KV) <= config.bwd_fused_max_n. bwd_fused_kernel reads
+    no key padding mask, k/v head groups or per-sample tables: those calls always take the split path."""
+    if key_padding_mask is not None or k.shape[1] != q.shape[1] or (rope is not None and rope.cos.dim() == 4):
+        return False
     if path == "auto":
-        return max(n_q, n_kv) <= config.bwd_fused_max_n
+        return max(q.shape[2], k.shape[2]) <= config.bwd_fused_max_n
     return path == "fused"
 
 
@@ -229,7 +231,7 @@ def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None,
     another layout compiles its own kernels at the backward, as without this)."""
     key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), key_padding_mask is None,
            None if rope is None else (rope.layout, rope.cos.shape[:-2], rope.prefix_tokens, rope.cos.dtype))
-    fused = use_fused_backward(config, q.shape[2], k.shape[2], settings.triton_bwd())
+    fused = use_fused_backward(config, q, k, rope, key_padding_mask, settings.triton_bwd())
 
     def plan(launch: Launcher) -> None:
         o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch, key_padding_mask)

@@ -50,7 +50,8 @@ _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_asy
 
 
 def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
-    """Every launch of an inference forward, a training forward and its backward (`bwd`: split or fused) with the
+    """Every launch of an inference forward, a training forward and its backward (`bwd`: the backward path asked
+    for, "split" or "fused", decided as a call decides it: `launch.use_fused_backward`) with the
     config table of compute capability `arch` (`config` replaces its fields, e.g. prerotate_from_n=0) and the key
     padding mask `mask` (or None), recorded instead of run."""
     scale = q.shape[-1] ** -0.5
@@ -62,7 +63,8 @@ def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "
 
     launcher.forward(q, k, v, rope, scale, False, cfg, record, mask)
     o, lse, (qs, ks) = launcher.forward(q, k, v, rope, scale, True, cfg, record, mask)
-    launcher.backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale, cfg, bwd == "fused", record, mask)
+    fused = launcher.use_fused_backward(cfg, q, k, rope, mask, bwd)
+    launcher.backward(torch.empty_like(q), qs, ks, v, o, lse, rope, scale, cfg, fused, record, mask)
     return launches
 
 
