@@ -157,8 +157,9 @@ def measure(impl: str, case: dict, device: torch.device, warmup: int, rep: int) 
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
         calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: fn(qg, kg, vg).backward(do), [qg, kg, vg])}
         if impl.startswith("attnhub"):
-            rec["chosen"] = attnhub.explain(q, k, v, case["table"], backend=impl.partition(":")[2] or None,
-                                            key_padding_mask=case["valid"]).chosen
+            rec["chosen"] = {p: attnhub.explain(*args, case["table"], backend=impl.partition(":")[2] or None,
+                                                key_padding_mask=case["valid"]).chosen  # the pass decides too
+                             for p, args in (("fwd", (q, k, v)), ("fwdbwd", (qg, kg, vg)))}
         with torch.no_grad():
             rec["ms"] = {"fwd": benchkit.time_ms(calls["fwd"][0], device=device, warmup=warmup, rep=rep)}
         rec["ms"]["fwdbwd"] = benchkit.time_ms(calls["fwdbwd"][0], device=device, warmup=warmup, rep=rep,
@@ -193,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"case": name, "n": case["q"].shape[2], **measure(impl, case, device, args.warmup, args.rep)}
             records.append(rec)
             print(f"  {name} {impl}: {rec.get('error') or rec['ms']}", file=sys.stderr, flush=True)
-    print(f"\n{'case':<8} {'impl':<26} {'chosen':<18} {'fwd ms':>8} {'fwdbwd ms':>10} {'gpu fwd':>8} {'gpu f+b':>8}"
+    print(f"\n{'case':<8} {'impl':<26} {'chosen fwd / fwdbwd':<36} {'fwd ms':>8} {'fwdbwd ms':>10} {'gpu fwd':>8} {'gpu f+b':>8}"
           "  max rel_l2")
     for r in records:
         if "error" in r:
             print(f"{r['case']:<8} {r['impl']:<26} {r['error'][:90]}")
             continue
         g = r.get("gpu_ms", {})
-        print(f"{r['case']:<8} {r['impl']:<26} {r.get('chosen', ''):<18} {r['ms']['fwd']:8.3f} "
+        print(f"{r['case']:<8} {r['impl']:<26} {' / '.join(r.get('chosen', {}).values()):<36} {r['ms']['fwd']:8.3f} "
               f"{r['ms']['fwdbwd']:10.3f} {g.get('fwd', float('nan')):8.3f} {g.get('fwdbwd', float('nan')):8.3f}"
               f"  {max(r['rel_l2'].values()):.1e}")
     ratios = {}
