@@ -41,6 +41,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 for whl in .whl/*.whl; do
   [ -e "$whl" ] && { python3 -m pip install -q --no-deps "$whl" >>"$OUT/install.log" 2>&1 || echo "could not install $whl"; }
 done
+# tests in parallel processes when pytest-xdist is there (carry its wheel and execnet's): compiling is CPU-bound
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 status=0
 for stage in "${stages[@]}"; do
   echo "== $stage ($(date -u +%H:%M:%S))"
@@ -49,14 +52,14 @@ for stage in "${stages[@]}"; do
       python3 -m pip show torch triton timm 2>/dev/null | grep -E "^(Name|Version)"
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ;;
     tests)
-      timeout 330 python3 -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+      timeout 330 python3 -m pytest $XDIST -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_gpu.log"
-      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
+      timeout 200 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
         tests/backends/test_nonfinite.py tests/backends/test_determinism.py >"$OUT/pytest_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda.log" ;;
     tests2)
-      timeout 400 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/test_varlen_parity.py \
+      timeout 400 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/test_varlen_parity.py \
         tests/backends/triton_fa_rope/test_backward.py tests/backends/test_triton_runtime.py \
         >"$OUT/pytest_cuda2.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda2.log" ;;

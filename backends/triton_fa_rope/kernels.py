@@ -143,6 +143,23 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def key_bounds_kernel(KPM, KBOUNDS, N_KV, smb, BLOCK: tl.constexpr):
+    """One program per sample b: KBOUNDS[b] = (its first masked key, N_KV if none; one past its last valid key, 0
+    if none) from the key padding mask KPM [B, N_KV] uint8 (row stride smb)."""
+    b = tl.program_id(0).to(tl.int64)
+    first = tl.full([BLOCK], N_KV, tl.int32)
+    end = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, N_KV, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_range = offs < N_KV
+        keep = tl.load(KPM + b * smb + offs, mask=in_range, other=0) != 0
+        first = tl.minimum(first, tl.where(in_range & ~keep, offs, N_KV))
+        end = tl.maximum(end, tl.where(keep, offs + 1, 0))
+    tl.store(KBOUNDS + 2 * b, tl.min(first, 0))
+    tl.store(KBOUNDS + 2 * b + 1, tl.max(end, 0))
+
+
 # ---------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, cos_base, sin_base,
@@ -176,14 +193,15 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, sk
     alpha = tl.math.exp2(m_i - m_ref)
     p = tl.math.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D)  # masked keys: v = 0 (p = 0 too)
+    # masked keys have p = 0; their v is read as is (a data-dependent load mask costs the loop its pipelining)
+    v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
     acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def fwd_kernel(
-    Q, K, V, O, LSE, COS, SIN, QR, KR, KPM, KEND,
+    Q, K, V, O, LSE, COS, SIN, QR, KR, KPM, KBOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -194,8 +212,9 @@ def fwd_kernel(
 ):
     """One program: BLOCK_M query rows of one (b, h). O: [B, H, N_Q, D]; LSE: [B*H, N_Q] fp32, base 2.
 
-    K, V: [B, H / GROUP, N_KV, D]. KPM: the key padding mask [B, N_KV] (row stride smb) with KEY_MASK; KEND [B]
-    int32: one past each sample's last valid key, where the loop over K tiles stops (all later keys are masked).
+    K, V: [B, H / GROUP, N_KV, D]. KPM: the key padding mask [B, N_KV] (row stride smb) with KEY_MASK; KBOUNDS
+    [B, 2] int32: each sample's first masked key (N_KV if none) and one past its last valid key. K tiles before
+    the first run without the mask; the loop stops at the second (all later keys are masked).
     SAVE_ROT (training with RoPE): also write the rotated q and k tiles to QR [B*H, N, D] and KR [B*H/GROUP, N, D]
     (joined order). ROPE_K: rotate the K tiles (only with ROPE; False when K arrives pre-rotated by `rotate_kernel`).
     TAIL_N: the width of the last, masked K tile (BLOCK_N, or with "narrow_tail" N_KV % BLOCK_N rounded up to a
@@ -225,15 +244,23 @@ def fwd_kernel(
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     n_loop = n_full
     run_tail = n_full < N_KV
-    if KEY_MASK:  # tiles past the sample's last valid key hold only masked keys: skipped (padding at the end)
-        n_stop = tl.load(KEND + b)
+    n_dense = n_loop
+    if KEY_MASK:  # tiles before the first masked key need no mask; those past the last valid key are skipped
+        n_dense = tl.minimum(n_full, (tl.load(KBOUNDS + 2 * b) // BLOCK_N) * BLOCK_N)
+        n_stop = tl.load(KBOUNDS + 2 * b + 1)
         n_loop = tl.minimum(n_full, tl.cdiv(n_stop, BLOCK_N) * BLOCK_N)
         run_tail = n_stop > n_full
-    for start_n in range(0, n_loop, BLOCK_N):
+    for start_n in range(0, n_dense, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
                                   HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE_K,
-                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT, GROUP, KEY_MASK)
+                                  BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT, GROUP, False)
+    if KEY_MASK:
+        for start_n in range(n_dense, n_loop, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn,
+                                      svd, cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m,
+                                      pid_m, h, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT,
+                                      ROPE_K, BLOCK_M, BLOCK_N, DOT, PRECISION, False, SAVE_ROT, GROUP, True)
     if run_tail:
         m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, n_full, N_KV, skn, skd, svn, svd,
                                   cos_base, sin_base, stab_n, P, qk_scale, offs_j, offs_d, kr_base, n_m, pid_m, h,
@@ -356,7 +383,7 @@ def _bwd_dkdv_head(k, v, dk, dv, keep, Q, DO, LSE, DELTA, b, h, bh, sqb, sqh, sq
 
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KPM, KEND,
+    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KPM, KBOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale, scale,
@@ -375,7 +402,8 @@ def bwd_dkdv_kernel(
     if KEY_MASK:
         keep = _key_keep(KPM + b * smb, offs_n, mask_n)
         # a block past the sample's last valid key: dk = dv = 0 without visiting the queries
-        m_stop = tl.where((tl.program_id(0) % tl.cdiv(N_KV, BLOCK_N)) * BLOCK_N < tl.load(KEND + b), N_Q, 0)
+        m_stop = tl.where((tl.program_id(0) % tl.cdiv(N_KV, BLOCK_N)) * BLOCK_N < tl.load(KBOUNDS + 2 * b + 1),
+                          N_Q, 0)
     else:
         keep = mask_n
     k = _load_rows(K + b * skb + hk * skh, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
@@ -394,9 +422,32 @@ def bwd_dkdv_kernel(
                     HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, ROPE)
 
 
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, offs_d, qk_scale,
+             HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT: tl.constexpr,
+             PRECISION: tl.constexpr, KEY_MASK: tl.constexpr):
+    """dq [BLOCK_M, BLOCK_D] fp32 plus dS k of BLOCK_N keys from start_n (KEY_MASK: the mask applies in the block).
+    k and v are read within bounds only: masked keys get P = 0, so dS = 0 there for finite k, v."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_KV
+    if KEY_MASK:
+        keep = _key_keep(kpm_base, offs_n, mask_n)
+    else:
+        keep = mask_n
+    k = _load_rows(k_base, offs_n, mask_n, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    p = tl.where(keep[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+    ds = (p * (dp - delta[:, None])).to(DOT)
+    return _dot(ds, k, dq, PRECISION)
+
+
 @triton.jit(do_not_specialize=["H", "P"])  # head count and prefix length: no recompiles across models
 def bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KPM, KEND,
+    Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KPM, KBOUNDS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
     sdqb, sdqh, sdqn, sdqd, stab_b, stab_h, stab_n, smb,
     H, N_Q, N_KV, P, qk_scale, scale,
@@ -421,24 +472,17 @@ def bwd_dq_kernel(
     kpm_base = KPM + b * smb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_dense = 0
     n_stop = N_KV
-    if KEY_MASK:  # keys past the sample's last valid one are all masked: not visited
-        n_stop = tl.minimum(N_KV, tl.load(KEND + b))
-    for start_n in range(0, n_stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N_KV
-        if KEY_MASK:
-            keep = _key_keep(kpm_base, offs_n, mask_n)
-        else:
-            keep = mask_n
-        k = _load_rows(k_base, offs_n, keep, skn, skd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        v = _load_rows(v_base, offs_n, keep, svn, svd, offs_d, HEAD_D, BLOCK_D).to(DOT)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        p = tl.where(keep[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-        ds = (p * (dp - delta[:, None])).to(DOT)
-        dq = _dot(ds, k, dq, PRECISION)
+    if KEY_MASK:  # as in the forward: key blocks before the first masked key without the mask, none after the last
+        n_dense = (tl.minimum(N_KV, tl.load(KBOUNDS + 2 * b)) // BLOCK_N) * BLOCK_N
+        n_stop = tl.minimum(N_KV, tl.load(KBOUNDS + 2 * b + 1))
+        for start_n in range(0, n_dense, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, offs_d,
+                          qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, DOT, PRECISION, False)
+    for start_n in range(n_dense, n_stop, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, offs_d,
+                      qk_scale, HEAD_D, BLOCK_D, BLOCK_M, BLOCK_N, DOT, PRECISION, KEY_MASK)
 
     cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
     _store_grad_qk(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, mask_m, sdqn, sdqd, cos_base, sin_base, stab_n,

@@ -26,6 +26,7 @@ ROT_M = 64  # rows per program of `rotate_kernel` (a pure load-rotate-store pass
 _ROT_META = ("HEAD_D", "BLOCK_D", "HEAD_D2", "BLOCK_D2", "PAIR_STEP", "PAIR_OFF", "SPLIT", "DOT")
 MAX_PROGRAMS = 2**31 - 1  # launch-grid axis 0 limit; every kernel flattens (b, h, block) onto axis 0
 PRE_M = 64  # rows per program of the split backward's delta pass
+BOUNDS_BLOCK = 512  # mask entries per step of `key_bounds_kernel`
 
 Launcher = Callable[..., object]
 
@@ -82,19 +83,21 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
     return cos, sin, *table_strides(cos), rope.prefix_tokens
 
 
-def _varlen_args(q, k, cos, key_padding_mask):
-    """(mask, its ends, its row stride, the constexprs GROUP, BATCHED_TABLE, KEY_MASK) of a call: the mask
-    [B, N_KV] as uint8 and, per sample, one past its last valid key ([B] int32; the kernels skip the tiles after
-    it: NaFlex batches pad at the end), 1-element dummies without a mask; H / H_kv query heads per k/v head, one
+def _varlen_args(q, k, cos, key_padding_mask, launch: Launcher):
+    """(mask, its bounds, its row stride, the constexprs GROUP, BATCHED_TABLE, KEY_MASK) of a call: the mask
+    [B, N_KV] as uint8 and, per sample, its first masked key and one past its last valid key ([B, 2] int32, by
+    `key_bounds_kernel`: the kernels run the key tiles before the first without the mask and skip those after the
+    last; NaFlex batches pad at the end), 1-element dummies without a mask; H / H_kv query heads per k/v head, one
     table per sample."""
     if key_padding_mask is None:
-        kpm = kend = q.new_empty(1, dtype=torch.uint8)
+        kpm = bounds = q.new_empty(1, dtype=torch.uint8)
     else:
         kpm = key_padding_mask.contiguous().view(torch.uint8)
-        positions = torch.arange(1, kpm.shape[1] + 1, device=kpm.device, dtype=torch.int32)
-        kend = torch.amax(kpm * positions, dim=1)  # int32; 0 for a sample without a valid key
-    return kpm, kend, kpm.stride(0), dict(GROUP=q.shape[1] // k.shape[1], BATCHED_TABLE=cos.dim() == 4,
-                                          KEY_MASK=key_padding_mask is not None)
+        bounds = torch.empty(kpm.shape[0], 2, device=kpm.device, dtype=torch.int32)
+        launch(kernels.key_bounds_kernel, (kpm.shape[0],), (kpm, bounds, kpm.shape[1], kpm.stride(0)), 4, 1,
+               BLOCK=BOUNDS_BLOCK)
+    return kpm, bounds, kpm.stride(0), dict(GROUP=q.shape[1] // k.shape[1], BATCHED_TABLE=cos.dim() == 4,
+                                            KEY_MASK=key_padding_mask is not None)
 
 
 def grid(n_rows: int, block: int, bh: int) -> int:
@@ -113,8 +116,22 @@ def tail(n: int, block: int) -> int:
 
 def output_like(q: torch.Tensor) -> torch.Tensor:
     """o: [B, H, N, D] laid out as [B, N, H, D] in memory, so `o.transpose(1, 2).reshape(B, N, H*D)` is free."""
-    B, H, N, D = q.shape
-    return torch.empty(B, N, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return empty_bhnd(q.shape, q.device, q.dtype, tokens_major=True)
+
+
+def empty_bhnd(shape, device, dtype, tokens_major: bool) -> torch.Tensor:
+    """An uninitialised [B, H, N, D] tensor, laid out as [B, N, H, D] in memory with tokens_major, else contiguous."""
+    if not tokens_major:
+        return torch.empty(shape, device=device, dtype=dtype)
+    B, H, N, D = shape
+    return torch.empty(B, N, H, D, device=device, dtype=dtype).transpose(1, 2)
+
+
+def grad_layout(*xs: torch.Tensor) -> int:
+    """Bit i set when xs[i] [B, H, N, D] is laid out tokens-major ([B, N, H, D] in memory: views of a projection, as
+    models pass q, k, v). The backward writes each gradient in its input's layout: a leaf's gradient needs no copy to
+    match it, and a view's backward (transpose, reshape) finds it contiguous."""
+    return sum(1 << i for i, x in enumerate(xs) if x.stride(1) < x.stride(2))
 
 
 def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launch: Launcher | None = None,
@@ -139,7 +156,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     o = output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
-    kpm, kend, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
+    kpm, kbounds, smb, varlen = _varlen_args(q, k, cos, key_padding_mask, launch)
     rdtype = rot_dtype(q.dtype)
     qr, kr = (torch.empty(B, heads, N_Q, D, device=q.device, dtype=rdtype) if training else lse
               for heads in (H, H_KV))
@@ -158,7 +175,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
         if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
     launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kend, *q_in.stride(), *k_in.stride(), *v.stride(),
+           (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kbounds, *q_in.stride(), *k_in.stride(), *v.stride(),
             *o.stride(), stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SAVE_ROT=save_rot,
            ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
@@ -167,7 +184,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
 
 
 def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,
-             key_padding_mask: torch.Tensor | None = None):
+             key_padding_mask: torch.Tensor | None = None, layout: int = 0):
     """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv (dk, dv [B, H_kv,
     N_KV, D]: summed over the query heads of each k/v head).
 
@@ -175,14 +192,14 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
     the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
     registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
-    scratch [B*H, N_Q, D]."""
+    scratch [B*H, N_Q, D]. layout: `grad_layout` of the call's q, k, v (the layout of each gradient)."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     cx = meta(q, rope)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
-    kpm, kend, smb, varlen = _varlen_args(q, k, cos, key_padding_mask)
-    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+    kpm, kbounds, smb, varlen = _varlen_args(q, k, cos, key_padding_mask, launch)
+    dq, dk, dv = (empty_bhnd(t.shape, t.device, v.dtype, bool(layout >> i & 1)) for i, t in enumerate((q, k, v)))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
     if fused:
@@ -201,12 +218,12 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     cfg = config.dkdv
     tables = (stab_b, stab_h, stab_n, smb)
     launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
-           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kend, *common, *dk.stride(), *dv.stride(), *tables,
+           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(), *tables,
             *sizes),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     cfg = config.dq
     launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q, k, v, do, lse, delta, dq, cos, sin, kpm, kend, *common, *dq.stride(), *tables, *sizes),
+           (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),
            cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
     return dq, dk, dv
 
@@ -235,6 +252,7 @@ def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None,
 
     def plan(launch: Launcher) -> None:
         o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch, key_padding_mask)
-        backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch, key_padding_mask)
+        backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch, key_padding_mask,
+                 grad_layout(q, k, v))
 
     runtime.compile_ahead(key, q.device, plan, compile_one)

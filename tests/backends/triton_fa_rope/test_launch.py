@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnhub
 from attnhub import attention as attnhub_attention
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch
@@ -121,7 +122,8 @@ def test_config_override_replaces_fields_and_restores():
 
 
 # name: (H, H_kv, per-sample table); every case has a key padding mask (sample 0: its first key block masked,
-# sample 1: no valid key, sample 2: random keys up to 30, then padding)
+# sample 1: no valid key, sample 2: random keys up to 30, then padding, sample 3: every key valid, sample 4: keys up
+# to 45 valid, then padding: its first key block runs without the mask, as NaFlex batches' do)
 VARLEN = {
     "mask": (2, 2, False),
     "mask_gqa3": (3, 1, False),
@@ -133,8 +135,48 @@ def _varlen_mask(B: int, N: int, gen: torch.Generator) -> torch.Tensor:
     mask = torch.rand(B, N, generator=gen) < 0.6
     mask[0, :40] = False  # a whole key block of 32 (and part of the next) hidden, the prefix token too
     mask[1] = False
-    mask[2:, 30:] = False  # padding at the end (as NaFlex batches pad): the kernels skip the tiles past key 29
+    mask[2, 30:] = False  # padding at the end (as NaFlex batches pad): the kernels skip the tiles past key 29
+    mask[3] = True
+    mask[4] = torch.arange(N) < 45
     return mask.to(DEVICE)
+
+
+def test_key_bounds_are_the_first_masked_and_one_past_the_last_valid_key():
+    """`key_bounds_kernel` against PyTorch, over masks longer than its step (BOUNDS_BLOCK)."""
+    N = launch.BOUNDS_BLOCK + 37
+    mask = torch.rand(6, N, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[0], mask[1] = True, False
+    mask[2] = torch.arange(N) < launch.BOUNDS_BLOCK + 3
+    mask[3] = torch.arange(N) >= 600
+    mask = mask.to(DEVICE)
+    q = torch.empty(6, 1, N, 32, device=DEVICE)
+    _, bounds, _, _ = launch._varlen_args(q, q, q, mask, runtime.launch)
+    pos = torch.arange(N, device=DEVICE)
+    first = torch.where(mask, N, pos).amin(1)
+    end = torch.where(mask, pos + 1, 0).amax(1)
+    assert bounds.tolist() == torch.stack((first, end), 1).tolist()
+    assert bounds[0].tolist() == [N, N] and bounds[1].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("layouts", [("transposed", "contiguous", "transposed"), ("contiguous", "transposed",
+                                                                                   "contiguous")])
+def test_gradients_take_their_inputs_layout(layouts):
+    """dq, dk, dv come back laid out as q, k, v are (a leaf's gradient then needs no copy), eagerly and through
+    the custom operators."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, N, D, dtype = 2, 2, 20, 32, DTYPES[0]
+    leaves = [make_tensor(layout, B, H, N, D, dtype, gen).requires_grad_() for layout in layouts]
+    table = attnhub.CosSinTable(grid=(4, 5), head_dim=D, prefix_tokens=0, device=DEVICE)
+    for ops in (False, True):
+        for x in leaves:
+            x.grad = None
+        if ops:
+            o = autograd.fwd_op(*leaves, *table.cos_sin(), 0, table.layout, D**-0.5, True)[0]
+        else:
+            o = attnhub_attention(*leaves, table, backend=TRITON)
+        o.sum().backward()
+        for x in leaves:
+            assert x.grad.stride() == x.stride(), (ops, x.stride(), x.grad.stride())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -146,7 +188,7 @@ def test_varlen_paths_match_math(case, path, nan_empty):
     from attnhub import CosSinTable, settings
 
     H, H_kv, per_sample = VARLEN[case]
-    B, grid, P, D, dtype = 3, (7, 10), 1, 32, DTYPES[0]
+    B, grid, P, D, dtype = 5, (7, 10), 1, 32, DTYPES[0]
     N = P + grid[0] * grid[1]
     gen = torch.Generator().manual_seed(31)
     q = make_tensor("transposed", B, H, N, D, dtype, gen)
