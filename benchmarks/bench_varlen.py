@@ -3,7 +3,8 @@
     python benchmarks/bench_varlen.py --out benchmarks/results/h200_varlen.json --winners measured.yaml
     python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
 
-Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over):
+Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over; the
+training pass takes them as views of one [B, N, H + 2 H_kv, D] leaf, so gradients reach it through a split):
   naflex  NaFlexViT-B: B x 12 heads x 576 tokens (the bucket), D = 64, one RoPE table per sample
           ([B, 1, N, 2D], timm's NaFlex embedding, zero rows at padding) and each sample's own grid
           (`bench_e2e.naflex_batch`: 10-40% padding). timm: `apply_rot_embed_cat` on q and k, then
@@ -148,18 +149,27 @@ def errors(impl: str, case: dict) -> dict:
             for name, g, r in zip(("o", "dq", "dk", "dv"), got, ref)}
 
 
+def projection(q, k, v):
+    """-> (a leaf [B, N, H + 2 H_kv, D] holding q, k, v, views() -> q, k, v of it as [B, H|H_kv, N, D]): the
+    training pass takes q, k, v as a model's qkv projection hands them over, so every implementation's gradients
+    reach it through the same split (a cat in the backward), as in the model."""
+    heads = [t.shape[1] for t in (q, k, v)]
+    proj = torch.cat([t.transpose(1, 2) for t in (q, k, v)], 2).detach().requires_grad_()
+    return proj, lambda: tuple(t.transpose(1, 2) for t in proj.split(heads, 2))
+
+
 def measure(impl: str, case: dict, device: torch.device, warmup: int, rep: int) -> dict:
     rec: dict = {"impl": impl}
     try:
         fn = implementation(impl, case)
         rec["rel_l2"] = errors(impl, case)
         q, k, v, do = (case[n] for n in ("q", "k", "v", "do"))
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: fn(qg, kg, vg).backward(do), [qg, kg, vg])}
+        proj, views = projection(q, k, v)
+        calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: fn(*views()).backward(do), [proj])}
         if impl.startswith("attnhub"):
             rec["chosen"] = {p: attnhub.explain(*args, case["table"], backend=impl.partition(":")[2] or None,
                                                 key_padding_mask=case["valid"]).chosen  # the pass decides too
-                             for p, args in (("fwd", (q, k, v)), ("fwdbwd", (qg, kg, vg)))}
+                             for p, args in (("fwd", (q, k, v)), ("fwdbwd", views()))}
         with torch.no_grad():
             rec["ms"] = {"fwd": benchkit.time_ms(calls["fwd"][0], device=device, warmup=warmup, rep=rep)}
         rec["ms"]["fwdbwd"] = benchkit.time_ms(calls["fwdbwd"][0], device=device, warmup=warmup, rep=rep,

@@ -49,25 +49,24 @@ def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_s
     ctx.table_meta = None if table is None else (table.prefix_tokens, table.layout)
     ctx.has_mask = mask is not None
     ctx.scale = scale
-    ctx.layout = launch.grad_layout(q, k, v)
 
 
 def _saved(ctx):
     """-> q, k (as saved), v, o, lse, the mask (or None), the table (or None), the unrotated q and k (empty when
-    not saved), scale, the inputs' `launch.grad_layout`."""
+    not saved), scale."""
     q, k, v, o, lse, *rest = ctx.saved_tensors
     mask = rest.pop(0) if ctx.has_mask else None
     if ctx.table_meta is None:
-        return q, k, v, o, lse, mask, None, (), ctx.scale, ctx.layout
+        return q, k, v, o, lse, mask, None, (), ctx.scale
     cos, sin, *unrotated = rest
-    return q, k, v, o, lse, mask, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale, ctx.layout
+    return q, k, v, o, lse, mask, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
 
 
-def _backward(do, q, k, v, o, lse, mask, rope, scale, layout):
+def _backward(do, q, k, v, o, lse, mask, rope, scale):
     """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD)."""
     config = configs.for_call(q.device, q.shape[-1])
     fused = launch.use_fused_backward(config, q, k, rope, mask, settings.triton_bwd())
-    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask, layout=layout)
+    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask)
 
 
 class FlashRopeAttention(torch.autograd.Function):
@@ -88,8 +87,8 @@ class FlashRopeAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask, table, unrotated, scale, layout = _saved(ctx)
-        dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale, layout)
+        q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale)
         dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
         return dq, dk, dv, dcos, dsin, None, None, None
 
@@ -128,17 +127,15 @@ def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
 def bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
-    mask: Optional[torch.Tensor] = None, grad_layout: int = 0,
+    mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k: rotated (saved by the forward) with RoPE -> dq, dk, dv (grad_layout: `launch.grad_layout` of the
-    inputs)."""
-    return _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, grad_layout)
+    """q, k: rotated (saved by the forward) with RoPE -> dq, dk, dv."""
+    return _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale)
 
 
 @bwd_op.register_fake
-def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None, grad_layout=0):
-    return tuple(launch.empty_bhnd(t.shape, t.device, v.dtype, bool(grad_layout >> i & 1))
-                 for i, t in enumerate((q, k, v)))
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
+    return tuple(torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -149,9 +146,9 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, do, _dlse, _dqr, _dkr):
-    q, k, v, o, lse, mask, table, unrotated, scale, grad_layout = _saved(ctx)
+    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
     cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
-    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask, grad_layout)
+    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask)
     dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
     return dq, dk, dv, dcos, dsin, None, None, None, None, None
 
