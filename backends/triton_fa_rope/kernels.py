@@ -8,9 +8,10 @@ one `[BLOCK, D]` tile in the order `(a_0, b_0, a_1, b_1, ...)`. The same channel
 (saved by the training forward) and rotate only dq and dk back, by R^T, when they store them.
 
 Variable-resolution batches, each a compile-time switch (off: the code of a plain call is unchanged):
-KEY_MASK reads a key padding mask KPM ([B, N_KV] uint8, 1 = attend) and gives masked keys probability 0 (their v,
-and in the backward their k, are read as 0: whatever padding holds adds nothing); a query row without any valid
-key gets o = 0 and lse = +inf, so the backward's P is exactly 0 there. GROUP = H / H_kv query
+KEY_MASK reads a key padding mask KPM ([B, N_KV] uint8, 1 = attend) and gives masked keys probability 0 (their v
+enters as 0 * v, as in `math`); per sample, key tiles before the first masked key run without the mask and tiles
+after the last valid key are skipped (KBOUNDS, from `key_bounds_kernel`); a query row without any valid key gets
+o = 0 and lse = +inf, so the backward's P is exactly 0 there. GROUP = H / H_kv query
 heads share one k/v head (head h reads k/v head h // GROUP, never a repeated copy); the dk/dv program of a k/v head
 loops over its GROUP query heads in order (deterministic, no atomics). BATCHED_TABLE: one cos/sin table per sample
 (batch stride stab_b).
@@ -193,7 +194,7 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, sk
     alpha = tl.math.exp2(m_i - m_ref)
     p = tl.math.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    # masked keys have p = 0; their v is read as is (a data-dependent load mask costs the loop its pipelining)
+    # masked keys have p = 0; v is read within bounds only (a load mask taken from KPM slowed the tile loop)
     v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
     acc = _dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], PRECISION)
     return m_new, l_i, acc
@@ -425,10 +426,9 @@ def bwd_dkdv_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, start_n, N_KV, skn, skd, svn, svd, offs_d, qk_scale,
              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT: tl.constexpr,
-             PRECISION: tl.constexpr, KEY_MASK: tl.constexpr):
-    """dq [BLOCK_M, BLOCK_D] fp32 plus dS k of BLOCK_N keys from start_n (KEY_MASK: the mask applies in the block).
-    k and v are read within bounds only: masked keys get P = 0, so dS = 0 there for finite k, v."""
+             DOT: tl.constexpr, PRECISION: tl.constexpr, KEY_MASK: tl.constexpr):
+    """dq [BLOCK_M, BLOCK_D] fp32 plus dS k of the BLOCK_N keys from start_n (KEY_MASK: the mask applies in this
+    block). k and v are read within bounds only: masked keys get P = 0, so dS = 0 there (as in `math`)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_KV
     if KEY_MASK:

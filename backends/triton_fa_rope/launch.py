@@ -178,9 +178,8 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
     the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
     registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
-    scratch [B*H, N_Q, D]. The gradients are contiguous [B, H, N, D]: a model's fused qkv projection stacks them
-    (`unbind`'s backward), and eager torch.stack of [B, N, H, D]-laid gradients cost 0.27 ms more at ViT-B/16 on
-    the H200."""
+    scratch [B*H, N_Q, D]. The gradients are contiguous [B, H, N, D]: a fused qkv projection stacks them (`unbind`'s
+    backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
