@@ -89,7 +89,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
         state.recorder.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
         if not state.record_runs:
             return
-    if not state.keep_runners:
+    if not state.keep_runners or _is_gluon(kernel):  # Gluon's descriptor arguments are no keys: Triton's launch
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return
     # ints as themselves (the common case, and the cheapest), other scalars with their type (1.0 is not 1)
@@ -108,6 +108,11 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
         return
     compiled, tail = hit
     compiled[(*grid, 1, 1)[:3]](*args, *tail)
+
+
+def _is_gluon(kernel) -> bool:
+    is_gluon = getattr(kernel, "is_gluon", None)  # JITFunction's since Triton 3.5
+    return is_gluon is not None and is_gluon()
 
 
 @functools.lru_cache(maxsize=1)

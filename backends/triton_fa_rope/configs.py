@@ -40,6 +40,8 @@ class ArchConfigs:
     prerotate_from_n, prerotate_train_from_n: from this K/V length on (None: never), inference rotates K, training
     q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
     rotation per query block. narrow_tail: the last, partial K tile only as wide as the remainder needs.
+    resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
+    applies (`gluon_fwd.eligible`).
     """
 
     max_head_dim: int
@@ -53,16 +55,18 @@ class ArchConfigs:
     prerotate_from_n: int | None = None
     prerotate_train_from_n: int | None = None
     narrow_tail: bool = False
+    resident_fwd_max_n: int = 0
 
 
 K = KernelConfig
 # Hopper (H100/H200), swept on an H100 for D <= 64 (the short backward on an H200); larger D not yet swept. The
 # fused backward with every query in one block (N <= 256) beats the split one by 4-5% of GPU time at N = 197 and
-# saves two launches; with several query blocks it is slower, so only up to 256 tokens.
+# saves two launches; with several query blocks it is slower, so only up to 256 tokens. Inference up to 256 tokens
+# takes the Gluon forward (K and V resident, rotated once per head): 1.2-1.3x the Triton one's speed at N = 197.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(128, 64, 8, 3),
                 dkdv=K(32, 128, 4, 2), dq=K(128, 64, 8, 3), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
-                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True),
+                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=256),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

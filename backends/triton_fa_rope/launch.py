@@ -126,11 +126,20 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     [B*H, N] fp32 and, with save_rotated and RoPE, the rotated q [B, H, N, D] and k [B, H_kv, N, D] in joined pair
     order (else q and k themselves).
 
+    Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`).
     With RoPE, from `config.prerotate_from_n` (inference) or `prerotate_train_from_n` (training) on, K (inference)
     or q and K (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
+    resident = _resident_forward(config, N_Q)
+    if resident is not None and resident.eligible(q, k, v, rope, key_padding_mask, save_rotated):
+        o = output_like(q)
+        lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
+        cos, sin, _, stab_h, stab_n, P = _table_args(rope, q)
+        resident.forward(q, k, v, o, lse, None if rope is None else cos, None if rope is None else sin, stab_h,
+                         stab_n, P, scale * LOG2E, launch)
+        return o, lse, (q, k)
     cx = meta(q, rope)
     training = save_rotated and rope is not None
     from_n = config.prerotate_train_from_n if training else config.prerotate_from_n
@@ -167,6 +176,23 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
            ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
            **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
+
+
+def _resident_forward(config: ArchConfigs, n: int):
+    """The `gluon_fwd` module when a call of length n may take it (config, Triton with Gluon), else None."""
+    if not 0 < n <= config.resident_fwd_max_n or INTERPRET:
+        return None
+    return _gluon_fwd()
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_fwd():
+    try:
+        from attnhub.backends.triton_fa_rope import gluon_fwd
+    except ImportError as exc:  # a Triton without Gluon's Hopper API: the Triton forward serves every call
+        runtime.log.info("triton_fa_rope: no Gluon forward with triton %s (%s)", triton.__version__, exc)
+        return None
+    return gluon_fwd
 
 
 def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,

@@ -39,6 +39,7 @@ from triton.compiler import ASTSource
 from attnhub import CosSinTable
 from attnhub.backends.triton_fa_rope import configs
 from attnhub.backends.triton_fa_rope import launch as launcher
+from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends._triton_runtime import Launch
 
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
@@ -78,7 +79,10 @@ def _specialize(launch: Launch):
     for i, (p, a) in enumerate(zip(params, launch.args)):
         if p.is_constexpr:
             raise TypeError(f"{launch.name}: run-time argument {i} lands on constexpr parameter {p.name}")
-        if isinstance(a, torch.Tensor):
+        if hasattr(a, "block_shape"):  # a Gluon TensorDescriptor: its dtype, block and shared layout are the type
+            block = ",".join(map(str, a.block_shape))
+            sig[p.name] = f"tensordesc<{_POINTER[a.base.dtype][1:]}[{block}],{a.layout!r}>"
+        elif isinstance(a, torch.Tensor):
             sig[p.name] = _POINTER[a.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif isinstance(a, float):
@@ -116,7 +120,10 @@ def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
     `ptxas` registers, spills and PTX instruction counts."""
     sig, consts, attrs = _specialize(launch)
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+    source = ASTSource
+    if runtime._is_gluon(launch.kernel):
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    compiled = triton.compile(source(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
     report = dict(compile_s=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
     if ptxas:
@@ -198,7 +205,6 @@ ROTATE_CASES = {
 def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1) -> list[Launch]:
     """The launches of triton_rope_sdpa's forward rotation and its backward (R^T) pass, recorded, not run."""
     from attnhub.backends import triton_rope_sdpa as rope_sdpa
-    from attnhub.backends import _triton_runtime as runtime
 
     q = torch.empty(B, grid[0] * grid[1] + P, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)[0]
     k = torch.empty(B, h_kv, grid[0] * grid[1] + P, D, dtype=dtype)

@@ -46,6 +46,9 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert ("d64_bf16_interleaved", "fused_backward", "bwd_fused_kernel") in compiled
     assert ("d64_bf16_interleaved", "prerotate_narrow_tail", "rotate_kernel") in compiled
     assert ("d256_bf16_interleaved", "default", "fwd_kernel") in compiled
+    # inference at N = 197, D = 64: the Gluon forward, shared and per-head tables, bf16 and fp16
+    for case in ("d64_bf16_interleaved", "d64_bf16_perhead", "d64_fp16_interleaved"):
+        assert (case, "default", "resident_fwd_kernel") in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

@@ -1,0 +1,317 @@
+"""The Hopper inference forward of triton_fa_rope at ViT lengths (N <= 256), written in Gluon
+(`triton.experimental.gluon`): K and V of a head resident in shared memory, RoPE applied once per token.
+
+The Triton forward rotates every K tile inside its tile loop, once per query block (35-45% of its time at
+N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. This kernel takes the structure of
+TensorRT-LLM's length-specialised fmha_v2 kernels: one persistent CTA loops over (b, h) heads; per head, TMA loads
+Q, K and V whole (4-D descriptors over [B, N, H, D]: rows past N arrive as zeros, no other sample is read) while
+the previous head computes; K is rotated once in shared memory and Q once with scale * log2(e) folded in (fp32
+math, rounded to the input dtype, as a rotation pass would); each warpgroup then owns 64-row slices of the
+queries and runs S = Q K^T over 64-key chunks with an online softmax, P staying in registers as wgmma's A operand.
+
+Only `launch.forward` calls it, for inference calls it can take (`eligible`): no key padding mask, equal head
+counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 256, TMA-aligned
+strides. Gluon has no interpreter: the GPU parity tests and an offline sm_90 compile check cover it
+(tests/backends/triton_fa_rope/test_gluon_fwd.py). Written against Triton 3.6; names that 3.7+ renamed are
+aliased below. Measured on an H200: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Triton 3.6 names, and what later versions call them
+_tma_load = getattr(tma, "async_copy_global_to_shared", None) or tma.async_load
+_tma_store = getattr(tma, "async_copy_shared_to_global", None) or tma.async_store
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+MAX_N = 256  # K and V of a head (256 x 64 bf16 each) and Q fit shared memory twice (double-buffered): 192 KiB
+HEAD_D = 64
+NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
+BLOCK_N = 64  # keys per online-softmax step
+_BLOCK_N = gl.constexpr(BLOCK_N)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.constexpr_function
+def _mma_layout(num_warps, n):
+    """wgmma accumulator layout of a [rows, n] tile: warpgroup w owns rows 64w..64w+63 of every 16 * num_warps."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def _rot_layout(num_warps, D):
+    """[rows, D] tile for the rotation: 8 consecutive channels (4 pairs, 16 bytes) per thread."""
+    return gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _pair_layout(num_warps, D):
+    """[rows, D/2] table tile matching `_rot_layout` after the pair split."""
+    return gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE on shared memory, in place
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
+                num_warps: gl.constexpr):
+    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
+    layout: gl.constexpr = _pair_layout(num_warps, D)
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims((rows - P) * stab_n, 1) + gl.expand_dims(cols, 0)  # int32: a table is small
+    mask = gl.expand_dims((rows >= P) & (rows < N), 1)
+    return gl.load(cos_base + offs, mask=mask, other=1.0), gl.load(sin_base + offs, mask=mask, other=0.0)
+
+
+@gluon.jit
+def _rope_inplace(x_smem, c, s, mult, num_warps: gl.constexpr):
+    """x_smem [R, D] <- rope(x) * mult, in fp32, rounded to x_smem's dtype. Each thread writes the addresses it read
+    (the pair swap happens in its registers), so no barrier is needed between the load and the store."""
+    R: gl.constexpr = x_smem.shape[0]
+    D: gl.constexpr = x_smem.shape[1]
+    layout: gl.constexpr = _rot_layout(num_warps, D)
+    even, odd = gl.split(gl.reshape(x_smem.load(layout).to(gl.float32), [R, D // 2, 2]))
+    c = gl.convert_layout(c, even.type.layout)
+    s = gl.convert_layout(s, even.type.layout)
+    y = gl.reshape(gl.join((even * c - odd * s) * mult, (odd * c + even * s) * mult), [R, D])
+    x_smem.store(gl.convert_layout(y, layout).to(x_smem.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _attend_chunk(q_smem, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Keys [key0, key0 + CH): S = Q K^T (log2 units after sm_scale), online softmax, acc += P V.
+    k_chunk, v_chunk: [CH, D] shared views; acc [M, D] fp32; m_i, l_i in acc's row layout."""
+    CH: gl.constexpr = k_chunk.shape[0]
+    M: gl.constexpr = q_smem.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, CH)
+    o_layout: gl.constexpr = acc.type.layout
+    s = warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, s_layout), use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * sm_scale
+    if MASK:  # keys past N (zeros from TMA) get no weight
+        cols = key0 + gl.arange(0, CH, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < N, 0), s, -float("inf"))
+    m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
+    l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
+    acc = acc * gl.expand_dims(alpha, 1)
+    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    acc = warpgroup_mma(p_op, v_chunk, acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_new, l_i
+
+
+@gluon.jit
+def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, tile, H, pred):
+    """TMA: Q and K of head `tile` (-> bar_qk), V (-> bar_v, so V still lands while K and Q rotate)."""
+    b = tile // H
+    h = tile % H
+    mbarrier.expect(bar_qk, q_desc.block_type.nbytes + k_desc.block_type.nbytes, pred=pred)
+    _tma_load(q_desc, [b, 0, h, 0], bar_qk, q_dst, pred=pred)
+    _tma_load(k_desc, [b, 0, h, 0], bar_qk, k_dst, pred=pred)
+    mbarrier.expect(bar_v, v_desc.block_type.nbytes, pred=pred)
+    _tma_load(v_desc, [b, 0, h, 0], bar_v, v_dst, pred=pred)
+
+
+@gluon.jit
+def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0, stab_h, stab_n, H, N,
+          P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
+          num_warps: gl.constexpr):
+    """Attention of head `tile` = b * H + h, whose loads were issued on bar_qk (Q, K) and bar_v (V). t0: a zero
+    the compiler cannot see through; table offsets without it are hoisted out of the persistent loop and held in
+    registers, which spills (sm_90 compile, N = 197)."""
+    BLOCK: gl.constexpr = q_s4.shape[1]
+    D: gl.constexpr = q_s4.shape[3]
+    ROT_ROWS: gl.constexpr = 128
+    q_s = q_s4.reshape([BLOCK, D])
+    k_s = k_s4.reshape([BLOCK, D])
+    v_s = v_s4.reshape([BLOCK, D])
+    h = tile % H
+    if ROPE:
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        c0, s0 = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
+        mbarrier.wait(bar_qk, phase=phase)
+        for r in gl.static_range(0, BLOCK, ROT_ROWS):  # q and k rows are the same tokens: one table load for both
+            if r == 0:
+                c = c0
+                s = s0
+            else:
+                c, s = _load_table(cos_base, sin_base, t0 + r, N, P, stab_n, ROT_ROWS, D, num_warps)
+            _rope_inplace(k_s.slice(r, ROT_ROWS), c, s, 1.0, num_warps)
+            _rope_inplace(q_s.slice(r, ROT_ROWS), c, s, qk_scale, num_warps)
+        fence_async_shared()  # the stores above, before wgmma reads them
+        _cta_barrier()  # every warpgroup reads all of K
+        sm_scale = 1.0
+    else:
+        mbarrier.wait(bar_qk, phase=phase)
+        sm_scale = qk_scale
+
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    acc = gl.zeros([BLOCK, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
+    l_i = gl.full([BLOCK], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    mbarrier.wait(bar_v, phase=phase)
+    for j in gl.static_range(N_FULL):
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),
+                                      acc, m_i, l_i, j * _BLOCK_N, N, sm_scale, False, num_warps)
+    if MID_N > 0:
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N),
+                                      acc, m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, False, num_warps)
+    if TAIL_N > 0:
+        key0: gl.constexpr = N_FULL * _BLOCK_N + MID_N
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0,
+                                      N, sm_scale, True, num_warps)
+
+    # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
+    rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
+    gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+    _cta_barrier()  # every warpgroup's wgmma is done with q_s before it is overwritten
+    q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    _tma_store(o_desc, [tile // H, 0, h, 0], q_s4)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
+               qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr):
+    """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H), with the next head's TMA loads in
+    flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
+    (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N."""
+    BLOCK: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
+    gl.static_assert(BLOCK % (16 * num_warps) == 0)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
+    k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
+    v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
+    bars_qk = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    bars_v = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(bars_qk.index(i), count=1)
+        mbarrier.init(bars_v.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    _issue_loads(q_desc, k_desc, v_desc, q_buf.index(0), k_buf.index(0), v_buf.index(0), bars_qk.index(0),
+                 bars_v.index(0), pid, H, True)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        slot = it % 2
+        nxt = tile + nprog  # into the other buffer, whose head finished in the previous iteration
+        _issue_loads(q_desc, k_desc, v_desc, q_buf.index(1 - slot), k_buf.index(1 - slot), v_buf.index(1 - slot),
+                     bars_qk.index(1 - slot), bars_v.index(1 - slot), nxt, H, nxt < n_heads)
+        _head(q_buf.index(slot), k_buf.index(slot), v_buf.index(slot), bars_qk.index(slot), bars_v.index(slot),
+              (it // 2) & 1, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h, stab_n, H, N, P, qk_scale,
+              N_FULL, MID_N, TAIL_N, ROPE, num_warps)
+        it += 1
+    for i in gl.static_range(2):
+        mbarrier.invalidate(bars_qk.index(i))
+        mbarrier.invalidate(bars_v.index(i))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def chunking(N: int) -> dict:
+    """N_FULL unmasked chunks of BLOCK_N keys, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
+    narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail."""
+    n_full, rest = divmod(N, BLOCK_N)
+    mid = BLOCK_N // 2 if rest >= BLOCK_N // 2 else 0
+    rest -= mid
+    return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, _pow2(rest)))
+
+
+def block_rows(N: int) -> int:
+    """Rows of the Q, K, V blocks in shared memory: N rounded up to a power of two, at least 16 rows per warp."""
+    return max(16 * NUM_WARPS, _pow2(N))
+
+
+def _tma_ready(x: torch.Tensor) -> bool:
+    """x: [B, H, N, D]; whether TMA can read it as [B, N, H, D]: 16-byte aligned base and strides, channels dense."""
+    return (x.stride(3) == 1 and x.data_ptr() % 16 == 0
+            and all(x.stride(i) * x.element_size() % 16 == 0 for i in range(3)))
+
+
+def eligible(q, k, v, rope, key_padding_mask, save_rotated: bool) -> bool:
+    """Whether `forward` can take this call: q, k, v [B, H, N, D] (see the module docstring)."""
+    if save_rotated or key_padding_mask is not None or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    B, H, N, D = q.shape
+    if D != HEAD_D or not 0 < N <= MAX_N or k.shape != q.shape or v.shape != q.shape or not (k.dtype == v.dtype
+                                                                                              == q.dtype):
+        return False
+    if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
+        return False
+    return all(_tma_ready(t) for t in (q, k, v))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([1, block, 1, HEAD_D], gl.bfloat16 if dtype == torch.bfloat16
+                                                else gl.float16)
+
+
+def forward(q, k, v, o, lse, cos, sin, stab_h: int, stab_n: int, P: int, qk_scale: float, launch) -> None:
+    """q, k, v: [B, H, N, D] (`eligible`), o: [B, H, N, D] laid out [B, N, H, D], lse: [B*H, N] fp32 (base 2);
+    cos, sin: fp32 [N - P, D/2] or [H, N - P, D/2] (stab_h = 0 for one table), None without RoPE."""
+    B, H, N, D = q.shape
+    block = block_rows(N)
+    layout = _smem_layout(block, q.dtype)
+
+    def desc(t):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory
+        t = t.transpose(1, 2)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block, 1, D], layout)
+
+    rope = cos is not None
+    if not rope:
+        cos = sin = lse  # not read
+    n_heads = B * H
+    programs = min(n_heads, _num_sms(q.device.index)) if q.is_cuda else n_heads  # CPU: recorded, not run
+    launch(resident_fwd_kernel, (programs,),
+           (desc(q), desc(k), desc(v), desc(o), lse, cos, sin, stab_h, stab_n, H, N, P, n_heads, qk_scale),
+           NUM_WARPS, 1, ROPE=rope, **chunking(N))

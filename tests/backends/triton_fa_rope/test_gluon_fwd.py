@@ -1,0 +1,130 @@
+"""The Gluon inference forward of triton_fa_rope (`gluon_fwd`): which calls take it, how it splits the keys, and
+on a Hopper GPU its results against `math` in float64 (Gluon has no interpreter: on CPU only the first two run;
+test_sm90.py compiles its launches for sm_90 offline).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnhub
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import configs, launch
+from attnhub.rope import apply_rope_qk
+from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
+
+gluon_fwd = launch._gluon_fwd()
+pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _inputs(N=197, D=64, dtype=torch.bfloat16, H=3, kind="fused"):
+    return make_qkv(kind, 2, H, N, D, dtype, torch.Generator().manual_seed(0))
+
+
+def _table(N, P=1, layout="interleaved", per_head=False, H=3):
+    return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
+
+
+def test_takes_inference_calls_it_covers():
+    q, k, v = _inputs()
+    for table in (_table(197), _table(197, per_head=True), None):
+        assert gluon_fwd.eligible(q, k, v, table, None, save_rotated=False)
+    assert gluon_fwd.eligible(*_inputs(N=1, dtype=torch.float16), None, None, save_rotated=False)
+    assert gluon_fwd.eligible(*_inputs(N=256, kind="contiguous"), _table(256), None, save_rotated=False)
+
+
+@pytest.mark.parametrize("why", ["training", "mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half",
+                                 "per_sample", "unaligned"])
+def test_leaves_other_calls_to_the_triton_forward(why):
+    q, k, v = _inputs(N=257 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
+                      dtype=torch.float32 if why == "fp32" else torch.bfloat16)
+    table, mask, training = _table(q.shape[2]), None, False
+    if why == "training":
+        training = True
+    elif why == "mask":
+        mask = torch.ones(2, 197, dtype=torch.bool, device=q.device)
+    elif why == "grouped":
+        k, v = k[:, :1], v[:, :1]
+    elif why == "cross":
+        k, v, table = k[:, :, :100], v[:, :, :100], None
+    elif why == "half":
+        table = _table(197, layout="half")
+    elif why == "per_sample":
+        emb = make_emb(Shape(2, 3, (1, 196), 1, 64, "interleaved"), torch.Generator().manual_seed(2), heads=False)
+        table = attnhub.CosSinTable.from_sin_cos(emb.expand(2, 1, -1, -1), prefix_tokens=1, layout="interleaved")
+    elif why == "unaligned":  # TMA needs 16-byte aligned strides: 3 tokens of 66 channels are not
+        q = torch.randn(2, 197, 3, 66, device=q.device, dtype=q.dtype)[..., :64].transpose(1, 2)
+    assert not gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
+
+
+@pytest.mark.parametrize("N", range(1, gluon_fwd.MAX_N + 1) if gluon_fwd else [])
+def test_key_chunks_cover_the_sequence_within_the_block(N):
+    c = gluon_fwd.chunking(N)
+    covered = c["N_FULL"] * gluon_fwd.BLOCK_N + c["MID_N"] + c["TAIL_N"]
+    assert N <= covered <= gluon_fwd.block_rows(N) and covered - N < max(16, gluon_fwd.BLOCK_N // 2)
+    assert c["TAIL_N"] == 0 or c["TAIL_N"] >= 16  # wgmma's smallest N
+
+
+def test_only_the_hopper_table_enables_it():
+    assert configs.for_arch(9, 64).resident_fwd_max_n == gluon_fwd.MAX_N
+    assert configs.for_arch(9, 128).resident_fwd_max_n == 0 and configs.for_arch(8, 64).resident_fwd_max_n == 0
+    assert configs.for_arch(None, 64).resident_fwd_max_n == 0  # the interpreter
+
+
+# ------------------------------------------------------------------------------------------------- on the GPU
+gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
+
+
+def _reference(q, k, v, table):
+    return attnhub.attention(q.double(), k.double(), v.double(), table, backend="math")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,P,table_kind,kind", [
+    (197, 1, "shared", "fused"),  # ViT/16 at 224 px, views of a fused qkv projection
+    (197, 1, "per_head", "fused"),
+    (197, 1, None, "contiguous"),
+    (256, 0, "shared", "transposed"),  # the largest, no masked key chunk
+    (100, 5, "shared", "fused"),  # registers, a half-width chunk
+    (17, 1, "shared", "contiguous"),  # one masked chunk only
+    (1, 1, "shared", "fused"),  # the prefix token alone
+    (65, 0, None, "fused"),
+])
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
+    """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
+    132 SMs, so programs take several heads (the persistent loop and its double buffer)."""
+    gen = torch.Generator().manual_seed(N)
+    B, H = 20, 8
+    q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
+    table = None if table_kind is None or N == P else make_table(
+        Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
+    assert gluon_fwd.eligible(q, k, v, table, None, save_rotated=False)
+    o = launch.output_like(q).fill_(float("nan"))
+    lse = torch.full((B * H, N), float("nan"), device=q.device)
+    cos, sin, _, stab_h, stab_n, prefix = launch._table_args(table, q)
+    scale = 64 ** -0.5
+    gluon_fwd.forward(q, k, v, o, lse, None if table is None else cos, None if table is None else sin, stab_h,
+                      stab_n, prefix, scale * launch.LOG2E, runtime.launch)
+    assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
+    qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
+    lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
+    assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
+
+
+@pytest.mark.gpu
+@gpu
+def test_attention_takes_it_for_inference_and_not_for_training():
+    q, k, v = _inputs(N=197, H=6)
+    table = _table(197, H=6)
+    with torch.no_grad(), runtime.recording() as launches:
+        o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
+    assert [x.name for x in launches] == ["resident_fwd_kernel"]
+    assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
+    qg = q.detach().clone().requires_grad_()
+    with runtime.recording() as launches:
+        attnhub.attention(qg, k, v, table, backend="triton_fa_rope")
+    assert "resident_fwd_kernel" not in [x.name for x in launches]
