@@ -5,7 +5,8 @@ call's kernels ahead.
 Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
 of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call. The
 compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]` passes
-them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`.
+them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`, and so
+do Gluon kernels (their TMA descriptor arguments are not hashable facts).
 
 Compiling ahead: the first training call of a shape would compile its kernels one after another as the launches
 reach them, and each would build its C launcher (a host-compiler run per kernel signature) at its first launch.
