@@ -76,11 +76,11 @@ _state = _State(KEEPS_RUNNERS)
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
     """kernel[grid](*args, **constexprs) with the launch options: every launch of the backend goes through here.
 
-    Triton launches on the current CUDA device and its stream; args[0] (a tensor in every kernel) says which
+    Triton launches on the current CUDA device and its stream; args[0] (a tensor or a descriptor of one) says which
     device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current).
     The key of the kept runners holds everything Triton specializes on, and more: the exact value and type of every
     scalar, each tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device."""
-    dev = args[0].device
+    dev = getattr(args[0], "base", args[0]).device  # a Gluon kernel's first argument is a TMA descriptor
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
             launch(kernel, grid, args, num_warps, num_stages, **constexprs)
