@@ -25,6 +25,8 @@
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
 #   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_h100_rope_mixed.json, .log
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
+#   gluon  the Gluon forward's GPU tests, then the forward cells (automatic, forced, cuDNN, timm compiled) with
+#          their winners merged into a copy of measured.yaml          -> pytest_gluon.log, h200_fwd.json, measured.yaml
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -112,7 +114,16 @@ for stage in "${stages[@]}"; do
       ATTNHUB_HYPOTHESIS_EXAMPLES=60 timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/hypothesis_cuda.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp)"; status=2 ;;
+    gluon)
+      timeout 150 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
+        >"$OUT/pytest_gluon.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_gluon.log"
+      cp measured.yaml "$OUT/measured.yaml"
+      timeout 200 python3 -m attnhub bench --sections table --passes fwd --no-progress --warmup 20 --rep 80 \
+        --impls attnhub,attnhub:triton_fa_rope,attnhub:triton_rope_sdpa,sdpa_cudnn,timm_compiled \
+        --out "$OUT/h200_fwd.json" --winners "$OUT/measured.yaml" >"$OUT/bench_fwd.log" 2>&1 || status=1
+      grep "│ vit" "$OUT/bench_fwd.log" ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp, gluon)"; status=2 ;;
   esac
 done
 exit $status
