@@ -248,22 +248,20 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
+@functools.lru_cache(maxsize=None)
 def chunking(N: int) -> dict:
     """N_FULL unmasked chunks of BLOCK_N keys, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
     narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail."""
     n_full, rest = divmod(N, BLOCK_N)
     mid = BLOCK_N // 2 if rest >= BLOCK_N // 2 else 0
     rest -= mid
-    return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, _pow2(rest)))
+    return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
 
 
+@functools.lru_cache(maxsize=None)
 def block_rows(N: int) -> int:
     """Rows of the Q, K, V blocks in shared memory: N rounded up to a power of two, at least 16 rows per warp."""
-    return max(16 * NUM_WARPS, _pow2(N))
+    return max(16 * NUM_WARPS, triton.next_power_of_2(N))
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
@@ -296,9 +294,10 @@ def _smem_layout(block: int, dtype: torch.dtype):
                                                 else gl.float16)
 
 
-def forward(q, k, v, o, lse, cos, sin, stab_h: int, stab_n: int, P: int, qk_scale: float, launch) -> None:
+def forward(q, k, v, o, lse, rope: bool, cos, sin, stab_h: int, stab_n: int, P: int, qk_scale: float,
+            launch) -> None:
     """q, k, v: [B, H, N, D] (`eligible`), o: [B, H, N, D] laid out [B, N, H, D], lse: [B*H, N] fp32 (base 2);
-    cos, sin: fp32 [N - P, D/2] or [H, N - P, D/2] (stab_h = 0 for one table), None without RoPE."""
+    cos, sin: fp32 [N - P, D/2] or [H, N - P, D/2] (stab_h = 0 for one table), not read without `rope`."""
     B, H, N, D = q.shape
     block = block_rows(N)
     layout = _smem_layout(block, q.dtype)
@@ -307,9 +306,6 @@ def forward(q, k, v, o, lse, cos, sin, stab_h: int, stab_n: int, P: int, qk_scal
         t = t.transpose(1, 2)
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block, 1, D], layout)
 
-    rope = cos is not None
-    if not rope:
-        cos = sin = lse  # not read
     n_heads = B * H
     programs = min(n_heads, _num_sms(q.device.index)) if q.is_cuda else n_heads  # CPU: recorded, not run
     launch(resident_fwd_kernel, (programs,),

@@ -137,8 +137,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
         o = output_like(q)
         lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
         cos, sin, _, stab_h, stab_n, P = _table_args(rope, q)
-        resident.forward(q, k, v, o, lse, None if rope is None else cos, None if rope is None else sin, stab_h,
-                         stab_n, P, scale * LOG2E, launch)
+        resident.forward(q, k, v, o, lse, rope is not None, cos, sin, stab_h, stab_n, P, scale * LOG2E, launch)
         return o, lse, (q, k)
     cx = meta(q, rope)
     training = save_rotated and rope is not None

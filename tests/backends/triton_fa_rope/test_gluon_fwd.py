@@ -89,10 +89,10 @@ def _reference(q, k, v, table):
     (197, 1, "per_head", "fused"),
     (197, 1, None, "contiguous"),
     (256, 0, "shared", "transposed"),  # the largest, no masked key chunk
-    (100, 5, "shared", "fused"),  # registers, a half-width chunk
+    (100, 5, "shared", "fused"),  # a 128-row block: one full, one half-width and one masked chunk
     (17, 1, "shared", "contiguous"),  # one masked chunk only
     (1, 1, "shared", "fused"),  # the prefix token alone
-    (65, 0, None, "fused"),
+    (65, 0, None, "fused"),  # one key past a full chunk
 ])
 def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
@@ -107,8 +107,8 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
     lse = torch.full((B * H, N), float("nan"), device=q.device)
     cos, sin, _, stab_h, stab_n, prefix = launch._table_args(table, q)
     scale = 64 ** -0.5
-    gluon_fwd.forward(q, k, v, o, lse, None if table is None else cos, None if table is None else sin, stab_h,
-                      stab_n, prefix, scale * launch.LOG2E, runtime.launch)
+    gluon_fwd.forward(q, k, v, o, lse, table is not None, cos, sin, stab_h, stab_n, prefix, scale * launch.LOG2E,
+                      runtime.launch)
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
