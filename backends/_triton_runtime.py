@@ -5,8 +5,9 @@ call's kernels ahead.
 Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
 of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call. The
 compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]` passes
-them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`, and so
-do Gluon kernels (their TMA descriptor arguments are not hashable facts).
+them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`. A TMA
+descriptor argument (a Gluon kernel's) is keyed by what Triton specializes it on, its dtype, block shape and shared
+layout; its base, shape and strides go to the runner, whose launcher encodes the tensor map from them.
 
 Compiling ahead: the first training call of a shape would compile its kernels one after another as the launches
 reach them, and each would build its C launcher (a host-compiler run per kernel signature) at its first launch.
@@ -90,13 +91,13 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
         state.recorder.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
         if not state.record_runs:
             return
-    if not state.keep_runners or _is_gluon(kernel):  # Gluon's descriptor arguments are no keys: Triton's launch
+    if not state.keep_runners:
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return
     # ints as themselves (the common case, and the cheapest), other scalars with their type (1.0 is not 1)
     key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
            tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                  else (type(a), a) for a in args]))
+                  else _other_key(a) for a in args]))
     hit = state.runners.get(key)
     if hit is None:
         compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
@@ -111,9 +112,39 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
     compiled[(*grid, 1, 1)[:3]](*args, *tail)
 
 
+def _other_key(arg) -> tuple:
+    """The key of an argument that is neither an int nor a tensor: a TMA descriptor's dtype, block shape and layout
+    (Triton specializes on nothing else of it), a scalar's type and value."""
+    block = getattr(arg, "block_shape", None)
+    if block is not None:
+        return ("tensordesc", arg.base.dtype, tuple(block), getattr(arg, "layout", None), getattr(arg, "padding", None))
+    return (type(arg), arg)
+
+
 def _is_gluon(kernel) -> bool:
     is_gluon = getattr(kernel, "is_gluon", None)  # JITFunction's since Triton 3.5
     return is_gluon is not None and is_gluon()
+
+
+_DESCRIPTOR_TEMPLATES: dict = {}
+
+
+def tensor_descriptor(cls, base: torch.Tensor, shape: list, strides: list, block_shape: list, layout):
+    """`cls(base, shape, strides, block_shape, layout)` (a Gluon `TensorDescriptor`) at a third of its host cost:
+    the first descriptor of a (cls, dtype, block, layout) is built, and checked, by `cls`; later ones copy its fields
+    with their own base, shape and strides. Callers check what `cls` would (16-byte aligned base and strides, dense
+    last dimension), as `gluon_fwd.eligible` does."""
+    key = (cls, base.dtype, tuple(block_shape), layout)
+    template = _DESCRIPTOR_TEMPLATES.get(key)
+    if template is None:
+        desc = cls(base, shape, strides, block_shape, layout)
+        template = _DESCRIPTOR_TEMPLATES[key] = object.__new__(cls)
+        template.__dict__.update(desc.__dict__, base=None)  # holds no tensor alive
+        return desc
+    desc = object.__new__(cls)
+    desc.__dict__.update(template.__dict__)
+    desc.base, desc.shape, desc.strides = base, shape, strides
+    return desc
 
 
 @functools.lru_cache(maxsize=1)

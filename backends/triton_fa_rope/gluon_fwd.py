@@ -33,6 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from attnhub.backends import _triton_runtime as runtime
+
 # Triton 3.6 names, and what later versions call them
 _tma_load = getattr(tma, "async_copy_global_to_shared", None) or tma.async_load
 _tma_store = getattr(tma, "async_copy_shared_to_global", None) or tma.async_store
@@ -301,10 +303,11 @@ def forward(q, k, v, o, lse, rope: bool, cos, sin, stab_h: int, stab_n: int, P: 
     B, H, N, D = q.shape
     block = block_rows(N)
     layout = _smem_layout(block, q.dtype)
+    box = [1, block, 1, D]
 
-    def desc(t):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory
-        t = t.transpose(1, 2)
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block, 1, D], layout)
+    def desc(t):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA needs only its base address)
+        s = t.stride()
+        return runtime.tensor_descriptor(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]], box, layout)
 
     n_heads = B * H
     programs = min(n_heads, _num_sms(q.device.index)) if q.is_cuda else n_heads  # CPU: recorded, not run

@@ -67,6 +67,37 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     assert c["TAIL_N"] == 0 or c["TAIL_N"] >= 16  # wgmma's smallest N
 
 
+def _descriptor(x, block=256):
+    """x: [B, H, N, D] -> its descriptor as `gluon_fwd.forward` builds it (fields as the checked constructor sets)."""
+    B, H, N, D = x.shape
+    s = x.stride()
+    return runtime.tensor_descriptor(gluon_fwd.TensorDescriptor, x, [B, N, H, D], [s[0], s[2], s[1], s[3]],
+                                     [1, block, 1, D], gluon_fwd._smem_layout(block, x.dtype))
+
+
+def test_descriptor_copies_equal_what_the_checked_constructor_builds():
+    first, _, _ = _inputs()
+    _descriptor(first)  # the template
+    q = _inputs(N=100, H=5)[0]
+    fast = _descriptor(q)
+    B, H, N, D = q.shape
+    checked = gluon_fwd.TensorDescriptor(q.transpose(1, 2), [B, N, H, D], list(q.transpose(1, 2).stride()),
+                                         [1, 256, 1, D], gluon_fwd._smem_layout(256, q.dtype))
+    assert fast.base is q and fast.base.data_ptr() == checked.base.data_ptr()
+    assert {k: v for k, v in vars(fast).items() if k != "base"} == {k: v for k, v in vars(checked).items()
+                                                                       if k != "base"}
+
+
+def test_kept_runners_key_descriptors_by_what_triton_specializes():
+    """dtype, block shape and layout; not the base, shape or strides (they go to the launcher every call)."""
+    key = runtime._other_key
+    a, b = _inputs(N=197)[0], _inputs(N=100, H=5, kind="contiguous")[0]
+    assert key(_descriptor(a)) == key(_descriptor(b))
+    assert key(_descriptor(a)) != key(_descriptor(a, block=128))
+    assert key(_descriptor(a)) != key(_descriptor(_inputs(dtype=torch.float16)[0]))
+    assert key(1.0) != key(True) and key(0.5) == key(0.5)
+
+
 def test_only_the_hopper_table_enables_it():
     assert configs.for_arch(9, 64).resident_fwd_max_n == gluon_fwd.MAX_N
     assert configs.for_arch(9, 128).resident_fwd_max_n == 0 and configs.for_arch(8, 64).resident_fwd_max_n == 0
@@ -113,6 +144,20 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
     assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_kept_runner_serves_new_tensors_and_shapes():
+    """The third launch runs the first one's kept runner with its own tensors (ints are keyed by value: B = 5 has
+    its own)."""
+    table = _table(197, H=6)
+    with runtime.fresh_caches(keep_runners=True) as state, torch.no_grad():
+        for B in (2, 5, 2):
+            q, k, v = make_qkv("fused", B, 6, 197, 64, torch.bfloat16, torch.Generator().manual_seed(B))
+            o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
+            assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
+        assert len(state.runners) == 2
 
 
 @pytest.mark.gpu
