@@ -3,7 +3,8 @@ internals: every launch goes through `launch`, which keeps compiled runners per 
 call's kernels ahead.
 
 Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
-of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call. The
+of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call (and, while
+no launch hook is set, its launcher without the hook plumbing of `compiled[grid]`). The
 compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]` passes
 them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`. A TMA
 descriptor argument (a Gluon kernel's) is keyed by what Triton specializes it on, its dtype, block shape and shared
@@ -39,6 +40,8 @@ def _triton_at_least(major: int, minor: int) -> bool:
 
 KEEPS_RUNNERS = not INTERPRET and _triton_at_least(3, 6)  # where `launch` can keep compiled runners
 CAN_COMPILE_AHEAD = not INTERPRET and hasattr(triton, "AsyncCompileMode")
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # where launch hooks are set (3.6+)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's driver launches on
 _RUNNERS_MAX = 4096  # distinct launches kept (shapes, strides, dtypes, configs): cleared when full
 _AHEAD_MAX = 4096
 
@@ -109,7 +112,19 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
         state.runners[key] = (compiled, tuple(constexprs[p.name] for p in params))
         return
     compiled, tail = hit
-    compiled[(*grid, 1, 1)[:3]](*args, *tail)
+    g = (*grid, 1, 1)
+    if dev.type == "cuda" and _no_hooks(_RUNTIME_KNOBS):  # the runner's own work, minus its hook plumbing
+        compiled.run(g[0], g[1], g[2], _raw_stream(dev.index), compiled.function, compiled.packed_metadata, None,
+                     None, None, *args, *tail)
+    else:
+        compiled[g[:3]](*args, *tail)
+
+
+def _no_hooks(knobs) -> bool:
+    """Whether no launch hook is set (a profiler's): then the runner's launch metadata and its calls of two empty
+    hook chains per launch (Triton 3.6+) can be skipped."""
+    return all(hook is None or not getattr(hook, "calls", True)
+               for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook))
 
 
 def _other_key(arg) -> tuple:

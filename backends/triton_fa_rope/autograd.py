@@ -169,6 +169,11 @@ def attention(
         if rope is None:
             return fwd_op(q, k, v, None, None, 0, "none", scale, training, mask)[0]
         return fwd_op(q, k, v, *rope.cos_sin(), rope.prefix_tokens, rope.layout, scale, training, mask)[0]
-    if rope is None:
-        return FlashRopeAttention.apply(q, k, v, None, None, None, scale, mask)
-    return FlashRopeAttention.apply(q, k, v, *rope.cos_sin(), rope, scale, mask)
+    cos_sin = (None, None) if rope is None else rope.cos_sin()
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or (rope is not None and rope.requires_grad))):
+        # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)
+        table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout)
+        return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
+                              key_padding_mask=mask)[0]
+    return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -44,6 +44,7 @@ MAX_N = 256  # K and V of a head (256 x 64 bf16 each) and Q fit shared memory tw
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
 BLOCK_N = 64  # keys per online-softmax step
+ROT_ROWS = 128  # tokens per RoPE step, the next step's table load in flight (on an H200 faster than 32 or 64)
 _BLOCK_N = gl.constexpr(BLOCK_N)
 
 
@@ -146,13 +147,12 @@ def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, til
 @gluon.jit
 def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0, stab_h, stab_n, H, N,
           P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
-          num_warps: gl.constexpr):
+          ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr, num_warps: gl.constexpr):
     """Attention of head `tile` = b * H + h, whose loads were issued on bar_qk (Q, K) and bar_v (V). t0: a zero
     the compiler cannot see through; table offsets without it are hoisted out of the persistent loop and held in
     registers, which spills (sm_90 compile, N = 197)."""
     BLOCK: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
-    ROT_ROWS: gl.constexpr = 128
     q_s = q_s4.reshape([BLOCK, D])
     k_s = k_s4.reshape([BLOCK, D])
     v_s = v_s4.reshape([BLOCK, D])
@@ -160,16 +160,19 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_
     if ROPE:
         cos_base = cos_ptr + h.to(gl.int64) * stab_h
         sin_base = sin_ptr + h.to(gl.int64) * stab_h
-        c0, s0 = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
+        # q and k rows are the same tokens: one table load for both; the next chunk's load in flight while one
+        # rotates; rows past the last chunk (>= N) are TMA's zeros, left as they are
+        c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
         mbarrier.wait(bar_qk, phase=phase)
-        for r in gl.static_range(0, BLOCK, ROT_ROWS):  # q and k rows are the same tokens: one table load for both
-            if r == 0:
-                c = c0
-                s = s0
-            else:
-                c, s = _load_table(cos_base, sin_base, t0 + r, N, P, stab_n, ROT_ROWS, D, num_warps)
-            _rope_inplace(k_s.slice(r, ROT_ROWS), c, s, 1.0, num_warps)
-            _rope_inplace(q_s.slice(r, ROT_ROWS), c, s, qk_scale, num_warps)
+        for i in gl.static_range(ROT_CHUNKS):
+            if i + 1 < ROT_CHUNKS:
+                c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
+                                             D, num_warps)
+            _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
+            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, qk_scale, num_warps)
+            if i + 1 < ROT_CHUNKS:
+                c = c_next
+                s = s_next
         fence_async_shared()  # the stores above, before wgmma reads them
         _cta_barrier()  # every warpgroup reads all of K
         sm_scale = 1.0
@@ -206,7 +209,8 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_
 
 @gluon.jit
 def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
-               qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr):
+               qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
+               ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H), with the next head's TMA loads in
     flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
     (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N."""
@@ -214,6 +218,7 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
     D: gl.constexpr = q_desc.block_type.shape[3]
     num_warps: gl.constexpr = gl.num_warps()
     gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
+    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
     gl.static_assert(BLOCK % (16 * num_warps) == 0)
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
@@ -238,7 +243,7 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
                      bars_qk.index(1 - slot), bars_v.index(1 - slot), nxt, H, nxt < n_heads)
         _head(q_buf.index(slot), k_buf.index(slot), v_buf.index(slot), bars_qk.index(slot), bars_v.index(slot),
               (it // 2) & 1, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h, stab_n, H, N, P, qk_scale,
-              N_FULL, MID_N, TAIL_N, ROPE, num_warps)
+              N_FULL, MID_N, TAIL_N, ROPE, ROT_ROWS, ROT_CHUNKS, num_warps)
         it += 1
     for i in gl.static_range(2):
         mbarrier.invalidate(bars_qk.index(i))
@@ -251,13 +256,15 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
 
 
 @functools.lru_cache(maxsize=None)
-def chunking(N: int) -> dict:
-    """N_FULL unmasked chunks of BLOCK_N keys, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
-    narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail."""
+def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
+    """Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
+    narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail.
+    RoPE: ROT_CHUNKS steps of rot_rows tokens cover the N rows (a multiple of `_rot_layout`'s 32 rows)."""
     n_full, rest = divmod(N, BLOCK_N)
     mid = BLOCK_N // 2 if rest >= BLOCK_N // 2 else 0
     rest -= mid
-    return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+    return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, triton.next_power_of_2(rest)),
+                ROT_ROWS=rot_rows, ROT_CHUNKS=-(-N // rot_rows))
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,8 +275,10 @@ def block_rows(N: int) -> int:
 
 def _tma_ready(x: torch.Tensor) -> bool:
     """x: [B, H, N, D]; whether TMA can read it as [B, N, H, D]: 16-byte aligned base and strides, channels dense."""
-    return (x.stride(3) == 1 and x.data_ptr() % 16 == 0
-            and all(x.stride(i) * x.element_size() % 16 == 0 for i in range(3)))
+    s0, s1, s2, s3 = x.stride()
+    per_16_bytes = 16 // x.element_size()
+    return (s3 == 1 and x.data_ptr() % 16 == 0 and s0 % per_16_bytes == 0 and s1 % per_16_bytes == 0
+            and s2 % per_16_bytes == 0)
 
 
 def eligible(q, k, v, rope, key_padding_mask, save_rotated: bool) -> bool:

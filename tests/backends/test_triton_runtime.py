@@ -146,3 +146,13 @@ def test_compile_ahead_builds_the_launchers_of_what_it_compiled(monkeypatch):
     expected = [(f"src {kernel.fn.__name__}", f"meta {kernel.fn.__name__}") for kernel in planned
                 if kernel is not kernels.fwd_kernel]  # an already loaded kernel has its launcher
     assert sorted(built) == sorted(expected) and len(built) == len(planned) - 1
+
+
+def test_kept_runners_skip_the_hook_plumbing_only_while_no_hook_is_set():
+    knobs = pytest.importorskip("triton.knobs")
+    chain = knobs.HookChain()
+    idle = type("Knobs", (), {"launch_enter_hook": chain, "launch_exit_hook": None})
+    assert runtime._no_hooks(idle)
+    chain.add(print)  # a profiler's hook: every launch must call it
+    assert not runtime._no_hooks(idle)
+    assert not runtime._no_hooks(type("Knobs", (), {"launch_enter_hook": None, "launch_exit_hook": print}))

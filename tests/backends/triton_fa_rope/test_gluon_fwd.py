@@ -65,6 +65,8 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     covered = c["N_FULL"] * gluon_fwd.BLOCK_N + c["MID_N"] + c["TAIL_N"]
     assert N <= covered <= gluon_fwd.block_rows(N) and covered - N < max(16, gluon_fwd.BLOCK_N // 2)
     assert c["TAIL_N"] == 0 or c["TAIL_N"] >= 16  # wgmma's smallest N
+    rotated = c["ROT_ROWS"] * c["ROT_CHUNKS"]
+    assert N <= rotated <= gluon_fwd.block_rows(N) and c["ROT_ROWS"] % 32 == 0  # whole tiles of `_rot_layout`
 
 
 def _descriptor(x, block=256):
