@@ -4,7 +4,7 @@
     python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
 
 Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over; the
-training pass takes them as views of one [B, N, H + 2 H_kv, D] leaf, so gradients reach it through a split):
+training pass takes them as views of one [B, N, H + 2 H_kv, D] leaf, as a timm block does: see `projection`):
   naflex  NaFlexViT-B: B x 12 heads x 576 tokens (the bucket), D = 64, one RoPE table per sample
           ([B, 1, N, 2D], timm's NaFlex embedding, zero rows at padding) and each sample's own grid
           (`bench_e2e.naflex_batch`: 10-40% padding). timm: `apply_rot_embed_cat` on q and k, then
@@ -152,9 +152,13 @@ def errors(impl: str, case: dict) -> dict:
 def projection(q, k, v):
     """-> (a leaf [B, N, H + 2 H_kv, D] holding q, k, v, views() -> q, k, v of it as [B, H|H_kv, N, D]): the
     training pass takes q, k, v as a model's qkv projection hands them over, so every implementation's gradients
-    reach it through the same split (a cat in the backward), as in the model."""
+    reach it through the same views, as in the model: with equal head counts timm's split of a fused projection
+    (`AttentionRope`: reshape, permute, unbind), else a split along the heads (separate projections)."""
     heads = [t.shape[1] for t in (q, k, v)]
     proj = torch.cat([t.transpose(1, 2) for t in (q, k, v)], 2).detach().requires_grad_()
+    if len(set(heads)) == 1:
+        B, N, _, D = proj.shape
+        return proj, lambda: proj.view(B, N, 3, heads[0], D).permute(2, 0, 3, 1, 4).unbind(0)
     return proj, lambda: tuple(t.transpose(1, 2) for t in proj.split(heads, 2))
 
 

@@ -62,11 +62,32 @@ def _saved(ctx):
     return q, k, v, o, lse, mask, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
 
 
-def _backward(do, q, k, v, o, lse, mask, rope, scale):
-    """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD)."""
+def _backward(do, q, k, v, o, lse, mask, rope, scale, out=None):
+    """The backward kernels with this call's configs and backward path (ATTNHUB_TRITON_BWD); `out`: see
+    `launch.backward`."""
     config = configs.for_call(q.device, q.shape[-1])
     fused = launch.use_fused_backward(config, q, k, rope, mask, settings.triton_bwd())
-    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask)
+    return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask, out=out)
+
+
+def _forward(ctx, q, k, v, cos, sin, rope, scale, mask, training: bool):
+    """The forward of both autograd Functions: o, and with `training` what the backward needs kept on ctx."""
+    config = configs.for_call(q.device, q.shape[-1])
+    table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
+    if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
+        launch.compile_ahead(q, k, v, table, scale, config, key_padding_mask=mask)
+    o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, training, config, key_padding_mask=mask)
+    if training:
+        _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved, mask)
+    return o
+
+
+def _grads(ctx, do, out=None):
+    """-> dq, dk, dv (into `out` when given), dcos, dsin of the call saved on ctx."""
+    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
+    dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale, out)
+    dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
+    return dq, dk, dv, dcos, dsin
 
 
 class FlashRopeAttention(torch.autograd.Function):
@@ -74,23 +95,60 @@ class FlashRopeAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cos, sin, rope, scale, mask):
         """cos, sin: rope's tables (None without RoPE), inputs only so that autograd hands back their gradients;
         mask: the key padding mask or None."""
-        table_grad = any(ctx.needs_input_grad[3:5])
-        training = any(ctx.needs_input_grad[:3]) or table_grad
-        config = configs.for_call(q.device, q.shape[-1])
-        table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
-        if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
-            launch.compile_ahead(q, k, v, table, scale, config, key_padding_mask=mask)
-        o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, training, config, key_padding_mask=mask)
-        if training:
-            _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved, mask)
-        return o
+        return _forward(ctx, q, k, v, cos, sin, rope, scale, mask, any(ctx.needs_input_grad[:5]))
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
-        dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale)
-        dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
-        return dq, dk, dv, dcos, dsin, None, None, None
+        return *_grads(ctx, do), None, None, None
+
+
+class FlashRopeAttentionPacked(torch.autograd.Function):
+    """FlashRopeAttention for q, k, v that are the three views of one fused projection (`packed_projection`):
+    autograd sees the projection as the input, and the backward writes dq, dk, dv straight into one gradient of
+    its layout, where the views' own backward would copy three gradients into one (a third of the kernels' time
+    at NaFlexViT-B's shapes: benchmarks/README.md)."""
+
+    @staticmethod
+    def forward(ctx, proj, q, k, v, cos, sin, rope, scale, mask):
+        """proj: the projection; q, k, v: its views, detached (they are read, their gradients go to proj)."""
+        B, H, N, D = q.shape
+        ctx.proj = proj.shape, proj.dtype, (B, N, 3, H, D)
+        return _forward(ctx, q, k, v, cos, sin, rope, scale, mask,
+                        ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]))
+
+    @staticmethod
+    def backward(ctx, do):
+        shape, dtype, split_shape = ctx.proj
+        dproj = torch.empty(shape, device=do.device, dtype=dtype)
+        _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dproj.view(split_shape)))
+        return dproj, None, None, None, dcos, dsin, None, None, None
+
+
+def _split(proj5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """proj5: [B, N, 3, H, D] -> q, k, v: [B, H, N, D] views (timm's `permute(2, 0, 3, 1, 4).unbind(0)`)."""
+    return proj5.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def packed_projection(q, k, v) -> torch.Tensor | None:
+    """The contiguous tensor that q, k, v are the outputs of one `unbind` of, exactly as `_split` views (timm's
+    split of a fused qkv projection, `proj.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`), all three
+    taking their gradient from it; else None."""
+    proj = q._base
+    if (proj is None or k._base is not proj or v._base is not proj or not proj.requires_grad
+            or q.grad_fn is None or k.grad_fn is not q.grad_fn or v.grad_fn is not q.grad_fn
+            or not proj.is_contiguous()):
+        return None
+    B, H, N, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape or proj.numel() != 3 * q.numel():
+        return None
+    stride = (3 * N * H * D, D, 3 * H * D, 1)
+    if q.stride() != stride or k.stride() != stride or v.stride() != stride:
+        return None
+    row = H * D * q.element_size()  # k starts one q row of channels after q, v two
+    start = proj.data_ptr()
+    if q.data_ptr() != start or k.data_ptr() != start + row or v.data_ptr() != start + 2 * row:
+        return None
+    return proj
 
 
 def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
@@ -176,4 +234,7 @@ def attention(
         table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout)
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
+    proj = packed_projection(q, k, v)
+    if proj is not None:  # views of one fused projection: the backward writes its gradient whole
+        return FlashRopeAttentionPacked.apply(proj, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
     return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -195,23 +195,24 @@ def _gluon_fwd():
 
 
 def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,
-             key_padding_mask: torch.Tensor | None = None):
+             key_padding_mask: torch.Tensor | None = None, out: tuple | None = None):
     """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv (dk, dv [B, H_kv,
-    N_KV, D]: summed over the query heads of each k/v head).
+    N_KV, D]: summed over the query heads of each k/v head), written into `out` (three tensors of those shapes, any
+    strides, e.g. views of one projection's gradient) when given.
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
     the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
     registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
-    scratch [B*H, N_Q, D]. The gradients are contiguous [B, H, N, D]: a fused qkv projection stacks them (`unbind`'s
-    backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
+    scratch [B*H, N_Q, D]. Without `out` the gradients are contiguous [B, H, N, D]: a fused qkv projection stacks
+    them (`unbind`'s backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     cx = meta(q, rope)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
     kpm, kbounds, smb, varlen = _varlen_args(q, k, cos, key_padding_mask, launch)
-    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
+    dq, dk, dv = out or (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
     if fused:

@@ -167,9 +167,22 @@ def test_relaunch_through_the_cached_compiled_kernel_is_bitwise_equal():
 
 
 class _Counting:
+    """A kept compiled kernel that counts its launches, through `compiled[grid]` or its launcher `compiled.run`."""
+
     def __init__(self, compiled, hits):
         self.compiled, self.hits = compiled, hits
 
     def __getitem__(self, grid):
         self.hits.append(grid)
         return self.compiled[grid]
+
+    def __getattr__(self, name):  # function, packed_metadata, ...
+        return getattr(self.compiled, name)
+
+    @property
+    def run(self):
+        def counted(*args):
+            self.hits.append(args[:3])
+            return self.compiled.run(*args)
+
+        return counted

@@ -28,8 +28,9 @@ SHAPES = {
     "perhead_il_p0_8x9_d32": Shape(1, 2, (8, 9), 0, 32, "interleaved", per_head=True),
     "norope_p1_7x10_d64": Shape(1, 2, (7, 10), 1, 64, None),
 }
-NEVER, ALWAYS = dict(prerotate_from_n=None, prerotate_train_from_n=None), dict(prerotate_from_n=0,
-                                                                           prerotate_train_from_n=0)
+# the Triton forward's rotation paths (the Gluon forward, which Hopper's table gives short inference calls, off)
+NEVER = dict(prerotate_from_n=None, prerotate_train_from_n=None, resident_fwd_max_n=0)
+ALWAYS = dict(prerotate_from_n=0, prerotate_train_from_n=0, resident_fwd_max_n=0)
 PATHS = {  # config overrides
     "in_kernel": dict(**NEVER, narrow_tail=False),  # the default off Hopper
     "in_kernel_narrow_tail": dict(**NEVER, narrow_tail=True),
