@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from attnhub.api import BackendInfo, attention, explain, list_backends, tune, use_backend
+from attnhub.api import BackendInfo, attention, attention_packed, explain, list_backends, tune, use_backend
 from attnhub.control import disable_backends, pin_backend, pinned
 from attnhub.registry import REGISTRY, RegistryError, register_backend
 from attnhub.rope import CosSinTable
@@ -15,12 +15,14 @@ from attnhub.select import BackendUnavailableError, Explanation, UnknownBackendE
 
 __version__ = "0.1.0"
 
-# Under FX symbolic tracing `attnhub.attention(...)` is one leaf node (it reads concrete shapes and dtypes to pick
-# a backend); the graph calls it when it runs.
+# Under FX symbolic tracing `attnhub.attention(...)` (and `attention_packed`) is one leaf node (it reads concrete
+# shapes and dtypes to pick a backend); the graph calls it when it runs.
 torch.fx.wrap("attention")
+torch.fx.wrap("attention_packed")
 
 __all__ = [
     "attention",
+    "attention_packed",
     "explain",
     "use_backend",
     "pin_backend",

@@ -1,4 +1,5 @@
-"""The public entry: `attention()`, forcing a backend, `explain()`, `tune()`, `list_backends()`.
+"""The public entry: `attention()` (and `attention_packed()` of a fused qkv projection), forcing a backend,
+`explain()`, `tune()`, `list_backends()`.
 
 One call: validate the inputs (here, before anything launches) -> the decision key `select.Call.from_inputs` ->
 `select.choose` (cached) -> the backend's entry function `fn(q, k, v, rope, scale)`, called with
@@ -40,9 +41,38 @@ def attention(
     attnhub.control). Returns o: [B, H, N, D] in q's dtype, or in the autocast dtype under `torch.autocast`, for
     every backend alike.
     """
-    mask = key_padding_mask
+    return _attention(q, k, v, rope, scale, backend, key_padding_mask, None)
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    rope: CosSinTable | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`attention(q, k, v, ...)` of a fused qkv projection: qkv: [B, N, 3, H, D] (timm's
+    `self.qkv(x).reshape(B, N, 3, H, D)`), q, k, v its three parts -> o: [B, H, N, D].
+
+    The same function, choice of backend and errors as `attention` on the views
+    `qkv.permute(2, 0, 3, 1, 4).unbind(0)`; the gradient reaches qkv as one tensor, and a backend declaring
+    `packed_qkv` (triton_fa_rope) writes it whole instead of three gradients that the views' backward would copy
+    into one.
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"attnhub.attention_packed: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attnhub.attention_packed: qkv must be [B, N, 3, H, D], got shape {tuple(qkv.shape)}; "
+                         "reshape a fused projection's [B, N, 3 * H * D] output to it")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return _attention(q, k, v, rope, scale, backend, key_padding_mask, qkv)
+
+
+def _attention(q, k, v, rope, scale, backend, mask, qkv):
+    """attention(); qkv: the [B, N, 3, H, D] tensor q, k, v are the views of (`attention_packed`) or None."""
     if torch.compiler.is_compiling():
-        return _compiled_attention(q, k, v, rope, scale, backend, mask)
+        return _compiled_attention(q, k, v, rope, scale, backend, mask, qkv)
     ctl, autocast = control.resolve(backend, control.current_pin()), False  # (forced, by whom, disabled)
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
@@ -52,29 +82,31 @@ def attention(
         key, fn = None, None
     if fn is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
         _validate(q, k, v, rope, scale, backend, mask)
-        fn, out = _choose_and_run(q, k, v, rope, scale, ctl, mask, autocast)
+        fn, out = _choose_and_run(q, k, v, rope, scale, ctl, mask, autocast, qkv)
         if key is not None:  # only once a run succeeded: until then a failing backend may still fall back
             select.remember_fast(key, fn)
         return out
-    return _call_entry(fn, q, k, v, rope, _scale(q, scale), mask, autocast)
+    return _call_entry(fn, q, k, v, rope, _scale(q, scale), mask, autocast, qkv)
 
 
-def _call_entry(fn, q, k, v, rope, scale: float, mask, autocast: bool) -> torch.Tensor:
+def _call_entry(fn, q, k, v, rope, scale: float, mask, autocast: bool, qkv=None) -> torch.Tensor:
     if autocast:  # every backend computes in the autocast dtype, none re-autocasts inside
         q, k, v = _autocast_inputs(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
-            return _run(fn, q, k, v, rope, scale, mask)
-    return _run(fn, q, k, v, rope, scale, mask)
+            return _run(fn, q, k, v, rope, scale, mask, qkv)
+    return _run(fn, q, k, v, rope, scale, mask, qkv)
 
 
-def _run(fn, q, k, v, rope, scale, key_padding_mask):
-    # without a mask the entry keeps its original five arguments (backends registered before masks existed)
-    if key_padding_mask is None:
-        return fn(q, k, v, rope, scale)
-    return fn(q, k, v, rope, scale, key_padding_mask=key_padding_mask)
+def _run(fn, q, k, v, rope, scale, key_padding_mask, qkv=None):
+    # the entry gets key_padding_mask= only with a mask (backends registered before masks existed take five
+    # arguments), and qkv= only when it declares packed_qkv
+    kwargs = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
+    if qkv is not None and select.REGISTRY.takes_qkv(fn):
+        kwargs["qkv"] = qkv
+    return fn(q, k, v, rope, scale, **kwargs)
 
 
-def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast):
+def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast, qkv=None):
     """Slow path: build the decision key, select (maybe measure) and run, through `select.run` (the fallback)."""
     scale = _scale(q, scale)
     cq, ck, cv = _autocast_inputs(q, k, v)
@@ -84,10 +116,11 @@ def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast):
         measure = lambda names: _tuning.measure(  # noqa: E731
             call, _entries(names, key_padding_mask), cq, ck, cv, rope, scale
         )
-    return select.run(call, lambda fn: _call_entry(fn, q, k, v, rope, scale, key_padding_mask, autocast), measure)
+    return select.run(call, lambda fn: _call_entry(fn, q, k, v, rope, scale, key_padding_mask, autocast, qkv),
+                      measure)
 
 
-def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
+def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask, qkv=None):
     """Inside `torch.compile`: the decision is made once, at trace time, and baked into the graph.
 
     Only static facts enter it (device, dtype, head_dim, sequence lengths, RoPE signature, grad mode), so the
@@ -100,11 +133,13 @@ def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
     _validate(q, k, v, rope, scale, backend, key_padding_mask)
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
+    if qkv is not None and q.dtype != qkv.dtype:  # cast by autocast: no longer qkv's views
+        qkv = None
     # the pin is read here, traced: the pin hooks' pushes exist only in the graph being traced
     name = _static_choice(backend, control.current_pin(),
                           *select.Call.from_inputs(q, k, v, rope, None, key_padding_mask, static=True))
     with torch.autocast(q.device.type, enabled=False):
-        return _run(select.REGISTRY.entry(name), q, k, v, rope, scale, key_padding_mask)
+        return _run(select.REGISTRY.entry(name), q, k, v, rope, scale, key_padding_mask, qkv)
 
 
 @torch.compiler.assume_constant_result

@@ -58,6 +58,7 @@ class Spec:
     rope_coords: bool = False
     key_padding: bool = False
     gqa: bool = False
+    packed_qkv: bool = False
     cross_attention: bool = True
     backward: bool = True
     deterministic_backward: bool = False
@@ -151,6 +152,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "rope_coords": _as_bool,
     "key_padding": _as_bool,
     "gqa": _as_bool,
+    "packed_qkv": _as_bool,
     "cross_attention": _as_bool,
     "backward": _as_bool,
     "deterministic_backward": _as_bool,
@@ -281,6 +283,10 @@ class Registry:
                 fn = getattr(importlib.import_module(module), attr)
             self._fns[name] = fn
         return fn
+
+    def takes_qkv(self, fn: Callable) -> bool:
+        """Whether `fn` is the loaded entry of a backend declaring packed_qkv (it takes the keyword qkv)."""
+        return any(spec.packed_qkv and self._fns.get(name) is fn for name, spec in self._specs.items())
 
     def snapshot(self) -> dict[str, Spec]:
         """The current specs, for `restore` (tests, and code that registers backends temporarily)."""

@@ -22,7 +22,8 @@ to the valid keys (under timm's symmetric mask they attend uniformly to all keys
 
 A patched attention module computes q, k, v exactly as timm does (fused or separate projections, EVA's q/v
 bias, q/k norm), then `attnhub.attention(q, k, v, rope=table, scale=module.scale, key_padding_mask=...)` with
-grouped k/v heads as they are (no repeated k/v), then timm's output norm, gate, projection and projection
+grouped k/v heads as they are (no repeated k/v) -- `attnhub.attention_packed(qkv, ...)` of a fused projection
+without q/k norm, so that its gradient is written whole --, then timm's output norm, gate, projection and projection
 dropout. Patching swaps the instance's class for a subclass that only overrides `forward` (NaFlexVit:
 `_forward_embeds`); timm's classes are untouched and `unpatch` swaps them back. A patched attention module
 takes as `attn_mask` only a key mask, bool `[B, 1, 1, N]` (True = attend; a sample with no valid key gets
@@ -30,8 +31,8 @@ zeros, where SDPA gives NaN); any other mask, `is_causal` and attention dropout 
 NotImplementedError naming the way out.
 
 A patched model still goes through `torch.compile`, `torch.export` and FX symbolic tracing (`torch.fx`, timm's and
-torchvision's `create_feature_extractor`): in an FX graph `attnhub.attention` and the table build are leaf calls,
-and a mask is refused when the graph runs. TorchScript cannot compile it: `torch.jit.script` (of the model or of
+torchvision's `create_feature_extractor`): in an FX graph `attnhub.attention` (`attention_packed`) and the table
+build are leaf calls, and a mask is refused when the graph runs. TorchScript cannot compile it: `torch.jit.script` (of the model or of
 its FX graph) and `patch` under `timm.layers.set_scriptable(True)` raise NotImplementedError naming the way out.
 """
 
@@ -198,23 +199,29 @@ def _forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask:
         )
     B, N, _ = x.shape
     gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    q, k, v = _qkv(self, x)  # grouped-query attention: k, v keep their H_kv heads (attnhub reads h // groups)
-    q, k = self.q_norm(q), self.k_norm(k)
+    qkv, (q, k, v) = _qkv(self, x)  # grouped-query attention: k, v keep their H_kv heads (attnhub reads h // groups)
+    if not (isinstance(self.q_norm, torch.nn.Identity) and isinstance(self.k_norm, torch.nn.Identity)):
+        q, k, qkv = self.q_norm(q), self.k_norm(k), None
     if isinstance(x, torch.fx.Proxy) and isinstance(rope, torch.Tensor):
         # FX tracing, timm's fixed-grid embedding buffer: made a graph value, so that the `_table` leaf builds the
         # table when the graph runs (following the buffer, its device and in-place edits) instead of now
         rope = torch.fx.Proxy(x.tracer.create_arg(rope), x.tracer)
     table = None if rope is None else _table(rope, self.num_prefix_tokens, getattr(self, "rotate_half", False))
     # [B, H, N, D], laid out [B, N, H, D]
-    x = attnhub.attention(q, k, v, rope=table, scale=self.scale, key_padding_mask=key_padding)
+    if qkv is not None:  # one fused projection: its gradient is written whole (attention_packed)
+        x = attnhub.attention_packed(qkv, rope=table, scale=self.scale, key_padding_mask=key_padding)
+    else:
+        x = attnhub.attention(q, k, v, rope=table, scale=self.scale, key_padding_mask=key_padding)
     x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
     if gate is not None:
         x = x * gate
     return self.proj_drop(self.proj(x))
 
 
-def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [B, N, C] -> q: [B, H, N, D], k, v: [B, H_kv, N, D], as timm's EvaAttention / AttentionRope."""
+def _qkv(self, x: torch.Tensor):
+    """x: [B, N, C] -> (qkv, (q, k, v)) as timm's EvaAttention / AttentionRope: with a fused projection qkv
+    [B, N, 3, H, D] and q, k, v [B, H, N, D] its views; with separate ones None and q: [B, H, N, D], k, v:
+    [B, H_kv, N, D]."""
     B, N, _ = x.shape
     if self.qkv is not None:
         if getattr(self, "q_bias", None) is None:
@@ -225,11 +232,12 @@ def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
                 qkv = self.qkv(x) + bias
             else:
                 qkv = F.linear(x, weight=self.qkv.weight, bias=bias)
-        return qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1)
+        return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
     k = self.k_proj(x).reshape(B, N, _kv_heads(self), -1).transpose(1, 2)
     v = self.v_proj(x).reshape(B, N, _kv_heads(self), -1).transpose(1, 2)
-    return q, k, v
+    return None, (q, k, v)
 
 
 def _kv_heads(self) -> int:
@@ -354,3 +362,4 @@ torch.fx.wrap("_table")
 register_notrace_function(_key_mask)
 _key_padding.__prepare_scriptable__ = _table.__prepare_scriptable__ = _refuse_scripting
 register_notrace_function(attnhub.attention)
+register_notrace_function(attnhub.attention_packed)

@@ -103,64 +103,44 @@ class FlashRopeAttention(torch.autograd.Function):
 
 
 class FlashRopeAttentionPacked(torch.autograd.Function):
-    """FlashRopeAttention for q, k, v that are the three views of one fused projection (`packed_projection`):
-    autograd sees the projection as the input, and the backward writes dq, dk, dv straight into one gradient of
-    its layout, where the views' own backward would copy three gradients into one (a third of the kernels' time
-    at NaFlexViT-B's shapes: benchmarks/README.md)."""
+    """FlashRopeAttention of a fused projection qkv [B, N, 3, H, D] (`attnhub.attention_packed`): autograd sees qkv
+    as the input, and the backward writes dq, dk, dv straight into one gradient of its shape, where the views' own
+    backward would copy three gradients into one (a quarter of the kernels' time at NaFlexViT-B's shapes:
+    benchmarks/README.md)."""
 
     @staticmethod
-    def forward(ctx, proj, q, k, v, cos, sin, rope, scale, mask):
-        """proj: the projection; q, k, v: its views, detached (they are read, their gradients go to proj)."""
-        B, H, N, D = q.shape
-        ctx.proj = proj.shape, proj.dtype, (B, N, 3, H, D)
+    def forward(ctx, qkv, q, k, v, cos, sin, rope, scale, mask):
+        """q, k, v: qkv's `_split` views, detached (they are read; their gradients go to qkv)."""
+        ctx.proj = qkv.shape, qkv.dtype
         return _forward(ctx, q, k, v, cos, sin, rope, scale, mask,
                         ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]))
 
     @staticmethod
     def backward(ctx, do):
-        shape, dtype, split_shape = ctx.proj
-        dproj = torch.empty(shape, device=do.device, dtype=dtype)
-        _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dproj.view(split_shape)))
-        return dproj, None, None, None, dcos, dsin, None, None, None
+        shape, dtype = ctx.proj
+        dqkv = torch.empty(shape, device=do.device, dtype=dtype)
+        _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dqkv))
+        return dqkv, None, None, None, dcos, dsin, None, None, None
 
 
-def _split(proj5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """proj5: [B, N, 3, H, D] -> q, k, v: [B, H, N, D] views (timm's `permute(2, 0, 3, 1, 4).unbind(0)`)."""
-    return proj5.permute(2, 0, 3, 1, 4).unbind(0)
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv: [B, N, 3, H, D] -> q, k, v: [B, H, N, D] views (as `attnhub.attention_packed` splits it)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def packed_projection(q, k, v) -> torch.Tensor | None:
-    """The contiguous tensor that q, k, v are the outputs of one `unbind` of, exactly as `_split` views (timm's
-    split of a fused qkv projection, `proj.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`), all three
-    taking their gradient from it; else None."""
-    proj = q._base
-    if (proj is None or k._base is not proj or v._base is not proj or not proj.requires_grad
-            or q.grad_fn is None or k.grad_fn is not q.grad_fn or v.grad_fn is not q.grad_fn
-            or not proj.is_contiguous()):
-        return None
-    B, H, N, D = q.shape
-    if k.shape != q.shape or v.shape != q.shape or proj.numel() != 3 * q.numel():
-        return None
-    stride = (3 * N * H * D, D, 3 * H * D, 1)
-    if q.stride() != stride or k.stride() != stride or v.stride() != stride:
-        return None
-    row = H * D * q.element_size()  # k starts one q row of channels after q, v two
-    start = proj.data_ptr()
-    if q.data_ptr() != start or k.data_ptr() != start + row or v.data_ptr() != start + 2 * row:
-        return None
-    return proj
+def _splits(qkv: torch.Tensor, q, k, v) -> bool:
+    """Whether q, k, v are still `_split(qkv)` (autocast may have cast them into new tensors)."""
+    step = qkv.stride(2) * qkv.element_size()
+    return (q.dtype == qkv.dtype and q.data_ptr() == qkv.data_ptr() and k.data_ptr() == q.data_ptr() + step
+            and v.data_ptr() == q.data_ptr() + 2 * step and q.stride() == k.stride() == v.stride()
+            == (qkv.stride(0), qkv.stride(3), qkv.stride(1), qkv.stride(4)))
 
 
 def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
     return None if layout == "none" else _Table(cos, sin, prefix, layout)
 
 
-@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
-def fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+def _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask):
     rope = _op_table(cos, sin, prefix, layout)
     o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]),
                                       key_padding_mask=mask)
@@ -169,8 +149,7 @@ def fwd_op(
     return o, lse, qr, kr
 
 
-@fwd_op.register_fake
-def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+def _fwd_fake(q, k, v, layout, save_rotated):
     B, H, N_Q, D = q.shape
     lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
     if save_rotated and layout != "none":
@@ -179,6 +158,20 @@ def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
     else:
         qr, kr = q.new_empty(0), k.new_empty(0)
     return launch.output_like(q), lse, qr, kr
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
+def fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+    return _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask)
+
+
+@fwd_op.register_fake
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+    return _fwd_fake(q, k, v, layout, save_rotated)
 
 
 @torch.library.custom_op("attnhub::triton_fa_rope_bwd", mutates_args=())
@@ -214,19 +207,71 @@ def _op_backward(ctx, do, _dlse, _dqr, _dkr):
 fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd_packed", mutates_args=())
+def fwd_packed_op(
+    qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str,
+    scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fwd_op` of qkv [B, N, 3, H, D]'s `_split` views; its backward writes qkv's gradient whole."""
+    return _fwd_impl(*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask)
+
+
+@fwd_packed_op.register_fake
+def _(qkv, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+    q, k, _ = _split(qkv)
+    return _fwd_fake(q, k, None, layout, save_rotated)
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_bwd_packed", mutates_args=())
+def bwd_packed_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`bwd_op` -> dqkv [B, N, 3, H, D], dq, dk, dv written into its `_split` views."""
+    B, H, N, D = q.shape
+    dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=v.dtype)
+    _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, out=_split(dqkv))
+    return dqkv
+
+
+@bwd_packed_op.register_fake
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, 3, H, D, dtype=v.dtype)
+
+
+def _op_packed_setup_context(ctx, inputs, output):
+    qkv, cos, sin, prefix, layout, scale, save_rotated, mask = inputs
+    _op_setup_context(ctx, (*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask), output)
+
+
+def _op_packed_backward(ctx, do, _dlse, _dqr, _dkr):
+    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
+    cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
+    dqkv = bwd_packed_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask)
+    dcos, dsin = _table_grad(table, *unrotated, *_split(dqkv)[:2]) if unrotated else (None, None)
+    return dqkv, dcos, dsin, None, None, None, None, None
+
+
+fwd_packed_op.register_autograd(_op_packed_backward, setup_context=_op_packed_setup_context)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
-    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H_kv, N_kv, D], rope: any table (shared, per head, per sample, from coordinates),
-    key_padding_mask: bool [B, N_kv] -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are `_split` views of (from
+    `attnhub.attention_packed`) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
     mask = key_padding_mask
     if torch.compiler.is_compiling():
         training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                 or (rope is not None and rope.requires_grad))
-        if rope is None:
-            return fwd_op(q, k, v, None, None, 0, "none", scale, training, mask)[0]
-        return fwd_op(q, k, v, *rope.cos_sin(), rope.prefix_tokens, rope.layout, scale, training, mask)[0]
+        table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
+        if qkv is not None and training:  # the API hands qkv over only with q, k, v its views
+            return fwd_packed_op(qkv, *table, scale, training, mask)[0]
+        return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                          or (rope is not None and rope.requires_grad))):
@@ -234,7 +279,6 @@ def attention(
         table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout)
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
-    proj = packed_projection(q, k, v)
-    if proj is not None:  # views of one fused projection: the backward writes its gradient whole
-        return FlashRopeAttentionPacked.apply(proj, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
+    if qkv is not None and qkv.requires_grad and _splits(qkv, q, k, v):  # the backward writes qkv's gradient whole
+        return FlashRopeAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
     return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -66,15 +66,21 @@ def pair(name: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts `attnhub.attention` calls and the tables they got (proof that the patch routes through attnhub)."""
+    """Counts `attnhub.attention` (and `attention_packed`, a fused projection's) calls and the tables they got
+    (proof that the patch routes through attnhub)."""
     seen = []
-    real = attnhub.attention
+    real, real_packed = attnhub.attention, attnhub.attention_packed
 
     def spy(q, k, v, rope=None, **kw):
         seen.append(rope)
         return real(q, k, v, rope, **kw)
 
+    def spy_packed(qkv, rope=None, **kw):
+        seen.append(rope)
+        return real_packed(qkv, rope, **kw)
+
     monkeypatch.setattr(attnhub, "attention", spy)
+    monkeypatch.setattr(attnhub, "attention_packed", spy_packed)
     return seen
 
 

@@ -85,8 +85,9 @@ def create_fx_model(model: torch.nn.Module, train: bool = False) -> torch.nn.Mod
 
 
 def attention_leaves(graph_module: torch.fx.GraphModule) -> int:
-    """How many `attnhub.attention` calls the graph holds as single nodes."""
-    return sum(n.op == "call_function" and n.target is attnhub.api.attention for n in graph_module.graph.nodes)
+    """How many `attnhub.attention` (`attention_packed`) calls the graph holds as single nodes."""
+    return sum(n.op == "call_function" and n.target in (attnhub.api.attention, attnhub.api.attention_packed)
+               for n in graph_module.graph.nodes)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

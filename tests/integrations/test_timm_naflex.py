@@ -92,15 +92,21 @@ def assert_same_training_step(ref, pat, x, seed: int = 123) -> None:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every `attnhub.attention` call's (k heads, table, key_padding_mask): proof that the patch routes there."""
+    """Every `attnhub.attention` (`attention_packed`) call's (k heads, table, key_padding_mask): proof that the
+    patch routes there."""
     seen = []
-    real = attnhub.attention
+    real, real_packed = attnhub.attention, attnhub.attention_packed
 
     def spy(q, k, v, rope=None, **kw):
         seen.append((k.shape[1], rope, kw.get("key_padding_mask")))
         return real(q, k, v, rope, **kw)
 
+    def spy_packed(qkv, rope=None, **kw):  # a fused projection [B, N, 3, H, D]
+        seen.append((qkv.shape[3], rope, kw.get("key_padding_mask")))
+        return real_packed(qkv, rope, **kw)
+
     monkeypatch.setattr(attnhub, "attention", spy)
+    monkeypatch.setattr(attnhub, "attention_packed", spy_packed)
     return seen
 
 
