@@ -111,18 +111,24 @@ def step_fn(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.de
 def chosen_backend(model, mode: str, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> str:
     """`attnhub.explain` of the first attention call of one eager step of a patched model."""
     seen = []
-    real = attnhub.attention
+    real, real_packed = attnhub.attention, attnhub.attention_packed
 
     def spy(q, k, v, rope=None, **kw):
         if not seen:
             seen.append(str(attnhub.explain(q, k, v, rope, key_padding_mask=kw.get("key_padding_mask"))))
         return real(q, k, v, rope, **kw)
 
-    attnhub.attention = spy
+    def spy_packed(qkv, rope=None, **kw):  # a fused projection: explained on its views
+        if not seen:
+            seen.append(str(attnhub.explain(*qkv.permute(2, 0, 3, 1, 4).unbind(0), rope,
+                                            key_padding_mask=kw.get("key_padding_mask"))))
+        return real_packed(qkv, rope, **kw)
+
+    attnhub.attention, attnhub.attention_packed = spy, spy_packed
     try:
         step_fn(copy.deepcopy(model), mode, x, y, device)()
     finally:
-        attnhub.attention = real
+        attnhub.attention, attnhub.attention_packed = real, real_packed
     return seen[0] if seen else "no attnhub call"
 
 

@@ -140,7 +140,12 @@ def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
     return None if layout == "none" else _Table(cos, sin, prefix, layout)
 
 
-def _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask):
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
+def fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
     rope = _op_table(cos, sin, prefix, layout)
     o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]),
                                       key_padding_mask=mask)
@@ -149,7 +154,8 @@ def _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask):
     return o, lse, qr, kr
 
 
-def _fwd_fake(q, k, v, layout, save_rotated):
+@fwd_op.register_fake
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
     B, H, N_Q, D = q.shape
     lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
     if save_rotated and layout != "none":
@@ -158,20 +164,6 @@ def _fwd_fake(q, k, v, layout, save_rotated):
     else:
         qr, kr = q.new_empty(0), k.new_empty(0)
     return launch.output_like(q), lse, qr, kr
-
-
-@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
-def fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
-    return _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask)
-
-
-@fwd_op.register_fake
-def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
-    return _fwd_fake(q, k, v, layout, save_rotated)
 
 
 @torch.library.custom_op("attnhub::triton_fa_rope_bwd", mutates_args=())
@@ -207,54 +199,6 @@ def _op_backward(ctx, do, _dlse, _dqr, _dkr):
 fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-@torch.library.custom_op("attnhub::triton_fa_rope_fwd_packed", mutates_args=())
-def fwd_packed_op(
-    qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str,
-    scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`fwd_op` of qkv [B, N, 3, H, D]'s `_split` views; its backward writes qkv's gradient whole."""
-    return _fwd_impl(*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask)
-
-
-@fwd_packed_op.register_fake
-def _(qkv, cos, sin, prefix, layout, scale, save_rotated, mask=None):
-    q, k, _ = _split(qkv)
-    return _fwd_fake(q, k, None, layout, save_rotated)
-
-
-@torch.library.custom_op("attnhub::triton_fa_rope_bwd_packed", mutates_args=())
-def bwd_packed_op(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """`bwd_op` -> dqkv [B, N, 3, H, D], dq, dk, dv written into its `_split` views."""
-    B, H, N, D = q.shape
-    dqkv = torch.empty(B, N, 3, H, D, device=q.device, dtype=v.dtype)
-    _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, out=_split(dqkv))
-    return dqkv
-
-
-@bwd_packed_op.register_fake
-def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
-    B, H, N, D = q.shape
-    return q.new_empty(B, N, 3, H, D, dtype=v.dtype)
-
-
-def _op_packed_setup_context(ctx, inputs, output):
-    qkv, cos, sin, prefix, layout, scale, save_rotated, mask = inputs
-    _op_setup_context(ctx, (*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask), output)
-
-
-def _op_packed_backward(ctx, do, _dlse, _dqr, _dkr):
-    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
-    cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
-    dqkv = bwd_packed_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask)
-    dcos, dsin = _table_grad(table, *unrotated, *_split(dqkv)[:2]) if unrotated else (None, None)
-    return dqkv, dcos, dsin, None, None, None, None, None
-
-
-fwd_packed_op.register_autograd(_op_packed_backward, setup_context=_op_packed_setup_context)
 
 
 def attention(
@@ -268,9 +212,9 @@ def attention(
     if torch.compiler.is_compiling():
         training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                 or (rope is not None and rope.requires_grad))
+        # qkv is not used here: Inductor copies the views' gradients into one cheaply, and the kernels write
+        # gradients laid out [B, N, 3, H, D] slower than [B, H, N, D] (benchmarks/README.md, "Packed qkv")
         table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
-        if qkv is not None and training:  # the API hands qkv over only with q, k, v its views
-            return fwd_packed_op(qkv, *table, scale, training, mask)[0]
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad

@@ -67,8 +67,8 @@ def test_fullgraph_table_gradient(backend):
     torch._dynamo.reset()
     s = Shape(2, 3, (3, 5), 1, 32, "interleaved", per_head=True)
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(s.B, s.H, s.N, s.D, generator=gen) for _ in "qkv")
-    do = torch.randn(s.B, s.H, s.N, s.D, generator=gen)
+    q, k, v = (torch.randn(s.B, s.H, s.N, s.D, generator=gen).to(DEVICE) for _ in "qkv")  # where the table is
+    do = torch.randn(s.B, s.H, s.N, s.D, generator=gen).to(DEVICE)
     state = gen.get_state()
     grads = []
     for compiled in (True, False):
@@ -161,18 +161,19 @@ def test_fullgraph_key_padding_gqa_and_coords(backend):
     table built from coordinates inside the graph with learnable frequencies; output and grads as eager."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 7, 16, generator=gen)
-    k, v = (torch.randn(2, 2, 7, 16, generator=gen) for _ in "kv")
+    q = torch.randn(2, 4, 7, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 2, 7, 16, generator=gen).to(DEVICE) for _ in "kv")
     mask = torch.rand(2, 7, generator=gen) > 0.3
     mask[:, 0] = True
-    coords = torch.rand(2, 6, 2, generator=gen) * 3
+    mask = mask.to(DEVICE)
+    coords = (torch.rand(2, 6, 2, generator=gen) * 3).to(DEVICE)
 
     def f(q, k, v, freqs):
         table = attnhub.CosSinTable.from_coords(coords, freqs, prefix_tokens=1)
         return attnhub.attention(q, k, v, table, backend=backend, key_padding_mask=mask)
 
     def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, attnhub.rope.axial_freqs(16))]
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, attnhub.rope.axial_freqs(16).to(DEVICE))]
         o = fn(*leaves)
         return [o.detach(), *torch.autograd.grad(o, leaves, torch.ones_like(o))]
 
