@@ -4,7 +4,8 @@
     python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
 
 Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over; the
-training pass takes them as views of one [B, N, H + 2 H_kv, D] leaf, as a timm block does: see `projection`):
+training pass takes them from one [B, N, H + 2 H_kv, D] leaf, as a timm block does: see `projection`; attnhub
+takes a fused projection whole through `attention_packed`, as the patched timm model does):
   naflex  NaFlexViT-B: B x 12 heads x 576 tokens (the bucket), D = 64, one RoPE table per sample
           ([B, 1, N, 2D], timm's NaFlex embedding, zero rows at padding) and each sample's own grid
           (`bench_e2e.naflex_batch`: 10-40% padding). timm: `apply_rot_embed_cat` on q and k, then
@@ -127,49 +128,68 @@ def subset(case: dict, n: int) -> dict:
 
 
 def errors(impl: str, case: dict) -> dict:
-    """Relative L2 of o, dq, dk, dv over valid query rows of the first two samples, against math in float64
-    (timm_compiled is checked through timm_eager: compiling for the subset's shapes would cost a compile)."""
+    """Relative L2 of o, dq, dk, dv over valid query rows of the first two samples, against math in float64, through
+    the training pass's own path (`training`; timm_compiled is checked through timm_eager: compiling for the
+    subset's shapes would cost a compile)."""
     few = subset(case, 2)
-    fn = implementation("timm_eager" if impl == "timm_compiled" else impl, few)
     valid = few["valid"]
 
-    def run(f, dtype):
-        q, k, v = (few[n].detach().to(dtype).requires_grad_() for n in "qkv")
-        o = f(q, k, v)
+    def run(name, dtype, table):
+        proj, views, packed = projection(*(few[n].detach().to(dtype) for n in "qkv"))
+        o = training(name, dict(few, table=table))(views, packed)
         if valid is not None:  # padded query rows are not compared (timm's symmetric mask gives them zeros)
             o = torch.where(valid[:, None, :, None], o, 0)
         o.backward(few["do"].to(dtype))
-        return [o, q.grad, k.grad, v.grad]
+        heads = [few[n].shape[1] for n in "qkv"]
+        return [o, *(g.transpose(1, 2) for g in proj.grad.split(heads, 2))]
 
     table64 = CosSinTable.from_sin_cos(few["emb"].double(), prefix_tokens=few["prefix"], layout="interleaved")
-    ref = run(lambda q, k, v: attnhub.attention(q, k, v, rope=table64, backend="math", key_padding_mask=valid),
-              torch.float64)
-    got = run(fn, few["q"].dtype)
+    ref = run("attnhub:math", torch.float64, table64)
+    got = run("timm_eager" if impl == "timm_compiled" else impl, few["q"].dtype, few["table"])
     return {name: ((g.double() - r).norm() / r.norm()).item()
             for name, g, r in zip(("o", "dq", "dk", "dv"), got, ref)}
 
 
 def projection(q, k, v):
-    """-> (a leaf [B, N, H + 2 H_kv, D] holding q, k, v, views() -> q, k, v of it as [B, H|H_kv, N, D]): the
-    training pass takes q, k, v as a model's qkv projection hands them over, so every implementation's gradients
-    reach it through the same views, as in the model: with equal head counts timm's split of a fused projection
-    (`AttentionRope`: reshape, permute, unbind), else a split along the heads (separate projections)."""
+    """-> (a leaf [B, N, H + 2 H_kv, D] holding q, k, v; views() -> q, k, v of it as [B, H|H_kv, N, D]; packed()
+    -> it as [B, N, 3, H, D] with equal head counts, else None): the training pass takes q, k, v as a model's qkv
+    projection hands them over, so every implementation's gradients reach it as in the model: with equal head
+    counts timm's split of a fused projection (`AttentionRope`: reshape, permute, unbind), else a split along the
+    heads (separate projections)."""
     heads = [t.shape[1] for t in (q, k, v)]
     proj = torch.cat([t.transpose(1, 2) for t in (q, k, v)], 2).detach().requires_grad_()
     if len(set(heads)) == 1:
         B, N, _, D = proj.shape
-        return proj, lambda: proj.view(B, N, 3, heads[0], D).permute(2, 0, 3, 1, 4).unbind(0)
-    return proj, lambda: tuple(t.transpose(1, 2) for t in proj.split(heads, 2))
+        packed = lambda: proj.view(B, N, 3, heads[0], D)  # noqa: E731
+        return proj, lambda: packed().permute(2, 0, 3, 1, 4).unbind(0), packed
+    return proj, lambda: tuple(t.transpose(1, 2) for t in proj.split(heads, 2)), lambda: None
+
+
+def training(impl: str, case: dict):
+    """-> fn(views, packed) -> o, the training pass of one implementation: attnhub takes a fused projection whole
+    (`attention_packed`, as the patched timm model calls it), every other implementation its views."""
+    fn = implementation(impl, case)
+    if not impl.startswith("attnhub"):
+        return lambda views, packed: fn(*views())
+    backend = impl.partition(":")[2] or None
+
+    def attnhub_training(views, packed):
+        qkv = packed()
+        if qkv is None:
+            return fn(*views())
+        return attnhub.attention_packed(qkv, rope=case["table"], backend=backend, key_padding_mask=case["valid"])
+
+    return attnhub_training
 
 
 def measure(impl: str, case: dict, device: torch.device, warmup: int, rep: int) -> dict:
     rec: dict = {"impl": impl}
     try:
-        fn = implementation(impl, case)
+        fn, train = implementation(impl, case), training(impl, case)
         rec["rel_l2"] = errors(impl, case)
         q, k, v, do = (case[n] for n in ("q", "k", "v", "do"))
-        proj, views = projection(q, k, v)
-        calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: fn(*views()).backward(do), [proj])}
+        proj, views, packed = projection(q, k, v)
+        calls = {"fwd": (lambda: fn(q, k, v), None), "fwdbwd": (lambda: train(views, packed).backward(do), [proj])}
         if impl.startswith("attnhub"):
             rec["chosen"] = {p: attnhub.explain(*args, case["table"], backend=impl.partition(":")[2] or None,
                                                 key_padding_mask=case["valid"]).chosen  # the pass decides too

@@ -199,8 +199,6 @@ def _op_backward(ctx, do, _dlse, _dqr, _dkr):
 fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-
-
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
     key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
@@ -212,8 +210,8 @@ def attention(
     if torch.compiler.is_compiling():
         training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                                 or (rope is not None and rope.requires_grad))
-        # qkv is not used here: Inductor copies the views' gradients into one cheaply, and the kernels write
-        # gradients laid out [B, N, 3, H, D] slower than [B, H, N, D] (benchmarks/README.md, "Packed qkv")
+        # qkv is not used here: a packed operator measured slower than Inductor's copy of the views' gradients
+        # (NaFlexViT-B step; benchmarks/README.md, "Variable resolution")
         table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
