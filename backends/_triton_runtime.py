@@ -153,8 +153,9 @@ def tensor_descriptor(cls, base: torch.Tensor, shape: list, strides: list, block
     template = _DESCRIPTOR_TEMPLATES.get(key)
     if template is None:
         desc = cls(base, shape, strides, block_shape, layout)
-        template = _DESCRIPTOR_TEMPLATES[key] = object.__new__(cls)
-        template.__dict__.update(desc.__dict__, base=None)  # holds no tensor alive
+        if hasattr(desc, "__dict__"):  # a plain dataclass (Triton 3.6-3.8); with slots every call constructs
+            template = _DESCRIPTOR_TEMPLATES[key] = object.__new__(cls)
+            template.__dict__.update(desc.__dict__, base=None)  # holds no tensor alive
         return desc
     desc = object.__new__(cls)
     desc.__dict__.update(template.__dict__)
