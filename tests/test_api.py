@@ -305,3 +305,31 @@ def test_list_backends_lists_all_three_with_availability():
         assert not tri.available and "device cpu: needs [cuda]" in tri.why_not, tri
         why = attnhub.explain(*_qkv()).reasons["triton_fa_rope"]
         assert tri.why_not in why, "list_backends gives the reasons selection gives"
+
+
+# --------------------------------------------------------------------------------------------- attention_packed
+def test_attention_packed_hands_qkv_only_to_backends_declaring_packed_qkv():
+    """A backend with `packed_qkv: true` gets the keyword qkv (the tensor its q, k, v are views of), on the first
+    call and through the fast path; another backend gets the views alone; both compute attention of the views."""
+    seen: list = []
+    ref = attnhub.REGISTRY.entry("math")
+
+    def packed(q, k, v, rope, scale, qkv=None):
+        seen.append(("packed", qkv))
+        return ref(q, k, v, rope, scale)
+
+    def plain(q, k, v, rope, scale):
+        seen.append(("plain", None))
+        return ref(q, k, v, rope, scale)
+
+    attnhub.register_backend("toy_packed", packed, priority=-10, devices=["cpu"], packed_qkv=True)
+    attnhub.register_backend("toy_plain", plain, priority=-11, devices=["cpu"])
+    qkv = torch.randn(2, 7, 3, 2, 16, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    for backend in ("toy_packed", "toy_packed", "toy_plain"):
+        o = attnhub.attention_packed(qkv, _table(), backend=backend)
+        assert_close_rel(o, _reference(q, k, v, _table()), torch.float32, backend)
+    assert [name for name, _ in seen] == ["packed", "packed", "plain"]
+    assert seen[0][1] is qkv and seen[1][1] is qkv
+    attnhub.attention(q, k, v, _table(), backend="toy_packed")  # a plain call: no qkv
+    assert seen[-1] == ("packed", None)
