@@ -136,11 +136,6 @@ def _other_key(arg) -> tuple:
     return (type(arg), arg)
 
 
-def _is_gluon(kernel) -> bool:
-    is_gluon = getattr(kernel, "is_gluon", None)  # JITFunction's since Triton 3.5
-    return is_gluon is not None and is_gluon()
-
-
 _DESCRIPTOR_TEMPLATES: dict = {}
 
 

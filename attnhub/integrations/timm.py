@@ -32,8 +32,9 @@ NotImplementedError naming the way out.
 
 A patched model still goes through `torch.compile`, `torch.export` and FX symbolic tracing (`torch.fx`, timm's and
 torchvision's `create_feature_extractor`): in an FX graph `attnhub.attention` (`attention_packed`) and the table
-build are leaf calls, and a mask is refused when the graph runs. TorchScript cannot compile it: `torch.jit.script` (of the model or of
-its FX graph) and `patch` under `timm.layers.set_scriptable(True)` raise NotImplementedError naming the way out.
+build are leaf calls, and a mask is refused when the graph runs. TorchScript cannot compile it: `torch.jit.script`
+(of the model or of its FX graph) and `patch` under `timm.layers.set_scriptable(True)` raise NotImplementedError
+naming the way out.
 """
 
 from __future__ import annotations

@@ -128,14 +128,6 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _splits(qkv: torch.Tensor, q, k, v) -> bool:
-    """Whether q, k, v are still `_split(qkv)` (autocast may have cast them into new tensors)."""
-    step = qkv.stride(2) * qkv.element_size()
-    return (q.dtype == qkv.dtype and q.data_ptr() == qkv.data_ptr() and k.data_ptr() == q.data_ptr() + step
-            and v.data_ptr() == q.data_ptr() + 2 * step and q.stride() == k.stride() == v.stride()
-            == (qkv.stride(0), qkv.stride(3), qkv.stride(1), qkv.stride(4)))
-
-
 def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
     return None if layout == "none" else _Table(cos, sin, prefix, layout)
 
@@ -204,23 +196,19 @@ def attention(
     key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H_kv, N_kv, D], rope: any table (shared, per head, per sample, from coordinates),
-    key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are `_split` views of (from
-    `attnhub.attention_packed`) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are the `_split` views of (the API passes
+    it only then, outside torch.compile) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
     mask = key_padding_mask
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                            or (rope is not None and rope.requires_grad))
     if torch.compiler.is_compiling():
-        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                                or (rope is not None and rope.requires_grad))
-        # qkv is not used here: a packed operator measured slower than Inductor's copy of the views' gradients
-        # (NaFlexViT-B step; benchmarks/README.md, "Variable resolution")
         table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or (rope is not None and rope.requires_grad))):
-        # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)
+    if not training:  # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)
         table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout)
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
-    if qkv is not None and qkv.requires_grad and _splits(qkv, q, k, v):  # the backward writes qkv's gradient whole
+    if qkv is not None and qkv.requires_grad:  # the backward writes qkv's gradient whole
         return FlashRopeAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
     return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -115,13 +115,18 @@ def _ptxas(ptx: str) -> dict:
                 spill_stores=int(spill.group(1)) if spill else None, spill_loads=int(spill.group(2)) if spill else None)
 
 
+def _is_gluon(kernel) -> bool:
+    is_gluon = getattr(kernel, "is_gluon", None)  # JITFunction's since Triton 3.5
+    return is_gluon is not None and is_gluon()
+
+
 def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
     """Compile one recorded launch for sm_`arch` -> shared bytes, compile seconds (this machine's), and with
     `ptxas` registers, spills and PTX instruction counts."""
     sig, consts, attrs = _specialize(launch)
     start = time.perf_counter()
     source = ASTSource
-    if runtime._is_gluon(launch.kernel):
+    if _is_gluon(launch.kernel):
         from triton.experimental.gluon._runtime import GluonASTSource as source
     compiled = triton.compile(source(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
