@@ -84,10 +84,20 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
     device the call is on, and it is made current when it is not (tensors on cuda:1 while cuda:0 is current).
     The key of the kept runners holds everything Triton specializes on, and more: the exact value and type of every
     scalar, each tensor's dtype and 16-byte alignment, the constexprs, the launch options and the device."""
+    launch_keyed(None, kernel, grid, args, num_warps, num_stages, **constexprs)
+
+
+def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
+    """`launch`, its kept runner found by the caller's `key` (None: `launch`'s own, built from every argument).
+
+    A caller that plans its launches per call signature (`gluon_fwd`) knows what its arguments are: its key must
+    determine everything `launch`'s key holds (the int arguments' values, each tensor's dtype and 16-byte alignment,
+    the descriptors' dtype, block and layout, the scalars, the constexprs, the launch options); the kernel and the
+    device are added here."""
     dev = getattr(args[0], "base", args[0]).device  # a Gluon kernel's first argument is a TMA descriptor
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
-            launch(kernel, grid, args, num_warps, num_stages, **constexprs)
+            launch_keyed(key, kernel, grid, args, num_warps, num_stages, **constexprs)
         return
     state = _state
     if state.recorder is not None:
@@ -97,10 +107,12 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **
     if not state.keep_runners:
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return
-    # ints as themselves (the common case, and the cheapest), other scalars with their type (1.0 is not 1)
-    key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
-           tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                  else _other_key(a) for a in args]))
+    if key is None:  # ints as themselves (the common case, and the cheapest), other scalars with their type
+        key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
+               tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                      else _other_key(a) for a in args]))
+    else:
+        key = ("keyed", kernel, dev.index, key)
     hit = state.runners.get(key)
     if hit is None:
         compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
@@ -136,26 +148,25 @@ def _other_key(arg) -> tuple:
     return (type(arg), arg)
 
 
-_DESCRIPTOR_TEMPLATES: dict = {}
+def descriptor_maker(cls, example: torch.Tensor, shape: list, strides: list, block_shape: list,
+                     layout) -> Callable[[torch.Tensor], Any]:
+    """-> make(base): `cls(base, shape, strides, block_shape, layout)` (a Gluon `TensorDescriptor`) for tensors of
+    `example`'s dtype, at a fraction of its host cost: `cls` builds and checks the descriptor of `example` once,
+    `make` copies its fields with its own base. Callers check what `cls` would of each base (16-byte aligned,
+    as `gluon_fwd` does)."""
+    checked = cls(example, shape, strides, block_shape, layout)
+    if not hasattr(checked, "__dict__"):  # a descriptor class with slots (no Triton so far): constructed every call
+        return lambda base: cls(base, shape, strides, block_shape, layout)
+    fields = {**checked.__dict__, "base": None}  # holds no tensor alive
+    new = object.__new__
 
-
-def tensor_descriptor(cls, base: torch.Tensor, shape: list, strides: list, block_shape: list, layout):
-    """`cls(base, shape, strides, block_shape, layout)` (a Gluon `TensorDescriptor`) at a third of its host cost:
-    the first descriptor of a (cls, dtype, block, layout) is built, and checked, by `cls`; later ones copy its fields
-    with their own base, shape and strides. Callers check what `cls` would (16-byte aligned base and strides, dense
-    last dimension), as `gluon_fwd.eligible` does."""
-    key = (cls, base.dtype, tuple(block_shape), layout)
-    template = _DESCRIPTOR_TEMPLATES.get(key)
-    if template is None:
-        desc = cls(base, shape, strides, block_shape, layout)
-        if hasattr(desc, "__dict__"):  # a plain dataclass (Triton 3.6-3.8); with slots every call constructs
-            template = _DESCRIPTOR_TEMPLATES[key] = object.__new__(cls)
-            template.__dict__.update(desc.__dict__, base=None)  # holds no tensor alive
+    def make(base: torch.Tensor):
+        desc = new(cls)
+        desc.__dict__.update(fields)
+        desc.base = base
         return desc
-    desc = object.__new__(cls)
-    desc.__dict__.update(template.__dict__)
-    desc.base, desc.shape, desc.strides = base, shape, strides
-    return desc
+
+    return make
 
 
 @functools.lru_cache(maxsize=1)

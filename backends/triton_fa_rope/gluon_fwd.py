@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
+from attnhub.rope import table_strides
 
 # Triton 3.6 names, and what later versions call them
 _tma_load = getattr(tma, "async_copy_global_to_shared", None) or tma.async_load
@@ -273,27 +274,6 @@ def block_rows(N: int) -> int:
     return max(16 * NUM_WARPS, triton.next_power_of_2(N))
 
 
-def _tma_ready(x: torch.Tensor) -> bool:
-    """x: [B, H, N, D]; whether TMA can read it as [B, N, H, D]: 16-byte aligned base and strides, channels dense."""
-    s0, s1, s2, s3 = x.stride()
-    per_16_bytes = 16 // x.element_size()
-    return (s3 == 1 and x.data_ptr() % 16 == 0 and s0 % per_16_bytes == 0 and s1 % per_16_bytes == 0
-            and s2 % per_16_bytes == 0)
-
-
-def eligible(q, k, v, rope, key_padding_mask, save_rotated: bool) -> bool:
-    """Whether `forward` can take this call: q, k, v [B, H, N, D] (see the module docstring)."""
-    if save_rotated or key_padding_mask is not None or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    B, H, N, D = q.shape
-    if D != HEAD_D or not 0 < N <= MAX_N or k.shape != q.shape or v.shape != q.shape or not (k.dtype == v.dtype
-                                                                                              == q.dtype):
-        return False
-    if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
-        return False
-    return all(_tma_ready(t) for t in (q, k, v))
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -305,21 +285,105 @@ def _smem_layout(block: int, dtype: torch.dtype):
                                                 else gl.float16)
 
 
-def forward(q, k, v, o, lse, rope: bool, cos, sin, stab_h: int, stab_n: int, P: int, qk_scale: float,
-            launch) -> None:
-    """q, k, v: [B, H, N, D] (`eligible`), o: [B, H, N, D] laid out [B, N, H, D], lse: [B*H, N] fp32 (base 2);
-    cos, sin: fp32 [N - P, D/2] or [H, N - P, D/2] (stab_h = 0 for one table), not read without `rope`."""
+def _tma_strides(x: torch.Tensor) -> bool:
+    """x: [B, H, N, D]; whether TMA can read it as [B, N, H, D] at a 16-byte aligned base: 16-byte strides,
+    channels dense."""
+    s0, s1, s2, s3 = x.stride()
+    per_16_bytes = 16 // x.element_size()
+    return s3 == 1 and s0 % per_16_bytes == 0 and s1 % per_16_bytes == 0 and s2 % per_16_bytes == 0
+
+
+class _Plan:
+    """What one call signature (shapes, strides, dtypes, device, table) fixes of a launch: the descriptor makers of
+    q, k, v, o, the grid, the int arguments and constexprs, and the kept runner's key (with the table's alignment
+    and the scale, which stay per call). Identity-hashed: a plan is its own key."""
+
+    __slots__ = ("make_q", "make_k", "make_v", "make_o", "o_shape", "lse_shape", "grid", "ints", "constexprs")
+
+    def __init__(self, q, k, v, rope, device):
+        B, H, N, D = q.shape
+        block = block_rows(N)
+        layout, box = _smem_layout(block, q.dtype), [1, block, 1, D]
+
+        def maker(t, example):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA reads its base)
+            s = t.stride()
+            return runtime.descriptor_maker(TensorDescriptor, example, [B, N, H, D], [s[0], s[2], s[1], s[3]], box,
+                                            layout)
+
+        self.o_shape, self.lse_shape = (B, N, H, D), (B * H, N)
+        o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
+        self.make_q, self.make_k, self.make_v, self.make_o = maker(q, q), maker(k, k), maker(v, v), maker(o, o)
+        stab_h, stab_n = (0, 0) if rope is None else table_strides(_fp32(rope.cos))[1:]
+        n_heads = B * H
+        self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
+        self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
+        self.constexprs = dict(ROPE=rope is not None, **chunking(N))
+
+
+_PLANS: dict = {}
+_PLANS_MAX = 1024  # call signatures kept: cleared when full
+
+
+def _plan(q, k, v, rope) -> _Plan | None:
+    """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
+    shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
+    table or one per head."""
+    rope_sig = None if rope is None else (rope.layout, rope.cos.shape, rope.cos.stride(), rope.cos.dtype,
+                                          rope.prefix_tokens)
+    sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+           rope_sig)
+    plan = _PLANS.get(sig, False)
+    if plan is False:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[sig] = _Plan(q, k, v, rope, q.device) if _takes(q, k, v, rope) else None
+    return plan
+
+
+def _takes(q, k, v, rope) -> bool:
     B, H, N, D = q.shape
-    block = block_rows(N)
-    layout = _smem_layout(block, q.dtype)
-    box = [1, block, 1, D]
+    if q.dtype not in (torch.bfloat16, torch.float16) or not k.dtype == v.dtype == q.dtype:
+        return False
+    if D != HEAD_D or not 0 < N <= MAX_N or k.shape != q.shape or v.shape != q.shape:
+        return False
+    if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
+        return False
+    return all(_tma_strides(t) for t in (q, k, v))
 
-    def desc(t):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA needs only its base address)
-        s = t.stride()
-        return runtime.tensor_descriptor(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]], box, layout)
 
-    n_heads = B * H
-    programs = min(n_heads, _num_sms(q.device.index)) if q.is_cuda else n_heads  # CPU: recorded, not run
-    launch(resident_fwd_kernel, (programs,),
-           (desc(q), desc(k), desc(v), desc(o), lse, cos, sin, stab_h, stab_n, H, N, P, n_heads, qk_scale),
-           NUM_WARPS, 1, ROPE=rope, **chunking(N))
+def _fp32(table: torch.Tensor) -> torch.Tensor:
+    """The kernel reads fp32 angles: a table of a model cast to bf16 is read as its fp32 copy."""
+    return table if table.dtype == torch.float32 else table.float()
+
+
+def _aligned(q, k, v) -> bool:
+    return (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0
+
+
+def eligible(q, k, v, rope, key_padding_mask, save_rotated: bool) -> bool:
+    """Whether `forward` takes this call: inference without a key padding mask, and a signature `_plan` accepts
+    with 16-byte aligned q, k, v."""
+    if save_rotated or key_padding_mask is not None:
+        return False
+    return _aligned(q, k, v) and _plan(q, k, v, rope) is not None
+
+
+def forward(q, k, v, rope, qk_scale: float, launch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
+    o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2); None when the kernel cannot take the call
+    (`eligible`, given an inference call without a mask). qk_scale: scale * log2(e)."""
+    plan = _plan(q, k, v, rope) if _aligned(q, k, v) else None  # a plan is built from aligned tensors
+    if plan is None:
+        return None
+    o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
+    cos = sin = lse  # not read without RoPE
+    if rope is not None:
+        cos, sin = _fp32(rope.cos.detach()), _fp32(rope.sin.detach())
+    args = (plan.make_q(q), plan.make_k(k), plan.make_v(v), plan.make_o(o), lse, cos, sin, *plan.ints, qk_scale)
+    if launch is runtime.launch:  # the plan knows every argument's specialization but the table's alignment
+        runtime.launch_keyed((plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0, qk_scale),
+                             resident_fwd_kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+    else:
+        launch(resident_fwd_kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+    return o, lse

@@ -75,12 +75,19 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
     rope: a `CosSinTable` (one `from_coords` is read as its materialised cos and sin) or the autograd's `_Table`:
     cos, sin [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2], and prefix_tokens."""
     if rope is None:
-        dummy = q.new_empty(1, dtype=torch.float32)
+        dummy = _dummy(q.device, torch.float32)
         return dummy, dummy, 0, 0, 0, 0
     cos, sin = rope.cos.detach(), rope.sin.detach()
     if cos.dtype != torch.float32:  # e.g. a bf16 table from a model cast to bf16: the kernels read fp32 angles
         cos, sin = cos.float(), sin.float()
     return cos, sin, *table_strides(cos), rope.prefix_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-element tensor for a pointer argument the kernel does not read in this call (no table, no mask): one per
+    device and dtype, kept, so that calls allocate none."""
+    return torch.empty(1, device=device, dtype=dtype)
 
 
 def _varlen_args(q, k, cos, key_padding_mask, launch: Launcher):
@@ -90,7 +97,7 @@ def _varlen_args(q, k, cos, key_padding_mask, launch: Launcher):
     last; NaFlex batches pad at the end), 1-element dummies without a mask; H / H_kv query heads per k/v head, one
     table per sample."""
     if key_padding_mask is None:
-        kpm = bounds = q.new_empty(1, dtype=torch.uint8)
+        kpm = bounds = _dummy(q.device, torch.uint8)
     else:
         kpm = key_padding_mask.contiguous().view(torch.uint8)
         bounds = torch.empty(kpm.shape[0], 2, device=kpm.device, dtype=torch.int32)
@@ -133,12 +140,10 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
     resident = _resident_forward(config, N_Q)
-    if resident is not None and resident.eligible(q, k, v, rope, key_padding_mask, save_rotated):
-        o = output_like(q)
-        lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
-        cos, sin, _, stab_h, stab_n, P = _table_args(rope, q)
-        resident.forward(q, k, v, o, lse, rope is not None, cos, sin, stab_h, stab_n, P, scale * LOG2E, launch)
-        return o, lse, (q, k)
+    if resident is not None and not save_rotated and key_padding_mask is None:
+        out = resident.forward(q, k, v, rope, scale * LOG2E, launch)  # None where it cannot take the call
+        if out is not None:
+            return *out, (q, k)
     cx = meta(q, rope)
     training = save_rotated and rope is not None
     from_n = config.prerotate_train_from_n if training else config.prerotate_from_n

@@ -36,7 +36,7 @@ def test_takes_inference_calls_it_covers():
 
 
 @pytest.mark.parametrize("why", ["training", "mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half",
-                                 "per_sample", "unaligned"])
+                                 "per_sample", "unaligned", "unaligned_base"])
 def test_leaves_other_calls_to_the_triton_forward(why):
     q, k, v = _inputs(N=257 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
                       dtype=torch.float32 if why == "fp32" else torch.bfloat16)
@@ -56,6 +56,9 @@ def test_leaves_other_calls_to_the_triton_forward(why):
         table = attnhub.CosSinTable.from_sin_cos(emb.expand(2, 1, -1, -1), prefix_tokens=1, layout="interleaved")
     elif why == "unaligned":  # TMA needs 16-byte aligned strides: 3 tokens of 66 channels are not
         q = torch.randn(2, 197, 3, 66, device=q.device, dtype=q.dtype)[..., :64].transpose(1, 2)
+    elif why == "unaligned_base":  # the strides are, the base 2 bytes past a 16-byte boundary is not (per call)
+        assert gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
+        q = torch.randn(q.numel() + 1, device=q.device, dtype=q.dtype)[1:].view(q.shape)
     assert not gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
 
 
@@ -69,23 +72,24 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     assert N <= rotated <= gluon_fwd.block_rows(N) and c["ROT_ROWS"] % 32 == 0  # whole tiles of `_rot_layout`
 
 
-def _descriptor(x, block=256):
-    """x: [B, H, N, D] -> its descriptor as `gluon_fwd.forward` builds it (fields as the checked constructor sets)."""
+def _descriptor(x, block=256, example=None):
+    """x: [B, H, N, D] -> its descriptor as `gluon_fwd` builds it: a copy of the checked one of `example` (default
+    x itself) with x as base."""
     B, H, N, D = x.shape
     s = x.stride()
-    return runtime.tensor_descriptor(gluon_fwd.TensorDescriptor, x, [B, N, H, D], [s[0], s[2], s[1], s[3]],
-                                     [1, block, 1, D], gluon_fwd._smem_layout(block, x.dtype))
+    make = runtime.descriptor_maker(gluon_fwd.TensorDescriptor, x if example is None else example, [B, N, H, D],
+                                    [s[0], s[2], s[1], s[3]], [1, block, 1, D], gluon_fwd._smem_layout(block, x.dtype))
+    return make(x)
 
 
 def test_descriptor_copies_equal_what_the_checked_constructor_builds():
-    first, _, _ = _inputs()
-    _descriptor(first)  # the template
-    q = _inputs(N=100, H=5)[0]
-    fast = _descriptor(q)
-    B, H, N, D = q.shape
-    checked = gluon_fwd.TensorDescriptor(q.transpose(1, 2), [B, N, H, D], list(q.transpose(1, 2).stride()),
-                                         [1, 256, 1, D], gluon_fwd._smem_layout(256, q.dtype))
-    assert fast.base is q and fast.base.data_ptr() == checked.base.data_ptr()
+    first, second, _ = _inputs(N=100, H=5)
+    fast = _descriptor(second, example=first)
+    B, H, N, D = second.shape
+    t = second.transpose(1, 2)
+    checked = gluon_fwd.TensorDescriptor(t, [B, N, H, D], list(t.stride()), [1, 256, 1, D],
+                                         gluon_fwd._smem_layout(256, second.dtype))
+    assert fast.base is second and fast.base.data_ptr() == checked.base.data_ptr()
     assert {k: v for k, v in vars(fast).items() if k != "base"} == {k: v for k, v in vars(checked).items()
                                                                        if k != "base"}
 
@@ -98,6 +102,21 @@ def test_kept_runners_key_descriptors_by_what_triton_specializes():
     assert key(_descriptor(a)) != key(_descriptor(a, block=128))
     assert key(_descriptor(a)) != key(_descriptor(_inputs(dtype=torch.float16)[0]))
     assert key(1.0) != key(True) and key(0.5) == key(0.5)
+
+
+def test_one_plan_per_call_signature():
+    """A plan (descriptor makers, grid, int arguments; the kept runner's key) is shared by calls of one signature
+    only: new tensors of the same shapes and strides reuse it; strides, shapes, dtype or table set their own."""
+    q, k, v = _inputs()
+    table = _table(197)
+    plan = gluon_fwd._plan(q, k, v, table)
+    assert plan is not None and gluon_fwd._plan(*_inputs(), _table(197)) is plan
+    others = [gluon_fwd._plan(*_inputs(kind="contiguous"), table), gluon_fwd._plan(*_inputs(H=4), _table(197, H=4)),
+              gluon_fwd._plan(*_inputs(dtype=torch.float16), table), gluon_fwd._plan(q, k, v, None),
+              gluon_fwd._plan(q, k, v, _table(197, per_head=True))]
+    assert all(p is not None and p is not plan for p in others) and len({id(p) for p in others}) == len(others)
+    assert plan.ints == (0, table.cos.stride(-2), 3, 197, 1, 2 * 3)  # table strides, H, N, P, heads
+    assert gluon_fwd._plan(*_inputs(dtype=torch.float32), table) is None  # a signature it cannot take: None, kept
 
 
 def test_only_the_hopper_table_enables_it():
@@ -127,7 +146,7 @@ def _reference(q, k, v, table):
     (1, 1, "shared", "fused"),  # the prefix token alone
     (65, 0, None, "fused"),  # one key past a full chunk
 ])
-def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
     132 SMs, so programs take several heads (the persistent loop and its double buffer)."""
     gen = torch.Generator().manual_seed(N)
@@ -136,12 +155,8 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind):
     table = None if table_kind is None or N == P else make_table(
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     assert gluon_fwd.eligible(q, k, v, table, None, save_rotated=False)
-    o = launch.output_like(q).fill_(float("nan"))
-    lse = torch.full((B * H, N), float("nan"), device=q.device)
-    cos, sin, _, stab_h, stab_n, prefix = launch._table_args(table, q)
     scale = 64 ** -0.5
-    gluon_fwd.forward(q, k, v, o, lse, table is not None, cos, sin, stab_h, stab_n, prefix, scale * launch.LOG2E,
-                      runtime.launch)
+    o, lse = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch)  # outputs NaN-filled (nan_empty)
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
