@@ -1,6 +1,7 @@
 """The only module of the Triton backends (triton_fa_rope, triton_rope_sdpa) that touches Triton's runtime
-internals: every launch goes through `launch`, which keeps compiled runners per launch; and compiling a training
-call's kernels ahead.
+internals: every launch goes through `launch` (or `launch_keyed`, with a key its caller planned), which keeps
+compiled runners per launch; Gluon descriptors copied from a checked one (`descriptor_maker`); and compiling a
+training call's kernels ahead.
 
 Kept runners: after the first launch of a specialization, `launch` calls Triton's compiled kernel directly instead
 of `kernel[grid](...)`, which re-derives Triton's specialization key from every argument on every call (and, while
@@ -8,7 +9,9 @@ no launch hook is set, its launcher without the hook plumbing of `compiled[grid]
 compiled kernel's runner takes every parameter in signature order, constexprs included, as `kernel[grid]` passes
 them to it: so in triton 3.6 and 3.8 (their sources were read for this); older versions use `kernel[grid]`. A TMA
 descriptor argument (a Gluon kernel's) is keyed by what Triton specializes it on, its dtype, block shape and shared
-layout; its base, shape and strides go to the runner, whose launcher encodes the tensor map from them.
+layout; its base, shape and strides go to the runner, whose launcher encodes the tensor map from them. Building
+that key from every argument costs 4-10 µs of host time per launch (benchmarks/README.md); a caller that plans
+its launches per call signature passes its own key to `launch_keyed` instead.
 
 Compiling ahead: the first training call of a shape would compile its kernels one after another as the launches
 reach them, and each would build its C launcher (a host-compiler run per kernel signature) at its first launch.

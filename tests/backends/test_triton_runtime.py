@@ -68,6 +68,21 @@ def test_launcher_keeps_compiled_kernels_per_specialization():
         assert len(kernel.runner_calls) == 1
 
 
+def test_keyed_launches_find_their_runner_by_the_callers_key():
+    """`launch_keyed`: one compile per caller key (whatever the arguments), kept apart from `launch`'s own keys, and
+    seen by the recorder like any launch."""
+    kernel = _FakeKernel()
+    x = torch.zeros(64)
+    with runtime.fresh_caches(keep_runners=True) as state, runtime.recording() as launches:
+        runtime.launch_keyed("plan-a", kernel, (3,), (x, 7, 0.5), 4, 2, A=1, B=2)
+        runtime.launch_keyed("plan-a", kernel, (3,), (x.clone(), 7, 0.5), 4, 2, A=1, B=2)
+        assert len(kernel.jit_calls) == 1 and len(kernel.runner_calls) == 1
+        runtime.launch(kernel, (3,), (x, 7, 0.5), 4, 2, A=1, B=2)  # the same arguments, unkeyed: its own entry
+        runtime.launch_keyed("plan-b", kernel, (3,), (x, 7, 0.5), 4, 2, A=1, B=2)
+        assert len(kernel.jit_calls) == 3 and len(state.runners) == 3
+    assert [r.args[1] for r in launches] == [7, 7, 7, 7]
+
+
 def test_launcher_without_kept_kernels_calls_triton_every_time():
     kernel = _FakeKernel()
     with runtime.fresh_caches(keep_runners=False):
