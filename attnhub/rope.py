@@ -156,6 +156,7 @@ class CosSinTable:
         self.layout = layout
         self.grid = grid
         self._wide_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # see `_wide`
+        self._cast_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # see `cos_sin_as`
         if self.coords is not None:  # [(B,) N_grid, 2] x [(H,) D/2, 2] -> cos [(B, 1|H,) or (H,)] N_grid, D/2]
             self.batch = self.coords.shape[0] if self.coords.dim() == 3 else None
             self.heads = self.freqs.shape[0] if self.freqs.dim() == 3 else None
@@ -187,6 +188,20 @@ class CosSinTable:
         if not self.requires_grad:  # a fixed table: compute once
             self._cos, self._sin = cos, sin
         return cos, sin
+
+    def cos_sin_as(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) in `dtype`, for kernels that read a narrower table than they compute in; kept on the table
+        while it needs no gradient (like the rotation's tables, `_wide`)."""
+        cos, sin = self.cos_sin()
+        if cos.dtype == dtype:
+            return cos, sin
+        keep = not self.requires_grad and not torch.compiler.is_compiling()
+        if keep and dtype in self._cast_cache:
+            return self._cast_cache[dtype]
+        cast = cos.to(dtype), sin.to(dtype)
+        if keep:
+            self._cast_cache[dtype] = cast
+        return cast
 
     @property
     def cos(self) -> torch.Tensor:

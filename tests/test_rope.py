@@ -352,6 +352,20 @@ def test_from_coords_keeps_coords_and_caches_only_fixed_tables():
     assert moved.coords is not None and torch.equal(moved.cos, table.cos)
 
 
+def test_cos_sin_as_keeps_a_conversion_only_for_fixed_tables():
+    table = CosSinTable(grid=(3, 4), head_dim=16)
+    cos, sin = table.cos_sin_as(torch.float16)
+    assert cos.dtype == sin.dtype == torch.float16 and table.cos_sin_as(torch.float16)[0] is cos
+    assert torch.equal(cos, table.cos.half()) and torch.equal(sin, table.sin.half())
+    assert table.cos_sin_as(torch.float32)[0] is table.cos, "its own dtype: no copy"
+    freqs = attnhub.rope.axial_freqs(16).requires_grad_()
+    learn = CosSinTable.from_coords(_grid_coords(3, 4), freqs)
+    lcos = learn.cos_sin_as(torch.float16)[0]
+    assert lcos is not learn.cos_sin_as(torch.float16)[0], "a learnable table converts in autograd every call"
+    lcos.float().sum().backward()
+    assert freqs.grad is not None
+
+
 def test_axial_freqs_values():
     f = attnhub.rope.axial_freqs(8, base=100.0)
     assert f.dtype == torch.float32 and f.shape == (4, 2)

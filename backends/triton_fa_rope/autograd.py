@@ -33,6 +33,7 @@ class _Table(NamedTuple):
     sin: torch.Tensor
     prefix_tokens: int
     layout: str
+    source: CosSinTable | None = None  # the table of an inference call, for conversions kept on it (`gluon_fwd`)
 
 
 def _table_grad(table: _Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +183,8 @@ def _op_setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, do, _dlse, _dqr, _dkr):
     q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
-    cos, sin, prefix, layout = table if table is not None else (None, None, 0, "none")
-    dq, dk, dv = bwd_op(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask)
+    op_table = (None, None, 0, "none") if table is None else (table.cos, table.sin, table.prefix_tokens, table.layout)
+    dq, dk, dv = bwd_op(do, q, k, v, o, lse, *op_table, scale, mask)
     dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
     return dq, dk, dv, dcos, dsin, None, None, None, None, None
 
@@ -206,7 +207,7 @@ def attention(
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
     if not training:  # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)
-        table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout)
+        table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout, rope)
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
     if qkv is not None and qkv.requires_grad:  # the backward writes qkv's gradient whole

@@ -11,6 +11,7 @@ import torch
 import attnhub
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
+from attnhub.backends.triton_fa_rope.autograd import _Table
 from attnhub.rope import apply_rope_qk
 from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
 
@@ -25,6 +26,10 @@ def _inputs(N=197, D=64, dtype=torch.bfloat16, H=3, kind="fused"):
 
 def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
+
+
+def _plan(q, k, v, table):
+    return gluon_fwd._plan(q, k, v, table, None if table is None else gluon_fwd._tables(table, q.dtype)[0])
 
 
 def test_takes_inference_calls_it_covers():
@@ -109,14 +114,28 @@ def test_one_plan_per_call_signature():
     only: new tensors of the same shapes and strides reuse it; strides, shapes, dtype or table set their own."""
     q, k, v = _inputs()
     table = _table(197)
-    plan = gluon_fwd._plan(q, k, v, table)
-    assert plan is not None and gluon_fwd._plan(*_inputs(), _table(197)) is plan
-    others = [gluon_fwd._plan(*_inputs(kind="contiguous"), table), gluon_fwd._plan(*_inputs(H=4), _table(197, H=4)),
-              gluon_fwd._plan(*_inputs(dtype=torch.float16), table), gluon_fwd._plan(q, k, v, None),
-              gluon_fwd._plan(q, k, v, _table(197, per_head=True))]
+    plan = _plan(q, k, v, table)
+    assert plan is not None and _plan(*_inputs(), _table(197)) is plan
+    others = [_plan(*_inputs(kind="contiguous"), table), _plan(*_inputs(H=4), _table(197, H=4)),
+              _plan(*_inputs(dtype=torch.float16), table), _plan(q, k, v, None),
+              _plan(q, k, v, _table(197, per_head=True))]
     assert all(p is not None and p is not plan for p in others) and len({id(p) for p in others}) == len(others)
     assert plan.ints == (0, table.cos.stride(-2), 3, 197, 1, 2 * 3)  # table strides, H, N, P, heads
-    assert gluon_fwd._plan(*_inputs(dtype=torch.float32), table) is None  # a signature it cannot take: None, kept
+    assert _plan(*_inputs(dtype=torch.float32), table) is None  # a signature it cannot take: None, kept
+
+
+def test_bf16_calls_read_an_fp16_table_kept_on_the_cos_sin_table():
+    """bf16 calls read fp16 copies kept on the `CosSinTable` (within 2^-12 of its values; the entry hands it over
+    as `_Table.source`); fp16 calls and tables without their `CosSinTable` (compiled calls) read fp32."""
+    table = _table(197)
+    cos, sin = gluon_fwd._tables(table, torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.float16 and gluon_fwd._tables(table, torch.bfloat16)[0] is cos
+    assert (cos.float() - table.cos).abs().max() <= 2 ** -12 and (sin.float() - table.sin).abs().max() <= 2 ** -12
+    assert gluon_fwd._tables(table, torch.float16)[0].dtype == torch.float32
+    bare = _Table(*table.cos_sin(), table.prefix_tokens, table.layout)
+    assert gluon_fwd._tables(bare, torch.bfloat16)[0].dtype == torch.float32
+    assert gluon_fwd._tables(bare._replace(source=table), torch.bfloat16)[0] is cos
+    assert _plan(*_inputs(), table) is not _plan(*_inputs(dtype=torch.float16), table)
 
 
 def test_only_the_hopper_table_enables_it():
