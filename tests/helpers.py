@@ -20,6 +20,12 @@ BACKENDS = sorted(REGISTRY.specs())  # read at collection: a newly registered ba
 TRITON = "triton_fa_rope"
 
 
+def device_for(backend: str) -> str:
+    """Where a test of `backend` runs: triton_fa_rope on the GPU when there is one (on the CPU it runs only in the
+    interpreter, which conftest turns on where there is no GPU), the others on the CPU."""
+    return DEVICE if backend == TRITON else "cpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """q: [B, H, P + gh*gw, D]; k, v: the same N, or `n_kv` tokens (cross-attention, rope None)."""

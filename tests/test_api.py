@@ -13,16 +13,10 @@ import pytest
 import torch
 
 import attnhub
-from tests.helpers import DEVICE, TRITON, assert_close_rel
+from tests.helpers import assert_close_rel, device_for
 
 BACKENDS = ["math", "torch_sdpa", "triton_fa_rope"]
 HAS_CUDA = torch.cuda.is_available()
-
-
-def _device(backend: str) -> str:
-    """Where a test of `backend` runs: triton_fa_rope on the GPU when there is one (on the CPU it runs only in the
-    interpreter, which conftest turns on where there is no GPU), the others on the CPU."""
-    return DEVICE if backend == TRITON else "cpu"
 
 
 def _qkv(dtype=torch.float32, B=2, H=2, N=7, D=16, N_kv=None, seed=0, device="cpu"):
@@ -142,7 +136,7 @@ def test_registered_backend_is_selected_and_explained():
 @pytest.mark.parametrize("ac_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_output_dtype_for_every_backend(backend, ac_dtype):
-    dev = _device(backend)
+    dev = device_for(backend)
     q, k, v = _qkv(torch.float32, device=dev)
     rope = _table().to(dev)
     with torch.autocast(dev, dtype=ac_dtype):
@@ -159,7 +153,7 @@ def test_autocast_output_dtype_for_every_backend(backend, ac_dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_and_custom_scale(backend):
     """Against an independent float64 softmax(q k^T * scale) v; cross-attention N_kv != N."""
-    q, k, v = _qkv(torch.float32, N=5, N_kv=9, D=16, device=_device(backend))
+    q, k, v = _qkv(torch.float32, N=5, N_kv=9, D=16, device=device_for(backend))
     q64, k64, v64 = q.double(), k.double(), v.double()
 
     def manual(scale):
@@ -179,7 +173,7 @@ def test_default_and_custom_scale(backend):
 def test_strided_inputs(backend, layout, view):
     B, N, H, D = 2, 7, 2, 16
     g = torch.Generator().manual_seed(1)
-    dev = _device(backend)
+    dev = device_for(backend)
     if view == "fused_qkv":  # timm's qkv Linear output [B, N, 3, H, D] -> three [B, H, N, D] views
         q, k, v = torch.randn(B, N, 3, H, D, generator=g).to(dev).permute(2, 0, 3, 1, 4).unbind(0)
     else:  # the last dimension not contiguous

@@ -16,7 +16,7 @@ import torch
 
 import attnhub
 from attnhub.rope import CosSinTable, apply_rope, split_pairs
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, device_for
 
 timm_pe = pytest.importorskip("timm.layers.pos_embed_sincos")
 
@@ -174,7 +174,8 @@ def test_backend_rope_is_rotation_of_q_and_k_only(backend, layout, prefix, per_h
         widen = (lambda t: t.repeat_interleave(2, -1)) if layout == "interleaved" else (lambda t: torch.cat([t, t], -1))
         table = CosSinTable.from_sin_cos(torch.cat([widen(ang.sin()), widen(ang.cos())], -1), prefix, layout)
     q, k, v = (_x(B, H, table.seq_len, D, seed=s) for s in range(3))
-    o = attnhub.attention(q, k, v, table, backend=backend)
+    device = device_for(backend)
+    o = attnhub.attention(q.to(device), k.to(device), v.to(device), table.to(device), backend=backend).cpu()
 
     q64, k64, v64 = q.double(), k.double(), v.double()
     ref = attnhub.attention(apply_rope(q64, table), apply_rope(k64, table), v64, None, backend="math")
