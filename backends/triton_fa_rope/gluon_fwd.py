@@ -6,8 +6,9 @@ N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. This kernel takes
 TensorRT-LLM's length-specialised fmha_v2 kernels: one persistent CTA loops over (b, h) heads; per head, TMA loads
 Q, K and V whole (4-D descriptors over [B, N, H, D]: rows past N arrive as zeros, no other sample is read) while
 the previous head computes; K is rotated once in shared memory and Q once with scale * log2(e) folded in (fp32
-math, rounded to the input dtype, as a rotation pass would); each warpgroup then owns 64-row slices of the
-queries and runs S = Q K^T over 64-key chunks with an online softmax, P staying in registers as wgmma's A operand.
+math from fp16 tables with bf16 inputs, `_tables`; rounded to the input dtype, as a rotation pass would); each
+warpgroup then owns 64-row slices of the queries and runs S = Q K^T over 64-key chunks with an online softmax, P
+staying in registers as wgmma's A operand.
 
 Only `launch.forward` calls it, for inference calls it can take (`eligible`): no key padding mask, equal head
 counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 256, TMA-aligned
