@@ -7,7 +7,7 @@
 
 Each value is applied through the table's public form, `configs.override(**{field: value})`
 (`attnhub.backends.triton_fa_rope.configs`; fields and their meaning: `configs.ArchConfigs`); `--set` fixes other
-fields for the whole sweep. A value is `block_m,block_n,num_warps,num_stages` (a `KernelConfig`), an int,
+fields for the whole sweep. A value is `block_m,block_n,num_warps,num_stages[,maxnreg]` (a `KernelConfig`), an int,
 `none` or `true`/`false`. For every shape and value: the relative L2 error of o, dq, dk, dv against `math` in
 float64 on the first two images (a value over the bounds of `attnhub.tolerances` is not timed), then the median
 ms of each pass (fwd: an inference forward; fwdbwd: forward and backward) through `attnhub.attention`, timed by
@@ -32,12 +32,13 @@ from attnhub.backends.triton_fa_rope import configs
 K = configs.KernelConfig
 # Default candidates per field, from the H100 sweeps of the shipped Hopper table (benchmarks/README.md).
 CANDIDATES = {
-    "fwd": [K(64, 32, 4, 3), K(64, 64, 4, 2), K(128, 32, 4, 2), K(128, 32, 8, 3), K(128, 64, 4, 2), K(128, 64, 4, 3),
-            K(128, 64, 8, 2), K(128, 128, 8, 3), K(256, 32, 8, 2), K(256, 64, 8, 2), K(256, 64, 8, 3)],
-    "dkdv": [K(32, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 3), K(32, 128, 4, 2), K(64, 128, 8, 2), K(32, 128, 8, 2),
-             K(64, 128, 8, 3), K(128, 64, 8, 2)],
-    "dq": [K(64, 64, 4, 2), K(128, 64, 8, 2), K(128, 64, 8, 3), K(64, 32, 4, 2), K(128, 32, 8, 2), K(64, 128, 4, 2),
-           K(128, 128, 8, 2)],
+    "fwd": [K(64, 32, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 3), K(128, 32, 4, 2), K(128, 32, 8, 3), K(128, 64, 4, 2),
+            K(128, 64, 4, 3), K(128, 64, 8, 2), K(128, 128, 8, 3), K(256, 32, 8, 2), K(256, 64, 8, 2),
+            K(256, 64, 8, 3)],
+    "dkdv": [K(32, 64, 4, 2), K(32, 64, 4, 3), K(64, 64, 4, 2), K(64, 64, 4, 3), K(32, 128, 4, 2), K(32, 128, 4, 3),
+             K(64, 128, 8, 2), K(32, 128, 8, 2), K(64, 128, 8, 3), K(128, 64, 8, 2)],
+    "dq": [K(64, 64, 4, 2), K(64, 64, 4, 3), K(128, 64, 8, 2), K(128, 64, 8, 3), K(128, 64, 8, 3, 128), K(64, 32, 4, 2),
+           K(128, 32, 8, 2), K(64, 128, 4, 2), K(128, 128, 8, 2)],
     # block_m 256: every query of N <= 256 in one block (the short-sequence path)
     "bwd_fused": [K(256, 64, 8, 1), K(256, 64, 8, 2), K(256, 32, 8, 2), K(256, 16, 8, 1), K(128, 64, 8, 2),
                   K(128, 128, 8, 1)],
@@ -62,7 +63,7 @@ def parse_value(text: str):
 
 
 def _label(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return ",".join(str(x) for x in value if x is not None) if isinstance(value, tuple) else str(value)
 
 
 def measure(s: benchkit.Shape, backend: str, passes: tuple[str, ...], device: torch.device, dtype: torch.dtype,

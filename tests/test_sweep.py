@@ -32,7 +32,7 @@ def test_sweep_cpu(tmp_path, capsys):
     assert sweep.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["config"]["set"] == {"narrow_tail": True}
-    assert [r["value"] for r in report["rows"]] == [[32, 32, 1, 1], [16, 16, 1, 1]]
+    assert [r["value"] for r in report["rows"]] == [[32, 32, 1, 1, None], [16, 16, 1, 1, None]]  # maxnreg last
     for row in report["rows"]:
         assert row["ok"] and row["ms"]["fwd"] > 0 and set(row["rel_l2"]) == {"o", "dq", "dk", "dv"}
     assert "custom_1x1x5x16: fwd" in capsys.readouterr().out

@@ -176,8 +176,8 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
            (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kbounds, *q_in.stride(), *k_in.stride(), *v.stride(),
             *o.stride(), stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
-           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SAVE_ROT=save_rot,
-           ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
+           cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+           SAVE_ROT=save_rot, ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
            **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
 
@@ -228,7 +228,8 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
         launch(kernels.bwd_fused_kernel, (grid(1, 1, B * H),),
                (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
                 *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-               cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_M=single, **cx)
+               cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+               SINGLE_M=single, **cx)
         return dq, dk, dv
     delta = torch.empty_like(lse)
     launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
@@ -238,11 +239,13 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
            (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(), *tables,
             *sizes),
-           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
+           cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+           **varlen)
     cfg = config.dq
     launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
            (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),
-           cfg.num_warps, cfg.num_stages, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx, **varlen)
+           cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+           **varlen)
     return dq, dk, dv
 
 

@@ -69,13 +69,21 @@ def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "
     return launches
 
 
+OPTIONS = ("maxnreg",)  # launch keywords that are compile options (`KernelConfig.options`), not kernel parameters
+
+
+def _constexprs(launch: Launch) -> dict:
+    return {name: value for name, value in launch.constexprs.items() if name not in OPTIONS}
+
+
 def _specialize(launch: Launch):
     """(signature, constants, attrs) for `ASTSource`, as Triton's JIT would specialize this launch."""
     params = launch.kernel.params
-    if len(launch.args) + len(launch.constexprs) != len(params):
-        raise TypeError(f"{launch.name}: {len(launch.args)} arguments + {len(launch.constexprs)} constexprs for "
+    constexprs = _constexprs(launch)
+    if len(launch.args) + len(constexprs) != len(params):
+        raise TypeError(f"{launch.name}: {len(launch.args)} arguments + {len(constexprs)} constexprs for "
                         f"{len(params)} parameters")
-    sig, consts, attrs = {}, dict(launch.constexprs), {}
+    sig, consts, attrs = {}, dict(constexprs), {}
     for i, (p, a) in enumerate(zip(params, launch.args)):
         if p.is_constexpr:
             raise TypeError(f"{launch.name}: run-time argument {i} lands on constexpr parameter {p.name}")
@@ -96,7 +104,7 @@ def _specialize(launch: Launch):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{launch.name}: argument {p.name} of type {type(a).__name__}")
-    for name in launch.constexprs:
+    for name in constexprs:
         sig[name] = "constexpr"
     return sig, consts, attrs
 
@@ -129,7 +137,8 @@ def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
     if _is_gluon(launch.kernel):
         from triton.experimental.gluon._runtime import GluonASTSource as source
     compiled = triton.compile(source(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                           **{k: v for k, v in launch.constexprs.items() if k in OPTIONS}))
     report = dict(compile_s=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
     if ptxas:
         ptx = compiled.asm["ptx"]

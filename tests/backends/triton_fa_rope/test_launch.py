@@ -113,7 +113,7 @@ def test_config_override_replaces_fields_and_restores():
     with configs.override(narrow_tail=True, fwd=configs.KernelConfig(16, 16, 1, 1)):
         with configs.override(bwd_fused_max_n=7):
             got = configs.for_call(cpu, 64)
-            assert (got.narrow_tail, got.fwd, got.bwd_fused_max_n) == (True, (16, 16, 1, 1), 7)
+            assert (got.narrow_tail, got.fwd, got.bwd_fused_max_n) == (True, configs.KernelConfig(16, 16, 1, 1), 7)
         assert configs.for_call(cpu, 64).bwd_fused_max_n == base.bwd_fused_max_n
     assert configs.for_call(cpu, 64) == base
     with pytest.raises(TypeError, match="unknown field.*nonesuch"):
@@ -194,3 +194,18 @@ def test_varlen_paths_match_math(case, path, nan_empty):
     assert (o[1] == 0).all() and (dq[1] == 0).all(), "a sample without a valid key: o and dq must be 0"
     hidden = ~mask
     assert (dk.transpose(1, 2)[hidden] == 0).all() and (dv.transpose(1, 2)[hidden] == 0).all()
+
+
+def test_a_register_cap_reaches_the_dq_launch_as_an_option():
+    """`KernelConfig.maxnreg` goes to `kernel[grid](...)` as Triton's `maxnreg` option, and only where set: on
+    Hopper at D = 64 the dq launch is capped (with and without a key padding mask), every other launch not."""
+    from tests.backends.triton_fa_rope.sm90 import CASES, case_inputs, training_step_launches
+
+    assert configs.KernelConfig(16, 16, 1, 1).options() == {}
+    assert configs.KernelConfig(16, 16, 1, 1, 128).options() == {"maxnreg": 128}
+    q, k, v, rope, mask = case_inputs(*CASES["d64_bf16_mask"])
+    for key_padding_mask in (mask, None):
+        capped = {launch.name: launch.constexprs.get("maxnreg")
+                  for launch in training_step_launches(q, k, v, rope, key_padding_mask)}
+        assert capped.pop("bwd_dq_kernel") == 128
+        assert set(capped.values()) == {None}, capped
