@@ -1,8 +1,8 @@
 """Launch configs of the triton_fa_rope kernels: one table per GPU architecture, without importing Triton.
 
-`KernelConfig` is one kernel's (block_m, block_n, num_warps, num_stages); `ArchConfigs` holds every kernel's config
-for head dims up to its `max_head_dim`, and the forward's variants. `for_call(device, head_dim)` picks the table a
-call runs with; `override(**fields)` replaces fields of whatever it picks, for sweeps and tests. Fixed configs, no
+`KernelConfig` is one kernel's (block_m, block_n, num_warps, num_stages[, maxnreg]); `ArchConfigs` holds every
+kernel's config for head dims up to its `max_head_dim`, and the forward's variants. `for_call(device, head_dim)`
+picks the table a call runs with; `override(**fields)` replaces fields of whatever it picks, for sweeps and tests. Fixed configs, no
 run-time autotuning: the first call of a new shape costs one compilation per kernel. How the Hopper tables were
 measured: benchmarks/README.md.
 
