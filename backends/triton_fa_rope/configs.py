@@ -2,9 +2,9 @@
 
 `KernelConfig` is one kernel's (block_m, block_n, num_warps, num_stages[, maxnreg]); `ArchConfigs` holds every
 kernel's config for head dims up to its `max_head_dim`, and the forward's variants. `for_call(device, head_dim)`
-picks the table a call runs with; `override(**fields)` replaces fields of whatever it picks, for sweeps and tests. Fixed configs, no
-run-time autotuning: the first call of a new shape costs one compilation per kernel. How the Hopper tables were
-measured: benchmarks/README.md.
+picks the table a call runs with; `override(**fields)` replaces fields of whatever it picks, for sweeps and tests.
+Fixed configs, no run-time autotuning: the first call of a new shape costs one compilation per kernel. How the
+Hopper tables were measured: benchmarks/README.md.
 
 `LIMITS` is what the tables cover, in the registry's vocabulary; `registry.yaml` names it (`limits:`), so an entry
 that allows more is a `RegistryError` when the registry loads.
