@@ -13,7 +13,9 @@ For each model, mode and variant one fresh model (random weights, same seed) run
 Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (--compile-mode, not
 fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
 step time of `attnhub.benchkit.time_ms` (triton.testing.do_bench with --warmup and --rep budgets in ms;
-perf_counter on the CPU); the first call is timed apart (compilation included). Before timing, each model's
+perf_counter on the CPU); the first call is timed apart (compilation included); each record also counts, per
+timed step, Python's garbage collections and, on CUDA, the caching allocator's retries and cudaMallocs
+(`host_events`: what can make a step wait on the host). Before timing, each model's
 patched and timm logits and gradients are compared (relative L2, bf16 autocast). Ratios: timm ms / attnhub ms
 (> 1: attnhub faster), eager vs eager and compiled vs compiled. The JSON (--out) holds the date, the environment
 (`benchkit.environment`), the config, the checks, every record and the ratios.
@@ -158,6 +160,42 @@ def check(name: str, args, device: torch.device, x: torch.Tensor) -> dict:
     return {"model": name, **out}
 
 
+@contextlib.contextmanager
+def host_events(device: torch.device):
+    """What can stall the host inside a timed loop, counted: Python's garbage collections (per generation) and their
+    pause, and on CUDA the caching allocator's retries (it freed cached blocks to satisfy a request) and its device
+    allocations (cudaMalloc). A compiled step whose wall time exceeds its GPU time waits on the host: these say
+    whether either of them is the host's business then."""
+    events = {"gc_collections": [0, 0, 0], "gc_pause_ms": 0.0}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            events["gc_collections"][info["generation"]] += 1
+            started[0] = time.perf_counter()
+        else:
+            events["gc_pause_ms"] += (time.perf_counter() - started[0]) * 1e3
+
+    def allocator() -> dict:
+        return torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+
+    before = allocator()
+    gc.callbacks.append(on_gc)
+    try:
+        yield events
+    finally:
+        gc.callbacks.remove(on_gc)
+        after = allocator()
+        for key in ("num_alloc_retries", "num_device_alloc"):
+            if key in after:
+                events[key] = after[key] - before.get(key, 0)
+
+
+def _per_step(events: dict, steps: int) -> dict:
+    return {k: ([round(c / steps, 3) for c in v] if isinstance(v, list) else round(v / steps, 4))
+            for k, v in events.items()}
+
+
 def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x, y) -> dict:
     rec = {"model": name, "mode": mode, "variant": variant, "compiled": compiled}
     model = fn = None
@@ -178,7 +216,15 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
         fn()
         benchkit.sync(device)
         rec["first_call_s"] = time.perf_counter() - start
-        rec["ms"] = benchkit.time_ms(fn, device=device, warmup=args.warmup, rep=args.rep)
+        steps = [0]
+
+        def counted():
+            steps[0] += 1
+            fn()
+
+        with host_events(device) as events:
+            rec["ms"] = benchkit.time_ms(counted, device=device, warmup=args.warmup, rep=args.rep)
+        rec["host_events_per_step"] = _per_step(events, steps[0])
         rec["img_per_s"] = len(y) / rec["ms"] * 1e3
         if compiled:
             rec["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -246,7 +292,8 @@ def run(args) -> dict:
                 for variant in VARIANTS:
                     rec = measure(name, mode, variant, compiled, args, device, x, y)
                     print(f"  {name} {mode} {variant} compiled={compiled}: "
-                          + (rec["error"][:200] if "error" in rec else f"{rec['ms']:.2f} ms"), file=sys.stderr)
+                          + (rec["error"][:200] if "error" in rec else
+                             f"{rec['ms']:.2f} ms; per step {rec['host_events_per_step']}"), file=sys.stderr)
                     records.append(rec)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

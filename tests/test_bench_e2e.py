@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
+import torch
 
 from tests.helpers import load_script
 
@@ -33,6 +35,8 @@ def test_smoke_cpu(tmp_path, capsys):
     for rec in report["records"]:
         assert "error" not in rec and rec["ms"] > 0 and rec["img_per_s"] > 0
         assert ("graph_breaks" in rec) == rec["compiled"]
+        events = rec["host_events_per_step"]  # CPU: no allocator counts
+        assert set(events) == {"gc_collections", "gc_pause_ms"} and len(events["gc_collections"]) == 3
         if rec["variant"] == "attnhub" and not rec["compiled"]:
             assert rec["attnhub_explain"].startswith("chosen: torch_sdpa")
     for row in report["ratios"]:
@@ -65,6 +69,16 @@ def test_smoke_cpu_naflex_and_grouped_heads(tmp_path, model, kwargs):
     (chk,) = report["checks"]
     assert chk["logits_rel_l2"] < 2e-2 and chk["qkv_grad_rel_l2"] < 2e-2, chk
     assert all("error" not in r and r["ms"] > 0 for r in report["records"])
+
+
+def test_host_events_count_garbage_collections():
+    bench_e2e = _load()
+    with bench_e2e.host_events(torch.device("cpu")) as events:
+        gc.collect(1)
+        gc.collect(2)
+    assert events["gc_collections"] == [0, 1, 1] and events["gc_pause_ms"] > 0
+    assert bench_e2e._per_step({"gc_collections": [4, 2, 0], "gc_pause_ms": 3.0}, 4) == {
+        "gc_collections": [1.0, 0.5, 0.0], "gc_pause_ms": 0.75}
 
 
 def test_naflex_batch_pads_like_the_collator():
