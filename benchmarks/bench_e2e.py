@@ -216,6 +216,9 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
         fn()
         benchkit.sync(device)
         rec["first_call_s"] = time.perf_counter() - start
+        if args.gc_freeze:  # what exists now (model, compiled code) leaves the collector's generations
+            gc.collect()
+            gc.freeze()
         steps = [0]
 
         def counted():
@@ -234,6 +237,7 @@ def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x,
         rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     finally:
         del model, fn
+        gc.unfreeze()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -279,7 +283,7 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
-    compiled_opts = (False,) if args.no_compile else (False, True)
+    compiled_opts = (False,) if args.no_compile else (True,) if args.compile_only else (False, True)
     records, checks = [], []
     for name in args.models:
         x = images
@@ -301,7 +305,7 @@ def run(args) -> dict:
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
                    "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs,
                    "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
-                   "optimizer": "AdamW", "compile": None if args.no_compile else
+                   "optimizer": "AdamW", "gc_freeze": args.gc_freeze, "compile": None if args.no_compile else
                    {"mode": args.compile_mode, "fullgraph": False, "backend": args.compile_backend}},
         "checks": checks,
         "records": records,
@@ -324,7 +328,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=500, help="untimed steps after the first call, ms (do_bench)")
     p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")
-    p.add_argument("--no-compile", action="store_true", help="eager only")
+    compile_opts = p.add_mutually_exclusive_group()
+    compile_opts.add_argument("--no-compile", action="store_true", help="eager only")
+    compile_opts.add_argument("--compile-only", action="store_true", help="torch.compile only")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() after each model's first step: the timed steps' collections skip what existed")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a fast smoke test)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode (inductor); reduce-overhead replays CUDA graphs")

@@ -20,6 +20,9 @@
 #   varlen bench_varlen.py (kernel level, NaFlex and grouped heads; its winners merged into a copy of measured.yaml),
 #          then NaFlexViT-B axial on a padded 576-token bucket and ViT-B/16@384 with 4 k/v heads, train steps
 #                                   -> h200_varlen.json, measured.yaml, e2e_naflex.json, e2e_gqa.json, .log
+#   hostwait NaFlexViT-B compiled train step three ways: as is, with --gc-freeze, with the allocator's expandable
+#          segments; each record counts garbage collections and allocator retries per step (bench_e2e host_events)
+#                                   -> e2e_naflex_hostwait{,_gc_freeze,_expandable}.json, e2e_hostwait.log
 #   graphs ViT-S/16 train step at B = 32 under torch.compile(mode="reduce-overhead") (CUDA graphs)
 #                                                                       -> e2e_reduce_overhead.json, .log
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
@@ -103,6 +106,18 @@ for stage in "${stages[@]}"; do
         --model-kwargs '{"attn_type": "rope", "num_kv_heads": 4, "qkv_fused": false}' --out "$OUT/e2e_gqa.json" \
         >>"$OUT/e2e_varlen.log" 2>&1 || status=1
       grep "attnhub vs timm" "$OUT/e2e_varlen.log" ;;
+    hostwait)
+      naflex=(--models naflexvit_base_patch16_gap --model-kwargs '{"rope_type": "axial"}' --batch 64 --seq-len 576
+              --modes train --compile-only)
+      : >"$OUT/e2e_hostwait.log"
+      for run in "" _gc_freeze _expandable; do
+        flags=(); envs=()
+        [ "$run" = _gc_freeze ] && flags=(--gc-freeze)
+        [ "$run" = _expandable ] && envs=(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)
+        env "${envs[@]}" timeout 200 python3 benchmarks/bench_e2e.py "${naflex[@]}" "${flags[@]}" \
+          --out "$OUT/e2e_naflex_hostwait$run.json" >>"$OUT/e2e_hostwait.log" 2>&1 || status=1
+      done
+      grep "compiled=True\|attnhub vs timm:" "$OUT/e2e_hostwait.log" ;;
     graphs)
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --batch 32 --modes train \
         --compile-mode reduce-overhead --out "$OUT/e2e_reduce_overhead.json" >"$OUT/e2e_graphs.log" 2>&1 || status=1

@@ -71,6 +71,21 @@ def test_smoke_cpu_naflex_and_grouped_heads(tmp_path, model, kwargs):
     assert all("error" not in r and r["ms"] > 0 for r in report["records"])
 
 
+def test_compile_only_with_gc_freeze(tmp_path):
+    """--compile-only times the compiled variants alone; --gc-freeze is recorded and leaves nothing frozen."""
+    bench_e2e = _load()
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--batch", "2", "--img", "64", "--rep", "3", "--warmup", "1", "--depth", "1",
+            "--models", "vit_small_patch16_rope_224", "--modes", "train", "--compile-backend", "eager",
+            "--compile-only", "--gc-freeze", "--out", str(out)]
+    assert bench_e2e.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["gc_freeze"] is True
+    assert [(r["variant"], r["compiled"]) for r in report["records"]] == [("timm", True), ("attnhub", True)]
+    assert all("error" not in r for r in report["records"])
+    assert gc.get_freeze_count() == 0
+
+
 def test_host_events_count_garbage_collections():
     bench_e2e = _load()
     with bench_e2e.host_events(torch.device("cpu")) as events:
