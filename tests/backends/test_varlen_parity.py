@@ -42,8 +42,8 @@ def reference(q, k, v, table, mask) -> torch.Tensor:
         heads = []
         for h in range(H):
             kh, vh = k[b, h // group, keep], v[b, h // group, keep]
-            if kh.shape[0] == 0:
-                heads.append(q[b, h] * 0.0)  # zeros, in the graph (zero gradients) even when all is masked
+            if kh.shape[0] == 0:  # zeros, with q, k and v in the graph (zero gradients) even when all is masked
+                heads.append(q[b, h] * 0.0 + (k[b, h // group].sum() + v[b, h // group].sum()) * 0.0)
                 continue
             heads.append(torch.softmax(q[b, h] @ kh.T * D**-0.5, dim=-1) @ vh)
         rows.append(torch.stack(heads))
@@ -113,8 +113,12 @@ def check(name: str, case: Case, seed: int = 0, *, skip: bool = True) -> bool:
         for what, a, b in zip(("o", "dq", "dk", "dv", "d table"), got, ref):
             assert a.dtype == dtype, f"{name}: {what} is {a.dtype}"
             grad = what != "o"
-            if b.abs().max() == 0:  # e.g. dq with one valid key (constant softmax): no relative error to take
-                assert a.abs().max() <= bound(dtype, grad=grad), f"{name} {dtype} {what}: {a.abs().max():.3e} != 0"
+            if b.abs().max() == 0:  # e.g. dq with one valid key (constant softmax): no relative error to take.
+                # In fp32 such a gradient is a difference of O(|o|, |dv|) terms (the softmax backward's dp - delta):
+                # zero within the dtype's bound relative to the largest result of the call
+                scale = max(1.0, max(float(r.abs().max()) for r in ref))
+                assert a.abs().max() <= bound(dtype, grad=grad) * scale, \
+                    f"{name} {dtype} {what}: {a.abs().max():.3e} != 0 (scale {scale:.2f})"
                 continue
             assert_close_rel(a, b, dtype, f"{name} {dtype} {what}", grad=grad)
         if case.mask is not None:  # masked keys get exactly zero gradient; a sample without keys, all zero
