@@ -28,6 +28,8 @@
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
 #   mixed  RoPE-Mixed (learnable frequencies) train step, eager          -> e2e_h100_rope_mixed.json, .log
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
+#   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
+#          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
 #   gluon  the Gluon forward's GPU tests, then the forward cells (automatic, forced, cuDNN, timm compiled) with
 #          their winners merged into a copy of measured.yaml          -> pytest_gluon.log, h200_fwd.json, measured.yaml
 set -uo pipefail
@@ -138,7 +140,14 @@ for stage in "${stages[@]}"; do
         --impls attnhub,attnhub:triton_fa_rope,attnhub:triton_rope_sdpa,sdpa_cudnn,timm_compiled \
         --out "$OUT/h200_fwd.json" --winners "$OUT/measured.yaml" >"$OUT/bench_fwd.log" 2>&1 || status=1
       grep "│ vit" "$OUT/bench_fwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, graphs, mixed, multigpu, hyp, gluon)"; status=2 ;;
+    gluonlong)
+      timeout 200 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
+        >"$OUT/pytest_gluon.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_gluon.log"
+      timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
+        || status=1
+      tail -32 "$OUT/gluon_long.log" ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, graphs, mixed, multigpu, hyp, gluon, gluonlong)"; status=2 ;;
   esac
 done
 exit $status

@@ -2,8 +2,8 @@
 
 Read in this order, one job per module:
     kernels.py    the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
-    gluon_fwd.py  the Hopper inference forward up to 256 tokens in Gluon (K, V resident, RoPE once per token),
-                  its eligibility and launch; imported only when a call may take it
+    gluon_fwd.py  the Hopper inference forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token),
+                  their eligibility and launch; imported only when a call may take it
     configs.py    `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`, `override`,
                   and `LIMITS` (what the tables cover; the registry checks its entry against it at load)
     launch.py     compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,

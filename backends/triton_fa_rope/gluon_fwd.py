@@ -1,20 +1,24 @@
-"""The Hopper inference forward of triton_fa_rope at ViT lengths (N <= 256), written in Gluon
+"""The Hopper inference forwards of triton_fa_rope at ViT lengths (N <= 640), written in Gluon
 (`triton.experimental.gluon`): K and V of a head resident in shared memory, RoPE applied once per token.
 
 The Triton forward rotates every K tile inside its tile loop, once per query block (35-45% of its time at
-N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. This kernel takes the structure of
-TensorRT-LLM's length-specialised fmha_v2 kernels: one persistent CTA loops over (b, h) heads; per head, TMA loads
-Q, K and V whole (4-D descriptors over [B, N, H, D]: rows past N arrive as zeros, no other sample is read) while
-the previous head computes; K is rotated once in shared memory and Q once with scale * log2(e) folded in (fp32
-math from fp16 tables with bf16 inputs, `_tables`; rounded to the input dtype, as a rotation pass would); each
-warpgroup then owns 64-row slices of the queries and runs S = Q K^T over 64-key chunks with an online softmax, P
-staying in registers as wgmma's A operand.
+N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. These kernels take the structure of TensorRT-LLM's
+length-specialised fmha_v2 kernels: one persistent CTA loops over (b, h) heads, K is rotated once in shared memory
+and Q once with scale * log2(e) folded in (fp32 math from fp16 tables with bf16 inputs, `_tables`; rounded to the
+input dtype, as a rotation pass would), and each warpgroup runs S = Q K^T over 64-key chunks with an online
+softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors over [B, N, H, D]: rows past N
+arrive as zeros, no other sample is read.
+    resident_fwd_kernel  N <= 256: per head, TMA loads Q, K and V whole while the previous head computes; each
+                         warpgroup owns 64-row slices of the queries.
+    long_fwd_kernel      256 < N <= 640: K and V whole (boxes of 64 rows), the queries streamed in 128-row slices
+                         through two buffers (the next slice, of this head or the next, loads while one computes);
+                         the key loop software-pipelined in each warpgroup (FA3's intra-warpgroup overlap).
 
-Only `launch.forward` calls it, for inference calls it can take (`eligible`): no key padding mask, equal head
-counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 256, TMA-aligned
-strides. Gluon has no interpreter: the GPU parity tests and an offline sm_90 compile check cover it
-(tests/backends/triton_fa_rope/test_gluon_fwd.py). Written against Triton 3.6; names that 3.7+ renamed are
-aliased below. Measured on an H200: benchmarks/README.md.
+Only `launch.forward` calls them, for inference calls they can take (`eligible`): no key padding mask, equal head
+counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
+strides. Gluon has no interpreter: the GPU parity tests and an offline sm_90 compile check cover them
+(tests/backends/triton_fa_rope/test_gluon_fwd.py, test_sm90.py). Written against Triton 3.6; names that 3.7+ renamed
+are aliased below. Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ _tma_load = getattr(tma, "async_copy_global_to_shared", None) or tma.async_load
 _tma_store = getattr(tma, "async_copy_shared_to_global", None) or tma.async_store
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-MAX_N = 256  # K and V of a head (256 x 64 bf16 each) and Q fit shared memory twice (double-buffered): 192 KiB
+RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
+SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
+MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
 BLOCK_N = 64  # keys per online-softmax step
@@ -254,6 +260,232 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Longer sequences (256 < N <= 640): K and V resident, queries in slices
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.constexpr_function
+def _chunk_key0(c, n_full, mid_n):
+    """First key of chunk c of `chunking`'s split (n_full chunks of BLOCK_N, then MID_N, then the tail)."""
+    return c * BLOCK_N if c <= n_full else n_full * BLOCK_N + mid_n
+
+
+@gluon.constexpr_function
+def _chunk_width(c, n_full, mid_n, tail_n):
+    if c < n_full:
+        return BLOCK_N
+    return mid_n if c == n_full and mid_n > 0 else tail_n
+
+
+@gluon.jit
+def _chunk_kv(k_buf, v_buf, key0: gl.constexpr, width: gl.constexpr):
+    """K and V rows [key0, key0 + width) as [width, D] shared views (a chunk never crosses a BLOCK_N-row box)."""
+    CH: gl.constexpr = k_buf.shape[2]
+    D: gl.constexpr = k_buf.shape[4]
+    k = k_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
+    v = v_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
+    return k, v
+
+
+@gluon.jit
+def _issue_scores(q_smem, k_chunk, num_warps: gl.constexpr):
+    """S = Q K^T of one key chunk, issued asynchronously (wait for it with `warpgroup_mma_wait`)."""
+    M: gl.constexpr = q_smem.shape[0]
+    CH: gl.constexpr = k_chunk.shape[0]
+    return warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, _mma_layout(num_warps, CH)),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr):
+    """s [M, CH] fp32 scores of keys key0..: the online-softmax update -> p (unnormalised weights), alpha (acc's
+    factor), m_i, l_i (in m_i's layout)."""
+    s_layout: gl.constexpr = s.type.layout
+    s = s * sm_scale
+    if MASK:  # keys past N (zeros from TMA) get no weight
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < N, 0), s, -float("inf"))
+    m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
+    l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _pv(p, v_chunk, acc):
+    """acc += P V, issued asynchronously; P from registers as wgmma's A operand."""
+    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
+                                                                      k_width=2))
+    return warpgroup_mma(p_op, v_chunk, acc, is_async=True)
+
+
+@gluon.jit
+def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i. Software-pipelined in
+    each warpgroup (FA3's intra-warpgroup overlap): chunk c + 1's S = Q K^T runs on the tensor cores during chunk
+    c's softmax, chunk c's P V during chunk c + 1's. The full chunks in a loop (unrolled, ten chunks spilled
+    registers at N = 577), then the half-width and the masked one."""
+    M: gl.constexpr = q_s.shape[0]
+    D: gl.constexpr = q_s.shape[1]
+    CH: gl.constexpr = k_buf.shape[2]
+    NCH: gl.constexpr = N_FULL + (1 if MID_N > 0 else 0) + (1 if TAIL_N > 0 else 0)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    acc = gl.zeros([M, D], gl.float32, o_layout)
+    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
+    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    gl.static_assert(N_FULL >= 2)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]),
+                                                                  num_warps), ))
+    # chunk 0 before the loop, so that acc enters it as what the loop carries: an asynchronous accumulator
+    s_next = _issue_scores(q_s, k_buf.index(1).reshape([CH, D]), num_warps)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, N, sm_scale, False)
+    acc = _pv(p, v_buf.index(0).reshape([CH, D]), acc)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    for j in range(1, N_FULL - 1):  # chunk j + 1 is a full one too
+        s_next = _issue_scores(q_s, k_buf.index(j + 1).reshape([CH, D]), num_warps)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
+        # the previous chunk's P V was issued before s_next: waiting down to one leaves s_next in flight
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        acc = _pv(p, v_buf.index(j).reshape([CH, D]), acc * gl.expand_dims(alpha, 1))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    for c in gl.static_range(N_FULL - 1, NCH):  # the last full chunk (its scores in s), the narrower ones
+        if c + 1 < NCH:
+            k_n, v_n = _chunk_kv(k_buf, v_buf, _chunk_key0(c + 1, N_FULL, MID_N),
+                                 _chunk_width(c + 1, N_FULL, MID_N, TAIL_N))
+            s_next = _issue_scores(q_s, k_n, num_warps)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, _chunk_key0(c, N_FULL, MID_N), N, sm_scale,
+                                           c == NCH - 1 and TAIL_N > 0)
+        if c + 1 < NCH:
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        k_c, v_c = _chunk_kv(k_buf, v_buf, _chunk_key0(c, N_FULL, MID_N), _chunk_width(c, N_FULL, MID_N, TAIL_N))
+        acc = _pv(p, v_c, acc * gl.expand_dims(alpha, 1))
+        if c + 1 < NCH:
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, tile, H, NKC: gl.constexpr, pred):
+    """TMA: K and V of head `tile` in NKC boxes of BLOCK_N rows; box j of K -> bars_k[j], all of V -> bar_v."""
+    CH: gl.constexpr = k_desc.block_type.shape[1]
+    b = tile // H
+    h = tile % H
+    for j in gl.static_range(NKC):
+        mbarrier.expect(bars_k.index(j), k_desc.block_type.nbytes, pred=pred)
+        _tma_load(k_desc, [b, j * CH, h, 0], bars_k.index(j), k_buf.index(j), pred=pred)
+    mbarrier.expect(bar_v, NKC * v_desc.block_type.nbytes, pred=pred)
+    for j in gl.static_range(NKC):
+        _tma_load(v_desc, [b, j * CH, h, 0], bar_v, v_buf.index(j), pred=pred)
+
+
+@gluon.jit
+def _issue_slice(q_desc, q_buf, bars_q, g, pid, nprog, n_heads, H, NS: gl.constexpr):
+    """TMA: query slice g of this program's stream (slice g % NS of its (g // NS)-th head) into buffer g % 2."""
+    tile = pid + (g // NS) * nprog
+    pred = tile < n_heads
+    bar = bars_q.index(g % 2)
+    mbarrier.expect(bar, q_desc.block_type.nbytes, pred=pred)
+    _tma_load(q_desc, [tile // H, (g % NS) * q_desc.block_type.shape[1], tile % H, 0], bar, q_buf.index(g % 2),
+              pred=pred)
+
+
+@gluon.jit
+def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
+                    qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
+                    ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+    """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
+    boxes of BLOCK_N rows (rows past N as zeros) and K is rotated once in place; the queries stream through two
+    SLICE-row buffers (the next slice, of this head or the next, loads while one computes), each rotated with
+    scale * log2(e) folded in and attended over all keys (`_attend_slice`). After a head's last slice its boxes
+    take the next head's K and V. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE rows each)."""
+    SLICE_: gl.constexpr = q_desc.block_type.shape[1]
+    CH: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    NS: gl.constexpr = ROT_CHUNKS
+    NKC: gl.constexpr = N_FULL + (1 if MID_N + TAIL_N > 0 else 0)  # K/V boxes
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(ROT_ROWS == SLICE_ and CH == _BLOCK_N and SLICE_ == 16 * num_warps)
+    gl.static_assert(MID_N + TAIL_N <= CH)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, SLICE_, 1, D], q_desc.layout)
+    k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
+    v_buf = gl.allocate_shared_memory(v_desc.dtype, [NKC, 1, CH, 1, D], v_desc.layout)
+    bars_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    bars_k = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(bars_q.index(i), count=1)
+    for j in gl.static_range(NKC):
+        mbarrier.init(bars_k.index(j), count=1)
+    mbarrier.init(bar_v, count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, pid, H, NKC, True)
+    _issue_slice(q_desc, q_buf, bars_q, 0, pid, nprog, n_heads, H, NS)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        h = tile % H
+        nxt = tile + nprog
+        phase = it & 1
+        t0 = tile // n_heads  # 0, opaque to the compiler (see `_head`)
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        if ROPE:  # box by box, the next box's table load in flight while one rotates
+            c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
+            for kb in range(NKC):
+                c_next, s_next = _load_table(cos_base, sin_base, t0 + (kb + 1) * CH, N, P, stab_n, CH, D, num_warps)
+                mbarrier.wait(bars_k.index(kb), phase=phase)
+                _rope_inplace(k_buf.index(kb).reshape([CH, D]), c, s, 1.0, num_warps)
+                c = c_next
+                s = s_next
+            sm_scale = 1.0
+        else:
+            for kb in gl.static_range(NKC):
+                mbarrier.wait(bars_k.index(kb), phase=phase)
+            sm_scale = qk_scale
+        for si in range(NS):
+            g = it * NS + si
+            q_s = q_buf.index(g % 2).reshape([SLICE_, D])
+            if ROPE:
+                cq, sq = _load_table(cos_base, sin_base, t0 + si * SLICE_, N, P, stab_n, SLICE_, D, num_warps)
+                mbarrier.wait(bars_q.index(g % 2), phase=(g // 2) & 1)
+                _rope_inplace(q_s, cq, sq, qk_scale, num_warps)
+            else:
+                mbarrier.wait(bars_q.index(g % 2), phase=(g // 2) & 1)
+            fence_async_shared()  # the rotated K and Q, before wgmma reads them
+            _cta_barrier()  # every warpgroup reads all of K; the slice before's o store was issued
+            tma.store_wait(0)  # ... and is done reading the other buffer: the next slice loads into it
+            _issue_slice(q_desc, q_buf, bars_q, g + 1, pid, nprog, n_heads, H, NS)
+            mbarrier.wait(bar_v, phase=phase)
+            acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+
+            # epilogue: lse (log2 units); o through this slice's buffer, by TMA (rows >= N clipped)
+            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
+            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+            _cta_barrier()  # every warpgroup's wgmma is done with q_s (and, in the last slice, with K and V)
+            if si == NS - 1:
+                _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, nxt, H, NKC, nxt < n_heads)
+            q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], q_buf.index(g % 2))
+        it += 1
+    tma.store_wait(0)
+    for i in gl.static_range(2):
+        mbarrier.invalidate(bars_q.index(i))
+    for j in gl.static_range(NKC):
+        mbarrier.invalidate(bars_k.index(j))
+    mbarrier.invalidate(bar_v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launch
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -262,7 +494,8 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
 def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
     """Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
     narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail.
-    RoPE: ROT_CHUNKS steps of rot_rows tokens cover the N rows (a multiple of `_rot_layout`'s 32 rows)."""
+    RoPE: ROT_CHUNKS steps of rot_rows tokens cover the N rows (a multiple of `_rot_layout`'s 32 rows); in
+    `long_fwd_kernel` (rot_rows = SLICE) they are its K/V boxes and query slices."""
     n_full, rest = divmod(N, BLOCK_N)
     mid = BLOCK_N // 2 if rest >= BLOCK_N // 2 else 0
     rest -= mid
@@ -272,7 +505,10 @@ def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def block_rows(N: int) -> int:
-    """Rows of the Q, K, V blocks in shared memory: N rounded up to a power of two, at least 16 rows per warp."""
+    """Rows of the Q blocks in shared memory: up to RESIDENT_MAX_N, N rounded up to a power of two (at least 16 rows
+    per warp), K and V alike; beyond, N rounded up to whole SLICE-row query slices."""
+    if N > RESIDENT_MAX_N:
+        return -(-N // SLICE) * SLICE
     return max(16 * NUM_WARPS, triton.next_power_of_2(N))
 
 
@@ -296,30 +532,33 @@ def _tma_strides(x: torch.Tensor) -> bool:
 
 
 class _Plan:
-    """What one call signature (shapes, strides, dtypes, device, table) fixes of a launch: the descriptor makers of
-    q, k, v, o, the grid, the int arguments and constexprs, and the kept runner's key (with the table's alignment
-    and the scale, which stay per call). Identity-hashed: a plan is its own key."""
+    """What one call signature (shapes, strides, dtypes, device, table) fixes of a launch: the kernel (by length),
+    the descriptor makers of q, k, v, o, the grid, the int arguments and constexprs, and the kept runner's key
+    (with the table's alignment and the scale, which stay per call). Identity-hashed: a plan is its own key."""
 
-    __slots__ = ("make_q", "make_k", "make_v", "make_o", "o_shape", "lse_shape", "grid", "ints", "constexprs")
+    __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "o_shape", "lse_shape", "grid", "ints",
+                 "constexprs")
 
     def __init__(self, q, k, v, rope, cos, device):
         B, H, N, D = q.shape
-        block = block_rows(N)
-        layout, box = _smem_layout(block, q.dtype), [1, block, 1, D]
+        long = N > RESIDENT_MAX_N
+        self.kernel = long_fwd_kernel if long else resident_fwd_kernel
+        q_rows, kv_rows = (SLICE, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
 
-        def maker(t, example):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA reads its base)
+        def maker(t, rows):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA reads its base)
             s = t.stride()
-            return runtime.descriptor_maker(TensorDescriptor, example, [B, N, H, D], [s[0], s[2], s[1], s[3]], box,
-                                            layout)
+            return runtime.descriptor_maker(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]],
+                                            [1, rows, 1, D], _smem_layout(rows, q.dtype))
 
         self.o_shape, self.lse_shape = (B, N, H, D), (B * H, N)
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
-        self.make_q, self.make_k, self.make_v, self.make_o = maker(q, q), maker(k, k), maker(v, v), maker(o, o)
+        self.make_q, self.make_o = maker(q, q_rows), maker(o, q_rows)
+        self.make_k, self.make_v = maker(k, kv_rows), maker(v, kv_rows)
         stab_h, stab_n = (0, 0) if rope is None else table_strides(cos)[1:]
         n_heads = B * H
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
-        self.constexprs = dict(ROPE=rope is not None, **chunking(N))
+        self.constexprs = dict(ROPE=rope is not None, **chunking(N, SLICE if long else ROT_ROWS))
 
 
 _PLANS: dict = {}
@@ -391,7 +630,7 @@ def forward(q, k, v, rope, qk_scale: float, launch) -> tuple[torch.Tensor, torch
     args = (plan.make_q(q), plan.make_k(k), plan.make_v(v), plan.make_o(o), lse, cos, sin, *plan.ints, qk_scale)
     if launch is runtime.launch:  # the plan knows every argument's specialization but the table's alignment
         runtime.launch_keyed((plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0, qk_scale),
-                             resident_fwd_kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+                             plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
     else:
-        launch(resident_fwd_kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+        launch(plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
     return o, lse

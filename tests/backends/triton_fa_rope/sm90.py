@@ -179,6 +179,8 @@ VARIANTS = {
 }
 MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) for v in VARIANTS if v != "default"]
 MATRIX += [("d64_bf16_mask_gqa_per_sample", v) for v in VARIANTS if v != "default"]  # the fused request: split
+# longer sequences with the Gluon forward enabled up to its limit (gluon_fwd.long_fwd_kernel): case -> token grid
+LONG_GLUON = {"d64_bf16_interleaved": (24, 24), "d64_bf16_perhead": (16, 25), "d64_fp16_interleaved": (20, 32)}
 
 
 def case_inputs(D, dtype, layout, table, n_kv, varlen=None, B=2, H=3, grid=(14, 14), P=1):
@@ -239,6 +241,9 @@ def check_matrix() -> dict:
     rows, failures = [], []
     jobs = [(case, variant, training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
                                                    **VARIANTS[variant][0])) for case, variant in MATRIX]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "long_gluon",
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640))
+             for case, grid in LONG_GLUON.items()]
     jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
     for case, variant, launches in jobs:
         for launch in launches:

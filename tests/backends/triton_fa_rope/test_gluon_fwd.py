@@ -1,5 +1,6 @@
-"""The Gluon inference forward of triton_fa_rope (`gluon_fwd`): which calls take it, how it splits the keys, and
-on a Hopper GPU its results against `math` in float64 (Gluon has no interpreter: on CPU only the first two run;
+"""The Gluon inference forwards of triton_fa_rope (`gluon_fwd`: the resident kernel up to 256 tokens, the long one
+up to 640): which calls take them, how they split the keys, and on a Hopper GPU their results against `math` in
+float64 (Gluon has no interpreter: on CPU only the first two run;
 test_sm90.py compiles its launches for sm_90 offline).
 """
 
@@ -43,7 +44,7 @@ def test_takes_inference_calls_it_covers():
 @pytest.mark.parametrize("why", ["training", "mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half",
                                  "per_sample", "unaligned", "unaligned_base"])
 def test_leaves_other_calls_to_the_triton_forward(why):
-    q, k, v = _inputs(N=257 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
+    q, k, v = _inputs(N=gluon_fwd.MAX_N + 1 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
                       dtype=torch.float32 if why == "fp32" else torch.bfloat16)
     table, mask, training = _table(q.shape[2]), None, False
     if why == "training":
@@ -75,6 +76,24 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     assert c["TAIL_N"] == 0 or c["TAIL_N"] >= 16  # wgmma's smallest N
     rotated = c["ROT_ROWS"] * c["ROT_CHUNKS"]
     assert N <= rotated <= gluon_fwd.block_rows(N) and c["ROT_ROWS"] % 32 == 0  # whole tiles of `_rot_layout`
+
+
+@pytest.mark.parametrize("N", range(gluon_fwd.RESIDENT_MAX_N + 1, gluon_fwd.MAX_N + 1) if gluon_fwd else [])
+def test_long_kernel_chunks_fit_its_boxes(N):
+    """long_fwd_kernel holds K and V in boxes of BLOCK_N rows: one per full chunk, and the half-width and masked
+    chunks together in one more (`_chunk_kv`); its query slices cover N."""
+    c = gluon_fwd.chunking(N, gluon_fwd.SLICE)
+    assert c["MID_N"] + c["TAIL_N"] <= gluon_fwd.BLOCK_N
+    boxes = c["N_FULL"] + (1 if c["MID_N"] + c["TAIL_N"] else 0)
+    assert N <= boxes * gluon_fwd.BLOCK_N and boxes * gluon_fwd.BLOCK_N * 2 * 64 * 2 + 2 * gluon_fwd.SLICE * 64 * 2 \
+        <= 196_608  # bf16 K, V and two query slices: 192 KiB
+    assert N <= c["ROT_CHUNKS"] * gluon_fwd.SLICE < N + gluon_fwd.SLICE
+
+
+def test_plans_pick_the_kernel_by_length():
+    short, long = _plan(*_inputs(N=256), _table(256)), _plan(*_inputs(N=577), _table(577))
+    assert short.kernel is gluon_fwd.resident_fwd_kernel and long.kernel is gluon_fwd.long_fwd_kernel
+    assert long.constexprs["ROT_ROWS"] == gluon_fwd.SLICE and long.constexprs["ROT_CHUNKS"] == 5
 
 
 def _descriptor(x, block=256, example=None):
@@ -164,6 +183,12 @@ def _reference(q, k, v, table):
     (17, 1, "shared", "contiguous"),  # one masked chunk only
     (1, 1, "shared", "fused"),  # the prefix token alone
     (65, 0, None, "fused"),  # one key past a full chunk
+    # long_fwd_kernel: K and V in 128-row boxes, queries in 128-row slices
+    (577, 1, "shared", "fused"),  # ViT/16 at 384 px: nine full chunks and a 16-key tail in the fifth box
+    (577, 1, "per_head", "contiguous"),
+    (640, 0, "shared", "transposed"),  # five whole boxes, no masked chunk
+    (401, 5, None, "fused"),  # a half-width and a masked chunk in the last box
+    (257, 0, "shared", "fused"),  # one token past the resident kernel
 ])
 def test_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
@@ -198,14 +223,15 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 
 @pytest.mark.gpu
 @gpu
-def test_attention_takes_it_for_inference_and_not_for_training():
-    q, k, v = _inputs(N=197, H=6)
-    table = _table(197, H=6)
+@pytest.mark.parametrize("N,kernel", [(197, "resident_fwd_kernel"), (577, "long_fwd_kernel")])
+def test_attention_takes_it_for_inference_and_not_for_training(N, kernel):
+    q, k, v = _inputs(N=N, H=6)
+    table = _table(N, H=6)
     with torch.no_grad(), runtime.recording() as launches:
         o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
-    assert [x.name for x in launches] == ["resident_fwd_kernel"]
+    assert [x.name for x in launches] == [kernel]
     assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
     qg = q.detach().clone().requires_grad_()
     with runtime.recording() as launches:
         attnhub.attention(qg, k, v, table, backend="triton_fa_rope")
-    assert "resident_fwd_kernel" not in [x.name for x in launches]
+    assert kernel not in [x.name for x in launches]

@@ -49,6 +49,11 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     # inference at N = 197, D = 64: the Gluon forward, shared and per-head tables, bf16 and fp16
     for case in ("d64_bf16_interleaved", "d64_bf16_perhead", "d64_fp16_interleaved"):
         assert (case, "default", "resident_fwd_kernel") in compiled
+    # longer inference with the Gluon forward enabled up to 640 tokens: its long kernel (N = 577, 401, 641 -> 640
+    # is the Triton forward's)
+    for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
+        assert (case, "long_gluon", "long_fwd_kernel") in compiled
+    assert ("d64_fp16_interleaved_n641", "long_gluon", "fwd_kernel") in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

@@ -1,0 +1,110 @@
+"""The Gluon forward for longer sequences (`gluon_fwd.long_fwd_kernel`, 256 < N <= 640) against the forwards that
+serve those lengths today, forward only, side by side in one process. Needs a Hopper GPU.
+
+    python benchmarks/gluon_long.py [--shapes "vit_b16_384;custom:64,12,401,64,1,20"] [--out FILE]
+
+Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention table. The long kernel is checked
+against `math` in float64 on its first batch elements first (with `torch.empty` NaN-filling every buffer, so the
+whole output must come back finite: no row left unwritten) and the script stops at the first wrong one. Then each
+candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). The last
+lines are a table of ms and each one's ratio to cuDNN without RoPE and to timm compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+import attnhub
+from attnhub import bench, benchkit
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import gluon_fwd, launch
+
+@contextlib.contextmanager
+def _nan_empty():
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    torch.empty = poisoned
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def _check(name, fn, q, k, v, table, n_ref=4) -> float:
+    with _nan_empty():
+        o = fn()
+    torch.cuda.synchronize()
+    if not torch.isfinite(o).all():
+        raise SystemExit(f"{name}: non-finite output (a row left unwritten?)")
+    ref = attnhub.attention(q[:n_ref].double(), k[:n_ref].double(), v[:n_ref].double(), table, backend="math")
+    err = ((o[:n_ref].double() - ref).norm() / ref.norm()).item()
+    if not err < 1e-2:  # bf16 output of a well-conditioned softmax: ~3e-3 (tolerances: `attnhub.tolerances`)
+        raise SystemExit(f"{name}: rel_l2 error {err:.2e} against float64")
+    return err
+
+
+def run_shape(s: benchkit.Shape) -> list[dict]:
+    dev = torch.device("cuda")
+    qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    table = benchkit.rope_table(s, dev)
+    qk_scale = s.D ** -0.5 * launch.LOG2E
+    rows = []
+
+    def add(name, fn, context=contextlib.nullcontext, rope=True, err=None):
+        def call():
+            with context():
+                return fn()
+        with torch.no_grad():
+            rows.append(dict(shape=s.name, impl=name, rope=rope, rel_l2=err,
+                             graph_ms=do_bench_cudagraph(call, rep=100, return_mode="median"),
+                             bench_ms=do_bench(call, warmup=25, rep=100, return_mode="median")))
+        print(f"  {s} {name}: graph {rows[-1]['graph_ms']:.4f} ms, do_bench {rows[-1]['bench_ms']:.4f} ms",
+              flush=True)
+
+    with torch.no_grad():
+        fn = lambda: gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch)[0]  # noqa: E731
+        err = _check("gluon long", fn, q, k, v, table)
+        print(f"  {s} gluon long: rel_l2 vs float64 {err:.2e}", flush=True)
+        add("gluon long", fn, err=err)
+        add("gluon long, no RoPE", lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0], rope=False)
+    for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
+        built = bench.build(impl, s, dev)
+        add(impl + ("" if built.rope else " (no RoPE)"), lambda: built.fn(q, k, v), built.context, built.rope)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16",
+                   help="semicolon list of shapes (`benchkit.parse_shape`)")
+    p.add_argument("--out", help="write the rows and the environment as JSON")
+    args = p.parse_args(argv)
+    env = benchkit.environment("cuda")
+    print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
+    rows = []
+    for spec in args.shapes.split(";"):
+        rows += run_shape(benchkit.parse_shape(spec))
+    print(f"\n{'shape':<22} {'implementation':<42} {'graph ms':>9} {'do_bench':>9} {'cuDNN/it':>9} {'timm c/it':>9}")
+    for r in rows:
+        base = {x["impl"]: x["graph_ms"] for x in rows if x["shape"] == r["shape"]}
+        cudnn, timm = base.get("sdpa_cudnn (no RoPE)"), base.get("timm_compiled")
+        print(f"{r['shape']:<22} {r['impl']:<42} {r['graph_ms']:>9.4f} {r['bench_ms']:>9.4f} "
+              f"{cudnn / r['graph_ms']:>9.3f} {timm / r['graph_ms']:>9.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(environment=env, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
