@@ -49,20 +49,17 @@ def syncs(model, x, y, steps: int) -> collections.Counter:
     if y.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
-    original = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
         seen[_where(traceback.extract_stack()[:-1])] += 1
 
-    warnings.showwarning = record
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
             for _ in range(steps):
                 step()
     finally:
-        warnings.showwarning = original
         if y.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     return seen

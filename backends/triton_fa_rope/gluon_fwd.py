@@ -117,28 +117,47 @@ def _rope_inplace(x_smem, c, s, mult, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _attend_chunk(q_smem, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr,
-                  num_warps: gl.constexpr):
-    """Keys [key0, key0 + CH): S = Q K^T (log2 units after sm_scale), online softmax, acc += P V.
-    k_chunk, v_chunk: [CH, D] shared views; acc [M, D] fp32; m_i, l_i in acc's row layout."""
-    CH: gl.constexpr = k_chunk.shape[0]
+def _issue_scores(q_smem, k_chunk, num_warps: gl.constexpr):
+    """S = Q K^T of one key chunk, issued asynchronously (wait for it with `warpgroup_mma_wait`)."""
     M: gl.constexpr = q_smem.shape[0]
-    s_layout: gl.constexpr = _mma_layout(num_warps, CH)
-    o_layout: gl.constexpr = acc.type.layout
-    s = warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, s_layout), use_acc=False,
-                      is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, )) * sm_scale
+    CH: gl.constexpr = k_chunk.shape[0]
+    return warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, _mma_layout(num_warps, CH)),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr):
+    """s [M, CH] fp32 scores of keys key0..: the online-softmax update -> p (unnormalised weights), alpha (acc's
+    factor), m_i, l_i (in m_i's layout)."""
+    s_layout: gl.constexpr = s.type.layout
+    s = s * sm_scale
     if MASK:  # keys past N (zeros from TMA) get no weight
-        cols = key0 + gl.arange(0, CH, layout=gl.SliceLayout(0, s_layout))
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
         s = gl.where(gl.expand_dims(cols < N, 0), s, -float("inf"))
     m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
     l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
-    acc = acc * gl.expand_dims(alpha, 1)
-    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
-    acc = warpgroup_mma(p_op, v_chunk, acc, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_new, l_i
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _pv(p, v_chunk, acc):
+    """acc += P V, issued asynchronously; P from registers as wgmma's A operand."""
+    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
+                                                                      k_width=2))
+    return warpgroup_mma(p_op, v_chunk, acc, is_async=True)
+
+
+@gluon.jit
+def _attend_chunk(q_smem, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Keys [key0, key0 + CH): S = Q K^T (log2 units after sm_scale), online softmax, acc += P V, each waited for.
+    k_chunk, v_chunk: [CH, D] shared views; acc [M, D] fp32; m_i, l_i in acc's row layout."""
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_smem, k_chunk, num_warps), ))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK)
+    acc = _pv(p, v_chunk, acc * gl.expand_dims(alpha, 1))
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_i, l_i
 
 
 @gluon.jit
@@ -285,39 +304,6 @@ def _chunk_kv(k_buf, v_buf, key0: gl.constexpr, width: gl.constexpr):
     k = k_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
     v = v_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
     return k, v
-
-
-@gluon.jit
-def _issue_scores(q_smem, k_chunk, num_warps: gl.constexpr):
-    """S = Q K^T of one key chunk, issued asynchronously (wait for it with `warpgroup_mma_wait`)."""
-    M: gl.constexpr = q_smem.shape[0]
-    CH: gl.constexpr = k_chunk.shape[0]
-    return warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, _mma_layout(num_warps, CH)),
-                         use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr):
-    """s [M, CH] fp32 scores of keys key0..: the online-softmax update -> p (unnormalised weights), alpha (acc's
-    factor), m_i, l_i (in m_i's layout)."""
-    s_layout: gl.constexpr = s.type.layout
-    s = s * sm_scale
-    if MASK:  # keys past N (zeros from TMA) get no weight
-        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
-        s = gl.where(gl.expand_dims(cols < N, 0), s, -float("inf"))
-    m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
-    l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
-    return p, alpha, m_new, l_i
-
-
-@gluon.jit
-def _pv(p, v_chunk, acc):
-    """acc += P V, issued asynchronously; P from registers as wgmma's A operand."""
-    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
-                                                                      k_width=2))
-    return warpgroup_mma(p_op, v_chunk, acc, is_async=True)
 
 
 @gluon.jit
@@ -495,7 +481,7 @@ def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
     """Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of BLOCK_N / 2 (or none), one masked chunk as
     narrow as the rest allows (a power of two >= 16, or none): 197 = 3 * 64 + 5 -> 3 chunks and a 16-key tail.
     RoPE: ROT_CHUNKS steps of rot_rows tokens cover the N rows (a multiple of `_rot_layout`'s 32 rows); in
-    `long_fwd_kernel` (rot_rows = SLICE) they are its K/V boxes and query slices."""
+    `long_fwd_kernel` (rot_rows = SLICE) they are its query slices (its K/V boxes: one per chunk of BLOCK_N)."""
     n_full, rest = divmod(N, BLOCK_N)
     mid = BLOCK_N // 2 if rest >= BLOCK_N // 2 else 0
     rest -= mid
@@ -505,10 +491,8 @@ def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def block_rows(N: int) -> int:
-    """Rows of the Q blocks in shared memory: up to RESIDENT_MAX_N, N rounded up to a power of two (at least 16 rows
-    per warp), K and V alike; beyond, N rounded up to whole SLICE-row query slices."""
-    if N > RESIDENT_MAX_N:
-        return -(-N // SLICE) * SLICE
+    """Rows of `resident_fwd_kernel`'s Q, K, V blocks in shared memory: N rounded up to a power of two, at least 16
+    rows per warp."""
     return max(16 * NUM_WARPS, triton.next_power_of_2(N))
 
 

@@ -68,7 +68,7 @@ def test_leaves_other_calls_to_the_triton_forward(why):
     assert not gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
 
 
-@pytest.mark.parametrize("N", range(1, gluon_fwd.MAX_N + 1) if gluon_fwd else [])
+@pytest.mark.parametrize("N", range(1, gluon_fwd.RESIDENT_MAX_N + 1) if gluon_fwd else [])
 def test_key_chunks_cover_the_sequence_within_the_block(N):
     c = gluon_fwd.chunking(N)
     covered = c["N_FULL"] * gluon_fwd.BLOCK_N + c["MID_N"] + c["TAIL_N"]
@@ -183,10 +183,10 @@ def _reference(q, k, v, table):
     (17, 1, "shared", "contiguous"),  # one masked chunk only
     (1, 1, "shared", "fused"),  # the prefix token alone
     (65, 0, None, "fused"),  # one key past a full chunk
-    # long_fwd_kernel: K and V in 128-row boxes, queries in 128-row slices
-    (577, 1, "shared", "fused"),  # ViT/16 at 384 px: nine full chunks and a 16-key tail in the fifth box
+    # long_fwd_kernel: K and V in 64-row boxes, queries in 128-row slices
+    (577, 1, "shared", "fused"),  # ViT/16 at 384 px: nine full boxes and a 16-key tail in the tenth
     (577, 1, "per_head", "contiguous"),
-    (640, 0, "shared", "transposed"),  # five whole boxes, no masked chunk
+    (640, 0, "shared", "transposed"),  # ten whole boxes, no masked chunk
     (401, 5, None, "fused"),  # a half-width and a masked chunk in the last box
     (257, 0, "shared", "fused"),  # one token past the resident kernel
 ])
