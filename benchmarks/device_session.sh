@@ -23,6 +23,9 @@
 #   hostwait NaFlexViT-B compiled train step three ways: as is, with --gc-freeze, with the allocator's expandable
 #          segments; each record counts garbage collections and allocator retries per step (bench_e2e host_events)
 #                                   -> e2e_naflex_hostwait{,_gc_freeze,_expandable}.json, e2e_hostwait.log
+#   naflex the NaFlexViT tests (the GPU's sync count among them), benchmarks/sync_check.py, then the NaFlexViT-B
+#          axial train step (B = 64, 576-token buckets) eager and compiled, and compiled once more
+#                     -> pytest_naflex.log, h200_naflex_syncs.txt, e2e_h200_naflex{,_repeat}.json, e2e_naflex.log
 #   graphs ViT-S/16 train step at B = 32 under torch.compile(mode="reduce-overhead") (CUDA graphs)
 #                                                                       -> e2e_reduce_overhead.json, .log
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
@@ -120,6 +123,20 @@ for stage in "${stages[@]}"; do
           --out "$OUT/e2e_naflex_hostwait$run.json" >>"$OUT/e2e_hostwait.log" 2>&1 || status=1
       done
       grep "compiled=True\|attnhub vs timm:" "$OUT/e2e_hostwait.log" ;;
+    naflex)
+      timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/integrations/test_timm_naflex.py \
+        >"$OUT/pytest_naflex.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_naflex.log"
+      timeout 150 python3 benchmarks/sync_check.py --steps 2 >"$OUT/h200_naflex_syncs.txt" 2>&1 || status=1
+      grep "synchronizing calls" "$OUT/h200_naflex_syncs.txt"
+      naflex=(--models naflexvit_base_patch16_gap --model-kwargs '{"rope_type": "axial"}' --batch 64 --seq-len 576
+              --modes train)
+      : >"$OUT/e2e_naflex.log"
+      timeout 250 python3 benchmarks/bench_e2e.py "${naflex[@]}" --out "$OUT/e2e_h200_naflex.json" \
+        >>"$OUT/e2e_naflex.log" 2>&1 || status=1
+      timeout 150 python3 benchmarks/bench_e2e.py "${naflex[@]}" --compile-only --out "$OUT/e2e_h200_naflex_repeat.json" \
+        >>"$OUT/e2e_naflex.log" 2>&1 || status=1
+      grep "attnhub vs timm" "$OUT/e2e_naflex.log" ;;
     graphs)
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --batch 32 --modes train \
         --compile-mode reduce-overhead --out "$OUT/e2e_reduce_overhead.json" >"$OUT/e2e_graphs.log" 2>&1 || status=1
@@ -147,7 +164,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
         || status=1
       tail -32 "$OUT/gluon_long.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, graphs, mixed, multigpu, hyp, gluon, gluonlong)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong)"; status=2 ;;
   esac
 done
 exit $status

@@ -19,13 +19,17 @@ coordinate augmentation drawn by timm), taken as a per-sample `CosSinTable`. The
 `[B, 1, L, L]` float mask: the blocks get the key validity as a bool `[B, 1, 1, P + L]` mask (`patch_valid` after
 patch dropout, prefix tokens valid), which becomes attnhub's `key_padding_mask`. Padded query tokens then attend
 to the valid keys (under timm's symmetric mask they attend uniformly to all keys); pooling ignores them either way.
+timm reads each sample's grid size from the GPU with two `.item()` calls, once for the position embedding and once
+for the RoPE tables (4 B host-device round trips per step); the patched NaFlexVit and its `NaFlexEmbeds` read them
+in one copy each and then run timm's own code.
 
 A patched attention module computes q, k, v exactly as timm does (fused or separate projections, EVA's q/v
 bias, q/k norm), then `attnhub.attention(q, k, v, rope=table, scale=module.scale, key_padding_mask=...)` with
 grouped k/v heads as they are (no repeated k/v) -- `attnhub.attention_packed(qkv, ...)` of a fused projection
 without q/k norm, so that its gradient is written whole --, then timm's output norm, gate, projection and projection
 dropout. Patching swaps the instance's class for a subclass that only overrides `forward` (NaFlexVit:
-`_forward_embeds`); timm's classes are untouched and `unpatch` swaps them back. A patched attention module
+`_forward_embeds` and `_generate_rope_naflex`; NaFlexEmbeds: its two NaFlex position-embedding methods); timm's
+classes are untouched and `unpatch` swaps them back. A patched attention module
 takes as `attn_mask` only a key mask, bool `[B, 1, 1, N]` (True = attend; a sample with no valid key gets
 zeros, where SDPA gives NaN); any other mask, `is_causal` and attention dropout in training raise
 NotImplementedError naming the way out.
@@ -51,7 +55,7 @@ import timm
 from timm.layers import attention as _timm_attention
 from timm.layers import is_scriptable, register_notrace_function
 from timm.models.eva import Eva, EvaAttention, EvaBlock
-from timm.models.naflexvit import NaFlexVit
+from timm.models.naflexvit import NaFlexEmbeds, NaFlexVit
 
 import attnhub
 from attnhub import control
@@ -99,6 +103,8 @@ def patch(model: nn.Module, backend: str | Mapping[str, str] | None = None) -> n
     _check_naflex(model)
     for naflex in _naflex_models(model):
         naflex.__class__ = AttnhubNaFlexVit
+        if type(naflex.embeds) is NaFlexEmbeds:
+            naflex.embeds.__class__ = AttnhubNaFlexEmbeds
     for name, (module, cls) in todo.items():
         module.__class__ = cls
         if pins is not None:
@@ -143,6 +149,8 @@ def unpatch(model: nn.Module) -> nn.Module:
             control._pin(module, None, "")
         elif type(module) is AttnhubNaFlexVit:
             module.__class__ = NaFlexVit
+        elif type(module) is AttnhubNaFlexEmbeds:
+            module.__class__ = NaFlexEmbeds
     return model
 
 
@@ -348,10 +356,39 @@ def _key_mask(patch_valid: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
     return valid[:, None, None, :]
 
 
+def _grid_extent(patch_coord: torch.Tensor) -> torch.Tensor:
+    """patch_coord: [B, L, 2] -> its per-sample maxima [B, 1, 2], on the host.
+
+    timm's `calculate_naflex_grid_sizes` reads each sample's grid size with two `.item()` calls, and the position
+    embedding and the RoPE tables each call it: 4 B synchronizing copies per step (264 at B = 64), each leaving
+    the GPU idle while the host catches up. Given this extent it reads the same sizes from host memory: one copy.
+    """
+    return patch_coord.amax(dim=1, keepdim=True).cpu()
+
+
 class AttnhubNaFlexVit(NaFlexVit):
-    """timm's NaFlexVit whose blocks get key padding from patch_valid (see attnhub.integrations.timm)."""
+    """timm's NaFlexVit whose blocks get key padding from patch_valid (see attnhub.integrations.timm), and whose
+    RoPE tables read the grid sizes from the host in one copy."""
 
     _forward_embeds = _naflex_forward_embeds
+
+    @torch.compiler.disable  # like timm's: the grid sizes become Python ints
+    def _generate_rope_naflex(self, x, patch_coord):
+        # timm's method reads patch_coord only through calculate_naflex_grid_sizes
+        return NaFlexVit._generate_rope_naflex(self, x, _grid_extent(patch_coord))
+
+
+class AttnhubNaFlexEmbeds(NaFlexEmbeds):
+    """timm's NaFlexEmbeds whose NaFlex position embeddings read the grid sizes from the host in one copy."""
+
+    @torch.compiler.disable
+    def _apply_learned_naflex_pos_embed(self, x, patch_coord):
+        # timm's methods read patch_coord only through calculate_naflex_grid_sizes
+        return NaFlexEmbeds._apply_learned_naflex_pos_embed(self, x, _grid_extent(patch_coord))
+
+    @torch.compiler.disable
+    def _apply_factorized_naflex_pos_embed(self, x, patch_coord):
+        return NaFlexEmbeds._apply_factorized_naflex_pos_embed(self, x, _grid_extent(patch_coord))
 
 
 # FX symbolic tracing (torch.fx, torchvision's and timm's feature extraction) records these calls as single

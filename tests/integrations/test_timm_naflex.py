@@ -239,8 +239,52 @@ def test_unpatch_and_pickle_naflex():
     with torch.no_grad():
         assert_close_rel(loaded(x), ref(x), F32, "logits of the reloaded model")
     at.unpatch(pat)
-    assert type(pat) is type(ref) and at.patched(pat) == []
+    assert type(pat) is type(ref) and type(pat.embeds) is naflexvit.NaFlexEmbeds and at.patched(pat) == []
     assert [type(b.attn) for b in pat.blocks] == [type(b.attn) for b in ref.blocks]
+
+
+@pytest.mark.parametrize("rope_type, pos_embed", [("axial", "learned"), ("mixed", "factorized"),
+                                                   ("dinov3", "learned")])
+def test_grid_sizes_read_in_one_copy(rope_type, pos_embed, monkeypatch):
+    """timm's calculate_naflex_grid_sizes (two `.item()` per sample) gets, in the patched model, each sample's
+    largest coordinate already on the host, and returns the sizes it returns in timm's model."""
+    seen = []
+    real = naflexvit.calculate_naflex_grid_sizes
+
+    def spy(coord):
+        seen.append((coord.shape, coord.device, real(coord)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(naflexvit, "calculate_naflex_grid_sizes", spy)
+    ref = naflex(rope_type, pos_embed=pos_embed, patch_drop_rate=0.3)
+    pat = at.patch(copy.deepcopy(ref))
+    assert type(pat.embeds) is at.AttnhubNaFlexEmbeds
+    x = collate(GRIDS)
+    assert_same_training_step(ref.train(), pat.train(), x)
+    sizes = [tuple(h_w) for h_w in (x["patch_coord"].amax(dim=1) + 1).tolist()]
+    assert len(seen) == 4  # position embedding and RoPE tables, in each model
+    for shape, device, got in seen[:2]:
+        assert shape == x["patch_coord"].shape and got == sizes
+    for shape, device, got in seen[2:]:
+        assert shape == (len(GRIDS), 1, 2) and device.type == "cpu" and got == sizes
+
+
+@pytest.mark.gpu
+def test_naflex_step_syncs_twice():
+    """On the GPU the patched NaFlexViT train step waits for the device twice (the two grid-size copies), where
+    timm's waits 4 B times."""
+    model = at.patch(naflex("axial", patch_drop_rate=0.3).cuda().train())
+    x = {k: t.cuda() for k, t in collate(GRIDS).items()}
+    model(x).sum().backward()  # first call: Triton compiles, allocations
+    torch.cuda.synchronize()
+    with pytest.warns(UserWarning) as record:  # every synchronizing call warns under mode "warn"
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchronizing" in str(w.message)]
+    assert len(syncs) == 2, [str(w.message) for w in syncs]
 
 
 def test_naflex_subclass_is_refused_before_any_change():
