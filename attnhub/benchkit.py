@@ -20,6 +20,7 @@ import importlib.metadata
 import math
 import platform
 import shutil
+import os
 import statistics
 import subprocess
 import time
@@ -208,7 +209,10 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the attnhub source that runs, "+dirty" when it has uncommitted changes; None outside git."""
+    """The commit of the attnhub source that runs, "+dirty" when it has uncommitted changes; None outside git.
+    $ATTNHUB_GIT_COMMIT, where set, is taken as it is: a copied checkout (the lent GPU's) can carry a stale .git."""
+    if os.environ.get("ATTNHUB_GIT_COMMIT"):
+        return os.environ["ATTNHUB_GIT_COMMIT"]
     src = Path(attnhub.__file__).resolve().parent
     commit = _run(["git", "rev-parse", "HEAD"], src)
     if commit and _run(["git", "status", "--porcelain", "--untracked-files=no"], src):

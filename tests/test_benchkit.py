@@ -59,6 +59,11 @@ def test_environment():
     assert env["git_commit"] is None or len(env["git_commit"].removesuffix("+dirty")) == 40
 
 
+def test_git_commit_named_by_the_environment(monkeypatch):
+    monkeypatch.setenv("ATTNHUB_GIT_COMMIT", "cd4df1b")
+    assert benchkit.environment("cpu")["git_commit"] == "cd4df1b"
+
+
 def test_gpu_ms_needs_a_cuda_device():
     with pytest.raises(ValueError, match="CUDA"):
         benchkit.gpu_ms(lambda: None, device="cpu")
