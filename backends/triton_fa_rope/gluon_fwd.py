@@ -10,9 +10,11 @@ softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors 
 arrive as zeros, no other sample is read.
     resident_fwd_kernel  N <= 256: per head, TMA loads Q, K and V whole while the previous head computes; each
                          warpgroup owns 64-row slices of the queries.
-    long_fwd_kernel      256 < N <= 640: K and V whole (boxes of 64 rows), the queries streamed in 128-row slices
-                         through two buffers (the next slice, of this head or the next, loads while one computes);
-                         the key loop software-pipelined in each warpgroup (FA3's intra-warpgroup overlap).
+    long_fwd_kernel      256 < N <= 640, warp-specialized: a producer warpgroup loads K and V whole (boxes of 64
+                         rows) and the queries in 128-row slices through two buffers, and rotates each as it lands;
+                         the kernel's two warpgroups attend, the key loop software-pipelined in each (FA3's
+                         intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
+                         cores.
 
 Only `launch.forward` calls them, for inference calls they can take (`eligible`): no key padding mask, equal head
 counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
@@ -307,12 +309,21 @@ def _chunk_kv(k_buf, v_buf, key0: gl.constexpr, width: gl.constexpr):
 
 
 @gluon.jit
+def _await_box(bars, box, phase, pred, WAIT: gl.constexpr):
+    """Wait for K/V box `box` of this head (in `long_fwd_kernel`'s first slice of a head); nothing if not WAIT."""
+    if WAIT:
+        mbarrier.wait(bars.index(box), phase, pred=pred)
+
+
+@gluon.jit
 def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, first=False,
+                  WAIT: gl.constexpr = False):
     """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i. Software-pipelined in
     each warpgroup (FA3's intra-warpgroup overlap): chunk c + 1's S = Q K^T runs on the tensor cores during chunk
     c's softmax, chunk c's P V during chunk c + 1's. The full chunks in a loop (unrolled, ten chunks spilled
-    registers at N = 577), then the half-width and the masked one."""
+    registers at N = 577), then the half-width and the masked one. WAIT: before each box's first use, wait (when
+    `first`) on k_ready / v_ready[box] at `phase`: the boxes of a head still arriving."""
     M: gl.constexpr = q_s.shape[0]
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
@@ -322,24 +333,30 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
     m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
     l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
     gl.static_assert(N_FULL >= 2)
+    _await_box(k_ready, 0, phase, first, WAIT)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]),
                                                                   num_warps), ))
     # chunk 0 before the loop, so that acc enters it as what the loop carries: an asynchronous accumulator
+    _await_box(k_ready, 1, phase, first, WAIT)
     s_next = _issue_scores(q_s, k_buf.index(1).reshape([CH, D]), num_warps)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, N, sm_scale, False)
+    _await_box(v_ready, 0, phase, first, WAIT)
     acc = _pv(p, v_buf.index(0).reshape([CH, D]), acc)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
     for j in range(1, N_FULL - 1):  # chunk j + 1 is a full one too
+        _await_box(k_ready, j + 1, phase, first, WAIT)
         s_next = _issue_scores(q_s, k_buf.index(j + 1).reshape([CH, D]), num_warps)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
         # the previous chunk's P V was issued before s_next: waiting down to one leaves s_next in flight
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        _await_box(v_ready, j, phase, first, WAIT)
         acc = _pv(p, v_buf.index(j).reshape([CH, D]), acc * gl.expand_dims(alpha, 1))
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
     for c in gl.static_range(N_FULL - 1, NCH):  # the last full chunk (its scores in s), the narrower ones
         if c + 1 < NCH:
             k_n, v_n = _chunk_kv(k_buf, v_buf, _chunk_key0(c + 1, N_FULL, MID_N),
                                  _chunk_width(c + 1, N_FULL, MID_N, TAIL_N))
+            _await_box(k_ready, _chunk_key0(c + 1, N_FULL, MID_N) // CH, phase, first, WAIT)
             s_next = _issue_scores(q_s, k_n, num_warps)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, _chunk_key0(c, N_FULL, MID_N), N, sm_scale,
                                            c == NCH - 1 and TAIL_N > 0)
@@ -348,6 +365,7 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
         else:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         k_c, v_c = _chunk_kv(k_buf, v_buf, _chunk_key0(c, N_FULL, MID_N), _chunk_width(c, N_FULL, MID_N, TAIL_N))
+        _await_box(v_ready, _chunk_key0(c, N_FULL, MID_N) // CH, phase, first, WAIT)
         acc = _pv(p, v_c, acc * gl.expand_dims(alpha, 1))
         if c + 1 < NCH:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
@@ -355,40 +373,132 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
     return acc, m_i, l_i
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Longer sequences, warp-specialized: a producer warpgroup loads and rotates, two warpgroups attend
+# ---------------------------------------------------------------------------------------------------------------
+
+WS_PRODUCER_WARPS = 4
+WS_PRODUCER_REGS = 120  # 64-row rotation steps, the next step's table in flight: no spills (96 spills)
+WS_MAXNREG = 168  # 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
+_WS_PRODUCER_WARPS = gl.constexpr(WS_PRODUCER_WARPS)
+_WS_PRODUCER_REGS = gl.constexpr(WS_PRODUCER_REGS)
+
+
 @gluon.jit
-def _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, tile, H, NKC: gl.constexpr, pred):
-    """TMA: K and V of head `tile` in NKC boxes of BLOCK_N rows; box j of K -> bars_k[j], all of V -> bar_v."""
+def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P,
+                 n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr):
+    """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
+    q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
+    boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
+    ready while the last one of the head before is attended, and the attending warps start on K box 0 while the
+    rest still arrive."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
-    b = tile // H
-    h = tile % H
-    for j in gl.static_range(NKC):
-        mbarrier.expect(bars_k.index(j), k_desc.block_type.nbytes, pred=pred)
-        _tma_load(k_desc, [b, j * CH, h, 0], bars_k.index(j), k_buf.index(j), pred=pred)
-    mbarrier.expect(bar_v, NKC * v_desc.block_type.nbytes, pred=pred)
-    for j in gl.static_range(NKC):
-        _tma_load(v_desc, [b, j * CH, h, 0], bar_v, v_buf.index(j), pred=pred)
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        b = tile // H
+        h = tile % H
+        t0 = tile // n_heads  # 0, opaque to the compiler (see `_head`)
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        for si in range(NS):
+            g = it * NS + si
+            buf = g % 2
+            mbarrier.wait(q_empty.index(buf), ((g // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+            mbarrier.expect(q_loaded.index(buf), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b, si * SLICE_, h, 0], q_loaded.index(buf), q_buf.index(buf))
+            if ROPE:  # in BLOCK_N-row steps: 32 values and 32 table entries per thread
+                for r in gl.static_range(SLICE_ // CH):
+                    c, s = _load_table(cos_base, sin_base, t0 + si * SLICE_ + r * CH, N, P, stab_n, CH, D,
+                                       num_warps)
+                    mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+                    _rope_inplace(q_buf.index(buf).reshape([SLICE_, D]).slice(r * CH, CH), c, s, qk_scale,
+                                  num_warps)
+            else:
+                mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+            fence_async_shared()
+            _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
+            mbarrier.arrive(q_ready.index(buf), count=1)
+            if si == 0:
+                if ROPE:  # box 0's table while the heads before finish with K and V
+                    c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
+                mbarrier.wait(kv_empty, (it & 1) ^ 1)
+                for j in gl.static_range(NKC):
+                    mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
+                    _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
+                for j in gl.static_range(NKC):
+                    mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
+                    _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
+                for j in range(NKC):  # a dynamic loop: unrolled, all ten boxes' table loads are hoisted and spill
+                    if ROPE:  # the next box's table in flight while this one rotates
+                        c_next, s_next = _load_table(cos_base, sin_base, t0 + (j + 1) * CH, N, P, stab_n, CH, D,
+                                                     num_warps)
+                        mbarrier.wait(k_loaded.index(j), it & 1)
+                        _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
+                        fence_async_shared()
+                        _cta_barrier()
+                        c = c_next
+                        s = s_next
+                    else:
+                        mbarrier.wait(k_loaded.index(j), it & 1)
+                    mbarrier.arrive(k_ready.index(j), count=1)
+        it += 1
 
 
 @gluon.jit
-def _issue_slice(q_desc, q_buf, bars_q, g, pid, nprog, n_heads, H, NS: gl.constexpr):
-    """TMA: query slice g of this program's stream (slice g % NS of its (g // NS)-th head) into buffer g % 2."""
-    tile = pid + (g // NS) * nprog
-    pred = tile < n_heads
-    bar = bars_q.index(g % 2)
-    mbarrier.expect(bar, q_desc.block_type.nbytes, pred=pred)
-    _tma_load(q_desc, [tile // H, (g % NS) * q_desc.block_type.shape[1], tile % H, 0], bar, q_buf.index(g % 2),
-              pred=pred)
+def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
+               N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+    """The attending warpgroups: each ready query slice over all keys (`_attend_slice`, waiting on the boxes in a
+    head's first slice), its buffer released (and after a head's last slice, K and V), o by TMA through o_buf."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    SLICE_: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    o_s = o_buf.reshape([SLICE_, D])
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        h = tile % H
+        for si in range(NS):
+            g = it * NS + si
+            buf = g % 2
+            q_s = q_buf.index(buf).reshape([SLICE_, D])
+            mbarrier.wait(q_ready.index(buf), (g // 2) & 1)
+            if si == 0:  # K and V may still be arriving
+                acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                              k_ready, v_ready, it & 1, True, True)
+            else:  # without the waits, whose shared-memory fences would join the warpgroups at every chunk
+                acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+            tma.store_wait(0)  # the slice before's o has left o_buf
+            _cta_barrier()  # both warpgroups are done with q_s (after a head's last slice: with K and V)
+            mbarrier.arrive(q_empty.index(buf), count=1)
+            mbarrier.arrive(kv_empty, count=1, pred=si == NS - 1)
+
+            # epilogue: lse (log2 units); o by TMA (rows >= N clipped)
+            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
+            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+            o_s.store((acc / gl.expand_dims(l_i, 1)).to(o_s.dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], o_buf)
+        it += 1
+    tma.store_wait(0)
 
 
 @gluon.jit
 def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
-                    qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
-                    ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+                       qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                       ROPE: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
-    boxes of BLOCK_N rows (rows past N as zeros) and K is rotated once in place; the queries stream through two
-    SLICE-row buffers (the next slice, of this head or the next, loads while one computes), each rotated with
-    scale * log2(e) folded in and attended over all keys (`_attend_slice`). After a head's last slice its boxes
-    take the next head's K and V. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE rows each)."""
+    boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
+    warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
+    attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
+    rows each)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -398,77 +508,48 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, s
     gl.static_assert(ROT_ROWS == SLICE_ and CH == _BLOCK_N and SLICE_ == 16 * num_warps)
     gl.static_assert(MID_N + TAIL_N <= CH)
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, SLICE_, 1, D], q_desc.layout)
+    o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, SLICE_, 1, D], o_desc.layout)
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
     v_buf = gl.allocate_shared_memory(v_desc.dtype, [NKC, 1, CH, 1, D], v_desc.layout)
-    bars_q = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    bars_k = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
-    bar_v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_loaded = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
-        mbarrier.init(bars_q.index(i), count=1)
+        mbarrier.init(q_loaded.index(i), count=1)
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
     for j in gl.static_range(NKC):
-        mbarrier.init(bars_k.index(j), count=1)
-    mbarrier.init(bar_v, count=1)
+        mbarrier.init(k_loaded.index(j), count=1)
+        mbarrier.init(k_ready.index(j), count=1)
+        mbarrier.init(v_ready.index(j), count=1)
+    mbarrier.init(kv_empty, count=1)
     fence_async_shared()
     _cta_barrier()
 
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, pid, H, NKC, True)
-    _issue_slice(q_desc, q_buf, bars_q, 0, pid, nprog, n_heads, H, NS)
-    it = 0
-    for tile in range(pid, n_heads, nprog):
-        h = tile % H
-        nxt = tile + nprog
-        phase = it & 1
-        t0 = tile // n_heads  # 0, opaque to the compiler (see `_head`)
-        cos_base = cos_ptr + h.to(gl.int64) * stab_h
-        sin_base = sin_ptr + h.to(gl.int64) * stab_h
-        if ROPE:  # box by box, the next box's table load in flight while one rotates
-            c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
-            for kb in range(NKC):
-                c_next, s_next = _load_table(cos_base, sin_base, t0 + (kb + 1) * CH, N, P, stab_n, CH, D, num_warps)
-                mbarrier.wait(bars_k.index(kb), phase=phase)
-                _rope_inplace(k_buf.index(kb).reshape([CH, D]), c, s, 1.0, num_warps)
-                c = c_next
-                s = s_next
-            sm_scale = 1.0
-        else:
-            for kb in gl.static_range(NKC):
-                mbarrier.wait(bars_k.index(kb), phase=phase)
-            sm_scale = qk_scale
-        for si in range(NS):
-            g = it * NS + si
-            q_s = q_buf.index(g % 2).reshape([SLICE_, D])
-            if ROPE:
-                cq, sq = _load_table(cos_base, sin_base, t0 + si * SLICE_, N, P, stab_n, SLICE_, D, num_warps)
-                mbarrier.wait(bars_q.index(g % 2), phase=(g // 2) & 1)
-                _rope_inplace(q_s, cq, sq, qk_scale, num_warps)
-            else:
-                mbarrier.wait(bars_q.index(g % 2), phase=(g // 2) & 1)
-            fence_async_shared()  # the rotated K and Q, before wgmma reads them
-            _cta_barrier()  # every warpgroup reads all of K; the slice before's o store was issued
-            tma.store_wait(0)  # ... and is done reading the other buffer: the next slice loads into it
-            _issue_slice(q_desc, q_buf, bars_q, g + 1, pid, nprog, n_heads, H, NS)
-            mbarrier.wait(bar_v, phase=phase)
-            acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
-
-            # epilogue: lse (log2 units); o through this slice's buffer, by TMA (rows >= N clipped)
-            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
-            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
-            _cta_barrier()  # every warpgroup's wgmma is done with q_s (and, in the last slice, with K and V)
-            if si == NS - 1:
-                _issue_kv(k_desc, v_desc, k_buf, v_buf, bars_k, bar_v, nxt, H, NKC, nxt < n_heads)
-            q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
-            fence_async_shared()
-            _cta_barrier()
-            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], q_buf.index(g % 2))
-        it += 1
-    tma.store_wait(0)
+    bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty)
+    if ROPE:
+        sm_scale = 1.0  # folded into q
+    else:
+        sm_scale = qk_scale
+    gl.warp_specialize([
+        (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
+                      TAIL_N, num_warps)),
+        (_ws_producer, (q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h, stab_n, H, N,
+                        P, n_heads, qk_scale, NS, NKC, ROPE)),
+    ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
     for i in gl.static_range(2):
-        mbarrier.invalidate(bars_q.index(i))
+        mbarrier.invalidate(q_loaded.index(i))
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
     for j in gl.static_range(NKC):
-        mbarrier.invalidate(bars_k.index(j))
-    mbarrier.invalidate(bar_v)
+        mbarrier.invalidate(k_loaded.index(j))
+        mbarrier.invalidate(k_ready.index(j))
+        mbarrier.invalidate(v_ready.index(j))
+    mbarrier.invalidate(kv_empty)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,6 +624,8 @@ class _Plan:
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
         self.constexprs = dict(ROPE=rope is not None, **chunking(N, SLICE if long else ROT_ROWS))
+        if long:
+            self.constexprs["maxnreg"] = WS_MAXNREG
 
 
 _PLANS: dict = {}
