@@ -6,8 +6,9 @@ serve those lengths today, forward only, side by side in one process. Needs a Ho
 Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention table. The long kernel is checked
 against `math` in float64 on its first batch elements first (with `torch.empty` NaN-filling every buffer, so the
 whole output must come back finite: no row left unwritten) and the script stops at the first wrong one. Then each
-candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). The last
-lines are a table of ms and each one's ratio to cuDNN without RoPE and to timm compiled.
+candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). At lengths
+the resident kernel serves (N <= 256) the long one runs too, forced. The last lines are a table of ms and each one's
+ratio to cuDNN without RoPE and to timm compiled.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def _nan_empty():
         yield
     finally:
         torch.empty = real
+
+
+@contextlib.contextmanager
+def _long_kernel_from(n: int):
+    """Plans built inside take the long kernel from n tokens (`RESIDENT_MAX_N` = n - 1; plans are per call
+    signature, so they start afresh and the old ones come back after)."""
+    saved = gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS
+    gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS = n - 1, {}
+    try:
+        yield
+    finally:
+        gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS = saved
 
 
 def _check(name, fn, q, k, v, table, n_ref=4) -> float:
@@ -76,10 +89,15 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
 
     with torch.no_grad():
         fn = lambda: gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch)[0]  # noqa: E731
-        err = _check("gluon long", fn, q, k, v, table)
+        no_rope = lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0]  # noqa: E731
+        if s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
+            add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
+            add("gluon resident, no RoPE", no_rope, rope=False)
+        with _long_kernel_from(1):
+            err = _check("gluon long", fn, q, k, v, table)
         print(f"  {s} gluon long: rel_l2 vs float64 {err:.2e}", flush=True)
-        add("gluon long", fn, err=err)
-        add("gluon long, no RoPE", lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0], rope=False)
+        add("gluon long", fn, context=lambda: _long_kernel_from(1), err=err)
+        add("gluon long, no RoPE", no_rope, context=lambda: _long_kernel_from(1), rope=False)
     for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
         built = bench.build(impl, s, dev)
         add(impl + ("" if built.rope else " (no RoPE)"), lambda: built.fn(q, k, v), built.context, built.rope)
@@ -88,7 +106,7 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16",
+    p.add_argument("--shapes", default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224",
                    help="semicolon list of shapes (`benchkit.parse_shape`)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)

@@ -428,10 +428,9 @@ def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin
                 if ROPE:  # box 0's table while the heads before finish with K and V
                     c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
                 mbarrier.wait(kv_empty, (it & 1) ^ 1)
-                for j in gl.static_range(NKC):
+                for j in gl.static_range(NKC):  # in the order the first slice uses them
                     mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
                     _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
-                for j in gl.static_range(NKC):
                     mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
                     _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
                 for j in range(NKC):  # a dynamic loop: unrolled, all ten boxes' table loads are hoisted and spill
