@@ -73,20 +73,26 @@ def _attention(q, k, v, rope, scale, backend, mask, qkv):
     """attention(); qkv: the [B, N, 3, H, D] tensor q, k, v are the views of (`attention_packed`) or None."""
     if torch.compiler.is_compiling():  # on the views: a packed operator measured slower than Inductor's copy of
         return _compiled_attention(q, k, v, rope, scale, backend, mask)  # their gradients (benchmarks/README.md)
-    ctl, autocast = control.resolve(backend, control.current_pin()), False  # (forced, by whom, disabled)
+    autocast = False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
-        key = select.fast_key(q, k, v, rope, ctl, scale, autocast, mask)
-        fn = select.FAST.get(key)
+        key = select.fast_key(q, k, v, rope, control.state(backend), scale, autocast, mask)
+        hit = select.FAST.get(key)
     except (AttributeError, TypeError):  # not tensors, not a table: validation below names the argument
-        key, fn = None, None
-    if fn is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
+        key, hit = None, None
+    if hit is None or not (scale is None or (type(scale) in (float, int) and math.isfinite(scale))):
+        ctl = control.resolve(backend, control.current_pin())  # (forced, by whom, disabled)
         _validate(q, k, v, rope, scale, backend, mask)
         fn, out = _choose_and_run(q, k, v, rope, scale, ctl, mask, autocast, qkv)
         if key is not None:  # only once a run succeeded: until then a failing backend may still fall back
-            select.remember_fast(key, fn)
+            select.remember_fast(key, fn, _scale(q, None))
         return out
-    return _call_entry(fn, q, k, v, rope, _scale(q, scale), mask, autocast, qkv)
+    fn, default_scale, takes_qkv = hit
+    scale = default_scale if scale is None else float(scale)
+    qkv = qkv if takes_qkv else None
+    if autocast or mask is not None or qkv is not None:
+        return _call_entry(fn, q, k, v, rope, scale, mask, autocast, qkv)
+    return fn(q, k, v, rope, scale)  # what `_call_entry` would do here, without its two calls
 
 
 def _call_entry(fn, q, k, v, rope, scale: float, mask, autocast: bool, qkv=None) -> torch.Tensor:
@@ -101,11 +107,16 @@ def _call_entry(fn, q, k, v, rope, scale: float, mask, autocast: bool, qkv=None)
 
 def _run(fn, q, k, v, rope, scale, key_padding_mask, qkv=None):
     # the entry gets key_padding_mask= only with a mask (backends registered before masks existed take five
-    # arguments), and qkv= only when it declares packed_qkv
+    # arguments), and qkv= only when given (callers give it only to entries declaring packed_qkv: `_packed_for`)
     kwargs = {} if key_padding_mask is None else {"key_padding_mask": key_padding_mask}
-    if qkv is not None and select.REGISTRY.takes_qkv(fn):
+    if qkv is not None:
         kwargs["qkv"] = qkv
     return fn(q, k, v, rope, scale, **kwargs)
+
+
+def _packed_for(fn, qkv):
+    """qkv for an entry that takes it (its backend declares packed_qkv), else None."""
+    return qkv if qkv is not None and select.REGISTRY.takes_qkv(fn) else None
 
 
 def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast, qkv=None):
@@ -118,8 +129,8 @@ def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast, qkv=N
         measure = lambda names: _tuning.measure(  # noqa: E731
             call, _entries(names, key_padding_mask), cq, ck, cv, rope, scale
         )
-    return select.run(call, lambda fn: _call_entry(fn, q, k, v, rope, scale, key_padding_mask, autocast, qkv),
-                      measure)
+    return select.run(call, lambda fn: _call_entry(fn, q, k, v, rope, scale, key_padding_mask, autocast,
+                                                   _packed_for(fn, qkv)), measure)
 
 
 def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):

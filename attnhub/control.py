@@ -129,6 +129,15 @@ def current_pin() -> tuple[str, str] | None:
     return stack[-1] if stack else None
 
 
+def state(backend: str | None) -> tuple:
+    """Everything `resolve(backend, current_pin())` reads, unresolved: cheaper to build than its result, for the
+    API's fast path to key on (equal states resolve alike). Raises where `resolve` does (an invalid
+    ATTNHUB_DISABLE)."""
+    stack = getattr(_PINS, "stack", None)
+    return (backend, stack[-1] if stack else None, _FORCED.get(), settings.backend(), settings.disable(),
+            _DISABLED.get())
+
+
 def resolve(backend: str | None, pin: tuple[str, str] | None) -> tuple[str | None, str | None, tuple]:
     """(forced backend or None, who forced it, ((disabled name, who disabled it), ...)) for one call.
 

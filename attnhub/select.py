@@ -122,9 +122,10 @@ def fast_key(
     scale: float | None, autocast: bool, key_padding_mask: torch.Tensor | None = None,
 ) -> tuple:
     """The key of `FAST`: the raw facts that validation and `Call.from_inputs` read, in a tuple that is cheaper to
-    build and hash than a `Call` (the API builds it on every call). A hit skips validation and selection, which are
-    functions of these facts. Raises AttributeError or TypeError when q, k, v are not tensors or `rope` is not a
-    table (the caller then validates, which names the argument).
+    build and hash than a `Call` (the API builds it on every call). `control`: `attnhub.control.state`, what the
+    forced and disabled backends are resolved from. A hit skips validation and selection, which are functions of
+    these facts. Raises AttributeError or TypeError when q, k, v are not tensors or `rope` is not a table (the
+    caller then validates, which names the argument).
     """
     grad, mask = torch.is_grad_enabled(), key_padding_mask
     return (
@@ -354,15 +355,17 @@ _ran: dict[Call, None] = {}  # automatic decisions whose backend completed a run
 _failed: dict[Call, dict[str, str]] = {}  # call -> {backend: its error at its first run}, for the process
 
 
-# The API's fast path: `fast_key(...)` -> entry function.
-FAST: dict[tuple, Callable] = {}
+# The API's fast path: `fast_key(...)` -> (entry function, the default scale D ** -0.5, whether the entry takes
+# the keyword qkv), all functions of the key (the registry version is in it).
+FAST: dict[tuple, tuple[Callable, float, bool]] = {}
 
 
-def remember_fast(key: tuple, fn: Callable) -> None:
+def remember_fast(key: tuple, fn: Callable, default_scale: float) -> None:
+    hit = (fn, default_scale, REGISTRY.takes_qkv(fn))
     with _cache_lock:
         if len(FAST) >= CACHE_SIZE:
             FAST.pop(next(iter(FAST)))
-        FAST[key] = fn
+        FAST[key] = hit
 
 
 def explain(call: Call) -> Explanation:

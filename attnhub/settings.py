@@ -93,7 +93,8 @@ def disable() -> tuple[str, ...]:
     """ATTNHUB_DISABLE: the denied backend names, in the order given (not checked against the registry here)."""
     if "disable" in _OVERRIDES:
         return _OVERRIDES["disable"]
-    return _names("ATTNHUB_DISABLE", _disable() or "")
+    value = _disable()
+    return _names("ATTNHUB_DISABLE", value) if value else ()
 
 
 @functools.lru_cache(maxsize=64)  # read on every attention call: parse each distinct value once

@@ -167,6 +167,27 @@ def test_default_and_custom_scale(backend):
     assert_close_rel(attnhub.attention(q, k, v, scale=1, backend=backend), manual(1.0), torch.float32, "int scale")
 
 
+def test_fast_path_passes_the_scale_and_mask():
+    """A repeated call (the fast path) hands the entry what the first call did: the default scale of its head dim,
+    a given scale as a float, the mask."""
+    seen: list = []
+
+    def toy(q, k, v, rope, scale, key_padding_mask=None):
+        seen.append((scale, type(scale), key_padding_mask))
+        return q
+
+    attnhub.register_backend("toy", toy, priority=1000, devices=["cpu"], key_padding=True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    for kw in ({}, {"scale": 0.5}, {"scale": 2}, {"key_padding_mask": mask}):
+        for D in (8, 16, 8):  # the default scale follows the head dim
+            for _ in range(2):
+                seen.clear()
+                attnhub.attention(*_qkv(D=D), **kw)
+                [(scale, kind, got_mask)] = seen
+                assert (scale, kind) == (float(kw.get("scale", D**-0.5)), float), (kw, D)
+                assert got_mask is kw.get("key_padding_mask"), (kw, D)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["interleaved", "half"])
 @pytest.mark.parametrize("view", ["fused_qkv", "d_strided"])

@@ -6,11 +6,14 @@ Toy backends (low priority, CPU) record their name when they run, so each test s
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 import attnhub
+from attnhub import settings
 
 TOYS = ("toy_a", "toy_b", "toy_c")
 
@@ -113,6 +116,49 @@ def test_fast_path_keys_on_the_pin(ran):
     a, b, free = attnhub.pin_backend(Attn(), "toy_a"), attnhub.pin_backend(Attn(), "toy_b"), Attn()
     for _ in range(3):
         assert [_which(m, ran, q, k, v) for m in (a, free, b)] == ["toy_a", "torch_sdpa", "toy_b"]
+
+
+def test_fast_path_keys_on_every_control(ran, monkeypatch):
+    """Same inputs, each way of forcing or ruling out a backend in turn, twice over: every call runs what `explain`
+    chooses there (a cached call never outlives a change of a pin, `use_backend`, `disable_backends`, the
+    variables, `settings.override` or the registry)."""
+    q, k, v = _qkv()
+    pinned_mod = attnhub.pin_backend(Attn(), "toy_c")
+
+    @contextlib.contextmanager
+    def env(name, value):
+        monkeypatch.setenv(name, value)
+        yield
+        monkeypatch.delenv(name)
+
+    def toy_top(q, k, v, rope, scale):
+        ran.append("toy_top")
+        return q
+
+    @contextlib.contextmanager
+    def registered():
+        snapshot = attnhub.REGISTRY.snapshot()
+        attnhub.register_backend("toy_top", toy_top, priority=1000, devices=["cpu"])
+        yield
+        attnhub.REGISTRY.restore(snapshot)
+
+    cases = [
+        (contextlib.nullcontext, "torch_sdpa"),
+        (lambda: attnhub.use_backend("toy_a"), "toy_a"),
+        (lambda: env("ATTNHUB_BACKEND", "toy_b"), "toy_b"),
+        (lambda: settings.override(backend="toy_a"), "toy_a"),
+        (lambda: env("ATTNHUB_DISABLE", "torch_sdpa,math"), "toy_a"),
+        (lambda: settings.override(disable=("torch_sdpa", "math", "toy_a")), "toy_b"),
+        (lambda: attnhub.disable_backends("torch_sdpa", "math"), "toy_a"),
+        (registered, "toy_top"),
+        (contextlib.nullcontext, "torch_sdpa"),
+    ]
+    for _ in range(2):
+        for make, expected in cases:
+            with make():
+                for _ in range(2):  # the second call takes the fast path
+                    assert _which(Attn(), ran, q, k, v) == expected == attnhub.explain(q, k, v).chosen
+                    assert _which(pinned_mod, ran, q, k, v) == "toy_c"
 
 
 def test_explain_reports_the_pin():
