@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import math
+import os
 import platform
 import shutil
-import os
 import statistics
 import subprocess
 import time

@@ -106,8 +106,8 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224",
-                   help="semicolon list of shapes (`benchkit.parse_shape`)")
+    p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
+                   default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     env = benchkit.environment("cuda")

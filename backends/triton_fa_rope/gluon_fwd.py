@@ -309,21 +309,20 @@ def _chunk_kv(k_buf, v_buf, key0: gl.constexpr, width: gl.constexpr):
 
 
 @gluon.jit
-def _await_box(bars, box, phase, pred, WAIT: gl.constexpr):
+def _await_box(bars, box, phase, WAIT: gl.constexpr):
     """Wait for K/V box `box` of this head (in `long_fwd_kernel`'s first slice of a head); nothing if not WAIT."""
     if WAIT:
-        mbarrier.wait(bars.index(box), phase, pred=pred)
+        mbarrier.wait(bars.index(box), phase)
 
 
 @gluon.jit
 def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, first=False,
-                  WAIT: gl.constexpr = False):
+                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False):
     """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i. Software-pipelined in
     each warpgroup (FA3's intra-warpgroup overlap): chunk c + 1's S = Q K^T runs on the tensor cores during chunk
     c's softmax, chunk c's P V during chunk c + 1's. The full chunks in a loop (unrolled, ten chunks spilled
-    registers at N = 577), then the half-width and the masked one. WAIT: before each box's first use, wait (when
-    `first`) on k_ready / v_ready[box] at `phase`: the boxes of a head still arriving."""
+    registers at N = 577), then the half-width and the masked one. WAIT: before each box's first use, wait on
+    k_ready / v_ready[box] at `phase`: the boxes of a head still arriving."""
     M: gl.constexpr = q_s.shape[0]
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
@@ -333,30 +332,30 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
     m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
     l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
     gl.static_assert(N_FULL >= 2)
-    _await_box(k_ready, 0, phase, first, WAIT)
+    _await_box(k_ready, 0, phase, WAIT)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]),
                                                                   num_warps), ))
     # chunk 0 before the loop, so that acc enters it as what the loop carries: an asynchronous accumulator
-    _await_box(k_ready, 1, phase, first, WAIT)
+    _await_box(k_ready, 1, phase, WAIT)
     s_next = _issue_scores(q_s, k_buf.index(1).reshape([CH, D]), num_warps)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, N, sm_scale, False)
-    _await_box(v_ready, 0, phase, first, WAIT)
+    _await_box(v_ready, 0, phase, WAIT)
     acc = _pv(p, v_buf.index(0).reshape([CH, D]), acc)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
     for j in range(1, N_FULL - 1):  # chunk j + 1 is a full one too
-        _await_box(k_ready, j + 1, phase, first, WAIT)
+        _await_box(k_ready, j + 1, phase, WAIT)
         s_next = _issue_scores(q_s, k_buf.index(j + 1).reshape([CH, D]), num_warps)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
         # the previous chunk's P V was issued before s_next: waiting down to one leaves s_next in flight
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        _await_box(v_ready, j, phase, first, WAIT)
+        _await_box(v_ready, j, phase, WAIT)
         acc = _pv(p, v_buf.index(j).reshape([CH, D]), acc * gl.expand_dims(alpha, 1))
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
     for c in gl.static_range(N_FULL - 1, NCH):  # the last full chunk (its scores in s), the narrower ones
         if c + 1 < NCH:
             k_n, v_n = _chunk_kv(k_buf, v_buf, _chunk_key0(c + 1, N_FULL, MID_N),
                                  _chunk_width(c + 1, N_FULL, MID_N, TAIL_N))
-            _await_box(k_ready, _chunk_key0(c + 1, N_FULL, MID_N) // CH, phase, first, WAIT)
+            _await_box(k_ready, _chunk_key0(c + 1, N_FULL, MID_N) // CH, phase, WAIT)
             s_next = _issue_scores(q_s, k_n, num_warps)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, _chunk_key0(c, N_FULL, MID_N), N, sm_scale,
                                            c == NCH - 1 and TAIL_N > 0)
@@ -365,7 +364,7 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
         else:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         k_c, v_c = _chunk_kv(k_buf, v_buf, _chunk_key0(c, N_FULL, MID_N), _chunk_width(c, N_FULL, MID_N, TAIL_N))
-        _await_box(v_ready, _chunk_key0(c, N_FULL, MID_N) // CH, phase, first, WAIT)
+        _await_box(v_ready, _chunk_key0(c, N_FULL, MID_N) // CH, phase, WAIT)
         acc = _pv(p, v_c, acc * gl.expand_dims(alpha, 1))
         if c + 1 < NCH:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
@@ -377,11 +376,10 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
 # Longer sequences, warp-specialized: a producer warpgroup loads and rotates, two warpgroups attend
 # ---------------------------------------------------------------------------------------------------------------
 
-WS_PRODUCER_WARPS = 4
-WS_PRODUCER_REGS = 120  # 64-row rotation steps, the next step's table in flight: no spills (96 spills)
-WS_MAXNREG = 168  # 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
-_WS_PRODUCER_WARPS = gl.constexpr(WS_PRODUCER_WARPS)
-_WS_PRODUCER_REGS = gl.constexpr(WS_PRODUCER_REGS)
+_WS_PRODUCER_WARPS = gl.constexpr(4)
+_WS_PRODUCER_REGS = gl.constexpr(120)  # 64-row rotation steps, the next step's table in flight: no spills at 120
+# 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
+WS_MAXNREG = 168
 
 
 @gluon.jit
@@ -470,7 +468,7 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
             mbarrier.wait(q_ready.index(buf), (g // 2) & 1)
             if si == 0:  # K and V may still be arriving
                 acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                              k_ready, v_ready, it & 1, True, True)
+                                              k_ready, v_ready, it & 1, True)
             else:  # without the waits, whose shared-memory fences would join the warpgroups at every chunk
                 acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
             tma.store_wait(0)  # the slice before's o has left o_buf
