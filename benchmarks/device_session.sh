@@ -13,7 +13,8 @@
 #          backward paths, the Triton runtime                            -> pytest_cuda2.log
 #   first  python -m attnhub bench --sections first_call: each backend's first call per shape in fresh processes,
 #          cold (empty Triton cache) and warm; then again with ATTNHUB_TRITON_COMPILE_AHEAD=0 -> first_call*.json
-#   bench  python -m attnhub bench --sections table,host (kernel table, host overhead) -> h100.json, .png, bench.log
+#   bench  python -m attnhub bench --sections table,host (kernel table, host overhead), its winners merged into a copy
+#          of measured.yaml                                   -> h200.json, .png, measured.yaml, bench.log
 #   sweep  benchmarks/sweep.py over the forward configs ($SWEEP_ARGS overrides)   -> sweep.json, sweep.log
 #   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
 #   e2e384 ViT-B/16@384 (N = 577) train step, B = 64, eager and compiled  -> e2e_vit_b384.json, .log
@@ -33,6 +34,8 @@
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
+#   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
+#          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluon  the Gluon forward's GPU tests, then the forward cells (automatic, forced, cuDNN, timm compiled) with
 #          their winners merged into a copy of measured.yaml          -> pytest_gluon.log, h200_fwd.json, measured.yaml
 set -uo pipefail
@@ -74,9 +77,10 @@ for stage in "${stages[@]}"; do
         >"$OUT/pytest_cuda2.log" 2>&1 || status=1
       tail -5 "$OUT/pytest_cuda2.log" ;;
     bench)
-      timeout 480 python3 -m attnhub bench --sections table,host --no-progress --out "$OUT/h100.json" \
-        --plot "$OUT/h100.png" >"$OUT/bench.log" 2>&1 || status=1
-      tail -30 "$OUT/bench.log" ;;
+      cp measured.yaml "$OUT/measured.yaml"
+      timeout 540 python3 -m attnhub bench --sections table,host --no-progress --out "$OUT/h200.json" \
+        --plot "$OUT/h200.png" --winners "$OUT/measured.yaml" >"$OUT/bench.log" 2>&1 || status=1
+      tail -40 "$OUT/bench.log" ;;
     mixed)
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_h100_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
@@ -164,7 +168,14 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
         || status=1
       tail -32 "$OUT/gluon_long.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong)"; status=2 ;;
+    gluontrain)
+      timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
+        >"$OUT/pytest_gluon.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_gluon.log"
+      timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
+        || status=1
+      tail -24 "$OUT/gluon_train.log" ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, gluontrain)"; status=2 ;;
   esac
 done
 exit $status

@@ -2,7 +2,7 @@
 
 Read in this order, one job per module:
     kernels.py    the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
-    gluon_fwd.py  the Hopper inference forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token),
+    gluon_fwd.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token),
                   their eligibility and launch; imported only when a call may take it
     configs.py    `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`, `override`,
                   and `LIMITS` (what the tables cover; the registry checks its entry against it at load)

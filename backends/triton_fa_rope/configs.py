@@ -47,7 +47,8 @@ class ArchConfigs:
     q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
     rotation per query block. narrow_tail: the last, partial K tile only as wide as the remainder needs.
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
-    applies (`gluon_fwd.eligible`).
+    applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
+    resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward.
     """
 
     max_head_dim: int
@@ -62,6 +63,7 @@ class ArchConfigs:
     prerotate_train_from_n: int | None = None
     narrow_tail: bool = False
     resident_fwd_max_n: int = 0
+    resident_train_max_n: int = 0
 
 
 K = KernelConfig
@@ -69,13 +71,15 @@ K = KernelConfig
 # fused backward with every query in one block (N <= 256) beats the split one by 4-5% of GPU time at N = 197 and
 # saves two launches; with several query blocks it is slower, so only up to 256 tokens. Inference up to 640 tokens
 # takes the Gluon forwards (K and V resident, rotated once per head): 1.2-1.3x the Triton one's speed at N = 197,
-# 1.13x at N = 257.
+# 1.13x at N = 257. Training takes them below 384 tokens (the training forward 1.6x the Triton one's speed at
+# N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
-                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640),
+                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640,
+                resident_train_max_n=383),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

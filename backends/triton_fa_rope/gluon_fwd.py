@@ -1,4 +1,4 @@
-"""The Hopper inference forwards of triton_fa_rope at ViT lengths (N <= 640), written in Gluon
+"""The Hopper forwards of triton_fa_rope at ViT lengths (N <= 640), written in Gluon
 (`triton.experimental.gluon`): K and V of a head resident in shared memory, RoPE applied once per token.
 
 The Triton forward rotates every K tile inside its tile loop, once per query block (35-45% of its time at
@@ -16,11 +16,14 @@ arrive as zeros, no other sample is read.
                          intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
                          cores.
 
-Only `launch.forward` calls them, for inference calls they can take (`eligible`): no key padding mask, equal head
-counts, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
-strides. Gluon has no interpreter: the GPU parity tests and an offline sm_90 compile check cover them
-(tests/backends/triton_fa_rope/test_gluon_fwd.py, test_sm90.py). Written against Triton 3.6; names that 3.7+ renamed
-are aliased below. Measured on an H200: benchmarks/README.md.
+Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
+interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
+strides; inference up to the config table's `resident_fwd_max_n`, training up to its `resident_train_max_n`. For
+training (SAVE_ROT) Q is rotated without the scale (applied to S instead) and the rotated Q and K leave shared memory
+by TMA stores beside the attention, so the backward kernels read them as they read the Triton forward's. Gluon has
+no interpreter: the GPU parity tests and an offline sm_90 compile check cover them
+(tests/backends/triton_fa_rope/test_gluon_fwd.py, test_sm90.py). Written against Triton 3.6; names that 3.7+
+renamed are aliased below. Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -175,12 +178,14 @@ def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, til
 
 
 @gluon.jit
-def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0, stab_h, stab_n, H, N,
-          P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
-          ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr, num_warps: gl.constexpr):
+def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0,
+          stab_h, stab_n, H, N, P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+          ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
+          num_warps: gl.constexpr):
     """Attention of head `tile` = b * H + h, whose loads were issued on bar_qk (Q, K) and bar_v (V). t0: a zero
     the compiler cannot see through; table offsets without it are hoisted out of the persistent loop and held in
-    registers, which spills (sm_90 compile, N = 197)."""
+    registers, which spills (sm_90 compile, N = 197). SAVE_ROT (training, with ROPE): Q is rotated without the
+    scale, and the rotated Q and K leave by TMA to qr_desc, kr_desc for the backward."""
     BLOCK: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
     q_s = q_s4.reshape([BLOCK, D])
@@ -199,13 +204,18 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_
                 c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
                                              D, num_warps)
             _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
-            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, qk_scale, num_warps)
+            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0 if SAVE_ROT else qk_scale, num_warps)
             if i + 1 < ROT_CHUNKS:
                 c = c_next
                 s = s_next
-        fence_async_shared()  # the stores above, before wgmma reads them
+        fence_async_shared()  # the stores above, before wgmma (and TMA) read them
         _cta_barrier()  # every warpgroup reads all of K
-        sm_scale = 1.0
+        if SAVE_ROT:  # rows >= N clipped; waited for before q_s takes o
+            _tma_store(qr_desc, [tile // H, 0, h, 0], q_s4)
+            _tma_store(kr_desc, [tile // H, 0, h, 0], k_s4)
+            sm_scale = qk_scale
+        else:
+            sm_scale = 1.0
     else:
         mbarrier.wait(bar_qk, phase=phase)
         sm_scale = qk_scale
@@ -229,6 +239,8 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_
     # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
     rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
     gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+    if SAVE_ROT:
+        tma.store_wait(0)  # the rotated Q has left q_s
     _cta_barrier()  # every warpgroup's wgmma is done with q_s before it is overwritten
     q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
     fence_async_shared()
@@ -238,12 +250,14 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, lse_ptr, cos_ptr, sin_
 
 
 @gluon.jit
-def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
-               qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr,
-               ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
+                        H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                        ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr,
+                        ROT_CHUNKS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H), with the next head's TMA loads in
     flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
-    (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N."""
+    (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N.
+    SAVE_ROT: the rotated q and k are written to qr_desc, kr_desc too (`_head`)."""
     BLOCK: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
     num_warps: gl.constexpr = gl.num_warps()
@@ -272,8 +286,8 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_pt
         _issue_loads(q_desc, k_desc, v_desc, q_buf.index(1 - slot), k_buf.index(1 - slot), v_buf.index(1 - slot),
                      bars_qk.index(1 - slot), bars_v.index(1 - slot), nxt, H, nxt < n_heads)
         _head(q_buf.index(slot), k_buf.index(slot), v_buf.index(slot), bars_qk.index(slot), bars_v.index(slot),
-              (it // 2) & 1, o_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h, stab_n, H, N, P, qk_scale,
-              N_FULL, MID_N, TAIL_N, ROPE, ROT_ROWS, ROT_CHUNKS, num_warps)
+              (it // 2) & 1, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h,
+              stab_n, H, N, P, qk_scale, N_FULL, MID_N, TAIL_N, ROPE, SAVE_ROT, ROT_ROWS, ROT_CHUNKS, num_warps)
         it += 1
     for i in gl.static_range(2):
         mbarrier.invalidate(bars_qk.index(i))
@@ -383,13 +397,15 @@ WS_MAXNREG = 168
 
 
 @gluon.jit
-def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P,
-                 n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr):
+def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
+                 stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
+                 SAVE_ROT: gl.constexpr):
     """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
     q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
     boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
     ready while the last one of the head before is attended, and the attending warps start on K box 0 while the
-    rest still arrive."""
+    rest still arrive. SAVE_ROT: slices rotated without the scale, each rotated slice and K box also stored by TMA
+    to qr_desc, kr_desc (waited for before its buffer is loaded again)."""
     q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
@@ -408,6 +424,8 @@ def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin
             g = it * NS + si
             buf = g % 2
             mbarrier.wait(q_empty.index(buf), ((g // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+            if SAVE_ROT:  # the stores from this buffer have read it (long done: the slice was attended since)
+                tma.store_wait(0)
             mbarrier.expect(q_loaded.index(buf), q_desc.block_type.nbytes)
             _tma_load(q_desc, [b, si * SLICE_, h, 0], q_loaded.index(buf), q_buf.index(buf))
             if ROPE:  # in BLOCK_N-row steps: 32 values and 32 table entries per thread
@@ -415,17 +433,21 @@ def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin
                     c, s = _load_table(cos_base, sin_base, t0 + si * SLICE_ + r * CH, N, P, stab_n, CH, D,
                                        num_warps)
                     mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
-                    _rope_inplace(q_buf.index(buf).reshape([SLICE_, D]).slice(r * CH, CH), c, s, qk_scale,
-                                  num_warps)
+                    _rope_inplace(q_buf.index(buf).reshape([SLICE_, D]).slice(r * CH, CH), c, s,
+                                  1.0 if SAVE_ROT else qk_scale, num_warps)
             else:
                 mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
             fence_async_shared()
             _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
             mbarrier.arrive(q_ready.index(buf), count=1)
+            if SAVE_ROT:
+                _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
             if si == 0:
                 if ROPE:  # box 0's table while the heads before finish with K and V
                     c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
                 mbarrier.wait(kv_empty, (it & 1) ^ 1)
+                if SAVE_ROT:  # the K boxes' stores too, before the boxes are loaded again
+                    tma.store_wait(0)
                 for j in gl.static_range(NKC):  # in the order the first slice uses them
                     mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
                     _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
@@ -439,12 +461,16 @@ def _ws_producer(q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin
                         _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
                         fence_async_shared()
                         _cta_barrier()
+                        if SAVE_ROT:
+                            _tma_store(kr_desc, [b, j * CH, h, 0], k_buf.index(j))
                         c = c_next
                         s = s_next
                     else:
                         mbarrier.wait(k_loaded.index(j), it & 1)
                     mbarrier.arrive(k_ready.index(j), count=1)
         it += 1
+    if SAVE_ROT:
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -488,14 +514,14 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
 
 
 @gluon.jit
-def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H, N, P, n_heads,
-                       qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                       ROPE: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
+                    N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                    ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
     boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
     warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
     attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
-    rows each)."""
+    rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -528,15 +554,15 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, cos_ptr, sin_ptr, s
     _cta_barrier()
 
     bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty)
-    if ROPE:
+    if ROPE and not SAVE_ROT:
         sm_scale = 1.0  # folded into q
     else:
         sm_scale = qk_scale
     gl.warp_specialize([
         (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
                       TAIL_N, num_warps)),
-        (_ws_producer, (q_desc, k_desc, v_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h, stab_n, H, N,
-                        P, n_heads, qk_scale, NS, NKC, ROPE)),
+        (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                        stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
     ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_loaded.index(i))
@@ -594,14 +620,15 @@ def _tma_strides(x: torch.Tensor) -> bool:
 
 
 class _Plan:
-    """What one call signature (shapes, strides, dtypes, device, table) fixes of a launch: the kernel (by length),
-    the descriptor makers of q, k, v, o, the grid, the int arguments and constexprs, and the kept runner's key
-    (with the table's alignment and the scale, which stay per call). Identity-hashed: a plan is its own key."""
+    """What one call signature (shapes, strides, dtypes, device, table, whether to save the rotated q and k) fixes
+    of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
+    [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
+    alignment and the scale, which stay per call). Identity-hashed: a plan is its own key."""
 
-    __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "o_shape", "lse_shape", "grid", "ints",
-                 "constexprs")
+    __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
+                 "ints", "constexprs")
 
-    def __init__(self, q, k, v, rope, cos, device):
+    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool = False):
         B, H, N, D = q.shape
         long = N > RESIDENT_MAX_N
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
@@ -616,11 +643,14 @@ class _Plan:
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
         self.make_q, self.make_o = maker(q, q_rows), maker(o, q_rows)
         self.make_k, self.make_v = maker(k, kv_rows), maker(v, kv_rows)
+        rot = torch.empty(q.shape, device=device, dtype=q.dtype)
+        self.make_rot = (maker(rot, q_rows), maker(rot, kv_rows)) if save_rotated else None
         stab_h, stab_n = (0, 0) if rope is None else table_strides(cos)[1:]
         n_heads = B * H
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
-        self.constexprs = dict(ROPE=rope is not None, **chunking(N, SLICE if long else ROT_ROWS))
+        self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
+                               **chunking(N, SLICE if long else ROT_ROWS))
         if long:
             self.constexprs["maxnreg"] = WS_MAXNREG
 
@@ -629,18 +659,20 @@ _PLANS: dict = {}
 _PLANS_MAX = 1024  # call signatures kept: cleared when full
 
 
-def _plan(q, k, v, rope, cos) -> _Plan | None:
+def _plan(q, k, v, rope, cos, save_rotated: bool = False) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
-    table or one per head. cos: the table as the kernel reads it (`_tables`)."""
+    table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
+    and k (only with rope)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
+    save = save_rotated and rope is not None
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig)
+           rope_sig, save)
     plan = _PLANS.get(sig, False)
     if plan is False:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[sig] = _Plan(q, k, v, rope, cos, q.device) if _takes(q, k, v, rope) else None
+        plan = _PLANS[sig] = _Plan(q, k, v, rope, cos, q.device, save) if _takes(q, k, v, rope) else None
     return plan
 
 
@@ -670,31 +702,40 @@ def _aligned(q, k, v) -> bool:
     return (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0
 
 
-def eligible(q, k, v, rope, key_padding_mask, save_rotated: bool) -> bool:
-    """Whether `forward` takes this call: inference without a key padding mask, and a signature `_plan` accepts
-    with 16-byte aligned q, k, v."""
-    if save_rotated or key_padding_mask is not None:
+def eligible(q, k, v, rope, key_padding_mask) -> bool:
+    """Whether `forward` takes this call: no key padding mask, and a signature `_plan` accepts with 16-byte aligned
+    q, k, v."""
+    if key_padding_mask is not None:
         return False
     cos = None if rope is None else _tables(rope, q.dtype)[0]
     return _aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
 
 
-def forward(q, k, v, rope, qk_scale: float, launch) -> tuple[torch.Tensor, torch.Tensor] | None:
+def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
-    o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2); None when the kernel cannot take the call
-    (`eligible`, given an inference call without a mask). qk_scale: scale * log2(e)."""
+    o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
+    q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
-    plan = _plan(q, k, v, rope, cos) if _aligned(q, k, v) else None  # a plan is built from aligned tensors
+    # a plan is built from aligned tensors
+    plan = _plan(q, k, v, rope, cos, save_rotated) if _aligned(q, k, v) else None
     if plan is None:
         return None
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(plan.lse_shape, device=q.device, dtype=torch.float32)
     if rope is None:
         cos = sin = lse  # not read
-    args = (plan.make_q(q), plan.make_k(k), plan.make_v(v), plan.make_o(o), lse, cos, sin, *plan.ints, qk_scale)
+    q_desc, k_desc = plan.make_q(q), plan.make_k(k)
+    if plan.make_rot is None:
+        rotated, rot_descs = (q, k), (q_desc, k_desc)  # not written
+    else:
+        rotated = (torch.empty(q.shape, device=q.device, dtype=q.dtype),
+                   torch.empty(k.shape, device=k.device, dtype=k.dtype))
+        rot_descs = (plan.make_rot[0](rotated[0]), plan.make_rot[1](rotated[1]))
+    args = (q_desc, k_desc, plan.make_v(v), plan.make_o(o), *rot_descs, lse, cos, sin, *plan.ints, qk_scale)
     if launch is runtime.launch:  # the plan knows every argument's specialization but the table's alignment
         runtime.launch_keyed((plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0, qk_scale),
                              plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
     else:
         launch(plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
-    return o, lse
+    return o, lse, rotated

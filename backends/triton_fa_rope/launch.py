@@ -133,17 +133,19 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     [B*H, N] fp32 and, with save_rotated and RoPE, the rotated q [B, H, N, D] and k [B, H_kv, N, D] in joined pair
     order (else q and k themselves).
 
-    Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`).
-    With RoPE, from `config.prerotate_from_n` (inference) or `prerotate_train_from_n` (training) on, K (inference)
-    or q and K (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
+    Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`),
+    training up to `config.resident_train_max_n` tokens too (it writes the rotated q and k in the order of its only
+    layout, interleaved: joined pair order). Otherwise, with RoPE, from `config.prerotate_from_n` (inference) or
+    `prerotate_train_from_n` (training) on, K (inference) or q and K (training) are rotated by `rotate_kernel` into
+    a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
-    resident = _resident_forward(config, N_Q)
-    if resident is not None and not save_rotated and key_padding_mask is None:
-        out = resident.forward(q, k, v, rope, scale * LOG2E, launch)  # None where it cannot take the call
+    resident = _resident_forward(config, N_Q, save_rotated)
+    if resident is not None and key_padding_mask is None:
+        out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated)  # None: it cannot take the call
         if out is not None:
-            return *out, (q, k)
+            return out
     cx = meta(q, rope)
     training = save_rotated and rope is not None
     from_n = config.prerotate_train_from_n if training else config.prerotate_from_n
@@ -177,14 +179,15 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
            (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kbounds, *q_in.stride(), *k_in.stride(), *v.stride(),
             *o.stride(), stab_b, stab_h, stab_n, smb, H, N_Q, N_KV, P, scale * LOG2E),
            cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-           SAVE_ROT=save_rot, ROPE_K=rope_k and cx["ROPE"], TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n,
-           **cx, **varlen)
+           SAVE_ROT=save_rot, ROPE_K=rope_k and cx["ROPE"],
+           TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n, **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
 
 
-def _resident_forward(config: ArchConfigs, n: int):
+def _resident_forward(config: ArchConfigs, n: int, training: bool):
     """The `gluon_fwd` module when a call of length n may take it (config, Triton with Gluon), else None."""
-    if not 0 < n <= config.resident_fwd_max_n or INTERPRET:
+    limit = min(config.resident_train_max_n, config.resident_fwd_max_n) if training else config.resident_fwd_max_n
+    if not 0 < n <= limit or INTERPRET:
         return None
     return _gluon_fwd()
 

@@ -166,10 +166,10 @@ CASES = {
     "d80_fp16_mask_gqa": (80, torch.float16, "interleaved", "shared", None, dict(h_kv=1, mask=True)),
     "d128_fp32_mask_norope": (128, torch.float32, None, "shared", None, dict(mask=True)),
 }
-# name: (launcher config overrides, backward path); every case runs "default" (the Hopper table: at N = 197 RoPE in
-# the kernel, narrow last K tile), the ViT case every variant
-NEVER = dict(prerotate_from_n=None, prerotate_train_from_n=None)
-ALWAYS = dict(prerotate_from_n=0, prerotate_train_from_n=0)
+# name: (launcher config overrides, backward path); every case runs "default" (the Hopper table: at N = 197 the Gluon
+# forwards where they apply, else RoPE in the kernel, narrow last K tile), the ViT case every variant
+NEVER = dict(prerotate_from_n=None, prerotate_train_from_n=None, resident_train_max_n=0)  # the Triton training
+ALWAYS = dict(prerotate_from_n=0, prerotate_train_from_n=0, resident_train_max_n=0)     # forward's variants
 VARIANTS = {
     "default": ({}, "split"),
     "fused_backward": ({}, "fused"),
@@ -244,6 +244,10 @@ def check_matrix() -> dict:
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "long_gluon",
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640))
              for case, grid in LONG_GLUON.items()]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_train",  # training forwards through the Gluon kernels
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,
+                                     resident_train_max_n=640))
+             for case, grid in {**LONG_GLUON, "d64_bf16_perhead": (14, 14)}.items()]
     jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
     for case, variant, launches in jobs:
         for launch in launches:

@@ -1,10 +1,13 @@
-"""The Gluon inference forwards of triton_fa_rope (`gluon_fwd`: the resident kernel up to 256 tokens, the long one
-up to 640): which calls take them, how they split the keys, and on a Hopper GPU their results against `math` in
-float64 (Gluon has no interpreter: on CPU only the first two run;
-test_sm90.py compiles its launches for sm_90 offline).
+"""The Gluon forwards of triton_fa_rope (`gluon_fwd`: the resident kernel up to 256 tokens, the long one up to 640;
+inference, and training up to `resident_train_max_n`): which calls take them, how they split the keys, and on
+a Hopper GPU their results (o, lse, the rotated q and k they save, the gradients after them) against `math` in
+float64 (Gluon has no interpreter: on CPU only the planning tests run; test_sm90.py compiles its launches for sm_90
+offline).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -29,27 +32,26 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
 
 
-def _plan(q, k, v, table):
-    return gluon_fwd._plan(q, k, v, table, None if table is None else gluon_fwd._tables(table, q.dtype)[0])
+def _plan(q, k, v, table, save_rotated=False):
+    cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated)
 
 
-def test_takes_inference_calls_it_covers():
+def test_takes_calls_it_covers():
     q, k, v = _inputs()
     for table in (_table(197), _table(197, per_head=True), None):
-        assert gluon_fwd.eligible(q, k, v, table, None, save_rotated=False)
-    assert gluon_fwd.eligible(*_inputs(N=1, dtype=torch.float16), None, None, save_rotated=False)
-    assert gluon_fwd.eligible(*_inputs(N=256, kind="contiguous"), _table(256), None, save_rotated=False)
+        assert gluon_fwd.eligible(q, k, v, table, None)
+    assert gluon_fwd.eligible(*_inputs(N=1, dtype=torch.float16), None, None)
+    assert gluon_fwd.eligible(*_inputs(N=256, kind="contiguous"), _table(256), None)
 
 
-@pytest.mark.parametrize("why", ["training", "mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half",
-                                 "per_sample", "unaligned", "unaligned_base"])
+@pytest.mark.parametrize("why", ["mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half", "per_sample",
+                                 "unaligned", "unaligned_base"])
 def test_leaves_other_calls_to_the_triton_forward(why):
     q, k, v = _inputs(N=gluon_fwd.MAX_N + 1 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
                       dtype=torch.float32 if why == "fp32" else torch.bfloat16)
-    table, mask, training = _table(q.shape[2]), None, False
-    if why == "training":
-        training = True
-    elif why == "mask":
+    table, mask = _table(q.shape[2]), None
+    if why == "mask":
         mask = torch.ones(2, 197, dtype=torch.bool, device=q.device)
     elif why == "grouped":
         k, v = k[:, :1], v[:, :1]
@@ -63,9 +65,36 @@ def test_leaves_other_calls_to_the_triton_forward(why):
     elif why == "unaligned":  # TMA needs 16-byte aligned strides: 3 tokens of 66 channels are not
         q = torch.randn(2, 197, 3, 66, device=q.device, dtype=q.dtype)[..., :64].transpose(1, 2)
     elif why == "unaligned_base":  # the strides are, the base 2 bytes past a 16-byte boundary is not (per call)
-        assert gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
+        assert gluon_fwd.eligible(q, k, v, table, mask)
         q = torch.randn(q.numel() + 1, device=q.device, dtype=q.dtype)[1:].view(q.shape)
-    assert not gluon_fwd.eligible(q, k, v, table, mask, save_rotated=training)
+    assert not gluon_fwd.eligible(q, k, v, table, mask)
+
+
+@pytest.mark.parametrize("N", [197, 256, 257, 383, 384, 577, 640, 641])
+def test_training_takes_it_up_to_resident_train_max_n(N, monkeypatch):
+    """Inference up to resident_fwd_max_n, training up to resident_train_max_n (0: never) and no further (as
+    compiled code decides it: the interpreter takes none)."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    hopper = configs.for_arch(9, 64)
+    assert (launch._resident_forward(hopper, N, False) is gluon_fwd) == (N <= hopper.resident_fwd_max_n)
+    assert (launch._resident_forward(hopper, N, True) is gluon_fwd) == (N <= hopper.resident_train_max_n)
+    assert launch._resident_forward(dataclasses.replace(hopper, resident_train_max_n=0), N, True) is None
+    everywhere = dataclasses.replace(hopper, resident_train_max_n=10**6)
+    assert (launch._resident_forward(everywhere, N, True) is gluon_fwd) == (N <= hopper.resident_fwd_max_n)
+
+
+def test_a_training_plan_writes_the_rotated_q_and_k():
+    """Saving the rotated q and k is part of the signature: its own plan, SAVE_ROT set, descriptors of contiguous
+    [B, H, N, D] tensors; without a table nothing is rotated, so the inference plan serves."""
+    q, k, v = _inputs(N=577)
+    table = _table(577)
+    infer, train = _plan(q, k, v, table), _plan(q, k, v, table, save_rotated=True)
+    assert train is not infer and train.constexprs["SAVE_ROT"] and not infer.constexprs["SAVE_ROT"]
+    assert infer.make_rot is None and train.make_rot is not None
+    rot = torch.empty(q.shape, dtype=q.dtype)
+    B, H, N, D = q.shape
+    assert tuple(train.make_rot[0](rot).strides) == (H * N * D, D, N * D, 1)
+    assert _plan(q, k, v, None, save_rotated=True) is _plan(q, k, v, None)
 
 
 @pytest.mark.parametrize("N", range(1, gluon_fwd.RESIDENT_MAX_N + 1) if gluon_fwd else [])
@@ -202,9 +231,9 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
     q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
     table = None if table_kind is None or N == P else make_table(
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
-    assert gluon_fwd.eligible(q, k, v, table, None, save_rotated=False)
+    assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
-    o, lse = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch)  # outputs NaN-filled (nan_empty)
+    o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch)  # NaN-filled (nan_empty)
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -227,8 +256,55 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,P,table_kind,kind", FLOAT64_CASES)
+def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
+    """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
+    NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
+    dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
+    gen = torch.Generator().manual_seed(N + 1)
+    B, H = 20, 8
+    q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
+    table = None if table_kind is None or N == P else make_table(
+        Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
+    scale = 64 ** -0.5
+    config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N)
+    with runtime.recording() as launches:
+        o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
+    assert [x.name for x in launches] == ["resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N
+                                          else "long_fwd_kernel"]
+    qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
+    if table is None:
+        assert qr is q and kr is k
+    else:
+        assert qr.dtype == kr.dtype == launch.rot_dtype(dtype) and qr.is_contiguous() and kr.is_contiguous()
+        assert_close_rel(qr, qd, dtype, "rotated q")
+        assert_close_rel(kr, kd, dtype, "rotated k")
+    assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
+    lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E
+    assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
+
+    do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with configs.override(resident_train_max_n=gluon_fwd.MAX_N), runtime.recording() as launches:
+        got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
+    assert launches[0].name in ("resident_fwd_kernel", "long_fwd_kernel")
+    got.backward(do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _reference(*ref_leaves, table).backward(do.double())
+    assert_close_rel(got.detach(), _reference(q, k, v, table), dtype, "o")
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        if N == 1 and name != "dv":  # one key: the softmax is constant, dq and dk are zero (here round-off)
+            assert a.grad.abs().max() <= 1e-2, name
+            continue
+        assert_close_rel(a.grad, b.grad, dtype, name, grad=True)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("N,kernel", [(197, "resident_fwd_kernel"), (577, "long_fwd_kernel")])
-def test_attention_takes_it_for_inference_and_not_for_training(N, kernel):
+def test_attention_takes_it_for_inference_and_for_training_by_the_table(N, kernel):
+    """Inference calls take it; training calls up to the config table's resident_train_max_n."""
     q, k, v = _inputs(N=N, H=6)
     table = _table(N, H=6)
     with torch.no_grad(), runtime.recording() as launches:
@@ -238,4 +314,4 @@ def test_attention_takes_it_for_inference_and_not_for_training(N, kernel):
     qg = q.detach().clone().requires_grad_()
     with runtime.recording() as launches:
         attnhub.attention(qg, k, v, table, backend="triton_fa_rope")
-    assert kernel not in [x.name for x in launches]
+    assert (kernel in [x.name for x in launches]) == (N <= configs.for_call(q.device, 64).resident_train_max_n)
