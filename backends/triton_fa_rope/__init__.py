@@ -1,15 +1,15 @@
 """FlashAttention-style Triton forward and backward with 2D axial RoPE fused into the kernels.
 
 Read in this order, one job per module:
-    kernels.py    the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
-    gluon_fwd.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token),
-                  their eligibility and launch; imported only when a call may take it
-    configs.py    `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`, `override`,
-                  and `LIMITS` (what the tables cover; the registry checks its entry against it at load)
-    launch.py     compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,
-                  launched through `backends/_triton_runtime.py` (shared with triton_rope_sdpa: the only module
-                  touching Triton internals, kept compiled runners, compiling ahead)
-    autograd.py   the `autograd.Function`, the torch.compile custom operators and the entry `attention`
+    kernels.py        the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
+    gluon_kernels.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token)
+    gluon_fwd.py      their eligibility, plan and launch; imported only when a call may take them
+    configs.py        `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`,
+                      `override`, and `LIMITS` (what the tables cover; the registry checks its entry against it)
+    launch.py         compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,
+                      launched through `backends/_triton_runtime.py` (shared with triton_rope_sdpa: the only
+                      module touching Triton internals, kept compiled runners, compiling ahead)
+    autograd.py       the `autograd.Function`, the torch.compile custom operators and the entry `attention`
 
 The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=None)` (q: [B, H, N, D], k, v:
 [B, H_kv, N_kv, D]; rope shared, per head, per sample or from coordinates) -> o. It is imported from `autograd` on

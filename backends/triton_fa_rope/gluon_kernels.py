@@ -1,0 +1,548 @@
+"""The Gluon (`triton.experimental.gluon`) kernels of triton_fa_rope's Hopper forwards; `gluon_fwd` plans and
+launches them (what they compute, which calls take them and why: its docstring).
+
+    resident_fwd_kernel  N <= 256: per head, TMA loads Q, K and V whole while the previous head computes; each
+                         warpgroup owns 64-row slices of the queries.
+    long_fwd_kernel      256 < N <= 640, warp-specialized: a producer warpgroup loads K and V whole (boxes of 64
+                         rows) and the queries in 128-row slices through two buffers, and rotates each as it lands;
+                         the kernel's two warpgroups attend, the key loop software-pipelined in each (FA3's
+                         intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
+                         cores.
+
+Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps and the resident kernel, the long
+kernel's slice loop, its warp-specialized partitions and the kernel. Written against Triton 3.6; names that 3.7+
+renamed are aliased below.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# Triton 3.6 names, and what later versions call them
+_tma_load = getattr(tma, "async_copy_global_to_shared", None) or tma.async_load
+_tma_store = getattr(tma, "async_copy_shared_to_global", None) or tma.async_store
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+BLOCK_N = 64  # keys per online-softmax step (and rows per K/V box of the long kernel)
+_BLOCK_N = gl.constexpr(BLOCK_N)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.constexpr_function
+def _mma_layout(num_warps, n):
+    """wgmma accumulator layout of a [rows, n] tile: warpgroup w owns rows 64w..64w+63 of every 16 * num_warps."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
+def _rot_layout(num_warps, D):
+    """[rows, D] tile for the rotation: 8 consecutive channels (4 pairs, 16 bytes) per thread."""
+    return gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _pair_layout(num_warps, D):
+    """[rows, D/2] table tile matching `_rot_layout` after the pair split."""
+    return gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE on shared memory, in place
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
+                num_warps: gl.constexpr):
+    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
+    layout: gl.constexpr = _pair_layout(num_warps, D)
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims((rows - P) * stab_n, 1) + gl.expand_dims(cols, 0)  # int32: a table is small
+    mask = gl.expand_dims((rows >= P) & (rows < N), 1)
+    cos = gl.load(cos_base + offs, mask=mask, other=1.0).to(gl.float32)  # fp16 or fp32 tables (`_tables`)
+    return cos, gl.load(sin_base + offs, mask=mask, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _rope_inplace(x_smem, c, s, mult, num_warps: gl.constexpr):
+    """x_smem [R, D] <- rope(x) * mult, in fp32, rounded to x_smem's dtype. Each thread writes the addresses it read
+    (the pair swap happens in its registers), so no barrier is needed between the load and the store."""
+    R: gl.constexpr = x_smem.shape[0]
+    D: gl.constexpr = x_smem.shape[1]
+    layout: gl.constexpr = _rot_layout(num_warps, D)
+    even, odd = gl.split(gl.reshape(x_smem.load(layout).to(gl.float32), [R, D // 2, 2]))
+    c = gl.convert_layout(c, even.type.layout)
+    s = gl.convert_layout(s, even.type.layout)
+    y = gl.reshape(gl.join((even * c - odd * s) * mult, (odd * c + even * s) * mult), [R, D])
+    x_smem.store(gl.convert_layout(y, layout).to(x_smem.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _issue_scores(q_smem, k_chunk, num_warps: gl.constexpr):
+    """S = Q K^T of one key chunk, issued asynchronously (wait for it with `warpgroup_mma_wait`)."""
+    M: gl.constexpr = q_smem.shape[0]
+    CH: gl.constexpr = k_chunk.shape[0]
+    return warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, _mma_layout(num_warps, CH)),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr):
+    """s [M, CH] fp32 scores of keys key0..: the online-softmax update -> p (unnormalised weights), alpha (acc's
+    factor), m_i, l_i (in m_i's layout)."""
+    s_layout: gl.constexpr = s.type.layout
+    s = s * sm_scale
+    if MASK:  # keys past N (zeros from TMA) get no weight
+        cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < N, 0), s, -float("inf"))
+    m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
+    l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _pv(p, v_chunk, acc):
+    """acc += P V, issued asynchronously; P from registers as wgmma's A operand."""
+    p_op = gl.convert_layout(p.to(v_chunk.dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout,
+                                                                      k_width=2))
+    return warpgroup_mma(p_op, v_chunk, acc, is_async=True)
+
+
+@gluon.jit
+def _attend_chunk(q_smem, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Keys [key0, key0 + CH): S = Q K^T (log2 units after sm_scale), online softmax, acc += P V, each waited for.
+    k_chunk, v_chunk: [CH, D] shared views; acc [M, D] fp32; m_i, l_i in acc's row layout."""
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_smem, k_chunk, num_warps), ))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK)
+    acc = _pv(p, v_chunk, acc * gl.expand_dims(alpha, 1))
+    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_i, l_i
+
+
+@gluon.jit
+def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, tile, H, pred):
+    """TMA: Q and K of head `tile` (-> bar_qk), V (-> bar_v, so V still lands while K and Q rotate)."""
+    b = tile // H
+    h = tile % H
+    mbarrier.expect(bar_qk, q_desc.block_type.nbytes + k_desc.block_type.nbytes, pred=pred)
+    _tma_load(q_desc, [b, 0, h, 0], bar_qk, q_dst, pred=pred)
+    _tma_load(k_desc, [b, 0, h, 0], bar_qk, k_dst, pred=pred)
+    mbarrier.expect(bar_v, v_desc.block_type.nbytes, pred=pred)
+    _tma_load(v_desc, [b, 0, h, 0], bar_v, v_dst, pred=pred)
+
+
+@gluon.jit
+def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0,
+          stab_h, stab_n, H, N, P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+          ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
+          num_warps: gl.constexpr):
+    """Attention of head `tile` = b * H + h, whose loads were issued on bar_qk (Q, K) and bar_v (V). t0: a zero
+    the compiler cannot see through; table offsets without it are hoisted out of the persistent loop and held in
+    registers, which spills (sm_90 compile, N = 197). SAVE_ROT (training, with ROPE): Q is rotated without the
+    scale, and the rotated Q and K leave by TMA to qr_desc, kr_desc for the backward."""
+    BLOCK: gl.constexpr = q_s4.shape[1]
+    D: gl.constexpr = q_s4.shape[3]
+    q_s = q_s4.reshape([BLOCK, D])
+    k_s = k_s4.reshape([BLOCK, D])
+    v_s = v_s4.reshape([BLOCK, D])
+    h = tile % H
+    if ROPE:
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        # q and k rows are the same tokens: one table load for both; the next chunk's load in flight while one
+        # rotates; rows past the last chunk (>= N) are TMA's zeros, left as they are
+        c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
+        mbarrier.wait(bar_qk, phase=phase)
+        for i in gl.static_range(ROT_CHUNKS):
+            if i + 1 < ROT_CHUNKS:
+                c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
+                                             D, num_warps)
+            _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
+            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0 if SAVE_ROT else qk_scale, num_warps)
+            if i + 1 < ROT_CHUNKS:
+                c = c_next
+                s = s_next
+        fence_async_shared()  # the stores above, before wgmma (and TMA) read them
+        _cta_barrier()  # every warpgroup reads all of K
+        if SAVE_ROT:  # rows >= N clipped; waited for before q_s takes o
+            _tma_store(qr_desc, [tile // H, 0, h, 0], q_s4)
+            _tma_store(kr_desc, [tile // H, 0, h, 0], k_s4)
+            sm_scale = qk_scale
+        else:
+            sm_scale = 1.0
+    else:
+        mbarrier.wait(bar_qk, phase=phase)
+        sm_scale = qk_scale
+
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    acc = gl.zeros([BLOCK, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
+    l_i = gl.full([BLOCK], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    mbarrier.wait(bar_v, phase=phase)
+    for j in gl.static_range(N_FULL):
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),
+                                      acc, m_i, l_i, j * _BLOCK_N, N, sm_scale, False, num_warps)
+    if MID_N > 0:
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N),
+                                      acc, m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, False, num_warps)
+    if TAIL_N > 0:
+        key0: gl.constexpr = N_FULL * _BLOCK_N + MID_N
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0,
+                                      N, sm_scale, True, num_warps)
+
+    # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
+    rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
+    gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+    if SAVE_ROT:
+        tma.store_wait(0)  # the rotated Q has left q_s
+    _cta_barrier()  # every warpgroup's wgmma is done with q_s before it is overwritten
+    q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    _tma_store(o_desc, [tile // H, 0, h, 0], q_s4)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
+                        H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                        ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr,
+                        ROT_CHUNKS: gl.constexpr):
+    """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H), with the next head's TMA loads in
+    flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
+    (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N.
+    SAVE_ROT: the rotated q and k are written to qr_desc, kr_desc too (`_head`)."""
+    BLOCK: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
+    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
+    gl.static_assert(BLOCK % (16 * num_warps) == 0)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
+    k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
+    v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
+    bars_qk = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    bars_v = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(bars_qk.index(i), count=1)
+        mbarrier.init(bars_v.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    _issue_loads(q_desc, k_desc, v_desc, q_buf.index(0), k_buf.index(0), v_buf.index(0), bars_qk.index(0),
+                 bars_v.index(0), pid, H, True)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        slot = it % 2
+        nxt = tile + nprog  # into the other buffer, whose head finished in the previous iteration
+        _issue_loads(q_desc, k_desc, v_desc, q_buf.index(1 - slot), k_buf.index(1 - slot), v_buf.index(1 - slot),
+                     bars_qk.index(1 - slot), bars_v.index(1 - slot), nxt, H, nxt < n_heads)
+        _head(q_buf.index(slot), k_buf.index(slot), v_buf.index(slot), bars_qk.index(slot), bars_v.index(slot),
+              (it // 2) & 1, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h,
+              stab_n, H, N, P, qk_scale, N_FULL, MID_N, TAIL_N, ROPE, SAVE_ROT, ROT_ROWS, ROT_CHUNKS, num_warps)
+        it += 1
+    for i in gl.static_range(2):
+        mbarrier.invalidate(bars_qk.index(i))
+        mbarrier.invalidate(bars_v.index(i))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Longer sequences (256 < N <= 640): K and V resident, queries in slices
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.constexpr_function
+def _chunk_key0(c, n_full, mid_n):
+    """First key of chunk c of `chunking`'s split (n_full chunks of BLOCK_N, then MID_N, then the tail)."""
+    return c * BLOCK_N if c <= n_full else n_full * BLOCK_N + mid_n
+
+
+@gluon.constexpr_function
+def _chunk_width(c, n_full, mid_n, tail_n):
+    if c < n_full:
+        return BLOCK_N
+    return mid_n if c == n_full and mid_n > 0 else tail_n
+
+
+@gluon.jit
+def _chunk_kv(k_buf, v_buf, key0: gl.constexpr, width: gl.constexpr):
+    """K and V rows [key0, key0 + width) as [width, D] shared views (a chunk never crosses a BLOCK_N-row box)."""
+    CH: gl.constexpr = k_buf.shape[2]
+    D: gl.constexpr = k_buf.shape[4]
+    k = k_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
+    v = v_buf.index(key0 // CH).reshape([CH, D]).slice(key0 % CH, width)
+    return k, v
+
+
+@gluon.jit
+def _await_box(bars, box, phase, WAIT: gl.constexpr):
+    """Wait for K/V box `box` of this head (in `long_fwd_kernel`'s first slice of a head); nothing if not WAIT."""
+    if WAIT:
+        mbarrier.wait(bars.index(box), phase)
+
+
+@gluon.jit
+def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False):
+    """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i. Software-pipelined in
+    each warpgroup (FA3's intra-warpgroup overlap): chunk c + 1's S = Q K^T runs on the tensor cores during chunk
+    c's softmax, chunk c's P V during chunk c + 1's. The full chunks in a loop (unrolled, ten chunks spilled
+    registers at N = 577), then the half-width and the masked one. WAIT: before each box's first use, wait on
+    k_ready / v_ready[box] at `phase`: the boxes of a head still arriving."""
+    M: gl.constexpr = q_s.shape[0]
+    D: gl.constexpr = q_s.shape[1]
+    CH: gl.constexpr = k_buf.shape[2]
+    NCH: gl.constexpr = N_FULL + (1 if MID_N > 0 else 0) + (1 if TAIL_N > 0 else 0)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    acc = gl.zeros([M, D], gl.float32, o_layout)
+    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
+    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    gl.static_assert(N_FULL >= 2)
+    _await_box(k_ready, 0, phase, WAIT)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]),
+                                                                  num_warps), ))
+    # chunk 0 before the loop, so that acc enters it as what the loop carries: an asynchronous accumulator
+    _await_box(k_ready, 1, phase, WAIT)
+    s_next = _issue_scores(q_s, k_buf.index(1).reshape([CH, D]), num_warps)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, N, sm_scale, False)
+    _await_box(v_ready, 0, phase, WAIT)
+    acc = _pv(p, v_buf.index(0).reshape([CH, D]), acc)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    for j in range(1, N_FULL - 1):  # chunk j + 1 is a full one too
+        _await_box(k_ready, j + 1, phase, WAIT)
+        s_next = _issue_scores(q_s, k_buf.index(j + 1).reshape([CH, D]), num_warps)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
+        # the previous chunk's P V was issued before s_next: waiting down to one leaves s_next in flight
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        _await_box(v_ready, j, phase, WAIT)
+        acc = _pv(p, v_buf.index(j).reshape([CH, D]), acc * gl.expand_dims(alpha, 1))
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    for c in gl.static_range(N_FULL - 1, NCH):  # the last full chunk (its scores in s), the narrower ones
+        if c + 1 < NCH:
+            k_n, v_n = _chunk_kv(k_buf, v_buf, _chunk_key0(c + 1, N_FULL, MID_N),
+                                 _chunk_width(c + 1, N_FULL, MID_N, TAIL_N))
+            _await_box(k_ready, _chunk_key0(c + 1, N_FULL, MID_N) // CH, phase, WAIT)
+            s_next = _issue_scores(q_s, k_n, num_warps)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, _chunk_key0(c, N_FULL, MID_N), N, sm_scale,
+                                           c == NCH - 1 and TAIL_N > 0)
+        if c + 1 < NCH:
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        k_c, v_c = _chunk_kv(k_buf, v_buf, _chunk_key0(c, N_FULL, MID_N), _chunk_width(c, N_FULL, MID_N, TAIL_N))
+        _await_box(v_ready, _chunk_key0(c, N_FULL, MID_N) // CH, phase, WAIT)
+        acc = _pv(p, v_c, acc * gl.expand_dims(alpha, 1))
+        if c + 1 < NCH:
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_i, l_i
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Longer sequences, warp-specialized: a producer warpgroup loads and rotates, two warpgroups attend
+# ---------------------------------------------------------------------------------------------------------------
+
+_WS_PRODUCER_WARPS = gl.constexpr(4)
+_WS_PRODUCER_REGS = gl.constexpr(120)  # 64-row rotation steps, the next step's table in flight: no spills at 120
+# 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
+WS_MAXNREG = 168
+
+
+@gluon.jit
+def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
+                 stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
+                 SAVE_ROT: gl.constexpr):
+    """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
+    q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
+    boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
+    ready while the last one of the head before is attended, and the attending warps start on K box 0 while the
+    rest still arrive. SAVE_ROT: slices rotated without the scale, each rotated slice and K box also stored by TMA
+    to qr_desc, kr_desc (waited for before its buffer is loaded again)."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    SLICE_: gl.constexpr = q_desc.block_type.shape[1]
+    CH: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        b = tile // H
+        h = tile % H
+        t0 = tile // n_heads  # 0, opaque to the compiler (see `_head`)
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        for si in range(NS):
+            g = it * NS + si
+            buf = g % 2
+            mbarrier.wait(q_empty.index(buf), ((g // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+            if SAVE_ROT:  # the stores from this buffer have read it (long done: the slice was attended since)
+                tma.store_wait(0)
+            mbarrier.expect(q_loaded.index(buf), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b, si * SLICE_, h, 0], q_loaded.index(buf), q_buf.index(buf))
+            if ROPE:  # in BLOCK_N-row steps: 32 values and 32 table entries per thread
+                for r in gl.static_range(SLICE_ // CH):
+                    c, s = _load_table(cos_base, sin_base, t0 + si * SLICE_ + r * CH, N, P, stab_n, CH, D,
+                                       num_warps)
+                    mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+                    _rope_inplace(q_buf.index(buf).reshape([SLICE_, D]).slice(r * CH, CH), c, s,
+                                  1.0 if SAVE_ROT else qk_scale, num_warps)
+            else:
+                mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+            fence_async_shared()
+            _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
+            mbarrier.arrive(q_ready.index(buf), count=1)
+            if SAVE_ROT:
+                _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
+            if si == 0:
+                if ROPE:  # box 0's table while the heads before finish with K and V
+                    c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
+                mbarrier.wait(kv_empty, (it & 1) ^ 1)
+                if SAVE_ROT:  # the K boxes' stores too, before the boxes are loaded again
+                    tma.store_wait(0)
+                for j in gl.static_range(NKC):  # in the order the first slice uses them
+                    mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
+                    _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
+                    mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
+                    _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
+                for j in range(NKC):  # a dynamic loop: unrolled, all ten boxes' table loads are hoisted and spill
+                    if ROPE:  # the next box's table in flight while this one rotates
+                        c_next, s_next = _load_table(cos_base, sin_base, t0 + (j + 1) * CH, N, P, stab_n, CH, D,
+                                                     num_warps)
+                        mbarrier.wait(k_loaded.index(j), it & 1)
+                        _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
+                        fence_async_shared()
+                        _cta_barrier()
+                        if SAVE_ROT:
+                            _tma_store(kr_desc, [b, j * CH, h, 0], k_buf.index(j))
+                        c = c_next
+                        s = s_next
+                    else:
+                        mbarrier.wait(k_loaded.index(j), it & 1)
+                    mbarrier.arrive(k_ready.index(j), count=1)
+        it += 1
+    if SAVE_ROT:
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
+               N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+    """The attending warpgroups: each ready query slice over all keys (`_attend_slice`, waiting on the boxes in a
+    head's first slice), its buffer released (and after a head's last slice, K and V), o by TMA through o_buf."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    SLICE_: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    o_s = o_buf.reshape([SLICE_, D])
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        h = tile % H
+        for si in range(NS):
+            g = it * NS + si
+            buf = g % 2
+            q_s = q_buf.index(buf).reshape([SLICE_, D])
+            mbarrier.wait(q_ready.index(buf), (g // 2) & 1)
+            if si == 0:  # K and V may still be arriving
+                acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                              k_ready, v_ready, it & 1, True)
+            else:  # without the waits, whose shared-memory fences would join the warpgroups at every chunk
+                acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+            tma.store_wait(0)  # the slice before's o has left o_buf
+            _cta_barrier()  # both warpgroups are done with q_s (after a head's last slice: with K and V)
+            mbarrier.arrive(q_empty.index(buf), count=1)
+            mbarrier.arrive(kv_empty, count=1, pred=si == NS - 1)
+
+            # epilogue: lse (log2 units); o by TMA (rows >= N clipped)
+            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
+            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+            o_s.store((acc / gl.expand_dims(l_i, 1)).to(o_s.dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], o_buf)
+        it += 1
+    tma.store_wait(0)
+
+
+@gluon.jit
+def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
+                    N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                    ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+    """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
+    boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
+    warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
+    attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
+    rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too."""
+    SLICE_: gl.constexpr = q_desc.block_type.shape[1]
+    CH: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    NS: gl.constexpr = ROT_CHUNKS
+    NKC: gl.constexpr = N_FULL + (1 if MID_N + TAIL_N > 0 else 0)  # K/V boxes
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(ROT_ROWS == SLICE_ and CH == _BLOCK_N and SLICE_ == 16 * num_warps)
+    gl.static_assert(MID_N + TAIL_N <= CH)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, SLICE_, 1, D], q_desc.layout)
+    o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, SLICE_, 1, D], o_desc.layout)
+    k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
+    v_buf = gl.allocate_shared_memory(v_desc.dtype, [NKC, 1, CH, 1, D], v_desc.layout)
+    q_loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_loaded = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_loaded.index(i), count=1)
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
+    for j in gl.static_range(NKC):
+        mbarrier.init(k_loaded.index(j), count=1)
+        mbarrier.init(k_ready.index(j), count=1)
+        mbarrier.init(v_ready.index(j), count=1)
+    mbarrier.init(kv_empty, count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty)
+    if ROPE and not SAVE_ROT:
+        sm_scale = 1.0  # folded into q
+    else:
+        sm_scale = qk_scale
+    gl.warp_specialize([
+        (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
+                      TAIL_N, num_warps)),
+        (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                        stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
+    ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_loaded.index(i))
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for j in gl.static_range(NKC):
+        mbarrier.invalidate(k_loaded.index(j))
+        mbarrier.invalidate(k_ready.index(j))
+        mbarrier.invalidate(v_ready.index(j))
+    mbarrier.invalidate(kv_empty)
