@@ -8,13 +8,15 @@ Used by the kernel table (`attnhub.bench`, `python -m attnhub bench`) and the sc
   on the CPU a `time.perf_counter` median with the same budgets stands in (smoke tests only). `host_us` times
   loops of calls with one synchronization per loop: host time, where the device work is negligible.
 - Error: `errors` is the relative L2 error of o, dq, dk, dv against `reference`, `math` run in float64 on the same
-  (upcast) inputs; `within_bounds` compares it with the bounds of `attnhub.tolerances`, the table the tests use.
+  (upcast) inputs; `within_bounds` compares it with the bounds of `attnhub.tolerances`, the table the tests use;
+  `nan_empty` NaN-fills new buffers while a checked call runs (so do the tests), so unwritten output shows.
 - Environment: `environment` records the device, driver, CUDA, versions of python/torch/triton/timm/attnhub and
   the git commit of the attnhub source that ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import math
@@ -25,7 +27,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -176,6 +178,25 @@ def reference(x: dict[str, torch.Tensor], rope: CosSinTable | None, backward: bo
         return [o.detach(), None, None, None]
     o.backward(x["do"].double())
     return [o.detach(), q.grad, k.grad, v.grad]
+
+
+@contextlib.contextmanager
+def nan_empty() -> Iterator[None]:
+    """Within the block every floating `torch.empty` / `torch.empty_like` buffer comes NaN-filled, so a kernel that
+    leaves part of its output (or a scratch it reads) unwritten gives non-finite values instead of stale ones."""
+    real = torch.empty, torch.empty_like
+
+    def poison(make):
+        def poisoned(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+        return poisoned
+
+    torch.empty, torch.empty_like = (poison(make) for make in real)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real
 
 
 def errors(got: Sequence[torch.Tensor | None], ref: Sequence[torch.Tensor | None]) -> dict[str, float | None]:

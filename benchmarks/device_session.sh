@@ -58,6 +58,11 @@ done
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 status=0
+gluon_tests() {  # the Gluon forwards' GPU tests (inference and training) -> pytest_gluon.log
+  timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
+    >"$OUT/pytest_gluon.log" 2>&1 || status=1
+  tail -3 "$OUT/pytest_gluon.log"
+}
 for stage in "${stages[@]}"; do
   echo "== $stage ($(date -u +%H:%M:%S))"
   case $stage in
@@ -153,25 +158,19 @@ for stage in "${stages[@]}"; do
         tests/backends/test_randomized_parity.py >"$OUT/hypothesis_cuda.log" 2>&1 || status=1
       tail -5 "$OUT/hypothesis_cuda.log" ;;
     gluon)
-      timeout 150 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
-        >"$OUT/pytest_gluon.log" 2>&1 || status=1
-      tail -3 "$OUT/pytest_gluon.log"
+      gluon_tests
       cp measured.yaml "$OUT/measured.yaml"
       timeout 200 python3 -m attnhub bench --sections table --passes fwd --no-progress --warmup 20 --rep 80 \
         --impls attnhub,attnhub:triton_fa_rope,attnhub:triton_rope_sdpa,sdpa_cudnn,timm_compiled \
         --out "$OUT/h200_fwd.json" --winners "$OUT/measured.yaml" >"$OUT/bench_fwd.log" 2>&1 || status=1
       grep "│ vit" "$OUT/bench_fwd.log" ;;
     gluonlong)
-      timeout 200 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
-        >"$OUT/pytest_gluon.log" 2>&1 || status=1
-      tail -3 "$OUT/pytest_gluon.log"
+      gluon_tests
       timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
         || status=1
       tail -32 "$OUT/gluon_long.log" ;;
     gluontrain)
-      timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
-        >"$OUT/pytest_gluon.log" 2>&1 || status=1
-      tail -3 "$OUT/pytest_gluon.log"
+      gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
         || status=1
       tail -24 "$OUT/gluon_train.log" ;;

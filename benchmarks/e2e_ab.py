@@ -15,12 +15,12 @@ import json
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from attnhub import benchkit
 from attnhub.backends.triton_fa_rope import configs
 from attnhub.integrations import timm as attnhub_timm
+from bench_e2e import step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
 
 
 def main(argv=None) -> None:
@@ -34,18 +34,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    model = attnhub_timm.patch(timm.create_model(args.model, pretrained=False, img_size=args.img).to(dev)).train()
-    run = model if args.eager else torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = attnhub_timm.patch(timm.create_model(args.model, pretrained=False, img_size=args.img).to(dev))
     x = torch.randn(args.batch, 3, args.img, args.img, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(run(x).float(), y)
-        loss.backward()
-        opt.step()
+    step = step_fn(model if args.eager else torch.compile(model), "train", x, y, dev)  # bench_e2e's train step
 
     report = dict(environment=benchkit.environment(dev), config=vars(args), rows=[])
     for name, fields in list(args.variants.items()) * 2:  # each twice, interleaved

@@ -29,21 +29,6 @@ from attnhub.tolerances import bound, rel_l2
 
 
 @contextlib.contextmanager
-def _nan_empty():
-    real = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    torch.empty = poisoned
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-@contextlib.contextmanager
 def _long_kernel_from(n: int):
     """Plans built inside take the long kernel from n tokens (`RESIDENT_MAX_N` = n - 1; plans are per call
     signature, so they start afresh and the old ones come back after)."""
@@ -56,7 +41,7 @@ def _long_kernel_from(n: int):
 
 
 def _check(name, fn, q, k, v, table, n_ref=4) -> float:
-    with _nan_empty():
+    with benchkit.nan_empty():
         o = fn()
     torch.cuda.synchronize()
     if not torch.isfinite(o).all():

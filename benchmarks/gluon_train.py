@@ -18,7 +18,6 @@ The last lines are a table with each row's ratio to timm compiled and to cuDNN w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import torch
@@ -33,64 +32,38 @@ from attnhub.backends.triton_fa_rope import configs, launch
 VARIANTS = {"triton": 0, "gluon": 640}  # resident_train_max_n
 
 
-@contextlib.contextmanager
-def _nan_empty():
-    real = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    torch.empty = poisoned
-    try:
-        yield
-    finally:
-        torch.empty = real
+def _fwdbwd(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
+    """impl's fwd+bwd as the kernel table times it (`bench._time_pass`, impl's context entered around the timing):
+    do_bench ms, and the kernels' ms summed by the profiler."""
+    def timer(measure):
+        return lambda fn, grads=None: measure(fn, device=dev, grads=grads)
+    return dict(fwdbwd_ms=bench._time_pass(impl, x, "fwdbwd", timer(benchkit.time_ms)),
+                fwdbwd_gpu_ms=bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_ms)))
 
 
 def run_shape(s: benchkit.Shape, dev: torch.device) -> list[dict]:
     x = benchkit.inputs(s, dev, torch.bfloat16)
     table = benchkit.rope_table(s, dev)
     ref = benchkit.reference(x, table, backward=True)
-    timer = lambda fn, grads=None: benchkit.time_ms(fn, device=dev, grads=grads)  # noqa: E731
     rows = []
     for name, max_n in VARIANTS.items():
-        override = lambda max_n=max_n: configs.override(resident_train_max_n=max_n)  # noqa: E731
         impl = bench.build("attnhub:triton_fa_rope", s, dev)
-        impl.context = override
-        with _nan_empty(), runtime.recording() as launches:
+        impl.context = lambda max_n=max_n: configs.override(resident_train_max_n=max_n)
+        with benchkit.nan_empty(), runtime.recording() as launches:
             got, _ = bench._first_call(impl, x, True, dev)
         errs = benchkit.errors(got, ref)
         if not benchkit.within_bounds(errs, torch.bfloat16):
             raise SystemExit(f"{s} {name}: errors {errs} above the bounds")
         _, q, k, v = bench._qkv(x, False)
-        with override():
+        with impl.context():
             config = configs.for_call(dev, s.D)
         fwd = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)  # noqa: E731
-        qkv, qg, kg, vg = bench._qkv(x, True)
-        with override(), torch.no_grad():
-            do = bench._grad_like(impl.fn(qg, kg, vg), x["do"])
-
-        def fwdbwd():
-            with override():
-                impl.fn(qg, kg, vg).backward(do)
         rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", errors=errs,
-                         launches=[x.name for x in launches],
-                         fwd_graph_ms=do_bench_cudagraph(fwd, rep=100, return_mode="median"),
-                         fwdbwd_ms=timer(fwdbwd, grads=[qkv]),
-                         fwdbwd_gpu_ms=benchkit.gpu_ms(fwdbwd, device=dev, grads=[qkv])))
+                         launches=[run.name for run in launches],
+                         fwd_graph_ms=do_bench_cudagraph(fwd, rep=100, return_mode="median"), **_fwdbwd(impl, x, dev)))
         print(f"  {s.name} {rows[-1]}", flush=True)
     for impl_name in ("timm_compiled", "sdpa_cudnn"):
-        impl = bench.build(impl_name, s, dev)
-        qkv, qg, kg, vg = bench._qkv(x, True)
-        with impl.context(), torch.no_grad():
-            do = bench._grad_like(impl.fn(qg, kg, vg), x["do"])
-
-        def fwdbwd(impl=impl, qg=qg, kg=kg, vg=vg, do=do):
-            with impl.context():
-                impl.fn(qg, kg, vg).backward(do)
-        rows.append(dict(shape=s.name, impl=impl_name, fwdbwd_ms=timer(fwdbwd, grads=[qkv]),
-                         fwdbwd_gpu_ms=benchkit.gpu_ms(fwdbwd, device=dev, grads=[qkv])))
+        rows.append(dict(shape=s.name, impl=impl_name, **_fwdbwd(bench.build(impl_name, s, dev), x, dev)))
         print(f"  {s.name} {rows[-1]}", flush=True)
     return rows
 

@@ -49,14 +49,11 @@ def _isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def nan_empty(monkeypatch):
-    """Every floating `torch.empty` / `torch.empty_like` buffer comes NaN-filled, so a kernel that leaves part of
-    its output (or a scratch it reads) unwritten fails its test instead of passing on stale zeros."""
-    for fn in ("empty", "empty_like"):
-        real = getattr(torch, fn)
+def nan_empty():
+    """Every floating `torch.empty` / `torch.empty_like` buffer comes NaN-filled (`attnhub.benchkit.nan_empty`), so a
+    kernel that leaves part of its output (or a scratch it reads) unwritten fails its test instead of passing on
+    stale zeros."""
+    from attnhub import benchkit
 
-        def poisoned(*args, _real=real, **kwargs):
-            out = _real(*args, **kwargs)
-            return out.fill_(float("nan")) if out.is_floating_point() else out
-
-        monkeypatch.setattr(torch, fn, poisoned)
+    with benchkit.nan_empty():
+        yield

@@ -67,3 +67,11 @@ def test_git_commit_named_by_the_environment(monkeypatch):
 def test_gpu_ms_needs_a_cuda_device():
     with pytest.raises(ValueError, match="CUDA"):
         benchkit.gpu_ms(lambda: None, device="cpu")
+
+
+def test_nan_empty_poisons_new_floating_buffers_within_the_block():
+    real = torch.empty, torch.empty_like
+    with benchkit.nan_empty():
+        assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2, 2)).isnan().all()
+        assert torch.empty(3, dtype=torch.int32).dtype == torch.int32  # integers as they come
+    assert (torch.empty, torch.empty_like) == real

@@ -110,8 +110,10 @@ class _Plan:
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
         self.make_q, self.make_o = maker(q, q_rows), maker(o, q_rows)
         self.make_k, self.make_v = maker(k, kv_rows), maker(v, kv_rows)
-        rot = torch.empty(q.shape, device=device, dtype=q.dtype)
-        self.make_rot = (maker(rot, q_rows), maker(rot, kv_rows)) if save_rotated else None
+        self.make_rot = None
+        if save_rotated:  # contiguous [B, H, N, D], as `forward` allocates them
+            rot = torch.empty(q.shape, device=device, dtype=q.dtype)
+            self.make_rot = maker(rot, q_rows), maker(rot, kv_rows)
         stab_h, stab_n = (0, 0) if rope is None else table_strides(cos)[1:]
         n_heads = B * H
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
