@@ -135,6 +135,12 @@ def gpu_ms(fn: Callable[[], object], *, device: torch.device | str, iters: int =
     """Device ms per call of `fn` on a GPU: the summed durations of the kernels and copies it runs, from
     torch.profiler over `iters` calls after one untimed call. Host gaps between launches do not count (unlike
     `time_ms`, which at small shapes measures the host): this is what the call costs a GPU-bound model step."""
+    return sum(gpu_kernels_ms(fn, device=device, iters=iters, grads=grads).values())
+
+
+def gpu_kernels_ms(fn: Callable[[], object], *, device: torch.device | str, iters: int = 20,
+                   grads: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+    """`gpu_ms` per kernel (or copy): {name: device ms per call of `fn`}."""
     from torch.profiler import ProfilerActivity, profile
 
     if torch.device(device).type != "cuda":
@@ -147,8 +153,7 @@ def gpu_ms(fn: Callable[[], object], *, device: torch.device | str, iters: int =
                 g.grad = None
             fn()
         sync(device)
-    total_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return total_us / iters / 1e3
+    return {e.key: e.self_device_time_total / iters / 1e3 for e in prof.key_averages() if e.self_device_time_total}
 
 
 def host_us(fns: Sequence[Callable[[], object]], calls: int, device: torch.device | str,

@@ -36,10 +36,13 @@
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
+#   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
+#                                                      -> pytest_gluon_bwd.log, h200_gluon_bwd.json, gluon_bwd.log
 #   gluon  the Gluon forward's GPU tests, then the forward cells (automatic, forced, cuDNN, timm compiled) with
 #          their winners merged into a copy of measured.yaml          -> pytest_gluon.log, h200_fwd.json, measured.yaml
 set -uo pipefail
 OUT=${OUT:-out}
+GLUON_BWD_ARGS=${GLUON_BWD_ARGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -174,7 +177,14 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
         || status=1
       tail -24 "$OUT/gluon_train.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, gluontrain)"; status=2 ;;
+    gluonbwd)
+      timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_bwd.py \
+        >"$OUT/pytest_gluon_bwd.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_gluon_bwd.log"
+      timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
+        >"$OUT/gluon_bwd.log" 2>&1 || status=1
+      tail -32 "$OUT/gluon_bwd.log" ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

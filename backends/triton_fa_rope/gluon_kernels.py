@@ -546,3 +546,154 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         mbarrier.invalidate(k_ready.index(j))
         mbarrier.invalidate(v_ready.index(j))
     mbarrier.invalidate(kv_empty)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backward's dK and dV (N > 256): a block of K and V resident, the queries and dO streamed through a ring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _issue_q_do(q_desc, do_desc, q_dst, do_dst, bar, b, h, row0, pred):
+    """TMA: rotated Q and dO rows row0.. of head (b, h) -> bar (rows past N as zeros)."""
+    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=pred)
+    _tma_load(q_desc, [b, row0, h, 0], bar, q_dst, pred=pred)
+    _tma_load(do_desc, [b, row0, h, 0], bar, do_dst, pred=pred)
+
+
+@gluon.jit
+def _store_rows(base, x, row0, N, stride_n):
+    """x [R, D] (a blocked layout) -> rows row0.. (those < N) of base, channels dense, in base's dtype."""
+    layout: gl.constexpr = x.type.layout
+    rows = row0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * stride_n, 1) + gl.expand_dims(cols, 0)
+    gl.store(base + offs, x.to(base.dtype.element_ty), mask=gl.expand_dims(rows < N, 1))
+
+
+@gluon.jit
+def _rope_back(g, c, s):
+    """g [R, D] fp32: a gradient w.r.t. rotated rows -> w.r.t. the rows before the rotation (R^T): each pair
+    (a, b) -> (a cos + b sin, b cos - a sin)."""
+    R: gl.constexpr = g.shape[0]
+    D: gl.constexpr = g.shape[1]
+    a, b = gl.split(gl.reshape(g, [R, D // 2, 2]))
+    c = gl.convert_layout(c, a.type.layout)
+    s = gl.convert_layout(s, a.type.layout)
+    return gl.convert_layout(gl.reshape(gl.join(a * c + b * s, b * c - a * s), [R, D]), g.type.layout)
+
+
+@gluon.jit
+def _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, col0, N, qk_scale, num_warps: gl.constexpr):
+    """One block of W = q_s.shape[0] queries (col0..) against the program's keys: dk, dv [BLOCK_K, D] fp32 updated
+    (waited for). Queries past N: lse +inf, so P^T = 0 there."""
+    W: gl.constexpr = q_s.shape[0]
+    BLOCK_K: gl.constexpr = k_s.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, W)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, s_layout))
+    lse = gl.load(lse_base + cols, mask=cols < N, other=float("inf"))
+    delta = gl.load(delta_base + cols, mask=cols < N, other=0.0)
+    st = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.zeros([BLOCK_K, W], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.zeros([BLOCK_K, W], gl.float32, s_layout), use_acc=False,
+                        is_async=True)
+    st = warpgroup_mma_wait(num_outstanding=1, deps=(st, ))
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+    dv = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
+    dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+    dst = pt * (dpt - gl.expand_dims(delta, 0))
+    dk = warpgroup_mma(gl.convert_layout(dst.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+    return dk, dv
+
+
+@gluon.jit
+def _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks):
+    """Block i's Q and dO [BLOCK_M, D] shared views, once landed; first the load of block i + STAGES - 1 into the
+    buffers of block i - 1 is issued (if it exists), after a CTA barrier: every warp is done with them."""
+    STAGES: gl.constexpr = q_buf.shape[0]
+    BLOCK_M: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    nxt = i + STAGES - 1
+    _cta_barrier()
+    _issue_q_do(q_desc, do_desc, q_buf.index(nxt % STAGES), do_buf.index(nxt % STAGES), bars.index(nxt % STAGES),
+                b, h, nxt * BLOCK_M, nxt < n_blocks)
+    mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+    return q_buf.index(i % STAGES).reshape([BLOCK_M, D]), do_buf.index(i % STAGES).reshape([BLOCK_M, D])
+
+
+@gluon.jit
+def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, sdk_b,
+                      sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, stab_h, stab_n, H, N, P, n_kblocks, qk_scale, scale,
+                      ROPE: gl.constexpr, STAGES: gl.constexpr, TAIL_M: gl.constexpr):
+    """dK, dV of BLOCK_K = 16 * num_warps keys of one head (program i: head i // n_kblocks, key block
+    i % n_kblocks, so a head's blocks run side by side and share its Q and dO in L2). K and V (rotated K, from the
+    forward) arrive once by TMA; the rotated Q and dO stream in BLOCK_M-row blocks through STAGES buffers, the
+    next STAGES - 1 in flight. Per block, each warpgroup (64 keys) runs on the tensor cores
+    S^T = K Q^T and dP^T = V dO^T, P^T = exp2(S^T * qk_scale - lse) (lse: base 2, from the forward),
+    dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q, with P^T and dS^T as wgmma's register A operand
+    (`_dkdv_step`). TAIL_M (0: none): the last block's N % BLOCK_M queries run as a block of only TAIL_M rows
+    (577 = 9 * 64 + 1: 16 rows, not 64). Epilogue: dK * scale rotated back by R^T (ROPE), dK and dV stored to
+    rows < N."""
+    BLOCK_K: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_K == 16 * num_warps)
+    gl.static_assert(STAGES >= 2)
+    gl.static_assert(TAIL_M < BLOCK_M)
+    pid = gl.program_id(0)
+    bh = pid // n_kblocks
+    key0 = (pid % n_kblocks) * BLOCK_K
+    b = bh // H
+    h = bh % H
+    k_s4 = gl.allocate_shared_memory(k_desc.dtype, [1, BLOCK_K, 1, D], k_desc.layout)
+    v_s4 = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_K, 1, D], v_desc.layout)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 1, BLOCK_M, 1, D], q_desc.layout)
+    do_buf = gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, BLOCK_M, 1, D], do_desc.layout)
+    bar_kv = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_kv, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    mbarrier.expect(bar_kv, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    _tma_load(k_desc, [b, key0, h, 0], bar_kv, k_s4)
+    _tma_load(v_desc, [b, key0, h, 0], bar_kv, v_s4)
+    n_blocks = gl.cdiv(N, BLOCK_M)  # the tail's block included
+    for i in gl.static_range(STAGES - 1):
+        _issue_q_do(q_desc, do_desc, q_buf.index(i), do_buf.index(i), bars.index(i), b, h, i * BLOCK_M,
+                    i < n_blocks)
+
+    acc_layout: gl.constexpr = _mma_layout(num_warps, D)
+    dk = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
+    k_s = k_s4.reshape([BLOCK_K, D])
+    v_s = v_s4.reshape([BLOCK_K, D])
+    lse_base = lse_ptr + bh.to(gl.int64) * N
+    delta_base = delta_ptr + bh.to(gl.int64) * N
+    mbarrier.wait(bar_kv, 0)
+    n_full = n_blocks - 1 if TAIL_M > 0 else n_blocks
+    for i in range(n_full):
+        q_s, do_s = _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks)
+        dk, dv = _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, i * BLOCK_M, N, qk_scale, num_warps)
+    if TAIL_M > 0:
+        q_s, do_s = _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, n_full, n_blocks)
+        dk, dv = _dkdv_step(k_s, v_s, q_s.slice(0, TAIL_M), do_s.slice(0, TAIL_M), dk, dv, lse_base, delta_base,
+                            n_full * BLOCK_M, N, qk_scale, num_warps)
+    mbarrier.invalidate(bar_kv)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+    out_layout: gl.constexpr = _rot_layout(num_warps, D)
+    _store_rows(dv_ptr + b.to(gl.int64) * sdv_b + h.to(gl.int64) * sdv_h, gl.convert_layout(dv, out_layout), key0,
+                N, sdv_n)
+    dk = gl.convert_layout(dk * scale, out_layout)
+    if ROPE:
+        c, s = _load_table(cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h, key0, N, P, stab_n,
+                           BLOCK_K, D, num_warps)
+        dk = _rope_back(dk, c, s)
+    _store_rows(dk_ptr + b.to(gl.int64) * sdk_b + h.to(gl.int64) * sdk_h, dk, key0, N, sdk_n)

@@ -237,19 +237,44 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     delta = torch.empty_like(lse)
     launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
-    cfg = config.dkdv
     tables = (stab_b, stab_h, stab_n, smb)
-    launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
-           (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(), *tables,
-            *sizes),
-           cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
-           **varlen)
+    gluon = _gluon_bwd(config, N_KV, key_padding_mask)
+    if gluon is None or not gluon.dkdv(q, k, v, do, lse, delta, dk, dv, rope, cos, sin, stab_h, stab_n, P,
+                                       scale * LOG2E, scale, config.gluon_dkdv, config.narrow_tail, launch):
+        cfg = config.dkdv
+        launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
+               (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(),
+                *tables, *sizes),
+               cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+               **varlen)
     cfg = config.dq
     launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
            (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),
            cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
            **varlen)
     return dq, dk, dv
+
+
+def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
+    """The `gluon_bwd` module when the split backward of a call with n_kv keys may take its dK/dV kernel (config,
+    no mask, Triton with Gluon), else None."""
+    if config.gluon_dkdv is None or config.gluon_dkdv_from_n is None or n_kv < config.gluon_dkdv_from_n:
+        return None
+    if key_padding_mask is not None:
+        return None
+    if INTERPRET:
+        return None
+    return _gluon_bwd_module()
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_bwd_module():
+    try:
+        from attnhub.backends.triton_fa_rope import gluon_bwd
+    except ImportError as exc:  # a Triton without Gluon's Hopper API: the Triton kernel serves every call
+        runtime.log.info("triton_fa_rope: no Gluon backward with triton %s (%s)", triton.__version__, exc)
+        return None
+    return gluon_bwd
 
 
 def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: str) -> bool:

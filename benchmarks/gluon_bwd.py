@@ -1,0 +1,108 @@
+"""The Gluon dK/dV kernel of the split backward (`gluon_bwd`, configs `gluon_dkdv`, `gluon_dkdv_from_n`) against
+Triton's, side by side in one process, with timm compiled and cuDNN (without RoPE) as the kernel table measures
+them. Needs a Hopper GPU.
+
+    python benchmarks/gluon_bwd.py [--shapes "vit_b16_384;vit_b16_512_reg4"] [--out FILE]
+
+Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention table, as in the kernel table
+(`attnhub.bench`). Per variant ("triton": Triton's dK/dV kernel; "gluon ...": the Gluon kernel with that config)
+the first fwd+bwd call is checked against `math` in float64 with every `torch.empty` buffer NaN-filled (its
+kernels' names are recorded), and the script stops at the first wrong one. Then:
+    fwdbwd_ms      o.backward(do) through `attnhub.attention`, do_bench median (the kernel table's timer)
+    fwdbwd_gpu_ms  the same call's kernel time summed by torch.profiler (host gaps excluded)
+    kernels_ms     each kernel's time in that call (dkdv_ms: the dK/dV kernel's)
+The last lines are a table with each row's ratio to timm compiled and to cuDNN without RoPE (fwdbwd_ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from attnhub import bench, benchkit
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope import configs
+
+K = configs.KernelConfig
+VARIANTS = {  # name -> config fields
+    "triton": dict(gluon_dkdv_from_n=None),
+    "gluon w4 s2": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2)),
+    "gluon w4 s2 wide tail": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2), narrow_tail=False),
+    "gluon w4 s2 r168": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2, 168)),
+    "gluon w4 s3 r168": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 3, 168)),
+    "gluon w8 s2": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 128, 8, 2)),
+}
+
+
+def _timed(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
+    """impl's fwd+bwd as the kernel table times it (`bench._time_pass`): do_bench ms, the kernels' summed ms, and
+    each kernel's."""
+    out = {}
+
+    def timer(measure, key):
+        def run(fn, grads=None):
+            out[key] = measure(fn, device=dev, grads=grads)
+            return 0.0
+        return run
+
+    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.time_ms, "fwdbwd_ms"))
+    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_kernels_ms, "kernels_ms"))
+    out["fwdbwd_gpu_ms"] = sum(out["kernels_ms"].values())
+    out["dkdv_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "dkdv" in name) or None
+    return out
+
+
+def run_shape(s: benchkit.Shape, dev: torch.device, variants: dict) -> list[dict]:
+    torch.compiler.reset()  # one static graph per shape, as the kernel table compiles timm (no dynamic shapes)
+    x = benchkit.inputs(s, dev, torch.bfloat16)
+    ref = benchkit.reference(x, benchkit.rope_table(s, dev), backward=True)
+    rows = []
+    for name, cfg in variants.items():
+        impl = bench.build("attnhub:triton_fa_rope", s, dev)
+        impl.context = lambda cfg=cfg: configs.override(**cfg)
+        with benchkit.nan_empty(), runtime.recording() as launches:
+            got, _ = bench._first_call(impl, x, True, dev)
+        errs = benchkit.errors(got, ref)
+        if not benchkit.within_bounds(errs, torch.bfloat16):
+            raise SystemExit(f"{s} {name}: errors {errs} above the bounds")
+        rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", config=cfg, errors=errs,
+                         launches=[run.name for run in launches], **_timed(impl, x, dev)))
+        print(f"  {s.name} {rows[-1]}", flush=True)
+    for impl_name in ("timm_compiled", "sdpa_cudnn"):
+        rows.append(dict(shape=s.name, impl=impl_name, **_timed(bench.build(impl_name, s, dev), x, dev)))
+        print(f"  {s.name} {impl_name} {rows[-1]['fwdbwd_ms']:.4f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
+                   default="custom:64,12,257,64,1,16;custom:64,12,401,64,1,20;vit_b16_384;vit_b16_512_reg4")
+    p.add_argument("--variants", help=f"comma list of {list(VARIANTS)}", default=",".join(VARIANTS))
+    p.add_argument("--out", help="write the rows and the environment as JSON")
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    env = benchkit.environment(dev)
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
+    rows = []
+    for spec in args.shapes.split(";"):
+        rows += run_shape(benchkit.parse_shape(spec), dev, variants)
+    print(f"\n{'shape':<22} {'implementation':<26} {'dkdv':>7} {'gpu':>7} {'fwdbwd':>7} {'timm c/it':>9} "
+          f"{'cuDNN/it':>9}")
+    for r in rows:
+        base = {x["impl"]: x["fwdbwd_ms"] for x in rows if x["shape"] == r["shape"]}
+        dkdv = r.get("dkdv_ms")
+        print(f"{r['shape']:<22} {r['impl']:<26} {'' if dkdv is None else f'{dkdv:.4f}':>7} "
+              f"{r['fwdbwd_gpu_ms']:>7.4f} {r['fwdbwd_ms']:>7.4f} {base['timm_compiled'] / r['fwdbwd_ms']:>9.3f} "
+              f"{base['sdpa_cudnn'] / r['fwdbwd_ms']:>9.3f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(environment=env, rows=rows), fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
