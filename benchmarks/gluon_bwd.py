@@ -1,16 +1,16 @@
-"""The Gluon dK/dV kernel of the split backward (`gluon_bwd`, configs `gluon_dkdv`, `gluon_dkdv_from_n`) against
-Triton's, side by side in one process, with timm compiled and cuDNN (without RoPE) as the kernel table measures
+"""The Gluon kernels of the split backward (`gluon_bwd`; configs `gluon_dkdv`, `gluon_dq`, `gluon_bwd_from_n`)
+against Triton's, side by side in one process, with timm compiled and cuDNN (without RoPE) as the kernel table measures
 them. Needs a Hopper GPU.
 
     python benchmarks/gluon_bwd.py [--shapes "vit_b16_384;vit_b16_512_reg4"] [--out FILE]
 
 Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention table, as in the kernel table
-(`attnhub.bench`). Per variant ("triton": Triton's dK/dV kernel; "gluon ...": the Gluon kernel with that config)
+(`attnhub.bench`). Per variant ("triton": Triton's backward kernels; "gluon ...": the Gluon ones, configs as named)
 the first fwd+bwd call is checked against `math` in float64 with every `torch.empty` buffer NaN-filled (its
 kernels' names are recorded), and the script stops at the first wrong one. Then:
     fwdbwd_ms      o.backward(do) through `attnhub.attention`, do_bench median (the kernel table's timer)
     fwdbwd_gpu_ms  the same call's kernel time summed by torch.profiler (host gaps excluded)
-    kernels_ms     each kernel's time in that call (dkdv_ms: the dK/dV kernel's)
+    kernels_ms     each kernel's time in that call (dkdv_ms, dq_ms: the dK/dV and dQ kernels')
 The last lines are a table with each row's ratio to timm compiled and to cuDNN without RoPE (fwdbwd_ms).
 """
 
@@ -27,13 +27,13 @@ from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs
 
 K = configs.KernelConfig
-VARIANTS = {  # name -> config fields
-    "triton": dict(gluon_dkdv_from_n=None),
-    "gluon w4 s2": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2)),
-    "gluon w4 s2 wide tail": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2), narrow_tail=False),
-    "gluon w4 s2 r168": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 2, 168)),
-    "gluon w4 s3 r168": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 64, 4, 3, 168)),
-    "gluon w8 s2": dict(gluon_dkdv_from_n=0, gluon_dkdv=K(64, 128, 8, 2)),
+VARIANTS = {  # name -> config fields over the Hopper table's
+    "triton": dict(gluon_bwd_from_n=None),
+    "gluon dkdv": dict(gluon_bwd_from_n=0, gluon_dq=None),
+    "gluon dkdv+dq": dict(gluon_bwd_from_n=0),
+    "gluon dkdv+dq s3": dict(gluon_bwd_from_n=0, gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3)),
+    "gluon dkdv+dq w8": dict(gluon_bwd_from_n=0, gluon_dq=K(128, 64, 8, 2, 128)),
+    "gluon dkdv+dq r128": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 2, 128)),
 }
 
 
@@ -52,6 +52,7 @@ def _timed(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
     bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_kernels_ms, "kernels_ms"))
     out["fwdbwd_gpu_ms"] = sum(out["kernels_ms"].values())
     out["dkdv_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "dkdv" in name) or None
+    out["dq_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "_dq_" in name) or None
     return out
 
 
@@ -91,12 +92,12 @@ def main(argv=None) -> None:
     rows = []
     for spec in args.shapes.split(";"):
         rows += run_shape(benchkit.parse_shape(spec), dev, variants)
-    print(f"\n{'shape':<22} {'implementation':<26} {'dkdv':>7} {'gpu':>7} {'fwdbwd':>7} {'timm c/it':>9} "
+    print(f"\n{'shape':<22} {'implementation':<30} {'dkdv':>7} {'dq':>7} {'gpu':>7} {'fwdbwd':>7} {'timm c/it':>9} "
           f"{'cuDNN/it':>9}")
     for r in rows:
         base = {x["impl"]: x["fwdbwd_ms"] for x in rows if x["shape"] == r["shape"]}
-        dkdv = r.get("dkdv_ms")
-        print(f"{r['shape']:<22} {r['impl']:<26} {'' if dkdv is None else f'{dkdv:.4f}':>7} "
+        dkdv, dq = (f"{r[key]:.4f}" if r.get(key) else "" for key in ("dkdv_ms", "dq_ms"))
+        print(f"{r['shape']:<22} {r['impl']:<30} {dkdv:>7} {dq:>7} "
               f"{r['fwdbwd_gpu_ms']:>7.4f} {r['fwdbwd_ms']:>7.4f} {base['timm_compiled'] / r['fwdbwd_ms']:>9.3f} "
               f"{base['sdpa_cudnn'] / r['fwdbwd_ms']:>9.3f}")
     if args.out:

@@ -49,9 +49,10 @@ class ArchConfigs:
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
     applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
     resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward.
-    gluon_dkdv: the Gluon dK/dV kernel's (queries per step, keys per program = 16 * num_warps, num_warps, query
-    buffers); gluon_dkdv_from_n: from this K/V length on (None: never) the split backward computes dK and dV with
-    it where it applies (`gluon_bwd`).
+    gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
+    keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
+    num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
+    never) the split backward runs them where they apply (`gluon_bwd.takes`).
     """
 
     max_head_dim: int
@@ -68,7 +69,8 @@ class ArchConfigs:
     resident_fwd_max_n: int = 0
     resident_train_max_n: int = 0
     gluon_dkdv: KernelConfig | None = None
-    gluon_dkdv_from_n: int | None = None
+    gluon_dq: KernelConfig | None = None
+    gluon_bwd_from_n: int | None = None
 
 
 K = KernelConfig
@@ -84,7 +86,8 @@ HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640,
-                resident_train_max_n=383, gluon_dkdv=K(64, 128, 8, 3), gluon_dkdv_from_n=257),
+                resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
+                gluon_bwd_from_n=257),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

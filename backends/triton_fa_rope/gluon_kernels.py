@@ -554,11 +554,11 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
 
 
 @gluon.jit
-def _issue_q_do(q_desc, do_desc, q_dst, do_dst, bar, b, h, row0, pred):
-    """TMA: rotated Q and dO rows row0.. of head (b, h) -> bar (rows past N as zeros)."""
-    mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes, pred=pred)
-    _tma_load(q_desc, [b, row0, h, 0], bar, q_dst, pred=pred)
-    _tma_load(do_desc, [b, row0, h, 0], bar, do_dst, pred=pred)
+def _issue_pair(a_desc, b_desc, a_dst, b_dst, bar, b, h, row0, pred):
+    """TMA: rows row0.. of head (b, h) of two tensors (Q and dO, or K and V) -> bar (rows past N as zeros)."""
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
+    _tma_load(a_desc, [b, row0, h, 0], bar, a_dst, pred=pred)
+    _tma_load(b_desc, [b, row0, h, 0], bar, b_dst, pred=pred)
 
 
 @gluon.jit
@@ -609,18 +609,47 @@ def _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, col0, N, qk_sc
 
 
 @gluon.jit
-def _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks):
-    """Block i's Q and dO [BLOCK_M, D] shared views, once landed; first the load of block i + STAGES - 1 into the
-    buffers of block i - 1 is issued (if it exists), after a CTA barrier: every warp is done with them."""
-    STAGES: gl.constexpr = q_buf.shape[0]
-    BLOCK_M: gl.constexpr = q_buf.shape[2]
-    D: gl.constexpr = q_buf.shape[4]
+def _next_pair(a_desc, b_desc, a_buf, b_buf, bars, b, h, i, n_blocks):
+    """Block i of the ring (a_buf, b_buf [STAGES, 1, ROWS, 1, D]) as [ROWS, D] shared views, once landed; first the
+    load of block i + STAGES - 1 into the buffers of block i - 1 is issued (if it exists), after a CTA barrier:
+    every warp is done with them."""
+    STAGES: gl.constexpr = a_buf.shape[0]
+    ROWS: gl.constexpr = a_buf.shape[2]
+    D: gl.constexpr = a_buf.shape[4]
     nxt = i + STAGES - 1
     _cta_barrier()
-    _issue_q_do(q_desc, do_desc, q_buf.index(nxt % STAGES), do_buf.index(nxt % STAGES), bars.index(nxt % STAGES),
-                b, h, nxt * BLOCK_M, nxt < n_blocks)
+    _issue_pair(a_desc, b_desc, a_buf.index(nxt % STAGES), b_buf.index(nxt % STAGES), bars.index(nxt % STAGES), b, h,
+                nxt * ROWS, nxt < n_blocks)
     mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
-    return q_buf.index(i % STAGES).reshape([BLOCK_M, D]), do_buf.index(i % STAGES).reshape([BLOCK_M, D])
+    return a_buf.index(i % STAGES).reshape([ROWS, D]), b_buf.index(i % STAGES).reshape([ROWS, D])
+
+
+@gluon.jit
+def _ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The buffers [STAGES, 1, ROWS, 1, D] of a ring of two streamed tensors, and one mbarrier per stage."""
+    a_buf = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 1, a_desc.block_type.shape[1], 1,
+                                                     a_desc.block_type.shape[3]], a_desc.layout)
+    b_buf = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, b_desc.block_type.shape[1], 1,
+                                                     b_desc.block_type.shape[3]], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return a_buf, b_buf, bars
+
+
+@gluon.jit
+def _store_grad(base, g, row0, N, stride_n, scale, cos_ptr, sin_ptr, h, stab_h, stab_n, P, ROPE: gl.constexpr,
+                num_warps: gl.constexpr):
+    """The epilogue of dK or dQ: g [R, D] fp32 (accumulator layout) * scale, rotated back by R^T with the table rows
+    of tokens row0.. (ROPE), stored to rows row0.. (< N) of base."""
+    R: gl.constexpr = g.shape[0]
+    D: gl.constexpr = g.shape[1]
+    g = gl.convert_layout(g * scale, _rot_layout(num_warps, D))
+    if ROPE:
+        c, s = _load_table(cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h, row0, N, P, stab_n,
+                           R, D, num_warps)
+        g = _rope_back(g, c, s)
+    _store_rows(base, g, row0, N, stride_n)
 
 
 @gluon.jit
@@ -650,13 +679,9 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
     h = bh % H
     k_s4 = gl.allocate_shared_memory(k_desc.dtype, [1, BLOCK_K, 1, D], k_desc.layout)
     v_s4 = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_K, 1, D], v_desc.layout)
-    q_buf = gl.allocate_shared_memory(q_desc.dtype, [STAGES, 1, BLOCK_M, 1, D], q_desc.layout)
-    do_buf = gl.allocate_shared_memory(do_desc.dtype, [STAGES, 1, BLOCK_M, 1, D], do_desc.layout)
+    q_buf, do_buf, bars = _ring(q_desc, do_desc, STAGES)
     bar_kv = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(bar_kv, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     _cta_barrier()
 
@@ -665,7 +690,7 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
     _tma_load(v_desc, [b, key0, h, 0], bar_kv, v_s4)
     n_blocks = gl.cdiv(N, BLOCK_M)  # the tail's block included
     for i in gl.static_range(STAGES - 1):
-        _issue_q_do(q_desc, do_desc, q_buf.index(i), do_buf.index(i), bars.index(i), b, h, i * BLOCK_M,
+        _issue_pair(q_desc, do_desc, q_buf.index(i), do_buf.index(i), bars.index(i), b, h, i * BLOCK_M,
                     i < n_blocks)
 
     acc_layout: gl.constexpr = _mma_layout(num_warps, D)
@@ -678,22 +703,93 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
     mbarrier.wait(bar_kv, 0)
     n_full = n_blocks - 1 if TAIL_M > 0 else n_blocks
     for i in range(n_full):
-        q_s, do_s = _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks)
+        q_s, do_s = _next_pair(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks)
         dk, dv = _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, i * BLOCK_M, N, qk_scale, num_warps)
     if TAIL_M > 0:
-        q_s, do_s = _next_q_do(q_desc, do_desc, q_buf, do_buf, bars, b, h, n_full, n_blocks)
+        q_s, do_s = _next_pair(q_desc, do_desc, q_buf, do_buf, bars, b, h, n_full, n_blocks)
         dk, dv = _dkdv_step(k_s, v_s, q_s.slice(0, TAIL_M), do_s.slice(0, TAIL_M), dk, dv, lse_base, delta_base,
                             n_full * BLOCK_M, N, qk_scale, num_warps)
     mbarrier.invalidate(bar_kv)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    out_layout: gl.constexpr = _rot_layout(num_warps, D)
-    _store_rows(dv_ptr + b.to(gl.int64) * sdv_b + h.to(gl.int64) * sdv_h, gl.convert_layout(dv, out_layout), key0,
-                N, sdv_n)
-    dk = gl.convert_layout(dk * scale, out_layout)
-    if ROPE:
-        c, s = _load_table(cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h, key0, N, P, stab_n,
-                           BLOCK_K, D, num_warps)
-        dk = _rope_back(dk, c, s)
-    _store_rows(dk_ptr + b.to(gl.int64) * sdk_b + h.to(gl.int64) * sdk_h, dk, key0, N, sdk_n)
+    _store_rows(dv_ptr + b.to(gl.int64) * sdv_b + h.to(gl.int64) * sdv_h,
+                gl.convert_layout(dv, _rot_layout(num_warps, D)), key0, N, sdv_n)
+    _store_grad(dk_ptr + b.to(gl.int64) * sdk_b + h.to(gl.int64) * sdk_h, dk, key0, N, sdk_n, scale, cos_ptr, sin_ptr,
+                h, stab_h, stab_n, P, ROPE, num_warps)
+
+
+@gluon.jit
+def _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps: gl.constexpr):
+    """One block of W = k_s.shape[0] keys against the program's queries: dq [BLOCK_Q, D] fp32 updated (waited
+    for). lse, delta [BLOCK_Q] fp32. Keys past N are TMA's zeros: their dS multiplies a zero row of K."""
+    W: gl.constexpr = k_s.shape[0]
+    BLOCK_Q: gl.constexpr = q_s.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, W)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq.type.layout, k_width=2)
+    s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_Q, W], gl.float32, s_layout), use_acc=False,
+                      is_async=True)
+    dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_Q, W], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    p = gl.exp2(s * qk_scale - gl.expand_dims(gl.convert_layout(lse, gl.SliceLayout(1, s_layout)), 1))
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+    ds = p * (dp - gl.expand_dims(gl.convert_layout(delta, gl.SliceLayout(1, s_layout)), 1))
+    dq = warpgroup_mma(gl.convert_layout(ds.to(q_s.dtype), op_layout), k_s, dq, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+
+
+@gluon.jit
+def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, cos_ptr, sin_ptr, sdq_b, sdq_h,
+                    sdq_n, stab_h, stab_n, H, N, P, n_qblocks, qk_scale, scale, ROPE: gl.constexpr,
+                    STAGES: gl.constexpr, TAIL_N: gl.constexpr):
+    """dQ of BLOCK_Q = 16 * num_warps queries of one head (program i: head i // n_qblocks, query block
+    i % n_qblocks): the mirror of `gluon_dkdv_kernel`. The rotated Q and dO arrive once by TMA; the rotated K and V
+    stream in BLOCK_N-row blocks through STAGES buffers. Per block S = Q K^T, dP = dO V^T,
+    P = exp2(S * qk_scale - lse), dS = P (dP - delta), dQ += dS K (`_dq_step`); the last block of TAIL_N keys
+    (0: a whole one). Epilogue: dQ * scale rotated back by R^T (ROPE), stored to rows < N."""
+    BLOCK_Q: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_Q == 16 * num_warps)
+    gl.static_assert(STAGES >= 2)
+    gl.static_assert(TAIL_N < BLOCK_N)
+    pid = gl.program_id(0)
+    bh = pid // n_qblocks
+    q0 = (pid % n_qblocks) * BLOCK_Q
+    b = bh // H
+    h = bh % H
+    q_s4 = gl.allocate_shared_memory(q_desc.dtype, [1, BLOCK_Q, 1, D], q_desc.layout)
+    do_s4 = gl.allocate_shared_memory(do_desc.dtype, [1, BLOCK_Q, 1, D], do_desc.layout)
+    k_buf, v_buf, bars = _ring(k_desc, v_desc, STAGES)
+    bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_q, count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    _issue_pair(q_desc, do_desc, q_s4, do_s4, bar_q, b, h, q0, True)
+    n_blocks = gl.cdiv(N, BLOCK_N)  # the tail's block included
+    for i in gl.static_range(STAGES - 1):
+        _issue_pair(k_desc, v_desc, k_buf.index(i), v_buf.index(i), bars.index(i), b, h, i * BLOCK_N, i < n_blocks)
+
+    acc_layout: gl.constexpr = _mma_layout(num_warps, D)
+    rows = q0 + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, acc_layout))
+    lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=float("inf"))  # rows past N: P = 0
+    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=0.0)
+    dq = gl.zeros([BLOCK_Q, D], gl.float32, acc_layout)
+    q_s = q_s4.reshape([BLOCK_Q, D])
+    do_s = do_s4.reshape([BLOCK_Q, D])
+    mbarrier.wait(bar_q, 0)
+    n_full = n_blocks - 1 if TAIL_N > 0 else n_blocks
+    for i in range(n_full):
+        k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, i, n_blocks)
+        dq = _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps)
+    if TAIL_N > 0:
+        k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, n_full, n_blocks)
+        dq = _dq_step(q_s, do_s, k_s.slice(0, TAIL_N), v_s.slice(0, TAIL_N), dq, lse, delta, qk_scale, num_warps)
+    mbarrier.invalidate(bar_q)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    _store_grad(dq_ptr + b.to(gl.int64) * sdq_b + h.to(gl.int64) * sdq_h, dq, q0, N, sdq_n, scale, cos_ptr, sin_ptr,
+                h, stab_h, stab_n, P, ROPE, num_warps)

@@ -239,26 +239,33 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
     tables = (stab_b, stab_h, stab_n, smb)
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
-    if gluon is None or not gluon.dkdv(q, k, v, do, lse, delta, dk, dv, rope, cos, sin, stab_h, stab_n, P,
-                                       scale * LOG2E, scale, config.gluon_dkdv, config.narrow_tail, launch):
+    if gluon is not None and not gluon.takes(q, k, v, do, rope, dq, dk, dv):
+        gluon = None
+    gluon_args = (rope, cos, sin, stab_h, stab_n, P, scale * LOG2E, scale)
+    if gluon is not None and config.gluon_dkdv is not None:
+        gluon.dkdv(q, k, v, do, lse, delta, dk, dv, *gluon_args, config.gluon_dkdv, config.narrow_tail, launch)
+    else:
         cfg = config.dkdv
         launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
                (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(),
                 *tables, *sizes),
                cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
                **varlen)
-    cfg = config.dq
-    launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
-           (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),
-           cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
-           **varlen)
+    if gluon is not None and config.gluon_dq is not None:
+        gluon.dq(q, k, v, do, lse, delta, dq, *gluon_args, config.gluon_dq, config.narrow_tail, launch)
+    else:
+        cfg = config.dq
+        launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
+               (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),
+               cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+               **varlen)
     return dq, dk, dv
 
 
 def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
-    """The `gluon_bwd` module when the split backward of a call with n_kv keys may take its dK/dV kernel (config,
-    no mask, Triton with Gluon), else None."""
-    if config.gluon_dkdv is None or config.gluon_dkdv_from_n is None or n_kv < config.gluon_dkdv_from_n:
+    """The `gluon_bwd` module when the split backward of a call with n_kv keys may take its kernels (config, no
+    mask, Triton with Gluon), else None."""
+    if config.gluon_bwd_from_n is None or n_kv < config.gluon_bwd_from_n:
         return None
     if key_padding_mask is not None:
         return None

@@ -1,5 +1,5 @@
-"""The Gluon dK/dV kernel of triton_fa_rope's split backward (`gluon_bwd`): which calls take it, and on a Hopper GPU
-the gradients of whole calls through it against `math` in float64 (Gluon has no interpreter: on CPU only the
+"""The Gluon kernels of triton_fa_rope's split backward (`gluon_bwd`: dK/dV and dQ): which calls take them, and on a
+Hopper GPU the gradients of whole calls through them against `math` in float64 (Gluon has no interpreter: on CPU only the
 planning tests run; test_sm90.py compiles its launches for sm_90 offline).
 """
 
@@ -19,7 +19,7 @@ gluon_bwd = launch._gluon_bwd_module()
 pytestmark = pytest.mark.skipif(gluon_bwd is None, reason="this Triton has no Gluon Hopper API")
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 HOPPER = configs.for_arch(9, 64)
-ON = dict(gluon_dkdv_from_n=0)  # every split backward that the kernel can take
+ON = dict(gluon_bwd_from_n=0)  # every split backward that the kernel can take
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +47,21 @@ def _case(N=577, H=3, dtype=torch.bfloat16, kind="fused", layout="interleaved", 
     return q, k, v, make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator())
 
 
-def test_the_hopper_table_takes_it_from_gluon_dkdv_from_n():
-    """From the table's length on the split backward's dK/dV kernel is the Gluon one; the delta and dQ kernels stay
-    Triton's; below it, and with the field None, Triton's."""
-    from_n = HOPPER.gluon_dkdv_from_n
-    assert HOPPER.gluon_dkdv is not None and from_n is not None
-    assert _backward_launches(*_case(N=from_n)) == ["bwd_preprocess", "gluon_dkdv_kernel", "bwd_dq_kernel"]
-    assert "bwd_dkdv_kernel" in _backward_launches(*_case(N=from_n - 1))
-    assert "bwd_dkdv_kernel" in _backward_launches(*_case(N=from_n), gluon_dkdv_from_n=None)
-    assert configs.for_arch(8, 64).gluon_dkdv_from_n is None and configs.for_arch(9, 128).gluon_dkdv_from_n is None
+TRITON = ["bwd_preprocess", "bwd_dkdv_kernel", "bwd_dq_kernel"]
+GLUON = ["bwd_preprocess", "gluon_dkdv_kernel", "gluon_dq_kernel"]
+
+
+def test_the_hopper_table_takes_them_from_gluon_bwd_from_n():
+    """From the table's length on the split backward's dK/dV and dQ kernels are the Gluon ones (the delta pass
+    stays Triton's); below it, with the field None, and for a kernel whose config is None, Triton's."""
+    from_n = HOPPER.gluon_bwd_from_n
+    assert HOPPER.gluon_dkdv is not None and HOPPER.gluon_dq is not None and from_n is not None
+    assert _backward_launches(*_case(N=from_n)) == GLUON
+    assert _backward_launches(*_case(N=from_n - 1)) == TRITON
+    assert _backward_launches(*_case(N=from_n), gluon_bwd_from_n=None) == TRITON
+    assert _backward_launches(*_case(N=from_n), gluon_dq=None) == GLUON[:2] + TRITON[2:]
+    assert _backward_launches(*_case(N=from_n), gluon_dkdv=None) == TRITON[:2] + GLUON[2:]
+    assert configs.for_arch(8, 64).gluon_bwd_from_n is None and configs.for_arch(9, 128).gluon_bwd_from_n is None
 
 
 @pytest.mark.parametrize("why", ["mask", "fp32", "head_dim", "grouped", "cross", "half", "per_sample", "unaligned",
@@ -83,14 +89,21 @@ def test_leaves_other_calls_to_the_triton_kernel(why):
     elif why == "norope_ok":
         table = None
     names = _backward_launches(q, k, v, table, mask, **ON)
-    takes = why.endswith("_ok")
-    assert ("gluon_dkdv_kernel" in names) == takes and ("bwd_dkdv_kernel" in names) != takes
+    assert names[-2:] == (GLUON if why.endswith("_ok") else TRITON)[-2:]
 
 
-def test_a_config_it_cannot_run_is_an_error():
+@pytest.mark.parametrize("field,cfg", [("gluon_dkdv", (64, 64, 8, 3)), ("gluon_dq", (64, 64, 8, 3)),
+                                       ("gluon_dq", (64, 32, 4, 2)), ("gluon_dkdv", (64, 64, 4, 1))])
+def test_a_config_they_cannot_run_is_an_error(field, cfg):
     q, k, v, table = _case()
-    with pytest.raises(ValueError, match="block_n = 16 \\* num_warps"):
-        _backward_launches(q, k, v, table, **ON, gluon_dkdv=configs.KernelConfig(64, 64, 8, 3))
+    with pytest.raises(ValueError, match=f"{field} .* needs its resident rows = 16 \\* num_warps"):
+        _backward_launches(q, k, v, table, **ON, **{field: configs.KernelConfig(*cfg)})
+
+
+@pytest.mark.parametrize("N,block,rows", [(577, 64, 16), (1029, 64, 16), (401, 64, 32), (640, 64, 0), (1, 64, 16),
+                                          (33, 64, 0), (48, 64, 0), (129, 128, 16), (160, 128, 32), (200, 128, 0)])
+def test_the_last_block_is_only_as_wide_as_its_rows_need(N, block, rows):
+    assert gluon_bwd.tail_rows(N, block) == rows
 
 
 # ------------------------------------------------------------------------------------------------- on the GPU
@@ -111,10 +124,11 @@ FLOAT64_CASES = [  # N, prefix, table, layout of q, k, v; keys in blocks of 128 
     (129, 1, None, "fused"),  # one key past a block
     (1, 1, "shared", "fused"),  # the prefix token alone
 ]
-CONFIGS = {  # name -> config fields: two warpgroups; one; one under a register cap, every query block whole
-    "w8": dict(gluon_dkdv=configs.KernelConfig(64, 128, 8, 3)),
-    "w4s2": dict(gluon_dkdv=configs.KernelConfig(64, 64, 4, 2)),
-    "w4s3r168_wide": dict(gluon_dkdv=configs.KernelConfig(64, 64, 4, 3, 168), narrow_tail=False),
+K = configs.KernelConfig
+CONFIGS = {  # name -> config fields: the table's; two warpgroups; three buffers, every last block whole
+    "table": {},
+    "w8": dict(gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)),
+    "s3_wide": dict(gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3), narrow_tail=False),
 }
 
 
@@ -138,7 +152,7 @@ def _grads(q, k, v, table, do, packed: bool):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,P,table_kind,kind", FLOAT64_CASES)
 def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan_empty):
-    """Whole calls (the forward by the table, the split backward with the Gluon dK/dV kernel forced on) with
+    """Whole calls (the forward by the table, the split backward with the Gluon kernels forced on) with
     NaN-filled outputs, B * H = 160 heads; the output gradient laid out [B, H, N, D] (not like o); every other
     case through `attention_packed` (dk, dv into views of one gradient)."""
     gen = torch.Generator().manual_seed(N + 7)
@@ -150,7 +164,7 @@ def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan
     packed = FLOAT64_CASES.index((N, P, table_kind, kind)) % 2 == 1
     with configs.override(**ON, **CONFIGS[cfg], bwd_fused_max_n=0), runtime.recording() as launches:
         o, *grads = _grads(q, k, v, table, do, packed)
-    assert "gluon_dkdv_kernel" in [x.name for x in launches]
+    assert [x.name for x in launches][-2:] == GLUON[-2:]
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_leaves, table)
     ref.backward(do.double())
@@ -164,16 +178,16 @@ def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan
 
 @pytest.mark.gpu
 @gpu
-def test_it_matches_the_triton_kernel():
-    """The same call's dk and dv through both dK/dV kernels agree to bf16 round-off (both read what one forward
-    saved)."""
+def test_they_match_the_triton_kernels():
+    """The same call's gradients through the Gluon and the Triton backward kernels agree to bf16 round-off (both
+    read what one forward saved)."""
     q, k, v, table = _case(N=577, H=12)
     q, k, v = (t.cuda() for t in (q, k, v))
     table = make_table(Shape(2, 12, (24, 24), 1, 64, "interleaved"), torch.Generator())
     do = torch.randn_like(q)
     with configs.override(**ON):
         got = _grads(q, k, v, table, do, False)
-    with configs.override(gluon_dkdv_from_n=None):
+    with configs.override(gluon_bwd_from_n=None):
         ref = _grads(q, k, v, table, do, False)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
         assert_close_rel(a, b.double(), torch.bfloat16, name, grad=name != "o")
