@@ -33,7 +33,8 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     "gluon dkdv+dq": dict(gluon_bwd_from_n=0),
     "gluon dkdv+dq s3": dict(gluon_bwd_from_n=0, gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3)),
     "gluon dkdv+dq w8": dict(gluon_bwd_from_n=0, gluon_dq=K(128, 64, 8, 2, 128)),
-    "gluon dkdv+dq r128": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 2, 128)),
+    "gluon dkdv+dq dq s4": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 4)),
+    "gluon dkdv+dq, no fused": dict(gluon_bwd_from_n=0, bwd_fused_max_n=0),  # N <= 256 too
 }
 
 
@@ -81,7 +82,7 @@ def run_shape(s: benchkit.Shape, dev: torch.device, variants: dict) -> list[dict
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
-                   default="custom:64,12,257,64,1,16;custom:64,12,401,64,1,20;vit_b16_384;vit_b16_512_reg4")
+                   default="vit_b16_224;custom:64,12,257,64,1,16;custom:64,12,401,64,1,20;vit_b16_384;vit_b16_512_reg4")
     p.add_argument("--variants", help=f"comma list of {list(VARIANTS)}", default=",".join(VARIANTS))
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
