@@ -53,7 +53,7 @@ def _timed(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
     bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_kernels_ms, "kernels_ms"))
     out["fwdbwd_gpu_ms"] = sum(out["kernels_ms"].values())
     out["dkdv_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "dkdv" in name) or None
-    out["dq_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "_dq_" in name) or None
+    out["dq_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if name.startswith(("bwd_dq", "gluon_dq"))) or None
     return out
 
 

@@ -286,13 +286,22 @@ def _gluon_bwd_module():
 
 def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: str) -> bool:
     """Whether the backward of this call takes the fused path. `path` ("auto", "fused" or "split", from
-    ATTNHUB_TRITON_BWD): auto takes it while max(N_Q, N_KV) <= config.bwd_fused_max_n. bwd_fused_kernel reads
-    no key padding mask, k/v head groups or per-sample tables: those calls always take the split path."""
+    ATTNHUB_TRITON_BWD): auto takes it while max(N_Q, N_KV) <= config.bwd_fused_max_n, unless the split backward
+    would run the Gluon kernels (from config.gluon_bwd_from_n on: faster on the GPU at N = 197). bwd_fused_kernel
+    reads no key padding mask, k/v head groups or per-sample tables: those calls always take the split path."""
     if key_padding_mask is not None or k.shape[1] != q.shape[1] or (rope is not None and rope.cos.dim() == 4):
         return False
     if path == "auto":
-        return max(q.shape[2], k.shape[2]) <= config.bwd_fused_max_n
+        n = max(q.shape[2], k.shape[2])
+        return n <= config.bwd_fused_max_n and not _gluon_split(config, q, k, rope, n)
     return path == "fused"
+
+
+def _gluon_split(config: ArchConfigs, q, k, rope, n: int) -> bool:
+    """Whether the split backward of a call would run the Gluon kernels (v and the output gradient taken to be laid
+    out like k and q; when they are not, the split backward runs Triton's kernels)."""
+    gluon = _gluon_bwd(config, n, None)
+    return gluon is not None and gluon.takes(q, k, k, q, rope)
 
 
 def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None,

@@ -191,3 +191,18 @@ def test_they_match_the_triton_kernels():
         ref = _grads(q, k, v, table, do, False)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
         assert_close_rel(a, b.double(), torch.bfloat16, name, grad=name != "o")
+
+
+@pytest.mark.parametrize("N,layout,dtype,fused", [(100, "interleaved", torch.bfloat16, True),
+                                                  (197, "interleaved", torch.bfloat16, False),
+                                                  (197, "interleaved", torch.float16, False),
+                                                  (197, "half", torch.bfloat16, True),
+                                                  (197, "interleaved", torch.float32, True),
+                                                  (256, None, torch.bfloat16, False)])
+def test_short_calls_take_the_fused_backward_unless_the_gluon_kernels_serve(N, layout, dtype, fused):
+    """Up to bwd_fused_max_n tokens the fused backward runs, unless the split one would run the Gluon kernels (from
+    gluon_bwd_from_n on, for calls they take)."""
+    q, k, v, table = _case(N=N, dtype=dtype, layout=layout or "interleaved")
+    table = table if layout else None
+    assert launch.use_fused_backward(HOPPER, q, k, table, None, "auto") == fused
+    assert launch.use_fused_backward(dataclasses.replace(HOPPER, gluon_bwd_from_n=None), q, k, table, None, "auto")
