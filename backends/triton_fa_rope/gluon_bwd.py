@@ -18,30 +18,51 @@ from __future__ import annotations
 import torch
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from attnhub.backends.triton_fa_rope.configs import KernelConfig
+from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope.configs import ArchConfigs, KernelConfig
 from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _smem_layout, _tma_strides
 from attnhub.backends.triton_fa_rope.gluon_kernels import gluon_dkdv_kernel, gluon_dq_kernel
+from attnhub.rope import table_strides
+
+_TAKES: dict = {}
+_PLANS: dict = {}
+_CACHE_MAX = 1024  # call signatures kept per cache: cleared when full
+
+
+def _remember(cache: dict, sig, make):
+    hit = cache.get(sig, cache)
+    if hit is cache:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        hit = cache[sig] = make()
+    return hit
 
 
 def takes(q, k, v, do, rope, *grads) -> bool:
-    """Whether the kernels can take this backward: q, k (rotated), v, do: [B, H, N, D]; grads: where gradients go."""
+    """Whether the kernels can take this backward: q, k (rotated), v, do: [B, H, N, D] (bf16 or fp16, D = 64, one
+    shape, TMA-readable strides); rope None or interleaved with one table or one per head; grads: where gradients
+    go (dense channels). The bases' 16-byte alignment is checked per call."""
+    sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype, k.dtype,
+           v.dtype, do.dtype, None if rope is None else (rope.layout, rope.cos.dim()),
+           tuple(g.stride(-1) for g in grads))
+    return _remember(_TAKES, sig, lambda: _takes(q, k, v, do, rope, grads)) and _aligned(q, k, v, do)
+
+
+def _takes(q, k, v, do, rope, grads) -> bool:
     if q.dtype not in (torch.bfloat16, torch.float16) or not k.dtype == v.dtype == do.dtype == q.dtype:
         return False
     if q.shape[-1] != HEAD_D or not q.shape == k.shape == v.shape == do.shape:
         return False
     if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
         return False
-    if any(g.stride(-1) != 1 for g in grads):
-        return False
-    tensors = (q, k, v, do)
-    return all(_tma_strides(t) for t in tensors) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return all(g.stride(-1) == 1 for g in grads) and all(_tma_strides(t) for t in (q, k, v, do))
 
 
-def _desc(t: torch.Tensor, rows: int):
-    """A TMA descriptor reading t [B, H, N, D] as the [B, N, H, D] tensor it is in memory, blocks of `rows`."""
-    B, H, N, D = t.shape
-    s = t.stride()
-    return TensorDescriptor(t, [B, N, H, D], [s[0], s[2], s[1], s[3]], [1, rows, 1, D], _smem_layout(rows, t.dtype))
+def _aligned(*tensors) -> bool:
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % 16 == 0
 
 
 def tail_rows(N: int, block_m: int) -> int:
@@ -60,33 +81,74 @@ def _check(name: str, cfg: KernelConfig, resident: int, streamed: int) -> None:
                          "rows per 4 warps), streamed rows 64 or 128 and num_stages >= 2")
 
 
-def dkdv(q, k, v, do, lse, delta, dk, dv, rope, cos, sin, stab_h, stab_n, P, qk_scale, scale, cfg: KernelConfig,
-         narrow_tail: bool, launch) -> None:
-    """dk, dv <- the gradients w.r.t. k and v (dk rotated back with `rope`), from the rotated q, k, the output
-    gradient do, lse and delta [B*H, N] fp32 (base 2), for a call `takes` accepts. cos, sin: the tables as the
-    Triton kernels read them; qk_scale: scale * log2(e); cfg: (queries per step, keys per program = 16 *
-    num_warps, num_warps, query/dO buffers[, maxnreg]); narrow_tail: the last query block only as wide as
-    `tail_rows` says."""
-    _check("gluon_dkdv", cfg, cfg.block_n, cfg.block_m)
-    B, H, N, D = q.shape
-    n_kblocks = -(-N // cfg.block_n)
-    args = (_desc(q, cfg.block_m), _desc(k, cfg.block_n), _desc(v, cfg.block_n), _desc(do, cfg.block_m), lse, delta,
-            dk, dv, cos, sin, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            stab_h, stab_n, H, N, P, n_kblocks, qk_scale, scale)
-    launch(gluon_dkdv_kernel, (n_kblocks * B * H,), args, cfg.num_warps, 1, **cfg.options(), ROPE=rope is not None,
-           STAGES=cfg.num_stages, TAIL_M=tail_rows(N, cfg.block_m) if narrow_tail else 0)
+class _Launch:
+    """One kernel's launch as a call signature fixes it: descriptor makers of q, k, v, do (blocks of q_rows and
+    kv_rows), the grid, the int arguments, warps and constexprs (with the register cap)."""
+
+    __slots__ = ("kernel", "makers", "grid", "ints", "num_warps", "constexprs")
+
+    def __init__(self, kernel, tensors, q_rows, kv_rows, grid, ints, cfg: KernelConfig, **constexprs):
+        self.kernel = kernel
+        self.makers = tuple(_maker(t, rows) for t, rows in zip(tensors, (q_rows, kv_rows, kv_rows, q_rows)))
+        self.grid, self.ints, self.num_warps = grid, ints, cfg.num_warps
+        self.constexprs = {**cfg.options(), **constexprs}
 
 
-def dq(q, k, v, do, lse, delta, dq, rope, cos, sin, stab_h, stab_n, P, qk_scale, scale, cfg: KernelConfig,
-       narrow_tail: bool, launch) -> None:
-    """dq <- the gradient w.r.t. q (rotated back with `rope`), as `dkdv`; cfg: (queries per program = 16 *
-    num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); narrow_tail: the last key block only as wide
-    as `tail_rows` says."""
-    _check("gluon_dq", cfg, cfg.block_m, cfg.block_n)
+def _maker(t: torch.Tensor, rows: int):
+    """Descriptors of tensors like t [B, H, N, D]: TMA reads the [B, N, H, D] tensor it is in memory, blocks of
+    `rows` (`runtime.descriptor_maker`: checked once, copied per call)."""
+    B, H, N, D = t.shape
+    s = t.stride()
+    return runtime.descriptor_maker(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]], [1, rows, 1, D],
+                                    _smem_layout(rows, t.dtype))
+
+
+def _plan(q, k, v, do, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Launch | None, _Launch | None]:
+    """The dK/dV and dQ launches of this call signature (None: that kernel's config is None), for a call `takes`
+    accepts; cos: the table as the kernels read it."""
     B, H, N, D = q.shape
-    n_qblocks = -(-N // cfg.block_m)
-    args = (_desc(q, cfg.block_m), _desc(k, cfg.block_n), _desc(v, cfg.block_n), _desc(do, cfg.block_m), lse, delta,
-            dq, cos, sin, dq.stride(0), dq.stride(1), dq.stride(2), stab_h, stab_n, H, N, P, n_qblocks, qk_scale,
-            scale)
-    launch(gluon_dq_kernel, (n_qblocks * B * H,), args, cfg.num_warps, 1, **cfg.options(), ROPE=rope is not None,
-           STAGES=cfg.num_stages, TAIL_N=tail_rows(N, cfg.block_n) if narrow_tail else 0)
+    stab_h, stab_n, P = (0, 0, 0) if rope is None else (*table_strides(cos)[1:], rope.prefix_tokens)
+    tensors = (q, k, v, do)
+    rope_on = rope is not None
+    dkdv = dq_ = None
+    if config.gluon_dkdv is not None:
+        cfg = config.gluon_dkdv
+        _check("gluon_dkdv", cfg, cfg.block_n, cfg.block_m)
+        blocks = -(-N // cfg.block_n)
+        dkdv = _Launch(gluon_dkdv_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
+                       (*dk.stride()[:3], *dv.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
+                       STAGES=cfg.num_stages, TAIL_M=tail_rows(N, cfg.block_m) if config.narrow_tail else 0)
+    if config.gluon_dq is not None:
+        cfg = config.gluon_dq
+        _check("gluon_dq", cfg, cfg.block_m, cfg.block_n)
+        blocks = -(-N // cfg.block_m)
+        dq_ = _Launch(gluon_dq_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
+                      (*dq.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on, STAGES=cfg.num_stages,
+                      TAIL_N=tail_rows(N, cfg.block_n) if config.narrow_tail else 0)
+    return dkdv, dq_
+
+
+def backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin, qk_scale: float, scale: float,
+             config: ArchConfigs, launch) -> tuple[bool, bool]:
+    """The Gluon kernels of this backward, for a call `takes` accepts: dk, dv (config.gluon_dkdv) and dq
+    (config.gluon_dq) <- the gradients (dq and dk rotated back with `rope`), from the rotated q, k, v, the output
+    gradient do, lse and delta [B*H, N] fp32 (base 2). -> which of the two ran (a kernel whose config is None
+    does not: the caller runs Triton's). cos, sin: the tables as the Triton kernels read them; qk_scale: scale *
+    log2(e)."""
+    sig = (q.shape, q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), q.dtype,
+           q.device, None if rope is None else (rope.layout, cos.shape, cos.stride(), rope.prefix_tokens),
+           config.gluon_dkdv, config.gluon_dq, config.narrow_tail)
+    plan = _remember(_PLANS, sig, lambda: _plan(q, k, v, do, dq, dk, dv, rope, cos, config))
+    aligned = (cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0,
+               tuple(g.data_ptr() % 16 == 0 for g in (dq, dk, dv)))
+    for which, spec, grads in ((0, plan[0], (dk, dv)), (1, plan[1], (dq, ))):
+        if spec is None:
+            continue
+        args = (*(make(t) for make, t in zip(spec.makers, (q, k, v, do))), lse, delta, *grads, cos, sin, *spec.ints,
+                qk_scale, scale)
+        if launch is runtime.launch:  # the plan knows every argument's specialization but these alignments
+            runtime.launch_keyed((plan, which, aligned, qk_scale, scale), spec.kernel, spec.grid, args,
+                                 spec.num_warps, 1, **spec.constexprs)
+        else:
+            launch(spec.kernel, spec.grid, args, spec.num_warps, 1, **spec.constexprs)
+    return plan[0] is not None, plan[1] is not None

@@ -239,21 +239,17 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
     tables = (stab_b, stab_h, stab_n, smb)
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
-    if gluon is not None and not gluon.takes(q, k, v, do, rope, dq, dk, dv):
-        gluon = None
-    gluon_args = (rope, cos, sin, stab_h, stab_n, P, scale * LOG2E, scale)
-    if gluon is not None and config.gluon_dkdv is not None:
-        gluon.dkdv(q, k, v, do, lse, delta, dk, dv, *gluon_args, config.gluon_dkdv, config.narrow_tail, launch)
-    else:
+    ran = (False, False)
+    if gluon is not None and gluon.takes(q, k, v, do, rope, dq, dk, dv):
+        ran = gluon.backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin, scale * LOG2E, scale, config, launch)
+    if not ran[0]:
         cfg = config.dkdv
         launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
                (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(),
                 *tables, *sizes),
                cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
                **varlen)
-    if gluon is not None and config.gluon_dq is not None:
-        gluon.dq(q, k, v, do, lse, delta, dq, *gluon_args, config.gluon_dq, config.narrow_tail, launch)
-    else:
+    if not ran[1]:
         cfg = config.dq
         launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
                (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),

@@ -60,7 +60,7 @@ def test_the_hopper_table_takes_them_from_gluon_bwd_from_n():
     assert _backward_launches(*_case(N=from_n - 1)) == TRITON
     assert _backward_launches(*_case(N=from_n), gluon_bwd_from_n=None) == TRITON
     assert _backward_launches(*_case(N=from_n), gluon_dq=None) == GLUON[:2] + TRITON[2:]
-    assert _backward_launches(*_case(N=from_n), gluon_dkdv=None) == TRITON[:2] + GLUON[2:]
+    assert sorted(_backward_launches(*_case(N=from_n), gluon_dkdv=None)) == sorted(TRITON[:2] + GLUON[2:])
     assert configs.for_arch(8, 64).gluon_bwd_from_n is None and configs.for_arch(9, 128).gluon_bwd_from_n is None
 
 
@@ -89,7 +89,7 @@ def test_leaves_other_calls_to_the_triton_kernel(why):
     elif why == "norope_ok":
         table = None
     names = _backward_launches(q, k, v, table, mask, **ON)
-    assert names[-2:] == (GLUON if why.endswith("_ok") else TRITON)[-2:]
+    assert sorted(names[-2:]) == sorted((GLUON if why.endswith("_ok") else TRITON)[-2:])
 
 
 @pytest.mark.parametrize("field,cfg", [("gluon_dkdv", (64, 64, 8, 3)), ("gluon_dq", (64, 64, 8, 3)),
@@ -164,7 +164,8 @@ def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan
     packed = FLOAT64_CASES.index((N, P, table_kind, kind)) % 2 == 1
     with configs.override(**ON, **CONFIGS[cfg], bwd_fused_max_n=0), runtime.recording() as launches:
         o, *grads = _grads(q, k, v, table, do, packed)
-    assert [x.name for x in launches][-2:] == GLUON[-2:]
+    names = {x.name for x in launches}
+    assert set(GLUON[1:]) <= names and not names & set(TRITON[1:])
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_leaves, table)
     ref.backward(do.double())
