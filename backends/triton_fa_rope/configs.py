@@ -87,7 +87,7 @@ HOPPER = (
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640,
                 resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
-                gluon_bwd_from_n=129),
+                gluon_bwd_from_n=257),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

@@ -205,5 +205,7 @@ def test_short_calls_take_the_fused_backward_unless_the_gluon_kernels_serve(N, l
     gluon_bwd_from_n on, for calls they take)."""
     q, k, v, table = _case(N=N, dtype=dtype, layout=layout or "interleaved")
     table = table if layout else None
-    assert launch.use_fused_backward(HOPPER, q, k, table, None, "auto") == fused
+    assert launch.use_fused_backward(dataclasses.replace(HOPPER, gluon_bwd_from_n=129), q, k, table, None,
+                                     "auto") == fused
+    assert launch.use_fused_backward(HOPPER, q, k, table, None, "auto") == (HOPPER.gluon_bwd_from_n > N or fused)
     assert launch.use_fused_backward(dataclasses.replace(HOPPER, gluon_bwd_from_n=None), q, k, table, None, "auto")
