@@ -2,7 +2,7 @@
 against Triton's, side by side in one process, with timm compiled and cuDNN (without RoPE) as the kernel table measures
 them. Needs a Hopper GPU.
 
-    python benchmarks/gluon_bwd.py [--shapes "vit_b16_384;vit_b16_512_reg4"] [--out FILE]
+    python benchmarks/gluon_bwd.py [--shapes "vit_b16_384;vit_b16_512_reg4"] [--variants ...] [--host] [--out FILE]
 
 Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention table, as in the kernel table
 (`attnhub.bench`). Per variant ("triton": Triton's backward kernels; "gluon ...": the Gluon ones, configs as named)
@@ -11,7 +11,8 @@ kernels' names are recorded), and the script stops at the first wrong one. Then:
     fwdbwd_ms      o.backward(do) through `attnhub.attention`, do_bench median (the kernel table's timer)
     fwdbwd_gpu_ms  the same call's kernel time summed by torch.profiler (host gaps excluded)
     kernels_ms     each kernel's time in that call (dkdv_ms, dq_ms: the dK/dV and dQ kernels')
-The last lines are a table with each row's ratio to timm compiled and to cuDNN without RoPE (fwdbwd_ms).
+The last lines are a table with each row's ratio to timm compiled and to cuDNN without RoPE (fwdbwd_ms). --host
+adds the host µs per fwd+bwd of each backward path at the tiny shape (`host`).
 """
 
 from __future__ import annotations
@@ -79,19 +80,44 @@ def run_shape(s: benchkit.Shape, dev: torch.device, variants: dict) -> list[dict
     return rows
 
 
+def host(dev: torch.device) -> dict:
+    """Host µs per cached fwd+bwd at the tiny shape (1, 1, 17, 64): the fused backward, the split one with Triton's
+    kernels and with the Gluon ones (forced at this length), and F.sdpa's."""
+    import attnhub
+
+    s = benchkit.TINY
+    x = benchkit.inputs(s, dev, torch.bfloat16)
+    table = benchkit.rope_table(s, dev)
+    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
+    variants = {"fused": dict(gluon_bwd_from_n=None), "split triton": dict(gluon_bwd_from_n=None, bwd_fused_max_n=0),
+                "split gluon": dict(gluon_bwd_from_n=0)}
+    fns = {}
+    for name, fields in variants.items():
+        def call(fields=fields):
+            with configs.override(**fields):
+                attnhub.attention(q, k, v, rope=table, backend="triton_fa_rope").backward(x["do"])
+        fns[name] = call
+    fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(x["do"])
+    return dict(zip(fns, benchkit.host_us(list(fns.values()), 2000, dev)))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
                    default="vit_b16_224;custom:64,12,257,64,1,16;custom:64,12,401,64,1,20;vit_b16_384;vit_b16_512_reg4")
     p.add_argument("--variants", help=f"comma list of {list(VARIANTS)}", default=",".join(VARIANTS))
+    p.add_argument("--host", action="store_true", help="also host µs per fwd+bwd at the tiny shape (`host`)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     env = benchkit.environment(dev)
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
+    host_us = host(dev) if args.host else None
+    if host_us:
+        print(f"host µs per fwd+bwd at the tiny shape: {host_us}", flush=True)
     rows = []
-    for spec in args.shapes.split(";"):
+    for spec in args.shapes.split(";") if args.shapes else ():
         rows += run_shape(benchkit.parse_shape(spec), dev, variants)
     print(f"\n{'shape':<22} {'implementation':<30} {'dkdv':>7} {'dq':>7} {'gpu':>7} {'fwdbwd':>7} {'timm c/it':>9} "
           f"{'cuDNN/it':>9}")
@@ -103,7 +129,7 @@ def main(argv=None) -> None:
               f"{base['sdpa_cudnn'] / r['fwdbwd_ms']:>9.3f}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(dict(environment=env, rows=rows), fh, indent=1, default=str)
+            json.dump(dict(environment=env, host_us=host_us, rows=rows), fh, indent=1, default=str)
 
 
 if __name__ == "__main__":
