@@ -81,7 +81,10 @@ K = KernelConfig
 # 1.13x at N = 257. Training takes them below 384 tokens (the training forward 1.6x the Triton one's speed at
 # N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
-# fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case.
+# fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case. From 257 tokens the
+# split backward runs the Gluon dK/dV (168 registers: three CTAs per SM) and dQ (122: four) kernels, 19-22% and
+# 18-31% faster than those two at N = 257-1029; at N <= 256 they beat the fused backward on the GPU (9% at ViT-B)
+# but cost the host two more launches, and a compiled ViT-S step is host-bound: the fused one stays there.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,

@@ -1,16 +1,20 @@
-"""The Hopper dK/dV kernel of triton_fa_rope's split backward, written in Gluon (`gluon_kernels.bwd_dkdv_kernel`):
-which calls take it and its launch.
+"""The Hopper kernels of triton_fa_rope's split backward, written in Gluon (`gluon_kernels.gluon_dkdv_kernel`,
+`gluon_dq_kernel`): which calls take them, their plans and launches.
 
-The Triton dK/dV kernel streams 32-query blocks past 128 keys in one warpgroup; Triton schedules its five products
-as it can. This kernel keeps a 128-key block of the (rotated) K and V in shared memory, streams the rotated Q and
-dO through a TMA ring (64 queries per step, the next two in flight) and feeds each warpgroup's wgmma from shared
-memory and, for P^T and dS^T, from registers; dK is rotated back (R^T) in the epilogue. The delta pass and the dQ
-kernel stay Triton's. Deterministic like them: no atomics, each key block's sums in one order.
+Triton's dK/dV kernel streams 32-query blocks past 128 keys in one warpgroup, its dQ kernel recomputes the scores
+for 128 queries in two. These keep 64 keys (dK/dV) or 64 queries (dQ) of a head per warpgroup in shared memory,
+stream the other side through a two-buffer TMA ring in 64-row blocks (the last one only as wide as its rows need:
+`tail_rows`), and feed wgmma from shared memory and, for P^T / dS^T and dS, from registers; dK and dQ are rotated
+back (R^T) in the epilogue. Small programs under a register cap run three (dK/dV) or four (dQ) CTAs per SM, so
+one CTA's softmax hides behind another's MMAs. The delta pass stays Triton's. Deterministic like Triton's: no
+atomics, each block's sums in one order.
 
-Only `launch.backward` calls it (split path, from the config table's `gluon_bwd_from_n` tokens on), for the
-calls it can take (`dkdv` returns False otherwise): no key padding mask, equal head counts, N_Q = N_KV,
-interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, TMA-readable q, k, v, dO and dense
-channels in dK, dV. Gluon has no interpreter: the GPU parity tests and the offline sm_90 compile check cover it.
+Only `launch.backward` calls them (split path, from the config table's `gluon_bwd_from_n` tokens on; a kernel
+whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take (`takes`): no
+key padding mask, equal head counts, N_Q = N_KV, interleaved RoPE with one table (or one per head) or none,
+bf16/fp16, D = 64, TMA-readable q, k, v, dO and dense channels in dq, dk, dv. Gluon has no interpreter: the GPU
+parity tests and the offline sm_90 compile check cover them (tests/backends/triton_fa_rope/test_gluon_bwd.py,
+test_sm90.py). Measured on an H200: benchmarks/README.md.
 """
 
 from __future__ import annotations

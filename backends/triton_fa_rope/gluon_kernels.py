@@ -1,5 +1,6 @@
-"""The Gluon (`triton.experimental.gluon`) kernels of triton_fa_rope's Hopper forwards; `gluon_fwd` plans and
-launches them (what they compute, which calls take them and why: its docstring).
+"""The Gluon (`triton.experimental.gluon`) kernels of triton_fa_rope on Hopper: the forwards, which `gluon_fwd`
+plans and launches, and the split backward's dK/dV and dQ, which `gluon_bwd` does (what they compute, which calls
+take them and why: those modules' docstrings).
 
     resident_fwd_kernel  N <= 256: per head, TMA loads Q, K and V whole while the previous head computes; each
                          warpgroup owns 64-row slices of the queries.
@@ -9,8 +10,11 @@ launches them (what they compute, which calls take them and why: its docstring).
                          intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
                          cores.
 
+    gluon_dkdv_kernel    N > 256: 64 keys per warpgroup resident, the rotated Q and dO streamed through a TMA ring
+    gluon_dq_kernel      its mirror: 64 queries per warpgroup resident, K and V streamed
+
 Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps and the resident kernel, the long
-kernel's slice loop, its warp-specialized partitions and the kernel. Written against Triton 3.6; names that 3.7+
+kernel's slice loop, its warp-specialized partitions and the kernel, then the backward's ring, steps and kernels. Written against Triton 3.6; names that 3.7+
 renamed are aliased below.
 """
 

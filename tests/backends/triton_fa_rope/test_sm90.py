@@ -55,10 +55,16 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         assert (case, "long_gluon", "long_fwd_kernel") in compiled
     assert ("d64_fp16_interleaved_n641", "long_gluon", "fwd_kernel") in compiled
     # training forwards through them (writing the rotated q and k), both kernels, then the backward
-    for case, kernel in (("d64_bf16_perhead_n197", "resident_fwd_kernel"),
-                         ("d64_bf16_interleaved_n577", "long_fwd_kernel")):
-        assert {(case, "gluon_train", name) for name in (kernel, "bwd_dq_kernel")} <= compiled
+    for case, kernel, dq in (("d64_bf16_perhead_n197", "resident_fwd_kernel", "bwd_dq_kernel"),
+                             ("d64_bf16_interleaved_n577", "long_fwd_kernel", "gluon_dq_kernel")):
+        assert {(case, "gluon_train", name) for name in (kernel, dq)} <= compiled
         assert (case, "gluon_train", "fwd_kernel") not in compiled
+    # the Gluon backward from gluon_bwd_from_n on (shared and per-head tables, bf16 and fp16; last blocks narrow
+    # and whole), Triton's below it
+    for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401", "d64_fp16_interleaved_n641"):
+        for variant in ("long_gluon", "gluon_bwd_whole_tail"):
+            assert {(case, variant, name) for name in ("gluon_dkdv_kernel", "gluon_dq_kernel")} <= compiled
+            assert (case, variant, "bwd_dkdv_kernel") not in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled
