@@ -642,6 +642,40 @@ def _ring(a_desc, b_desc, STAGES: gl.constexpr):
 
 
 @gluon.jit
+def _block_and_ring(res_a_desc, res_b_desc, ring_a_desc, ring_b_desc, b, h, row0, N, STAGES: gl.constexpr):
+    """A backward program's shared memory: one block of two resident tensors (rows row0.. of head (b, h), by TMA
+    -> bar_res) and a ring of STAGES blocks of two streamed ones, the first STAGES - 1 in flight. -> resident
+    [ROWS, D] views, bar_res, the ring's buffers and barriers, and the number of streamed blocks (the last one
+    partial)."""
+    ROWS: gl.constexpr = res_a_desc.block_type.shape[1]
+    D: gl.constexpr = res_a_desc.block_type.shape[3]
+    STREAM: gl.constexpr = ring_a_desc.block_type.shape[1]
+    a_s4 = gl.allocate_shared_memory(res_a_desc.dtype, [1, ROWS, 1, D], res_a_desc.layout)
+    b_s4 = gl.allocate_shared_memory(res_b_desc.dtype, [1, ROWS, 1, D], res_b_desc.layout)
+    ring_a, ring_b, bars = _ring(ring_a_desc, ring_b_desc, STAGES)
+    bar_res = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_res, count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    _issue_pair(res_a_desc, res_b_desc, a_s4, b_s4, bar_res, b, h, row0, True)
+    n_blocks = gl.cdiv(N, STREAM)
+    for i in gl.static_range(STAGES - 1):
+        _issue_pair(ring_a_desc, ring_b_desc, ring_a.index(i), ring_b.index(i), bars.index(i), b, h, i * STREAM,
+                    i < n_blocks)
+    return a_s4.reshape([ROWS, D]), b_s4.reshape([ROWS, D]), bar_res, ring_a, ring_b, bars, n_blocks
+
+
+@gluon.jit
+def _release(bar_res, bars):
+    """Invalidate `_block_and_ring`'s barriers."""
+    STAGES: gl.constexpr = bars.shape[0]
+    mbarrier.invalidate(bar_res)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
 def _store_grad(base, g, row0, N, stride_n, scale, cos_ptr, sin_ptr, h, stab_h, stab_n, P, ROPE: gl.constexpr,
                 num_warps: gl.constexpr):
     """The epilogue of dK or dQ: g [R, D] fp32 (accumulator layout) * scale, rotated back by R^T with the table rows
@@ -681,27 +715,11 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
     key0 = (pid % n_kblocks) * BLOCK_K
     b = bh // H
     h = bh % H
-    k_s4 = gl.allocate_shared_memory(k_desc.dtype, [1, BLOCK_K, 1, D], k_desc.layout)
-    v_s4 = gl.allocate_shared_memory(v_desc.dtype, [1, BLOCK_K, 1, D], v_desc.layout)
-    q_buf, do_buf, bars = _ring(q_desc, do_desc, STAGES)
-    bar_kv = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar_kv, count=1)
-    fence_async_shared()
-    _cta_barrier()
-
-    mbarrier.expect(bar_kv, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [b, key0, h, 0], bar_kv, k_s4)
-    _tma_load(v_desc, [b, key0, h, 0], bar_kv, v_s4)
-    n_blocks = gl.cdiv(N, BLOCK_M)  # the tail's block included
-    for i in gl.static_range(STAGES - 1):
-        _issue_pair(q_desc, do_desc, q_buf.index(i), do_buf.index(i), bars.index(i), b, h, i * BLOCK_M,
-                    i < n_blocks)
-
+    k_s, v_s, bar_kv, q_buf, do_buf, bars, n_blocks = _block_and_ring(k_desc, v_desc, q_desc, do_desc, b, h, key0, N,
+                                                                       STAGES)
     acc_layout: gl.constexpr = _mma_layout(num_warps, D)
     dk = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
     dv = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
-    k_s = k_s4.reshape([BLOCK_K, D])
-    v_s = v_s4.reshape([BLOCK_K, D])
     lse_base = lse_ptr + bh.to(gl.int64) * N
     delta_base = delta_ptr + bh.to(gl.int64) * N
     mbarrier.wait(bar_kv, 0)
@@ -713,9 +731,7 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
         q_s, do_s = _next_pair(q_desc, do_desc, q_buf, do_buf, bars, b, h, n_full, n_blocks)
         dk, dv = _dkdv_step(k_s, v_s, q_s.slice(0, TAIL_M), do_s.slice(0, TAIL_M), dk, dv, lse_base, delta_base,
                             n_full * BLOCK_M, N, qk_scale, num_warps)
-    mbarrier.invalidate(bar_kv)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+    _release(bar_kv, bars)
 
     _store_rows(dv_ptr + b.to(gl.int64) * sdv_b + h.to(gl.int64) * sdv_h,
                 gl.convert_layout(dv, _rot_layout(num_warps, D)), key0, N, sdv_n)
@@ -764,26 +780,13 @@ def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr,
     q0 = (pid % n_qblocks) * BLOCK_Q
     b = bh // H
     h = bh % H
-    q_s4 = gl.allocate_shared_memory(q_desc.dtype, [1, BLOCK_Q, 1, D], q_desc.layout)
-    do_s4 = gl.allocate_shared_memory(do_desc.dtype, [1, BLOCK_Q, 1, D], do_desc.layout)
-    k_buf, v_buf, bars = _ring(k_desc, v_desc, STAGES)
-    bar_q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar_q, count=1)
-    fence_async_shared()
-    _cta_barrier()
-
-    _issue_pair(q_desc, do_desc, q_s4, do_s4, bar_q, b, h, q0, True)
-    n_blocks = gl.cdiv(N, BLOCK_N)  # the tail's block included
-    for i in gl.static_range(STAGES - 1):
-        _issue_pair(k_desc, v_desc, k_buf.index(i), v_buf.index(i), bars.index(i), b, h, i * BLOCK_N, i < n_blocks)
-
+    q_s, do_s, bar_q, k_buf, v_buf, bars, n_blocks = _block_and_ring(q_desc, do_desc, k_desc, v_desc, b, h, q0, N,
+                                                                      STAGES)
     acc_layout: gl.constexpr = _mma_layout(num_warps, D)
     rows = q0 + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, acc_layout))
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=float("inf"))  # rows past N: P = 0
     delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=0.0)
     dq = gl.zeros([BLOCK_Q, D], gl.float32, acc_layout)
-    q_s = q_s4.reshape([BLOCK_Q, D])
-    do_s = do_s4.reshape([BLOCK_Q, D])
     mbarrier.wait(bar_q, 0)
     n_full = n_blocks - 1 if TAIL_N > 0 else n_blocks
     for i in range(n_full):
@@ -792,8 +795,6 @@ def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr,
     if TAIL_N > 0:
         k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, n_full, n_blocks)
         dq = _dq_step(q_s, do_s, k_s.slice(0, TAIL_N), v_s.slice(0, TAIL_N), dq, lse, delta, qk_scale, num_warps)
-    mbarrier.invalidate(bar_q)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
+    _release(bar_q, bars)
     _store_grad(dq_ptr + b.to(gl.int64) * sdq_b + h.to(gl.int64) * sdq_h, dq, q0, N, sdq_n, scale, cos_ptr, sin_ptr,
                 h, stab_h, stab_n, P, ROPE, num_warps)

@@ -9,6 +9,7 @@ one that records.
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Callable
 
 import torch
@@ -189,17 +190,18 @@ def _resident_forward(config: ArchConfigs, n: int, training: bool):
     limit = min(config.resident_train_max_n, config.resident_fwd_max_n) if training else config.resident_fwd_max_n
     if not 0 < n <= limit or INTERPRET:
         return None
-    return _gluon_fwd()
+    return _gluon("gluon_fwd")
 
 
-@functools.lru_cache(maxsize=1)
-def _gluon_fwd():
+@functools.lru_cache(maxsize=None)
+def _gluon(module: str):
+    """attnhub.backends.triton_fa_rope.<module> (gluon_fwd or gluon_bwd), or None with a Triton without Gluon's
+    Hopper API: then the Triton kernels serve every call."""
     try:
-        from attnhub.backends.triton_fa_rope import gluon_fwd
-    except ImportError as exc:  # a Triton without Gluon's Hopper API: the Triton forward serves every call
-        runtime.log.info("triton_fa_rope: no Gluon forward with triton %s (%s)", triton.__version__, exc)
+        return importlib.import_module(f"attnhub.backends.triton_fa_rope.{module}")
+    except ImportError as exc:
+        runtime.log.info("triton_fa_rope: no %s with triton %s (%s)", module, triton.__version__, exc)
         return None
-    return gluon_fwd
 
 
 def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,
@@ -267,17 +269,8 @@ def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
         return None
     if INTERPRET:
         return None
-    return _gluon_bwd_module()
+    return _gluon("gluon_bwd")
 
-
-@functools.lru_cache(maxsize=1)
-def _gluon_bwd_module():
-    try:
-        from attnhub.backends.triton_fa_rope import gluon_bwd
-    except ImportError as exc:  # a Triton without Gluon's Hopper API: the Triton kernel serves every call
-        runtime.log.info("triton_fa_rope: no Gluon backward with triton %s (%s)", triton.__version__, exc)
-        return None
-    return gluon_bwd
 
 
 def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: str) -> bool:

@@ -15,7 +15,7 @@ from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
 from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
 
-gluon_bwd = launch._gluon_bwd_module()
+gluon_bwd = launch._gluon("gluon_bwd")
 pytestmark = pytest.mark.skipif(gluon_bwd is None, reason="this Triton has no Gluon Hopper API")
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 HOPPER = configs.for_arch(9, 64)

@@ -19,7 +19,7 @@ from attnhub.backends.triton_fa_rope.autograd import _Table
 from attnhub.rope import apply_rope_qk
 from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
 
-gluon_fwd = launch._gluon_fwd()
+gluon_fwd = launch._gluon("gluon_fwd")
 pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
