@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -144,7 +144,7 @@ def gpu_kernels_ms(fn: Callable[[], object], *, device: torch.device | str, iter
     from torch.profiler import ProfilerActivity, profile
 
     if torch.device(device).type != "cuda":
-        raise ValueError(f"gpu_ms: needs a CUDA device, got {device}")
+        raise ValueError(f"gpu_ms, gpu_kernels_ms: need a CUDA device, got {device}")
     fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -172,6 +172,23 @@ def host_us(fns: Sequence[Callable[[], object]], calls: int, device: torch.devic
             sync(device)
             best[i] = min(best[i], (time.perf_counter() - start) / n)
     return [b * 1e6 for b in best]
+
+
+def host_us_fwdbwd(contexts: dict[str, Callable[[], ContextManager]], device: torch.device | str,
+                   backend: str = "triton_fa_rope") -> dict[str, float]:
+    """Host µs per cached fwd+bwd through `attnhub.attention(..., backend=backend)` at `TINY` (the device work is a
+    few µs), once inside each named context (e.g. a config override), and F.sdpa's ("sdpa"), by `host_us`."""
+    x = inputs(TINY, device, torch.bfloat16)
+    table = rope_table(TINY, device)
+    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
+    fns = {}
+    for name, context in contexts.items():
+        def call(context=context):
+            with context():
+                attnhub.attention(q, k, v, rope=table, backend=backend).backward(x["do"])
+        fns[name] = call
+    fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(x["do"])
+    return dict(zip(fns, host_us(list(fns.values()), 2000, device)))
 
 
 # ------------------------------------------------------------------------------------------------------- error

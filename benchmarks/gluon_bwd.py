@@ -83,22 +83,9 @@ def run_shape(s: benchkit.Shape, dev: torch.device, variants: dict) -> list[dict
 def host(dev: torch.device) -> dict:
     """Host µs per cached fwd+bwd at the tiny shape (1, 1, 17, 64): the fused backward, the split one with Triton's
     kernels and with the Gluon ones (forced at this length), and F.sdpa's."""
-    import attnhub
-
-    s = benchkit.TINY
-    x = benchkit.inputs(s, dev, torch.bfloat16)
-    table = benchkit.rope_table(s, dev)
-    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
     variants = {"fused": dict(gluon_bwd_from_n=None), "split triton": dict(gluon_bwd_from_n=None, bwd_fused_max_n=0),
                 "split gluon": dict(gluon_bwd_from_n=0)}
-    fns = {}
-    for name, fields in variants.items():
-        def call(fields=fields):
-            with configs.override(**fields):
-                attnhub.attention(q, k, v, rope=table, backend="triton_fa_rope").backward(x["do"])
-        fns[name] = call
-    fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(x["do"])
-    return dict(zip(fns, benchkit.host_us(list(fns.values()), 2000, dev)))
+    return benchkit.host_us_fwdbwd({name: lambda f=f: configs.override(**f) for name, f in variants.items()}, dev)
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,6 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
-import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
@@ -70,18 +69,8 @@ def run_shape(s: benchkit.Shape, dev: torch.device) -> list[dict]:
 
 def host(dev: torch.device) -> dict:
     """Host µs per cached fwd+bwd at the tiny shape, each variant, and F.sdpa's."""
-    s = benchkit.TINY
-    x = benchkit.inputs(s, dev, torch.bfloat16)
-    table = benchkit.rope_table(s, dev)
-    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
-    fns = {}
-    for name, max_n in VARIANTS.items():
-        def call(max_n=max_n):
-            with configs.override(resident_train_max_n=max_n):
-                attnhub.attention(q, k, v, rope=table, backend="triton_fa_rope").backward(x["do"])
-        fns[name] = call
-    fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(x["do"])
-    return dict(zip(fns, benchkit.host_us(list(fns.values()), 2000, dev)))
+    return benchkit.host_us_fwdbwd({name: lambda n=n: configs.override(resident_train_max_n=n)
+                                    for name, n in VARIANTS.items()}, dev)
 
 
 def main(argv=None) -> None:

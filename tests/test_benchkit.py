@@ -64,9 +64,10 @@ def test_git_commit_named_by_the_environment(monkeypatch):
     assert benchkit.environment("cpu")["git_commit"] == "cd4df1b"
 
 
-def test_gpu_ms_needs_a_cuda_device():
+@pytest.mark.parametrize("timer", [benchkit.gpu_ms, benchkit.gpu_kernels_ms])
+def test_gpu_timers_need_a_cuda_device(timer):
     with pytest.raises(ValueError, match="CUDA"):
-        benchkit.gpu_ms(lambda: None, device="cpu")
+        timer(lambda: None, device="cpu")
 
 
 def test_nan_empty_poisons_new_floating_buffers_within_the_block():
