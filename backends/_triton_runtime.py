@@ -151,6 +151,17 @@ def _other_key(arg) -> tuple:
     return (type(arg), arg)
 
 
+def remember(cache: dict, key, make: Callable[[], Any], max_size: int = 1024):
+    """cache[key], made by `make()` on a miss: the per-call-signature plans of the Gluon launchers (a full cache is
+    cleared, so many shapes cannot grow it without bound)."""
+    hit = cache.get(key, cache)
+    if hit is cache:
+        if len(cache) >= max_size:
+            cache.clear()
+        hit = cache[key] = make()
+    return hit
+
+
 def descriptor_maker(cls, example: torch.Tensor, shape: list, strides: list, block_shape: list,
                      layout) -> Callable[[torch.Tensor], Any]:
     """-> make(base): `cls(base, shape, strides, block_shape, layout)` (a Gluon `TensorDescriptor`) for tensors of

@@ -82,9 +82,8 @@ K = KernelConfig
 # N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case. From 257 tokens the
-# split backward runs the Gluon dK/dV (168 registers: three CTAs per SM) and dQ (122: four) kernels, 19-22% and
-# 18-31% faster than those two at N = 257-1029; at N <= 256 they beat the fused backward on the GPU (9% at ViT-B)
-# but cost the host two more launches, and a compiled ViT-S step is host-bound: the fused one stays there.
+# split backward runs the Gluon dK/dV and dQ kernels (capped registers: three and four CTAs per SM); below, the
+# fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,

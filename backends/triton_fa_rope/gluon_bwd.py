@@ -20,36 +20,25 @@ test_sm90.py). Measured on an H200: benchmarks/README.md.
 from __future__ import annotations
 
 import torch
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import ArchConfigs, KernelConfig
-from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _smem_layout, _tma_strides
+from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _aligned, _maker, _tma_strides
 from attnhub.backends.triton_fa_rope.gluon_kernels import gluon_dkdv_kernel, gluon_dq_kernel
 from attnhub.rope import table_strides
 
-_TAKES: dict = {}
-_PLANS: dict = {}
-_CACHE_MAX = 1024  # call signatures kept per cache: cleared when full
-
-
-def _remember(cache: dict, sig, make):
-    hit = cache.get(sig, cache)
-    if hit is cache:
-        if len(cache) >= _CACHE_MAX:
-            cache.clear()
-        hit = cache[sig] = make()
-    return hit
+_TAKES: dict = {}  # call signature -> whether the kernels take it (`runtime.remember`)
+_PLANS: dict = {}  # call signature -> (dK/dV launch, dQ launch) or None
 
 
 def takes(q, k, v, do, rope, *grads) -> bool:
     """Whether the kernels can take this backward: q, k (rotated), v, do: [B, H, N, D] (bf16 or fp16, D = 64, one
-    shape, TMA-readable strides); rope None or interleaved with one table or one per head; grads: where gradients
-    go (dense channels). The bases' 16-byte alignment is checked per call."""
+    shape, TMA-readable strides, 16-byte aligned bases); rope None or interleaved with one table or one per head;
+    grads: where gradients go (dense channels)."""
     sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype, k.dtype,
            v.dtype, do.dtype, None if rope is None else (rope.layout, rope.cos.dim()),
            tuple(g.stride(-1) for g in grads))
-    return _remember(_TAKES, sig, lambda: _takes(q, k, v, do, rope, grads)) and _aligned(q, k, v, do)
+    return runtime.remember(_TAKES, sig, lambda: _takes(q, k, v, do, rope, grads)) and _aligned(q, k, v, do)
 
 
 def _takes(q, k, v, do, rope, grads) -> bool:
@@ -60,13 +49,6 @@ def _takes(q, k, v, do, rope, grads) -> bool:
     if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
         return False
     return all(g.stride(-1) == 1 for g in grads) and all(_tma_strides(t) for t in (q, k, v, do))
-
-
-def _aligned(*tensors) -> bool:
-    ptr = 0
-    for t in tensors:
-        ptr |= t.data_ptr()
-    return ptr % 16 == 0
 
 
 def tail_rows(N: int, block_m: int) -> int:
@@ -98,18 +80,9 @@ class _Launch:
         self.constexprs = {**cfg.options(), **constexprs}
 
 
-def _maker(t: torch.Tensor, rows: int):
-    """Descriptors of tensors like t [B, H, N, D]: TMA reads the [B, N, H, D] tensor it is in memory, blocks of
-    `rows` (`runtime.descriptor_maker`: checked once, copied per call)."""
-    B, H, N, D = t.shape
-    s = t.stride()
-    return runtime.descriptor_maker(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]], [1, rows, 1, D],
-                                    _smem_layout(rows, t.dtype))
-
-
 def _plan(q, k, v, do, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Launch | None, _Launch | None]:
-    """The dK/dV and dQ launches of this call signature (None: that kernel's config is None), for a call `takes`
-    accepts; cos: the table as the kernels read it."""
+    """The dK/dV and dQ launches of this call signature (None: that kernel's config is None), for a call the
+    kernels take; cos: the table as the kernels read it."""
     B, H, N, D = q.shape
     stab_h, stab_n, P = (0, 0, 0) if rope is None else (*table_strides(cos)[1:], rope.prefix_tokens)
     tensors = (q, k, v, do)
@@ -134,15 +107,18 @@ def _plan(q, k, v, do, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Lau
 
 def backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin, qk_scale: float, scale: float,
              config: ArchConfigs, launch) -> tuple[bool, bool]:
-    """The Gluon kernels of this backward, for a call `takes` accepts: dk, dv (config.gluon_dkdv) and dq
-    (config.gluon_dq) <- the gradients (dq and dk rotated back with `rope`), from the rotated q, k, v, the output
-    gradient do, lse and delta [B*H, N] fp32 (base 2). -> which of the two ran (a kernel whose config is None
-    does not: the caller runs Triton's). cos, sin: the tables as the Triton kernels read them; qk_scale: scale *
-    log2(e)."""
-    sig = (q.shape, q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), q.dtype,
-           q.device, None if rope is None else (rope.layout, cos.shape, cos.stride(), rope.prefix_tokens),
+    """dk, dv (config.gluon_dkdv) and dq (config.gluon_dq) <- the gradients (dq and dk rotated back with `rope`),
+    from the rotated q, k, v, the output gradient do, lse and delta [B*H, N] fp32 (base 2), where the kernels take
+    the call (`takes`). -> which of the two ran: the caller runs Triton's kernel for the other (a config of None,
+    or a call they do not take). cos, sin: the tables as the Triton kernels read them; qk_scale: scale * log2(e)."""
+    sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(),
+           dk.stride(), dv.stride(), q.dtype, k.dtype, v.dtype, do.dtype, q.device,
+           None if rope is None else (rope.layout, cos.shape, cos.stride(), rope.prefix_tokens),
            config.gluon_dkdv, config.gluon_dq, config.narrow_tail)
-    plan = _remember(_PLANS, sig, lambda: _plan(q, k, v, do, dq, dk, dv, rope, cos, config))
+    plan = runtime.remember(_PLANS, sig, lambda: _plan(q, k, v, do, dq, dk, dv, rope, cos, config)
+                            if _takes(q, k, v, do, rope, (dq, dk, dv)) else None)
+    if plan is None or not _aligned(q, k, v, do):
+        return False, False
     aligned = (cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0,
                tuple(g.data_ptr() % 16 == 0 for g in (dq, dk, dv)))
     for which, spec, grads in ((0, plan[0], (dk, dv)), (1, plan[1], (dq, ))):

@@ -86,6 +86,15 @@ def _tma_strides(x: torch.Tensor) -> bool:
     return s3 == 1 and s0 % per_16_bytes == 0 and s1 % per_16_bytes == 0 and s2 % per_16_bytes == 0
 
 
+def _maker(t: torch.Tensor, rows: int):
+    """Descriptors of tensors like t [B, H, N, D]: TMA reads the [B, N, H, D] tensor it is in memory (from its
+    base), in blocks of `rows` (`runtime.descriptor_maker`: checked once, copied per call)."""
+    B, H, N, D = t.shape
+    s = t.stride()
+    return runtime.descriptor_maker(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]], [1, rows, 1, D],
+                                    _smem_layout(rows, t.dtype))
+
+
 class _Plan:
     """What one call signature (shapes, strides, dtypes, device, table, whether to save the rotated q and k) fixes
     of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
@@ -101,19 +110,14 @@ class _Plan:
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
         q_rows, kv_rows = (SLICE, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
 
-        def maker(t, rows):  # [B, H, N, D] as the [B, N, H, D] tensor it is in memory (TMA reads its base)
-            s = t.stride()
-            return runtime.descriptor_maker(TensorDescriptor, t, [B, N, H, D], [s[0], s[2], s[1], s[3]],
-                                            [1, rows, 1, D], _smem_layout(rows, q.dtype))
-
         self.o_shape, self.lse_shape = (B, N, H, D), (B * H, N)
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
-        self.make_q, self.make_o = maker(q, q_rows), maker(o, q_rows)
-        self.make_k, self.make_v = maker(k, kv_rows), maker(v, kv_rows)
+        self.make_q, self.make_o = _maker(q, q_rows), _maker(o, q_rows)
+        self.make_k, self.make_v = _maker(k, kv_rows), _maker(v, kv_rows)
         self.make_rot = None
         if save_rotated:  # contiguous [B, H, N, D], as `forward` allocates them
             rot = torch.empty(q.shape, device=device, dtype=q.dtype)
-            self.make_rot = maker(rot, q_rows), maker(rot, kv_rows)
+            self.make_rot = _maker(rot, q_rows), _maker(rot, kv_rows)
         stab_h, stab_n = (0, 0) if rope is None else table_strides(cos)[1:]
         n_heads = B * H
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
@@ -124,8 +128,7 @@ class _Plan:
             self.constexprs["maxnreg"] = WS_MAXNREG
 
 
-_PLANS: dict = {}
-_PLANS_MAX = 1024  # call signatures kept: cleared when full
+_PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
 def _plan(q, k, v, rope, cos, save_rotated: bool = False) -> _Plan | None:
@@ -137,12 +140,8 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False) -> _Plan | None:
     save = save_rotated and rope is not None
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            rope_sig, save)
-    plan = _PLANS.get(sig, False)
-    if plan is False:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[sig] = _Plan(q, k, v, rope, cos, q.device, save) if _takes(q, k, v, rope) else None
-    return plan
+    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save)
+                            if _takes(q, k, v, rope) else None)
 
 
 def _takes(q, k, v, rope) -> bool:
@@ -167,8 +166,12 @@ def _tables(rope, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return fp32(rope.cos), fp32(rope.sin)
 
 
-def _aligned(q, k, v) -> bool:
-    return (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16 == 0
+def _aligned(*tensors) -> bool:
+    """Whether every tensor's base is 16-byte aligned (TMA reads from it; per call)."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % 16 == 0
 
 
 def eligible(q, k, v, rope, key_padding_mask) -> bool:

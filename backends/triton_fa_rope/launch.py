@@ -212,7 +212,8 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
-    the scores). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
+    the scores); from `config.gluon_bwd_from_n` tokens on the Gluon kernels of `gluon_bwd` replace the last two
+    where they take the call. Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
     registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
     scratch [B*H, N_Q, D]. Without `out` the gradients are contiguous [B, H, N, D]: a fused qkv projection stacks
     them (`unbind`'s backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
@@ -241,9 +242,8 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
            4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
     tables = (stab_b, stab_h, stab_n, smb)
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
-    ran = (False, False)
-    if gluon is not None and gluon.takes(q, k, v, do, rope, dq, dk, dv):
-        ran = gluon.backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin, scale * LOG2E, scale, config, launch)
+    ran = (False, False) if gluon is None else gluon.backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin,
+                                                              scale * LOG2E, scale, config, launch)
     if not ran[0]:
         cfg = config.dkdv
         launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
@@ -263,14 +263,9 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
 def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
     """The `gluon_bwd` module when the split backward of a call with n_kv keys may take its kernels (config, no
     mask, Triton with Gluon), else None."""
-    if config.gluon_bwd_from_n is None or n_kv < config.gluon_bwd_from_n:
-        return None
-    if key_padding_mask is not None:
-        return None
-    if INTERPRET:
+    if config.gluon_bwd_from_n is None or n_kv < config.gluon_bwd_from_n or key_padding_mask is not None or INTERPRET:
         return None
     return _gluon("gluon_bwd")
-
 
 
 def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: str) -> bool:
