@@ -2,10 +2,11 @@
 
 Read in this order, one job per module:
     kernels.py        the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
-    gluon_kernels.py  the Hopper kernels in Gluon: forwards up to 640 tokens (K, V resident, RoPE once per
-                      token) and the split backward's dK/dV and dQ
-    gluon_fwd.py      the forwards' eligibility, plan and launch; imported only when a call may take them
-    gluon_bwd.py      the same for the backward kernels (from the config table's gluon_bwd_from_n tokens on)
+    gluon_kernels.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token)
+    gluon_fwd.py      their eligibility, plan and launch; imported only when a call may take them
+    gluon_bwd_kernels.py, gluon_bwd.py
+                      the same for the split backward's dK/dV and dQ (from the config table's gluon_bwd_from_n
+                      tokens on)
     configs.py        `KernelConfig`, `ArchConfigs`: one config table per GPU architecture, `for_call`,
                       `override`, and `LIMITS` (what the tables cover; the registry checks its entry against it)
     launch.py         compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,

@@ -1,5 +1,5 @@
-"""The Hopper kernels of triton_fa_rope's split backward, written in Gluon (`gluon_kernels.gluon_dkdv_kernel`,
-`gluon_dq_kernel`): which calls take them, their plans and launches.
+"""The Hopper kernels of triton_fa_rope's split backward, written in Gluon (`gluon_bwd_kernels`): which calls take
+them, their plans and launches.
 
 Triton's dK/dV kernel streams 32-query blocks past 128 keys in one warpgroup, its dQ kernel recomputes the scores
 for 128 queries in two. These keep 64 keys (dK/dV) or 64 queries (dQ) of a head per warpgroup in shared memory,
@@ -24,7 +24,7 @@ import torch
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import ArchConfigs, KernelConfig
 from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _aligned, _maker, _tma_strides
-from attnhub.backends.triton_fa_rope.gluon_kernels import gluon_dkdv_kernel, gluon_dq_kernel
+from attnhub.backends.triton_fa_rope.gluon_bwd_kernels import gluon_dkdv_kernel, gluon_dq_kernel
 from attnhub.rope import table_strides
 
 _TAKES: dict = {}  # call signature -> whether the kernels take it (`runtime.remember`)

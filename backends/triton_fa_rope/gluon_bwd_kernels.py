@@ -1,0 +1,272 @@
+"""The Gluon (`triton.experimental.gluon`) kernels of triton_fa_rope's split backward on Hopper; `gluon_bwd` plans
+and launches them (what they compute, which calls take them and why: its docstring).
+
+    gluon_dkdv_kernel    64 keys per warpgroup resident (K rotated by the forward), the rotated Q and dO streamed
+                         through a TMA ring
+    gluon_dq_kernel      its mirror: 64 queries per warpgroup resident, K and V streamed
+
+Read top-down: the ring and the resident block, the epilogue's stores and R^T, then each kernel after its step.
+Layouts and the table load are the forwards' (`gluon_kernels`). Written against Triton 3.6.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from attnhub.backends.triton_fa_rope.gluon_kernels import (
+    _cta_barrier,
+    _load_table,
+    _mma_layout,
+    _rot_layout,
+    _tma_load,
+)
+
+
+@gluon.jit
+def _issue_pair(a_desc, b_desc, a_dst, b_dst, bar, b, h, row0, pred):
+    """TMA: rows row0.. of head (b, h) of two tensors (Q and dO, or K and V) -> bar (rows past N as zeros)."""
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
+    _tma_load(a_desc, [b, row0, h, 0], bar, a_dst, pred=pred)
+    _tma_load(b_desc, [b, row0, h, 0], bar, b_dst, pred=pred)
+
+
+@gluon.jit
+def _store_rows(base, x, row0, N, stride_n):
+    """x [R, D] (a blocked layout) -> rows row0.. (those < N) of base, channels dense, in base's dtype."""
+    layout: gl.constexpr = x.type.layout
+    rows = row0 + gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
+    offs = gl.expand_dims(rows.to(gl.int64) * stride_n, 1) + gl.expand_dims(cols, 0)
+    gl.store(base + offs, x.to(base.dtype.element_ty), mask=gl.expand_dims(rows < N, 1))
+
+
+@gluon.jit
+def _rope_back(g, c, s):
+    """g [R, D] fp32: a gradient w.r.t. rotated rows -> w.r.t. the rows before the rotation (R^T): each pair
+    (a, b) -> (a cos + b sin, b cos - a sin)."""
+    R: gl.constexpr = g.shape[0]
+    D: gl.constexpr = g.shape[1]
+    a, b = gl.split(gl.reshape(g, [R, D // 2, 2]))
+    c = gl.convert_layout(c, a.type.layout)
+    s = gl.convert_layout(s, a.type.layout)
+    return gl.convert_layout(gl.reshape(gl.join(a * c + b * s, b * c - a * s), [R, D]), g.type.layout)
+
+
+@gluon.jit
+def _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, col0, N, qk_scale, num_warps: gl.constexpr):
+    """One block of W = q_s.shape[0] queries (col0..) against the program's keys: dk, dv [BLOCK_K, D] fp32 updated
+    (waited for). Queries past N: lse +inf, so P^T = 0 there."""
+    W: gl.constexpr = q_s.shape[0]
+    BLOCK_K: gl.constexpr = k_s.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, W)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dk.type.layout, k_width=2)
+    cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, s_layout))
+    lse = gl.load(lse_base + cols, mask=cols < N, other=float("inf"))
+    delta = gl.load(delta_base + cols, mask=cols < N, other=0.0)
+    st = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.zeros([BLOCK_K, W], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    dpt = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.zeros([BLOCK_K, W], gl.float32, s_layout), use_acc=False,
+                        is_async=True)
+    st = warpgroup_mma_wait(num_outstanding=1, deps=(st, ))
+    pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+    dv = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), op_layout), do_s, dv, is_async=True)
+    dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+    dst = pt * (dpt - gl.expand_dims(delta, 0))
+    dk = warpgroup_mma(gl.convert_layout(dst.to(q_s.dtype), op_layout), q_s, dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+    return dk, dv
+
+
+@gluon.jit
+def _next_pair(a_desc, b_desc, a_buf, b_buf, bars, b, h, i, n_blocks):
+    """Block i of the ring (a_buf, b_buf [STAGES, 1, ROWS, 1, D]) as [ROWS, D] shared views, once landed; first the
+    load of block i + STAGES - 1 into the buffers of block i - 1 is issued (if it exists), after a CTA barrier:
+    every warp is done with them."""
+    STAGES: gl.constexpr = a_buf.shape[0]
+    ROWS: gl.constexpr = a_buf.shape[2]
+    D: gl.constexpr = a_buf.shape[4]
+    nxt = i + STAGES - 1
+    _cta_barrier()
+    _issue_pair(a_desc, b_desc, a_buf.index(nxt % STAGES), b_buf.index(nxt % STAGES), bars.index(nxt % STAGES), b, h,
+                nxt * ROWS, nxt < n_blocks)
+    mbarrier.wait(bars.index(i % STAGES), (i // STAGES) & 1)
+    return a_buf.index(i % STAGES).reshape([ROWS, D]), b_buf.index(i % STAGES).reshape([ROWS, D])
+
+
+@gluon.jit
+def _ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The buffers [STAGES, 1, ROWS, 1, D] of a ring of two streamed tensors, and one mbarrier per stage."""
+    a_buf = gl.allocate_shared_memory(a_desc.dtype, [STAGES, 1, a_desc.block_type.shape[1], 1,
+                                                     a_desc.block_type.shape[3]], a_desc.layout)
+    b_buf = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, b_desc.block_type.shape[1], 1,
+                                                     b_desc.block_type.shape[3]], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    return a_buf, b_buf, bars
+
+
+@gluon.jit
+def _block_and_ring(res_a_desc, res_b_desc, ring_a_desc, ring_b_desc, b, h, row0, N, STAGES: gl.constexpr):
+    """A backward program's shared memory: one block of two resident tensors (rows row0.. of head (b, h), by TMA
+    -> bar_res) and a ring of STAGES blocks of two streamed ones, the first STAGES - 1 in flight. -> resident
+    [ROWS, D] views, bar_res, the ring's buffers and barriers, and the number of streamed blocks (the last one
+    partial)."""
+    ROWS: gl.constexpr = res_a_desc.block_type.shape[1]
+    D: gl.constexpr = res_a_desc.block_type.shape[3]
+    STREAM: gl.constexpr = ring_a_desc.block_type.shape[1]
+    a_s4 = gl.allocate_shared_memory(res_a_desc.dtype, [1, ROWS, 1, D], res_a_desc.layout)
+    b_s4 = gl.allocate_shared_memory(res_b_desc.dtype, [1, ROWS, 1, D], res_b_desc.layout)
+    ring_a, ring_b, bars = _ring(ring_a_desc, ring_b_desc, STAGES)
+    bar_res = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar_res, count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    _issue_pair(res_a_desc, res_b_desc, a_s4, b_s4, bar_res, b, h, row0, True)
+    n_blocks = gl.cdiv(N, STREAM)
+    for i in gl.static_range(STAGES - 1):
+        _issue_pair(ring_a_desc, ring_b_desc, ring_a.index(i), ring_b.index(i), bars.index(i), b, h, i * STREAM,
+                    i < n_blocks)
+    return a_s4.reshape([ROWS, D]), b_s4.reshape([ROWS, D]), bar_res, ring_a, ring_b, bars, n_blocks
+
+
+@gluon.jit
+def _release(bar_res, bars):
+    """Invalidate `_block_and_ring`'s barriers."""
+    STAGES: gl.constexpr = bars.shape[0]
+    mbarrier.invalidate(bar_res)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+
+
+@gluon.jit
+def _store_grad(base, g, row0, N, stride_n, scale, cos_ptr, sin_ptr, h, stab_h, stab_n, P, ROPE: gl.constexpr,
+                num_warps: gl.constexpr):
+    """The epilogue of dK or dQ: g [R, D] fp32 (accumulator layout) * scale, rotated back by R^T with the table rows
+    of tokens row0.. (ROPE), stored to rows row0.. (< N) of base."""
+    R: gl.constexpr = g.shape[0]
+    D: gl.constexpr = g.shape[1]
+    g = gl.convert_layout(g * scale, _rot_layout(num_warps, D))
+    if ROPE:
+        c, s = _load_table(cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h, row0, N, P, stab_n,
+                           R, D, num_warps)
+        g = _rope_back(g, c, s)
+    _store_rows(base, g, row0, N, stride_n)
+
+
+@gluon.jit
+def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, sdk_b,
+                      sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, stab_h, stab_n, H, N, P, n_kblocks, qk_scale, scale,
+                      ROPE: gl.constexpr, STAGES: gl.constexpr, TAIL_M: gl.constexpr):
+    """dK, dV of BLOCK_K = 16 * num_warps keys of one head (program i: head i // n_kblocks, key block
+    i % n_kblocks, so a head's blocks run side by side and share its Q and dO in L2). K and V (rotated K, from the
+    forward) arrive once by TMA; the rotated Q and dO stream in BLOCK_M-row blocks through STAGES buffers, the
+    next STAGES - 1 in flight. Per block, each warpgroup (64 keys) runs on the tensor cores
+    S^T = K Q^T and dP^T = V dO^T, P^T = exp2(S^T * qk_scale - lse) (lse: base 2, from the forward),
+    dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q, with P^T and dS^T as wgmma's register A operand
+    (`_dkdv_step`). TAIL_M (0: none): the last block's N % BLOCK_M queries run as a block of only TAIL_M rows
+    (577 = 9 * 64 + 1: 16 rows, not 64). Epilogue: dK * scale rotated back by R^T (ROPE), dK and dV stored to
+    rows < N."""
+    BLOCK_K: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_K == 16 * num_warps)
+    gl.static_assert(STAGES >= 2)
+    gl.static_assert(TAIL_M < BLOCK_M)
+    pid = gl.program_id(0)
+    bh = pid // n_kblocks
+    key0 = (pid % n_kblocks) * BLOCK_K
+    b = bh // H
+    h = bh % H
+    k_s, v_s, bar_kv, q_buf, do_buf, bars, n_blocks = _block_and_ring(k_desc, v_desc, q_desc, do_desc, b, h, key0, N,
+                                                                       STAGES)
+    acc_layout: gl.constexpr = _mma_layout(num_warps, D)
+    dk = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
+    dv = gl.zeros([BLOCK_K, D], gl.float32, acc_layout)
+    lse_base = lse_ptr + bh.to(gl.int64) * N
+    delta_base = delta_ptr + bh.to(gl.int64) * N
+    mbarrier.wait(bar_kv, 0)
+    n_full = n_blocks - 1 if TAIL_M > 0 else n_blocks
+    for i in range(n_full):
+        q_s, do_s = _next_pair(q_desc, do_desc, q_buf, do_buf, bars, b, h, i, n_blocks)
+        dk, dv = _dkdv_step(k_s, v_s, q_s, do_s, dk, dv, lse_base, delta_base, i * BLOCK_M, N, qk_scale, num_warps)
+    if TAIL_M > 0:
+        q_s, do_s = _next_pair(q_desc, do_desc, q_buf, do_buf, bars, b, h, n_full, n_blocks)
+        dk, dv = _dkdv_step(k_s, v_s, q_s.slice(0, TAIL_M), do_s.slice(0, TAIL_M), dk, dv, lse_base, delta_base,
+                            n_full * BLOCK_M, N, qk_scale, num_warps)
+    _release(bar_kv, bars)
+
+    _store_rows(dv_ptr + b.to(gl.int64) * sdv_b + h.to(gl.int64) * sdv_h,
+                gl.convert_layout(dv, _rot_layout(num_warps, D)), key0, N, sdv_n)
+    _store_grad(dk_ptr + b.to(gl.int64) * sdk_b + h.to(gl.int64) * sdk_h, dk, key0, N, sdk_n, scale, cos_ptr, sin_ptr,
+                h, stab_h, stab_n, P, ROPE, num_warps)
+
+
+@gluon.jit
+def _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps: gl.constexpr):
+    """One block of W = k_s.shape[0] keys against the program's queries: dq [BLOCK_Q, D] fp32 updated (waited
+    for). lse, delta [BLOCK_Q] fp32. Keys past N are TMA's zeros: their dS multiplies a zero row of K."""
+    W: gl.constexpr = k_s.shape[0]
+    BLOCK_Q: gl.constexpr = q_s.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, W)
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq.type.layout, k_width=2)
+    s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK_Q, W], gl.float32, s_layout), use_acc=False,
+                      is_async=True)
+    dp = warpgroup_mma(do_s, v_s.permute((1, 0)), gl.zeros([BLOCK_Q, W], gl.float32, s_layout), use_acc=False,
+                       is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+    p = gl.exp2(s * qk_scale - gl.expand_dims(gl.convert_layout(lse, gl.SliceLayout(1, s_layout)), 1))
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+    ds = p * (dp - gl.expand_dims(gl.convert_layout(delta, gl.SliceLayout(1, s_layout)), 1))
+    dq = warpgroup_mma(gl.convert_layout(ds.to(q_s.dtype), op_layout), k_s, dq, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+
+
+@gluon.jit
+def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, cos_ptr, sin_ptr, sdq_b, sdq_h,
+                    sdq_n, stab_h, stab_n, H, N, P, n_qblocks, qk_scale, scale, ROPE: gl.constexpr,
+                    STAGES: gl.constexpr, TAIL_N: gl.constexpr):
+    """dQ of BLOCK_Q = 16 * num_warps queries of one head (program i: head i // n_qblocks, query block
+    i % n_qblocks): the mirror of `gluon_dkdv_kernel`. The rotated Q and dO arrive once by TMA; the rotated K and V
+    stream in BLOCK_N-row blocks through STAGES buffers. Per block S = Q K^T, dP = dO V^T,
+    P = exp2(S * qk_scale - lse), dS = P (dP - delta), dQ += dS K (`_dq_step`); the last block of TAIL_N keys
+    (0: a whole one). Epilogue: dQ * scale rotated back by R^T (ROPE), stored to rows < N."""
+    BLOCK_Q: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_Q == 16 * num_warps)
+    gl.static_assert(STAGES >= 2)
+    gl.static_assert(TAIL_N < BLOCK_N)
+    pid = gl.program_id(0)
+    bh = pid // n_qblocks
+    q0 = (pid % n_qblocks) * BLOCK_Q
+    b = bh // H
+    h = bh % H
+    q_s, do_s, bar_q, k_buf, v_buf, bars, n_blocks = _block_and_ring(q_desc, do_desc, k_desc, v_desc, b, h, q0, N,
+                                                                      STAGES)
+    acc_layout: gl.constexpr = _mma_layout(num_warps, D)
+    rows = q0 + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, acc_layout))
+    lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=float("inf"))  # rows past N: P = 0
+    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=0.0)
+    dq = gl.zeros([BLOCK_Q, D], gl.float32, acc_layout)
+    mbarrier.wait(bar_q, 0)
+    n_full = n_blocks - 1 if TAIL_N > 0 else n_blocks
+    for i in range(n_full):
+        k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, i, n_blocks)
+        dq = _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps)
+    if TAIL_N > 0:
+        k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, n_full, n_blocks)
+        dq = _dq_step(q_s, do_s, k_s.slice(0, TAIL_N), v_s.slice(0, TAIL_N), dq, lse, delta, qk_scale, num_warps)
+    _release(bar_q, bars)
+    _store_grad(dq_ptr + b.to(gl.int64) * sdq_b + h.to(gl.int64) * sdq_h, dq, q0, N, sdq_n, scale, cos_ptr, sin_ptr,
+                h, stab_h, stab_n, P, ROPE, num_warps)
