@@ -24,8 +24,8 @@ import torch
 import triton
 
 from attnhub import bench, benchkit
-from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs
+from gluon_train import checked, fwdbwd  # noqa: I001 - benchmarks/, on sys.path when this script runs
 
 K = configs.KernelConfig
 VARIANTS = {  # name -> config fields over the Hopper table's
@@ -40,19 +40,8 @@ VARIANTS = {  # name -> config fields over the Hopper table's
 
 
 def _timed(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
-    """impl's fwd+bwd as the kernel table times it (`bench._time_pass`): do_bench ms, the kernels' summed ms, and
-    each kernel's."""
-    out = {}
-
-    def timer(measure, key):
-        def run(fn, grads=None):
-            out[key] = measure(fn, device=dev, grads=grads)
-            return 0.0
-        return run
-
-    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.time_ms, "fwdbwd_ms"))
-    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_kernels_ms, "kernels_ms"))
-    out["fwdbwd_gpu_ms"] = sum(out["kernels_ms"].values())
+    """`gluon_train.fwdbwd`, and the dK/dV and dQ kernels' ms (dkdv_ms, dq_ms)."""
+    out = fwdbwd(impl, x, dev)
     out["dkdv_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if "dkdv" in name) or None
     out["dq_ms"] = sum(ms for name, ms in out["kernels_ms"].items() if name.startswith(("bwd_dq", "gluon_dq"))) or None
     return out
@@ -64,15 +53,9 @@ def run_shape(s: benchkit.Shape, dev: torch.device, variants: dict) -> list[dict
     ref = benchkit.reference(x, benchkit.rope_table(s, dev), backward=True)
     rows = []
     for name, cfg in variants.items():
-        impl = bench.build("attnhub:triton_fa_rope", s, dev)
-        impl.context = lambda cfg=cfg: configs.override(**cfg)
-        with benchkit.nan_empty(), runtime.recording() as launches:
-            got, _ = bench._first_call(impl, x, True, dev)
-        errs = benchkit.errors(got, ref)
-        if not benchkit.within_bounds(errs, torch.bfloat16):
-            raise SystemExit(f"{s} {name}: errors {errs} above the bounds")
-        rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", config=cfg, errors=errs,
-                         launches=[run.name for run in launches], **_timed(impl, x, dev)))
+        impl, errs, launches = checked(s, x, ref, name, cfg, dev)
+        rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", config=cfg, errors=errs, launches=launches,
+                         **_timed(impl, x, dev)))
         print(f"  {s.name} {rows[-1]}", flush=True)
     for impl_name in ("timm_compiled", "sdpa_cudnn"):
         rows.append(dict(shape=s.name, impl=impl_name, **_timed(bench.build(impl_name, s, dev), x, dev)))

@@ -31,13 +31,35 @@ from attnhub.backends.triton_fa_rope import configs, launch
 VARIANTS = {"triton": 0, "gluon": 640}  # resident_train_max_n
 
 
-def _fwdbwd(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
+def fwdbwd(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
     """impl's fwd+bwd as the kernel table times it (`bench._time_pass`, impl's context entered around the timing):
-    do_bench ms, and the kernels' ms summed by the profiler."""
-    def timer(measure):
-        return lambda fn, grads=None: measure(fn, device=dev, grads=grads)
-    return dict(fwdbwd_ms=bench._time_pass(impl, x, "fwdbwd", timer(benchkit.time_ms)),
-                fwdbwd_gpu_ms=bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_ms)))
+    do_bench ms (fwdbwd_ms), each kernel's ms by the profiler (kernels_ms) and their sum (fwdbwd_gpu_ms)."""
+    out = {}
+
+    def timer(measure, key):
+        def run(fn, grads=None):
+            out[key] = measure(fn, device=dev, grads=grads)
+            return 0.0
+        return run
+
+    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.time_ms, "fwdbwd_ms"))
+    bench._time_pass(impl, x, "fwdbwd", timer(benchkit.gpu_kernels_ms, "kernels_ms"))
+    out["fwdbwd_gpu_ms"] = sum(out["kernels_ms"].values())
+    return out
+
+
+def checked(s: benchkit.Shape, x: dict, ref: list, name: str, fields: dict, dev: torch.device):
+    """`triton_fa_rope` at shape s under `configs.override(**fields)` (its `context`), once its first fwd+bwd
+    matched `ref` (float64 `math`) with every `torch.empty` buffer NaN-filled -> (impl, errors, names of the
+    kernels that ran); exits at a wrong one."""
+    impl = bench.build("attnhub:triton_fa_rope", s, dev)
+    impl.context = lambda: configs.override(**fields)
+    with benchkit.nan_empty(), runtime.recording() as launches:
+        got, _ = bench._first_call(impl, x, True, dev)
+    errs = benchkit.errors(got, ref)
+    if not benchkit.within_bounds(errs, torch.bfloat16):
+        raise SystemExit(f"{s} {name}: errors {errs} above the bounds")
+    return impl, errs, [run.name for run in launches]
 
 
 def run_shape(s: benchkit.Shape, dev: torch.device) -> list[dict]:
@@ -46,23 +68,16 @@ def run_shape(s: benchkit.Shape, dev: torch.device) -> list[dict]:
     ref = benchkit.reference(x, table, backward=True)
     rows = []
     for name, max_n in VARIANTS.items():
-        impl = bench.build("attnhub:triton_fa_rope", s, dev)
-        impl.context = lambda max_n=max_n: configs.override(resident_train_max_n=max_n)
-        with benchkit.nan_empty(), runtime.recording() as launches:
-            got, _ = bench._first_call(impl, x, True, dev)
-        errs = benchkit.errors(got, ref)
-        if not benchkit.within_bounds(errs, torch.bfloat16):
-            raise SystemExit(f"{s} {name}: errors {errs} above the bounds")
+        impl, errs, launches = checked(s, x, ref, name, dict(resident_train_max_n=max_n), dev)
         _, q, k, v = bench._qkv(x, False)
         with impl.context():
             config = configs.for_call(dev, s.D)
         fwd = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)  # noqa: E731
-        rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", errors=errs,
-                         launches=[run.name for run in launches],
-                         fwd_graph_ms=do_bench_cudagraph(fwd, rep=100, return_mode="median"), **_fwdbwd(impl, x, dev)))
+        rows.append(dict(shape=s.name, impl=f"triton_fa_rope {name}", errors=errs, launches=launches,
+                         fwd_graph_ms=do_bench_cudagraph(fwd, rep=100, return_mode="median"), **fwdbwd(impl, x, dev)))
         print(f"  {s.name} {rows[-1]}", flush=True)
     for impl_name in ("timm_compiled", "sdpa_cudnn"):
-        rows.append(dict(shape=s.name, impl=impl_name, **_fwdbwd(bench.build(impl_name, s, dev), x, dev)))
+        rows.append(dict(shape=s.name, impl=impl_name, **fwdbwd(bench.build(impl_name, s, dev), x, dev)))
         print(f"  {s.name} {rows[-1]}", flush=True)
     return rows
 
