@@ -32,6 +32,7 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     "triton": dict(gluon_bwd_from_n=None),
     "gluon dkdv": dict(gluon_bwd_from_n=0, gluon_dq=None),
     "gluon dkdv+dq": dict(gluon_bwd_from_n=0),
+    "gluon dkdv+dq delta pass": dict(gluon_bwd_from_n=0, delta_in_dq=False),  # the table before delta_in_dq
     "gluon dkdv+dq s3": dict(gluon_bwd_from_n=0, gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3)),
     "gluon dkdv+dq w8": dict(gluon_bwd_from_n=0, gluon_dq=K(128, 64, 8, 2, 128)),
     "gluon dkdv+dq dq s4": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 4)),

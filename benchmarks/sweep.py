@@ -45,9 +45,10 @@ CANDIDATES = {
     "prerotate_from_n": [None, 0, 384],
     "prerotate_train_from_n": [None, 0, 384],
     "narrow_tail": [False, True],
+    "delta_in_dq": [False, True],
     "bwd_fused_max_n": [0, 2**31 - 1],
 }
-CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd"]
+CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")
 DEFAULT_SHAPES = ("vit_s16_224", "vit_b16_384")  # N = 197 (RoPE in the kernel) and N = 577 (rotated first)
 

@@ -41,7 +41,8 @@ class ArchConfigs:
     """Every kernel's config for head dims up to `max_head_dim` on one architecture.
 
     fwd: inference forward; fwd_train: the training forward (it also writes the rotated q and k);
-    fwd_train_prerotated: the training forward after the rotation pass (None: fwd_train); dkdv, dq: the split
+    fwd_prerotated, fwd_train_prerotated: the inference and training forwards after the rotation pass (None: fwd,
+    fwd_train); dkdv, dq: the split
     backward's kernels; bwd_fused: the fused backward, taken automatically while max(N_Q, N_KV) <= bwd_fused_max_n.
     prerotate_from_n, prerotate_train_from_n: from this K/V length on (None: never), inference rotates K, training
     q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
@@ -52,7 +53,8 @@ class ArchConfigs:
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
-    never) the split backward runs them where they apply (`gluon_bwd.takes`).
+    never) the split backward runs them where they apply (`gluon_bwd.takes`); delta_in_dq: the Gluon dQ kernel
+    computes delta (rowsum(o * dO)) of its queries and runs first, instead of the delta pass.
     """
 
     max_head_dim: int
@@ -61,6 +63,7 @@ class ArchConfigs:
     dkdv: KernelConfig
     dq: KernelConfig
     bwd_fused: KernelConfig
+    fwd_prerotated: KernelConfig | None = None
     fwd_train_prerotated: KernelConfig | None = None
     bwd_fused_max_n: int = 0
     prerotate_from_n: int | None = None
@@ -71,6 +74,7 @@ class ArchConfigs:
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
+    delta_in_dq: bool = False
 
 
 K = KernelConfig
@@ -89,7 +93,7 @@ HOPPER = (
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640,
                 resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
-                gluon_bwd_from_n=257),
+                gluon_bwd_from_n=257, delta_in_dq=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

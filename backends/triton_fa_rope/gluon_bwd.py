@@ -6,13 +6,14 @@ for 128 queries in two. These keep 64 keys (dK/dV) or 64 queries (dQ) of a head 
 stream the other side through a two-buffer TMA ring in 64-row blocks (the last one only as wide as its rows need:
 `tail_rows`), and feed wgmma from shared memory and, for P^T / dS^T and dS, from registers; dK and dQ are rotated
 back (R^T) in the epilogue. Small programs under a register cap run three (dK/dV) or four (dQ) CTAs per SM, so
-one CTA's softmax hides behind another's MMAs. The delta pass stays Triton's. Deterministic like Triton's: no
-atomics, each block's sums in one order.
+one CTA's softmax hides behind another's MMAs. With `delta_in_dq` the dQ kernel computes delta (rowsum(o * dO))
+of its queries as it loads them and runs first: no delta pass. Deterministic like Triton's: no atomics, each
+block's sums in one order.
 
-Only `launch.backward` calls them (split path, from the config table's `gluon_bwd_from_n` tokens on; a kernel
-whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take (`takes`): no
-key padding mask, equal head counts, N_Q = N_KV, interleaved RoPE with one table (or one per head) or none,
-bf16/fp16, D = 64, TMA-readable q, k, v, dO and dense channels in dq, dk, dv. Gluon has no interpreter: the GPU
+Only `launch.backward` plans and runs them (split path, from the config table's `gluon_bwd_from_n` tokens on; a
+kernel whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take
+(`takes`): no key padding mask, equal head counts, N_Q = N_KV, interleaved RoPE with one table (or one per head)
+or none, bf16/fp16, D = 64, TMA-readable q, k, v, dO and dense channels in o, dq, dk, dv. Gluon has no interpreter: the GPU
 parity tests and the offline sm_90 compile check cover them (tests/backends/triton_fa_rope/test_gluon_bwd.py,
 test_sm90.py). Measured on an H200: benchmarks/README.md.
 """
@@ -80,7 +81,7 @@ class _Launch:
         self.constexprs = {**cfg.options(), **constexprs}
 
 
-def _plan(q, k, v, do, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Launch | None, _Launch | None]:
+def _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Launch | None, _Launch | None]:
     """The dK/dV and dQ launches of this call signature (None: that kernel's config is None), for a call the
     kernels take; cos: the table as the kernels read it."""
     B, H, N, D = q.shape
@@ -100,35 +101,37 @@ def _plan(q, k, v, do, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Lau
         _check("gluon_dq", cfg, cfg.block_m, cfg.block_n)
         blocks = -(-N // cfg.block_m)
         dq_ = _Launch(gluon_dq_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
-                      (*dq.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on, STAGES=cfg.num_stages,
-                      TAIL_N=tail_rows(N, cfg.block_n) if config.narrow_tail else 0)
+                      (*o.stride()[:3], *dq.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
+                      STAGES=cfg.num_stages, TAIL_N=tail_rows(N, cfg.block_n) if config.narrow_tail else 0,
+                      DELTA=config.delta_in_dq)
     return dkdv, dq_
 
 
-def backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin, qk_scale: float, scale: float,
-             config: ArchConfigs, launch) -> tuple[bool, bool]:
-    """dk, dv (config.gluon_dkdv) and dq (config.gluon_dq) <- the gradients (dq and dk rotated back with `rope`),
-    from the rotated q, k, v, the output gradient do, lse and delta [B*H, N] fp32 (base 2), where the kernels take
-    the call (`takes`). -> which of the two ran: the caller runs Triton's kernel for the other (a config of None,
-    or a call they do not take). cos, sin: the tables as the Triton kernels read them; qk_scale: scale * log2(e)."""
-    sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(),
-           dk.stride(), dv.stride(), q.dtype, k.dtype, v.dtype, do.dtype, q.device,
+def plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_Launch | None, _Launch | None]:
+    """The launches of the dK/dV (config.gluon_dkdv) and dQ (config.gluon_dq) kernels for this backward, each None
+    where it does not run (its config is None, or the kernels do not take the call: `takes`): the caller runs
+    Triton's kernel instead. q, k (rotated), v, do, o: [B, H, N, D]; dq, dk, dv: where the gradients go; cos: the
+    table as the Triton kernels read it. One cached decision per call signature."""
+    sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
+           dq.stride(), dk.stride(), dv.stride(), q.dtype, k.dtype, v.dtype, do.dtype, q.device,
            None if rope is None else (rope.layout, cos.shape, cos.stride(), rope.prefix_tokens),
-           config.gluon_dkdv, config.gluon_dq, config.narrow_tail)
-    plan = runtime.remember(_PLANS, sig, lambda: _plan(q, k, v, do, dq, dk, dv, rope, cos, config)
-                            if _takes(q, k, v, do, rope, (dq, dk, dv)) else None)
-    if plan is None or not _aligned(q, k, v, do):
-        return False, False
-    aligned = (cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0,
-               tuple(g.data_ptr() % 16 == 0 for g in (dq, dk, dv)))
-    for which, spec, grads in ((0, plan[0], (dk, dv)), (1, plan[1], (dq, ))):
-        if spec is None:
-            continue
-        args = (*(make(t) for make, t in zip(spec.makers, (q, k, v, do))), lse, delta, *grads, cos, sin, *spec.ints,
-                qk_scale, scale)
-        if launch is runtime.launch:  # the plan knows every argument's specialization but these alignments
-            runtime.launch_keyed((plan, which, aligned, qk_scale, scale), spec.kernel, spec.grid, args,
-                                 spec.num_warps, 1, **spec.constexprs)
-        else:
-            launch(spec.kernel, spec.grid, args, spec.num_warps, 1, **spec.constexprs)
-    return plan[0] is not None, plan[1] is not None
+           config.gluon_dkdv, config.gluon_dq, config.narrow_tail, config.delta_in_dq)
+    launches = runtime.remember(_PLANS, sig, lambda: _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
+                                if _takes(q, k, v, do, rope, (o, dq, dk, dv)) else None)
+    return launches if launches is not None and _aligned(q, k, v, do) else (None, None)
+
+
+def run(launches, which: int, q, k, v, do, o, lse, delta, dq, dk, dv, cos, sin, qk_scale: float, scale: float,
+        launch) -> None:
+    """Launch launches[which] of `plan` (0: dK/dV into dk, dv; 1: dQ into dq, and delta when it computes it: it
+    then runs first) from the rotated q, k, v, do, o, lse and delta [B*H, N] fp32 (base 2). cos, sin: the tables
+    as the Triton kernels read them; qk_scale: scale * log2(e)."""
+    spec = launches[which]
+    ptrs = (lse, delta, dk, dv) if which == 0 else (o, lse, delta, dq)
+    args = (*(make(t) for make, t in zip(spec.makers, (q, k, v, do))), *ptrs, cos, sin, *spec.ints, qk_scale, scale)
+    if launch is runtime.launch:  # the plan knows every argument's specialization but these alignments
+        aligned = tuple(t.data_ptr() % 16 == 0 for t in (cos, sin, *ptrs))
+        runtime.launch_keyed((launches, which, aligned, qk_scale, scale), spec.kernel, spec.grid, args,
+                             spec.num_warps, 1, **spec.constexprs)
+    else:
+        launch(spec.kernel, spec.grid, args, spec.num_warps, 1, **spec.constexprs)

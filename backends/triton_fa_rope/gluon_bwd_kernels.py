@@ -3,7 +3,8 @@ and launches them (what they compute, which calls take them and why: its docstri
 
     gluon_dkdv_kernel    64 keys per warpgroup resident (K rotated by the forward), the rotated Q and dO streamed
                          through a TMA ring
-    gluon_dq_kernel      its mirror: 64 queries per warpgroup resident, K and V streamed
+    gluon_dq_kernel      its mirror: 64 queries per warpgroup resident, K and V streamed; it can compute delta
+                         (rowsum(o * dO)) for the dK/dV kernel, then running first
 
 Read top-down: the ring and the resident block, the epilogue's stores and R^T, then each kernel after its step.
 Layouts and the table load are the forwards' (`gluon_kernels`). Written against Triton 3.6.
@@ -212,6 +213,24 @@ def gluon_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dk_pt
 
 
 @gluon.jit
+def _delta_rows(o_base, do_s, bar_do, delta_base, row0, N, so_n, num_warps: gl.constexpr):
+    """delta = rowsum(o * dO) in fp32 of rows row0.. (the delta pass's sum) -> [R] (stored for rows < N, 0 past
+    them); o from global memory, dO from shared memory once bar_do (its TMA load) has landed."""
+    R: gl.constexpr = do_s.shape[0]
+    D: gl.constexpr = do_s.shape[1]
+    layout: gl.constexpr = _rot_layout(num_warps, D)
+    rows = row0 + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    inside = rows < N
+    o = gl.load(o_base + gl.expand_dims(rows.to(gl.int64) * so_n, 1) + gl.expand_dims(cols, 0),
+                mask=gl.expand_dims(inside, 1), other=0.0)
+    mbarrier.wait(bar_do, 0)
+    delta = gl.sum(o.to(gl.float32) * do_s.load(layout).to(gl.float32), axis=1)
+    gl.store(delta_base + rows, delta, mask=inside)
+    return delta
+
+
+@gluon.jit
 def _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps: gl.constexpr):
     """One block of W = k_s.shape[0] keys against the program's queries: dq [BLOCK_Q, D] fp32 updated (waited
     for). lse, delta [BLOCK_Q] fp32. Keys past N are TMA's zeros: their dS multiplies a zero row of K."""
@@ -232,14 +251,16 @@ def _dq_step(q_s, do_s, k_s, v_s, dq, lse, delta, qk_scale, num_warps: gl.conste
 
 
 @gluon.jit
-def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr, cos_ptr, sin_ptr, sdq_b, sdq_h,
-                    sdq_n, stab_h, stab_n, H, N, P, n_qblocks, qk_scale, scale, ROPE: gl.constexpr,
-                    STAGES: gl.constexpr, TAIL_N: gl.constexpr):
+def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, o_ptr, lse_ptr, delta_ptr, dq_ptr, cos_ptr, sin_ptr, so_b,
+                    so_h, so_n, sdq_b, sdq_h, sdq_n, stab_h, stab_n, H, N, P, n_qblocks, qk_scale, scale,
+                    ROPE: gl.constexpr, STAGES: gl.constexpr, TAIL_N: gl.constexpr, DELTA: gl.constexpr):
     """dQ of BLOCK_Q = 16 * num_warps queries of one head (program i: head i // n_qblocks, query block
     i % n_qblocks): the mirror of `gluon_dkdv_kernel`. The rotated Q and dO arrive once by TMA; the rotated K and V
     stream in BLOCK_N-row blocks through STAGES buffers. Per block S = Q K^T, dP = dO V^T,
     P = exp2(S * qk_scale - lse), dS = P (dP - delta), dQ += dS K (`_dq_step`); the last block of TAIL_N keys
-    (0: a whole one). Epilogue: dQ * scale rotated back by R^T (ROPE), stored to rows < N."""
+    (0: a whole one). DELTA: delta = rowsum(o * dO) of its rows computed here (o: [B, H, N, D] at o_ptr, channels
+    dense) and stored for the dK/dV kernel, which then runs after it; else read (the delta pass's). Epilogue:
+    dQ * scale rotated back by R^T (ROPE), stored to rows < N."""
     BLOCK_Q: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -257,9 +278,14 @@ def gluon_dq_kernel(q_desc, k_desc, v_desc, do_desc, lse_ptr, delta_ptr, dq_ptr,
     acc_layout: gl.constexpr = _mma_layout(num_warps, D)
     rows = q0 + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(1, acc_layout))
     lse = gl.load(lse_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=float("inf"))  # rows past N: P = 0
-    delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=0.0)
+    if DELTA:
+        delta = _delta_rows(o_ptr + b.to(gl.int64) * so_b + h.to(gl.int64) * so_h, do_s, bar_q,
+                            delta_ptr + bh.to(gl.int64) * N, q0, N, so_n, num_warps)
+        delta = gl.convert_layout(delta, gl.SliceLayout(1, acc_layout))
+    else:
+        delta = gl.load(delta_ptr + bh.to(gl.int64) * N + rows, mask=rows < N, other=0.0)
+        mbarrier.wait(bar_q, 0)
     dq = gl.zeros([BLOCK_Q, D], gl.float32, acc_layout)
-    mbarrier.wait(bar_q, 0)
     n_full = n_blocks - 1 if TAIL_N > 0 else n_blocks
     for i in range(n_full):
         k_s, v_s = _next_pair(k_desc, v_desc, k_buf, v_buf, bars, b, h, i, n_blocks)

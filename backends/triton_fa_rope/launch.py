@@ -154,7 +154,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     if training:
         cfg = (config.fwd_train_prerotated or config.fwd_train) if prerotate else config.fwd_train
     else:
-        cfg = config.fwd
+        cfg = (config.fwd_prerotated or config.fwd) if prerotate else config.fwd
     o = output_like(q)
     lse = torch.empty(B * H, N_Q, device=q.device, dtype=torch.float32)
     cos, sin, stab_b, stab_h, stab_n, P = _table_args(rope, q)
@@ -213,7 +213,7 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
     the scores); from `config.gluon_bwd_from_n` tokens on the Gluon kernels of `gluon_bwd` replace the last two
-    where they take the call. Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
+    where they take the call, and with `config.delta_in_dq` its dQ kernel computes delta (no delta pass). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
     registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
     scratch [B*H, N_Q, D]. Without `out` the gradients are contiguous [B, H, N, D]: a fused qkv projection stacks
     them (`unbind`'s backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
@@ -238,20 +238,23 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
                SINGLE_M=single, **cx)
         return dq, dk, dv
     delta = torch.empty_like(lse)
-    launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
-           4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
-    tables = (stab_b, stab_h, stab_n, smb)
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
-    ran = (False, False) if gluon is None else gluon.backward(q, k, v, do, lse, delta, dq, dk, dv, rope, cos, sin,
-                                                              scale * LOG2E, scale, config, launch)
-    if not ran[0]:
+    plan = (None, None) if gluon is None else gluon.plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
+    if plan[1] is None or not config.delta_in_dq:
+        launch(kernels.bwd_preprocess, (grid(N_Q, PRE_M, B * H),), (o, do, delta, *o.stride(), *do.stride(), H, N_Q),
+               4, 1, HEAD_D=D, BLOCK_D=cx["BLOCK_D"], BLOCK_M=PRE_M)
+    for which in (1, 0):  # dQ first: it may compute delta for the dK/dV kernel
+        if plan[which] is not None:
+            gluon.run(plan, which, q, k, v, do, o, lse, delta, dq, dk, dv, cos, sin, scale * LOG2E, scale, launch)
+    tables = (stab_b, stab_h, stab_n, smb)
+    if plan[0] is None:
         cfg = config.dkdv
         launch(kernels.bwd_dkdv_kernel, (grid(N_KV, cfg.block_n, B * k.shape[1]),),
                (q, k, v, do, lse, delta, dk, dv, cos, sin, kpm, kbounds, *common, *dk.stride(), *dv.stride(),
                 *tables, *sizes),
                cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
                **varlen)
-    if not ran[1]:
+    if plan[1] is None:
         cfg = config.dq
         launch(kernels.bwd_dq_kernel, (grid(N_Q, cfg.block_m, B * H),),
                (q, k, v, do, lse, delta, dq, cos, sin, kpm, kbounds, *common, *dq.stride(), *tables, *sizes),

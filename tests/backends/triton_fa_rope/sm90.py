@@ -248,8 +248,9 @@ def check_matrix() -> dict:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,
                                      resident_train_max_n=640))
              for case, grid in {**LONG_GLUON, "d64_bf16_perhead": (14, 14)}.items()]
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole
-              training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False))
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
+                                     delta_in_dq=False))
              for case, grid in LONG_GLUON.items()]
     jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
     for case, variant, launches in jobs:

@@ -48,19 +48,23 @@ def _case(N=577, H=3, dtype=torch.bfloat16, kind="fused", layout="interleaved", 
 
 
 TRITON = ["bwd_preprocess", "bwd_dkdv_kernel", "bwd_dq_kernel"]
-GLUON = ["bwd_preprocess", "gluon_dkdv_kernel", "gluon_dq_kernel"]
+GLUON = ["gluon_dq_kernel", "gluon_dkdv_kernel"]  # the dQ kernel first: it computes delta (`delta_in_dq`)
 
 
 def test_the_hopper_table_takes_them_from_gluon_bwd_from_n():
-    """From the table's length on the split backward's dK/dV and dQ kernels are the Gluon ones (the delta pass
-    stays Triton's); below it, with the field None, and for a kernel whose config is None, Triton's."""
+    """From the table's length on the split backward's dK/dV and dQ kernels are the Gluon ones, the dQ kernel first
+    computing delta (no delta pass); below it, with the field None, and for a kernel whose config is None,
+    Triton's, after the delta pass."""
     from_n = HOPPER.gluon_bwd_from_n
     assert HOPPER.gluon_dkdv is not None and HOPPER.gluon_dq is not None and from_n is not None
+    assert HOPPER.delta_in_dq
     assert _backward_launches(*_case(N=from_n)) == GLUON
+    assert _backward_launches(*_case(N=from_n), delta_in_dq=False) == ["bwd_preprocess", *GLUON]
     assert _backward_launches(*_case(N=from_n - 1)) == TRITON
     assert _backward_launches(*_case(N=from_n), gluon_bwd_from_n=None) == TRITON
-    assert _backward_launches(*_case(N=from_n), gluon_dq=None) == GLUON[:2] + TRITON[2:]
-    assert sorted(_backward_launches(*_case(N=from_n), gluon_dkdv=None)) == sorted(TRITON[:2] + GLUON[2:])
+    assert _backward_launches(*_case(N=from_n), gluon_dq=None) == ["bwd_preprocess", "gluon_dkdv_kernel",
+                                                                    "bwd_dq_kernel"]
+    assert _backward_launches(*_case(N=from_n), gluon_dkdv=None) == ["gluon_dq_kernel", "bwd_dkdv_kernel"]
     assert configs.for_arch(8, 64).gluon_bwd_from_n is None and configs.for_arch(9, 128).gluon_bwd_from_n is None
 
 
@@ -89,7 +93,8 @@ def test_leaves_other_calls_to_the_triton_kernel(why):
     elif why == "norope_ok":
         table = None
     names = _backward_launches(q, k, v, table, mask, **ON)
-    assert sorted(names[-2:]) == sorted((GLUON if why.endswith("_ok") else TRITON)[-2:])
+    expected = GLUON if why.endswith("_ok") else TRITON
+    assert names[-len(expected):] == expected and "bwd_preprocess" not in names[:-len(expected)]
 
 
 @pytest.mark.parametrize("field,cfg", [("gluon_dkdv", (64, 64, 8, 3)), ("gluon_dq", (64, 64, 8, 3)),
@@ -125,10 +130,10 @@ FLOAT64_CASES = [  # N, prefix, table, layout of q, k, v; keys in blocks of 128 
     (1, 1, "shared", "fused"),  # the prefix token alone
 ]
 K = configs.KernelConfig
-CONFIGS = {  # name -> config fields: the table's; two warpgroups; three buffers, every last block whole
-    "table": {},
+CONFIGS = {  # name -> config fields: the table's; two warpgroups; three buffers, every last block whole, the
+    "table": {},  # delta pass
     "w8": dict(gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)),
-    "s3_wide": dict(gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3), narrow_tail=False),
+    "s3_wide": dict(gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3), narrow_tail=False, delta_in_dq=False),
 }
 
 
@@ -165,7 +170,8 @@ def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan
     with configs.override(**ON, **CONFIGS[cfg], bwd_fused_max_n=0), runtime.recording() as launches:
         o, *grads = _grads(q, k, v, table, do, packed)
     names = {x.name for x in launches}
-    assert set(GLUON[1:]) <= names and not names & set(TRITON[1:])
+    assert set(GLUON) <= names and not names & set(TRITON[1:])
+    assert ("bwd_preprocess" in names) == (cfg == "s3_wide")
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_leaves, table)
     ref.backward(do.double())

@@ -97,6 +97,22 @@ def test_prerotate_from_n_is_a_sequence_length_threshold(training):
         assert kernels_launched[-1] is kernels.fwd_kernel
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_the_forward_after_the_rotation_pass_has_its_own_config(training):
+    """fwd_prerotated (fwd_train_prerotated) launches the attention kernel after the rotation pass, fwd (fwd_train)
+    without it, and None falls back to the latter."""
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
+    own, base = configs.KernelConfig(16, 32, 1, 1), configs.KernelConfig(32, 16, 1, 1)
+    names = ("fwd_train_prerotated", "fwd_train") if training else ("fwd_prerotated", "fwd")
+    threshold = "prerotate_train_from_n" if training else "prerotate_from_n"
+    for from_n, prerotated, expected in ((s.N, own, own), (s.N + 1, own, base), (s.N, None, base)):
+        fields = {**NEVER, threshold: from_n, names[0]: prerotated, names[1]: base}
+        with configs.override(**fields), runtime.recording(run=False) as launched:
+            launch.forward(q, k, v, table, s.D ** -0.5, training, configs.for_call(q.device, s.D))
+        cx = launched[-1].constexprs
+        assert launched[-1].kernel is kernels.fwd_kernel and (cx["BLOCK_M"], cx["BLOCK_N"]) == expected[:2]
+
+
 def test_config_tables_cover_their_buckets():
     """Every table answers every head dim up to `LIMITS` and names a larger one."""
     for major in (None, 8, 9):

@@ -65,6 +65,9 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         for variant in ("long_gluon", "gluon_bwd_whole_tail"):
             assert {(case, variant, name) for name in ("gluon_dkdv_kernel", "gluon_dq_kernel")} <= compiled
             assert (case, variant, "bwd_dkdv_kernel") not in compiled
+        # delta in the dQ kernel (the table's) and from the delta pass
+        assert (case, "long_gluon", "bwd_preprocess") not in compiled
+        assert (case, "gluon_bwd_whole_tail", "bwd_preprocess") in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled
