@@ -71,8 +71,8 @@ def attention_packed(
 
 def _attention(q, k, v, rope, scale, backend, mask, qkv):
     """attention(); qkv: the [B, N, 3, H, D] tensor q, k, v are the views of (`attention_packed`) or None."""
-    if torch.compiler.is_compiling():  # on the views: a packed operator measured slower than Inductor's copy of
-        return _compiled_attention(q, k, v, rope, scale, backend, mask)  # their gradients (benchmarks/README.md)
+    if torch.compiler.is_compiling():
+        return _compiled_attention(q, k, v, rope, scale, backend, mask, qkv)
     autocast = False
     try:  # the fast path: one dict lookup keyed on every fact that validation and selection read
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(q.device.type)
@@ -133,7 +133,7 @@ def _choose_and_run(q, k, v, rope, scale, ctl, key_padding_mask, autocast, qkv=N
                                                    _packed_for(fn, qkv)), measure)
 
 
-def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
+def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask, qkv=None):
     """Inside `torch.compile`: the decision is made once, at trace time, and baked into the graph.
 
     Only static facts enter it (device, dtype, head_dim, sequence lengths, RoPE signature, grad mode), so the
@@ -146,11 +146,14 @@ def _compiled_attention(q, k, v, rope, scale, backend, key_padding_mask):
     _validate(q, k, v, rope, scale, backend, key_padding_mask)
     scale = _scale(q, scale)
     q, k, v = _autocast_inputs(q, k, v)
+    if qkv is not None and q.dtype != qkv.dtype:  # cast into new tensors: no longer qkv's views
+        qkv = None
     # the pin is read here, traced: the pin hooks' pushes exist only in the graph being traced
     name = _static_choice(backend, control.current_pin(),
                           *select.Call.from_inputs(q, k, v, rope, None, key_padding_mask, static=True))
+    fn = select.REGISTRY.entry(name)
     with torch.autocast(q.device.type, enabled=False):
-        return _run(select.REGISTRY.entry(name), q, k, v, rope, scale, key_padding_mask)
+        return _run(fn, q, k, v, rope, scale, key_padding_mask, _packed_for(fn, qkv))
 
 
 @torch.compiler.assume_constant_result

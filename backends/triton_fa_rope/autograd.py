@@ -4,7 +4,8 @@ entry `attention` the registry points to.
 Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
 call. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
-it shapes and strides).
+it shapes and strides); `attention_packed` as operators of the projection qkv, whose backward returns its
+gradient whole.
 
 Training: the forward also returns the rotated q and k it computed, so the backward kernels need no rotation. A
 table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch after
@@ -133,12 +134,9 @@ def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
     return None if layout == "none" else _Table(cos, sin, prefix, layout)
 
 
-@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
-def fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+def _fwd_impl(q, k, v, cos, sin, prefix: int, layout: str, scale: float, save_rotated: bool, mask):
+    """The forward operators' run: -> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not
+    saved)."""
     rope = _op_table(cos, sin, prefix, layout)
     o, lse, (qr, kr) = launch.forward(q, k, v, rope, scale, save_rotated, configs.for_call(q.device, q.shape[-1]),
                                       key_padding_mask=mask)
@@ -147,8 +145,8 @@ def fwd_op(
     return o, lse, qr, kr
 
 
-@fwd_op.register_fake
-def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+def _fwd_fake(q, k, layout: str, save_rotated: bool):
+    """`_fwd_impl`'s outputs' shapes, dtypes and strides."""
     B, H, N_Q, D = q.shape
     lse = q.new_empty(B * H, N_Q, dtype=torch.float32)
     if save_rotated and layout != "none":
@@ -157,6 +155,20 @@ def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
     else:
         qr, kr = q.new_empty(0), k.new_empty(0)
     return launch.output_like(q), lse, qr, kr
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd", mutates_args=())
+def fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    prefix: int, layout: str, scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> o [B, H, N, D], lse [B*H, N] fp32, rotated q and k (or empty when not saved)."""
+    return _fwd_impl(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask)
+
+
+@fwd_op.register_fake
+def _(q, k, v, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+    return _fwd_fake(q, k, layout, save_rotated)
 
 
 @torch.library.custom_op("attnhub::triton_fa_rope_bwd", mutates_args=())
@@ -192,18 +204,82 @@ def _op_backward(ctx, do, _dlse, _dqr, _dkr):
 fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+# `attention_packed` under torch.compile: autograd sees the projection qkv [B, N, 3, H, D], and the backward returns
+# its gradient whole, so Inductor copies no gradients of the views into it.
+@torch.library.custom_op("attnhub::triton_fa_rope_fwd_packed", mutates_args=())
+def fwd_packed_op(
+    qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str,
+    scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fwd_op` of qkv's three parts (`_split`)."""
+    return _fwd_impl(*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask)
+
+
+@fwd_packed_op.register_fake
+def _(qkv, cos, sin, prefix, layout, scale, save_rotated, mask=None):
+    q, k, _ = _split(qkv)
+    return _fwd_fake(q, k, layout, save_rotated)
+
+
+@torch.library.custom_op("attnhub::triton_fa_rope_bwd_packed", mutates_args=())
+def bwd_packed_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`bwd_op` -> dqkv [B, N, 3, H, D]. The Gluon backward kernels write into it; Triton's kernels write
+    contiguous gradients, copied in (strided rows made them 12-20% slower: benchmarks/README.md)."""
+    B, H, N, D = q.shape
+    dqkv = torch.empty(B, N, 3, H, D, device=do.device, dtype=v.dtype)
+    rope = _op_table(cos, sin, prefix, layout)
+    config = configs.for_call(q.device, D)
+    fused = launch.use_fused_backward(config, q, k, rope, mask, settings.triton_bwd())
+    parts = _split(dqkv)
+    if not fused and mask is None and launch.gluon_split(config, q, k, rope, N):
+        launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask, out=parts)
+    else:
+        for part, grad in zip(parts, launch.backward(do, q, k, v, o, lse, rope, scale, config, fused,
+                                                     key_padding_mask=mask)):
+            part.copy_(grad)
+    return dqkv
+
+
+@bwd_packed_op.register_fake
+def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, 3, H, D, dtype=v.dtype)
+
+
+def _op_packed_setup_context(ctx, inputs, output):
+    qkv, cos, sin, prefix, layout, scale, save_rotated, mask = inputs
+    _op_setup_context(ctx, (*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask), output)
+
+
+def _op_packed_backward(ctx, do, _dlse, _dqr, _dkr):
+    q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
+    op_table = (None, None, 0, "none") if table is None else (table.cos, table.sin, table.prefix_tokens, table.layout)
+    dqkv = bwd_packed_op(do, q, k, v, o, lse, *op_table, scale, mask)
+    dcos, dsin = _table_grad(table, *unrotated, *_split(dqkv)[:2]) if unrotated else (None, None)
+    return dqkv, dcos, dsin, None, None, None, None, None
+
+
+fwd_packed_op.register_autograd(_op_packed_backward, setup_context=_op_packed_setup_context)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
     key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H_kv, N_kv, D], rope: any table (shared, per head, per sample, from coordinates),
     key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are the `_split` views of (the API passes
-    it only then, outside torch.compile) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
+    it only then) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
     mask = key_padding_mask
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                             or (rope is not None and rope.requires_grad))
     if torch.compiler.is_compiling():
         table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
+        if training and qkv is not None and qkv.requires_grad:
+            return fwd_packed_op(qkv, *table, scale, training, mask)[0]
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
     if not training:  # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)

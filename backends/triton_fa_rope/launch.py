@@ -280,11 +280,11 @@ def use_fused_backward(config: ArchConfigs, q, k, rope, key_padding_mask, path: 
         return False
     if path == "auto":
         n = max(q.shape[2], k.shape[2])
-        return n <= config.bwd_fused_max_n and not _gluon_split(config, q, k, rope, n)
+        return n <= config.bwd_fused_max_n and not gluon_split(config, q, k, rope, n)
     return path == "fused"
 
 
-def _gluon_split(config: ArchConfigs, q, k, rope, n: int) -> bool:
+def gluon_split(config: ArchConfigs, q, k, rope, n: int) -> bool:
     """Whether the split backward of a call would run the Gluon kernels (v and the output gradient taken to be laid
     out like k and q; when they are not, the split backward runs Triton's kernels)."""
     gluon = _gluon_bwd(config, n, None)

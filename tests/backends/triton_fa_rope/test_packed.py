@@ -1,11 +1,12 @@
 """`attnhub.attention_packed` on triton_fa_rope: autograd sees the fused projection qkv [B, N, 3, H, D], and the
-backward kernels write dq, dk, dv straight into its gradient (`FlashRopeAttentionPacked`).
+backward kernels write dq, dk, dv straight into its gradient (`FlashRopeAttentionPacked`; under torch.compile the
+operators `fwd_packed_op` / `bwd_packed_op`).
 
 Gradients of qkv (and of a learnable table) against `math` in float64 (which runs the views), both backward paths,
 RoPE shared, per head, per sample with a key padding mask, and none; every `torch.empty` buffer NaN-filled (qkv's
 gradient is one: every element must be written); qkv's other uses; `torch.autograd.grad` w.r.t. qkv; calls that
-run on the views instead (inference, autocast casting them, another backend, torch.compile); bad qkv. On CPU
-through the interpreter, on the GPU when there is one.
+run on the views instead (inference, autocast casting them, another backend); torch.compile and the operators'
+opcheck; bad qkv. On CPU through the interpreter, on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -136,12 +137,23 @@ def test_bad_qkv_is_a_typed_error_naming_it(bad, error):
         attnhub.attention_packed(arg)
 
 
-@pytest.mark.parametrize("learnable", [False, True])
-def test_compiled_fullgraph_matches_math(learnable):
-    """Under torch.compile (aot_eager on the CPU, Inductor on the GPU) attention_packed runs on the views (Inductor
-    copies their gradients into one): qkv's (and a learnable table's) gradient matches math in float64."""
+COMPILED = {  # name -> (shape, table kind); the GPU case's backward runs the Gluon kernels, writing qkv's gradient
+    "shared_p1_d32": SHAPES["shared_p1_d32"],  # (elsewhere Triton's, their gradients copied in)
+    "learnable": SHAPES["per_head_half_p5_d64"],
+    "none_p1_d64": SHAPES["none_p1_d64"],
+    "gluon_n577": (Shape(2, 3, (24, 24), 1, 64, "interleaved"), "shared"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_fullgraph_matches_math(name):
+    """Under torch.compile (aot_eager on the CPU, Inductor on the GPU) attention_packed runs the packed operators:
+    qkv's (and a learnable table's) gradient matches math in float64."""
+    if name == "gluon_n577" and DEVICE == "cpu":
+        pytest.skip("the interpreter runs Triton's kernels at every length (the other cases)")
     torch._dynamo.reset()
-    s, kind = SHAPES["per_head_half_p5_d64" if learnable else "shared_p1_d32"]
+    learnable = name == "learnable"
+    s, kind = COMPILED[name]
     gen = torch.Generator().manual_seed(3)
     build, emb, mask = _table_and_mask(s, kind, gen, learnable=learnable)
     proj0 = torch.randn(s.B, s.N, 3 * s.H * s.D, generator=gen).to(DEVICE, DTYPE)
@@ -162,3 +174,38 @@ def test_compiled_fullgraph_matches_math(learnable):
     for what, a, b in zip(("d qkv", "d table"), got, ref):
         if b is not None:
             assert_close_rel(a, b, DTYPE, f"compiled {what}", grad=True)
+
+
+def test_compiled_graph_calls_the_packed_operator():
+    """The traced graph takes qkv whole (the packed operator), not the views, for a call that needs qkv's gradient;
+    without grad it runs the plain forward operator."""
+    torch._dynamo.reset()
+    s, table, proj = _qkv(torch.float32)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    f = torch.compile(lambda p: attnhub.attention_packed(p.reshape(s.B, s.N, 3, s.H, s.D), table, backend=TRITON),
+                      backend=capture, fullgraph=True)
+    f(proj).sum().backward()
+    assert proj.grad is not None and torch.isfinite(proj.grad).all()
+    assert "triton_fa_rope_fwd_packed" in graphs[-1]
+    with torch.no_grad():
+        f(proj.detach())
+    assert "triton_fa_rope_fwd_packed" not in graphs[-1] and "triton_fa_rope_fwd" in graphs[-1]
+
+
+@pytest.mark.parametrize("table_kind", ["shared", "learnable", None])
+def test_opcheck_packed_operator(table_kind):
+    """Schema, fake tensor, autograd registration and AOT dispatch of attnhub::triton_fa_rope_fwd_packed."""
+    s, table, proj = _qkv(torch.float32)
+    qkv = proj.detach().reshape(s.B, s.N, 3, s.H, s.D).requires_grad_()
+    cos, sin = (None, None) if table_kind is None else (table.cos, table.sin)
+    if table_kind == "learnable":
+        cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    args = (qkv, cos, sin, s.P if cos is not None else 0, s.layout if cos is not None else "none", s.D ** -0.5, True,
+            None)
+    torch.library.opcheck(autograd.fwd_packed_op, args, test_utils=(
+        "test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
