@@ -4,8 +4,8 @@ entry `attention` the registry points to.
 Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
 call. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
-it shapes and strides); `attention_packed` as operators of the projection qkv, whose backward returns its
-gradient whole.
+it shapes and strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the
+projection qkv, whose backward returns its gradient whole.
 
 Training: the forward also returns the rotated q and k it computed, so the backward kernels need no rotation. A
 table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch after
@@ -205,7 +205,25 @@ fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # `attention_packed` under torch.compile: autograd sees the projection qkv [B, N, 3, H, D], and the backward returns
-# its gradient whole, so Inductor copies no gradients of the views into it.
+# its gradient whole, so Inductor copies no gradients of the views into it. Only where the Gluon backward kernels
+# write into it (`_gluon_writes_packed`).
+@torch.compiler.assume_constant_result
+def _gluon_writes_packed(device: torch.device, dtype: torch.dtype, n: int, heads: int, head_dim: int, layout: str,
+                         per_sample: bool) -> bool:
+    """Whether the backward of an `attention_packed` call of these static facts (layout "none": no RoPE;
+    per_sample: one table per sample) runs the Gluon kernels, decided once at trace time on stand-ins of qkv's views. Triton's
+    kernels write 12-20% slower into qkv's gradient, and copying their gradients into it cost a compiled ViT-S step
+    1.4 ms of GPU time more than Inductor's copy of the views' (benchmarks/README.md): those calls run on the
+    views."""
+    q, k, _ = _split(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
+    table_dim = 4 if per_sample else 2
+    rope = None if layout == "none" else _Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,
+                                                layout)
+    config = configs.for_call(device, head_dim)
+    return (not launch.use_fused_backward(config, q, k, rope, None, settings.triton_bwd())
+            and launch.gluon_split(config, q, k, rope, n))
+
+
 @torch.library.custom_op("attnhub::triton_fa_rope_fwd_packed", mutates_args=())
 def fwd_packed_op(
     qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str,
@@ -227,8 +245,9 @@ def bwd_packed_op(
     cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`bwd_op` -> dqkv [B, N, 3, H, D]. The Gluon backward kernels write into it; Triton's kernels write
-    contiguous gradients, copied in (strided rows made them 12-20% slower: benchmarks/README.md)."""
+    """`bwd_op` -> dqkv [B, N, 3, H, D]. The Gluon backward kernels write into it; Triton's (where the call, unlike
+    its stand-ins at trace time, is not theirs: e.g. an unaligned output gradient) write contiguous gradients,
+    copied in."""
     B, H, N, D = q.shape
     dqkv = torch.empty(B, N, 3, H, D, device=do.device, dtype=v.dtype)
     rope = _op_table(cos, sin, prefix, layout)
@@ -266,6 +285,15 @@ def _op_packed_backward(ctx, do, _dlse, _dqr, _dkr):
 fwd_packed_op.register_autograd(_op_packed_backward, setup_context=_op_packed_setup_context)
 
 
+def _packed_pays(q: torch.Tensor, rope: CosSinTable | None) -> bool:
+    """`_gluon_writes_packed` of a traced call with static lengths (a dynamic length: the views)."""
+    B, H, N, D = q.shape
+    if not all(isinstance(x, int) for x in (H, N, D)):
+        return False
+    table = ("none", False) if rope is None else (rope.layout, rope.batched)
+    return _gluon_writes_packed(q.device, q.dtype, N, H, D, *table)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: CosSinTable | None, scale: float, *,
     key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
@@ -278,7 +306,7 @@ def attention(
                                             or (rope is not None and rope.requires_grad))
     if torch.compiler.is_compiling():
         table = (None, None, 0, "none") if rope is None else (*rope.cos_sin(), rope.prefix_tokens, rope.layout)
-        if training and qkv is not None and qkv.requires_grad:
+        if training and qkv is not None and qkv.requires_grad and mask is None and _packed_pays(q, rope):
             return fwd_packed_op(qkv, *table, scale, training, mask)[0]
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()

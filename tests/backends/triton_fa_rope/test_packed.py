@@ -145,12 +145,16 @@ COMPILED = {  # name -> (shape, table kind); the GPU case's backward runs the Gl
 }
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "views"])
 @pytest.mark.parametrize("name", list(COMPILED))
-def test_compiled_fullgraph_matches_math(name):
-    """Under torch.compile (aot_eager on the CPU, Inductor on the GPU) attention_packed runs the packed operators:
-    qkv's (and a learnable table's) gradient matches math in float64."""
-    if name == "gluon_n577" and DEVICE == "cpu":
-        pytest.skip("the interpreter runs Triton's kernels at every length (the other cases)")
+def test_compiled_fullgraph_matches_math(name, packed, monkeypatch):
+    """Under torch.compile (aot_eager on the CPU, Inductor on the GPU) attention_packed runs the packed operators
+    where the Gluon backward serves the call (at N = 577 on a Hopper GPU; forced here elsewhere, their gradients
+    then copied in), else the views: qkv's (and a learnable table's) gradient matches math in float64."""
+    if name == "gluon_n577" and (DEVICE == "cpu" or not packed):
+        pytest.skip("Gluon kernels on a Hopper GPU (the interpreter runs Triton's kernels at every length)")
+    if name != "gluon_n577":
+        monkeypatch.setattr(autograd, "_gluon_writes_packed", lambda *facts: packed)
     torch._dynamo.reset()
     learnable = name == "learnable"
     s, kind = COMPILED[name]
@@ -176,10 +180,12 @@ def test_compiled_fullgraph_matches_math(name):
             assert_close_rel(a, b, DTYPE, f"compiled {what}", grad=True)
 
 
-def test_compiled_graph_calls_the_packed_operator():
-    """The traced graph takes qkv whole (the packed operator), not the views, for a call that needs qkv's gradient;
-    without grad it runs the plain forward operator."""
+@pytest.mark.parametrize("gluon", [True, False])
+def test_compiled_graph_calls_the_packed_operator(gluon, monkeypatch):
+    """The traced graph takes qkv whole (the packed operator), not the views, for a call that needs qkv's gradient
+    where the Gluon backward serves it (else the views); without grad it runs the plain forward operator."""
     torch._dynamo.reset()
+    monkeypatch.setattr(autograd, "_gluon_writes_packed", lambda *facts: gluon)
     s, table, proj = _qkv(torch.float32)
     graphs = []
 
@@ -191,7 +197,7 @@ def test_compiled_graph_calls_the_packed_operator():
                       backend=capture, fullgraph=True)
     f(proj).sum().backward()
     assert proj.grad is not None and torch.isfinite(proj.grad).all()
-    assert "triton_fa_rope_fwd_packed" in graphs[-1]
+    assert ("triton_fa_rope_fwd_packed" in graphs[-1]) == gluon and "triton_fa_rope_fwd" in graphs[-1]
     with torch.no_grad():
         f(proj.detach())
     assert "triton_fa_rope_fwd_packed" not in graphs[-1] and "triton_fa_rope_fwd" in graphs[-1]
@@ -209,3 +215,24 @@ def test_opcheck_packed_operator(table_kind):
             None)
     torch.library.opcheck(autograd.fwd_packed_op, args, test_utils=(
         "test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("case,expected", [("n577", True), ("n197", False), ("fp32", False), ("half", False),
+                                           ("per_sample", False), ("d32", False), ("fused_forced", False),
+                                           ("no_rope_n577", True)])
+def test_the_packed_operators_run_where_the_gluon_backward_writes_qkv(case, expected, monkeypatch):
+    """At trace time, on static facts of a Hopper GPU: from `gluon_bwd_from_n` tokens (equal heads, D = 64, bf16,
+    interleaved or no RoPE, one table or one per head; not the fused backward forced), else the views."""
+    from attnhub.backends.triton_fa_rope import configs, launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(configs, "for_call", lambda device, head_dim: configs.for_arch(9, head_dim))
+    facts = dict(device=torch.device("cpu"), dtype=torch.bfloat16, n=577, heads=12, head_dim=64,
+                 layout="interleaved", per_sample=False)
+    facts.update({"n197": dict(n=197), "fp32": dict(dtype=torch.float32), "half": dict(layout="half"),
+                  "per_sample": dict(per_sample=True), "d32": dict(head_dim=32), "fused_forced": {},
+                  "no_rope_n577": dict(layout="none")}.get(case, {}))
+    if launch._gluon("gluon_bwd") is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    with settings.override(triton_bwd="fused" if case == "fused_forced" else "auto"):
+        assert autograd._gluon_writes_packed(*facts.values()) == expected
