@@ -236,3 +236,15 @@ def test_the_packed_operators_run_where_the_gluon_backward_writes_qkv(case, expe
         pytest.skip("this Triton has no Gluon Hopper API")
     with settings.override(triton_bwd="fused" if case == "fused_forced" else "auto"):
         assert autograd._gluon_writes_packed(*facts.values()) == expected
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                    reason="needs a Hopper GPU")
+def test_on_hopper_a_vit_b384_call_takes_the_packed_operators():
+    """The trace-time decision on this GPU's own config table: ViT-B/16 at 384 px (N = 577) is the Gluon
+    backward's, ViT-B/16 at 224 px (N = 197) is not."""
+    for n, grid, expected in ((577, 24, True), (197, 14, False)):
+        q = torch.empty(2, n, 3, 12, 64, device="cuda", dtype=torch.bfloat16).permute(2, 0, 3, 1, 4)[0]
+        table = attnhub.CosSinTable(grid=(grid, grid), head_dim=64, prefix_tokens=1, layout="interleaved",
+                                    device="cuda")
+        assert autograd._packed_pays(q, table) == expected, n
