@@ -245,21 +245,10 @@ def bwd_packed_op(
     cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`bwd_op` -> dqkv [B, N, 3, H, D]. The Gluon backward kernels write into it; Triton's (where the call, unlike
-    its stand-ins at trace time, is not theirs: e.g. an unaligned output gradient) write contiguous gradients,
-    copied in."""
+    """`bwd_op` -> dqkv [B, N, 3, H, D], the kernels writing dq, dk, dv into it (`_split` views)."""
     B, H, N, D = q.shape
     dqkv = torch.empty(B, N, 3, H, D, device=do.device, dtype=v.dtype)
-    rope = _op_table(cos, sin, prefix, layout)
-    config = configs.for_call(q.device, D)
-    fused = launch.use_fused_backward(config, q, k, rope, mask, settings.triton_bwd())
-    parts = _split(dqkv)
-    if not fused and mask is None and launch.gluon_split(config, q, k, rope, N):
-        launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask, out=parts)
-    else:
-        for part, grad in zip(parts, launch.backward(do, q, k, v, o, lse, rope, scale, config, fused,
-                                                     key_padding_mask=mask)):
-            part.copy_(grad)
+    _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, out=_split(dqkv))
     return dqkv
 
 

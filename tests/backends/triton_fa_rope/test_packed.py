@@ -137,8 +137,8 @@ def test_bad_qkv_is_a_typed_error_naming_it(bad, error):
         attnhub.attention_packed(arg)
 
 
-COMPILED = {  # name -> (shape, table kind); the GPU case's backward runs the Gluon kernels, writing qkv's gradient
-    "shared_p1_d32": SHAPES["shared_p1_d32"],  # (elsewhere Triton's, their gradients copied in)
+COMPILED = {  # name -> (shape, table kind); the GPU case's backward runs the Gluon kernels (elsewhere Triton's)
+    "shared_p1_d32": SHAPES["shared_p1_d32"],
     "learnable": SHAPES["per_head_half_p5_d64"],
     "none_p1_d64": SHAPES["none_p1_d64"],
     "gluon_n577": (Shape(2, 3, (24, 24), 1, 64, "interleaved"), "shared"),
@@ -149,8 +149,9 @@ COMPILED = {  # name -> (shape, table kind); the GPU case's backward runs the Gl
 @pytest.mark.parametrize("name", list(COMPILED))
 def test_compiled_fullgraph_matches_math(name, packed, monkeypatch):
     """Under torch.compile (aot_eager on the CPU, Inductor on the GPU) attention_packed runs the packed operators
-    where the Gluon backward serves the call (at N = 577 on a Hopper GPU; forced here elsewhere, their gradients
-    then copied in), else the views: qkv's (and a learnable table's) gradient matches math in float64."""
+    where the Gluon backward serves the call (at N = 577 on a Hopper GPU; forced here elsewhere, Triton's kernels
+    then writing into qkv's gradient), else the views: qkv's (and a learnable table's) gradient matches math in
+    float64."""
     if name == "gluon_n577" and (DEVICE == "cpu" or not packed):
         pytest.skip("Gluon kernels on a Hopper GPU (the interpreter runs Triton's kernels at every length)")
     if name != "gluon_n577":
