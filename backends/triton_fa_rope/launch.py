@@ -137,8 +137,8 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`),
     training up to `config.resident_train_max_n` tokens too (it writes the rotated q and k in the order of its only
     layout, interleaved: joined pair order). Otherwise, with RoPE, from `config.prerotate_from_n` (inference) or
-    `prerotate_train_from_n` (training) on, K (inference) or q and K (training) are rotated by `rotate_kernel` into
-    a buffer before the attention kernel, not inside it."""
+    `prerotate_train_from_n` (training) on, K (inference; q too with `config.prerotate_q`) or q and K (training) are
+    rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
@@ -165,16 +165,19 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     if training and not prerotate and varlen["KEY_MASK"]:  # the attention kernel skips the K tiles past the last
         kr.zero_()  # valid key, so it saves no rotated rows there: zeros, not stale memory, in the saved tensor
     q_in, k_in, rope_k, save_rot = q, k, True, training
+    rotate_q = training or config.prerotate_q
     if prerotate:
         if not training:
             kr = torch.empty(B, H_KV, N_KV, D, device=q.device, dtype=rdtype)
+            if rotate_q:
+                qr = torch.empty(B, H, N_Q, D, device=q.device, dtype=rdtype)
         # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
-        for x, xr in ((q, qr), (k, kr)) if training else ((k, kr),):
+        for x, xr in ((q, qr), (k, kr)) if rotate_q else ((k, kr),):
             launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * x.shape[1]),),
                    (x, xr, cos, sin, *x.stride(), stab_b, stab_h, stab_n, x.shape[1], N_KV, P), 4, 1, BLOCK_M=ROT_M,
                    BATCHED_TABLE=varlen["BATCHED_TABLE"], **{name: cx[name] for name in _ROT_META})
         k_in, rope_k = kr, False
-        if training:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
+        if rotate_q:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
     launch(kernels.fwd_kernel, (grid(N_Q, cfg.block_m, B * H),),
            (q_in, k_in, v, o, lse, cos, sin, qr, kr, kpm, kbounds, *q_in.stride(), *k_in.stride(), *v.stride(),
