@@ -73,6 +73,16 @@ def _load_qk(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, strid
     """A q or k tile [BLOCK, BLOCK_D] in the dot dtype; with ROPE rotated, in joined pair order (a0, b0, a1, ..)."""
     if not ROPE:
         return _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
+    return _load_rotated(base, offs_n, mask_n, stride_n, stride_d, c, s, offs_j, offs_d, HEAD_D2, BLOCK_D, BLOCK_D2,
+                         PAIR_STEP, PAIR_OFF, SPLIT, DOT)
+
+
+@triton.jit
+def _load_rotated(base, offs_n, mask_n, stride_n, stride_d, c, s, offs_j, offs_d, HEAD_D2: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
+                  SPLIT: tl.constexpr, DOT: tl.constexpr):
+    """`_load_qk`'s rotated tile with the table rows c, s [BLOCK, BLOCK_D2] already loaded."""
     if SPLIT:  # interleaved pairs, D a power of two: one vectorized row load, pairs separated in registers
         x = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_n[:, None],
                     other=0.0)
@@ -82,7 +92,6 @@ def _load_qk(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, strid
         ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
         xa = tl.load(ptr, mask=mask, other=0.0)
         xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
-    c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
     xa = xa.to(tl.float32)
     xb = xb.to(tl.float32)
     ra = (xa * c - xb * s).to(DOT)
@@ -279,22 +288,29 @@ def fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
 
 
-@triton.jit(do_not_specialize=["H", "P"])
+@triton.jit(do_not_specialize=["H", "H2", "P"])
 def rotate_kernel(
-    X, XR, COS, SIN, sxb, sxh, sxn, sxd, stab_b, stab_h, stab_n, H, N, P,
+    X, X2, XR, XR2, COS, SIN, sxb, sxh, sxn, sxd, sx2b, sx2h, sx2n, sx2d, stab_b, stab_h, stab_n, H, H2, N, P,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BATCHED_TABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BATCHED_TABLE: tl.constexpr, TWO: tl.constexpr,
 ):
-    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] (any strides; H: X's own head count, H_kv for k)
-    rotated into XR [B*H, N, D] (contiguous, joined pair order, the dot dtype)."""
+    """One program: BLOCK_M rows of one (b, h) of X [B, H, N, D] and, with TWO and h < H2, the same rows of X2
+    [B, H2, N, D] (k beside q: one table load for both; H2 <= H, grouped k/v heads), any strides, rotated into XR
+    [B*H, N, D] and XR2 [B*H2, N, D] (contiguous, joined pair order, the dot dtype)."""
     bh, b, h, offs_m, mask_m = _program_rows(N, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_D2)
     cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
-    x = _load_qk(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, cos_base, sin_base, stab_n, P,
-                 tl.arange(0, BLOCK_D2), offs_d, HEAD_D, BLOCK_D, HEAD_D2, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, True,
-                 DOT)
+    c, s = _table(cos_base, sin_base, offs_m, mask_m, stab_n, P, offs_j, HEAD_D2, BLOCK_D2)
+    x = _load_rotated(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, c, s, offs_j, offs_d, HEAD_D2, BLOCK_D,
+                      BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, DOT)
     _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+    if TWO:
+        if h < H2:
+            x = _load_rotated(X2 + b * sx2b + h * sx2h, offs_m, mask_m, sx2n, sx2d, c, s, offs_j, offs_d, HEAD_D2,
+                              BLOCK_D, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, DOT)
+            _store_rows(XR2 + (b * H2 + h) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------- backward

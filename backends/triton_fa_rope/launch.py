@@ -171,11 +171,12 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
             kr = torch.empty(B, H_KV, N_KV, D, device=q.device, dtype=rdtype)
             if rotate_q:
                 qr = torch.empty(B, H, N_Q, D, device=q.device, dtype=rdtype)
-        # one launch per tensor: q and k may have different strides, which Triton types and specializes apart
-        for x, xr in ((q, qr), (k, kr)) if rotate_q else ((k, kr),):
-            launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * x.shape[1]),),
-                   (x, xr, cos, sin, *x.stride(), stab_b, stab_h, stab_n, x.shape[1], N_KV, P), 4, 1, BLOCK_M=ROT_M,
-                   BATCHED_TABLE=varlen["BATCHED_TABLE"], **{name: cx[name] for name in _ROT_META})
+        # q and k in one launch (each program rotates the same rows of both: one table load)
+        (x, xr), (x2, xr2) = ((q, qr), (k, kr)) if rotate_q else ((k, kr),) * 2
+        launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * x.shape[1]),),
+               (x, x2, xr, xr2, cos, sin, *x.stride(), *x2.stride(), stab_b, stab_h, stab_n, x.shape[1],
+                x2.shape[1], N_KV, P), 4, 1, BLOCK_M=ROT_M, BATCHED_TABLE=varlen["BATCHED_TABLE"], TWO=rotate_q,
+               **{name: cx[name] for name in _ROT_META})
         k_in, rope_k = kr, False
         if rotate_q:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False

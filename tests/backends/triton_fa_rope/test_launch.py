@@ -88,17 +88,19 @@ def test_grid_beyond_the_launch_limit_is_a_clear_error():
 @pytest.mark.parametrize("prerotate_q", [False, True], ids=["k_first", "q_and_k_first"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_prerotate_from_n_is_a_sequence_length_threshold(training, prerotate_q):
-    """K (and q in training, or with `prerotate_q`) go through `rotate_kernel` exactly when N >= the config's
-    threshold for the pass; the attention kernel then rotates nothing that was rotated first."""
+    """K (and q in training, or with `prerotate_q`) go through `rotate_kernel` (one launch for both) exactly when
+    N >= the config's threshold for the pass; the attention kernel then rotates nothing that was rotated first."""
     s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
     field = "prerotate_train_from_n" if training else "prerotate_from_n"
     both = training or prerotate_q
-    for from_n, rotations in ((s.N, 2 if both else 1), (s.N + 1, 0)):
+    for from_n, rotations in ((s.N, 1), (s.N + 1, 0)):
         with configs.override(**{**NEVER, field: from_n}, prerotate_q=prerotate_q), runtime.recording() as launched:
             launch.forward(q, k, v, table, s.D ** -0.5, training, configs.for_call(q.device, s.D))
         kernels_launched = [x.kernel for x in launched]
         assert kernels_launched.count(kernels.rotate_kernel) == rotations, (from_n, kernels_launched)
         assert kernels_launched[-1] is kernels.fwd_kernel
+        if rotations:
+            assert launched[0].constexprs["TWO"] == both, launched[0].constexprs
         rope_in_kernel = launched[-1].constexprs["ROPE"]
         assert rope_in_kernel == (rotations == 0 or not both), (from_n, rope_in_kernel)
 
