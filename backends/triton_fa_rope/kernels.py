@@ -73,16 +73,16 @@ def _load_qk(base, offs_n, mask_n, stride_n, stride_d, cos_base, sin_base, strid
     """A q or k tile [BLOCK, BLOCK_D] in the dot dtype; with ROPE rotated, in joined pair order (a0, b0, a1, ..)."""
     if not ROPE:
         return _load_rows(base, offs_n, mask_n, stride_n, stride_d, offs_d, HEAD_D, BLOCK_D).to(DOT)
+    xa, xb = _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, offs_d, HEAD_D2, BLOCK_D2, PAIR_STEP,
+                         PAIR_OFF, SPLIT)
     c, s = _table(cos_base, sin_base, offs_n, mask_n, stride_tn, P, offs_j, HEAD_D2, BLOCK_D2)
-    return _load_rotated(base, offs_n, mask_n, stride_n, stride_d, c, s, offs_j, offs_d, HEAD_D2, BLOCK_D, BLOCK_D2,
-                         PAIR_STEP, PAIR_OFF, SPLIT, DOT)
+    return _rotate_pairs(xa, xb, c, s, DOT)
 
 
 @triton.jit
-def _load_rotated(base, offs_n, mask_n, stride_n, stride_d, c, s, offs_j, offs_d, HEAD_D2: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT: tl.constexpr):
-    """`_load_qk`'s rotated tile with the table rows c, s [BLOCK, BLOCK_D2] already loaded."""
+def _load_pairs(base, offs_n, mask_n, stride_n, stride_d, offs_j, offs_d, HEAD_D2: tl.constexpr,
+                BLOCK_D2: tl.constexpr, PAIR_STEP: tl.constexpr, PAIR_OFF: tl.constexpr, SPLIT: tl.constexpr):
+    """The rotary pairs (a, b) of a q or k tile: two [BLOCK, BLOCK_D2] tiles in the input dtype."""
     if SPLIT:  # interleaved pairs, D a power of two: one vectorized row load, pairs separated in registers
         x = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_n[:, None],
                     other=0.0)
@@ -92,11 +92,17 @@ def _load_rotated(base, offs_n, mask_n, stride_n, stride_d, c, s, offs_j, offs_d
         ptr = base + offs_n[:, None] * stride_n + (offs_j * PAIR_STEP)[None, :] * stride_d
         xa = tl.load(ptr, mask=mask, other=0.0)
         xb = tl.load(ptr + PAIR_OFF * stride_d, mask=mask, other=0.0)
+    return xa, xb
+
+
+@triton.jit
+def _rotate_pairs(xa, xb, c, s, DOT: tl.constexpr):
+    """R (a, b) = (a c - b s, b c + a s) in fp32 -> [BLOCK, 2 * BLOCK_D2] in the dot dtype, joined pair order."""
     xa = xa.to(tl.float32)
     xb = xb.to(tl.float32)
     ra = (xa * c - xb * s).to(DOT)
     rb = (xb * c + xa * s).to(DOT)
-    return tl.reshape(tl.join(ra, rb), [offs_n.shape[0], BLOCK_D])
+    return tl.reshape(tl.join(ra, rb), [xa.shape[0], 2 * xa.shape[1]])
 
 
 @triton.jit
@@ -303,14 +309,16 @@ def rotate_kernel(
     offs_j = tl.arange(0, BLOCK_D2)
     cos_base, sin_base = _table_bases(COS, SIN, b, h, stab_b, stab_h, BATCHED_TABLE)
     c, s = _table(cos_base, sin_base, offs_m, mask_m, stab_n, P, offs_j, HEAD_D2, BLOCK_D2)
-    x = _load_rotated(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, c, s, offs_j, offs_d, HEAD_D2, BLOCK_D,
-                      BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, DOT)
-    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+    xa, xb = _load_pairs(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, offs_j, offs_d, HEAD_D2, BLOCK_D2,
+                         PAIR_STEP, PAIR_OFF, SPLIT)
+    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, _rotate_pairs(xa, xb, c, s, DOT), offs_m, mask_m, HEAD_D, 1,
+                offs_d, HEAD_D, BLOCK_D)
     if TWO:
         if h < H2:
-            x = _load_rotated(X2 + b * sx2b + h * sx2h, offs_m, mask_m, sx2n, sx2d, c, s, offs_j, offs_d, HEAD_D2,
-                              BLOCK_D, BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT, DOT)
-            _store_rows(XR2 + (b * H2 + h) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
+            xa, xb = _load_pairs(X2 + b * sx2b + h * sx2h, offs_m, mask_m, sx2n, sx2d, offs_j, offs_d, HEAD_D2,
+                                 BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT)
+            _store_rows(XR2 + (b * H2 + h) * N * HEAD_D, _rotate_pairs(xa, xb, c, s, DOT), offs_m, mask_m, HEAD_D,
+                        1, offs_d, HEAD_D, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------- backward
