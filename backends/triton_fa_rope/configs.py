@@ -88,14 +88,16 @@ K = KernelConfig
 # N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case, fwd_prerotated at
-# N = 785 / 1029 (1.15x the fwd config there). From 257 tokens the
+# N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too (prerotate_q: 3.5-3.8% at
+# N = 785 / 1029 once q and k share one launch). From 257 tokens the
 # split backward runs the Gluon dK/dV and dQ kernels (capped registers: three and four CTAs per SM); below, the
 # fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_prerotated=K(64, 64, 4, 3),
                 fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
-                prerotate_from_n=384, prerotate_train_from_n=384, narrow_tail=True, resident_fwd_max_n=640,
+                prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q=True, narrow_tail=True,
+                resident_fwd_max_n=640,
                 resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
                 gluon_bwd_from_n=257, delta_in_dq=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
