@@ -311,14 +311,14 @@ def rotate_kernel(
     c, s = _table(cos_base, sin_base, offs_m, mask_m, stab_n, P, offs_j, HEAD_D2, BLOCK_D2)
     xa, xb = _load_pairs(X + b * sxb + h * sxh, offs_m, mask_m, sxn, sxd, offs_j, offs_d, HEAD_D2, BLOCK_D2,
                          PAIR_STEP, PAIR_OFF, SPLIT)
-    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, _rotate_pairs(xa, xb, c, s, DOT), offs_m, mask_m, HEAD_D, 1,
-                offs_d, HEAD_D, BLOCK_D)
+    x = _rotate_pairs(xa, xb, c, s, DOT)
+    _store_rows(XR + bh.to(tl.int64) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     if TWO:
         if h < H2:
             xa, xb = _load_pairs(X2 + b * sx2b + h * sx2h, offs_m, mask_m, sx2n, sx2d, offs_j, offs_d, HEAD_D2,
                                  BLOCK_D2, PAIR_STEP, PAIR_OFF, SPLIT)
-            _store_rows(XR2 + (b * H2 + h) * N * HEAD_D, _rotate_pairs(xa, xb, c, s, DOT), offs_m, mask_m, HEAD_D,
-                        1, offs_d, HEAD_D, BLOCK_D)
+            x = _rotate_pairs(xa, xb, c, s, DOT)
+            _store_rows(XR2 + (b * H2 + h) * N * HEAD_D, x, offs_m, mask_m, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------- backward
