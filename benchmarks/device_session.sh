@@ -27,6 +27,9 @@
 #   naflex the NaFlexViT tests (the GPU's sync count among them), benchmarks/sync_check.py, then the NaFlexViT-B
 #          axial train step (B = 64, 576-token buckets) eager and compiled, and compiled once more
 #                     -> pytest_naflex.log, h200_naflex_syncs.txt, e2e_h200_naflex{,_repeat}.json, e2e_naflex.log
+#   rotate benchmarks/rotate_ab.py (the rotation pass: one launch for q and k against one per tensor) -> h200_rotate_ab.json
+#   steps  benchmarks/step_kernels.py (compiled ViT-B/16@384 train step, B = 64: GPU ms per kernel, timm against
+#          patched)                                                  -> h200_step_kernels_vit_b384.json, .log
 #   graphs ViT-S/16 train step at B = 32 under torch.compile(mode="reduce-overhead") (CUDA graphs)
 #                                                                       -> e2e_reduce_overhead.json, .log
 #   multigpu pytest -m multigpu (needs the nvidia-h200-x2 kind)         -> pytest_multigpu.log
@@ -89,6 +92,13 @@ for stage in "${stages[@]}"; do
       timeout 540 python3 -m attnhub bench --sections table,host --no-progress --out "$OUT/h200.json" \
         --plot "$OUT/h200.png" --winners "$OUT/measured.yaml" >"$OUT/bench.log" 2>&1 || status=1
       tail -40 "$OUT/bench.log" ;;
+    rotate)
+      timeout 150 python3 benchmarks/rotate_ab.py --out "$OUT/h200_rotate_ab.json" >"$OUT/rotate_ab.log" 2>&1 || status=1
+      grep -v Warn "$OUT/rotate_ab.log" | tail -12 ;;
+    steps)
+      timeout 400 python3 benchmarks/step_kernels.py --out "$OUT/h200_step_kernels_vit_b384.json" \
+        >"$OUT/step_kernels.log" 2>&1 || status=1
+      head -12 "$OUT/step_kernels.log" ;;
     mixed)
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_h100_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1

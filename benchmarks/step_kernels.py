@@ -4,9 +4,9 @@ torch.profiler, side by side. Needs CUDA.
     python benchmarks/step_kernels.py [--model vit_base_patch16_rope_224 --img 384 --batch 64] [--top 25] [--out FILE]
 
 Both models from one seed, compiled (Inductor), stepped as `bench_e2e.py` steps them (AdamW, bf16 autocast); each
-step's kernels summed over `--iters` profiled steps (`benchkit.gpu_kernels_ms`), then grouped: attention (cuDNN /
-Flash / efficient SDPA kernels, attnhub's Triton and Gluon kernels), GEMMs, Inductor's fused kernels, the
-optimizer, the rest. Prints the groups and each model's top kernels.
+step's kernels summed over `--iters` profiled steps (`benchkit.gpu_kernels_ms`), then grouped: the patch
+embedding's convolution, attention (cuDNN / Flash / efficient SDPA kernels, attnhub's Triton and Gluon kernels),
+GEMMs, the optimizer, Inductor's fused kernels (timm's RoPE among them), the rest. Prints the groups and each model's top kernels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from attnhub.integrations import timm as attnhub_timm
 from bench_e2e import step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
 
 GROUPS = (  # first match wins; names as the profiler reports kernels
-    ("attention", re.compile(r"cudnn|fmha|flash|attn|sdpa|_kernel$|rotate|bwd_|fwd_|gluon|delta|dkdv|dq", re.I)),
+    ("attention", re.compile(r"sdpa|fmha|flash|attn|dot_do_o|convert_dq|^(fwd|rotate|bwd_\w+|key_bounds)_kernel$"
+                             r"|^bwd_preprocess$|^gluon_|^(resident|long)_fwd_kernel$", re.I)),
+    ("conv", re.compile(r"convolution|nchwToNhwc|nhwcToNchw|fprop_optimized|ImplicitGemm", re.I)),  # patch embedding
     ("gemm", re.compile(r"gemm|sm90_xmma|cutlass|nvjet|matmul|splitK", re.I)),
     ("optimizer", re.compile(r"foreach|adam|multi_tensor", re.I)),
     ("inductor", re.compile(r"^triton_", re.I)),
