@@ -13,6 +13,9 @@ Usage (from the repository root):
         every launch of `MATRIX` (head dims, dtypes, layouts, per-head and cross attention, variants) must compile
         and fit the shared memory of an sm_90 block; exit 1 otherwise. CI runs this (test_sm90.py next to this
         file): it has no GPU, and the interpreter compiles nothing.
+    python -m tests.backends.triton_fa_rope.sm90 --same-ttir OLD_KERNELS_PY
+        every Triton launch of `MATRIX` compiles to the same TTIR with this checkout's kernels as with those of
+        another kernels.py (a refactor checked without a GPU); exit 1 where one differs.
     python -m tests.backends.triton_fa_rope.sm90 --out FILE
         ViT-S/16 bf16: each forward variant and the backward, with registers, spills and instruction mix (the sm_90
         record in benchmarks/results/ was made this way).
@@ -275,10 +278,51 @@ def check_matrix() -> dict:
     return dict(ok=not failures, triton=triton.__version__, rows=rows, failures=failures)
 
 
+def ttir(launch: Launch) -> list[str]:
+    """The TTIR of one recorded launch for sm_90 (what Triton's frontend made of the kernel, before any GPU pass),
+    without locations and with SSA names numbered in order of appearance: equal lists, equal programs."""
+    sig, consts, attrs = _specialize(launch)
+    compiled = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    names: dict[str, str] = {}
+    lines = (re.sub(r" loc\(.*$", "", line).strip() for line in compiled.asm["ttir"].splitlines()
+             if line.strip() and not line.startswith("#loc"))
+    return [re.sub(r"%[\w.#]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), line) for line in lines]
+
+
+def same_ttir(old_kernels_path: str, matrix=None) -> dict:
+    """Every Triton (not Gluon) launch of `matrix` (default `MATRIX`) compiled with this checkout's kernels and with
+    the same-named kernels of another `kernels.py` (e.g. `git show REV:backends/triton_fa_rope/kernels.py >
+    old.py`): a refactor that leaves every TTIR equal leaves the GPU's code as it was -> {"compared", "differ":
+    [...]} (a kernel the other file lacks or that does not take these arguments differs too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("old_kernels", old_kernels_path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    compared, differ = 0, []
+    for case, variant in MATRIX if matrix is None else matrix:
+        for launch in training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
+                                             **VARIANTS[variant][0]):
+            if _is_gluon(launch.kernel):
+                continue
+            compared += 1
+            try:
+                same = ttir(launch) == ttir(launch._replace(kernel=getattr(old, launch.kernel.fn.__name__)))
+            except Exception as exc:  # noqa: BLE001 - missing in the other file, or other parameters
+                same = False
+                print(f"{case}/{variant} {launch.name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+            if not same:
+                differ.append(f"{case}/{variant} {launch.name}")
+    return dict(triton=triton.__version__, compared=compared, differ=differ)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--matrix", action="store_true", help="compile every launch of MATRIX; exit 1 on a failure")
+    ap.add_argument("--same-ttir", metavar="OLD_KERNELS_PY",
+                    help="compare every Triton launch of MATRIX with another kernels.py's; exit 1 where one differs")
     args = ap.parse_args()
     if configs.INTERPRET:
         raise SystemExit("sm90: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -286,6 +330,10 @@ def main() -> int:
         result = check_matrix()
         print(json.dumps(result, indent=1))
         return 0 if result["ok"] else 1
+    if args.same_ttir:
+        result = same_ttir(args.same_ttir)
+        print(json.dumps(result, indent=1))
+        return 0 if not result["differ"] else 1
     B, H, g, P, D = 256, 6, 14, 1, 64  # ViT-S/16 @ 224, q, k, v views of one fused qkv projection
     N = P + g * g
     q, k, v = torch.empty(B, N, 3, H, D, dtype=torch.bfloat16).permute(2, 0, 3, 1, 4).unbind(0)

@@ -79,3 +79,28 @@ def test_every_launch_compiles_for_sm90(tmp_path):
                  "d64_bf16_coords_gqa"):
         assert (f"rope_sdpa_{case}", "rotate", "_rotate_kernel") in compiled
     assert len(compiled) >= 30
+
+
+def test_same_ttir_tells_a_changed_kernel_from_a_copy(tmp_path):
+    """`sm90.same_ttir` (a refactor checked without a GPU): a copy of kernels.py compiles to the same TTIR as the
+    checkout's, a copy whose table lookup pads with another value does not."""
+    try:
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"triton {triton.__version__} has no offline compile API: {exc}")
+    source = (ROOT / "backends" / "triton_fa_rope" / "kernels.py").read_text()
+    changed = source.replace("mask=mask, other=1.0).to(tl.float32)", "mask=mask, other=0.5).to(tl.float32)")
+    assert changed != source
+    (tmp_path / "copy.py").write_text(source)
+    (tmp_path / "changed.py").write_text(changed)
+    code = ("import json, sys; from tests.backends.triton_fa_rope import sm90; "
+            "m = [('d64_bf16_interleaved', 'in_kernel_full_tail')]; "
+            "print(json.dumps([sm90.same_ttir(p, m) for p in sys.argv[1:]]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "copy.py"), str(tmp_path / "changed.py")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    copy, changed_report = json.loads(proc.stdout.splitlines()[-1])
+    assert copy["compared"] > 0 and copy["differ"] == [], copy
+    assert changed_report["differ"], changed_report  # the in-kernel forward and the backward read the table
