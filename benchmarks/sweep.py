@@ -45,7 +45,7 @@ CANDIDATES = {
     "prerotate_from_n": [None, 0, 384],
     "prerotate_train_from_n": [None, 0, 384],
     "narrow_tail": [False, True],
-    "prerotate_q": [False, True],
+    "prerotate_q_from_n": [None, 0, 641],
     "delta_in_dq": [False, True],
     "bwd_fused_max_n": [0, 2**31 - 1],
 }

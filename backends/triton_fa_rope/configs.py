@@ -46,8 +46,8 @@ class ArchConfigs:
     backward's kernels; bwd_fused: the fused backward, taken automatically while max(N_Q, N_KV) <= bwd_fused_max_n.
     prerotate_from_n, prerotate_train_from_n: from this K/V length on (None: never), inference rotates K, training
     q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
-    rotation per query block; prerotate_q: inference's pass rotates q too, so the attention kernel runs without RoPE
-    (as training's does). narrow_tail: the last, partial K tile only as wide as the remainder needs.
+    rotation per query block; prerotate_q_from_n: from this length on (None: never) inference's pass rotates q too,
+    so the attention kernel runs without RoPE (as training's does). narrow_tail: the last, partial K tile only as wide as the remainder needs.
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
     applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
     resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward.
@@ -69,7 +69,7 @@ class ArchConfigs:
     bwd_fused_max_n: int = 0
     prerotate_from_n: int | None = None
     prerotate_train_from_n: int | None = None
-    prerotate_q: bool = False
+    prerotate_q_from_n: int | None = None
     narrow_tail: bool = False
     resident_fwd_max_n: int = 0
     resident_train_max_n: int = 0
@@ -88,15 +88,16 @@ K = KernelConfig
 # N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case, fwd_prerotated at
-# N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too (prerotate_q: 3.5-3.8% at
-# N = 785 / 1029 once q and k share one launch). From 257 tokens the
+# N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too past the Gluon forwards' 640
+# tokens (3.5-3.8% at N = 785 / 1029 once q and k share one launch; not measured with key padding, which the Triton
+# forward serves from 384 tokens). From 257 tokens the
 # split backward runs the Gluon dK/dV and dQ kernels (capped registers: three and four CTAs per SM); below, the
 # fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there.
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_prerotated=K(64, 64, 4, 3),
                 fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
-                prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q=True, narrow_tail=True,
+                prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q_from_n=641, narrow_tail=True,
                 resident_fwd_max_n=640,
                 resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
                 gluon_bwd_from_n=257, delta_in_dq=True),

@@ -137,7 +137,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`),
     training up to `config.resident_train_max_n` tokens too (it writes the rotated q and k in the order of its only
     layout, interleaved: joined pair order). Otherwise, with RoPE, from `config.prerotate_from_n` (inference) or
-    `prerotate_train_from_n` (training) on, K (inference; q too with `config.prerotate_q`) or q and K (training) are
+    `prerotate_train_from_n` (training) on, K (inference; q too from `config.prerotate_q_from_n`) or q and K (training) are
     rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
@@ -165,7 +165,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     if training and not prerotate and varlen["KEY_MASK"]:  # the attention kernel skips the K tiles past the last
         kr.zero_()  # valid key, so it saves no rotated rows there: zeros, not stale memory, in the saved tensor
     q_in, k_in, rope_k, save_rot = q, k, True, training
-    rotate_q = training or config.prerotate_q
+    rotate_q = training or (config.prerotate_q_from_n is not None and N_KV >= config.prerotate_q_from_n)
     if prerotate:
         if not training:
             kr = torch.empty(B, H_KV, N_KV, D, device=q.device, dtype=rdtype)

@@ -35,7 +35,7 @@ PATHS = {  # config overrides
     "in_kernel": dict(**NEVER, narrow_tail=False),  # the default off Hopper
     "in_kernel_narrow_tail": dict(**NEVER, narrow_tail=True),
     "prerotate_narrow_tail": dict(**ALWAYS, narrow_tail=True),
-    "prerotate_q_narrow_tail": dict(**ALWAYS, narrow_tail=True, prerotate_q=True),  # inference rotates q first too
+    "prerotate_q_narrow_tail": dict(**ALWAYS, narrow_tail=True, prerotate_q_from_n=0),  # inference rotates q first too
 }
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 
@@ -85,16 +85,19 @@ def test_grid_beyond_the_launch_limit_is_a_clear_error():
         launch.grid(2**20, 1, 2**12)
 
 
-@pytest.mark.parametrize("prerotate_q", [False, True], ids=["k_first", "q_and_k_first"])
+@pytest.mark.parametrize("q_from", ["never", "n", "n_plus_1"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_prerotate_from_n_is_a_sequence_length_threshold(training, prerotate_q):
-    """K (and q in training, or with `prerotate_q`) go through `rotate_kernel` (one launch for both) exactly when
-    N >= the config's threshold for the pass; the attention kernel then rotates nothing that was rotated first."""
+def test_prerotate_from_n_is_a_sequence_length_threshold(training, q_from):
+    """K (and q in training, or in inference from `prerotate_q_from_n`) go through `rotate_kernel` (one launch for
+    both) exactly when N >= the config's threshold for the pass; the attention kernel then rotates nothing that was
+    rotated first."""
     s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
     field = "prerotate_train_from_n" if training else "prerotate_from_n"
-    both = training or prerotate_q
+    q_from_n = {"never": None, "n": s.N, "n_plus_1": s.N + 1}[q_from]
+    both = training or q_from == "n"
     for from_n, rotations in ((s.N, 1), (s.N + 1, 0)):
-        with configs.override(**{**NEVER, field: from_n}, prerotate_q=prerotate_q), runtime.recording() as launched:
+        with configs.override(**{**NEVER, field: from_n}, prerotate_q_from_n=q_from_n), \
+                runtime.recording() as launched:
             launch.forward(q, k, v, table, s.D ** -0.5, training, configs.for_call(q.device, s.D))
         kernels_launched = [x.kernel for x in launched]
         assert kernels_launched.count(kernels.rotate_kernel) == rotations, (from_n, kernels_launched)
