@@ -55,6 +55,14 @@ def build(name: str, variant: str, args, device: torch.device, **kwargs) -> torc
     return attnhub_timm.patch(model) if variant == "attnhub" else model
 
 
+def image_batch(batch: int, img: int, device: torch.device, generator: torch.Generator | None = None):
+    """Images [batch, 3, img, img] and class labels [batch] for a train step, from `generator` (default: seed 1, the
+    same batch in every process)."""
+    g = generator or torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, img, img, generator=g).to(device)
+    return images, torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+
 def _naflex(name: str) -> bool:
     return name.startswith("naflexvit")
 
@@ -281,8 +289,7 @@ def print_table(report: dict) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
-    y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
+    images, y = image_batch(args.batch, args.img, device, g)
     compiled_opts = (False,) if args.no_compile else (True,) if args.compile_only else (False, True)
     records, checks = [], []
     for name in args.models:

@@ -15,12 +15,10 @@ import contextlib
 import json
 from unittest import mock
 
-import timm
 import torch
 
 from attnhub import api, benchkit
-from attnhub.integrations import timm as attnhub_timm
-from bench_e2e import step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
+from bench_e2e import build, image_batch, step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
 
 
 def _views():
@@ -34,17 +32,13 @@ def main(argv=None) -> None:
     p.add_argument("--img", type=int, default=384)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--out")
+    p.set_defaults(depth=None, model_kwargs={})  # what bench_e2e.build reads besides --img
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    x = torch.randn(args.batch, 3, args.img, args.img, device=dev)
-    y = torch.randint(0, 1000, (args.batch,), device=dev)
-    steps = {}
-    for name in ("timm", "packed", "views"):
-        torch.manual_seed(0)
-        model = timm.create_model(args.model, pretrained=False, img_size=args.img).to(dev)
-        if name != "timm":
-            model = attnhub_timm.patch(model)
-        steps[name] = step_fn(torch.compile(model), "train", x, y, dev)
+    x, y = image_batch(args.batch, args.img, dev)
+    steps = {name: step_fn(torch.compile(build(args.model, "timm" if name == "timm" else "attnhub", args, dev)),
+                           "train", x, y, dev)
+             for name in ("timm", "packed", "views")}
     report = dict(environment=benchkit.environment(dev), config=vars(args), rows=[])
     for name in list(steps) * 2:
         with _views() if name == "views" else contextlib.nullcontext():
@@ -56,7 +50,8 @@ def main(argv=None) -> None:
         print(f"{name:<8} step {ms:8.3f} ms, GPU {gpu:8.3f} ms", flush=True)
     best = {name: min(r["ms"] for r in report["rows"] if r["variant"] == name) for name in steps}
     report["timm_over"] = {name: best["timm"] / best[name] for name in ("packed", "views")}
-    print("timm compiled / patched (best of two): " + ", ".join(f"{k} {v:.3f}x" for k, v in report["timm_over"].items()))
+    ratios = ", ".join(f"{k} {v:.3f}x" for k, v in report["timm_over"].items())
+    print(f"timm compiled / patched (best of two): {ratios}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)

@@ -6,7 +6,8 @@ torch.profiler, side by side. Needs CUDA.
 Both models from one seed, compiled (Inductor), stepped as `bench_e2e.py` steps them (AdamW, bf16 autocast); each
 step's kernels summed over `--iters` profiled steps (`benchkit.gpu_kernels_ms`), then grouped: the patch
 embedding's convolution, attention (cuDNN / Flash / efficient SDPA kernels, attnhub's Triton and Gluon kernels),
-GEMMs, the optimizer, Inductor's fused kernels (timm's RoPE among them), the rest. Prints the groups and each model's top kernels.
+GEMMs, the optimizer, Inductor's fused kernels (timm's RoPE among them), the rest. Prints the groups and each
+model's top kernels.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import argparse
 import json
 import re
 
-import timm
 import torch
 
 from attnhub import benchkit
-from attnhub.integrations import timm as attnhub_timm
-from bench_e2e import step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
+from bench_e2e import build, image_batch, step_fn  # noqa: I001 - benchmarks/, on sys.path when this script runs
 
 GROUPS = (  # first match wins; names as the profiler reports kernels
     ("attention", re.compile(r"sdpa|fmha|flash|attn|dot_do_o|convert_dq|^(fwd|rotate|bwd_\w+|key_bounds)_kernel$"
@@ -47,16 +46,13 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out")
+    p.set_defaults(depth=None, model_kwargs={})  # what bench_e2e.build reads besides --img
     args = p.parse_args(argv)
     dev = torch.device("cuda")
-    x = torch.randn(args.batch, 3, args.img, args.img, device=dev)
-    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    x, y = image_batch(args.batch, args.img, dev)
     report = dict(environment=benchkit.environment(dev), config=vars(args), models={})
-    for name in ("timm", "patched"):
-        torch.manual_seed(0)
-        model = timm.create_model(args.model, pretrained=False, img_size=args.img).to(dev)
-        if name == "patched":
-            model = attnhub_timm.patch(model)
+    for name, variant in (("timm", "timm"), ("patched", "attnhub")):
+        model = build(args.model, variant, args, dev)
         step = step_fn(torch.compile(model), "train", x, y, dev)
         for _ in range(3):
             step()
