@@ -18,7 +18,7 @@ import torch
 
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import kernels, launch
+from attnhub.backends.triton_fa_rope import launch
 
 VARIANTS = {  # name: (one launch for q and k, rows per program, warps)
     "per tensor, 64 rows, 4 warps": (False, 64, 4),
@@ -30,15 +30,10 @@ VARIANTS = {  # name: (one launch for q and k, rows per program, warps)
 
 
 def rotate(q, k, qr, kr, table, together: bool, rows: int, warps: int) -> None:
-    cos, sin, stab_b, stab_h, stab_n, P = launch._table_args(table, q)
-    cx = launch.meta(q, table)
-    B, H, N, D = q.shape
-    meta = {name: cx[name] for name in launch._ROT_META}
-    pairs = [((q, qr), (k, kr))] if together else [((q, qr),) * 2, ((k, kr),) * 2]
-    for (x, xr), (x2, xr2) in pairs:
-        runtime.launch(kernels.rotate_kernel, (launch.grid(N, rows, B * x.shape[1]),),
-                       (x, x2, xr, xr2, cos, sin, *x.stride(), *x2.stride(), stab_b, stab_h, stab_n, x.shape[1],
-                        x2.shape[1], N, P), warps, 1, BLOCK_M=rows, BATCHED_TABLE=False, TWO=together, **meta)
+    """q, k into qr, kr through the forward's `launch.rotation_pass`: one launch for both or one per tensor."""
+    table_args, cx = launch._table_args(table, q), launch.meta(q, table)
+    for pairs in [((q, qr), (k, kr))] if together else [((q, qr),), ((k, kr),)]:
+        launch.rotation_pass(pairs, table_args, cx, False, runtime.launch, rows, warps)
 
 
 def main(argv=None) -> None:

@@ -137,8 +137,8 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`),
     training up to `config.resident_train_max_n` tokens too (it writes the rotated q and k in the order of its only
     layout, interleaved: joined pair order). Otherwise, with RoPE, from `config.prerotate_from_n` (inference) or
-    `prerotate_train_from_n` (training) on, K (inference; q too from `config.prerotate_q_from_n`) or q and K (training) are
-    rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
+    `prerotate_train_from_n` (training) on, K (inference; q too from `config.prerotate_q_from_n`) or q and K
+    (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
@@ -171,12 +171,8 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
             kr = torch.empty(B, H_KV, N_KV, D, device=q.device, dtype=rdtype)
             if rotate_q:
                 qr = torch.empty(B, H, N_Q, D, device=q.device, dtype=rdtype)
-        # q and k in one launch (each program rotates the same rows of both: one table load)
-        (x, xr), (x2, xr2) = ((q, qr), (k, kr)) if rotate_q else ((k, kr),) * 2
-        launch(kernels.rotate_kernel, (grid(N_KV, ROT_M, B * x.shape[1]),),
-               (x, x2, xr, xr2, cos, sin, *x.stride(), *x2.stride(), stab_b, stab_h, stab_n, x.shape[1],
-                x2.shape[1], N_KV, P), 4, 1, BLOCK_M=ROT_M, BATCHED_TABLE=varlen["BATCHED_TABLE"], TWO=rotate_q,
-               **{name: cx[name] for name in _ROT_META})
+        pairs = ((q, qr), (k, kr)) if rotate_q else ((k, kr),)
+        rotation_pass(pairs, (cos, sin, stab_b, stab_h, stab_n, P), cx, varlen["BATCHED_TABLE"], launch)
         k_in, rope_k = kr, False
         if rotate_q:  # the attention kernel sees q and k already rotated: no RoPE, nothing more to save
             q_in, cx, save_rot = qr, _meta_for(D, q.dtype, None), False
@@ -187,6 +183,20 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
            SAVE_ROT=save_rot, ROPE_K=rope_k and cx["ROPE"],
            TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n, **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
+
+
+def rotation_pass(pairs, table_args, cx: dict, batched_table: bool, launch: Launcher, rows: int = ROT_M,
+                  num_warps: int = 4) -> None:
+    """`rotate_kernel` over pairs ((x, xr),) or ((q, qr), (k, kr)): x [B, H, N, D] (any strides) rotated into xr
+    (contiguous [B, H, N, D]); with two pairs one launch, each program rotating the same rows of q and k (one table
+    load; k may have fewer heads). table_args: `_table_args`'s; cx: `meta`'s."""
+    (x, xr), (x2, xr2) = pairs[0], pairs[-1]
+    cos, sin, stab_b, stab_h, stab_n, P = table_args
+    B, H, N = x.shape[:3]
+    launch(kernels.rotate_kernel, (grid(N, rows, B * H),),
+           (x, x2, xr, xr2, cos, sin, *x.stride(), *x2.stride(), stab_b, stab_h, stab_n, H, x2.shape[1], N, P),
+           num_warps, 1, BLOCK_M=rows, BATCHED_TABLE=batched_table, TWO=len(pairs) == 2,
+           **{name: cx[name] for name in _ROT_META})
 
 
 def _resident_forward(config: ArchConfigs, n: int, training: bool):
@@ -215,12 +225,13 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     strides, e.g. views of one projection's gradient) when given.
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
-    `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing
-    the scores); from `config.gluon_bwd_from_n` tokens on the Gluon kernels of `gluon_bwd` replace the last two
-    where they take the call, and with `config.delta_in_dq` its dQ kernel computes delta (no delta pass). Fused (`fused`): one launch, one program per (b, h), one pass over the scores; dq accumulates in
-    registers when all queries fit one block (N_Q <= block_m: the short-sequence backward), else in an fp32
-    scratch [B*H, N_Q, D]. Without `out` the gradients are contiguous [B, H, N, D]: a fused qkv projection stacks
-    them (`unbind`'s backward), and eager torch.stack is slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
+    `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing the
+    scores); from `config.gluon_bwd_from_n` tokens on the Gluon kernels of `gluon_bwd` replace the last two where they
+    take the call, and with `config.delta_in_dq` its dQ kernel computes delta (no delta pass). Fused (`fused`): one
+    launch, one program per (b, h), one pass over the scores; dq accumulates in registers when all queries fit one block
+    (N_Q <= block_m: the short-sequence backward), else in an fp32 scratch [B*H, N_Q, D]. Without `out` the gradients
+    are contiguous [B, H, N, D]: a fused qkv projection stacks them (`unbind`'s backward), and eager torch.stack is
+    slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
