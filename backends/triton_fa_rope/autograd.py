@@ -210,11 +210,10 @@ fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 @torch.compiler.assume_constant_result
 def _gluon_writes_packed(device: torch.device, dtype: torch.dtype, n: int, heads: int, head_dim: int, layout: str,
                          per_sample: bool) -> bool:
-    """Whether the backward of an `attention_packed` call of these static facts (layout "none": no RoPE;
-    per_sample: one table per sample) runs the Gluon kernels, decided once at trace time on stand-ins of qkv's views. Triton's
-    kernels write 12-20% slower into qkv's gradient, and copying their gradients into it cost a compiled ViT-S step
-    1.4 ms of GPU time more than Inductor's copy of the views' (benchmarks/README.md): those calls run on the
-    views."""
+    """Whether the backward of an `attention_packed` call of these static facts (layout "none": no RoPE; per_sample: one
+    table per sample) runs the Gluon kernels, decided once at trace time on stand-ins of qkv's views. Triton's kernels
+    write 12-20% slower into qkv's gradient, and copying their gradients into it cost a compiled ViT-S step 1.4 ms of
+    GPU time more than Inductor's copy of the views' (benchmarks/README.md): those calls run on the views."""
     q, k, _ = _split(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
     table_dim = 4 if per_sample else 2
     rope = None if layout == "none" else _Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,

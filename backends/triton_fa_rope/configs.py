@@ -47,7 +47,8 @@ class ArchConfigs:
     prerotate_from_n, prerotate_train_from_n: from this K/V length on (None: never), inference rotates K, training
     q and K, in a separate pass (`rotate_kernel`) so the attention kernel's K tiles feed the tensor cores without a
     rotation per query block; prerotate_q_from_n: from this length on (None: never) inference's pass rotates q too,
-    so the attention kernel runs without RoPE (as training's does). narrow_tail: the last, partial K tile only as wide as the remainder needs.
+    so the attention kernel runs without RoPE (as training's does). narrow_tail: the last, partial K tile only as
+    wide as the remainder needs.
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
     applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
     resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward.

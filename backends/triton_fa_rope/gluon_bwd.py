@@ -10,12 +10,12 @@ one CTA's softmax hides behind another's MMAs. With `delta_in_dq` the dQ kernel 
 of its queries as it loads them and runs first: no delta pass. Deterministic like Triton's: no atomics, each
 block's sums in one order.
 
-Only `launch.backward` plans and runs them (split path, from the config table's `gluon_bwd_from_n` tokens on; a
-kernel whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take
-(`takes`): no key padding mask, equal head counts, N_Q = N_KV, interleaved RoPE with one table (or one per head)
-or none, bf16/fp16, D = 64, TMA-readable q, k, v, dO and dense channels in o, dq, dk, dv. Gluon has no interpreter: the GPU
-parity tests and the offline sm_90 compile check cover them (tests/backends/triton_fa_rope/test_gluon_bwd.py,
-test_sm90.py). Measured on an H200: benchmarks/README.md.
+Only `launch.backward` plans and runs them (split path, from the config table's `gluon_bwd_from_n` tokens on; a kernel
+whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take (`takes`): no key
+padding mask, equal head counts, N_Q = N_KV, interleaved RoPE with one table (or one per head) or none, bf16/fp16, D =
+64, TMA-readable q, k, v, dO and dense channels in o, dq, dk, dv. Gluon has no interpreter: the GPU parity tests and the
+offline sm_90 compile check cover them (tests/backends/triton_fa_rope/test_gluon_bwd.py, test_sm90.py). Measured on an
+H200: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Gluon kernels of triton_fa_rope's split backward (`gluon_bwd`: dK/dV and dQ): which calls take them, and on a
-Hopper GPU the gradients of whole calls through them against `math` in float64 (Gluon has no interpreter: on CPU only the
-planning tests run; test_sm90.py compiles its launches for sm_90 offline).
+Hopper GPU the gradients of whole calls through them against `math` in float64 (Gluon has no interpreter: on CPU
+only the planning tests run; test_sm90.py compiles its launches for sm_90 offline).
 """
 
 from __future__ import annotations
