@@ -37,6 +37,9 @@
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
+#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py at N = 577 and 401: the long kernel with its
+#          K/V boxes handed back box by box (long_early_release) against as shipped, inference and training forward
+#                                              -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -182,6 +185,11 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
         || status=1
       tail -32 "$OUT/gluon_long.log" ;;
+    early)
+      gluon_tests
+      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;custom:64,12,401,64,1,20" \
+        --out "$OUT/h200_gluon_long_early.json" >"$OUT/gluon_long_early.log" 2>&1 || status=1
+      tail -26 "$OUT/gluon_long_early.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -194,7 +202,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

@@ -8,13 +8,16 @@ against `math` in float64 on its first batch elements first (with `torch.empty` 
 whole output must come back finite: no row left unwritten) and the script stops at the first wrong one. Then each
 candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). At lengths
 the resident kernel serves (N <= 256) the long one runs too, forced. The last lines are a table of ms and each one's
-ratio to cuDNN without RoPE and to timm compiled.
+ratio to cuDNN without RoPE and to timm compiled. The long kernel runs as the config table has it and with its K/V
+boxes handed back box by box in a head's last slice (`long_early_release`), for inference with and without RoPE and
+for training (the forward that also writes the rotated q and k).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 
 import torch
@@ -53,6 +56,10 @@ def _check(name, fn, q, k, v, table, n_ref=4) -> float:
     return err
 
 
+def _long_o(q, k, v, table, qk_scale, save_rotated, early_release):
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, early_release)[0]
+
+
 def run_shape(s: benchkit.Shape) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
@@ -78,11 +85,20 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
         if s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-        with _long_kernel_from(1):
-            err = _check("gluon long", fn, q, k, v, table)
-        print(f"  {s} gluon long: rel_l2 vs float64 {err:.2e}", flush=True)
-        add("gluon long", fn, context=lambda: _long_kernel_from(1), err=err)
-        add("gluon long, no RoPE", no_rope, context=lambda: _long_kernel_from(1), rope=False)
+        long_variants = {  # name: (rope, save_rotated, early_release)
+            "gluon long": (True, False, False),
+            "gluon long, early release": (True, False, True),
+            "gluon long, no RoPE": (False, False, False),
+            "gluon long, early release, no RoPE": (False, False, True),
+            "gluon long training": (True, True, False),  # the training forward: writes the rotated q and k too
+            "gluon long training, early release": (True, True, True),
+        }
+        for name, (rope, save, early) in long_variants.items():
+            fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early)
+            with _long_kernel_from(1):
+                err = _check(name, fn, q, k, v, table if rope else None)
+            print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
+            add(name, fn, context=lambda: _long_kernel_from(1), rope=rope, err=err)
     for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
         built = bench.build(impl, s, dev)
         add(impl + ("" if built.rope else " (no RoPE)"), lambda: built.fn(q, k, v), built.context, built.rope)

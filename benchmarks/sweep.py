@@ -48,6 +48,7 @@ CANDIDATES = {
     "prerotate_q_from_n": [None, 0, 641],
     "delta_in_dq": [False, True],
     "bwd_fused_max_n": [0, 2**31 - 1],
+    "long_early_release": [False, True],  # with --set resident_train_max_n=640 the training forward too
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")

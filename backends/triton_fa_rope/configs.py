@@ -51,7 +51,9 @@ class ArchConfigs:
     wide as the remainder needs.
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
     applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
-    resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward.
+    resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward. long_early_release: its
+    long kernel (256 < N <= 640) hands each K/V box back in a head's last slice as soon as it is done with it, so the
+    next head's boxes load and rotate during that slice (an experiment: off until the GPU measures it).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -74,6 +76,7 @@ class ArchConfigs:
     narrow_tail: bool = False
     resident_fwd_max_n: int = 0
     resident_train_max_n: int = 0
+    long_early_release: bool = False
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None

@@ -99,12 +99,13 @@ class _Plan:
     """What one call signature (shapes, strides, dtypes, device, table, whether to save the rotated q and k) fixes
     of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
-    alignment and the scale, which stay per call). Identity-hashed: a plan is its own key."""
+    alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. early_release: the long
+    kernel's K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs")
 
-    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool = False):
+    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool = False, early_release: bool = False):
         B, H, N, D = q.shape
         long = N > RESIDENT_MAX_N
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
@@ -125,22 +126,22 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, SLICE if long else ROT_ROWS))
         if long:
-            self.constexprs["maxnreg"] = WS_MAXNREG
+            self.constexprs.update(EARLY_RELEASE=early_release, maxnreg=WS_MAXNREG)
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
-def _plan(q, k, v, rope, cos, save_rotated: bool = False) -> _Plan | None:
+def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = False) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
     table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
-    and k (only with rope)."""
+    and k (only with rope); early_release: see `_Plan`."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save)
-    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save)
+           rope_sig, save, early_release)
+    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, early_release)
                             if _takes(q, k, v, rope) else None)
 
 
@@ -183,14 +184,15 @@ def eligible(q, k, v, rope, key_padding_mask) -> bool:
     return _aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
 
 
-def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False):
+def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, early_release: bool = False):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e)."""
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release: the config table's
+    `long_early_release` (the long kernel only)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
-    plan = _plan(q, k, v, rope, cos, save_rotated) if _aligned(q, k, v) else None
+    plan = _plan(q, k, v, rope, cos, save_rotated, early_release) if _aligned(q, k, v) else None
     if plan is None:
         return None
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)

@@ -304,13 +304,24 @@ def _await_box(bars, box, phase, WAIT: gl.constexpr):
 
 
 @gluon.jit
+def _release_box(kv_free, box, RELEASE: gl.constexpr):
+    """In a head's last slice (RELEASE): both warpgroups have waited for their P V of K/V box `box` -> kv_free[box],
+    so the producer loads the next head's box while this slice goes on; nothing if not RELEASE."""
+    if RELEASE:
+        _cta_barrier()  # one thread arrives for both warpgroups
+        mbarrier.arrive(kv_free.index(box), count=1)
+
+
+@gluon.jit
 def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False):
+                  num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False,
+                  kv_free=None, RELEASE: gl.constexpr = False):
     """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i. Software-pipelined in
     each warpgroup (FA3's intra-warpgroup overlap): chunk c + 1's S = Q K^T runs on the tensor cores during chunk
     c's softmax, chunk c's P V during chunk c + 1's. The full chunks in a loop (unrolled, ten chunks spilled
     registers at N = 577), then the half-width and the masked one. WAIT: before each box's first use, wait on
-    k_ready / v_ready[box] at `phase`: the boxes of a head still arriving."""
+    k_ready / v_ready[box] at `phase`: the boxes of a head still arriving. RELEASE (a head's last slice, with
+    early release): each box to kv_free as soon as its last chunk's P V is done (`_release_box`)."""
     M: gl.constexpr = q_s.shape[0]
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
@@ -336,6 +347,7 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
         # the previous chunk's P V was issued before s_next: waiting down to one leaves s_next in flight
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        _release_box(kv_free, j - 1, RELEASE)  # chunk j - 1's P V is done
         _await_box(v_ready, j, phase, WAIT)
         acc = _pv(p, v_buf.index(j).reshape([CH, D]), acc * gl.expand_dims(alpha, 1))
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
@@ -351,12 +363,15 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         else:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if _chunk_key0(c - 1, N_FULL, MID_N) // CH != _chunk_key0(c, N_FULL, MID_N) // CH:  # chunk c - 1's box done
+            _release_box(kv_free, _chunk_key0(c - 1, N_FULL, MID_N) // CH, RELEASE)
         k_c, v_c = _chunk_kv(k_buf, v_buf, _chunk_key0(c, N_FULL, MID_N), _chunk_width(c, N_FULL, MID_N, TAIL_N))
         _await_box(v_ready, _chunk_key0(c, N_FULL, MID_N) // CH, phase, WAIT)
         acc = _pv(p, v_c, acc * gl.expand_dims(alpha, 1))
         if c + 1 < NCH:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next, ))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    _release_box(kv_free, _chunk_key0(NCH - 1, N_FULL, MID_N) // CH, RELEASE)
     return acc, m_i, l_i
 
 
@@ -371,16 +386,29 @@ WS_MAXNREG = 168
 
 
 @gluon.jit
+def _load_box(k_desc, v_desc, k_buf, v_buf, k_loaded, v_ready, kv_free, b, h, j, it):
+    """K/V box j of head (b, h), the program's it-th, by TMA once the head before is done with the box (kv_free[j];
+    early release)."""
+    CH: gl.constexpr = k_desc.block_type.shape[1]
+    mbarrier.wait(kv_free.index(j), (it & 1) ^ 1)  # a fresh barrier passes phase 1
+    mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
+    mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
+
+
+@gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
                  stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
-                 SAVE_ROT: gl.constexpr):
+                 SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr):
     """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
     q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
     boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
     ready while the last one of the head before is attended, and the attending warps start on K box 0 while the
     rest still arrive. SAVE_ROT: slices rotated without the scale, each rotated slice and K box also stored by TMA
-    to qr_desc, kr_desc (waited for before its buffer is loaded again)."""
-    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    to qr_desc, kr_desc (waited for before its buffer is loaded again). EARLY_RELEASE: each K/V box is loaded as soon
+    as the head before releases it (kv_free, in its last slice), one box ahead of the rotation."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -419,15 +447,23 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
             if si == 0:
                 if ROPE:  # box 0's table while the heads before finish with K and V
                     c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
-                mbarrier.wait(kv_empty, (it & 1) ^ 1)
-                if SAVE_ROT:  # the K boxes' stores too, before the boxes are loaded again
-                    tma.store_wait(0)
-                for j in gl.static_range(NKC):  # in the order the first slice uses them
-                    mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
-                    _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
-                    mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
-                    _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
+                if EARLY_RELEASE:
+                    if SAVE_ROT:  # the K boxes' stores too, before the boxes are loaded again
+                        tma.store_wait(0)
+                    _load_box(k_desc, v_desc, k_buf, v_buf, k_loaded, v_ready, bars[7], b, h, 0, it)
+                else:
+                    mbarrier.wait(kv_empty, (it & 1) ^ 1)
+                    if SAVE_ROT:  # the K boxes' stores too, before the boxes are loaded again
+                        tma.store_wait(0)
+                    for j in gl.static_range(NKC):  # in the order the first slice uses them
+                        mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
+                        _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
+                        mbarrier.expect(v_ready.index(j), v_desc.block_type.nbytes)
+                        _tma_load(v_desc, [b, j * CH, h, 0], v_ready.index(j), v_buf.index(j))
                 for j in range(NKC):  # a dynamic loop: unrolled, all ten boxes' table loads are hoisted and spill
+                    if EARLY_RELEASE:
+                        if j + 1 < NKC:
+                            _load_box(k_desc, v_desc, k_buf, v_buf, k_loaded, v_ready, bars[7], b, h, j + 1, it)
                     if ROPE:  # the next box's table in flight while this one rotates
                         c_next, s_next = _load_table(cos_base, sin_base, t0 + (j + 1) * CH, N, P, stab_n, CH, D,
                                                      num_warps)
@@ -449,10 +485,12 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
 
 @gluon.jit
 def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
-               N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+               N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, EARLY_RELEASE: gl.constexpr,
+               num_warps: gl.constexpr):
     """The attending warpgroups: each ready query slice over all keys (`_attend_slice`, waiting on the boxes in a
-    head's first slice), its buffer released (and after a head's last slice, K and V), o by TMA through o_buf."""
-    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars
+    head's first slice), its buffer released (and after a head's last slice, K and V; EARLY_RELEASE: box by box
+    during that slice), o by TMA through o_buf."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
     SLICE_: gl.constexpr = q_buf.shape[2]
     D: gl.constexpr = q_buf.shape[4]
     pid = gl.program_id(0)
@@ -469,12 +507,19 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
             if si == 0:  # K and V may still be arriving
                 acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
                                               k_ready, v_ready, it & 1, True)
+            elif EARLY_RELEASE:  # the last slice releases the boxes one by one
+                if si == NS - 1:
+                    acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                  kv_free=bars[7], RELEASE=True)
+                else:
+                    acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
             else:  # without the waits, whose shared-memory fences would join the warpgroups at every chunk
                 acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
             tma.store_wait(0)  # the slice before's o has left o_buf
             _cta_barrier()  # both warpgroups are done with q_s (after a head's last slice: with K and V)
             mbarrier.arrive(q_empty.index(buf), count=1)
-            mbarrier.arrive(kv_empty, count=1, pred=si == NS - 1)
+            if not EARLY_RELEASE:
+                mbarrier.arrive(kv_empty, count=1, pred=si == NS - 1)
 
             # epilogue: lse (log2 units); o by TMA (rows >= N clipped)
             rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
@@ -490,12 +535,15 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
 @gluon.jit
 def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
                     N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                    ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+                    ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
+                    EARLY_RELEASE: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
     boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
     warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
     attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
-    rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too."""
+    rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too. EARLY_RELEASE: a head's
+    last slice hands each K/V box back as soon as it is done with it (one mbarrier per box), so the next head's
+    boxes load and rotate during that slice instead of after it."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -528,15 +576,22 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     _cta_barrier()
 
     bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty)
+    if EARLY_RELEASE:
+        kv_free = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(NKC):
+            mbarrier.init(kv_free.index(j), count=1)
+        fence_async_shared()
+        _cta_barrier()
+        bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty, kv_free)
     if ROPE and not SAVE_ROT:
         sm_scale = 1.0  # folded into q
     else:
         sm_scale = qk_scale
     gl.warp_specialize([
         (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
-                      TAIL_N, num_warps)),
+                      TAIL_N, EARLY_RELEASE, num_warps)),
         (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
-                        stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
+                        stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE)),
     ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
     for i in gl.static_range(2):
         mbarrier.invalidate(q_loaded.index(i))
@@ -547,3 +602,6 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         mbarrier.invalidate(k_ready.index(j))
         mbarrier.invalidate(v_ready.index(j))
     mbarrier.invalidate(kv_empty)
+    if EARLY_RELEASE:
+        for j in gl.static_range(NKC):
+            mbarrier.invalidate(bars[7].index(j))

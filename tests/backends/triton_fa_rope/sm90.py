@@ -251,6 +251,10 @@ def check_matrix() -> dict:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,
                                      resident_train_max_n=640))
              for case, grid in {**LONG_GLUON, "d64_bf16_perhead": (14, 14)}.items()]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_early_release",  # the long kernel's boxes handed back
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # box by box
+                                     resident_train_max_n=640, long_early_release=True))
+             for case, grid in LONG_GLUON.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -32,9 +32,9 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
 
 
-def _plan(q, k, v, table, save_rotated=False):
+def _plan(q, k, v, table, save_rotated=False, early_release=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated)
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release)
 
 
 def test_takes_calls_it_covers():
@@ -124,6 +124,26 @@ def test_plans_pick_the_kernel_by_length():
     assert short.kernel is gluon_fwd.resident_fwd_kernel and long.kernel is gluon_fwd.long_fwd_kernel
     assert long.constexprs["ROT_ROWS"] == gluon_fwd.SLICE and long.constexprs["ROT_CHUNKS"] == 5
     assert long.constexprs["maxnreg"] == gluon_fwd.WS_MAXNREG and "maxnreg" not in short.constexprs
+    assert long.constexprs["EARLY_RELEASE"] is False and "EARLY_RELEASE" not in short.constexprs
+
+
+def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypatch):
+    """`long_early_release` reaches the long kernel as EARLY_RELEASE, a plan of its own; the resident kernel has no
+    such switch; the shipped tables leave it off (as compiled code decides it: the interpreter takes no Gluon
+    kernel)."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    q, k, v = _inputs(N=577)
+    table = _table(577)
+    early = _plan(q, k, v, table, early_release=True)
+    assert early.constexprs["EARLY_RELEASE"] is True and early is not _plan(q, k, v, table)
+    short = _inputs(N=197), _table(197)
+    assert "EARLY_RELEASE" not in _plan(*short[0], short[1], early_release=True).constexprs
+    hopper = configs.for_arch(9, 64)
+    assert hopper.long_early_release is False
+    for early_release in (False, True):
+        with runtime.recording(run=False) as launches:
+            launch.forward(q, k, v, table, 0.125, False, dataclasses.replace(hopper, long_early_release=early_release))
+        assert [(x.name, x.constexprs["EARLY_RELEASE"]) for x in launches] == [("long_fwd_kernel", early_release)]
 
 
 def _descriptor(x, block=256, example=None):
@@ -219,13 +239,22 @@ FLOAT64_CASES = [
 ]
 
 
+# the long kernel's cases again with its K/V boxes released box by box (`long_early_release`)
+EARLY_CASES = [case for case in FLOAT64_CASES if case[0] > 256]
+
+
+def _with_early(cases):
+    return [(*case, False) for case in cases] + [(*case, True) for case in EARLY_CASES]
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind", FLOAT64_CASES)
-def test_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early", _with_early(FLOAT64_CASES))
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
-    132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases)."""
+    132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases; with early
+    release, the next head's boxes loaded during the last slice of the one before)."""
     gen = torch.Generator().manual_seed(N)
     B, H = 20, 8
     q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
@@ -233,7 +262,8 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
-    o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch)  # NaN-filled (nan_empty)
+    o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch,  # NaN-filled (nan_empty)
+                                  early_release=early)
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -257,8 +287,8 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind", FLOAT64_CASES)
-def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early", _with_early(FLOAT64_CASES))
+def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, nan_empty):
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
@@ -268,7 +298,8 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_emp
     table = None if table_kind is None or N == P else make_table(
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
-    config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N)
+    config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N,
+                                 long_early_release=early)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
     assert [x.name for x in launches] == ["resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N
@@ -286,7 +317,8 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_emp
 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with configs.override(resident_train_max_n=gluon_fwd.MAX_N), runtime.recording() as launches:
+    with configs.override(resident_train_max_n=gluon_fwd.MAX_N, long_early_release=early), \
+            runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
     assert launches[0].name in ("resident_fwd_kernel", "long_fwd_kernel")
     got.backward(do)

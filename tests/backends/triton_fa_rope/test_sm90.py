@@ -59,6 +59,9 @@ def test_every_launch_compiles_for_sm90(tmp_path):
                              ("d64_bf16_interleaved_n577", "long_fwd_kernel", "gluon_dq_kernel")):
         assert {(case, "gluon_train", name) for name in (kernel, dq)} <= compiled
         assert (case, "gluon_train", "fwd_kernel") not in compiled
+    # the long kernel with its K/V boxes released box by box, inference and training
+    for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
+        assert (case, "gluon_early_release", "long_fwd_kernel") in compiled
     # the Gluon backward from gluon_bwd_from_n on (shared and per-head tables, bf16 and fp16; last blocks narrow
     # and whole), Triton's below it
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401", "d64_fp16_interleaved_n641"):
