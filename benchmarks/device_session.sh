@@ -40,6 +40,9 @@
 #   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py at N = 577 and 401: the long kernel with its
 #          K/V boxes handed back box by box (long_early_release) against as shipped, inference and training forward
 #                                              -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
+#   earlye2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64, in one process: the shipped table,
+#          early release alone, and early release with the long Gluon kernel as the training forward up to 640
+#          tokens                                        -> h200_e2e_ab_vit_b384_early.json, e2e_ab_early.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -190,6 +193,12 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;custom:64,12,401,64,1,20" \
         --out "$OUT/h200_gluon_long_early.json" >"$OUT/gluon_long_early.log" 2>&1 || status=1
       tail -26 "$OUT/gluon_long_early.log" ;;
+    earlye2e)
+      timeout 400 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
+        --variants '{"table": {}, "early": {"long_early_release": true},
+                     "gluon_train_early": {"long_early_release": true, "resident_train_max_n": 640}}' \
+        --out "$OUT/h200_e2e_ab_vit_b384_early.json" >"$OUT/e2e_ab_early.log" 2>&1 || status=1
+      grep -E "step .* GPU" "$OUT/e2e_ab_early.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -202,7 +211,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, earlye2e, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status
