@@ -10,12 +10,17 @@ TMA, plain global loads, ldmatrix, ex2). A GPU measures speed; this says what th
 
 Usage (from the repository root):
     python -m tests.backends.triton_fa_rope.sm90 --matrix
-        every launch of `MATRIX` (head dims, dtypes, layouts, per-head and cross attention, variants) must compile
+        every launch of `matrix_jobs` (head dims, dtypes, layouts, per-head and cross attention, variants, the
+        Gluon kernels) must compile
         and fit the shared memory of an sm_90 block; exit 1 otherwise. CI runs this (test_sm90.py next to this
         file): it has no GPU, and the interpreter compiles nothing.
     python -m tests.backends.triton_fa_rope.sm90 --same-ttir OLD_KERNELS_PY
         every Triton launch of `MATRIX` compiles to the same TTIR with this checkout's kernels as with those of
         another kernels.py (a refactor checked without a GPU); exit 1 where one differs.
+    python -m tests.backends.triton_fa_rope.sm90 --same-ir REV
+        the same for every Triton and Gluon launch of the matrix (the Gluon forwards and backward included)
+        against the kernel files of git revision REV: TTIR, and TTGIR for Gluon kernels; a launch with a switch
+        REV's kernel lacks is compared with the switch off, and listed as new when it is on.
     python -m tests.backends.triton_fa_rope.sm90 --out FILE
         ViT-S/16 bf16: each forward variant and the backward, with registers, spills and instruction mix (the sm_90
         record in benchmarks/results/ was made this way).
@@ -238,10 +243,9 @@ def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1)
     return launches
 
 
-def check_matrix() -> dict:
-    """Compile every launch of `MATRIX` and `ROTATE_CASES` for sm_90 -> {"ok": bool, "rows": [...], "failures":
-    [...]}."""
-    rows, failures = [], []
+def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
+    """(case, variant, launches) of `MATRIX`, the Gluon forwards up to 640 tokens (inference, training, early
+    release), the Gluon backward with whole last blocks and, with `rotate`, triton_rope_sdpa's rotation."""
     jobs = [(case, variant, training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
                                                    **VARIANTS[variant][0])) for case, variant in MATRIX]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "long_gluon",
@@ -259,7 +263,15 @@ def check_matrix() -> dict:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))
              for case, grid in LONG_GLUON.items()]
-    jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
+    if rotate:
+        jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
+    return jobs
+
+
+def check_matrix() -> dict:
+    """Compile every launch of `matrix_jobs` for sm_90 -> {"ok": bool, "rows": [...], "failures": [...]}."""
+    rows, failures = [], []
+    jobs = matrix_jobs()
     for case, variant, launches in jobs:
         for launch in launches:
             cx = launch.constexprs
@@ -282,43 +294,111 @@ def check_matrix() -> dict:
     return dict(ok=not failures, triton=triton.__version__, rows=rows, failures=failures)
 
 
-def ttir(launch: Launch) -> list[str]:
-    """The TTIR of one recorded launch for sm_90 (what Triton's frontend made of the kernel, before any GPU pass),
-    without locations and with SSA names numbered in order of appearance: equal lists, equal programs."""
+def ir(launch: Launch) -> list[str]:
+    """The IR of one recorded launch for sm_90 as the frontend made it, without locations and with SSA names
+    numbered in order of appearance (equal lists, equal programs): TTIR of a Triton kernel (before any GPU pass),
+    TTGIR of a Gluon one (its frontend writes TTGIR; compared after the same passes)."""
     sig, consts, attrs = _specialize(launch)
-    compiled = triton.compile(ASTSource(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+    gluon = _is_gluon(launch.kernel)
+    source = ASTSource
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    options = {k: v for k, v in launch.constexprs.items() if k in OPTIONS}
+    compiled = triton.compile(source(launch.kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages, **options))
     names: dict[str, str] = {}
-    lines = (re.sub(r" loc\(.*$", "", line).strip() for line in compiled.asm["ttir"].splitlines()
+    lines = (re.sub(r" loc\(.*$", "", line).strip() for line in compiled.asm["ttgir" if gluon else "ttir"].splitlines()
              if line.strip() and not line.startswith("#loc"))
     return [re.sub(r"%[\w.#]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), line) for line in lines]
 
 
-def same_ttir(old_kernels_path: str, matrix=None) -> dict:
-    """Every Triton (not Gluon) launch of `matrix` (default `MATRIX`) compiled with this checkout's kernels and with
-    the same-named kernels of another `kernels.py` (e.g. `git show REV:backends/triton_fa_rope/kernels.py >
-    old.py`): a refactor that leaves every TTIR equal leaves the GPU's code as it was -> {"compared", "differ":
-    [...]} (a kernel the other file lacks or that does not take these arguments differs too)."""
+KERNEL_FILES = ("kernels.py", "gluon_kernels.py", "gluon_bwd_kernels.py")  # the modules holding every kernel
+_PACKAGE = "attnhub.backends.triton_fa_rope"
+
+
+def load_kernel_files(folder: str) -> tuple[dict[str, object], set[str]]:
+    """The kernel modules of another checkout, from `folder` (any of `KERNEL_FILES`; e.g. written by `git show
+    REV:backends/triton_fa_rope/<file>`), each loaded as a module of its own; its gluon_bwd_kernels imports the
+    folder's gluon_kernels (where there is one) -> ({kernel name: kernel}, the files found)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("old_kernels", old_kernels_path)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    compared, differ = 0, []
-    for case, variant in MATRIX if matrix is None else matrix:
-        for launch in training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
-                                             **VARIANTS[variant][0]):
-            if _is_gluon(launch.kernel):
+    kernels: dict[str, object] = {}
+    found = {name for name in KERNEL_FILES if os.path.exists(os.path.join(folder, name))}
+    for name in (n for n in KERNEL_FILES if n in found):  # gluon_kernels before gluon_bwd_kernels
+        stem = f"_sm90_old_{name[:-3]}"
+        with open(os.path.join(folder, name)) as fh:
+            text = fh.read()
+        if "gluon_kernels.py" in found:
+            text = text.replace(f"{_PACKAGE}.gluon_kernels", "_sm90_old_gluon_kernels")
+        copy = os.path.join(folder, stem + ".py")
+        with open(copy, "w") as fh:
+            fh.write(text)
+        spec = importlib.util.spec_from_file_location(stem, copy)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[stem] = module  # the next file may import it
+        spec.loader.exec_module(module)
+        kernels.update({k: v for k, v in vars(module).items() if hasattr(v, "params") and hasattr(v, "fn")})
+    return kernels, found
+
+
+def same_ir(folder: str, jobs=None, gluon: bool = True) -> dict:
+    """Every launch of `jobs` (default `matrix_jobs` without triton_rope_sdpa's rotation) whose kernel's file is in
+    `folder` (`load_kernel_files`; Gluon kernels only with `gluon`) compiled with this checkout's kernels and with
+    the other's: a change that leaves every IR equal leaves the GPU's code as it was -> {"compared", "differ":
+    [...], "new": [...]}. A launch with a constexpr the other kernel lacks is compared with that constexpr left out
+    when it is off (False, 0, None: the other checkout's path); it is `new` when it is on (a path the other cannot
+    run), as is a kernel the other file lacks. A kernel that takes other arguments differs."""
+    old, found = load_kernel_files(folder)
+    compared, differ, new = 0, [], []
+    for case, variant, launches in matrix_jobs(rotate=False) if jobs is None else jobs:
+        for launch in launches:
+            if launch.kernel.fn.__module__.rpartition(".")[2] + ".py" not in found or (
+                    _is_gluon(launch.kernel) and not gluon):
+                continue
+            where = f"{case}/{variant} {launch.name}"
+            other = old.get(launch.kernel.fn.__name__)
+            extra = {} if other is None else {k: v for k, v in _constexprs(launch).items()
+                                              if k not in {p.name for p in other.params}}
+            if other is None or any(extra.values()):
+                new.append(where)
                 continue
             compared += 1
             try:
-                same = ttir(launch) == ttir(launch._replace(kernel=getattr(old, launch.kernel.fn.__name__)))
-            except Exception as exc:  # noqa: BLE001 - missing in the other file, or other parameters
+                same = ir(launch) == ir(launch._replace(kernel=other, constexprs={
+                    k: v for k, v in launch.constexprs.items() if k not in extra}))
+            except Exception as exc:  # noqa: BLE001 - other parameters in the other checkout
                 same = False
-                print(f"{case}/{variant} {launch.name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                print(f"{where}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
             if not same:
-                differ.append(f"{case}/{variant} {launch.name}")
-    return dict(triton=triton.__version__, compared=compared, differ=differ)
+                differ.append(where)
+    return dict(triton=triton.__version__, compared=compared, differ=differ, new=new)
+
+
+def same_ttir(old_kernels_path: str, matrix=None) -> dict:
+    """`same_ir` of the Triton launches of `matrix` (default `MATRIX`) against another kernels.py (e.g. `git show
+    REV:backends/triton_fa_rope/kernels.py > old.py`) -> {"compared", "differ": [...]} (a kernel the other file
+    lacks differs too)."""
+    jobs = [(case, variant, training_step_launches(*case_inputs(*CASES[case]), bwd=VARIANTS[variant][1],
+                                                   **VARIANTS[variant][0]))
+            for case, variant in (MATRIX if matrix is None else matrix)]
+    with tempfile.TemporaryDirectory() as folder:
+        with open(old_kernels_path) as src, open(os.path.join(folder, "kernels.py"), "w") as dst:
+            dst.write(src.read())
+        result = same_ir(folder, jobs, gluon=False)
+    return dict(triton=result["triton"], compared=result["compared"], differ=result["differ"] + result["new"])
+
+
+def same_as_revision(rev: str) -> dict:
+    """`same_ir` against the kernel files of git revision `rev` of this repository."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    with tempfile.TemporaryDirectory() as folder:
+        for name in KERNEL_FILES:
+            shown = subprocess.run(["git", "show", f"{rev}:backends/triton_fa_rope/{name}"], cwd=root,
+                                   capture_output=True, text=True)
+            if shown.returncode == 0:
+                with open(os.path.join(folder, name), "w") as fh:
+                    fh.write(shown.stdout)
+        return dict(rev=rev, **same_ir(folder))
 
 
 def main() -> int:
@@ -327,6 +407,9 @@ def main() -> int:
     ap.add_argument("--matrix", action="store_true", help="compile every launch of MATRIX; exit 1 on a failure")
     ap.add_argument("--same-ttir", metavar="OLD_KERNELS_PY",
                     help="compare every Triton launch of MATRIX with another kernels.py's; exit 1 where one differs")
+    ap.add_argument("--same-ir", metavar="REV",
+                    help="compare every Triton and Gluon launch of the matrix with the kernels of git revision REV; "
+                         "exit 1 where one differs")
     args = ap.parse_args()
     if configs.INTERPRET:
         raise SystemExit("sm90: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -334,8 +417,8 @@ def main() -> int:
         result = check_matrix()
         print(json.dumps(result, indent=1))
         return 0 if result["ok"] else 1
-    if args.same_ttir:
-        result = same_ttir(args.same_ttir)
+    if args.same_ttir or args.same_ir:
+        result = same_ttir(args.same_ttir) if args.same_ttir else same_as_revision(args.same_ir)
         print(json.dumps(result, indent=1))
         return 0 if not result["differ"] else 1
     B, H, g, P, D = 256, 6, 14, 1, 64  # ViT-S/16 @ 224, q, k, v views of one fused qkv projection

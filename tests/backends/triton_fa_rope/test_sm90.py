@@ -84,26 +84,55 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert len(compiled) >= 30
 
 
+def _compare_offline(code: str, folders: list, tmp_path) -> list:
+    """Run `code` (which prints a JSON list of reports, one per path in sys.argv[1:]) on `folders` in a Python
+    without TRITON_INTERPRET (the kernels must compile) -> the reports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run([sys.executable, "-c", "import json, sys; from tests.backends.triton_fa_rope import sm90; "
+                           + code, *map(str, folders)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _kernel_file_and_change(name: str, old: str, new: str) -> tuple[str, str]:
+    """The text of backends/triton_fa_rope/<name>, and the same with `old` replaced by `new` (which must occur)."""
+    source = (ROOT / "backends" / "triton_fa_rope" / name).read_text()
+    changed = source.replace(old, new)
+    assert changed != source, f"{old!r} is not in {name}"
+    return source, changed
+
+
 def test_same_ttir_tells_a_changed_kernel_from_a_copy(tmp_path):
     """`sm90.same_ttir` (a refactor checked without a GPU): a copy of kernels.py compiles to the same TTIR as the
     checkout's, a copy whose table lookup pads with another value does not."""
-    try:
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"triton {triton.__version__} has no offline compile API: {exc}")
-    source = (ROOT / "backends" / "triton_fa_rope" / "kernels.py").read_text()
-    changed = source.replace("mask=mask, other=1.0).to(tl.float32)", "mask=mask, other=0.5).to(tl.float32)")
-    assert changed != source
+    pytest.importorskip("triton.compiler", reason="no offline compile API")
+    source, changed = _kernel_file_and_change("kernels.py", "mask=mask, other=1.0).to(tl.float32)",
+                                              "mask=mask, other=0.5).to(tl.float32)")
     (tmp_path / "copy.py").write_text(source)
     (tmp_path / "changed.py").write_text(changed)
-    code = ("import json, sys; from tests.backends.triton_fa_rope import sm90; "
-            "m = [('d64_bf16_interleaved', 'in_kernel_full_tail')]; "
+    code = ("m = [('d64_bf16_interleaved', 'in_kernel_full_tail')]; "
             "print(json.dumps([sm90.same_ttir(p, m) for p in sys.argv[1:]]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "copy.py"), str(tmp_path / "changed.py")],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    copy, changed_report = json.loads(proc.stdout.splitlines()[-1])
+    copy, changed_report = _compare_offline(code, [tmp_path / "copy.py", tmp_path / "changed.py"], tmp_path)
     assert copy["compared"] > 0 and copy["differ"] == [], copy
     assert changed_report["differ"], changed_report  # the in-kernel forward and the backward read the table
+
+
+def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
+    """`sm90.same_ir` compares Gluon kernels too (TTGIR): a copy of gluon_kernels.py compiles to the same IR as the
+    checkout's long forward, a copy whose producer gets other registers does not, and a launch with a switch the
+    other file's kernel lacks, turned on, is new rather than compared."""
+    pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
+    source, changed = _kernel_file_and_change("gluon_kernels.py", "_WS_PRODUCER_REGS = gl.constexpr(120)",
+                                              "_WS_PRODUCER_REGS = gl.constexpr(112)")
+    for name, text in (("copy", source), ("changed", changed)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "gluon_kernels.py").write_text(text)
+    code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(24, 24)); "
+            "ls = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640)[:1]; "
+            "on = [ls[0]._replace(constexprs={**ls[0].constexprs, 'LATER_SWITCH': True})]; "
+            "print(json.dumps([sm90.same_ir(p, [('n577', 'long', ls), ('n577', 'later', on)]) "
+            "for p in sys.argv[1:]]))")
+    copy, changed_report = _compare_offline(code, [tmp_path / "copy", tmp_path / "changed"], tmp_path)
+    assert copy == dict(copy, compared=1, differ=[], new=["n577/later long_fwd_kernel"]), copy
+    assert changed_report["differ"] == ["n577/long long_fwd_kernel"], changed_report
