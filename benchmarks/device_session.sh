@@ -37,8 +37,9 @@
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
-#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py at N = 577 and 401: the long kernel with its
-#          K/V boxes handed back box by box (long_early_release) against as shipped, inference and training forward
+#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py at N = 577, 401 and 197 (the long kernel
+#          forced there, against the resident one): the long kernel with its K/V boxes handed back box by box
+#          (long_early_release) against as shipped, inference and training forward
 #                                              -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
 #   earlye2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64, in one process: the shipped table,
 #          early release alone, and early release with the long Gluon kernel as the training forward up to 640
@@ -190,7 +191,7 @@ for stage in "${stages[@]}"; do
       tail -32 "$OUT/gluon_long.log" ;;
     early)
       gluon_tests
-      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;custom:64,12,401,64,1,20" \
+      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" \
         --out "$OUT/h200_gluon_long_early.json" >"$OUT/gluon_long_early.log" 2>&1 || status=1
       tail -26 "$OUT/gluon_long_early.log" ;;
     earlye2e)

@@ -126,7 +126,9 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, SLICE if long else ROT_ROWS))
         if long:
-            self.constexprs.update(EARLY_RELEASE=early_release, maxnreg=WS_MAXNREG)
+            # one query slice (a forced long kernel below 129 tokens) has no last slice apart from its first
+            self.constexprs.update(EARLY_RELEASE=early_release and self.constexprs["ROT_CHUNKS"] > 1,
+                                   maxnreg=WS_MAXNREG)
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)

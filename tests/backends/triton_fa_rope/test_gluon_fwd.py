@@ -144,6 +144,13 @@ def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypa
         with runtime.recording(run=False) as launches:
             launch.forward(q, k, v, table, 0.125, False, dataclasses.replace(hopper, long_early_release=early_release))
         assert [(x.name, x.constexprs["EARLY_RELEASE"]) for x in launches] == [("long_fwd_kernel", early_release)]
+    # a long kernel forced below the resident one's limit: with one query slice there is no last slice to release
+    # the boxes in, so the plan leaves it off (the kernel refuses to compile it: test_sm90)
+    monkeypatch.setattr(gluon_fwd, "RESIDENT_MAX_N", 0)
+    monkeypatch.setattr(gluon_fwd, "_PLANS", {})
+    one, two = (_plan(*_inputs(N=n), _table(n), early_release=True) for n in (gluon_fwd.SLICE, gluon_fwd.SLICE + 1))
+    assert one.kernel is two.kernel is gluon_fwd.long_fwd_kernel
+    assert (one.constexprs["EARLY_RELEASE"], two.constexprs["EARLY_RELEASE"]) == (False, True)
 
 
 def _descriptor(x, block=256, example=None):

@@ -84,13 +84,13 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert len(compiled) >= 30
 
 
-def _compare_offline(code: str, folders: list, tmp_path) -> list:
-    """Run `code` (which prints a JSON list of reports, one per path in sys.argv[1:]) on `folders` in a Python
-    without TRITON_INTERPRET (the kernels must compile) -> the reports."""
+def _run_offline(code: str, paths: list, tmp_path):
+    """Run `code` (with json, sys and sm90 imported; sys.argv[1:] = paths) in a Python without TRITON_INTERPRET (the
+    kernels must compile) -> the JSON its last line prints."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run([sys.executable, "-c", "import json, sys; from tests.backends.triton_fa_rope import sm90; "
-                           + code, *map(str, folders)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                           + code, *map(str, paths)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -113,7 +113,7 @@ def test_same_ttir_tells_a_changed_kernel_from_a_copy(tmp_path):
     (tmp_path / "changed.py").write_text(changed)
     code = ("m = [('d64_bf16_interleaved', 'in_kernel_full_tail')]; "
             "print(json.dumps([sm90.same_ttir(p, m) for p in sys.argv[1:]]))")
-    copy, changed_report = _compare_offline(code, [tmp_path / "copy.py", tmp_path / "changed.py"], tmp_path)
+    copy, changed_report = _run_offline(code, [tmp_path / "copy.py", tmp_path / "changed.py"], tmp_path)
     assert copy["compared"] > 0 and copy["differ"] == [], copy
     assert changed_report["differ"], changed_report  # the in-kernel forward and the backward read the table
 
@@ -133,6 +133,25 @@ def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
             "on = [ls[0]._replace(constexprs={**ls[0].constexprs, 'LATER_SWITCH': True})]; "
             "print(json.dumps([sm90.same_ir(p, [('n577', 'long', ls), ('n577', 'later', on)]) "
             "for p in sys.argv[1:]]))")
-    copy, changed_report = _compare_offline(code, [tmp_path / "copy", tmp_path / "changed"], tmp_path)
+    copy, changed_report = _run_offline(code, [tmp_path / "copy", tmp_path / "changed"], tmp_path)
     assert copy == dict(copy, compared=1, differ=[], new=["n577/later long_fwd_kernel"]), copy
     assert changed_report["differ"] == ["n577/long long_fwd_kernel"], changed_report
+
+
+def test_the_long_kernel_refuses_early_release_with_one_query_slice(tmp_path):
+    """With one query slice (N = 128, the long kernel forced) its only slice is the first, which never hands the
+    K/V boxes back: the producer would wait for them forever. The plan leaves early release off there
+    (test_gluon_fwd.py); the kernel itself refuses to compile it, and compiles it off."""
+    pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
+    code = ("from attnhub.backends.triton_fa_rope import gluon_fwd\n"
+            "gluon_fwd.RESIDENT_MAX_N = 0\n"
+            "q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, 127))\n"
+            "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640)[0]\n"
+            "on = off._replace(constexprs={**off.constexprs, 'EARLY_RELEASE': True})\n"
+            "out = [off.name, off.constexprs['ROT_CHUNKS'], sm90.compile_launch(off, ptxas=False)['shared_bytes']]\n"
+            "try:\n    sm90.compile_launch(on, ptxas=False)\n    out.append('compiled')\n"
+            "except Exception as exc:\n    out.append(type(exc).__name__)\n"
+            "print(json.dumps(out))")
+    name, slices, shared, refused = _run_offline(code, [], tmp_path)
+    assert (name, slices) == ("long_fwd_kernel", 1) and shared > 0
+    assert refused != "compiled"
