@@ -2,6 +2,7 @@
 
     python benchmarks/bench_varlen.py --out benchmarks/results/h200_varlen.json --winners measured.yaml
     python benchmarks/bench_varlen.py --device cpu --batch 2 --rep 5 --cases naflex     # a quick smoke run
+    python benchmarks/bench_varlen.py --cases naflex --impls attnhub:triton_fa_rope --set prerotate_q_from_n=384
 
 Cases (bf16, q, k, v as [B, H, N, D] views of [B, N, H, D] projections, as a timm block hands them over; the
 training pass takes them from one [B, N, H + 2 H_kv, D] leaf, as a timm block does: see `projection`; attnhub
@@ -36,10 +37,12 @@ import torch.nn.functional as F
 
 import attnhub
 from attnhub import _measured, benchkit
+from attnhub.backends.triton_fa_rope import configs
 from attnhub.rope import CosSinTable, axial_freqs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_e2e import naflex_batch  # noqa: E402 - the NaFlex batch geometry of the end-to-end benchmark
+from sweep import config_setting  # noqa: E402 - --set FIELD=VALUE, as sweep.py reads it
 
 CASES = ("naflex", "gqa")
 INPUTS = {"naflex": "key_padding", "gqa": "gqa"}  # the class of inputs of each case in measured.yaml
@@ -218,16 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--winners", default=None, help="merge the measured winners into this measured.yaml")
+    p.add_argument("--set", type=config_setting, action="append", default=[],
+                   help="FIELD=VALUE of triton_fa_rope's config table for the whole run (`configs.override`, as "
+                        "sweep.py's --set), e.g. prerotate_q_from_n=384")
     args = p.parse_args(argv)
+    if args.set and args.winners:
+        p.error("--winners with --set: the winners would come from a config table the package does not ship")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16
+    fixed = dict(args.set)
     records = []
-    for name in args.cases.split(","):
-        case = make_case(name, args.batch, device, dtype)
-        for impl in args.impls.split(","):
-            rec = {"case": name, "n": case["q"].shape[2], **measure(impl, case, device, args.warmup, args.rep)}
-            records.append(rec)
-            print(f"  {name} {impl}: {rec.get('error') or rec['ms']}", file=sys.stderr, flush=True)
+    with configs.override(**fixed):
+        for name in args.cases.split(","):
+            case = make_case(name, args.batch, device, dtype)
+            for impl in args.impls.split(","):
+                rec = {"case": name, "n": case["q"].shape[2], **measure(impl, case, device, args.warmup, args.rep)}
+                records.append(rec)
+                print(f"  {name} {impl}: {rec.get('error') or rec['ms']}", file=sys.stderr, flush=True)
     print(f"\n{'case':<8} {'impl':<26} {'chosen fwd / fwdbwd':<36} {'fwd ms':>8} {'fwdbwd ms':>10} {'gpu fwd':>8} {'gpu f+b':>8}"
           "  max rel_l2")
     for r in records:
@@ -249,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "environment": benchkit.environment(device),
                   "config": {"cases": args.cases.split(","), "batch": args.batch, "dtype": "bfloat16",
-                             "warmup_ms": args.warmup, "rep_ms": args.rep},
+                             "warmup_ms": args.warmup, "rep_ms": args.rep,
+                             "set": fixed},
                   "records": records, "ratios_timm_compiled_over_attnhub": ratios}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -21,6 +21,9 @@
 #   varlen bench_varlen.py (kernel level, NaFlex and grouped heads; its winners merged into a copy of measured.yaml),
 #          then NaFlexViT-B axial on a padded 576-token bucket and ViT-B/16@384 with 4 k/v heads, train steps
 #                                   -> h200_varlen.json, measured.yaml, e2e_naflex.json, e2e_gqa.json, .log
+#   varlenq bench_varlen.py, NaFlex case, triton_fa_rope forced: as shipped, with q rotated first from 384 tokens
+#          (prerotate_q_from_n = 384: key-padded inference, which the Triton forward serves), as shipped again
+#                                                -> h200_varlen_q{_shipped,_first,_shipped2}.json, bench_varlen_q.log
 #   hostwait NaFlexViT-B compiled train step three ways: as is, with --gc-freeze, with the allocator's expandable
 #          segments; each record counts garbage collections and allocator retries per step (bench_e2e host_events)
 #                                   -> e2e_naflex_hostwait{,_gc_freeze,_expandable}.json, e2e_hostwait.log
@@ -140,6 +143,13 @@ for stage in "${stages[@]}"; do
         --model-kwargs '{"attn_type": "rope", "num_kv_heads": 4, "qkv_fused": false}' --out "$OUT/e2e_gqa.json" \
         >>"$OUT/e2e_varlen.log" 2>&1 || status=1
       grep "attnhub vs timm" "$OUT/e2e_varlen.log" ;;
+    varlenq)
+      for run in shipped first shipped2; do
+        set_args=(); [ "$run" = first ] && set_args=(--set prerotate_q_from_n=384)
+        timeout 120 python3 benchmarks/bench_varlen.py --cases naflex --impls attnhub:triton_fa_rope "${set_args[@]}" \
+          --out "$OUT/h200_varlen_q_$run.json" >>"$OUT/bench_varlen_q.log" 2>&1 || status=1
+        echo "$run: $(grep -E '^naflex +attnhub' "$OUT/bench_varlen_q.log" | tail -1)"
+      done ;;
     hostwait)
       naflex=(--models naflexvit_base_patch16_gap --model-kwargs '{"rope_type": "axial"}' --batch 64 --seq-len 576
               --modes train --compile-only)
@@ -212,7 +222,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, earlye2e, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, earlye2e, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

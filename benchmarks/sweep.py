@@ -149,7 +149,8 @@ def print_table(report: dict) -> None:
                   f"{mark} {_label(r['value']):<18} {cells}")
 
 
-def _set(text: str) -> tuple[str, object]:
+def config_setting(text: str) -> tuple[str, object]:
+    """`FIELD=VALUE` -> (field, `parse_value(VALUE)`): argparse's type of `--set` (here and in bench_varlen.py)."""
     name, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
@@ -160,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--field", required=True, choices=sorted(CANDIDATES), help="the config field to sweep")
     p.add_argument("--values", default=None, help="space-separated values (default: the field's candidates)")
-    p.add_argument("--set", type=_set, action="append", default=[], help="FIELD=VALUE fixed for the whole sweep")
+    p.add_argument("--set", type=config_setting, action="append", default=[], help="FIELD=VALUE fixed for the whole sweep")
     p.add_argument("--shapes", default=None, help=f"comma list of attnhub.benchkit shape names (default: "
                    f"{','.join(DEFAULT_SHAPES)})")
     p.add_argument("--shape", action="append", default=[], help="a shape name or custom:B,H,N,D,P,grid (repeatable)")

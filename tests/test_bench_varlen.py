@@ -40,3 +40,22 @@ def test_error_check_catches_an_unmasked_attention(monkeypatch):
     monkeypatch.setattr(bench, "training", lambda impl, c: real(impl, c) if impl != "attnhub" else (
         lambda views, packed: attnhub.attention(*views(), rope=c["table"])))  # the reference still masks
     assert max(bench.errors("attnhub", case).values()) > 5e-2
+
+
+def test_set_applies_config_fields_to_the_whole_run(tmp_path, monkeypatch):
+    """--set FIELD=VALUE (as sweep.py reads it) holds `configs.override` around every measurement and is recorded;
+    with --winners it is a usage error (the winners would come from a table the package does not ship)."""
+    from attnhub.backends.triton_fa_rope import configs
+
+    bench = load_script("bench_varlen")
+    seen = []
+    monkeypatch.setattr(bench, "measure", lambda impl, case, device, warmup, rep: seen.append(
+        configs.for_call(device, 64).prerotate_q_from_n) or {"impl": impl, "error": "not measured"})
+    out = tmp_path / "varlen.json"
+    argv = ["--device", "cpu", "--batch", "2", "--cases", "naflex", "--impls", "attnhub", "--set",
+            "prerotate_q_from_n=384", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert seen == [384] and configs.for_call(torch.device("cpu"), 64).prerotate_q_from_n != 384
+    assert json.loads(out.read_text())["config"]["set"] == {"prerotate_q_from_n": 384}
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--winners", str(tmp_path / "measured.yaml")])
