@@ -47,6 +47,8 @@
 #   earlye2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64, in one process: the shipped table,
 #          early release alone, and early release with the long Gluon kernel as the training forward up to 640
 #          tokens                                        -> h200_e2e_ab_vit_b384_early.json, e2e_ab_early.log
+#   earlye2es the same for ViT-S/16 (B = 256): the shipped table against the long Gluon kernel from 128 tokens
+#          (gluon_long_from_n) with early release          -> h200_e2e_ab_vit_s_long197.json, e2e_ab_long197.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -210,6 +212,11 @@ for stage in "${stages[@]}"; do
                      "gluon_train_early": {"long_early_release": true, "resident_train_max_n": 640}}' \
         --out "$OUT/h200_e2e_ab_vit_b384_early.json" >"$OUT/e2e_ab_early.log" 2>&1 || status=1
       grep -E "step .* GPU" "$OUT/e2e_ab_early.log" ;;
+    earlye2es)
+      timeout 400 python3 benchmarks/e2e_ab.py \
+        --variants '{"table": {}, "long197": {"long_early_release": true, "gluon_long_from_n": 128}}' \
+        --out "$OUT/h200_e2e_ab_vit_s_long197.json" >"$OUT/e2e_ab_long197.log" 2>&1 || status=1
+      grep -E "step .* GPU" "$OUT/e2e_ab_long197.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -222,7 +229,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, earlye2e, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

@@ -31,18 +31,6 @@ from attnhub.backends.triton_fa_rope import gluon_fwd, launch
 from attnhub.tolerances import bound, rel_l2
 
 
-@contextlib.contextmanager
-def _long_kernel_from(n: int):
-    """Plans built inside take the long kernel from n tokens (`RESIDENT_MAX_N` = n - 1; plans are per call
-    signature, so they start afresh and the old ones come back after)."""
-    saved = gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS
-    gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS = n - 1, {}
-    try:
-        yield
-    finally:
-        gluon_fwd.RESIDENT_MAX_N, gluon_fwd._PLANS = saved
-
-
 def _check(name, fn, q, k, v, table, n_ref=4) -> float:
     with benchkit.nan_empty():
         o = fn()
@@ -57,7 +45,9 @@ def _check(name, fn, q, k, v, table, n_ref=4) -> float:
 
 
 def _long_o(q, k, v, table, qk_scale, save_rotated, early_release):
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, early_release)[0]
+    """o of the long kernel, at any length it serves (`gluon_fwd.LONG_MIN_N` tokens on)."""
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, early_release,
+                             long_from_n=gluon_fwd.LONG_MIN_N)[0]
 
 
 def run_shape(s: benchkit.Shape) -> list[dict]:
@@ -95,10 +85,9 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
         }
         for name, (rope, save, early) in long_variants.items():
             fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early)
-            with _long_kernel_from(1):
-                err = _check(name, fn, q, k, v, table if rope else None)
+            err = _check(name, fn, q, k, v, table if rope else None)
             print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
-            add(name, fn, context=lambda: _long_kernel_from(1), rope=rope, err=err)
+            add(name, fn, rope=rope, err=err)
     for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
         built = bench.build(impl, s, dev)
         add(impl + ("" if built.rope else " (no RoPE)"), lambda: built.fn(q, k, v), built.context, built.rope)

@@ -35,6 +35,7 @@ from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, WS_MAXNREG, l
 from attnhub.rope import CosSinTable, table_strides
 
 RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
+LONG_MIN_N = 128  # the long kernel's slice loop needs two whole key chunks (`_attend_slice`)
 SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
 MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
 HEAD_D = 64
@@ -99,15 +100,15 @@ class _Plan:
     """What one call signature (shapes, strides, dtypes, device, table, whether to save the rotated q and k) fixes
     of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
-    alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. early_release: the long
-    kernel's K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE)."""
+    alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. long: the long kernel
+    (`_takes_long`); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
+    EARLY_RELEASE)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs")
 
-    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool = False, early_release: bool = False):
+    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool):
         B, H, N, D = q.shape
-        long = N > RESIDENT_MAX_N
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
         q_rows, kv_rows = (SLICE, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
 
@@ -126,7 +127,7 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, SLICE if long else ROT_ROWS))
         if long:
-            # one query slice (a forced long kernel below 129 tokens) has no last slice apart from its first
+            # one query slice (the long kernel at 128 tokens) has no last slice apart from its first
             self.constexprs.update(EARLY_RELEASE=early_release and self.constexprs["ROT_CHUNKS"] > 1,
                                    maxnreg=WS_MAXNREG)
 
@@ -134,17 +135,26 @@ class _Plan:
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
-def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = False) -> _Plan | None:
+def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = False,
+          long_from_n: int = RESIDENT_MAX_N + 1) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
     table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
-    and k (only with rope); early_release: see `_Plan`."""
+    and k (only with rope); early_release, long_from_n: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
+    long = _takes_long(q.shape[2], long_from_n)
+    early = early_release and long
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, early_release)
-    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, early_release)
+           rope_sig, save, long, early)
+    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early)
                             if _takes(q, k, v, rope) else None)
+
+
+def _takes_long(n: int, long_from_n: int) -> bool:
+    """Whether a call of n tokens takes the long kernel: past the resident kernel's limit always, from long_from_n
+    (at least `LONG_MIN_N`) on as well."""
+    return n > RESIDENT_MAX_N or n >= max(long_from_n, LONG_MIN_N)
 
 
 def _takes(q, k, v, rope) -> bool:
@@ -186,15 +196,17 @@ def eligible(q, k, v, rope, key_padding_mask) -> bool:
     return _aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
 
 
-def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, early_release: bool = False):
+def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, early_release: bool = False,
+            long_from_n: int = RESIDENT_MAX_N + 1):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release: the config table's
-    `long_early_release` (the long kernel only)."""
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release, long_from_n: the config
+    table's `long_early_release` and `gluon_long_from_n` (the long kernel from that length on; the resident one
+    serves up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
-    plan = _plan(q, k, v, rope, cos, save_rotated, early_release) if _aligned(q, k, v) else None
+    plan = _plan(q, k, v, rope, cos, save_rotated, early_release, long_from_n) if _aligned(q, k, v) else None
     if plan is None:
         return None
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)

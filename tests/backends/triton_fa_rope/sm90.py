@@ -259,6 +259,10 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # box by box
                                      resident_train_max_n=640, long_early_release=True))
              for case, grid in LONG_GLUON.items()]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_long_from_128",  # the long kernel where the resident
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # one serves
+                                     resident_train_max_n=640, gluon_long_from_n=128, long_early_release=True))
+             for case, grid in {"d64_bf16_interleaved": (14, 14), "d64_fp16_interleaved": (1, 127)}.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -32,9 +32,9 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
 
 
-def _plan(q, k, v, table, save_rotated=False, early_release=False):
+def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release)
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release, long_from_n)
 
 
 def test_takes_calls_it_covers():
@@ -144,13 +144,28 @@ def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypa
         with runtime.recording(run=False) as launches:
             launch.forward(q, k, v, table, 0.125, False, dataclasses.replace(hopper, long_early_release=early_release))
         assert [(x.name, x.constexprs["EARLY_RELEASE"]) for x in launches] == [("long_fwd_kernel", early_release)]
-    # a long kernel forced below the resident one's limit: with one query slice there is no last slice to release
-    # the boxes in, so the plan leaves it off (the kernel refuses to compile it: test_sm90)
-    monkeypatch.setattr(gluon_fwd, "RESIDENT_MAX_N", 0)
-    monkeypatch.setattr(gluon_fwd, "_PLANS", {})
-    one, two = (_plan(*_inputs(N=n), _table(n), early_release=True) for n in (gluon_fwd.SLICE, gluon_fwd.SLICE + 1))
+    # the long kernel from 128 tokens: with one query slice there is no last slice to release the boxes in, so the
+    # plan leaves it off (the kernel refuses to compile it: test_sm90)
+    one, two = (_plan(*_inputs(N=n), _table(n), early_release=True, long_from_n=0) for n in (128, 129))
     assert one.kernel is two.kernel is gluon_fwd.long_fwd_kernel
     assert (one.constexprs["EARLY_RELEASE"], two.constexprs["EARLY_RELEASE"]) == (False, True)
+
+
+@pytest.mark.parametrize("long_from_n", [0, 128, 197, 257, 10**6])
+def test_gluon_long_from_n_moves_the_boundary_between_the_two_kernels(long_from_n, monkeypatch):
+    """The resident kernel below `gluon_long_from_n`, the long one from it on, but never below 128 tokens (its slice
+    loop needs two key chunks) nor the resident one past 256 (K, V and Q of a head in shared memory twice); a plan
+    per kernel."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    config = dataclasses.replace(configs.for_arch(9, 64), gluon_long_from_n=long_from_n)
+    for n in (100, 127, 128, 196, 197, 256, 257, 577):
+        q, k, v = _inputs(N=n)
+        with runtime.recording(run=False) as launches:
+            launch.forward(q, k, v, _table(n), 0.125, False, config)
+        long = n > 256 or n >= max(long_from_n, 128)
+        assert [x.name for x in launches] == ["long_fwd_kernel" if long else "resident_fwd_kernel"], n
+    q, k, v = _inputs(N=197)
+    assert _plan(q, k, v, None, long_from_n=0) is not _plan(q, k, v, None)
 
 
 def _descriptor(x, block=256, example=None):
@@ -379,3 +394,26 @@ def test_long_kernel_over_many_heads_per_program(early, save_rotated, nan_empty)
             assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
     written = (o, lse, qr, kr) if save_rotated else (o, lse)
     assert all(torch.isfinite(t).all() for t in written)  # every head's rows
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("save_rotated", [False, True])
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("N", [128, 197, 256])
+def test_the_long_kernel_from_128_tokens_matches_math(N, early, save_rotated, nan_empty):
+    """`gluon_long_from_n` below 257: the long kernel where the resident one serves by default (one query slice at
+    128 tokens, where early release stays off; two at 197 and 256), 160 heads, against float64."""
+    gen = torch.Generator().manual_seed(N + 2)
+    B, H = 20, 8
+    q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
+    table = make_table(Shape(B, H, (1, N - 1), 1, 64, "interleaved"), gen)
+    assert _plan(q, k, v, table, save_rotated, early, long_from_n=128).kernel is gluon_fwd.long_fwd_kernel
+    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
+                                         early, long_from_n=128)
+    assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
+    if save_rotated:
+        qd, kd = apply_rope_qk(q.double(), k.double(), table)
+        assert_close_rel(qr, qd, q.dtype, "rotated q")
+        assert_close_rel(kr, kd, q.dtype, "rotated k")
+    assert torch.isfinite(lse).all()

@@ -62,6 +62,10 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     # the long kernel with its K/V boxes released box by box, inference and training
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
         assert (case, "gluon_early_release", "long_fwd_kernel") in compiled
+    # the long kernel below 257 tokens (gluon_long_from_n): two query slices with early release, and one
+    for case in ("d64_bf16_interleaved_n197", "d64_fp16_interleaved_n128"):
+        assert (case, "gluon_long_from_128", "long_fwd_kernel") in compiled
+        assert (case, "gluon_long_from_128", "resident_fwd_kernel") not in compiled
     # the Gluon backward from gluon_bwd_from_n on (shared and per-head tables, bf16 and fp16; last blocks narrow
     # and whole), Triton's below it
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401", "d64_fp16_interleaved_n641"):
@@ -143,10 +147,8 @@ def test_the_long_kernel_refuses_early_release_with_one_query_slice(tmp_path):
     K/V boxes back: the producer would wait for them forever. The plan leaves early release off there
     (test_gluon_fwd.py); the kernel itself refuses to compile it, and compiles it off."""
     pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
-    code = ("from attnhub.backends.triton_fa_rope import gluon_fwd\n"
-            "gluon_fwd.RESIDENT_MAX_N = 0\n"
-            "q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, 127))\n"
-            "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640)[0]\n"
+    code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, 127))\n"
+            "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640, gluon_long_from_n=0)[0]\n"
             "on = off._replace(constexprs={**off.constexprs, 'EARLY_RELEASE': True})\n"
             "out = [off.name, off.constexprs['ROT_CHUNKS'], sm90.compile_launch(off, ptxas=False)['shared_bytes']]\n"
             "try:\n    sm90.compile_launch(on, ptxas=False)\n    out.append('compiled')\n"
