@@ -127,9 +127,7 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, SLICE if long else ROT_ROWS))
         if long:
-            # one query slice (the long kernel at 128 tokens) has no last slice apart from its first
-            self.constexprs.update(EARLY_RELEASE=early_release and self.constexprs["ROT_CHUNKS"] > 1,
-                                   maxnreg=WS_MAXNREG)
+            self.constexprs.update(EARLY_RELEASE=early_release, maxnreg=WS_MAXNREG)
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
@@ -143,8 +141,9 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = 
     and k (only with rope); early_release, long_from_n: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
-    long = _takes_long(q.shape[2], long_from_n)
-    early = early_release and long
+    N = q.shape[2]
+    long = _takes_long(N, long_from_n)
+    early = early_release and long and N > SLICE  # one query slice has no last slice apart from its first
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
            rope_sig, save, long, early)
     return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early)
