@@ -10,7 +10,8 @@ candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (w
 the resident kernel serves (N <= 256) the long one runs too, forced. The last lines are a table of ms and each one's
 ratio to cuDNN without RoPE and to timm compiled. The long kernel runs as the config table has it and with its K/V
 boxes handed back box by box in a head's last slice (`long_early_release`), for inference with and without RoPE and
-for training (the forward that also writes the rotated q and k).
+for training (the forward that also writes the rotated q and k); with `--groups 0,2,3` also with two and three
+attending warpgroups as partitions of their own (`long_attend_groups`; 0: as the table has it).
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def _check(name, fn, q, k, v, table, n_ref=4) -> float:
     return err
 
 
-def _long_o(q, k, v, table, qk_scale, save_rotated, early_release):
+def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups):
     """o of the long kernel, at any length it serves (`gluon_fwd.LONG_MIN_N` tokens on)."""
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, early_release,
-                             long_from_n=gluon_fwd.LONG_MIN_N)[0]
+                             long_from_n=gluon_fwd.LONG_MIN_N, attend_groups=groups)[0]
 
 
-def run_shape(s: benchkit.Shape) -> list[dict]:
+def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -75,16 +76,14 @@ def run_shape(s: benchkit.Shape) -> list[dict]:
         if s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-        long_variants = {  # name: (rope, save_rotated, early_release)
-            "gluon long": (True, False, False),
-            "gluon long, early release": (True, False, True),
-            "gluon long, no RoPE": (False, False, False),
-            "gluon long, early release, no RoPE": (False, False, True),
-            "gluon long training": (True, True, False),  # the training forward: writes the rotated q and k too
-            "gluon long training, early release": (True, True, True),
-        }
-        for name, (rope, save, early) in long_variants.items():
-            fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early)
+        long_variants = {  # name: (rope, save_rotated, early_release, attending groups)
+            f"gluon long{name}{f', {g} groups' if g else ''}{', early release' if early else ''}{tail}":
+                (rope, save, early, g)
+            for g in groups for name, rope, save, tail in (("", True, False, ""), ("", False, False, ", no RoPE"),
+                                                           (" training", True, True, ""))  # training: writes the
+            for early in (False, True)}                                                   # rotated q and k too
+        for name, (rope, save, early, g) in long_variants.items():
+            fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early, g)
             err = _check(name, fn, q, k, v, table if rope else None)
             print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
             add(name, fn, rope=rope, err=err)
@@ -98,13 +97,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
                    default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224")
+    p.add_argument("--groups", default="0", help="comma list of the long kernel's attending groups to time "
+                   "(`long_attend_groups`: 0, 2, 3; default 0, as the table has it)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
+    groups = tuple(int(g) for g in args.groups.split(","))
+    bad = [g for g in groups if g not in gluon_fwd.ATTEND_GROUPS]
+    if bad:
+        p.error(f"--groups {args.groups}: {bad} not among {gluon_fwd.ATTEND_GROUPS}")
     env = benchkit.environment("cuda")
     print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
     rows = []
     for spec in args.shapes.split(";"):
-        rows += run_shape(benchkit.parse_shape(spec))
+        rows += run_shape(benchkit.parse_shape(spec), groups)
     print(f"\n{'shape':<22} {'implementation':<42} {'graph ms':>9} {'do_bench':>9} {'cuDNN/it':>9} {'timm c/it':>9}")
     for r in rows:
         base = {x["impl"]: x["graph_ms"] for x in rows if x["shape"] == r["shape"]}

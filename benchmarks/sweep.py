@@ -50,6 +50,7 @@ CANDIDATES = {
     "bwd_fused_max_n": [0, 2**31 - 1],
     "long_early_release": [False, True],  # with --set resident_train_max_n=640 the training forward too
     "gluon_long_from_n": [257, 128],  # at N <= 256 the resident Gluon forward, or the long one
+    "long_attend_groups": [0, 2, 3],  # the long kernel's attending warpgroups: one partition, or each its own
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")

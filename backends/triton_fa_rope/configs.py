@@ -55,7 +55,9 @@ class ArchConfigs:
     long kernel (256 < N <= 640) hands each K/V box back in a head's last slice as soon as it is done with it, so the
     next head's boxes load and rotate during that slice (an experiment: off until the GPU measures it).
     gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from
-    128 at the earliest), the resident one below.
+    128 at the earliest), the resident one below. long_attend_groups: 0, the long kernel's two attending
+    warpgroups work as one partition on 128-row query slices; 2 or 3, that many warpgroups attend as partitions of
+    their own, 64-row slices in turn (an experiment: 0 until the GPU measures it).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -80,6 +82,7 @@ class ArchConfigs:
     resident_train_max_n: int = 0
     long_early_release: bool = False
     gluon_long_from_n: int = 257
+    long_attend_groups: int = 0
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None

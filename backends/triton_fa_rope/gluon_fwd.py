@@ -10,7 +10,8 @@ input dtype, as a rotation pass would), and each warpgroup runs S = Q K^T over 6
 softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors over [B, N, H, D]: rows past N
 arrive as zeros, no other sample is read. `resident_fwd_kernel` serves N <= 256 (Q, K and V of a head whole, the
 next head's loads in flight), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
-rotates K/V boxes and 128-row query slices, two warpgroups attend).
+rotates K/V boxes and 128-row query slices, two warpgroups attend; with the config table's `long_attend_groups`, two
+or three warpgroups attend as partitions of their own, on 64-row slices).
 
 Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
 interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
@@ -31,12 +32,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, WS_MAXNREG, long_fwd_kernel, resident_fwd_kernel
+from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel,
+                                                            resident_fwd_kernel)
 from attnhub.rope import CosSinTable, table_strides
 
 RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
 LONG_MIN_N = 128  # the long kernel's slice loop needs two whole key chunks (`_attend_slice`)
 SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
+GROUP_SLICE = 64  # ... per step of one attending group (`long_fwd_kernel`'s ATTEND_GROUPS)
+ATTEND_GROUPS = (0, 2, 3)  # the long kernel's attending partitions: 0, one of 8 warps; else that many warpgroups
 MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
@@ -102,15 +106,18 @@ class _Plan:
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
     alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. long: the long kernel
     (`_takes_long`); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
-    EARLY_RELEASE)."""
+    EARLY_RELEASE); groups: its attending partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
-                 "ints", "constexprs")
+                 "ints", "constexprs", "num_warps")
 
-    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool):
+    def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
+                 groups: int):
         B, H, N, D = q.shape
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
-        q_rows, kv_rows = (SLICE, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
+        slice_rows = GROUP_SLICE if groups else SLICE
+        q_rows, kv_rows = (slice_rows, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
+        self.num_warps = 4 if groups else NUM_WARPS  # with groups: the default partition, group 0
 
         self.o_shape, self.lse_shape = (B, N, H, D), (B * H, N)
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
@@ -125,28 +132,32 @@ class _Plan:
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
-                               **chunking(N, SLICE if long else ROT_ROWS))
+                               **chunking(N, slice_rows if long else ROT_ROWS))
         if long:
-            self.constexprs.update(EARLY_RELEASE=early_release, maxnreg=WS_MAXNREG)
+            self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups,
+                                   maxnreg=WS_GROUPS_MAXNREG.get(groups, WS_MAXNREG))
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
 def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = False,
-          long_from_n: int = RESIDENT_MAX_N + 1) -> _Plan | None:
+          long_from_n: int = RESIDENT_MAX_N + 1, attend_groups: int = 0) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
     table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
-    and k (only with rope); early_release, long_from_n: the long kernel's switches (`forward`)."""
+    and k (only with rope); early_release, long_from_n, attend_groups: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     N = q.shape[2]
     long = _takes_long(N, long_from_n)
-    early = early_release and long and N > SLICE  # one query slice has no last slice apart from its first
+    # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
+    groups = attend_groups if long and N > GROUP_SLICE * (attend_groups - 1) else 0
+    # one query slice has no last slice apart from its first (with groups each has its own last slice)
+    early = early_release and long and (N > SLICE or groups > 0)
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early)
-    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early)
+           rope_sig, save, long, early, groups)
+    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups)
                             if _takes(q, k, v, rope) else None)
 
 
@@ -196,16 +207,21 @@ def eligible(q, k, v, rope, key_padding_mask) -> bool:
 
 
 def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, early_release: bool = False,
-            long_from_n: int = RESIDENT_MAX_N + 1):
+            long_from_n: int = RESIDENT_MAX_N + 1, attend_groups: int = 0):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release, long_from_n: the config
-    table's `long_early_release` and `gluon_long_from_n` (the long kernel from that length on; the resident one
-    serves up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`)."""
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release, long_from_n,
+    attend_groups: the config table's `long_early_release`, `gluon_long_from_n` (the long kernel from that length
+    on; the resident one serves up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`) and
+    `long_attend_groups` (one of `ATTEND_GROUPS`)."""
+    if attend_groups not in ATTEND_GROUPS:
+        raise ValueError(f"triton_fa_rope: long_attend_groups={attend_groups!r}; the long Gluon forward has "
+                         f"{ATTEND_GROUPS} (0: one partition of {NUM_WARPS} warps attends)")
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
-    plan = _plan(q, k, v, rope, cos, save_rotated, early_release, long_from_n) if _aligned(q, k, v) else None
+    plan = _plan(q, k, v, rope, cos, save_rotated, early_release, long_from_n, attend_groups) \
+        if _aligned(q, k, v) else None
     if plan is None:
         return None
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -222,7 +238,7 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, 
     args = (q_desc, k_desc, plan.make_v(v), plan.make_o(o), *rot_descs, lse, cos, sin, *plan.ints, qk_scale)
     if launch is runtime.launch:  # the plan knows every argument's specialization but the table's alignment
         runtime.launch_keyed((plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0, qk_scale),
-                             plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+                             plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs)
     else:
-        launch(plan.kernel, plan.grid, args, NUM_WARPS, 1, **plan.constexprs)
+        launch(plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs)
     return o, lse, rotated

@@ -8,7 +8,8 @@ launches them (what they compute, which calls take them and why: its docstring).
                          rows) and the queries in 128-row slices through two buffers, and rotates each as it lands;
                          the kernel's two warpgroups attend, the key loop software-pipelined in each (FA3's
                          intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
-                         cores.
+                         cores. ATTEND_GROUPS: two or three attending warpgroups as partitions of their own, 64-row
+                         slices in turn (an experiment, `_ws_attend_group`).
 
 Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps and the resident kernel, the long
 kernel's slice loop, its warp-specialized partitions and the kernel. Written against Triton 3.6; names that 3.7+
@@ -375,6 +376,54 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
     return acc, m_i, l_i
 
 
+@gluon.jit
+def _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr,
+                         TAIL_N: gl.constexpr, num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0,
+                         WAIT: gl.constexpr = False, kv_free=None, RELEASE: gl.constexpr = False):
+    """`_attend_slice` with each chunk's S, softmax and P V in turn (no chunk's S in flight during the softmax
+    before it: about 32 registers fewer per thread), the full chunks in a loop, then the last box's half-width and
+    masked chunks; the same WAIT and RELEASE per box."""
+    M: gl.constexpr = q_s.shape[0]
+    D: gl.constexpr = q_s.shape[1]
+    CH: gl.constexpr = k_buf.shape[2]
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    acc = gl.zeros([M, D], gl.float32, o_layout)
+    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
+    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    for j in range(N_FULL):
+        _await_box(k_ready, j, phase, WAIT)
+        _await_box(v_ready, j, phase, WAIT)
+        acc, m_i, l_i = _attend_chunk(q_s, k_buf.index(j).reshape([CH, D]), v_buf.index(j).reshape([CH, D]), acc,
+                                      m_i, l_i, j * CH, N, sm_scale, False, num_warps)
+        _release_box(kv_free, j, RELEASE)
+    if MID_N + TAIL_N > 0:
+        _await_box(k_ready, N_FULL, phase, WAIT)
+        _await_box(v_ready, N_FULL, phase, WAIT)
+        if MID_N > 0:
+            k_c, v_c = _chunk_kv(k_buf, v_buf, N_FULL * CH, MID_N)
+            acc, m_i, l_i = _attend_chunk(q_s, k_c, v_c, acc, m_i, l_i, N_FULL * CH, N, sm_scale, False, num_warps)
+        if TAIL_N > 0:
+            k_c, v_c = _chunk_kv(k_buf, v_buf, N_FULL * CH + MID_N, TAIL_N)
+            acc, m_i, l_i = _attend_chunk(q_s, k_c, v_c, acc, m_i, l_i, N_FULL * CH + MID_N, N, sm_scale, True,
+                                          num_warps)
+        _release_box(kv_free, N_FULL, RELEASE)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                 num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False,
+                 kv_free=None, RELEASE: gl.constexpr = False, SERIAL: gl.constexpr = False):
+    """One attending group's slice: `_attend_slice`, or with SERIAL `_attend_slice_serial`."""
+    if SERIAL:
+        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                             k_ready, v_ready, phase, WAIT, kv_free, RELEASE)
+    else:
+        acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
+                                      v_ready, phase, WAIT, kv_free, RELEASE)
+    return acc, m_i, l_i
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Longer sequences, warp-specialized: a producer warpgroup loads and rotates, two warpgroups attend
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,6 +432,14 @@ _WS_PRODUCER_WARPS = gl.constexpr(4)
 _WS_PRODUCER_REGS = gl.constexpr(120)  # 64-row rotation steps, the next step's table in flight: no spills at 120
 # 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
 WS_MAXNREG = 168
+# ATTEND_GROUPS: the launch's register cap (65,536 / all threads), the attending worker groups' and the producer's
+# registers; the default partition (group 0) gets what is left: 2 groups (12 warps) (168 * 12 - 192 * 4 - 120 * 4)
+# / 4 = 192; 3 groups (16 warps) (128 * 16 - 2 * 120 * 4 - 144 * 4) / 4 = 128. Offline sm_90 (Triton 3.6): three
+# groups fit 120 with the unpipelined key loop only, and their producer spilled at 120.
+WS_GROUPS_MAXNREG = {2: 168, 3: 128}
+_WS_2_GROUP_REGS = gl.constexpr(192)
+_WS_3_GROUP_REGS = gl.constexpr(120)
+_WS_3_PRODUCER_REGS = gl.constexpr(144)
 
 
 @gluon.jit
@@ -400,14 +457,16 @@ def _load_box(k_desc, v_desc, k_buf, v_buf, k_loaded, v_ready, kv_free, b, h, j,
 @gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
                  stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
-                 SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr):
+                 SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr):
     """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
     q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
     boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
     ready while the last one of the head before is attended, and the attending warps start on K box 0 while the
     rest still arrive. SAVE_ROT: slices rotated without the scale, each rotated slice and K box also stored by TMA
     to qr_desc, kr_desc (waited for before its buffer is loaded again). EARLY_RELEASE: each K/V box is loaded as soon
-    as the head before releases it (kv_free, in its last slice), one box ahead of the rotation."""
+    as the head before releases it (kv_free, in its last slice), one box ahead of the rotation. GROUPS (0: the
+    attending warps are one partition): slice g goes to attending group g % GROUPS, into the next of its two
+    buffers, and the head's first GROUPS slices are loaded before its K/V boxes, so that every group has one."""
     q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
@@ -424,8 +483,13 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
         sin_base = sin_ptr + h.to(gl.int64) * stab_h
         for si in range(NS):
             g = it * NS + si
-            buf = g % 2
-            mbarrier.wait(q_empty.index(buf), ((g // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
+            if GROUPS == 0:
+                buf = g % 2
+                n = g
+            else:  # the group's own two buffers; n: the group's slices before this one
+                buf = (g % GROUPS) * 2 + (g // GROUPS) % 2
+                n = g // GROUPS
+            mbarrier.wait(q_empty.index(buf), ((n // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
             if SAVE_ROT:  # the stores from this buffer have read it (long done: the slice was attended since)
                 tma.store_wait(0)
             mbarrier.expect(q_loaded.index(buf), q_desc.block_type.nbytes)
@@ -434,17 +498,23 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
                 for r in gl.static_range(SLICE_ // CH):
                     c, s = _load_table(cos_base, sin_base, t0 + si * SLICE_ + r * CH, N, P, stab_n, CH, D,
                                        num_warps)
-                    mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+                    mbarrier.wait(q_loaded.index(buf), (n // 2) & 1)
                     _rope_inplace(q_buf.index(buf).reshape([SLICE_, D]).slice(r * CH, CH), c, s,
                                   1.0 if SAVE_ROT else qk_scale, num_warps)
             else:
-                mbarrier.wait(q_loaded.index(buf), (g // 2) & 1)
+                mbarrier.wait(q_loaded.index(buf), (n // 2) & 1)
             fence_async_shared()
             _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
-            mbarrier.arrive(q_ready.index(buf), count=1)
-            if SAVE_ROT:
-                _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
-            if si == 0:
+            if GROUPS == 0:
+                mbarrier.arrive(q_ready.index(buf), count=1)
+                if SAVE_ROT:
+                    _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
+            else:  # a group writes its o into the slice's buffer: the rotated slice must have left it
+                if SAVE_ROT:
+                    _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
+                    tma.store_wait(0)
+                mbarrier.arrive(q_ready.index(buf), count=1)
+            if si == (0 if GROUPS == 0 else GROUPS - 1):
                 if ROPE:  # box 0's table while the heads before finish with K and V
                     c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
                 if EARLY_RELEASE:
@@ -532,18 +602,95 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
     tma.store_wait(0)
 
 
+@gluon.constexpr_function
+def _one_slice_may_be_first_and_last(early_release, ns, groups):
+    """Whether, with early release, a group's first slice of a head can be its last too (fewer than two slices
+    per group): that slice then waits for the boxes and releases them."""
+    return early_release and ns < 2 * groups
+
+
+@gluon.jit
+def _ws_attend_group(q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
+                     N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, EARLY_RELEASE: gl.constexpr,
+                     GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
+    """Attending group GROUP of GROUPS (one warpgroup, a partition of its own): the program's query slices
+    g = GROUP, GROUP + GROUPS, ... (counted over its heads) through its two buffers, each over all keys
+    (`_attend_slice`: waiting on the boxes in its first slice of a head; with EARLY_RELEASE releasing them box by
+    box in its last, else K and V as a whole after it, kv_empty counting GROUPS arrivals; three groups run the key
+    loop unpipelined, `_attend_slice_serial`). o leaves by TMA from the slice's own buffer, which goes back to the
+    producer once that store has read it, at the group's next slice."""
+    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
+    SLICE_: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    SERIAL: gl.constexpr = GROUPS == 3  # 136 registers: the pipelined key loop spills there
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    it = 0
+    n = 0  # this group's slices so far
+    for tile in range(pid, n_heads, nprog):
+        h = tile % H
+        first = (GROUP - (it * NS) % GROUPS + GROUPS) % GROUPS  # this group's first slice of the head
+        for si in range(first, NS, GROUPS):
+            buf = GROUP * 2 + n % 2
+            q_s = q_buf.index(buf).reshape([SLICE_, D])
+            mbarrier.wait(q_ready.index(buf), (n // 2) & 1)
+            if n > 0:  # the previous slice's o has left the other buffer: the producer may refill it
+                tma.store_wait(0)
+                _cta_barrier()
+                mbarrier.arrive(q_empty.index(GROUP * 2 + (n + 1) % 2), count=1)
+            last = si + GROUPS >= NS
+            if si == first:  # K and V may still be arriving
+                if _one_slice_may_be_first_and_last(EARLY_RELEASE, NS, GROUPS):
+                    if last:
+                        acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N,
+                                                     num_warps, k_ready, v_ready, it & 1, True, bars[7], True, SERIAL)
+                    else:
+                        acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N,
+                                                     num_warps, k_ready, v_ready, it & 1, True, SERIAL=SERIAL)
+                else:
+                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                 k_ready, v_ready, it & 1, True, SERIAL=SERIAL)
+            elif EARLY_RELEASE:  # the last slice releases the boxes one by one
+                if last:
+                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                 kv_free=bars[7], RELEASE=True, SERIAL=SERIAL)
+                else:
+                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                 SERIAL=SERIAL)
+            else:
+                acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                             SERIAL=SERIAL)
+            _cta_barrier()  # the group's warps are done with q_s (and, after its last slice of a head, with K and V)
+            if not EARLY_RELEASE:
+                mbarrier.arrive(kv_empty, count=1, pred=last)
+
+            # epilogue: lse (log2 units); o through q_s by TMA (rows >= N clipped)
+            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
+            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+            q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
+            fence_async_shared()
+            _cta_barrier()
+            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], q_buf.index(buf))
+            n += 1
+        it += 1
+    tma.store_wait(0)
+
+
 @gluon.jit
 def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
                     N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                     ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
-                    EARLY_RELEASE: gl.constexpr):
+                    EARLY_RELEASE: gl.constexpr, ATTEND_GROUPS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
     boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
     warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
     attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
     rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too. EARLY_RELEASE: a head's
     last slice hands each K/V box back as soon as it is done with it (one mbarrier per box), so the next head's
-    boxes load and rotate during that slice instead of after it."""
+    boxes load and rotate during that slice instead of after it. ATTEND_GROUPS (0: as above; 2 or 3, with
+    num_warps = 4 and 64-row slices): that many warpgroups attend, each a partition of its own with its own two
+    slice buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about
+    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's three attending warpgroups at D = 64)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -553,18 +700,23 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     gl.static_assert(ROT_ROWS == SLICE_ and CH == _BLOCK_N and SLICE_ == 16 * num_warps)
     gl.static_assert(MID_N + TAIL_N <= CH)
     gl.static_assert(NS >= 2 or not EARLY_RELEASE)  # one slice would wait for boxes it never releases
-    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, SLICE_, 1, D], q_desc.layout)
-    o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, SLICE_, 1, D], o_desc.layout)
+    gl.static_assert(ATTEND_GROUPS == 0 or (num_warps == 4 and ATTEND_GROUPS >= 2 and ATTEND_GROUPS <= 3
+                                            and NS >= ATTEND_GROUPS))
+    QB: gl.constexpr = 2 if ATTEND_GROUPS == 0 else 2 * ATTEND_GROUPS  # query slice buffers
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [QB, 1, SLICE_, 1, D], q_desc.layout)
+    if ATTEND_GROUPS == 0:  # the groups write o through their slice's buffer
+        o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, SLICE_, 1, D], o_desc.layout)
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
     v_buf = gl.allocate_shared_memory(v_desc.dtype, [NKC, 1, CH, 1, D], v_desc.layout)
-    q_loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_loaded = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
     k_loaded = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
+    ATTENDERS: gl.constexpr = 1 if ATTEND_GROUPS == 0 else ATTEND_GROUPS  # arrivals that free K and V
+    for i in gl.static_range(QB):
         mbarrier.init(q_loaded.index(i), count=1)
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=1)
@@ -572,7 +724,7 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         mbarrier.init(k_loaded.index(j), count=1)
         mbarrier.init(k_ready.index(j), count=1)
         mbarrier.init(v_ready.index(j), count=1)
-    mbarrier.init(kv_empty, count=1)
+    mbarrier.init(kv_empty, count=ATTENDERS)
     fence_async_shared()
     _cta_barrier()
 
@@ -580,7 +732,7 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     if EARLY_RELEASE:
         kv_free = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(NKC):
-            mbarrier.init(kv_free.index(j), count=1)
+            mbarrier.init(kv_free.index(j), count=ATTENDERS)
         fence_async_shared()
         _cta_barrier()
         bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty, kv_free)
@@ -588,13 +740,38 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         sm_scale = 1.0  # folded into q
     else:
         sm_scale = qk_scale
-    gl.warp_specialize([
-        (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
-                      TAIL_N, EARLY_RELEASE, num_warps)),
-        (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
-                        stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE)),
-    ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
-    for i in gl.static_range(2):
+    if ATTEND_GROUPS == 0:
+        gl.warp_specialize([
+            (_ws_attend, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                          MID_N, TAIL_N, EARLY_RELEASE, num_warps)),
+            (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
+                            ATTEND_GROUPS)),
+        ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
+    elif ATTEND_GROUPS == 2:
+        gl.warp_specialize([
+            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                                MID_N, TAIL_N, EARLY_RELEASE, 0, 2, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                                MID_N, TAIL_N, EARLY_RELEASE, 1, 2, num_warps)),
+            (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
+                            ATTEND_GROUPS)),
+        ], [num_warps, _WS_PRODUCER_WARPS], [_WS_2_GROUP_REGS, _WS_PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                                MID_N, TAIL_N, EARLY_RELEASE, 0, 3, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                                MID_N, TAIL_N, EARLY_RELEASE, 1, 3, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
+                                MID_N, TAIL_N, EARLY_RELEASE, 2, 3, num_warps)),
+            (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
+                            ATTEND_GROUPS)),
+        ], [num_warps, num_warps, _WS_PRODUCER_WARPS],
+        [_WS_3_GROUP_REGS, _WS_3_GROUP_REGS, _WS_3_PRODUCER_REGS])
+    for i in gl.static_range(QB):
         mbarrier.invalidate(q_loaded.index(i))
         mbarrier.invalidate(q_ready.index(i))
         mbarrier.invalidate(q_empty.index(i))

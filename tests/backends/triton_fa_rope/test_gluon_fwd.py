@@ -32,9 +32,9 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
 
 
-def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257):
+def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release, long_from_n)
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release, long_from_n, attend_groups)
 
 
 def test_takes_calls_it_covers():
@@ -117,6 +117,8 @@ def test_long_kernel_chunks_fit_its_boxes(N):
     assert N <= boxes * gluon_fwd.BLOCK_N and boxes * gluon_fwd.BLOCK_N * 2 * 64 * 2 + 3 * gluon_fwd.SLICE * 64 * 2 \
         <= 212_992  # bf16 K, V, two query slices and the o slice: 208 KiB
     assert N <= c["ROT_CHUNKS"] * gluon_fwd.SLICE < N + gluon_fwd.SLICE
+    # attending groups: two 64-row slice buffers per group (up to three), o written through them
+    assert boxes * gluon_fwd.BLOCK_N * 2 * 64 * 2 + 3 * 2 * gluon_fwd.GROUP_SLICE * 64 * 2 <= 212_992
 
 
 def test_plans_pick_the_kernel_by_length():
@@ -149,6 +151,41 @@ def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypa
     one, two = (_plan(*_inputs(N=n), _table(n), early_release=True, long_from_n=0) for n in (128, 129))
     assert one.kernel is two.kernel is gluon_fwd.long_fwd_kernel
     assert (one.constexprs["EARLY_RELEASE"], two.constexprs["EARLY_RELEASE"]) == (False, True)
+
+
+def test_attend_groups_give_the_long_kernel_64_row_slices_in_warpgroups_of_their_own(monkeypatch):
+    """`long_attend_groups` (2 or 3) reaches the long kernel as ATTEND_GROUPS with 64-row query slices, one
+    warpgroup as the default partition (num_warps 4) and the groups' register cap; 0 (every table's) launches it as
+    before; the resident kernel never takes it; a plan per setting."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    q, k, v = _inputs(N=577)
+    table = _table(577)
+    shipped = _plan(q, k, v, table)
+    assert shipped.constexprs["ATTEND_GROUPS"] == 0 and shipped.num_warps == gluon_fwd.NUM_WARPS
+    for groups in (2, 3):
+        plan = _plan(q, k, v, table, attend_groups=groups)
+        assert plan is not shipped and plan.num_warps == 4
+        assert plan.constexprs["ATTEND_GROUPS"] == groups and plan.constexprs["ROT_ROWS"] == gluon_fwd.GROUP_SLICE
+        assert plan.constexprs["ROT_CHUNKS"] == 10 and plan.constexprs["maxnreg"] == gluon_fwd.WS_GROUPS_MAXNREG[groups]
+    assert configs.for_arch(9, 64).long_attend_groups == 0
+    with runtime.recording(run=False) as launches:
+        launch.forward(q, k, v, table, 0.125, False, dataclasses.replace(configs.for_arch(9, 64), long_attend_groups=3))
+    assert [(x.name, x.num_warps, x.constexprs["ATTEND_GROUPS"]) for x in launches] == [("long_fwd_kernel", 4, 3)]
+    short = _inputs(N=197), _table(197)
+    assert "ATTEND_GROUPS" not in _plan(*short[0], short[1], attend_groups=3).constexprs
+    # every group needs a slice of each head: three from 129 tokens (the long kernel from 128: gluon_long_from_n)
+    at128, at129 = (_plan(*_inputs(N=n), _table(n), long_from_n=0, attend_groups=3) for n in (128, 129))
+    assert at128.constexprs["ATTEND_GROUPS"] == 0 and at129.constexprs["ATTEND_GROUPS"] == 3
+    assert _plan(*_inputs(N=128), _table(128), long_from_n=0, attend_groups=2).constexprs["ATTEND_GROUPS"] == 2
+    # with groups each has a last slice of its own: early release from two slices on
+    assert at129.constexprs["EARLY_RELEASE"] is False
+    assert _plan(*_inputs(N=129), _table(129), True, True, 0, 3).constexprs["EARLY_RELEASE"] is True
+
+
+@pytest.mark.parametrize("groups", [1, 4, -1, "3"])
+def test_other_attend_groups_are_refused_with_the_fields_name(groups):
+    with pytest.raises(ValueError, match="long_attend_groups"):
+        gluon_fwd.forward(*_inputs(N=577), _table(577), 0.125, runtime.launch, attend_groups=groups)
 
 
 @pytest.mark.parametrize("long_from_n", [0, 128, 197, 257, 10**6])
@@ -261,22 +298,27 @@ FLOAT64_CASES = [
 ]
 
 
-# the long kernel's cases again with its K/V boxes released box by box (`long_early_release`)
+# the long kernel's cases again with its K/V boxes released box by box (`long_early_release`), and with its
+# attending warpgroups as partitions of their own (`long_attend_groups`): (early release, groups)
 EARLY_CASES = [case for case in FLOAT64_CASES if case[0] > 256]
+LONG_VARIANTS = [(True, 0), (False, 2), (True, 3)]
 
 
-def _with_early(cases):
-    return [(*case, False) for case in cases] + [(*case, True) for case in EARLY_CASES]
+def _with_variants(cases):
+    return [(*case, False, 0) for case in cases] + [(*case, *variant) for case in EARLY_CASES
+                                                   for variant in LONG_VARIANTS] + [
+        (577, 1, "shared", "fused", True, 2), (577, 1, "shared", "fused", False, 3)]
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early", _with_early(FLOAT64_CASES))
-def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early,groups", _with_variants(FLOAT64_CASES))
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
     132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases; with early
-    release, the next head's boxes loaded during the last slice of the one before)."""
+    release, the next head's boxes loaded during the last slice of the one before; with groups, each group's
+    slices of every head, o through their buffers)."""
     gen = torch.Generator().manual_seed(N)
     B, H = 20, 8
     q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
@@ -285,7 +327,7 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, nan_empty
     assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
     o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch,  # NaN-filled (nan_empty)
-                                  early_release=early)
+                                  early_release=early, attend_groups=groups)
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -309,8 +351,8 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early", _with_early(FLOAT64_CASES))
-def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early,groups", _with_variants(FLOAT64_CASES))
+def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, nan_empty):
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
@@ -321,7 +363,7 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
     config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N,
-                                 long_early_release=early)
+                                 long_early_release=early, long_attend_groups=groups)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
     assert [x.name for x in launches] == ["resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N
@@ -339,7 +381,8 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with configs.override(resident_train_max_n=gluon_fwd.MAX_N, long_early_release=early), \
+    with configs.override(resident_train_max_n=gluon_fwd.MAX_N, long_early_release=early,
+                          long_attend_groups=groups), \
             runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
     assert launches[0].name in ("resident_fwd_kernel", "long_fwd_kernel")
@@ -374,17 +417,19 @@ def test_attention_takes_it_for_inference_and_for_training_by_the_table(N, kerne
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
-@pytest.mark.parametrize("early", [False, True])
-def test_long_kernel_over_many_heads_per_program(early, save_rotated, nan_empty):
+@pytest.mark.parametrize("early,groups", [(False, 0), (True, 0), (False, 2), (True, 2), (False, 3), (True, 3)])
+def test_long_kernel_over_many_heads_per_program(early, groups, save_rotated, nan_empty):
     """ViT-B/16@384's shape, 768 heads: each persistent program takes five or six, so every barrier's phase turns
-    over several times (with early release, each head's boxes loaded during the last slice of the one before). The
-    first and last samples (the programs' first and last heads) against float64, NaN-filled outputs."""
+    over several times (with early release, each head's boxes loaded during the last slice of the one before;
+    with groups, each group's buffers too). The first and last samples (the programs' first and last heads)
+    against float64, NaN-filled outputs."""
     gen = torch.Generator().manual_seed(577)
     B, H, N = 64, 12, 577
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (24, 24), 1, 64, "interleaved"), gen)
     scale = 64 ** -0.5
-    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated, early)
+    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated, early,
+                                         attend_groups=groups)
     for b in (0, 1, B - 2, B - 1):
         sl = slice(b, b + 1)
         assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
@@ -400,17 +445,20 @@ def test_long_kernel_over_many_heads_per_program(early, save_rotated, nan_empty)
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
 @pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("groups", [0, 3])
 @pytest.mark.parametrize("N", [128, 197, 256])
-def test_the_long_kernel_from_128_tokens_matches_math(N, early, save_rotated, nan_empty):
+def test_the_long_kernel_from_128_tokens_matches_math(N, groups, early, save_rotated, nan_empty):
     """`gluon_long_from_n` below 257: the long kernel where the resident one serves by default (one query slice at
-    128 tokens, where early release stays off; two at 197 and 256), 160 heads, against float64."""
+    128 tokens, where early release stays off; two at 197 and 256), 160 heads, against float64. Three groups: four
+    64-row slices at 197 and 256, so two groups have one slice per head, their first and their last (at 128 the
+    plan takes no groups)."""
     gen = torch.Generator().manual_seed(N + 2)
     B, H = 20, 8
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (1, N - 1), 1, 64, "interleaved"), gen)
     assert _plan(q, k, v, table, save_rotated, early, long_from_n=128).kernel is gluon_fwd.long_fwd_kernel
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                         early, long_from_n=128)
+                                         early, long_from_n=128, attend_groups=groups)
     assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
     if save_rotated:
         qd, kd = apply_rope_qk(q.double(), k.double(), table)

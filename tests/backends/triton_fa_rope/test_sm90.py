@@ -62,6 +62,11 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     # the long kernel with its K/V boxes released box by box, inference and training
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
         assert (case, "gluon_early_release", "long_fwd_kernel") in compiled
+    # the long kernel's attending warpgroups as partitions of their own (long_attend_groups), inference and training
+    for case, variant in (("d64_bf16_interleaved_n577", "gluon_2_groups"), ("d64_bf16_interleaved_n577",
+                          "gluon_3_groups_early"), ("d64_bf16_perhead_n401", "gluon_3_groups_early"),
+                          ("d64_bf16_interleaved_n197", "gluon_3_groups_early")):
+        assert (case, variant, "long_fwd_kernel") in compiled
     # the long kernel below 257 tokens (gluon_long_from_n): two query slices with early release, and one
     for case in ("d64_bf16_interleaved_n197", "d64_fp16_interleaved_n128"):
         assert (case, "gluon_long_from_128", "long_fwd_kernel") in compiled
@@ -142,18 +147,23 @@ def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
     assert changed_report["differ"] == ["n577/long long_fwd_kernel"], changed_report
 
 
-def test_the_long_kernel_refuses_early_release_with_one_query_slice(tmp_path):
-    """With one query slice (N = 128, the long kernel forced) its only slice is the first, which never hands the
-    K/V boxes back: the producer would wait for them forever. The plan leaves early release off there
-    (test_gluon_fwd.py); the kernel itself refuses to compile it, and compiles it off."""
+@pytest.mark.parametrize("config,switch,slices", [({}, ("EARLY_RELEASE", True), 1),
+                                                   ({"long_attend_groups": 2}, ("ATTEND_GROUPS", 3), 2)])
+def test_the_long_kernel_refuses_what_its_query_slices_cannot_serve(config, switch, slices, tmp_path):
+    """At N = 128 (the long kernel forced): with one 128-row query slice its only slice is the first, which never
+    hands the K/V boxes back with early release (the producer would wait for them forever); with two 64-row slices
+    a third attending group would have none to release them after. The plans leave such a switch off
+    (test_gluon_fwd.py); the kernel itself refuses to compile it, and compiles the launch without it."""
     pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
     code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, 127))\n"
-            "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640, gluon_long_from_n=0)[0]\n"
-            "on = off._replace(constexprs={**off.constexprs, 'EARLY_RELEASE': True})\n"
+            "config, (name, value) = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+            "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640, gluon_long_from_n=0, "
+            "**config)[0]\n"
+            "on = off._replace(constexprs={**off.constexprs, name: value})\n"
             "out = [off.name, off.constexprs['ROT_CHUNKS'], sm90.compile_launch(off, ptxas=False)['shared_bytes']]\n"
             "try:\n    sm90.compile_launch(on, ptxas=False)\n    out.append('compiled')\n"
             "except Exception as exc:\n    out.append(type(exc).__name__)\n"
             "print(json.dumps(out))")
-    name, slices, shared, refused = _run_offline(code, [], tmp_path)
-    assert (name, slices) == ("long_fwd_kernel", 1) and shared > 0
-    assert refused != "compiled"
+    name, n_slices, shared, refused = _run_offline(code, [json.dumps(config), json.dumps(switch)], tmp_path)
+    assert (name, n_slices) == ("long_fwd_kernel", slices) and shared > 0
+    assert refused == "CompileTimeAssertionFailure"  # the kernel's static_assert, no other error
