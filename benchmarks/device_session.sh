@@ -40,16 +40,15 @@
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
-#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py at N = 577, 401 and 197 (the long kernel
-#          forced there, against the resident one): the long kernel with its K/V boxes handed back box by box
-#          (long_early_release) against as shipped, inference and training forward
-#                                              -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
-#   groups benchmarks/gluon_long.py --groups 2,3 at N = 577, 401 and 197: the long kernel with two and three
-#          attending warpgroups as partitions of their own (long_attend_groups), with and without early release,
-#          inference with and without RoPE, training forward     -> h200_gluon_long_groups.json, gluon_long_groups.log
+#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py --groups 0,2,3 at N = 577, 401 and 197 (the
+#          long kernel forced there, against the resident one): the long kernel as shipped, with its K/V boxes
+#          handed back box by box (long_early_release), and with two and three attending warpgroups as partitions
+#          of their own (long_attend_groups), each with and without early release; inference with and without
+#          RoPE, training forward                   -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
 #   groupse2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64: the shipped table against
-#          long_attend_groups = $GROUPS (default 3) with early release, inference and (resident_train_max_n = 640)
-#          training through the long kernel               -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
+#          long_attend_groups = $GROUPS (default 3) with early release and long_swap_tail = $SWAP_TAIL (default
+#          false), inference and (resident_train_max_n = 640) training through the long kernel
+#                                                         -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
 #   earlye2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64, in one process: the shipped table,
 #          early release alone, and early release with the long Gluon kernel as the training forward up to 640
 #          tokens                                        -> h200_e2e_ab_vit_b384_early.json, e2e_ab_early.log
@@ -65,6 +64,7 @@ set -uo pipefail
 OUT=${OUT:-out}
 GLUON_BWD_ARGS=${GLUON_BWD_ARGS:-}
 GROUPS=${GROUPS:-3}
+SWAP_TAIL=${SWAP_TAIL:-false}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -210,17 +210,14 @@ for stage in "${stages[@]}"; do
       tail -32 "$OUT/gluon_long.log" ;;
     early)
       gluon_tests
-      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" \
-        --out "$OUT/h200_gluon_long_early.json" >"$OUT/gluon_long_early.log" 2>&1 || status=1
-      tail -26 "$OUT/gluon_long_early.log" ;;
-    groups)
-      timeout 420 python3 benchmarks/gluon_long.py --groups 2,3 \
-        --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_groups.json" >"$OUT/gluon_long_groups.log" 2>&1 || status=1
-      tail -30 "$OUT/gluon_long_groups.log" ;;
+      timeout 330 python3 benchmarks/gluon_long.py --groups 0,2,3 \
+        --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_early.json" \
+        >"$OUT/gluon_long_early.log" 2>&1 || status=1
+      tail -80 "$OUT/gluon_long_early.log" ;;
     groupse2e)
       timeout 400 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
         --variants "{\"table\": {}, \"groups\": {\"long_attend_groups\": $GROUPS, \"long_early_release\": true,
-                     \"resident_train_max_n\": 640}}" \
+                     \"long_swap_tail\": $SWAP_TAIL, \"resident_train_max_n\": 640}}" \
         --out "$OUT/h200_e2e_ab_vit_b384_groups.json" >"$OUT/e2e_ab_groups.log" 2>&1 || status=1
       grep -E "step .* GPU" "$OUT/e2e_ab_groups.log" ;;
     earlye2e)
@@ -246,7 +243,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groups, groupse2e, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groupse2e, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

@@ -11,7 +11,8 @@ the resident kernel serves (N <= 256) the long one runs too, forced. The last li
 ratio to cuDNN without RoPE and to timm compiled. The long kernel runs as the config table has it and with its K/V
 boxes handed back box by box in a head's last slice (`long_early_release`), for inference with and without RoPE and
 for training (the forward that also writes the rotated q and k); with `--groups 0,2,3` also with two and three
-attending warpgroups as partitions of their own (`long_attend_groups`; 0: as the table has it).
+attending warpgroups as partitions of their own (`long_attend_groups`; 0: as the table has it), and with groups, at
+lengths whose last 64-row slice holds at most 16 rows, that slice swapped (`long_swap_tail`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import gluon_fwd, launch
+from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.tolerances import bound, rel_l2
 
 
@@ -45,10 +47,10 @@ def _check(name, fn, q, k, v, table, n_ref=4) -> float:
     return err
 
 
-def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups):
+def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups, swap_tail=False):
     """o of the long kernel, at any length it serves (`gluon_fwd.LONG_MIN_N` tokens on)."""
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, early_release,
-                             long_from_n=gluon_fwd.LONG_MIN_N, attend_groups=groups)[0]
+    options = LongOptions(early_release, gluon_fwd.LONG_MIN_N, groups, swap_tail)
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
 def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
@@ -76,14 +78,18 @@ def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
         if s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-        long_variants = {  # name: (rope, save_rotated, early_release, attending groups)
-            f"gluon long{name}{f', {g} groups' if g else ''}{', early release' if early else ''}{tail}":
-                (rope, save, early, g)
-            for g in groups for name, rope, save, tail in (("", True, False, ""), ("", False, False, ", no RoPE"),
-                                                           (" training", True, True, ""))  # training: writes the
-            for early in (False, True)}                                                   # rotated q and k too
-        for name, (rope, save, early, g) in long_variants.items():
-            fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early, g)
+        # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
+        # swapped tail: with groups where the last 64-row slice holds at most 16 rows)
+        swaps = 0 < s.N % gluon_fwd.GROUP_SLICE <= gluon_fwd.TAIL_ROWS
+        long_variants = [(rope, save, early, g, tail) for g in groups
+                         for rope, save in ((True, False), (False, False), (True, True))
+                         for early, tail in ((False, False), (True, False), (True, True))
+                         if not tail or (g and rope and swaps)]
+        for rope, save, early, g, tail in long_variants:
+            name = (f"gluon long{' training' if save else ''}{f', {g} groups' if g else ''}"
+                    f"{', early release' if early else ''}{', swapped tail' if tail else ''}"
+                    f"{'' if rope else ', no RoPE'}")
+            fn = functools.partial(_long_o, q, k, v, table if rope else None, qk_scale, save, early, g, tail)
             err = _check(name, fn, q, k, v, table if rope else None)
             print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
             add(name, fn, rope=rope, err=err)

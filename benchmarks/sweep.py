@@ -51,6 +51,7 @@ CANDIDATES = {
     "long_early_release": [False, True],  # with --set resident_train_max_n=640 the training forward too
     "gluon_long_from_n": [257, 128],  # at N <= 256 the resident Gluon forward, or the long one
     "long_attend_groups": [0, 2, 3],  # the long kernel's attending warpgroups: one partition, or each its own
+    "long_swap_tail": [False, True],  # with --set long_attend_groups=3: the last slice of <= 16 rows swapped
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")

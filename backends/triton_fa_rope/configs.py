@@ -21,6 +21,17 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 
+class LongOptions(NamedTuple):
+    """The switches of the long Gluon forward (`gluon_fwd.long_fwd_kernel`), as `ArchConfigs.long_options` gathers
+    them from its fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
+    (`long_attend_groups`), swap_tail (`long_swap_tail`)."""
+
+    early_release: bool = False
+    from_n: int = 257
+    attend_groups: int = 0
+    swap_tail: bool = False
+
+
 class KernelConfig(NamedTuple):
     """One kernel's launch: rows of queries and keys per tile, warps, software-pipeline stages, and a cap on the
     registers per thread (Triton's `maxnreg` launch option; None: the compiler's choice)."""
@@ -57,7 +68,8 @@ class ArchConfigs:
     gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from
     128 at the earliest), the resident one below. long_attend_groups: 0, the long kernel's two attending
     warpgroups work as one partition on 128-row query slices; 2 or 3, that many warpgroups attend as partitions of
-    their own, 64-row slices in turn (an experiment: 0 until the GPU measures it).
+    their own, 64-row slices in turn; long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577:
+    one) is computed with the keys as the MMA's rows (experiments: off until the GPU measures them).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -83,10 +95,17 @@ class ArchConfigs:
     long_early_release: bool = False
     gluon_long_from_n: int = 257
     long_attend_groups: int = 0
+    long_swap_tail: bool = False
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
     delta_in_dq: bool = False
+
+    @functools.cached_property
+    def long_options(self) -> LongOptions:
+        """The long Gluon forward's switches (built once per table)."""
+        return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
+                           self.long_swap_tail)
 
 
 K = KernelConfig

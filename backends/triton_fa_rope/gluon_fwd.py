@@ -11,7 +11,8 @@ softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors 
 arrive as zeros, no other sample is read. `resident_fwd_kernel` serves N <= 256 (Q, K and V of a head whole, the
 next head's loads in flight), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
 rotates K/V boxes and 128-row query slices, two warpgroups attend; with the config table's `long_attend_groups`, two
-or three warpgroups attend as partitions of their own, on 64-row slices).
+or three warpgroups attend as partitions of their own, on 64-row slices, and with `long_swap_tail` a last slice of at
+most 16 rows runs with the keys as the MMA's rows).
 
 Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
 interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
@@ -32,6 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
+from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel,
                                                             resident_fwd_kernel)
 from attnhub.rope import CosSinTable, table_strides
@@ -40,6 +42,7 @@ RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared mem
 LONG_MIN_N = 128  # the long kernel's slice loop needs two whole key chunks (`_attend_slice`)
 SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
 GROUP_SLICE = 64  # ... per step of one attending group (`long_fwd_kernel`'s ATTEND_GROUPS)
+TAIL_ROWS = 16  # the swapped last slice's query columns (`long_fwd_kernel`'s TAIL_Q): wgmma's N in steps of 8
 ATTEND_GROUPS = (0, 2, 3)  # the long kernel's attending partitions: 0, one of 8 warps; else that many warpgroups
 MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
 HEAD_D = 64
@@ -106,13 +109,14 @@ class _Plan:
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
     alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. long: the long kernel
     (`_takes_long`); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
-    EARLY_RELEASE); groups: its attending partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps)."""
+    EARLY_RELEASE); groups: its attending partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of
+    its swapped last query slice (TAIL_Q; 0: none)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs", "num_warps")
 
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
-                 groups: int):
+                 groups: int, tail_q: int):
         B, H, N, D = q.shape
         self.kernel = long_fwd_kernel if long else resident_fwd_kernel
         slice_rows = GROUP_SLICE if groups else SLICE
@@ -134,31 +138,31 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, slice_rows if long else ROT_ROWS))
         if long:
-            self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups,
+            self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_GROUPS_MAXNREG.get(groups, WS_MAXNREG))
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
-def _plan(q, k, v, rope, cos, save_rotated: bool = False, early_release: bool = False,
-          long_from_n: int = RESIDENT_MAX_N + 1, attend_groups: int = 0) -> _Plan | None:
+def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions = LongOptions()) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
     table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
-    and k (only with rope); early_release, long_from_n, attend_groups: the long kernel's switches (`forward`)."""
+    and k (only with rope); options: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     N = q.shape[2]
-    long = _takes_long(N, long_from_n)
+    long = _takes_long(N, options.from_n)
     # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
-    groups = attend_groups if long and N > GROUP_SLICE * (attend_groups - 1) else 0
+    groups = options.attend_groups if long and N > GROUP_SLICE * (options.attend_groups - 1) else 0
     # one query slice has no last slice apart from its first (with groups each has its own last slice)
-    early = early_release and long and (N > SLICE or groups > 0)
+    early = options.early_release and long and (N > SLICE or groups > 0)
+    tail_q = TAIL_ROWS if options.swap_tail and groups and 0 < N % GROUP_SLICE <= TAIL_ROWS else 0
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early, groups)
-    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups)
-                            if _takes(q, k, v, rope) else None)
+           rope_sig, save, long, early, groups, tail_q)
+    return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups,
+                                                       tail_q) if _takes(q, k, v, rope) else None)
 
 
 def _takes_long(n: int, long_from_n: int) -> bool:
@@ -206,22 +210,20 @@ def eligible(q, k, v, rope, key_padding_mask) -> bool:
     return _aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
 
 
-def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False, early_release: bool = False,
-            long_from_n: int = RESIDENT_MAX_N + 1, attend_groups: int = 0):
+def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
+            options: LongOptions = LongOptions()):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); early_release, long_from_n,
-    attend_groups: the config table's `long_early_release`, `gluon_long_from_n` (the long kernel from that length
-    on; the resident one serves up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`) and
-    `long_attend_groups` (one of `ATTEND_GROUPS`)."""
-    if attend_groups not in ATTEND_GROUPS:
-        raise ValueError(f"triton_fa_rope: long_attend_groups={attend_groups!r}; the long Gluon forward has "
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); options: the long kernel's switches from
+    the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
+    serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of `ATTEND_GROUPS`)."""
+    if options.attend_groups not in ATTEND_GROUPS:
+        raise ValueError(f"triton_fa_rope: long_attend_groups={options.attend_groups!r}; the long Gluon forward has "
                          f"{ATTEND_GROUPS} (0: one partition of {NUM_WARPS} warps attends)")
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
-    plan = _plan(q, k, v, rope, cos, save_rotated, early_release, long_from_n, attend_groups) \
-        if _aligned(q, k, v) else None
+    plan = _plan(q, k, v, rope, cos, save_rotated, options) if _aligned(q, k, v) else None
     if plan is None:
         return None
     o = torch.empty(plan.o_shape, device=q.device, dtype=q.dtype).transpose(1, 2)

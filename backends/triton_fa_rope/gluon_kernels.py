@@ -54,6 +54,12 @@ def _rot_layout(num_warps, D):
 
 
 @gluon.constexpr_function
+def _swizzle(row_bytes):
+    """The widest NVMMA swizzle (32, 64 or 128 bytes) a row of `row_bytes` takes."""
+    return min(128, row_bytes)
+
+
+@gluon.constexpr_function
 def _pair_layout(num_warps, D):
     """[rows, D/2] table tile matching `_rot_layout` after the pair split."""
     return gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
@@ -411,17 +417,41 @@ def _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, M
 
 
 @gluon.jit
-def _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                 num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False,
-                 kv_free=None, RELEASE: gl.constexpr = False, SERIAL: gl.constexpr = False):
-    """One attending group's slice: `_attend_slice`, or with SERIAL `_attend_slice_serial`."""
-    if SERIAL:
-        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                             k_ready, v_ready, phase, WAIT, kv_free, RELEASE)
-    else:
-        acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
-                                      v_ready, phase, WAIT, kv_free, RELEASE)
-    return acc, m_i, l_i
+def _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, NKC: gl.constexpr, k_ready, v_ready, phase, kv_free=None,
+                 RELEASE: gl.constexpr = False, num_warps: gl.constexpr = 4):
+    """A last query slice of at most TQ = pt_s.shape[1] rows (577 = 9 * 64 + 1), swapped: S^T = K Q^T with the 64
+    keys of a box as the MMA's rows and the TQ queries as its columns, online softmax down the keys, O^T += V^T P^T
+    (P^T through pt_s [64, TQ] in shared memory) -> o_t [D, TQ] fp32 (unnormalised), m_i, l_i [TQ]: a 64 x TQ MMA
+    per box instead of 64 x 64 for one valid row. Boxes whole (the last masked), each waited for (a head's boxes are
+    ready or arriving, either is safe to wait on); RELEASE: each box to kv_free after its P V."""
+    TQ: gl.constexpr = pt_s.shape[1]
+    D: gl.constexpr = q_s.shape[1]
+    CH: gl.constexpr = k_buf.shape[2]
+    s_layout: gl.constexpr = _mma_layout(num_warps, TQ)  # [CH or D, TQ] accumulators
+    q_t = q_s.slice(0, TQ).permute((1, 0))  # [D, TQ]
+    o_t = gl.zeros([D, TQ], gl.float32, s_layout)
+    m_i = gl.full([TQ], -float("inf"), gl.float32, gl.SliceLayout(0, s_layout))
+    l_i = gl.full([TQ], 0.0, gl.float32, gl.SliceLayout(0, s_layout))
+    for j in range(NKC):
+        k_j = k_buf.index(j).reshape([CH, D])
+        v_j = v_buf.index(j).reshape([CH, D])
+        _await_box(k_ready, j, phase, True)
+        s = warpgroup_mma(k_j, q_t, gl.zeros([CH, TQ], gl.float32, s_layout), use_acc=False) * sm_scale
+        keys = j * CH + gl.arange(0, CH, layout=gl.SliceLayout(1, s_layout))
+        s = gl.where(gl.expand_dims(keys < N, 1), s, -float("inf"))  # rows past N: TMA's zeros, no weight
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 0))
+        l_i = l_i * alpha + gl.sum(p, axis=0)
+        m_i = m_new
+        pt_s.store(p.to(pt_s.dtype))
+        fence_async_shared()
+        _cta_barrier()  # every warp's P^T, before the MMA reads it
+        _await_box(v_ready, j, phase, True)
+        o_t = warpgroup_mma(v_j.permute((1, 0)), pt_s, o_t * gl.expand_dims(alpha, 0))
+        _cta_barrier()  # the MMA has read pt_s before the next box's P^T overwrites it
+        _release_box(kv_free, j, RELEASE)
+    return o_t, m_i, l_i
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -610,67 +640,130 @@ def _one_slice_may_be_first_and_last(early_release, ns, groups):
 
 
 @gluon.jit
-def _ws_attend_group(q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
+def _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False,
+                kv_free=None, RELEASE: gl.constexpr = False, SERIAL: gl.constexpr = False):
+    """One attending group's pass over the keys: `_attend_slice`, or with SERIAL `_attend_slice_serial`."""
+    if SERIAL:
+        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                             k_ready, v_ready, phase, WAIT, kv_free, RELEASE)
+    else:
+        acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
+                                      v_ready, phase, WAIT, kv_free, RELEASE)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _group_slice(q_s4, k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, first, last, phase,
+                 NS: gl.constexpr, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                 EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
+    """A group's query slice si (its buffer q_s4) over all keys, waiting on the boxes if it is the group's first of
+    the head, releasing them if its last (box by box with early release); then `_end_slice`. Three groups run the
+    key loop unpipelined (`_attend_slice_serial`: 120 registers)."""
+    k_ready, v_ready, kv_empty = bars[4], bars[5], bars[6]
+    SLICE_: gl.constexpr = q_s4.shape[1]
+    D: gl.constexpr = q_s4.shape[3]
+    SERIAL: gl.constexpr = GROUPS == 3
+    q_s = q_s4.reshape([SLICE_, D])
+    if first:  # K and V may still be arriving
+        if _one_slice_may_be_first_and_last(EARLY_RELEASE, NS, GROUPS):
+            if last:
+                acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
+                                            v_ready, phase, True, bars[7], True, SERIAL)
+            else:
+                acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
+                                            v_ready, phase, True, SERIAL=SERIAL)
+        else:
+            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
+                                        v_ready, phase, True, SERIAL=SERIAL)
+    elif EARLY_RELEASE:  # the last slice releases the boxes one by one
+        if last:
+            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                        kv_free=bars[7], RELEASE=True, SERIAL=SERIAL)
+        else:
+            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                        SERIAL=SERIAL)
+    else:
+        acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, SERIAL=SERIAL)
+    _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), kv_empty, last, EARLY_RELEASE, o_desc,
+               lse_ptr, tile, H, N, si)
+
+
+@gluon.jit
+def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, last, phase,
+                EARLY_RELEASE: gl.constexpr, num_warps: gl.constexpr):
+    """A group's swapped last slice (`_attend_tail` over every K/V box, releasing each with early release: the last
+    slice of a head is its group's last), then `_end_slice` of its TAIL_Q rows."""
+    k_ready, v_ready, kv_empty = bars[4], bars[5], bars[6]
+    SLICE_: gl.constexpr = q_s4.shape[1]
+    D: gl.constexpr = q_s4.shape[3]
+    q_s = q_s4.reshape([SLICE_, D])
+    if EARLY_RELEASE:
+        o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], k_ready, v_ready, phase,
+                                     bars[7], True, num_warps)
+    else:
+        o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], k_ready, v_ready, phase,
+                                     num_warps=num_warps)
+    _end_slice(q_s4, gl.permute(o_t / gl.expand_dims(l_i, 0), [1, 0]), m_i + gl.log2(l_i), kv_empty, last,
+               EARLY_RELEASE, o_desc, lse_ptr, tile, H, N, si)
+
+
+@gluon.jit
+def _end_slice(q_s4, o, lse, kv_empty, last, EARLY_RELEASE: gl.constexpr, o_desc, lse_ptr, tile, H, N, si):
+    """A group's slice done: K and V released as a whole after its last slice of a head (without early release);
+    lse [R] (log2 units) and o [R, D] (normalised) of query slice si's first R rows (rows >= N clipped), o by TMA
+    through the slice's buffer q_s4 [1, SLICE, 1, D], whose rows past R are past N."""
+    SLICE_: gl.constexpr = q_s4.shape[1]
+    D: gl.constexpr = q_s4.shape[3]
+    R: gl.constexpr = o.shape[0]
+    _cta_barrier()  # the group's warps are done with the slice's buffer (after its last slice of a head, with K, V)
+    if not EARLY_RELEASE:
+        mbarrier.arrive(kv_empty, count=1, pred=last)
+    rows = si * SLICE_ + gl.arange(0, R, layout=lse.type.layout)
+    gl.store(lse_ptr + tile.to(gl.int64) * N + rows, lse, mask=rows < N)
+    q_s4.reshape([SLICE_, D]).slice(0, R).store(o.to(q_s4.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    _tma_store(o_desc, [tile // H, si * SLICE_, tile % H, 0], q_s4)
+
+
+@gluon.jit
+def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
                      N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, EARLY_RELEASE: gl.constexpr,
-                     GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
+                     TAIL_Q: gl.constexpr, GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
     """Attending group GROUP of GROUPS (one warpgroup, a partition of its own): the program's query slices
     g = GROUP, GROUP + GROUPS, ... (counted over its heads) through its two buffers, each over all keys
-    (`_attend_slice`: waiting on the boxes in its first slice of a head; with EARLY_RELEASE releasing them box by
-    box in its last, else K and V as a whole after it, kv_empty counting GROUPS arrivals; three groups run the key
-    loop unpipelined, `_attend_slice_serial`). o leaves by TMA from the slice's own buffer, which goes back to the
-    producer once that store has read it, at the group's next slice."""
-    q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
-    SLICE_: gl.constexpr = q_buf.shape[2]
-    D: gl.constexpr = q_buf.shape[4]
-    SERIAL: gl.constexpr = GROUPS == 3  # 136 registers: the pipelined key loop spills there
+    (`_group_slice`: waiting on the boxes in its first slice of a head; with EARLY_RELEASE releasing them box by
+    box in its last, else K and V as a whole after it, kv_empty counting GROUPS arrivals). TAIL_Q (0: none): the
+    head's last slice holds at most TAIL_Q rows and is computed swapped (`_group_tail`, through the group's pt_buf).
+    o leaves by TMA from the slice's own buffer, which goes back to the producer once that store has read it, at
+    the group's next slice."""
+    q_ready, q_empty = bars[1], bars[2]
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     it = 0
     n = 0  # this group's slices so far
     for tile in range(pid, n_heads, nprog):
-        h = tile % H
         first = (GROUP - (it * NS) % GROUPS + GROUPS) % GROUPS  # this group's first slice of the head
         for si in range(first, NS, GROUPS):
             buf = GROUP * 2 + n % 2
-            q_s = q_buf.index(buf).reshape([SLICE_, D])
             mbarrier.wait(q_ready.index(buf), (n // 2) & 1)
             if n > 0:  # the previous slice's o has left the other buffer: the producer may refill it
                 tma.store_wait(0)
                 _cta_barrier()
                 mbarrier.arrive(q_empty.index(GROUP * 2 + (n + 1) % 2), count=1)
             last = si + GROUPS >= NS
-            if si == first:  # K and V may still be arriving
-                if _one_slice_may_be_first_and_last(EARLY_RELEASE, NS, GROUPS):
-                    if last:
-                        acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N,
-                                                     num_warps, k_ready, v_ready, it & 1, True, bars[7], True, SERIAL)
-                    else:
-                        acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N,
-                                                     num_warps, k_ready, v_ready, it & 1, True, SERIAL=SERIAL)
+            if TAIL_Q > 0:
+                if si == NS - 1:  # the head's last slice is every group's last: its boxes may be released
+                    _group_tail(q_buf.index(buf), k_buf, v_buf, pt_buf.index(GROUP), bars, o_desc, lse_ptr, tile, H,
+                                N, sm_scale, si, last, it & 1, EARLY_RELEASE, num_warps)
                 else:
-                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                                 k_ready, v_ready, it & 1, True, SERIAL=SERIAL)
-            elif EARLY_RELEASE:  # the last slice releases the boxes one by one
-                if last:
-                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                                 kv_free=bars[7], RELEASE=True, SERIAL=SERIAL)
-                else:
-                    acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                                 SERIAL=SERIAL)
+                    _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
+                                 si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, EARLY_RELEASE, GROUPS,
+                                 num_warps)
             else:
-                acc, m_i, l_i = _group_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                             SERIAL=SERIAL)
-            _cta_barrier()  # the group's warps are done with q_s (and, after its last slice of a head, with K and V)
-            if not EARLY_RELEASE:
-                mbarrier.arrive(kv_empty, count=1, pred=last)
-
-            # epilogue: lse (log2 units); o through q_s by TMA (rows >= N clipped)
-            rows = si * SLICE_ + gl.arange(0, SLICE_, layout=m_i.type.layout)
-            gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
-            q_s.store((acc / gl.expand_dims(l_i, 1)).to(q_s.dtype))
-            fence_async_shared()
-            _cta_barrier()
-            _tma_store(o_desc, [tile // H, si * SLICE_, h, 0], q_buf.index(buf))
+                _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
+                             si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, EARLY_RELEASE, GROUPS, num_warps)
             n += 1
         it += 1
     tma.store_wait(0)
@@ -680,7 +773,7 @@ def _ws_attend_group(q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, 
 def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
                     N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                     ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
-                    EARLY_RELEASE: gl.constexpr, ATTEND_GROUPS: gl.constexpr):
+                    EARLY_RELEASE: gl.constexpr, ATTEND_GROUPS: gl.constexpr, TAIL_Q: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
     boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
     warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
@@ -690,7 +783,9 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     boxes load and rotate during that slice instead of after it. ATTEND_GROUPS (0: as above; 2 or 3, with
     num_warps = 4 and 64-row slices): that many warpgroups attend, each a partition of its own with its own two
     slice buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about
-    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's three attending warpgroups at D = 64)."""
+    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's three attending warpgroups at D = 64).
+    TAIL_Q (0: none; with groups): the last slice holds at most TAIL_Q rows (N = 577: one) and is computed with keys
+    as the MMA's rows and its TAIL_Q queries as columns (`_attend_tail`)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -702,10 +797,17 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     gl.static_assert(NS >= 2 or not EARLY_RELEASE)  # one slice would wait for boxes it never releases
     gl.static_assert(ATTEND_GROUPS == 0 or (num_warps == 4 and ATTEND_GROUPS >= 2 and ATTEND_GROUPS <= 3
                                             and NS >= ATTEND_GROUPS))
+    gl.static_assert(TAIL_Q == 0 or (ATTEND_GROUPS > 0 and TAIL_Q % 16 == 0 and TAIL_Q <= 64))
     QB: gl.constexpr = 2 if ATTEND_GROUPS == 0 else 2 * ATTEND_GROUPS  # query slice buffers
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [QB, 1, SLICE_, 1, D], q_desc.layout)
     if ATTEND_GROUPS == 0:  # the groups write o through their slice's buffer
         o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, SLICE_, 1, D], o_desc.layout)
+    if TAIL_Q > 0:  # each group's P^T of the swapped last slice
+        pt_buf = gl.allocate_shared_memory(q_desc.dtype, [ATTEND_GROUPS, CH, TAIL_Q],
+                                           gl.NVMMASharedLayout(swizzle_byte_width=_swizzle(TAIL_Q * 2),
+                                                                element_bitwidth=16, rank=2))
+    else:
+        pt_buf = q_buf  # not read
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
     v_buf = gl.allocate_shared_memory(v_desc.dtype, [NKC, 1, CH, 1, D], v_desc.layout)
     q_loaded = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
@@ -750,22 +852,22 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
     elif ATTEND_GROUPS == 2:
         gl.warp_specialize([
-            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
-                                MID_N, TAIL_N, EARLY_RELEASE, 0, 2, num_warps)),
-            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
-                                MID_N, TAIL_N, EARLY_RELEASE, 1, 2, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
+                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 0, 2, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
+                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 1, 2, num_warps)),
             (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
                             ATTEND_GROUPS)),
         ], [num_warps, _WS_PRODUCER_WARPS], [_WS_2_GROUP_REGS, _WS_PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
-                                MID_N, TAIL_N, EARLY_RELEASE, 0, 3, num_warps)),
-            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
-                                MID_N, TAIL_N, EARLY_RELEASE, 1, 3, num_warps)),
-            (_ws_attend_group, (q_buf, k_buf, v_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL,
-                                MID_N, TAIL_N, EARLY_RELEASE, 2, 3, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
+                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 0, 3, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
+                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 1, 3, num_warps)),
+            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
+                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 2, 3, num_warps)),
             (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
                             ATTEND_GROUPS)),

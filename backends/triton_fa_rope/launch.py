@@ -145,7 +145,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     resident = _resident_forward(config, N_Q, save_rotated)
     if resident is not None and key_padding_mask is None:
         out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call
-                               config.long_early_release, config.gluon_long_from_n, config.long_attend_groups)
+                               config.long_options)
         if out is not None:
             return out
     cx = meta(q, rope)

@@ -189,11 +189,13 @@ MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) fo
 MATRIX += [("d64_bf16_mask_gqa_per_sample", v) for v in VARIANTS if v != "default"]  # the fused request: split
 # longer sequences with the Gluon forward enabled up to its limit (gluon_fwd.long_fwd_kernel): case -> token grid
 LONG_GLUON = {"d64_bf16_interleaved": (24, 24), "d64_bf16_perhead": (16, 25), "d64_fp16_interleaved": (20, 32)}
-# the long kernel's attending groups (case, grid, groups, early release): N = 577 every way, 401 (per-head table,
-# an odd slice count), 197 (three groups: one with a single slice per head, first and last at once)
-GLUON_GROUPS = [("d64_bf16_interleaved", (24, 24), groups, early) for groups in (2, 3) for early in (False, True)] + [
-    ("d64_bf16_perhead", (16, 25), 2, False), ("d64_bf16_perhead", (16, 25), 3, True),
-    ("d64_bf16_interleaved", (14, 14), 3, True)]
+# the long kernel's attending groups (case, grid, groups, early release, swapped tail): N = 577 every way, 401
+# (per-head table, an odd slice count, no tail to swap), 197 (three groups: one with a single slice per head, first
+# and last at once; five rows swapped)
+GLUON_GROUPS = [("d64_bf16_interleaved", (24, 24), groups, early, tail) for groups in (2, 3)
+                for early, tail in ((False, False), (True, False), (True, True))] + [
+    ("d64_bf16_perhead", (16, 25), 2, False, False), ("d64_bf16_perhead", (16, 25), 3, True, False),
+    ("d64_bf16_interleaved", (14, 14), 3, True, True)]
 
 
 def case_inputs(D, dtype, layout, table, n_kv, varlen=None, B=2, H=3, grid=(14, 14), P=1):
@@ -269,11 +271,12 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # one serves
                                      resident_train_max_n=640, gluon_long_from_n=128, long_early_release=True))
              for case, grid in {"d64_bf16_interleaved": (14, 14), "d64_fp16_interleaved": (1, 127)}.items()]
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", f"gluon_{groups}_groups{'_early' if early else ''}",  # attending
-              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # warpgroups
-                                     resident_train_max_n=640, long_attend_groups=groups,  # as partitions
-                                     long_early_release=early, gluon_long_from_n=128))
-             for case, grid, groups, early in GLUON_GROUPS]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}",  # attending warpgroups as partitions
+              f"gluon_{groups}_groups{'_early' if early else ''}{'_tail' if tail else ''}",
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,
+                                     resident_train_max_n=640, long_attend_groups=groups, long_early_release=early,
+                                     long_swap_tail=tail, gluon_long_from_n=128))
+             for case, grid, groups, early, tail in GLUON_GROUPS]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -16,6 +16,7 @@ import attnhub
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.backends.triton_fa_rope.autograd import _Table
+from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.rope import apply_rope_qk
 from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
 
@@ -32,9 +33,11 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
     return make_table(Shape(2, H, (1, N - P), P, 64, layout, per_head=per_head), torch.Generator().manual_seed(1))
 
 
-def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0):
+def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
+          swap_tail=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, early_release, long_from_n, attend_groups)
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
+                           LongOptions(early_release, long_from_n, attend_groups, swap_tail))
 
 
 def test_takes_calls_it_covers():
@@ -180,12 +183,18 @@ def test_attend_groups_give_the_long_kernel_64_row_slices_in_warpgroups_of_their
     # with groups each has a last slice of its own: early release from two slices on
     assert at129.constexprs["EARLY_RELEASE"] is False
     assert _plan(*_inputs(N=129), _table(129), True, True, 0, 3).constexprs["EARLY_RELEASE"] is True
+    # the swapped last slice: with groups, where the last 64-row slice holds at most 16 rows
+    for n, groups, tail_q in ((577, 3, 16), (577, 2, 16), (592, 3, 16), (593, 3, 0), (576, 3, 0), (577, 0, 0),
+                              (401, 3, 0), (257, 2, 16)):
+        assert _plan(*_inputs(N=n), _table(n), attend_groups=groups, swap_tail=True).constexprs["TAIL_Q"] == tail_q
+    assert _plan(q, k, v, table, attend_groups=3).constexprs["TAIL_Q"] == 0
 
 
 @pytest.mark.parametrize("groups", [1, 4, -1, "3"])
 def test_other_attend_groups_are_refused_with_the_fields_name(groups):
     with pytest.raises(ValueError, match="long_attend_groups"):
-        gluon_fwd.forward(*_inputs(N=577), _table(577), 0.125, runtime.launch, attend_groups=groups)
+        gluon_fwd.forward(*_inputs(N=577), _table(577), 0.125, runtime.launch,
+                          options=LongOptions(attend_groups=groups))
 
 
 @pytest.mark.parametrize("long_from_n", [0, 128, 197, 257, 10**6])
@@ -298,27 +307,28 @@ FLOAT64_CASES = [
 ]
 
 
-# the long kernel's cases again with its K/V boxes released box by box (`long_early_release`), and with its
-# attending warpgroups as partitions of their own (`long_attend_groups`): (early release, groups)
+# the long kernel's cases again with its K/V boxes released box by box (`long_early_release`), with its attending
+# warpgroups as partitions of their own (`long_attend_groups`), and with its last slice swapped where it holds at
+# most 16 rows (`long_swap_tail`: 577 and 257 tokens): (early release, groups, swapped tail)
 EARLY_CASES = [case for case in FLOAT64_CASES if case[0] > 256]
-LONG_VARIANTS = [(True, 0), (False, 2), (True, 3)]
+LONG_VARIANTS = [(True, 0, False), (False, 2, False), (True, 3, False), (True, 3, True)]
 
 
 def _with_variants(cases):
-    return [(*case, False, 0) for case in cases] + [(*case, *variant) for case in EARLY_CASES
-                                                   for variant in LONG_VARIANTS] + [
-        (577, 1, "shared", "fused", True, 2), (577, 1, "shared", "fused", False, 3)]
+    return [(*case, False, 0, False) for case in cases] + [(*case, *variant) for case in EARLY_CASES
+                                                          for variant in LONG_VARIANTS] + [
+        (577, 1, "shared", "fused", *variant) for variant in ((True, 2, False), (False, 3, False), (False, 2, True))]
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early,groups", _with_variants(FLOAT64_CASES))
-def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
     132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases; with early
     release, the next head's boxes loaded during the last slice of the one before; with groups, each group's
-    slices of every head, o through their buffers)."""
+    slices of every head, o through their buffers; with the swapped tail, the last slice's one row)."""
     gen = torch.Generator().manual_seed(N)
     B, H = 20, 8
     q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
@@ -327,7 +337,7 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, n
     assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
     o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch,  # NaN-filled (nan_empty)
-                                  early_release=early, attend_groups=groups)
+                                  options=LongOptions(early, attend_groups=groups, swap_tail=tail))
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -351,8 +361,8 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early,groups", _with_variants(FLOAT64_CASES))
-def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, nan_empty):
+@pytest.mark.parametrize("N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
+def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
@@ -363,7 +373,7 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
     config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N,
-                                 long_early_release=early, long_attend_groups=groups)
+                                 long_early_release=early, long_attend_groups=groups, long_swap_tail=tail)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
     assert [x.name for x in launches] == ["resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N
@@ -382,7 +392,7 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with configs.override(resident_train_max_n=gluon_fwd.MAX_N, long_early_release=early,
-                          long_attend_groups=groups), \
+                          long_attend_groups=groups, long_swap_tail=tail), \
             runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
     assert launches[0].name in ("resident_fwd_kernel", "long_fwd_kernel")
@@ -417,8 +427,9 @@ def test_attention_takes_it_for_inference_and_for_training_by_the_table(N, kerne
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
-@pytest.mark.parametrize("early,groups", [(False, 0), (True, 0), (False, 2), (True, 2), (False, 3), (True, 3)])
-def test_long_kernel_over_many_heads_per_program(early, groups, save_rotated, nan_empty):
+@pytest.mark.parametrize("early,groups,tail", [(False, 0, False), (True, 0, False), (False, 2, False),
+                                              (True, 2, False), (False, 3, False), (True, 3, False), (True, 3, True)])
+def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotated, nan_empty):
     """ViT-B/16@384's shape, 768 heads: each persistent program takes five or six, so every barrier's phase turns
     over several times (with early release, each head's boxes loaded during the last slice of the one before;
     with groups, each group's buffers too). The first and last samples (the programs' first and last heads)
@@ -428,8 +439,8 @@ def test_long_kernel_over_many_heads_per_program(early, groups, save_rotated, na
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (24, 24), 1, 64, "interleaved"), gen)
     scale = 64 ** -0.5
-    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated, early,
-                                         attend_groups=groups)
+    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
+                                         LongOptions(early, attend_groups=groups, swap_tail=tail))
     for b in (0, 1, B - 2, B - 1):
         sl = slice(b, b + 1)
         assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
@@ -445,20 +456,21 @@ def test_long_kernel_over_many_heads_per_program(early, groups, save_rotated, na
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
 @pytest.mark.parametrize("early", [False, True])
-@pytest.mark.parametrize("groups", [0, 3])
+@pytest.mark.parametrize("groups,tail", [(0, False), (3, False), (3, True)])
 @pytest.mark.parametrize("N", [128, 197, 256])
-def test_the_long_kernel_from_128_tokens_matches_math(N, groups, early, save_rotated, nan_empty):
+def test_the_long_kernel_from_128_tokens_matches_math(N, groups, tail, early, save_rotated, nan_empty):
     """`gluon_long_from_n` below 257: the long kernel where the resident one serves by default (one query slice at
     128 tokens, where early release stays off; two at 197 and 256), 160 heads, against float64. Three groups: four
     64-row slices at 197 and 256, so two groups have one slice per head, their first and their last (at 128 the
-    plan takes no groups)."""
+    plan takes no groups); at 197 the swapped tail takes the last slice's five rows."""
     gen = torch.Generator().manual_seed(N + 2)
     B, H = 20, 8
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (1, N - 1), 1, 64, "interleaved"), gen)
-    assert _plan(q, k, v, table, save_rotated, early, long_from_n=128).kernel is gluon_fwd.long_fwd_kernel
+    options = LongOptions(early, 128, groups, tail)
+    assert _plan(q, k, v, table, save_rotated, *options).kernel is gluon_fwd.long_fwd_kernel
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                         early, long_from_n=128, attend_groups=groups)
+                                         options)
     assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
     if save_rotated:
         qd, kd = apply_rope_qk(q.double(), k.double(), table)

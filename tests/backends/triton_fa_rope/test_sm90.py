@@ -65,7 +65,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     # the long kernel's attending warpgroups as partitions of their own (long_attend_groups), inference and training
     for case, variant in (("d64_bf16_interleaved_n577", "gluon_2_groups"), ("d64_bf16_interleaved_n577",
                           "gluon_3_groups_early"), ("d64_bf16_perhead_n401", "gluon_3_groups_early"),
-                          ("d64_bf16_interleaved_n197", "gluon_3_groups_early")):
+                          ("d64_bf16_interleaved_n577", "gluon_3_groups_early_tail"),
+                          ("d64_bf16_interleaved_n197", "gluon_3_groups_early_tail")):
         assert (case, variant, "long_fwd_kernel") in compiled
     # the long kernel below 257 tokens (gluon_long_from_n): two query slices with early release, and one
     for case in ("d64_bf16_interleaved_n197", "d64_fp16_interleaved_n128"):
