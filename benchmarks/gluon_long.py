@@ -7,8 +7,9 @@ Each shape: q, k, v views of one fused qkv projection, bf16, the timm-convention
 against `math` in float64 on its first batch elements first (with `torch.empty` NaN-filling every buffer, so the
 whole output must come back finite: no row left unwritten) and the script stops at the first wrong one. Then each
 candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). At lengths
-the resident kernel serves (N <= 256) the long one runs too, forced. The last lines are a table of ms and each one's
-ratio to cuDNN without RoPE and to timm compiled. The long kernel runs as the config table has it and with its K/V
+the resident kernel serves (N <= 256) the long one runs too, forced. Then a table of ms and each one's ratio to
+cuDNN without RoPE and to timm compiled, and last, per shape and pass, the fastest variant against the long kernel as
+the table has it (`summarize`). The long kernel runs as the config table has it and with its K/V
 boxes handed back box by box in a head's last slice (`long_early_release`), for inference with and without RoPE and
 for training (the forward that also writes the rotated q and k); with `--groups 0,2,3` also with two and three
 attending warpgroups as partitions of their own (`long_attend_groups`; 0: as the table has it), and with groups, at
@@ -99,6 +100,28 @@ def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
     return rows
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per shape and pass (inference with RoPE, without, the training forward): the long kernel as the table has it
+    ("gluon long", "gluon long, no RoPE", "gluon long training") against its fastest variant, by graph time, with
+    cuDNN without RoPE and timm compiled against that variant."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        here = {r["impl"]: r["graph_ms"] for r in rows if r["shape"] == shape}
+        for kind, shipped in (("inference", "gluon long"), ("no RoPE", "gluon long, no RoPE"),
+                              ("training", "gluon long training")):
+            if shipped not in here:
+                continue
+            same_kind = [name for name in here if name.startswith(shipped.split(",")[0])
+                         and name.endswith(", no RoPE") == (kind == "no RoPE")
+                         and (" training" in name) == (kind == "training")]
+            best = min(same_kind, key=here.__getitem__)
+            out.append(dict(shape=shape, kind=kind, shipped_ms=here[shipped], best=best, best_ms=here[best],
+                            speedup=here[shipped] / here[best],
+                            cudnn_over_best=here.get("sdpa_cudnn (no RoPE)", float("nan")) / here[best],
+                            timm_over_best=here.get("timm_compiled", float("nan")) / here[best]))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", help="semicolon list of shapes (`benchkit.parse_shape`)",
@@ -122,9 +145,15 @@ def main(argv=None) -> None:
         cudnn, timm = base.get("sdpa_cudnn (no RoPE)"), base.get("timm_compiled")
         print(f"{r['shape']:<22} {r['impl']:<42} {r['graph_ms']:>9.4f} {r['bench_ms']:>9.4f} "
               f"{cudnn / r['graph_ms']:>9.3f} {timm / r['graph_ms']:>9.3f}")
+    summary = summarize(rows)
+    print(f"\n{'shape':<22} {'pass':<10} {'shipped ms':>10} {'fastest variant':<52} {'ms':>8} {'x':>6} "
+          f"{'cuDNN/it':>9} {'timm c/it':>9}")
+    for r in summary:
+        print(f"{r['shape']:<22} {r['kind']:<10} {r['shipped_ms']:>10.4f} {r['best']:<52} {r['best_ms']:>8.4f} "
+              f"{r['speedup']:>6.3f} {r['cudnn_over_best']:>9.3f} {r['timm_over_best']:>9.3f}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(dict(environment=env, rows=rows), fh, indent=1)
+            json.dump(dict(environment=env, rows=rows, summary=summary), fh, indent=1)
 
 
 if __name__ == "__main__":
