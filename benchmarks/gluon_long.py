@@ -9,7 +9,8 @@ whole output must come back finite: no row left unwritten) and the script stops 
 candidate is timed by CUDA-graph replay (the kernels alone) and by `do_bench` (with the host's launch). At lengths
 the resident kernel serves (N <= 256) the long one runs too, forced. Then a table of ms and each one's ratio to
 cuDNN without RoPE and to timm compiled, and last, per shape and pass, the fastest variant against the long kernel as
-the table has it (`summarize`). The long kernel runs as the config table has it and with its K/V
+the table has it (`summarize`). A variant whose first call does not finish within `HANG_S` seconds ends the run with
+every thread's traceback; `--out` is written after every shape, so the shapes before it are kept. The long kernel runs as the config table has it and with its K/V
 boxes handed back box by box in a head's last slice (`long_early_release`), for inference with and without RoPE and
 for training (the forward that also writes the rotated q and k); with `--groups 0,2,3` also with two and three
 attending warpgroups as partitions of their own (`long_attend_groups`; 0: as the table has it), and with groups, at
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import functools
 import json
 
@@ -35,10 +37,18 @@ from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.tolerances import bound, rel_l2
 
 
+HANG_S = 90  # a first call (compile and run) that takes longer is taken for a kernel that never finishes
+
+
 def _check(name, fn, q, k, v, table, n_ref=4) -> float:
+    # an untested kernel waiting on a barrier forever would hold the device call until its time limit: exit instead,
+    # with every thread's traceback, the rows timed so far already printed (and written, `main`)
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    print(f"  checking {name} ...", flush=True)
     with benchkit.nan_empty():
         o = fn()
     torch.cuda.synchronize()
+    faulthandler.cancel_dump_traceback_later()
     if not torch.isfinite(o).all():
         raise SystemExit(f"{name}: non-finite output (a row left unwritten?)")
     ref = attnhub.attention(q[:n_ref].double(), k[:n_ref].double(), v[:n_ref].double(), table, backend="math")
@@ -139,6 +149,9 @@ def main(argv=None) -> None:
     rows = []
     for spec in args.shapes.split(";"):
         rows += run_shape(benchkit.parse_shape(spec), groups)
+        if args.out:  # after every shape: a run cut short keeps what it measured
+            with open(args.out, "w") as fh:
+                json.dump(dict(environment=env, rows=rows, complete=False), fh, indent=1)
     print(f"\n{'shape':<22} {'implementation':<42} {'graph ms':>9} {'do_bench':>9} {'cuDNN/it':>9} {'timm c/it':>9}")
     for r in rows:
         base = {x["impl"]: x["graph_ms"] for x in rows if x["shape"] == r["shape"]}
@@ -153,7 +166,7 @@ def main(argv=None) -> None:
               f"{r['speedup']:>6.3f} {r['cudnn_over_best']:>9.3f} {r['timm_over_best']:>9.3f}")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(dict(environment=env, rows=rows, summary=summary), fh, indent=1)
+            json.dump(dict(environment=env, rows=rows, summary=summary, complete=True), fh, indent=1)
 
 
 if __name__ == "__main__":
