@@ -83,8 +83,10 @@ done
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
 status=0
-gluon_tests() {  # the Gluon forwards' GPU tests (inference and training) -> pytest_gluon.log
-  timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_fwd.py \
+gluon_tests() {  # the Gluon forwards' GPU tests (inference and training) -> pytest_gluon.log; a test still running
+  # after 60 s dumps its traceback there (an untested kernel waiting forever names itself)
+  timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider -o faulthandler_timeout=60 \
+    tests/backends/triton_fa_rope/test_gluon_fwd.py \
     >"$OUT/pytest_gluon.log" 2>&1 || status=1
   tail -3 "$OUT/pytest_gluon.log"
 }
