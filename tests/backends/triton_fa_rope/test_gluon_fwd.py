@@ -315,15 +315,19 @@ LONG_VARIANTS = [(True, 0, False), (False, 2, False), (True, 3, False), (True, 3
 
 
 def _with_variants(cases):
-    return [(*case, False, 0, False) for case in cases] + [(*case, *variant) for case in EARLY_CASES
-                                                          for variant in LONG_VARIANTS] + [
-        (577, 1, "shared", "fused", *variant) for variant in ((True, 2, False), (False, 3, False), (False, 2, True))]
+    """(dtype, case, early, groups, tail): every case in bf16 and fp16 as the table has it; the long kernel's
+    variants in bf16, and in fp16 at N = 577 (the variants share every line that depends on the dtype)."""
+    bf16, fp16 = torch.bfloat16, torch.float16
+    vit384 = (577, 1, "shared", "fused")
+    return [(dtype, *case, False, 0, False) for case in cases for dtype in (bf16, fp16)] + [
+        (bf16, *case, *variant) for case in EARLY_CASES for variant in LONG_VARIANTS] + [
+        (bf16, *vit384, *variant) for variant in ((True, 2, False), (False, 3, False), (False, 2, True))] + [
+        (fp16, *vit384, *variant) for variant in LONG_VARIANTS]
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
 def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
     132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases; with early
@@ -360,8 +364,7 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
 def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
@@ -427,8 +430,8 @@ def test_attention_takes_it_for_inference_and_for_training_by_the_table(N, kerne
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
-@pytest.mark.parametrize("early,groups,tail", [(False, 0, False), (True, 0, False), (False, 2, False),
-                                              (True, 2, False), (False, 3, False), (True, 3, False), (True, 3, True)])
+@pytest.mark.parametrize("early,groups,tail", [(False, 0, False), (True, 0, False), (True, 2, False), (False, 3, False),
+                                              (True, 3, True)])
 def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotated, nan_empty):
     """ViT-B/16@384's shape, 768 heads: each persistent program takes five or six, so every barrier's phase turns
     over several times (with early release, each head's boxes loaded during the last slice of the one before;
@@ -455,10 +458,9 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("save_rotated", [False, True])
-@pytest.mark.parametrize("early", [False, True])
-@pytest.mark.parametrize("groups,tail", [(0, False), (3, False), (3, True)])
+@pytest.mark.parametrize("early,groups,tail", [(False, 0, False), (True, 0, False), (True, 3, False), (True, 3, True)])
 @pytest.mark.parametrize("N", [128, 197, 256])
-def test_the_long_kernel_from_128_tokens_matches_math(N, groups, tail, early, save_rotated, nan_empty):
+def test_the_long_kernel_from_128_tokens_matches_math(N, early, groups, tail, save_rotated, nan_empty):
     """`gluon_long_from_n` below 257: the long kernel where the resident one serves by default (one query slice at
     128 tokens, where early release stays off; two at 197 and 256), 160 heads, against float64. Three groups: four
     64-row slices at 197 and 256, so two groups have one slice per head, their first and their last (at 128 the
