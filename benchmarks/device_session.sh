@@ -41,12 +41,13 @@
 #   hyp    randomized parity (hypothesis) on CUDA, 60 examples           -> hypothesis_cuda.log
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
-#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py --groups 0,2,3 at N = 577, 401 and 197 (the
+#   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py --groups 0,3 at N = 577, 401 and 197 (the
 #          long kernel forced there, against the resident one): the long kernel as shipped, with its K/V boxes
-#          handed back box by box (long_early_release), and with two and three attending warpgroups as partitions
-#          of their own (long_attend_groups), each with and without early release and the swapped last slice
-#          (long_swap_tail); inference with and without RoPE, training forward
-#                                            -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
+#          handed back box by box (long_early_release), and with three attending warpgroups as partitions of their
+#          own (long_attend_groups), with early release and the swapped last slice (long_swap_tail); inference with
+#          and without RoPE, training forward   -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
+#   groups2 benchmarks/gluon_long.py --groups 2, the same shapes: two attending groups
+#                                                           -> h200_gluon_long_groups2.json, gluon_long_groups2.log
 #   groupse2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64: the shipped table against
 #          long_attend_groups = $GROUPS (default 3) with early release and long_swap_tail = $SWAP_TAIL (default
 #          false), inference and (resident_train_max_n = 640) training through the long kernel
@@ -214,10 +215,15 @@ for stage in "${stages[@]}"; do
       tail -32 "$OUT/gluon_long.log" ;;
     early)
       gluon_tests
-      timeout 330 python3 benchmarks/gluon_long.py --groups 0,2,3 \
+      timeout 330 python3 benchmarks/gluon_long.py --groups 0,3 \
         --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_early.json" \
         >"$OUT/gluon_long_early.log" 2>&1 || status=1
       tail -80 "$OUT/gluon_long_early.log" ;;
+    groups2)
+      timeout 300 python3 benchmarks/gluon_long.py --groups 2 \
+        --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_groups2.json" \
+        >"$OUT/gluon_long_groups2.log" 2>&1 || status=1
+      tail -40 "$OUT/gluon_long_groups2.log" ;;
     groupse2e)
       timeout 400 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
         --variants "{\"table\": {}, \"groups\": {\"long_attend_groups\": $GROUPS, \"long_early_release\": true,
@@ -247,7 +253,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groupse2e, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groups2, groupse2e, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status
