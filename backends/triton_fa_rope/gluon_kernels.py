@@ -783,7 +783,7 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     boxes load and rotate during that slice instead of after it. ATTEND_GROUPS (0: as above; 2 or 3, with
     num_warps = 4 and 64-row slices): that many warpgroups attend, each a partition of its own with its own two
     slice buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about
-    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's three attending warpgroups at D = 64).
+    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's 192-row tiles at D = 64).
     TAIL_Q (0: none; with groups): the last slice holds at most TAIL_Q rows (N = 577: one) and is computed with keys
     as the MMA's rows and its TAIL_Q queries as columns (`_attend_tail`)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
