@@ -42,32 +42,23 @@
 #   gluonlong the Gluon forwards' GPU tests, then benchmarks/gluon_long.py (the long kernel's variants against the
 #          forwards serving 256 < N <= 640 today)            -> pytest_gluon.log, h200_gluon_long.json, gluon_long.log
 #   early  the Gluon forwards' GPU tests, then benchmarks/gluon_long.py --groups 0,3 at N = 577, 401 and 197 (the
-#          long kernel forced there, against the resident one): the long kernel as shipped, with its K/V boxes
-#          handed back box by box (long_early_release), and with three attending warpgroups as partitions of their
-#          own (long_attend_groups), with early release and the swapped last slice (long_swap_tail); inference with
+#          long kernel forced there, against the resident one): one attending partition with its K/V boxes handed
+#          back as a whole and box by box (long_early_release), three attending warpgroups as partitions of their
+#          own (long_attend_groups: the table's) and with the swapped last slice (long_swap_tail); inference with
 #          and without RoPE, training forward   -> pytest_gluon.log, h200_gluon_long_early.json, gluon_long_early.log
-#   groups2 benchmarks/gluon_long.py --groups 2, the same shapes: two attending groups
-#                                                           -> h200_gluon_long_groups2.json, gluon_long_groups2.log
-#   groupse2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64: the shipped table against
-#          long_attend_groups = $GROUPS (default 3) with early release and long_swap_tail = $SWAP_TAIL (default
-#          false), inference and (resident_train_max_n = 640) training through the long kernel
-#                                                         -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
-#   earlye2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64, in one process: the shipped table,
-#          early release alone, and early release with the long Gluon kernel as the training forward up to 640
-#          tokens                                        -> h200_e2e_ab_vit_b384_early.json, e2e_ab_early.log
-#   earlye2es the same for ViT-S/16 (B = 256): the shipped table against the long Gluon kernel from 128 tokens
-#          (gluon_long_from_n) with early release          -> h200_e2e_ab_vit_s_long197.json, e2e_ab_long197.log
+#   groupse2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64: the table before three attending
+#          groups (one partition, no early release, the Triton training forward from 384 tokens) against the
+#          table                                          -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
 #                                                      -> pytest_gluon_bwd.log, h200_gluon_bwd.json, gluon_bwd.log
-#   gluon  the Gluon forward's GPU tests, then the forward cells (automatic, forced, cuDNN, timm compiled) with
-#          their winners merged into a copy of measured.yaml          -> pytest_gluon.log, h200_fwd.json, measured.yaml
+#   gluon  the Gluon forwards' GPU tests, then the kernel table's cells, fwd and fwd+bwd (automatic, each attnhub
+#          backend forced, cuDNN, timm compiled), with their winners merged into a copy of measured.yaml
+#                                                                 -> pytest_gluon.log, h200_table.json, measured.yaml
 set -uo pipefail
 OUT=${OUT:-out}
 GLUON_BWD_ARGS=${GLUON_BWD_ARGS:-}
-GROUPS=${GROUPS:-3}
-SWAP_TAIL=${SWAP_TAIL:-false}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -204,10 +195,10 @@ for stage in "${stages[@]}"; do
     gluon)
       gluon_tests
       cp measured.yaml "$OUT/measured.yaml"
-      timeout 200 python3 -m attnhub bench --sections table --passes fwd --no-progress --warmup 20 --rep 80 \
+      timeout 300 python3 -m attnhub bench --sections table --no-progress --warmup 20 --rep 80 \
         --impls attnhub,attnhub:triton_fa_rope,attnhub:triton_rope_sdpa,sdpa_cudnn,timm_compiled \
-        --out "$OUT/h200_fwd.json" --winners "$OUT/measured.yaml" >"$OUT/bench_fwd.log" 2>&1 || status=1
-      grep "│ vit" "$OUT/bench_fwd.log" ;;
+        --out "$OUT/h200_table.json" --winners "$OUT/measured.yaml" >"$OUT/bench_table.log" 2>&1 || status=1
+      grep "│ vit" "$OUT/bench_table.log" ;;
     gluonlong)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_long.py --out "$OUT/h200_gluon_long.json" >"$OUT/gluon_long.log" 2>&1 \
@@ -219,28 +210,12 @@ for stage in "${stages[@]}"; do
         --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_early.json" \
         >"$OUT/gluon_long_early.log" 2>&1 || status=1
       tail -80 "$OUT/gluon_long_early.log" ;;
-    groups2)
-      timeout 300 python3 benchmarks/gluon_long.py --groups 2 \
-        --shapes "vit_b16_384;custom:64,12,401,64,1,20;vit_b16_224" --out "$OUT/h200_gluon_long_groups2.json" \
-        >"$OUT/gluon_long_groups2.log" 2>&1 || status=1
-      tail -40 "$OUT/gluon_long_groups2.log" ;;
     groupse2e)
       timeout 400 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
-        --variants "{\"table\": {}, \"groups\": {\"long_attend_groups\": $GROUPS, \"long_early_release\": true,
-                     \"long_swap_tail\": $SWAP_TAIL, \"resident_train_max_n\": 640}}" \
+        --variants '{"one_partition": {"long_attend_groups": 0, "long_early_release": false,
+                                       "resident_train_max_n": 383}, "table": {}}' \
         --out "$OUT/h200_e2e_ab_vit_b384_groups.json" >"$OUT/e2e_ab_groups.log" 2>&1 || status=1
       grep -E "step .* GPU" "$OUT/e2e_ab_groups.log" ;;
-    earlye2e)
-      timeout 400 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
-        --variants '{"table": {}, "early": {"long_early_release": true},
-                     "gluon_train_early": {"long_early_release": true, "resident_train_max_n": 640}}' \
-        --out "$OUT/h200_e2e_ab_vit_b384_early.json" >"$OUT/e2e_ab_early.log" 2>&1 || status=1
-      grep -E "step .* GPU" "$OUT/e2e_ab_early.log" ;;
-    earlye2es)
-      timeout 400 python3 benchmarks/e2e_ab.py \
-        --variants '{"table": {}, "long197": {"long_early_release": true, "gluon_long_from_n": 128}}' \
-        --out "$OUT/h200_e2e_ab_vit_s_long197.json" >"$OUT/e2e_ab_long197.log" 2>&1 || status=1
-      grep -E "step .* GPU" "$OUT/e2e_ab_long197.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -253,7 +228,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groups2, groupse2e, earlye2e, earlye2es, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groupse2e, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

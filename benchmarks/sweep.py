@@ -48,9 +48,9 @@ CANDIDATES = {
     "prerotate_q_from_n": [None, 0, 641],
     "delta_in_dq": [False, True],
     "bwd_fused_max_n": [0, 2**31 - 1],
-    "long_early_release": [False, True],  # with --set resident_train_max_n=640 the training forward too
+    "long_early_release": [False, True],  # with --set long_attend_groups=0 (groups need it)
     "gluon_long_from_n": [257, 128],  # at N <= 256 the resident Gluon forward, or the long one
-    "long_attend_groups": [0, 2, 3],  # the long kernel's attending warpgroups: one partition, or each its own
+    "long_attend_groups": [0, 3],  # the long kernel's attending warpgroups: one partition, or each its own
     "long_swap_tail": [False, True],  # with --set long_attend_groups=3: the last slice of <= 16 rows swapped
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]

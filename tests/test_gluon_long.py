@@ -1,5 +1,5 @@
 """benchmarks/gluon_long.py's summary on the CPU (the script itself needs a Hopper GPU): per shape and pass, the long
-kernel as the table has it against its fastest variant."""
+kernel's baseline (one attending partition) against its fastest variant."""
 
 from __future__ import annotations
 
@@ -28,6 +28,6 @@ def test_summary_picks_the_fastest_variant_of_each_pass():
     inference = summary["vit_b16_384", "inference"]
     assert inference["best"] == "gluon long, 3 groups, early release" and inference["speedup"] == pytest.approx(1.3)
     assert inference["cudnn_over_best"] == pytest.approx(1.1) and inference["timm_over_best"] == pytest.approx(1.45)
-    assert summary["vit_b16_384", "no RoPE"]["best"] == "gluon long, no RoPE"  # the shipped one when it is fastest
+    assert summary["vit_b16_384", "no RoPE"]["best"] == "gluon long, no RoPE"  # the baseline when it is fastest
     assert summary["vit_b16_384", "training"]["best"].startswith("gluon long training, 3 groups")
     assert summary["vit_b16_224", "inference"]["best"] == "gluon long"  # the resident kernel is not a variant

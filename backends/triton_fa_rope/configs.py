@@ -64,12 +64,12 @@ class ArchConfigs:
     applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
     resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward. long_early_release: its
     long kernel (256 < N <= 640) hands each K/V box back in a head's last slice as soon as it is done with it, so the
-    next head's boxes load and rotate during that slice (an experiment: off until the GPU measures it).
-    gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from
-    128 at the earliest), the resident one below. long_attend_groups: 0, the long kernel's two attending
-    warpgroups work as one partition on 128-row query slices; 2 or 3, that many warpgroups attend as partitions of
-    their own, 64-row slices in turn; long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577:
-    one) is computed with the keys as the MMA's rows (experiments: off until the GPU measures them).
+    next head's boxes load and rotate during that slice. gluon_long_from_n: the Gluon forwards take the long kernel
+    from this length on (past 256 tokens always, from 128 at the earliest), the resident one below.
+    long_attend_groups: 0, the long kernel's two attending warpgroups work as one partition on 128-row query
+    slices; 3 (with long_early_release), three warpgroups attend as partitions of their own, 64-row slices in turn;
+    long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577: one) is computed with the keys as
+    the MMA's rows (slower on the H200: off).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -128,8 +128,8 @@ HOPPER = (
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q_from_n=641, narrow_tail=True,
                 resident_fwd_max_n=640,
-                resident_train_max_n=383, gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168),
-                gluon_bwd_from_n=257, delta_in_dq=True),
+                resident_train_max_n=640, long_early_release=True, long_attend_groups=3,
+                gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

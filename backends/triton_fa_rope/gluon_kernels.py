@@ -8,8 +8,8 @@ launches them (what they compute, which calls take them and why: its docstring).
                          rows) and the queries in 128-row slices through two buffers, and rotates each as it lands;
                          the kernel's two warpgroups attend, the key loop software-pipelined in each (FA3's
                          intra-warpgroup overlap); mbarriers hand the buffers over, so RoPE runs beside the tensor
-                         cores. ATTEND_GROUPS: two or three attending warpgroups as partitions of their own, 64-row
-                         slices in turn (an experiment, `_ws_attend_group`).
+                         cores. ATTEND_GROUPS = 3: three attending warpgroups as partitions of their own, 64-row
+                         slices in turn, K/V boxes handed back box by box (`_ws_attend_group`).
 
 Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps and the resident kernel, the long
 kernel's slice loop, its warp-specialized partitions and the kernel. Written against Triton 3.6; names that 3.7+
@@ -462,12 +462,11 @@ _WS_PRODUCER_WARPS = gl.constexpr(4)
 _WS_PRODUCER_REGS = gl.constexpr(120)  # 64-row rotation steps, the next step's table in flight: no spills at 120
 # 12 warps: 65,536 registers / 384 threads; the attending warps get (168 * 12 - 120 * 4) / 8 = 192
 WS_MAXNREG = 168
-# ATTEND_GROUPS: the launch's register cap (65,536 / all threads), the attending worker groups' and the producer's
-# registers; the default partition (group 0) gets what is left: 2 groups (12 warps) (168 * 12 - 192 * 4 - 120 * 4)
-# / 4 = 192; 3 groups (16 warps) (128 * 16 - 2 * 120 * 4 - 144 * 4) / 4 = 128. Offline sm_90 (Triton 3.6): three
-# groups fit 120 with the unpipelined key loop only, and their producer spilled at 120.
-WS_GROUPS_MAXNREG = {2: 168, 3: 128}
-_WS_2_GROUP_REGS = gl.constexpr(192)
+# ATTEND_GROUPS = 3 (16 warps): the launch's register cap (65,536 / 512 threads), the attending worker groups' and
+# the producer's registers; the default partition (group 0) gets what is left, (128 * 16 - 2 * 120 * 4 - 144 * 4) /
+# 4 = 128. Offline sm_90 (Triton 3.6): three groups fit 120 with the unpipelined key loop only, and their producer
+# spilled at 120.
+WS_3_GROUPS_MAXNREG = 128
 _WS_3_GROUP_REGS = gl.constexpr(120)
 _WS_3_PRODUCER_REGS = gl.constexpr(144)
 
@@ -633,92 +632,60 @@ def _ws_attend(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads,
 
 
 @gluon.constexpr_function
-def _one_slice_may_be_first_and_last(early_release, ns, groups):
-    """Whether, with early release, a group's first slice of a head can be its last too (fewer than two slices
-    per group): that slice then waits for the boxes and releases them."""
-    return early_release and ns < 2 * groups
-
-
-@gluon.jit
-def _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                num_warps: gl.constexpr, k_ready=None, v_ready=None, phase=0, WAIT: gl.constexpr = False,
-                kv_free=None, RELEASE: gl.constexpr = False, SERIAL: gl.constexpr = False):
-    """One attending group's pass over the keys: `_attend_slice`, or with SERIAL `_attend_slice_serial`."""
-    if SERIAL:
-        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                             k_ready, v_ready, phase, WAIT, kv_free, RELEASE)
-    else:
-        acc, m_i, l_i = _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
-                                      v_ready, phase, WAIT, kv_free, RELEASE)
-    return acc, m_i, l_i
+def _one_slice_may_be_first_and_last(ns, groups):
+    """Whether a group's first slice of a head can be its last too (fewer than two slices per group): that slice
+    then waits for the boxes and releases them."""
+    return ns < 2 * groups
 
 
 @gluon.jit
 def _group_slice(q_s4, k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, first, last, phase,
                  NS: gl.constexpr, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
-                 EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
-    """A group's query slice si (its buffer q_s4) over all keys, waiting on the boxes if it is the group's first of
-    the head, releasing them if its last (box by box with early release); then `_end_slice`. Three groups run the
-    key loop unpipelined (`_attend_slice_serial`: 120 registers)."""
-    k_ready, v_ready, kv_empty = bars[4], bars[5], bars[6]
+                 GROUPS: gl.constexpr, num_warps: gl.constexpr):
+    """A group's query slice si (its buffer q_s4) over all keys, unpipelined (`_attend_slice_serial`: 120
+    registers), waiting on the boxes if it is the group's first of the head, releasing them box by box if its
+    last; then `_end_slice`."""
+    k_ready, v_ready, kv_free = bars[4], bars[5], bars[7]
     SLICE_: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
-    SERIAL: gl.constexpr = GROUPS == 3
     q_s = q_s4.reshape([SLICE_, D])
     if first:  # K and V may still be arriving
-        if _one_slice_may_be_first_and_last(EARLY_RELEASE, NS, GROUPS):
-            if last:
-                acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
-                                            v_ready, phase, True, bars[7], True, SERIAL)
-            else:
-                acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
-                                            v_ready, phase, True, SERIAL=SERIAL)
+        if _one_slice_may_be_first_and_last(NS, GROUPS) and last:
+            acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                 k_ready, v_ready, phase, True, kv_free, True)
         else:
-            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, k_ready,
-                                        v_ready, phase, True, SERIAL=SERIAL)
-    elif EARLY_RELEASE:  # the last slice releases the boxes one by one
-        if last:
-            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                        kv_free=bars[7], RELEASE=True, SERIAL=SERIAL)
-        else:
-            acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
-                                        SERIAL=SERIAL)
+            acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                                 k_ready, v_ready, phase, True)
+    elif last:
+        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps,
+                                             kv_free=kv_free, RELEASE=True)
     else:
-        acc, m_i, l_i = _slice_pass(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps, SERIAL=SERIAL)
-    _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), kv_empty, last, EARLY_RELEASE, o_desc,
-               lse_ptr, tile, H, N, si)
+        acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+    _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H, N, si)
 
 
 @gluon.jit
-def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, last, phase,
-                EARLY_RELEASE: gl.constexpr, num_warps: gl.constexpr):
-    """A group's swapped last slice (`_attend_tail` over every K/V box, releasing each with early release: the last
-    slice of a head is its group's last), then `_end_slice` of its TAIL_Q rows."""
-    k_ready, v_ready, kv_empty = bars[4], bars[5], bars[6]
+def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, phase,
+                num_warps: gl.constexpr):
+    """A group's swapped last slice (`_attend_tail` over every K/V box, releasing each: the last slice of a head is
+    its group's last), then `_end_slice` of its TAIL_Q rows."""
     SLICE_: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
     q_s = q_s4.reshape([SLICE_, D])
-    if EARLY_RELEASE:
-        o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], k_ready, v_ready, phase,
-                                     bars[7], True, num_warps)
-    else:
-        o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], k_ready, v_ready, phase,
-                                     num_warps=num_warps)
-    _end_slice(q_s4, gl.permute(o_t / gl.expand_dims(l_i, 0), [1, 0]), m_i + gl.log2(l_i), kv_empty, last,
-               EARLY_RELEASE, o_desc, lse_ptr, tile, H, N, si)
+    o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], bars[4], bars[5], phase,
+                                 bars[7], True, num_warps)
+    _end_slice(q_s4, gl.permute(o_t / gl.expand_dims(l_i, 0), [1, 0]), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H,
+               N, si)
 
 
 @gluon.jit
-def _end_slice(q_s4, o, lse, kv_empty, last, EARLY_RELEASE: gl.constexpr, o_desc, lse_ptr, tile, H, N, si):
-    """A group's slice done: K and V released as a whole after its last slice of a head (without early release);
-    lse [R] (log2 units) and o [R, D] (normalised) of query slice si's first R rows (rows >= N clipped), o by TMA
-    through the slice's buffer q_s4 [1, SLICE, 1, D], whose rows past R are past N."""
+def _end_slice(q_s4, o, lse, o_desc, lse_ptr, tile, H, N, si):
+    """A group's slice done: lse [R] (log2 units) and o [R, D] (normalised) of query slice si's first R rows (rows
+    >= N clipped), o by TMA through the slice's buffer q_s4 [1, SLICE, 1, D], whose rows past R are past N."""
     SLICE_: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
     R: gl.constexpr = o.shape[0]
-    _cta_barrier()  # the group's warps are done with the slice's buffer (after its last slice of a head, with K, V)
-    if not EARLY_RELEASE:
-        mbarrier.arrive(kv_empty, count=1, pred=last)
+    _cta_barrier()  # the group's warps are done with the slice's buffer
     rows = si * SLICE_ + gl.arange(0, R, layout=lse.type.layout)
     gl.store(lse_ptr + tile.to(gl.int64) * N + rows, lse, mask=rows < N)
     q_s4.reshape([SLICE_, D]).slice(0, R).store(o.to(q_s4.dtype))
@@ -729,12 +696,12 @@ def _end_slice(q_s4, o, lse, kv_empty, last, EARLY_RELEASE: gl.constexpr, o_desc
 
 @gluon.jit
 def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
-                     N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, EARLY_RELEASE: gl.constexpr,
-                     TAIL_Q: gl.constexpr, GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
+                     N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, TAIL_Q: gl.constexpr,
+                     GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
     """Attending group GROUP of GROUPS (one warpgroup, a partition of its own): the program's query slices
     g = GROUP, GROUP + GROUPS, ... (counted over its heads) through its two buffers, each over all keys
-    (`_group_slice`: waiting on the boxes in its first slice of a head; with EARLY_RELEASE releasing them box by
-    box in its last, else K and V as a whole after it, kv_empty counting GROUPS arrivals). TAIL_Q (0: none): the
+    (`_group_slice`: waiting on the boxes in its first slice of a head, releasing them box by box in its last,
+    kv_free counting GROUPS arrivals). TAIL_Q (0: none): the
     head's last slice holds at most TAIL_Q rows and is computed swapped (`_group_tail`, through the group's pt_buf).
     o leaves by TMA from the slice's own buffer, which goes back to the producer once that store has read it, at
     the group's next slice."""
@@ -756,14 +723,13 @@ def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n
             if TAIL_Q > 0:
                 if si == NS - 1:  # the head's last slice is every group's last: its boxes may be released
                     _group_tail(q_buf.index(buf), k_buf, v_buf, pt_buf.index(GROUP), bars, o_desc, lse_ptr, tile, H,
-                                N, sm_scale, si, last, it & 1, EARLY_RELEASE, num_warps)
+                                N, sm_scale, si, it & 1, num_warps)
                 else:
                     _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
-                                 si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, EARLY_RELEASE, GROUPS,
-                                 num_warps)
+                                 si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, GROUPS, num_warps)
             else:
                 _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
-                             si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, EARLY_RELEASE, GROUPS, num_warps)
+                             si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, GROUPS, num_warps)
             n += 1
         it += 1
     tma.store_wait(0)
@@ -780,10 +746,10 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     attend (`_ws_attend`); mbarriers hand each buffer over. ROT_CHUNKS: query slices per head (ROT_ROWS = SLICE
     rows each). SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too. EARLY_RELEASE: a head's
     last slice hands each K/V box back as soon as it is done with it (one mbarrier per box), so the next head's
-    boxes load and rotate during that slice instead of after it. ATTEND_GROUPS (0: as above; 2 or 3, with
-    num_warps = 4 and 64-row slices): that many warpgroups attend, each a partition of its own with its own two
-    slice buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about
-    NS / ATTEND_GROUPS slice times instead of NS / 2 rounded up (FA3's 192-row tiles at D = 64).
+    boxes load and rotate during that slice instead of after it. ATTEND_GROUPS (0: as above; 3, with num_warps = 4,
+    64-row slices and EARLY_RELEASE): three warpgroups attend, each a partition of its own with its own two slice
+    buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about NS / 3 slice times
+    instead of NS / 2 rounded up (FA3's 192-row tiles at D = 64).
     TAIL_Q (0: none; with groups): the last slice holds at most TAIL_Q rows (N = 577: one) and is computed with keys
     as the MMA's rows and its TAIL_Q queries as columns (`_attend_tail`)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
@@ -795,8 +761,8 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     gl.static_assert(ROT_ROWS == SLICE_ and CH == _BLOCK_N and SLICE_ == 16 * num_warps)
     gl.static_assert(MID_N + TAIL_N <= CH)
     gl.static_assert(NS >= 2 or not EARLY_RELEASE)  # one slice would wait for boxes it never releases
-    gl.static_assert(ATTEND_GROUPS == 0 or (num_warps == 4 and ATTEND_GROUPS >= 2 and ATTEND_GROUPS <= 3
-                                            and NS >= ATTEND_GROUPS))
+    gl.static_assert(ATTEND_GROUPS == 0 or (ATTEND_GROUPS == 3 and num_warps == 4 and NS >= ATTEND_GROUPS
+                                            and EARLY_RELEASE))
     gl.static_assert(TAIL_Q == 0 or (ATTEND_GROUPS > 0 and TAIL_Q % 16 == 0 and TAIL_Q <= 64))
     QB: gl.constexpr = 2 if ATTEND_GROUPS == 0 else 2 * ATTEND_GROUPS  # query slice buffers
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [QB, 1, SLICE_, 1, D], q_desc.layout)
@@ -850,24 +816,14 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
                             ATTEND_GROUPS)),
         ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
-    elif ATTEND_GROUPS == 2:
-        gl.warp_specialize([
-            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 0, 2, num_warps)),
-            (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 1, 2, num_warps)),
-            (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
-                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
-                            ATTEND_GROUPS)),
-        ], [num_warps, _WS_PRODUCER_WARPS], [_WS_2_GROUP_REGS, _WS_PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 0, 3, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 0, 3, num_warps)),
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 1, 3, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 1, 3, num_warps)),
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, EARLY_RELEASE, TAIL_Q, 2, 3, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 2, 3, num_warps)),
             (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
                             ATTEND_GROUPS)),

@@ -189,13 +189,12 @@ MATRIX = [(case, "default") for case in CASES] + [("d64_bf16_interleaved", v) fo
 MATRIX += [("d64_bf16_mask_gqa_per_sample", v) for v in VARIANTS if v != "default"]  # the fused request: split
 # longer sequences with the Gluon forward enabled up to its limit (gluon_fwd.long_fwd_kernel): case -> token grid
 LONG_GLUON = {"d64_bf16_interleaved": (24, 24), "d64_bf16_perhead": (16, 25), "d64_fp16_interleaved": (20, 32)}
-# the long kernel's attending groups (case, grid, groups, early release, swapped tail): N = 577 every way, 401
-# (per-head table, an odd slice count, no tail to swap), 197 (three groups: one with a single slice per head, first
-# and last at once; five rows swapped)
-GLUON_GROUPS = [("d64_bf16_interleaved", (24, 24), groups, early, tail) for groups in (2, 3)
-                for early, tail in ((False, False), (True, False), (True, True))] + [
-    ("d64_bf16_perhead", (16, 25), 2, False, False), ("d64_bf16_perhead", (16, 25), 3, True, False),
-    ("d64_bf16_interleaved", (14, 14), 3, True, True)]
+# the long kernel's attending partitions beside the table's three groups with early release (case, grid, groups,
+# early release, swapped tail): one partition of two warpgroups at N = 577 and 401 (per-head table, an odd slice
+# count); the swapped tail at 577 and 197 (three groups: one with a single slice per head, first and last at once;
+# five rows swapped)
+GLUON_GROUPS = [("d64_bf16_interleaved", (24, 24), 0, False, False), ("d64_bf16_perhead", (16, 25), 0, False, False),
+                ("d64_bf16_interleaved", (24, 24), 3, True, True), ("d64_bf16_interleaved", (14, 14), 3, True, True)]
 
 
 def case_inputs(D, dtype, layout, table, n_kv, varlen=None, B=2, H=3, grid=(14, 14), P=1):
@@ -265,7 +264,7 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
              for case, grid in {**LONG_GLUON, "d64_bf16_perhead": (14, 14)}.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_early_release",  # the long kernel's boxes handed back
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # box by box
-                                     resident_train_max_n=640, long_early_release=True))
+                                     resident_train_max_n=640, long_early_release=True, long_attend_groups=0))
              for case, grid in LONG_GLUON.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_long_from_128",  # the long kernel where the resident
               training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_fwd_max_n=640,  # one serves

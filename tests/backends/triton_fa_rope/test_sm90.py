@@ -59,13 +59,12 @@ def test_every_launch_compiles_for_sm90(tmp_path):
                              ("d64_bf16_interleaved_n577", "long_fwd_kernel", "gluon_dq_kernel")):
         assert {(case, "gluon_train", name) for name in (kernel, dq)} <= compiled
         assert (case, "gluon_train", "fwd_kernel") not in compiled
-    # the long kernel with its K/V boxes released box by box, inference and training
+    # the long kernel with one attending partition of two warpgroups, its K/V boxes released box by box or as a
+    # whole (the table's three groups with early release: long_gluon, gluon_train), inference and training
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
-        assert (case, "gluon_early_release", "long_fwd_kernel") in compiled
-    # the long kernel's attending warpgroups as partitions of their own (long_attend_groups), inference and training
-    for case, variant in (("d64_bf16_interleaved_n577", "gluon_2_groups"), ("d64_bf16_interleaved_n577",
-                          "gluon_3_groups_early"), ("d64_bf16_perhead_n401", "gluon_3_groups_early"),
-                          ("d64_bf16_interleaved_n577", "gluon_3_groups_early_tail"),
+        assert {(case, variant, "long_fwd_kernel") for variant in ("gluon_early_release", "gluon_0_groups")} <= compiled
+    # three attending groups with the swapped last slice (long_swap_tail)
+    for case, variant in (("d64_bf16_interleaved_n577", "gluon_3_groups_early_tail"),
                           ("d64_bf16_interleaved_n197", "gluon_3_groups_early_tail")):
         assert (case, variant, "long_fwd_kernel") in compiled
     # the long kernel below 257 tokens (gluon_long_from_n): two query slices with early release, and one
@@ -148,15 +147,17 @@ def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
     assert changed_report["differ"] == ["n577/long long_fwd_kernel"], changed_report
 
 
-@pytest.mark.parametrize("config,switch,slices", [({}, ("EARLY_RELEASE", True), 1),
-                                                   ({"long_attend_groups": 2}, ("ATTEND_GROUPS", 3), 2)])
-def test_the_long_kernel_refuses_what_its_query_slices_cannot_serve(config, switch, slices, tmp_path):
-    """At N = 128 (the long kernel forced): with one 128-row query slice its only slice is the first, which never
-    hands the K/V boxes back with early release (the producer would wait for them forever); with two 64-row slices
-    a third attending group would have none to release them after. The plans leave such a switch off
-    (test_gluon_fwd.py); the kernel itself refuses to compile it, and compiles the launch without it."""
+@pytest.mark.parametrize("config,switch,tokens,slices", [
+    ({"long_attend_groups": 0}, ("EARLY_RELEASE", True), 127, 1),
+    ({"long_attend_groups": 3, "long_early_release": True}, ("EARLY_RELEASE", False), 128, 3)])
+def test_the_long_kernel_refuses_what_its_query_slices_cannot_serve(config, switch, tokens, slices, tmp_path):
+    """The long kernel forced from 128 tokens: at N = 128 its one 128-row query slice is the first, which never
+    hands the K/V boxes back with early release (the producer would wait for them forever); at N = 129 three
+    attending groups (three 64-row slices) release the boxes only box by box, so they need early release. The
+    plans and `gluon_fwd.forward` never launch these (test_gluon_fwd.py); the kernel itself refuses to compile
+    them, and compiles the launch without the switch."""
     pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
-    code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, 127))\n"
+    code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(1, int(sys.argv[3])))\n"
             "config, (name, value) = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
             "off = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640, gluon_long_from_n=0, "
             "**config)[0]\n"
@@ -165,6 +166,7 @@ def test_the_long_kernel_refuses_what_its_query_slices_cannot_serve(config, swit
             "try:\n    sm90.compile_launch(on, ptxas=False)\n    out.append('compiled')\n"
             "except Exception as exc:\n    out.append(type(exc).__name__)\n"
             "print(json.dumps(out))")
-    name, n_slices, shared, refused = _run_offline(code, [json.dumps(config), json.dumps(switch)], tmp_path)
+    args = [json.dumps(config), json.dumps(switch), str(tokens)]
+    name, n_slices, shared, refused = _run_offline(code, args, tmp_path)
     assert (name, n_slices) == ("long_fwd_kernel", slices) and shared > 0
     assert refused == "CompileTimeAssertionFailure"  # the kernel's static_assert, no other error
