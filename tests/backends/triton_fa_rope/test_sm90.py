@@ -129,11 +129,12 @@ def test_same_ttir_tells_a_changed_kernel_from_a_copy(tmp_path):
 
 def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
     """`sm90.same_ir` compares Gluon kernels too (TTGIR): a copy of gluon_kernels.py compiles to the same IR as the
-    checkout's long forward, a copy whose producer gets other registers does not, and a launch with a switch the
-    other file's kernel lacks, turned on, is new rather than compared."""
+    checkout's long forward (three attending groups, as the table has it), a copy whose producer gets other
+    registers does not, and a launch with a switch the other file's kernel lacks, turned on, is new rather than
+    compared."""
     pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
-    source, changed = _kernel_file_and_change("gluon_kernels.py", "_WS_PRODUCER_REGS = gl.constexpr(120)",
-                                              "_WS_PRODUCER_REGS = gl.constexpr(112)")
+    source, changed = _kernel_file_and_change("gluon_kernels.py", "_WS_3_PRODUCER_REGS = gl.constexpr(144)",
+                                              "_WS_3_PRODUCER_REGS = gl.constexpr(136)")
     for name, text in (("copy", source), ("changed", changed)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "gluon_kernels.py").write_text(text)
