@@ -113,8 +113,10 @@ K = KernelConfig
 # fused backward with every query in one block (N <= 256) beats the split one by 4-5% of GPU time at N = 197 and
 # saves two launches; with several query blocks it is slower, so only up to 256 tokens. Inference up to 640 tokens
 # takes the Gluon forwards (K and V resident, rotated once per head): 1.2-1.3x the Triton one's speed at N = 197,
-# 1.13x at N = 257. Training takes them below 384 tokens (the training forward 1.6x the Triton one's speed at
-# N = 197 and 257); from 384 on the Triton one rotates in a pass first and is as fast (H200: benchmarks/README.md).
+# 1.13x at N = 257. Training takes them too (1.6x the Triton training forward at N = 197 and 257). From 257 tokens
+# the long kernel's three attending warpgroups with early release: 1.24x its one-partition form at N = 577 (1.18x
+# as the training forward, which then beats the Triton one with its rotation pass), 1.30x at 401 (H200:
+# benchmarks/README.md).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case, fwd_prerotated at
 # N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too past the Gluon forwards' 640

@@ -10,9 +10,10 @@ input dtype, as a rotation pass would), and each warpgroup runs S = Q K^T over 6
 softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors over [B, N, H, D]: rows past N
 arrive as zeros, no other sample is read. `resident_fwd_kernel` serves N <= 256 (Q, K and V of a head whole, the
 next head's loads in flight), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
-rotates K/V boxes and 128-row query slices, two warpgroups attend; with the config table's `long_attend_groups`, two
-or three warpgroups attend as partitions of their own, on 64-row slices, and with `long_swap_tail` a last slice of at
-most 16 rows runs with the keys as the MMA's rows).
+rotates K/V boxes and query slices; as Hopper's table has it (`long_attend_groups` = 3), three warpgroups attend as
+partitions of their own on 64-row slices, handing the K/V boxes back box by box (`long_early_release`); with 0, two
+warpgroups attend 128-row slices as one partition; with `long_swap_tail` a last slice of at most 16 rows runs with
+the keys as the MMA's rows).
 
 Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
 interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
