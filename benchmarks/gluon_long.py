@@ -34,7 +34,7 @@ import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import gluon_fwd, launch
-from attnhub.backends.triton_fa_rope.configs import LongOptions
+from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, LongOptions
 from attnhub.tolerances import bound, rel_l2
 
 
@@ -143,9 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     groups = tuple(int(g) for g in args.groups.split(","))
-    bad = [g for g in groups if g not in gluon_fwd.ATTEND_GROUPS]
+    bad = [g for g in groups if g not in LONG_ATTEND_GROUPS]
     if bad:
-        p.error(f"--groups {args.groups}: {bad} not among {gluon_fwd.ATTEND_GROUPS}")
+        p.error(f"--groups {args.groups}: {bad} not among {LONG_ATTEND_GROUPS}")
     env = benchkit.environment("cuda")
     print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
     rows = []

@@ -21,6 +21,9 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 
+LONG_ATTEND_GROUPS = (0, 3)  # `long_attend_groups`: one partition of two warpgroups attends, or three warpgroups
+
+
 class LongOptions(NamedTuple):
     """The switches of the long Gluon forward (`gluon_fwd.long_fwd_kernel`), as `ArchConfigs.long_options` gathers
     them from its fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
@@ -100,6 +103,15 @@ class ArchConfigs:
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
     delta_in_dq: bool = False
+
+    def __post_init__(self):
+        # checked once per table (and per `override`), not per call: the long kernel's static_assert refuses the same
+        if self.long_attend_groups not in LONG_ATTEND_GROUPS:
+            raise ValueError(f"triton_fa_rope: long_attend_groups={self.long_attend_groups!r}; the long Gluon forward "
+                             f"has {LONG_ATTEND_GROUPS} (0: one partition of two warpgroups attends)")
+        if self.long_attend_groups and not self.long_early_release:
+            raise ValueError(f"triton_fa_rope: long_attend_groups={self.long_attend_groups} needs "
+                             "long_early_release=True (the attending groups hand the K/V boxes back box by box)")
 
     @functools.cached_property
     def long_options(self) -> LongOptions:

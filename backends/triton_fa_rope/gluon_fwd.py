@@ -44,7 +44,6 @@ LONG_MIN_N = 128  # the long kernel's slice loop needs two whole key chunks (`_a
 SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
 GROUP_SLICE = 64  # ... per step of one attending group (`long_fwd_kernel`'s ATTEND_GROUPS)
 TAIL_ROWS = 16  # the swapped last slice's query columns (`long_fwd_kernel`'s TAIL_Q): wgmma's N in steps of 8
-ATTEND_GROUPS = (0, 3)  # the long kernel's attending partitions: 0, one of 8 warps; 3 warpgroups (early release)
 MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
@@ -218,14 +217,8 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
     (`eligible`, given a call without a mask). qk_scale: scale * log2(e); options: the long kernel's switches from
     the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
-    serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of `ATTEND_GROUPS`,
-    groups with early_release)."""
-    if options.attend_groups not in ATTEND_GROUPS:
-        raise ValueError(f"triton_fa_rope: long_attend_groups={options.attend_groups!r}; the long Gluon forward has "
-                         f"{ATTEND_GROUPS} (0: one partition of {NUM_WARPS} warps attends)")
-    if options.attend_groups and not options.early_release:
-        raise ValueError(f"triton_fa_rope: long_attend_groups={options.attend_groups} needs long_early_release=True "
-                         "(the attending groups hand the K/V boxes back box by box)")
+    serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of
+    `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
     plan = _plan(q, k, v, rope, cos, save_rotated, options) if _aligned(q, k, v) else None

@@ -195,16 +195,16 @@ def test_attend_groups_give_the_long_kernel_64_row_slices_in_warpgroups_of_their
 @pytest.mark.parametrize("groups", [1, 2, 4, -1, "3"])
 def test_other_attend_groups_are_refused_with_the_fields_name(groups):
     """Two attending groups are not offered: on the H200 they computed wrong results without early release
-    (benchmarks/README.md)."""
+    (benchmarks/README.md). The table is checked where it is built (under an override: by `for_call`)."""
     with pytest.raises(ValueError, match="long_attend_groups"):
-        gluon_fwd.forward(*_inputs(N=577), _table(577), 0.125, runtime.launch,
-                          options=LongOptions(True, attend_groups=groups))
+        dataclasses.replace(configs.for_arch(9, 64), long_attend_groups=groups)
+    with configs.override(long_attend_groups=groups), pytest.raises(ValueError, match="long_attend_groups"):
+        configs.for_call(torch.device("cpu"), 64)
 
 
 def test_attend_groups_without_early_release_are_refused_with_both_fields():
     with pytest.raises(ValueError, match="long_attend_groups=3 needs long_early_release=True"):
-        gluon_fwd.forward(*_inputs(N=577), _table(577), 0.125, runtime.launch,
-                          options=LongOptions(False, attend_groups=3))
+        dataclasses.replace(configs.for_arch(9, 64), long_early_release=False)
 
 
 @pytest.mark.parametrize("long_from_n", [0, 128, 197, 257, 10**6])
