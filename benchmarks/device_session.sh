@@ -49,6 +49,9 @@
 #   groupse2e benchmarks/e2e_ab.py, ViT-B/16@384 compiled train step, B = 64: the table before three attending
 #          groups (one partition, no early release, the Triton training forward from 384 tokens) against the
 #          table                                          -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
+#   stream the Gluon forwards' GPU tests, then benchmarks/gluon_long.py past 640 tokens (ViT-B/16@512 with 4 register
+#          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring) against the Triton forward the
+#          table runs there, inference and training      -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -216,6 +219,11 @@ for stage in "${stages[@]}"; do
                                        "resident_train_max_n": 383}, "table": {}}' \
         --out "$OUT/h200_e2e_ab_vit_b384_groups.json" >"$OUT/e2e_ab_groups.log" 2>&1 || status=1
       grep -E "step .* GPU" "$OUT/e2e_ab_groups.log" ;;
+    stream)
+      gluon_tests
+      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
+        --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
+      tail -14 "$OUT/gluon_stream.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -228,7 +236,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, groupse2e, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, stream, groupse2e, gluontrain, gluonbwd)"; status=2 ;;
   esac
 done
 exit $status

@@ -16,6 +16,11 @@ after a head) and with the boxes handed back box by box in a head's last slice (
 with and without RoPE and for training (the forward that also writes the rotated q and k); with `--groups 0,3` (the
 default) also with three attending warpgroups as partitions of their own (`long_attend_groups`, with early release:
 Hopper's table), and at lengths whose last 64-row slice holds at most 16 rows, that slice swapped (`long_swap_tail`).
+Past 640 tokens (`gluon_fwd.MAX_N`) the streaming kernel (`stream_fwd_kernel`: K resident, V through a ring) runs
+instead, against what serves those lengths by the config table: the Triton forward, for inference
+(`attnhub:triton_fa_rope`) and training ("triton training": `launch.forward` writing the rotated q and k).
+
+    python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:64,16,785,64,1,28" --out h200_gluon_stream.json
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import gluon_fwd, launch
+from attnhub.backends.triton_fa_rope import configs, gluon_fwd, launch
 from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, LongOptions
 from attnhub.tolerances import bound, rel_l2
 
@@ -65,6 +70,12 @@ def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups, swap_
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
+def _stream_o(q, k, v, table, qk_scale, save_rotated):
+    """o of the streaming kernel (past `gluon_fwd.MAX_N` tokens, whatever the config table says)."""
+    assert q.shape[2] > gluon_fwd.MAX_N
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated)[0]
+
+
 def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
@@ -87,17 +98,27 @@ def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
     with torch.no_grad():
         fn = lambda: gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch)[0]  # noqa: E731
         no_rope = lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0]  # noqa: E731
-        if s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
+        stream = s.N > gluon_fwd.MAX_N
+        if stream:  # the streaming kernel, and the Triton training forward the table runs here
+            for rope, save in ((True, False), (False, False), (True, True)):
+                name = f"gluon stream{' training' if save else ''}{'' if rope else ', no RoPE'}"
+                fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save)
+                err = _check(name, fn, q, k, v, table if rope else None)
+                add(name, fn, rope=rope, err=err)
+            config = configs.for_call(dev, s.D)
+            fn = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)[0]  # noqa: E731
+            add("triton training", fn, err=_check("triton training", fn, q, k, v, table))
+        elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
         # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
         # swapped tail: with groups where the last 64-row slice holds at most 16 rows); groups need early release
         # (each row is a kernel of its own to compile)
         swaps = 0 < s.N % gluon_fwd.GROUP_SLICE <= gluon_fwd.TAIL_ROWS
-        long_variants = [(rope, save, early, g, tail) for g in groups
-                         for rope, save in ((True, False), (False, False), (True, True))
-                         for early, tail in ((False, False), (True, False), (True, True))
-                         if (not tail or (g and rope and swaps)) and (not g or early)]
+        long_variants = [] if stream else [(rope, save, early, g, tail) for g in groups
+                                           for rope, save in ((True, False), (False, False), (True, True))
+                                           for early, tail in ((False, False), (True, False), (True, True))
+                                           if (not tail or (g and rope and swaps)) and (not g or early)]
         for rope, save, early, g, tail in long_variants:
             name = (f"gluon long{' training' if save else ''}{f', {g} groups' if g else ''}"
                     f"{', early release' if early else ''}{', swapped tail' if tail else ''}"
@@ -115,15 +136,20 @@ def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
 def summarize(rows: list[dict]) -> list[dict]:
     """Per shape and pass (inference with RoPE, without, the training forward): the long kernel's baseline, one
     attending partition without early release ("gluon long", "gluon long, no RoPE", "gluon long training"),
-    against its fastest variant, by graph time, with cuDNN without RoPE and timm compiled against that variant."""
+    against its fastest variant, by graph time, with cuDNN without RoPE and timm compiled against that variant; past
+    640 tokens the forward the table runs there ("attnhub:triton_fa_rope", "triton training") against the streaming
+    kernel."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         here = {r["impl"]: r["graph_ms"] for r in rows if r["shape"] == shape}
         for kind, baseline in (("inference", "gluon long"), ("no RoPE", "gluon long, no RoPE"),
-                               ("training", "gluon long training")):
-            if baseline not in here:
+                               ("training", "gluon long training"), ("inference", "attnhub:triton_fa_rope"),
+                               ("training", "triton training")):
+            # the long kernel's variants against its baseline; the streaming kernel against the table's forward
+            if baseline not in here or baseline.startswith("gluon") == ("gluon stream" in here):
                 continue
-            same_kind = [name for name in here if name.startswith(baseline.split(",")[0])
+            kernel = "gluon stream" if "gluon stream" in here else baseline.split(",")[0]
+            same_kind = [name for name in here if (name.startswith(kernel) or name == baseline)
                          and name.endswith(", no RoPE") == (kind == "no RoPE")
                          and (" training" in name) == (kind == "training")]
             best = min(same_kind, key=here.__getitem__)

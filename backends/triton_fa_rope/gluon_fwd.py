@@ -1,6 +1,6 @@
-"""The Hopper forwards of triton_fa_rope at ViT lengths (N <= 640), written in Gluon
-(`triton.experimental.gluon`, kernels in `gluon_kernels`): K and V of a head resident in shared memory, RoPE
-applied once per token. This module plans and launches them.
+"""The Hopper forwards of triton_fa_rope at ViT lengths (N <= 1152), written in Gluon
+(`triton.experimental.gluon`, kernels in `gluon_kernels` and `gluon_stream_kernels`): K of a head resident in shared
+memory (up to 640 tokens V too), RoPE applied once per token. This module plans and launches them.
 
 The Triton forward rotates every K tile inside its tile loop, once per query block (35-45% of its time at
 N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. These kernels take the structure of TensorRT-LLM's
@@ -13,10 +13,11 @@ next head's loads in flight), `long_fwd_kernel` 256 < N <= 640 (warp-specialized
 rotates K/V boxes and query slices; as Hopper's table has it (`long_attend_groups` = 3), three warpgroups attend as
 partitions of their own on 64-row slices, handing the K/V boxes back box by box (`long_early_release`); with 0, two
 warpgroups attend 128-row slices as one partition; with `long_swap_tail` a last slice of at most 16 rows runs with
-the keys as the MMA's rows).
+the keys as the MMA's rows); `stream_fwd_kernel` 640 < N <= 1152 (K resident, V through a ring of boxes, three attending
+warpgroups on a round of three 64-row slices at a time).
 
 Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
-interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 640, TMA-aligned
+interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 1152, TMA-aligned
 strides; inference up to the config table's `resident_fwd_max_n`, training up to its `resident_train_max_n`. For
 training (SAVE_ROT) Q is rotated without the scale (applied to S instead) and the rotated Q and K leave shared memory
 by TMA stores beside the attention, so the backward kernels read them as they read the Triton forward's. Gluon has
@@ -37,6 +38,8 @@ from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel,
                                                             resident_fwd_kernel)
+from attnhub.backends.triton_fa_rope.gluon_stream_kernels import MAXNREG as STREAM_MAXNREG
+from attnhub.backends.triton_fa_rope.gluon_stream_kernels import V_SLOTS, stream_fwd_kernel
 from attnhub.rope import CosSinTable, table_strides
 
 RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
@@ -44,7 +47,8 @@ LONG_MIN_N = 128  # the long kernel's slice loop needs two whole key chunks (`_a
 SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V in boxes of BLOCK_N rows)
 GROUP_SLICE = 64  # ... per step of one attending group (`long_fwd_kernel`'s ATTEND_GROUPS)
 TAIL_ROWS = 16  # the swapped last slice's query columns (`long_fwd_kernel`'s TAIL_Q): wgmma's N in steps of 8
-MAX_N = 640  # K and V in ten 64-row boxes each and two query slices: 192 KiB
+MAX_N = 640  # the long kernel: K and V in ten 64-row boxes each and six 64-row query buffers: 208 KiB
+STREAM_MAX_N = 1152  # the streaming kernel: 18 K boxes, six query buffers and V_SLOTS V boxes: 224 KiB
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
 ROT_ROWS = 128  # tokens per RoPE step, the next step's table load in flight (on an H200 faster than 32 or 64)
@@ -108,7 +112,7 @@ class _Plan:
     of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
     alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. long: the long kernel
-    (`_takes_long`); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
+    (`_takes_long`; past MAX_N tokens the streaming one, which takes none of the switches); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
     EARLY_RELEASE); groups: its attending partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of
     its swapped last query slice (TAIL_Q; 0: none)."""
 
@@ -118,10 +122,11 @@ class _Plan:
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
                  groups: int, tail_q: int):
         B, H, N, D = q.shape
-        self.kernel = long_fwd_kernel if long else resident_fwd_kernel
-        slice_rows = GROUP_SLICE if groups else SLICE
+        stream = N > MAX_N  # K resident, V streamed: three attending groups (the options do not apply)
+        self.kernel = stream_fwd_kernel if stream else long_fwd_kernel if long else resident_fwd_kernel
+        slice_rows = GROUP_SLICE if groups or stream else SLICE
         q_rows, kv_rows = (slice_rows, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
-        self.num_warps = 4 if groups else NUM_WARPS  # with groups: the default partition, group 0
+        self.num_warps = 4 if groups or stream else NUM_WARPS  # with groups: the default partition, group 0
 
         self.o_shape, self.lse_shape = (B, N, H, D), (B * H, N)
         o = torch.empty(self.o_shape, device=device, dtype=q.dtype).transpose(1, 2)
@@ -137,7 +142,9 @@ class _Plan:
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, slice_rows if long else ROT_ROWS))
-        if long:
+        if stream:
+            self.constexprs.update(V_SLOTS_=V_SLOTS, maxnreg=STREAM_MAXNREG)
+        elif long:
             self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_3_GROUPS_MAXNREG if groups else WS_MAXNREG)
 
@@ -147,13 +154,15 @@ _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions = LongOptions()) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
-    shape and dtype (bf16 or fp16), D = 64, 0 < N <= MAX_N, TMA-readable strides; rope None or interleaved with one
+    shape and dtype (bf16 or fp16), D = 64, 0 < N <= STREAM_MAX_N, TMA-readable strides; rope None or interleaved with one
     table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
     and k (only with rope); options: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     N = q.shape[2]
     long = _takes_long(N, options.from_n)
+    if N > MAX_N:  # the streaming kernel has no switches
+        options = LongOptions()
     # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
     groups = options.attend_groups if long and N > GROUP_SLICE * (options.attend_groups - 1) else 0
     # one query slice has no last slice apart from its first (with groups each has its own last slice)
@@ -175,7 +184,7 @@ def _takes(q, k, v, rope) -> bool:
     B, H, N, D = q.shape
     if q.dtype not in (torch.bfloat16, torch.float16) or not k.dtype == v.dtype == q.dtype:
         return False
-    if D != HEAD_D or not 0 < N <= MAX_N or k.shape != q.shape or v.shape != q.shape:
+    if D != HEAD_D or not 0 < N <= STREAM_MAX_N or k.shape != q.shape or v.shape != q.shape:
         return False
     if rope is not None and (rope.layout != "interleaved" or rope.cos.dim() == 4):
         return False

@@ -1,4 +1,5 @@
-"""The Gluon forwards of triton_fa_rope (`gluon_fwd`: the resident kernel up to 256 tokens, the long one up to 640;
+"""The Gluon forwards of triton_fa_rope (`gluon_fwd`: the resident kernel up to 256 tokens, the long one up to 640,
+the streaming one up to 1152;
 inference, and training up to `resident_train_max_n`): which calls take them, how they split the keys, and on
 a Hopper GPU their results (o, lse, the rotated q and k they save, the gradients after them) against `math` in
 float64 (Gluon has no interpreter: on CPU only the planning tests run; test_sm90.py compiles its launches for sm_90
@@ -51,7 +52,7 @@ def test_takes_calls_it_covers():
 @pytest.mark.parametrize("why", ["mask", "fp32", "head_dim", "too_long", "grouped", "cross", "half", "per_sample",
                                  "unaligned", "unaligned_base"])
 def test_leaves_other_calls_to_the_triton_forward(why):
-    q, k, v = _inputs(N=gluon_fwd.MAX_N + 1 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
+    q, k, v = _inputs(N=gluon_fwd.STREAM_MAX_N + 1 if why == "too_long" else 197, D=32 if why == "head_dim" else 64,
                       dtype=torch.float32 if why == "fp32" else torch.bfloat16)
     table, mask = _table(q.shape[2]), None
     if why == "mask":
@@ -124,12 +125,32 @@ def test_long_kernel_chunks_fit_its_boxes(N):
     assert boxes * gluon_fwd.BLOCK_N * 2 * 64 * 2 + 3 * 2 * gluon_fwd.GROUP_SLICE * 64 * 2 <= 212_992
 
 
+@pytest.mark.parametrize("N", range(gluon_fwd.MAX_N + 1, gluon_fwd.STREAM_MAX_N + 1) if gluon_fwd else [])
+def test_streaming_kernel_fits_shared_memory_and_its_schedule(N):
+    """stream_fwd_kernel holds K in boxes of BLOCK_N rows (the half-width and masked chunks in the last), six 64-row
+    query buffers and V_SLOTS V boxes within Hopper's 227 KiB (1 KiB left for the barriers); its producer loads
+    the next round's slices at V box V_SLOTS and rotates them one per box after, so a head needs V_SLOTS + 4
+    boxes, and every group needs a slice per head."""
+    c = gluon_fwd.chunking(N, gluon_fwd.GROUP_SLICE)
+    boxes = c["N_FULL"] + (1 if c["MID_N"] + c["TAIL_N"] else 0)
+    assert c["MID_N"] + c["TAIL_N"] <= gluon_fwd.BLOCK_N and N <= boxes * gluon_fwd.BLOCK_N
+    box = gluon_fwd.BLOCK_N * 64 * 2
+    assert (boxes + 6 + gluon_fwd.V_SLOTS) * box <= 227 * 1024 - 1024
+    assert boxes >= gluon_fwd.V_SLOTS + 4 and c["ROT_CHUNKS"] >= 3
+    assert N <= c["ROT_CHUNKS"] * gluon_fwd.GROUP_SLICE < N + gluon_fwd.GROUP_SLICE
+
+
 def test_plans_pick_the_kernel_by_length():
     short, long = _plan(*_inputs(N=256), _table(256)), _plan(*_inputs(N=577), _table(577))
     assert short.kernel is gluon_fwd.resident_fwd_kernel and long.kernel is gluon_fwd.long_fwd_kernel
     assert long.constexprs["ROT_ROWS"] == gluon_fwd.SLICE and long.constexprs["ROT_CHUNKS"] == 5
     assert long.constexprs["maxnreg"] == gluon_fwd.WS_MAXNREG and "maxnreg" not in short.constexprs
     assert long.constexprs["EARLY_RELEASE"] is False and "EARLY_RELEASE" not in short.constexprs
+    for N in (gluon_fwd.MAX_N + 1, 1029, gluon_fwd.STREAM_MAX_N):  # whatever the options say
+        stream = _plan(*_inputs(N=N), _table(N), early_release=True, attend_groups=3, swap_tail=True)
+        assert stream.kernel is gluon_fwd.stream_fwd_kernel and stream.num_warps == 4
+        assert stream.constexprs["ROT_ROWS"] == gluon_fwd.GROUP_SLICE and stream.constexprs["V_SLOTS_"] == 4
+        assert "EARLY_RELEASE" not in stream.constexprs and stream.constexprs["maxnreg"] == gluon_fwd.STREAM_MAXNREG
 
 
 def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypatch):
@@ -314,13 +335,20 @@ FLOAT64_CASES = [
     (640, 0, "shared", "transposed"),  # ten whole boxes, no masked chunk
     (401, 5, None, "fused"),  # a half-width and a masked chunk in the last box
     (257, 0, "shared", "fused"),  # one token past the resident kernel
+    # stream_fwd_kernel: K in 64-row boxes, V through a ring, rounds of three 64-row query slices; the last round
+    # with one, two or no groups idle
+    (1029, 5, "shared", "fused"),  # ViT-B/16 at 512 px with 4 register tokens: 16 boxes and a 16-key tail, 1 idle
+    (785, 1, "per_head", "contiguous"),  # ViT-L/16 at 448 px: two idle
+    (1152, 0, "shared", "transposed"),  # the largest, 18 whole boxes, none idle
+    (641, 0, None, "fused"),  # one token past the long kernel
+    (705, 1, "shared", "fused"),  # 11 boxes and one row, none idle
 ]
 
 
 # the long kernel's cases again with its K/V boxes released box by box (`long_early_release`), with its attending
 # warpgroups as partitions of their own (`long_attend_groups`), and with its last slice swapped where it holds at
 # most 16 rows (`long_swap_tail`: 577 and 257 tokens): (early release, groups, swapped tail)
-EARLY_CASES = [case for case in FLOAT64_CASES if case[0] > 256]
+EARLY_CASES = [case for case in FLOAT64_CASES if 256 < case[0] <= gluon_fwd.MAX_N]
 HOPPER = configs.for_arch(9, 64)
 TABLE_VARIANT = (HOPPER.long_early_release, HOPPER.long_attend_groups, HOPPER.long_swap_tail)
 LONG_VARIANTS = [(False, 0, False), (True, 0, False), (True, 3, True)]  # beside the table's
@@ -386,12 +414,14 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
     table = None if table_kind is None or N == P else make_table(
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
-    config = dataclasses.replace(configs.for_call(q.device, 64), resident_train_max_n=gluon_fwd.MAX_N,
-                                 long_early_release=early, long_attend_groups=groups, long_swap_tail=tail)
+    lengths = dict(resident_fwd_max_n=gluon_fwd.STREAM_MAX_N, resident_train_max_n=gluon_fwd.STREAM_MAX_N)
+    config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, long_early_release=early,
+                                 long_attend_groups=groups, long_swap_tail=tail)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
-    assert [x.name for x in launches] == ["resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N
-                                          else "long_fwd_kernel"]
+    kernel = ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
+              else "stream_fwd_kernel")
+    assert [x.name for x in launches] == [kernel]
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     if table is None:
         assert qr is q and kr is k
@@ -405,11 +435,10 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with configs.override(resident_train_max_n=gluon_fwd.MAX_N, long_early_release=early,
-                          long_attend_groups=groups, long_swap_tail=tail), \
+    with configs.override(**lengths, long_early_release=early, long_attend_groups=groups, long_swap_tail=tail), \
             runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
-    assert launches[0].name in ("resident_fwd_kernel", "long_fwd_kernel")
+    assert launches[0].name == kernel
     got.backward(do)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     _reference(*ref_leaves, table).backward(do.double())
@@ -454,6 +483,31 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
     scale = 64 ** -0.5
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
                                          LongOptions(early, attend_groups=groups, swap_tail=tail))
+    for b in (0, 1, B - 2, B - 1):
+        sl = slice(b, b + 1)
+        assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
+        if save_rotated:
+            qd, kd = apply_rope_qk(q[sl].double(), k[sl].double(), table)
+            assert_close_rel(qr[sl], qd, q.dtype, f"rotated q of sample {b}")
+            assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
+    written = (o, lse, qr, kr) if save_rotated else (o, lse)
+    assert all(torch.isfinite(t).all() for t in written)  # every head's rows
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("save_rotated", [False, True])
+def test_streaming_kernel_over_many_heads_per_program(save_rotated, nan_empty):
+    """ViT-B/16@512's shape with four register tokens (N = 1029), 384 heads: each persistent program takes two or
+    three, so the V ring's slots and every barrier's phase turn over across heads (the next head's K boxes load
+    during the last round of the one before, its V boxes follow that round's in the ring). The programs' first and
+    last heads against float64, NaN-filled outputs."""
+    gen = torch.Generator().manual_seed(1029)
+    B, H, N = 32, 12, 1029
+    q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
+    table = make_table(Shape(B, H, (32, 32), 5, 64, "interleaved"), gen)
+    assert _plan(q, k, v, table, save_rotated).kernel is gluon_fwd.stream_fwd_kernel
+    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated)
     for b in (0, 1, B - 2, B - 1):
         sl = slice(b, b + 1)
         assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
