@@ -31,3 +31,20 @@ def test_summary_picks_the_fastest_variant_of_each_pass():
     assert summary["vit_b16_384", "no RoPE"]["best"] == "gluon long, no RoPE"  # the baseline when it is fastest
     assert summary["vit_b16_384", "training"]["best"].startswith("gluon long training, 3 groups")
     assert summary["vit_b16_224", "inference"]["best"] == "gluon long"  # the resident kernel is not a variant
+
+
+def test_past_640_tokens_the_streaming_kernel_is_summarized_against_the_tables_forward():
+    """At 1029 tokens: inference against attnhub:triton_fa_rope, training against the Triton training forward (the
+    table's choices there); the no-RoPE row has no baseline; the long kernel's baselines are not looked for."""
+    gluon_long = load_script("gluon_long")
+    rows = [_row("vit_b16_512_reg4", name, ms) for name, ms in (
+        ("gluon stream", 0.30), ("gluon stream, no RoPE", 0.27), ("gluon stream training", 0.33),
+        ("triton training", 0.44), ("attnhub:triton_fa_rope", 0.36), ("attnhub", 0.36),
+        ("sdpa_cudnn (no RoPE)", 0.33), ("timm_compiled", 0.39))]
+    summary = {r["kind"]: r for r in gluon_long.summarize(rows)}
+    assert set(summary) == {"inference", "training"}
+    assert summary["inference"]["best"] == "gluon stream" and summary["inference"]["speedup"] == pytest.approx(1.2)
+    assert summary["inference"]["timm_over_best"] == pytest.approx(1.3)
+    assert summary["training"]["best"] == "gluon stream training" and summary["training"]["baseline_ms"] == 0.44
+    slower = [_row("n785", "gluon stream", 0.40), _row("n785", "attnhub:triton_fa_rope", 0.35)]
+    assert gluon_long.summarize(slower)[0]["best"] == "attnhub:triton_fa_rope"  # the baseline when it is fastest

@@ -3,6 +3,8 @@
 Read in this order, one job per module:
     kernels.py        the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
     gluon_kernels.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token)
+    gluon_stream_kernels.py
+                      the one past 640 tokens (K resident, V through a ring of boxes)
     gluon_fwd.py      their eligibility, plan and launch; imported only when a call may take them
     gluon_bwd_kernels.py, gluon_bwd.py
                       the same for the split backward's dK/dV and dQ (from the config table's gluon_bwd_from_n

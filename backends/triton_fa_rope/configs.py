@@ -64,11 +64,12 @@ class ArchConfigs:
     so the attention kernel runs without RoPE (as training's does). narrow_tail: the last, partial K tile only as
     wide as the remainder needs.
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
-    applies (`gluon_fwd.eligible`); resident_train_max_n: training calls up to this length (and
-    resident_fwd_max_n; 0: none) take it too, writing the rotated q and k for the backward. long_early_release: its
-    long kernel (256 < N <= 640) hands each K/V box back in a head's last slice as soon as it is done with it, so the
-    next head's boxes load and rotate during that slice. gluon_long_from_n: the Gluon forwards take the long kernel
-    from this length on (past 256 tokens always, from 128 at the earliest), the resident one below.
+    applies (`gluon_fwd.eligible`; past 640 tokens, up to `gluon_fwd.STREAM_MAX_N`, its streaming kernel);
+    resident_train_max_n: training calls up to this length (and resident_fwd_max_n; 0: none) take it too, writing the
+    rotated q and k for the backward. long_early_release: its long kernel (256 < N <= 640) hands each K/V box back
+    in a head's last slice as soon as it is done with it, so the next head's boxes load and rotate during that slice.
+    gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from 128
+    at the earliest), the resident one below.
     long_attend_groups: 0, the long kernel's two attending warpgroups work as one partition on 128-row query
     slices; 3 (with long_early_release), three warpgroups attend as partitions of their own, 64-row slices in turn;
     long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577: one) is computed with the keys as
@@ -128,7 +129,8 @@ K = KernelConfig
 # 1.13x at N = 257. Training takes them too (1.6x the Triton training forward at N = 197 and 257). From 257 tokens
 # the long kernel's three attending warpgroups with early release: 1.24x its one-partition form at N = 577 (1.18x
 # as the training forward, which then beats the Triton one with its rotation pass), 1.30x at 401 (H200:
-# benchmarks/README.md).
+# benchmarks/README.md). Past 640 tokens the streaming Gluon forward (K resident, V through a ring) is built but not
+# yet measured on a GPU, so resident_fwd_max_n stays 640 there.
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case, fwd_prerotated at
 # N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too past the Gluon forwards' 640

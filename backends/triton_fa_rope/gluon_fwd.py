@@ -112,9 +112,10 @@ class _Plan:
     of a launch: the kernel (by length), the descriptor makers of q, k, v, o (and of the rotated q, k: contiguous
     [B, H, N, D]), the grid, the int arguments and constexprs, and the kept runner's key (with the table's
     alignment and the scale, which stay per call). Identity-hashed: a plan is its own key. long: the long kernel
-    (`_takes_long`; past MAX_N tokens the streaming one, which takes none of the switches); early_release: its K/V boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s
-    EARLY_RELEASE); groups: its attending partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of
-    its swapped last query slice (TAIL_Q; 0: none)."""
+    (`_takes_long`; past MAX_N tokens the streaming one, which takes none of the switches); early_release: its K/V
+    boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE); groups: its attending
+    partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of its swapped last query slice (TAIL_Q; 0:
+    none)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs", "num_warps")
@@ -154,9 +155,9 @@ _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions = LongOptions()) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
-    shape and dtype (bf16 or fp16), D = 64, 0 < N <= STREAM_MAX_N, TMA-readable strides; rope None or interleaved with one
-    table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the rotated q
-    and k (only with rope); options: the long kernel's switches (`forward`)."""
+    shape and dtype (bf16 or fp16), D = 64, 0 < N <= STREAM_MAX_N, TMA-readable strides; rope None or interleaved
+    with one table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the
+    rotated q and k (only with rope); options: the long kernel's switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     N = q.shape[2]

@@ -209,12 +209,13 @@ def _issue_v(v_desc, v_ring, bars, b, h, j, vc, idle: gl.constexpr):
 
 
 @gluon.jit
-def _load_k_box(k_desc, k_buf, bars, b, h, j, it, SAVE_ROT: gl.constexpr):
-    """K box j of head (b, h) by TMA, once the groups of the head before are done with it (kv_free)."""
+def _load_k_box(k_desc, k_buf, bars, b, h, j, it, STORES_DONE: gl.constexpr):
+    """K box j of head (b, h) by TMA, once the groups of the head before are done with it (kv_free). STORES_DONE
+    (box 0 with SAVE_ROT): first wait for this warpgroup's stores, the head before's rotated K boxes among them."""
     k_loaded, kv_free = bars[3], bars[5]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     mbarrier.wait(kv_free.index(j), (it & 1) ^ 1)  # a fresh barrier passes phase 1
-    if SAVE_ROT:  # the box's rotated store of the head before has read it
+    if STORES_DONE:
         tma.store_wait(0)
     mbarrier.expect(k_loaded.index(j), k_desc.block_type.nbytes)
     _tma_load(k_desc, [b, j * CH, h, 0], k_loaded.index(j), k_buf.index(j))
@@ -254,7 +255,7 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
             c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
         for j in range(NKC):  # round 0 (a dynamic loop: unrolled, every box's table load is hoisted and spills)
             if j + 1 < NKC:
-                _load_k_box(k_desc, k_buf, bars, b, h, j + 1, it, SAVE_ROT)
+                _load_k_box(k_desc, k_buf, bars, b, h, j + 1, it, False)
             vc = _issue_v(v_desc, v_ring, bars, b, h, j, vc, IDLE if NR == 1 else 0)
             mbarrier.wait(k_loaded.index(j), it & 1)
             if ROPE:  # the next box's table in flight while this one rotates

@@ -195,6 +195,11 @@ LONG_GLUON = {"d64_bf16_interleaved": (24, 24), "d64_bf16_perhead": (16, 25), "d
 # five rows swapped)
 GLUON_GROUPS = [("d64_bf16_interleaved", (24, 24), 0, False, False), ("d64_bf16_perhead", (16, 25), 0, False, False),
                 ("d64_bf16_interleaved", (24, 24), 3, True, True), ("d64_bf16_interleaved", (14, 14), 3, True, True)]
+# past 640 tokens with the Gluon forwards enabled up to 1152 (gluon_fwd.stream_fwd_kernel): case -> (token grid,
+# prefix tokens): ViT-B/16@512 with 4 register tokens (a 16-key tail, one group idle in the last round), ViT-L/16@448
+# with a per-head table (a 32-key tail, two idle), the largest (18 whole boxes)
+STREAM_GLUON = {"d64_bf16_interleaved": ((32, 32), 5), "d64_bf16_perhead": ((28, 28), 1),
+                "d64_fp16_interleaved": ((32, 36), 0)}
 
 
 def case_inputs(D, dtype, layout, table, n_kv, varlen=None, B=2, H=3, grid=(14, 14), P=1):
@@ -276,6 +281,10 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
                                      resident_train_max_n=640, long_attend_groups=groups, long_early_release=early,
                                      long_swap_tail=tail, gluon_long_from_n=128))
              for case, grid, groups, early, tail in GLUON_GROUPS]
+    jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon",  # inference and training through it
+              training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
+                                     resident_train_max_n=1152))
+             for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -80,6 +80,14 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         # delta in the dQ kernel (the table's) and from the delta pass
         assert (case, "long_gluon", "bwd_preprocess") not in compiled
         assert (case, "gluon_bwd_whole_tail", "bwd_preprocess") in compiled
+    # past 640 tokens the streaming kernel (K resident, V through a ring), inference and training (each case two
+    # launches of it), then the Gluon backward; ViT-B/16@512 with 4 register tokens, ViT-L/16@448, 1152 tokens
+    stream_cases = ("d64_bf16_interleaved_n1029", "d64_bf16_perhead_n785", "d64_fp16_interleaved_n1152")
+    for case in stream_cases:
+        assert {(case, "stream_gluon", name) for name in ("stream_fwd_kernel", "gluon_dq_kernel")} <= compiled
+        assert (case, "stream_gluon", "fwd_kernel") not in compiled
+    streams = [r for r in result["rows"] if r["kernel"] == "stream_fwd_kernel" and r["case"] in stream_cases]
+    assert len(streams) == 2 * len(stream_cases)
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

@@ -1,0 +1,228 @@
+"""The streaming Gluon forward's schedule (`gluon_stream_kernels.stream_fwd_kernel`), checked on a model of it:
+Gluon has no interpreter, so on CPU its code is only compiled (test_sm90.py); this checks the protocol its
+partitions follow. The producer and the three attending groups are generators that follow the kernel's functions
+step by step (same buffer indices, barrier phases and ring positions); mbarriers complete a phase when their
+arrivals and TMA bytes are in; every TMA load lands at a random later time; a random scheduler interleaves it all.
+Checked: no deadlock; each read finds what it expects (the rotated K box of its head, the V box of its ring
+position, its rotated query slice); no TMA load lands in a buffer that is being read; every (head, slice) output
+written once. Keep the model in step with the kernel: it mirrors `_stream_producer`, `_stream_group` and
+`_attend_stream`; the last two tests show that it fails when the protocol is broken.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from attnhub.backends.triton_fa_rope import launch
+
+gluon_fwd = launch._gluon("gluon_fwd")
+pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
+if gluon_fwd is not None:
+    from attnhub.backends.triton_fa_rope.gluon_stream_kernels import GROUPS, V_SLOTS
+else:  # every test skips
+    GROUPS = V_SLOTS = 0
+BLOCK = 64  # rows of a query slice and of a K or V box
+
+
+class _Barrier:
+    """An mbarrier: a phase completes when `count` arrivals and every expected TMA load are in."""
+
+    def __init__(self, count: int):
+        self.count, self.arrived, self.tx, self.phases = count, 0, 0, 0
+
+    def _maybe_complete(self):
+        if self.arrived >= self.count and self.tx == 0:
+            assert self.arrived == self.count, "more arrivals than the barrier counts"
+            self.arrived, self.phases = 0, self.phases + 1
+
+    def arrive(self, count: int = 1):
+        self.arrived += count
+        self._maybe_complete()
+
+    def expect(self):  # mbarrier.expect: one arrival and the bytes of one TMA load
+        self.tx += 1
+        self.arrive()
+
+    def passed(self, parity: int) -> bool:  # mbarrier.wait(parity) returns once that phase has completed
+        return (self.phases & 1) != parity
+
+
+class _Model:
+    """One program of stream_fwd_kernel over `heads`; NS query slices and NKC key boxes a head."""
+
+    def __init__(self, N: int, heads: list[int], rng: random.Random, v_empty_count: int = GROUPS,
+                 arrive_for_idle: bool = True):
+        self.NS, self.NKC = -(-N // BLOCK), -(-N // BLOCK)
+        self.heads, self.rng, self.arrive_for_idle = heads, rng, arrive_for_idle
+        bars = lambda n, count=1: [_Barrier(count) for _ in range(n)]  # noqa: E731
+        self.q_loaded, self.q_ready, self.q_empty = bars(2 * GROUPS), bars(2 * GROUPS), bars(2 * GROUPS)
+        self.k_loaded, self.k_ready, self.kv_free = bars(self.NKC), bars(self.NKC), bars(self.NKC, GROUPS)
+        self.v_ready, self.v_empty = bars(V_SLOTS), bars(V_SLOTS, v_empty_count)
+        self.q_buf, self.k_buf, self.v_ring = [None] * (2 * GROUPS), [None] * self.NKC, [None] * V_SLOTS
+        self.reading: dict = {}  # (buffer, index) -> readers now
+        self.in_flight: list = []  # TMA loads: (barrier, buffer, index, content)
+        self.outputs: list = []
+
+    # primitives: a generator yields a predicate it waits on (None: it just lets the others run)
+    def _wait(self, bar, parity):
+        while not bar.passed(parity):
+            yield lambda: bar.passed(parity)
+
+    def _load(self, bar, buf, index, content):
+        bar.expect()
+        self.in_flight.append((bar, buf, index, content))
+
+    def _read(self, buf, index, expected):
+        key = (id(buf), index)
+        assert buf[index] == expected, f"read {expected}, the buffer holds {buf[index]}"
+        self.reading[key] = self.reading.get(key, 0) + 1
+        yield None
+        assert buf[index] == expected, f"{expected} changed while it was read: {buf[index]}"
+        self.reading[key] -= 1
+
+    def _land(self, i):
+        bar, buf, index, content = self.in_flight.pop(i)
+        assert not self.reading.get((id(buf), index)), f"TMA load of {content} lands in a buffer being read"
+        buf[index] = content
+        bar.tx -= 1
+        bar._maybe_complete()
+
+    # the producer (`_stream_producer` and its helpers)
+    def _slice_buffer(self, si, it):
+        g = si % GROUPS
+        n = it * ((self.NS - g + GROUPS - 1) // GROUPS) + si // GROUPS
+        return g * 2 + n % 2, n
+
+    def _load_slice(self, tile, si, it):
+        buf, n = self._slice_buffer(si, it)
+        yield from self._wait(self.q_empty[buf], ((n // 2) & 1) ^ 1)
+        self._load(self.q_loaded[buf], self.q_buf, buf, ("q", tile, si))
+
+    def _rotate_slice(self, tile, si, it):
+        buf, n = self._slice_buffer(si, it)
+        yield from self._wait(self.q_loaded[buf], (n // 2) & 1)
+        assert self.q_buf[buf] == ("q", tile, si)
+        self.q_buf[buf] = ("rotated q", tile, si)
+        yield None
+        self.q_ready[buf].arrive()
+
+    def _next_round_slices(self, tile, r, j, it):
+        if r + 1 < -(-self.NS // GROUPS):
+            if j == V_SLOTS:
+                for g in range(GROUPS):
+                    if (r + 1) * GROUPS + g < self.NS:
+                        yield from self._load_slice(tile, (r + 1) * GROUPS + g, it)
+            for g in range(GROUPS):
+                if j == V_SLOTS + 1 + g and (r + 1) * GROUPS + g < self.NS:
+                    yield from self._rotate_slice(tile, (r + 1) * GROUPS + g, it)
+
+    def _issue_v(self, tile, j, vc, idle):
+        slot = vc % V_SLOTS
+        yield from self._wait(self.v_empty[slot], ((vc // V_SLOTS) & 1) ^ 1)
+        self._load(self.v_ready[slot], self.v_ring, slot, ("v", tile, j, vc))
+        if idle and self.arrive_for_idle:
+            self.v_empty[slot].arrive(idle)
+        return vc + 1
+
+    def _load_k_box(self, tile, j, it):
+        yield from self._wait(self.kv_free[j], (it & 1) ^ 1)
+        self._load(self.k_loaded[j], self.k_buf, j, ("k", tile, j))
+
+    def producer(self):
+        NR = -(-self.NS // GROUPS)
+        idle = GROUPS * NR - self.NS
+        vc = 0
+        for it, tile in enumerate(self.heads):
+            for g in range(GROUPS):
+                yield from self._load_slice(tile, g, it)
+            for g in range(GROUPS):
+                yield from self._rotate_slice(tile, g, it)
+            yield from self._load_k_box(tile, 0, it)
+            for j in range(self.NKC):
+                if j + 1 < self.NKC:
+                    yield from self._load_k_box(tile, j + 1, it)
+                vc = yield from self._issue_v(tile, j, vc, idle if NR == 1 else 0)
+                yield from self._wait(self.k_loaded[j], it & 1)
+                assert self.k_buf[j] == ("k", tile, j)
+                self.k_buf[j] = ("rotated k", tile, j)
+                yield None
+                self.k_ready[j].arrive()
+                yield from self._next_round_slices(tile, 0, j, it)
+            for r in range(1, NR - 1):
+                for j in range(self.NKC):
+                    vc = yield from self._issue_v(tile, j, vc, 0)
+                    yield from self._next_round_slices(tile, r, j, it)
+            if NR > 1:
+                for j in range(self.NKC):
+                    vc = yield from self._issue_v(tile, j, vc, idle)
+
+    # the attending groups (`_stream_group`, `_attend_stream`)
+    def _attend(self, tile, buf, si, vc, phase, first, last):
+        for j in range(self.NKC):
+            if first:
+                yield from self._wait(self.k_ready[j], phase)
+            slot = (vc + j) % V_SLOTS
+            yield from self._wait(self.v_ready[slot], ((vc + j) // V_SLOTS) & 1)
+            yield from self._read(self.q_buf, buf, ("rotated q", tile, si))
+            yield from self._read(self.k_buf, j, ("rotated k", tile, j))
+            yield from self._read(self.v_ring, slot, ("v", tile, j, vc + j))
+            self.v_empty[slot].arrive()
+            if last:
+                self.kv_free[j].arrive()
+
+    def group(self, group):
+        NR = -(-self.NS // GROUPS)
+        A = (self.NS - group + GROUPS - 1) // GROUPS
+        for it, tile in enumerate(self.heads):
+            for r in range(A):
+                n = it * A + r
+                buf = group * 2 + n % 2
+                yield from self._wait(self.q_ready[buf], (n // 2) & 1)
+                if n > 0:  # the other buffer's o has been stored
+                    self.q_empty[group * 2 + (n + 1) % 2].arrive()
+                si = r * GROUPS + group
+                yield from self._attend(tile, buf, si, (it * NR + r) * self.NKC, it & 1, r == 0, r == A - 1)
+                self.q_buf[buf] = ("o", tile, si)  # o leaves through the slice's buffer
+                self.outputs.append((tile, si))
+
+    def run(self):
+        parts = [self.producer()] + [self.group(g) for g in range(GROUPS)]
+        waiting = [None] * len(parts)
+        while any(p is not None for p in parts) or self.in_flight:
+            runnable = [("part", i) for i, p in enumerate(parts) if p is not None and (waiting[i] is None
+                                                                                       or waiting[i]())]
+            choices = runnable + [("tma", i) for i in range(len(self.in_flight))]
+            if not choices:
+                stuck = [i for i, p in enumerate(parts) if p is not None]
+                raise AssertionError(f"deadlock: partitions {stuck} wait (0: the producer, 1-3: the groups)")
+            kind, i = self.rng.choice(choices)
+            if kind == "tma":
+                self._land(i)
+                continue
+            try:
+                waiting[i] = next(parts[i])
+            except StopIteration:
+                parts[i] = waiting[i] = None
+        assert sorted(self.outputs) == [(t, si) for t in sorted(self.heads) for si in range(self.NS)]
+
+
+# 641: 11 slices (one group idle in the last round), 785: 13 (two idle), 1029: 17 (one), 1152: 18 (none)
+@pytest.mark.parametrize("N", [641, 785, 1029, 1152])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads):
+    rng = random.Random(N * 10 + heads)
+    for _ in range(12):
+        _Model(N, list(range(heads)), rng).run()
+
+
+def test_the_model_finds_a_v_box_refilled_before_every_group_read_it():
+    with pytest.raises(AssertionError, match="lands in a buffer being read|changed while it was read"):
+        for seed in range(20):
+            _Model(1029, [0, 1], random.Random(seed), v_empty_count=GROUPS - 1).run()
+
+
+def test_the_model_finds_the_deadlock_without_the_producers_arrivals_for_idle_groups():
+    with pytest.raises(AssertionError, match="deadlock"):
+        _Model(1029, [0, 1], random.Random(0), arrive_for_idle=False).run()
