@@ -2,9 +2,10 @@
 
 Read in this order, one job per module:
     kernels.py        the `@triton.jit` code: jit helpers, the forward and rotation kernels, the backward kernels
-    gluon_kernels.py  the Hopper forwards up to 640 tokens in Gluon (K, V resident, RoPE once per token)
-    gluon_stream_kernels.py
-                      the one past 640 tokens (K resident, V through a ring of boxes)
+    gluon_kernels.py  the Hopper forwards in Gluon (RoPE once per token): up to 256 tokens (Q, K, V resident) and
+                      the pieces every Gluon forward shares
+    gluon_long_kernels.py, gluon_stream_kernels.py
+                      the longer ones: up to 640 tokens (K, V resident), past them (K resident, V through a ring)
     gluon_fwd.py      their eligibility, plan and launch; imported only when a call may take them
     gluon_bwd_kernels.py, gluon_bwd.py
                       the same for the split backward's dK/dV and dQ (from the config table's gluon_bwd_from_n

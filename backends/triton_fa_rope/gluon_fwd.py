@@ -1,6 +1,7 @@
 """The Hopper forwards of triton_fa_rope at ViT lengths (N <= 1152), written in Gluon
-(`triton.experimental.gluon`, kernels in `gluon_kernels` and `gluon_stream_kernels`): K of a head resident in shared
-memory (up to 640 tokens V too), RoPE applied once per token. This module plans and launches them.
+(`triton.experimental.gluon`, kernels in `gluon_kernels`, `gluon_long_kernels` and `gluon_stream_kernels`): K of a
+head resident in shared memory (up to 640 tokens V too), RoPE applied once per token. This module plans and
+launches them.
 
 The Triton forward rotates every K tile inside its tile loop, once per query block (35-45% of its time at
 N = 197), and stock Triton's loop reaches 0.6x of cuDNN there. These kernels take the structure of TensorRT-LLM's
@@ -36,8 +37,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import LongOptions
-from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel,
-                                                            resident_fwd_kernel)
+from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, resident_fwd_kernel
+from attnhub.backends.triton_fa_rope.gluon_long_kernels import WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import MAXNREG as STREAM_MAXNREG
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import V_SLOTS, stream_fwd_kernel
 from attnhub.rope import CosSinTable, table_strides

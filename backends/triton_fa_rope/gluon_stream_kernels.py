@@ -1,6 +1,6 @@
 """The streaming Gluon forward of triton_fa_rope's Hopper forwards (`gluon_fwd` plans and launches it): past 640
 tokens K and V of a head no longer fit shared memory together, so K stays resident (rotated once per head, as in
-`gluon_kernels.long_fwd_kernel`) and V streams through a ring of 64-row boxes.
+`gluon_long_kernels.long_fwd_kernel`) and V streams through a ring of 64-row boxes.
 
     stream_fwd_kernel  640 < N <= gluon_fwd.STREAM_MAX_N, warp-specialized: three attending warpgroups take a
                        head's 64-row query slices in rounds (round r: slices 3r, 3r + 1, 3r + 2), each slice over
@@ -20,15 +20,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from attnhub.backends.triton_fa_rope.gluon_kernels import (_BLOCK_N, _attend_chunk, _cta_barrier, _end_slice,
-                                                            _load_table, _mma_layout, _rope_inplace, _tma_load,
-                                                            _tma_store)
+from attnhub.backends.triton_fa_rope.gluon_kernels import (_BLOCK_N, _attend_chunk, _cta_barrier, _load_table,
+                                                            _mma_layout, _rope_inplace, _tma_load, _tma_store)
+from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice
 
 GROUPS = 3  # attending warpgroups, a round of 64-row slices each: FA3's 192-row tile at D = 64
 _GROUPS = gl.constexpr(GROUPS)
 V_SLOTS = 4  # V boxes in flight; with the 18 K boxes of 1152 tokens and six query buffers: 216 KiB
 # 16 warps: the launch's cap is 65,536 / 512 threads = 128 registers; the groups' unpipelined key loop fits 120, the
-# producer takes 144 (`gluon_kernels`: the same split as the long kernel's three groups)
+# producer takes 144 (`gluon_long_kernels`: the same split as the long kernel's three groups)
 MAXNREG = 128
 _GROUP_REGS = gl.constexpr(120)
 _PRODUCER_REGS = gl.constexpr(144)

@@ -338,24 +338,27 @@ def ir(launch: Launch) -> list[str]:
     return [re.sub(r"%[\w.#]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), line) for line in lines]
 
 
-KERNEL_FILES = ("kernels.py", "gluon_kernels.py", "gluon_bwd_kernels.py")  # the modules holding every kernel
+# the modules holding every kernel, each after the ones it imports
+KERNEL_FILES = ("kernels.py", "gluon_kernels.py", "gluon_long_kernels.py", "gluon_stream_kernels.py",
+                "gluon_bwd_kernels.py")
 _PACKAGE = "attnhub.backends.triton_fa_rope"
 
 
 def load_kernel_files(folder: str) -> tuple[dict[str, object], set[str]]:
     """The kernel modules of another checkout, from `folder` (any of `KERNEL_FILES`; e.g. written by `git show
-    REV:backends/triton_fa_rope/<file>`), each loaded as a module of its own; its gluon_bwd_kernels imports the
-    folder's gluon_kernels (where there is one) -> ({kernel name: kernel}, the files found)."""
+    REV:backends/triton_fa_rope/<file>`), each loaded as a module of its own, importing the folder's other kernel
+    modules where it has them -> ({kernel name: kernel}, the files found)."""
     import importlib.util
 
     kernels: dict[str, object] = {}
     found = {name for name in KERNEL_FILES if os.path.exists(os.path.join(folder, name))}
-    for name in (n for n in KERNEL_FILES if n in found):  # gluon_kernels before gluon_bwd_kernels
+    for name in (n for n in KERNEL_FILES if n in found):
         stem = f"_sm90_old_{name[:-3]}"
         with open(os.path.join(folder, name)) as fh:
             text = fh.read()
-        if "gluon_kernels.py" in found:
-            text = text.replace(f"{_PACKAGE}.gluon_kernels", "_sm90_old_gluon_kernels")
+        for other in found:
+            text = text.replace(f"{_PACKAGE}.{other[:-3]}\n", f"_sm90_old_{other[:-3]}\n").replace(
+                f"{_PACKAGE}.{other[:-3]} ", f"_sm90_old_{other[:-3]} ")
         copy = os.path.join(folder, stem + ".py")
         with open(copy, "w") as fh:
             fh.write(text)
@@ -373,16 +376,17 @@ def same_ir(folder: str, jobs=None, gluon: bool = True) -> dict:
     the other's: a change that leaves every IR equal leaves the GPU's code as it was -> {"compared", "differ":
     [...], "new": [...]}. A launch with a constexpr the other kernel lacks is compared with that constexpr left out
     when it is off (False, 0, None: the other checkout's path); it is `new` when it is on (a path the other cannot
-    run), as is a kernel the other file lacks. A kernel that takes other arguments differs."""
+    run), as is a kernel the other files lack. A kernel is looked for by name in all of them (a kernel moved to
+    another module is compared). A kernel that takes other arguments differs."""
     old, found = load_kernel_files(folder)
     compared, differ, new = 0, [], []
     for case, variant, launches in matrix_jobs(rotate=False) if jobs is None else jobs:
         for launch in launches:
-            if launch.kernel.fn.__module__.rpartition(".")[2] + ".py" not in found or (
+            other = old.get(launch.kernel.fn.__name__)
+            if (other is None and launch.kernel.fn.__module__.rpartition(".")[2] + ".py" not in found) or (
                     _is_gluon(launch.kernel) and not gluon):
                 continue
             where = f"{case}/{variant} {launch.name}"
-            other = old.get(launch.kernel.fn.__name__)
             extra = {} if other is None else {k: v for k, v in _constexprs(launch).items()
                                               if k not in {p.name for p in other.params}}
             if other is None or any(extra.values()):

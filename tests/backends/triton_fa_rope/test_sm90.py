@@ -136,16 +136,16 @@ def test_same_ttir_tells_a_changed_kernel_from_a_copy(tmp_path):
 
 
 def test_same_ir_tells_a_changed_gluon_kernel_from_a_copy(tmp_path):
-    """`sm90.same_ir` compares Gluon kernels too (TTGIR): a copy of gluon_kernels.py compiles to the same IR as the
+    """`sm90.same_ir` compares Gluon kernels too (TTGIR): a copy of gluon_long_kernels.py compiles to the same IR as the
     checkout's long forward (three attending groups, as the table has it), a copy whose producer gets other
     registers does not, and a launch with a switch the other file's kernel lacks, turned on, is new rather than
     compared."""
     pytest.importorskip("triton.experimental.gluon._runtime", reason="no offline Gluon compile")
-    source, changed = _kernel_file_and_change("gluon_kernels.py", "_WS_3_PRODUCER_REGS = gl.constexpr(144)",
+    source, changed = _kernel_file_and_change("gluon_long_kernels.py", "_WS_3_PRODUCER_REGS = gl.constexpr(144)",
                                               "_WS_3_PRODUCER_REGS = gl.constexpr(136)")
     for name, text in (("copy", source), ("changed", changed)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "gluon_kernels.py").write_text(text)
+        (tmp_path / name / "gluon_long_kernels.py").write_text(text)
     code = ("q, k, v, rope, _ = sm90.case_inputs(*sm90.CASES['d64_bf16_interleaved'], grid=(24, 24)); "
             "ls = sm90.training_step_launches(q, k, v, rope, resident_fwd_max_n=640)[:1]; "
             "on = [ls[0]._replace(constexprs={**ls[0].constexprs, 'LATER_SWITCH': True})]; "
