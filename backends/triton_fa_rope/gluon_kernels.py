@@ -60,6 +60,23 @@ def _pair_layout(num_warps, D):
     return gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [num_warps, 1], [1, 0])
 
 
+@gluon.jit
+def _mbarriers(n: gl.constexpr, count: gl.constexpr):
+    """n mbarriers in shared memory ([n, 1]), each initialised to `count` arrivals a phase."""
+    bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(n):
+        mbarrier.init(bars.index(i), count=count)
+    return bars
+
+
+@gluon.jit
+def _invalidate(bars):
+    """`_mbarriers`' barriers, invalidated (at the kernel's end)."""
+    n: gl.constexpr = bars.shape[0]
+    for i in gl.static_range(n):
+        mbarrier.invalidate(bars.index(i))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RoPE on shared memory, in place
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +121,16 @@ def _issue_scores(q_smem, k_chunk, num_warps: gl.constexpr):
     CH: gl.constexpr = k_chunk.shape[0]
     return warpgroup_mma(q_smem, k_chunk.permute((1, 0)), gl.zeros([M, CH], gl.float32, _mma_layout(num_warps, CH)),
                          use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_init(M: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """The online softmax's start for M query rows: acc [M, D] fp32 zeros in wgmma's accumulator layout, m_i = -inf
+    and l_i = 0 in its row layout."""
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    return (gl.zeros([M, D], gl.float32, o_layout), gl.full([M], -float("inf"), gl.float32, rows),
+            gl.full([M], 0.0, gl.float32, rows))
 
 
 @gluon.jit
@@ -196,10 +223,7 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
         mbarrier.wait(bar_qk, phase=phase)
         sm_scale = qk_scale
 
-    o_layout: gl.constexpr = _mma_layout(num_warps, D)
-    acc = gl.zeros([BLOCK, D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
-    l_i = gl.full([BLOCK], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    acc, m_i, l_i = _softmax_init(BLOCK, D, num_warps)
     mbarrier.wait(bar_v, phase=phase)
     for j in gl.static_range(N_FULL):
         acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),

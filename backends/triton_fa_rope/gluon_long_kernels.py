@@ -34,6 +34,7 @@ from attnhub.backends.triton_fa_rope.gluon_kernels import (
     _mma_layout,
     _pv,
     _rope_inplace,
+    _softmax_init,
     _softmax_step,
     _swizzle,
     _tma_load,
@@ -99,10 +100,7 @@ def _attend_slice(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, MID_N: g
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
     NCH: gl.constexpr = N_FULL + (1 if MID_N > 0 else 0) + (1 if TAIL_N > 0 else 0)
-    o_layout: gl.constexpr = _mma_layout(num_warps, D)
-    acc = gl.zeros([M, D], gl.float32, o_layout)
-    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
-    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    acc, m_i, l_i = _softmax_init(M, D, num_warps)
     gl.static_assert(N_FULL >= 2)
     _await_box(k_ready, 0, phase, WAIT)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]),
@@ -158,10 +156,7 @@ def _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL: gl.constexpr, M
     M: gl.constexpr = q_s.shape[0]
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
-    o_layout: gl.constexpr = _mma_layout(num_warps, D)
-    acc = gl.zeros([M, D], gl.float32, o_layout)
-    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
-    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    acc, m_i, l_i = _softmax_init(M, D, num_warps)
     for j in range(N_FULL):
         _await_box(k_ready, j, phase, WAIT)
         _await_box(v_ready, j, phase, WAIT)
@@ -250,6 +245,20 @@ def _load_box(k_desc, v_desc, k_buf, v_buf, k_loaded, v_ready, kv_free, b, h, j,
 
 
 @gluon.jit
+def _rotate_box(k_buf, k_loaded, kr_desc, c, s, b, h, j, phase, SAVE_ROT: gl.constexpr, num_warps: gl.constexpr):
+    """K box j of head (b, h), once landed (k_loaded[j] at `phase`), rotated in place with the table c, s; SAVE_ROT:
+    also stored to kr_desc (rows >= N clipped)."""
+    CH: gl.constexpr = k_buf.shape[2]
+    D: gl.constexpr = k_buf.shape[4]
+    mbarrier.wait(k_loaded.index(j), phase)
+    _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
+    fence_async_shared()
+    _cta_barrier()  # this warpgroup's stores, before one thread arrives for all (and before the TMA store reads them)
+    if SAVE_ROT:
+        _tma_store(kr_desc, [b, j * CH, h, 0], k_buf.index(j))
+
+
+@gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
                  stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
                  SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr):
@@ -332,12 +341,7 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
                     if ROPE:  # the next box's table in flight while this one rotates
                         c_next, s_next = _load_table(cos_base, sin_base, t0 + (j + 1) * CH, N, P, stab_n, CH, D,
                                                      num_warps)
-                        mbarrier.wait(k_loaded.index(j), it & 1)
-                        _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
-                        fence_async_shared()
-                        _cta_barrier()
-                        if SAVE_ROT:
-                            _tma_store(kr_desc, [b, j * CH, h, 0], k_buf.index(j))
+                        _rotate_box(k_buf, k_loaded, kr_desc, c, s, b, h, j, it & 1, SAVE_ROT, num_warps)
                         c = c_next
                         s = s_next
                     else:

@@ -20,9 +20,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from attnhub.backends.triton_fa_rope.gluon_kernels import (_BLOCK_N, _attend_chunk, _cta_barrier, _load_table,
-                                                            _mma_layout, _rope_inplace, _tma_load, _tma_store)
-from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice
+from attnhub.backends.triton_fa_rope.gluon_kernels import (_BLOCK_N, _attend_chunk, _cta_barrier, _invalidate,
+                                                            _load_table, _mbarriers, _rope_inplace, _softmax_init,
+                                                            _tma_load, _tma_store)
+from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice, _rotate_box
 
 GROUPS = 3  # attending warpgroups, a round of 64-row slices each: FA3's 192-row tile at D = 64
 _GROUPS = gl.constexpr(GROUPS)
@@ -59,10 +60,7 @@ def _attend_stream(q_s, k_buf, v_ring, bars, vc, phase, first, last, N, sm_scale
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
     R: gl.constexpr = v_ring.shape[0]
-    o_layout: gl.constexpr = _mma_layout(num_warps, D)
-    acc = gl.zeros([M, D], gl.float32, o_layout)
-    m_i = gl.full([M], -float("inf"), gl.float32, gl.SliceLayout(1, o_layout))
-    l_i = gl.full([M], 0.0, gl.float32, gl.SliceLayout(1, o_layout))
+    acc, m_i, l_i = _softmax_init(M, D, num_warps)
     for j in range(N_FULL):
         mbarrier.wait(k_ready.index(j), phase, pred=first)
         slot = (vc + j) % R
@@ -257,16 +255,13 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
             if j + 1 < NKC:
                 _load_k_box(k_desc, k_buf, bars, b, h, j + 1, it, False)
             vc = _issue_v(v_desc, v_ring, bars, b, h, j, vc, IDLE if NR == 1 else 0)
-            mbarrier.wait(k_loaded.index(j), it & 1)
             if ROPE:  # the next box's table in flight while this one rotates
                 c_next, s_next = _load_table(cos_base, sin_base, t0 + (j + 1) * CH, N, P, stab_n, CH, D, num_warps)
-                _rope_inplace(k_buf.index(j).reshape([CH, D]), c, s, 1.0, num_warps)
-                fence_async_shared()
-                _cta_barrier()
-                if SAVE_ROT:
-                    _tma_store(kr_desc, [b, j * CH, h, 0], k_buf.index(j))
+                _rotate_box(k_buf, k_loaded, kr_desc, c, s, b, h, j, it & 1, SAVE_ROT, num_warps)
                 c = c_next
                 s = s_next
+            else:
+                mbarrier.wait(k_loaded.index(j), it & 1)
             mbarrier.arrive(k_ready.index(j), count=1)
             _next_round_slices(q_desc, qr_desc, q_buf, bars, cos_base, sin_base, t0, b, h, 0, j, it, N, P, stab_n,
                                qk_scale, NS, ROPE, SAVE_ROT, R)
@@ -312,33 +307,14 @@ def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr,
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [QB, 1, SLICE_, 1, D], q_desc.layout)
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [NKC, 1, CH, 1, D], k_desc.layout)
     v_ring = gl.allocate_shared_memory(v_desc.dtype, [V_SLOTS_, 1, CH, 1, D], v_desc.layout)
-    q_loaded = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
-    k_loaded = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
-    kv_free = gl.allocate_shared_memory(gl.int64, [NKC, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [V_SLOTS_, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [V_SLOTS_, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(QB):
-        mbarrier.init(q_loaded.index(i), count=1)
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=1)
-    for j in gl.static_range(NKC):
-        mbarrier.init(k_loaded.index(j), count=1)
-        mbarrier.init(k_ready.index(j), count=1)
-        mbarrier.init(kv_free.index(j), count=_GROUPS)
-    for i in gl.static_range(V_SLOTS_):
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=_GROUPS)
+    q_loaded, q_ready, q_empty = _mbarriers(QB, 1), _mbarriers(QB, 1), _mbarriers(QB, 1)
+    k_loaded, k_ready, kv_free = _mbarriers(NKC, 1), _mbarriers(NKC, 1), _mbarriers(NKC, _GROUPS)
+    v_ready, v_empty = _mbarriers(V_SLOTS_, 1), _mbarriers(V_SLOTS_, _GROUPS)  # the ring: one V box, three readers
     fence_async_shared()
     _cta_barrier()
 
     bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, kv_free, v_ready, v_empty)
-    if ROPE and not SAVE_ROT:
-        sm_scale = 1.0  # folded into q
-    else:
-        sm_scale = qk_scale
+    sm_scale = 1.0 if ROPE and not SAVE_ROT else qk_scale  # without SAVE_ROT the rotation folds it into q
     gl.warp_specialize([
         (_stream_group, (q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
                          TAIL_N, 0, num_warps)),
@@ -349,14 +325,11 @@ def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr,
         (_stream_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_ring, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
     ], [num_warps, num_warps, 4], [_GROUP_REGS, _GROUP_REGS, _PRODUCER_REGS])
-    for i in gl.static_range(QB):
-        mbarrier.invalidate(q_loaded.index(i))
-        mbarrier.invalidate(q_ready.index(i))
-        mbarrier.invalidate(q_empty.index(i))
-    for j in gl.static_range(NKC):
-        mbarrier.invalidate(k_loaded.index(j))
-        mbarrier.invalidate(k_ready.index(j))
-        mbarrier.invalidate(kv_free.index(j))
-    for i in gl.static_range(V_SLOTS_):
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(v_empty.index(i))
+    _invalidate(q_loaded)
+    _invalidate(q_ready)
+    _invalidate(q_empty)
+    _invalidate(k_loaded)
+    _invalidate(k_ready)
+    _invalidate(kv_free)
+    _invalidate(v_ready)
+    _invalidate(v_empty)

@@ -387,6 +387,21 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, t
     assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
 
 
+def _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated):
+    """o (and with save_rotated the rotated q and k) of the first two and last two samples (the persistent programs'
+    first and last heads) against float64; every output finite (NaN-filled before: every head's rows written)."""
+    B = q.shape[0]
+    for b in (0, 1, B - 2, B - 1):
+        sl = slice(b, b + 1)
+        assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
+        if save_rotated:
+            qd, kd = apply_rope_qk(q[sl].double(), k[sl].double(), table)
+            assert_close_rel(qr[sl], qd, q.dtype, f"rotated q of sample {b}")
+            assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
+    written = (o, lse, qr, kr) if save_rotated else (o, lse)
+    assert all(torch.isfinite(t).all() for t in written)
+
+
 @pytest.mark.gpu
 @gpu
 def test_a_kept_runner_serves_new_tensors_and_shapes():
@@ -483,15 +498,7 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
     scale = 64 ** -0.5
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
                                          LongOptions(early, attend_groups=groups, swap_tail=tail))
-    for b in (0, 1, B - 2, B - 1):
-        sl = slice(b, b + 1)
-        assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
-        if save_rotated:
-            qd, kd = apply_rope_qk(q[sl].double(), k[sl].double(), table)
-            assert_close_rel(qr[sl], qd, q.dtype, f"rotated q of sample {b}")
-            assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
-    written = (o, lse, qr, kr) if save_rotated else (o, lse)
-    assert all(torch.isfinite(t).all() for t in written)  # every head's rows
+    _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 
 @pytest.mark.gpu
@@ -508,15 +515,7 @@ def test_streaming_kernel_over_many_heads_per_program(save_rotated, nan_empty):
     table = make_table(Shape(B, H, (32, 32), 5, 64, "interleaved"), gen)
     assert _plan(q, k, v, table, save_rotated).kernel is gluon_fwd.stream_fwd_kernel
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated)
-    for b in (0, 1, B - 2, B - 1):
-        sl = slice(b, b + 1)
-        assert_close_rel(o[sl], _reference(q[sl], k[sl], v[sl], table), q.dtype, f"o of sample {b}")
-        if save_rotated:
-            qd, kd = apply_rope_qk(q[sl].double(), k[sl].double(), table)
-            assert_close_rel(qr[sl], qd, q.dtype, f"rotated q of sample {b}")
-            assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
-    written = (o, lse, qr, kr) if save_rotated else (o, lse)
-    assert all(torch.isfinite(t).all() for t in written)  # every head's rows
+    _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 
 @pytest.mark.gpu
