@@ -27,7 +27,7 @@ from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice, _rota
 
 GROUPS = 3  # attending warpgroups, a round of 64-row slices each: FA3's 192-row tile at D = 64
 _GROUPS = gl.constexpr(GROUPS)
-V_SLOTS = 4  # V boxes in flight; with the 18 K boxes of 1152 tokens and six query buffers: 216 KiB
+V_SLOTS = 4  # V boxes in flight; with the 18 K boxes of 1152 tokens and six query buffers: 224 KiB
 # 16 warps: the launch's cap is 65,536 / 512 threads = 128 registers; the groups' unpipelined key loop fits 120, the
 # producer takes 144 (`gluon_long_kernels`: the same split as the long kernel's three groups)
 MAXNREG = 128
