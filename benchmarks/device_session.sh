@@ -50,8 +50,9 @@
 #          groups (one partition, no early release, the Triton training forward from 384 tokens) against the
 #          table                                          -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
 #   stream the Gluon forwards' GPU tests, then benchmarks/gluon_long.py past 640 tokens (ViT-B/16@512 with 4 register
-#          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring) against the Triton forward the
-#          table runs there, inference and training      -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
+#          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes) against the
+#          Triton forward the table runs there, inference and training
+#                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -221,8 +222,8 @@ for stage in "${stages[@]}"; do
       grep -E "step .* GPU" "$OUT/e2e_ab_groups.log" ;;
     stream)
       gluon_tests
-      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
-        --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
+      timeout 330 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
+        --v-slots 3,4,5 --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
       tail -14 "$OUT/gluon_stream.log" ;;
     gluontrain)
       gluon_tests

@@ -18,9 +18,11 @@ default) also with three attending warpgroups as partitions of their own (`long_
 Hopper's table), and at lengths whose last 64-row slice holds at most 16 rows, that slice swapped (`long_swap_tail`).
 Past 640 tokens (`gluon_fwd.MAX_N`) the streaming kernel (`stream_fwd_kernel`: K resident, V through a ring) runs
 instead, against what serves those lengths by the config table: the Triton forward, for inference
-(`attnhub:triton_fa_rope`) and training ("triton training": `launch.forward` writing the rotated q and k).
+(`attnhub:triton_fa_rope`) and training ("triton training": `launch.forward` writing the rotated q and k); with
+`--v-slots 2,3,4,5` also with the other depths of its V ring (`stream_v_slots`) where they fit.
 
-    python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:64,16,785,64,1,28" --out h200_gluon_stream.json
+    python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" --v-slots 3,4,5 \
+        --out h200_gluon_stream.json
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, gluon_fwd, launch
-from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, LongOptions
+from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, STREAM_V_SLOTS, LongOptions
 from attnhub.tolerances import bound, rel_l2
 
 
@@ -70,13 +72,14 @@ def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups, swap_
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
-def _stream_o(q, k, v, table, qk_scale, save_rotated):
-    """o of the streaming kernel (past `gluon_fwd.MAX_N` tokens, whatever the config table says)."""
+def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots):
+    """o of the streaming kernel (past `gluon_fwd.MAX_N` tokens, whatever the config table says) with a ring of
+    v_slots V boxes."""
     assert q.shape[2] > gluon_fwd.MAX_N
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated)[0]
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, LongOptions(v_slots=v_slots))[0]
 
 
-def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
+def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,)) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -100,9 +103,15 @@ def run_shape(s: benchkit.Shape, groups=(0,)) -> list[dict]:
         no_rope = lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0]  # noqa: E731
         stream = s.N > gluon_fwd.MAX_N
         if stream:  # the streaming kernel, and the Triton training forward the table runs here
-            for rope, save in ((True, False), (False, False), (True, True)):
-                name = f"gluon stream{' training' if save else ''}{'' if rope else ', no RoPE'}"
-                fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save)
+            table_slots = configs.for_call(dev, s.D).stream_v_slots
+            # (rope, save_rotated, ring depth): the table's depth every way, the others with RoPE
+            variants = [(rope, save, table_slots) for rope, save in ((True, False), (False, False), (True, True))]
+            variants += [(True, save, n) for n in v_slots if n != table_slots for save in (False, True)
+                         if gluon_fwd.stream_v_slots(s.N, n) == n]
+            for rope, save, n in variants:
+                name = (f"gluon stream{' training' if save else ''}{'' if rope else ', no RoPE'}"
+                        f"{'' if n == table_slots else f', {n} V slots'}")
+                fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n)
                 err = _check(name, fn, q, k, v, table if rope else None)
                 add(name, fn, rope=rope, err=err)
             config = configs.for_call(dev, s.D)
@@ -166,6 +175,8 @@ def main(argv=None) -> None:
                    default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224")
     p.add_argument("--groups", default="0,3", help="comma list of the long kernel's attending groups to time "
                    "(`long_attend_groups`: 0, 3)")
+    p.add_argument("--v-slots", default="4", help="comma list of the streaming kernel's V ring depths to time past "
+                   "640 tokens (`stream_v_slots`: 2-5; those that fit)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     groups = tuple(int(g) for g in args.groups.split(","))
@@ -174,9 +185,13 @@ def main(argv=None) -> None:
         p.error(f"--groups {args.groups}: {bad} not among {LONG_ATTEND_GROUPS}")
     env = benchkit.environment("cuda")
     print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
+    v_slots = tuple(int(n) for n in args.v_slots.split(","))
+    bad = [n for n in v_slots if n not in STREAM_V_SLOTS]
+    if bad:
+        p.error(f"--v-slots {args.v_slots}: {bad} not among {STREAM_V_SLOTS}")
     rows = []
     for spec in args.shapes.split(";"):
-        rows += run_shape(benchkit.parse_shape(spec), groups)
+        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots)
         if args.out:  # after every shape: a run cut short keeps what it measured
             with open(args.out, "w") as fh:
                 json.dump(dict(environment=env, rows=rows, complete=False), fh, indent=1)

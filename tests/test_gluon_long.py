@@ -48,3 +48,13 @@ def test_past_640_tokens_the_streaming_kernel_is_summarized_against_the_tables_f
     assert summary["training"]["best"] == "gluon stream training" and summary["training"]["baseline_ms"] == 0.44
     slower = [_row("n785", "gluon stream", 0.40), _row("n785", "attnhub:triton_fa_rope", 0.35)]
     assert gluon_long.summarize(slower)[0]["best"] == "attnhub:triton_fa_rope"  # the baseline when it is fastest
+
+
+def test_the_ring_depths_are_variants_of_the_streaming_kernel():
+    """`--v-slots`: rows "gluon stream, 5 V slots" compete with the table's depth in their pass."""
+    gluon_long = load_script("gluon_long")
+    rows = [_row("n1029", name, ms) for name, ms in (
+        ("gluon stream", 0.30), ("gluon stream, 5 V slots", 0.29), ("gluon stream training", 0.33),
+        ("gluon stream training, 5 V slots", 0.34), ("triton training", 0.44), ("attnhub:triton_fa_rope", 0.36))]
+    summary = {r["kind"]: r["best"] for r in gluon_long.summarize(rows)}
+    assert summary == {"inference": "gluon stream, 5 V slots", "training": "gluon stream training"}

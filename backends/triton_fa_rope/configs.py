@@ -22,17 +22,20 @@ import torch
 
 
 LONG_ATTEND_GROUPS = (0, 3)  # `long_attend_groups`: one partition of two warpgroups attends, or three warpgroups
+STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluon forward's ring
 
 
 class LongOptions(NamedTuple):
-    """The switches of the long Gluon forward (`gluon_fwd.long_fwd_kernel`), as `ArchConfigs.long_options` gathers
-    them from its fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
-    (`long_attend_groups`), swap_tail (`long_swap_tail`)."""
+    """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
+    fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
+    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) of the
+    streaming one."""
 
     early_release: bool = False
     from_n: int = 257
     attend_groups: int = 0
     swap_tail: bool = False
+    v_slots: int = 4
 
 
 class KernelConfig(NamedTuple):
@@ -73,7 +76,8 @@ class ArchConfigs:
     long_attend_groups: 0, the long kernel's two attending warpgroups work as one partition on 128-row query
     slices; 3 (with long_early_release), three warpgroups attend as partitions of their own, 64-row slices in turn;
     long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577: one) is computed with the keys as
-    the MMA's rows (slower on the H200: off).
+    the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
+    (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -100,6 +104,7 @@ class ArchConfigs:
     gluon_long_from_n: int = 257
     long_attend_groups: int = 0
     long_swap_tail: bool = False
+    stream_v_slots: int = 4
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
@@ -113,12 +118,15 @@ class ArchConfigs:
         if self.long_attend_groups and not self.long_early_release:
             raise ValueError(f"triton_fa_rope: long_attend_groups={self.long_attend_groups} needs "
                              "long_early_release=True (the attending groups hand the K/V boxes back box by box)")
+        if self.stream_v_slots not in STREAM_V_SLOTS:
+            raise ValueError(f"triton_fa_rope: stream_v_slots={self.stream_v_slots!r}; the streaming Gluon forward's "
+                             f"V ring takes {STREAM_V_SLOTS} boxes")
 
     @functools.cached_property
     def long_options(self) -> LongOptions:
-        """The long Gluon forward's switches (built once per table)."""
+        """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail)
+                           self.long_swap_tail, self.stream_v_slots)
 
 
 K = KernelConfig

@@ -41,7 +41,7 @@ from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, resident_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_long_kernels import WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import MAXNREG as STREAM_MAXNREG
-from attnhub.backends.triton_fa_rope.gluon_stream_kernels import V_SLOTS, stream_fwd_kernel
+from attnhub.backends.triton_fa_rope.gluon_stream_kernels import stream_fwd_kernel
 from attnhub.rope import CosSinTable, table_strides
 
 RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
@@ -50,7 +50,8 @@ SLICE = 128  # longer sequences: query rows per step (`long_fwd_kernel`; K and V
 GROUP_SLICE = 64  # ... per step of one attending group (`long_fwd_kernel`'s ATTEND_GROUPS)
 TAIL_ROWS = 16  # the swapped last slice's query columns (`long_fwd_kernel`'s TAIL_Q): wgmma's N in steps of 8
 MAX_N = 640  # the long kernel: K and V in ten 64-row boxes each and six 64-row query buffers: 208 KiB
-STREAM_MAX_N = 1152  # the streaming kernel: 18 K boxes, six query buffers and V_SLOTS V boxes: 224 KiB
+STREAM_MAX_N = 1152  # the streaming kernel: 18 K boxes, six query buffers and four V boxes: 224 KiB
+SHARED_BYTES = 227 * 1024 - 1024  # a Hopper block's shared memory, less room for the barriers
 HEAD_D = 64
 NUM_WARPS = 8  # two warpgroups, each 2 x 64 query rows: within 1% of the best of six structures at N = 197
 ROT_ROWS = 128  # tokens per RoPE step, the next step's table load in flight (on an H200 faster than 32 or 64)
@@ -72,6 +73,14 @@ def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
     rest -= mid
     return dict(N_FULL=n_full, MID_N=mid, TAIL_N=0 if rest == 0 else max(16, triton.next_power_of_2(rest)),
                 ROT_ROWS=rot_rows, ROT_CHUNKS=-(-N // rot_rows))
+
+
+@functools.lru_cache(maxsize=None)
+def stream_v_slots(N: int, asked: int) -> int:
+    """V boxes in the streaming kernel's ring at N tokens: `asked` (the config table's `stream_v_slots`), or as many
+    as fit beside K's boxes and the six query buffers where fewer do (5 only up to 1088 tokens)."""
+    box = BLOCK_N * HEAD_D * 2  # bf16 / fp16
+    return min(asked, SHARED_BYTES // box - 2 * 3 - -(-N // BLOCK_N))
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,13 +126,13 @@ class _Plan:
     (`_takes_long`; past MAX_N tokens the streaming one, which takes none of the switches); early_release: its K/V
     boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE); groups: its attending
     partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of its swapped last query slice (TAIL_Q; 0:
-    none)."""
+    none); v_slots: the streaming kernel's V ring (`stream_v_slots`)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs", "num_warps")
 
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
-                 groups: int, tail_q: int):
+                 groups: int, tail_q: int, v_slots: int):
         B, H, N, D = q.shape
         stream = N > MAX_N  # K resident, V streamed: three attending groups (the options do not apply)
         self.kernel = stream_fwd_kernel if stream else long_fwd_kernel if long else resident_fwd_kernel
@@ -146,7 +155,7 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, slice_rows if long else ROT_ROWS))
         if stream:
-            self.constexprs.update(V_SLOTS_=V_SLOTS, maxnreg=STREAM_MAXNREG)
+            self.constexprs.update(V_SLOTS_=v_slots, maxnreg=STREAM_MAXNREG)
         elif long:
             self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_3_GROUPS_MAXNREG if groups else WS_MAXNREG)
@@ -159,12 +168,13 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= STREAM_MAX_N, TMA-readable strides; rope None or interleaved
     with one table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the
-    rotated q and k (only with rope); options: the long kernel's switches (`forward`)."""
+    rotated q and k (only with rope); options: the long kernels' switches (`forward`)."""
     rope_sig = None if rope is None else (rope.layout, cos.shape, cos.stride(), cos.dtype, rope.prefix_tokens)
     save = save_rotated and rope is not None
     N = q.shape[2]
     long = _takes_long(N, options.from_n)
-    if N > MAX_N:  # the streaming kernel has no switches
+    v_slots = stream_v_slots(N, options.v_slots) if N > MAX_N else 0
+    if N > MAX_N:  # the long kernel's switches do not apply
         options = LongOptions()
     # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
     groups = options.attend_groups if long and N > GROUP_SLICE * (options.attend_groups - 1) else 0
@@ -172,9 +182,9 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     early = options.early_release and long and (N > SLICE or groups > 0)
     tail_q = TAIL_ROWS if options.swap_tail and groups and 0 < N % GROUP_SLICE <= TAIL_ROWS else 0
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early, groups, tail_q)
+           rope_sig, save, long, early, groups, tail_q, v_slots)
     return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups,
-                                                       tail_q) if _takes(q, k, v, rope) else None)
+                                                       tail_q, v_slots) if _takes(q, k, v, rope) else None)
 
 
 def _takes_long(n: int, long_from_n: int) -> bool:
@@ -227,10 +237,11 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); options: the long kernel's switches from
+    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); options: the long kernels' switches from
     the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
     serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of
-    `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them)."""
+    `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them; v_slots: the streaming
+    kernel's V ring past `MAX_N` tokens, `stream_v_slots`)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
     plan = _plan(q, k, v, rope, cos, save_rotated, options) if _aligned(q, k, v) else None

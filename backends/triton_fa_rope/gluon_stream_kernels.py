@@ -10,8 +10,10 @@ tokens K and V of a head no longer fit shared memory together, so K stays reside
 The producer's schedule follows the V ring: the loads it waits on free up as the groups move along the keys, so
 the other work is placed where it cannot wait on itself. A head's first query slices come before its K boxes; in
 round 0 each K box is loaded one box ahead and rotated after its V box is issued; round r + 1's query slices are
-loaded once round r's V box V_SLOTS is issued (every group has started round r, so their buffers are free) and
-rotated one per box after it. Read top-down: the groups' key loop, the producer, the kernel.
+loaded once round r's V box V_SLOTS_ is issued (every group has started round r, so their buffers are free) and
+rotated one per box after it. The ring's depth V_SLOTS_ is the config table's `stream_v_slots` (2 to 5: four with
+the 18 K boxes of 1152 tokens and the six query buffers fill 224 KiB). Read top-down: the groups' key loop, the
+producer, the kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice, _rota
 
 GROUPS = 3  # attending warpgroups, a round of 64-row slices each: FA3's 192-row tile at D = 64
 _GROUPS = gl.constexpr(GROUPS)
-V_SLOTS = 4  # V boxes in flight; with the 18 K boxes of 1152 tokens and six query buffers: 224 KiB
 # 16 warps: the launch's cap is 65,536 / 512 threads = 128 registers; the groups' unpipelined key loop fits 120, the
 # producer takes 144 (`gluon_long_kernels`: the same split as the long kernel's three groups)
 MAXNREG = 128
@@ -225,7 +226,7 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
                      SAVE_ROT: gl.constexpr):
     """Per head: round 0's query slices; then round 0's key boxes, each K box loaded one ahead, its V box issued
     and the K box rotated in place -> k_ready (SAVE_ROT: also stored to kr_desc); then the V boxes of rounds
-    1, 2, ...; from each round's box V_SLOTS on, the next round's slices (`_next_round_slices`)."""
+    1, 2, ...; from each round's box V_SLOTS_ on, the next round's slices (`_next_round_slices`)."""
     k_loaded, k_ready = bars[3], bars[4]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = k_desc.block_type.shape[3]

@@ -285,6 +285,9 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
                                      resident_train_max_n=1152))
              for case, (grid, P) in STREAM_GLUON.items()]
+    jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_5_slots",  # its deepest ring: the most shared memory
+              training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=5))]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -35,10 +35,10 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 
 
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
-          swap_tail=False):
+          swap_tail=False, v_slots=4):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
     return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
-                           LongOptions(early_release, long_from_n, attend_groups, swap_tail))
+                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots))
 
 
 def test_takes_calls_it_covers():
@@ -128,15 +128,20 @@ def test_long_kernel_chunks_fit_its_boxes(N):
 @pytest.mark.parametrize("N", range(gluon_fwd.MAX_N + 1, gluon_fwd.STREAM_MAX_N + 1) if gluon_fwd else [])
 def test_streaming_kernel_fits_shared_memory_and_its_schedule(N):
     """stream_fwd_kernel holds K in boxes of BLOCK_N rows (the half-width and masked chunks in the last), six 64-row
-    query buffers and V_SLOTS V boxes within Hopper's 227 KiB (1 KiB left for the barriers); its producer loads
-    the next round's slices at V box V_SLOTS and rotates them one per box after, so a head needs V_SLOTS + 4
-    boxes, and every group needs a slice per head."""
+    query buffers and its V ring within Hopper's 227 KiB (1 KiB left for the barriers): the table's four V boxes
+    at every length, five up to 1088 tokens (`stream_v_slots`); its producer loads the next round's slices at V
+    box V_SLOTS_ and rotates them one per box after, so a head needs V_SLOTS_ + 4 boxes, and every group needs a
+    slice per head."""
     c = gluon_fwd.chunking(N, gluon_fwd.GROUP_SLICE)
     boxes = c["N_FULL"] + (1 if c["MID_N"] + c["TAIL_N"] else 0)
     assert c["MID_N"] + c["TAIL_N"] <= gluon_fwd.BLOCK_N and N <= boxes * gluon_fwd.BLOCK_N
     box = gluon_fwd.BLOCK_N * 64 * 2
-    assert (boxes + 6 + gluon_fwd.V_SLOTS) * box <= 227 * 1024 - 1024
-    assert boxes >= gluon_fwd.V_SLOTS + 4 and c["ROT_CHUNKS"] >= 3
+    assert gluon_fwd.stream_v_slots(N, configs.for_arch(9, 64).stream_v_slots) == 4
+    assert [gluon_fwd.stream_v_slots(N, v) for v in configs.STREAM_V_SLOTS] == [2, 3, 4, 5 if N <= 1088 else 4]
+    for v in configs.STREAM_V_SLOTS:
+        slots = gluon_fwd.stream_v_slots(N, v)
+        assert (boxes + 6 + slots) * box <= 227 * 1024 - 1024 and boxes >= slots + 4
+    assert c["ROT_CHUNKS"] >= 3
     assert N <= c["ROT_CHUNKS"] * gluon_fwd.GROUP_SLICE < N + gluon_fwd.GROUP_SLICE
 
 
@@ -151,6 +156,8 @@ def test_plans_pick_the_kernel_by_length():
         assert stream.kernel is gluon_fwd.stream_fwd_kernel and stream.num_warps == 4
         assert stream.constexprs["ROT_ROWS"] == gluon_fwd.GROUP_SLICE and stream.constexprs["V_SLOTS_"] == 4
         assert "EARLY_RELEASE" not in stream.constexprs and stream.constexprs["maxnreg"] == gluon_fwd.STREAM_MAXNREG
+        deeper = _plan(*_inputs(N=N), _table(N), v_slots=5)  # where five V boxes fit beside K's; else the same plan
+        assert deeper.constexprs["V_SLOTS_"] == (5 if N <= 1088 else 4) and (deeper is stream) == (N > 1088)
 
 
 def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypatch):
@@ -221,6 +228,25 @@ def test_other_attend_groups_are_refused_with_the_fields_name(groups):
         dataclasses.replace(configs.for_arch(9, 64), long_attend_groups=groups)
     with configs.override(long_attend_groups=groups), pytest.raises(ValueError, match="long_attend_groups"):
         configs.for_call(torch.device("cpu"), 64)
+
+
+@pytest.mark.parametrize("v_slots", [0, 1, 6, "4"])
+def test_other_stream_ring_depths_are_refused_with_the_fields_name(v_slots):
+    with pytest.raises(ValueError, match="stream_v_slots"):
+        dataclasses.replace(configs.for_arch(9, 64), stream_v_slots=v_slots)
+
+
+def test_the_ring_depth_reaches_the_plan_from_the_config_table(monkeypatch):
+    """`stream_v_slots` travels in `long_options` to `gluon_fwd.forward`'s plan."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    q, k, v = _inputs(N=1029)
+    table = _table(1029)
+    for v_slots in (3, 5):
+        config = dataclasses.replace(configs.for_arch(9, 64), resident_fwd_max_n=1152, stream_v_slots=v_slots)
+        assert config.long_options.v_slots == v_slots
+        with runtime.recording(run=False) as launches:
+            launch.forward(q, k, v, table, 0.125, False, config)
+        assert [(x.name, x.constexprs["V_SLOTS_"]) for x in launches] == [("stream_fwd_kernel", v_slots)]
 
 
 def test_attend_groups_without_early_release_are_refused_with_both_fields():
@@ -503,18 +529,21 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("save_rotated", [False, True])
-def test_streaming_kernel_over_many_heads_per_program(save_rotated, nan_empty):
+@pytest.mark.parametrize("save_rotated,v_slots", [(False, 4), (True, 4), (False, 2), (False, 3), (False, 5)])
+def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, nan_empty):
     """ViT-B/16@512's shape with four register tokens (N = 1029), 384 heads: each persistent program takes two or
     three, so the V ring's slots and every barrier's phase turn over across heads (the next head's K boxes load
-    during the last round of the one before, its V boxes follow that round's in the ring). The programs' first and
-    last heads against float64, NaN-filled outputs."""
+    during the last round of the one before, its V boxes follow that round's in the ring), with the table's ring
+    of four V boxes and the other depths `stream_v_slots` takes. The programs' first and last heads against
+    float64, NaN-filled outputs."""
     gen = torch.Generator().manual_seed(1029)
     B, H, N = 32, 12, 1029
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (32, 32), 5, 64, "interleaved"), gen)
-    assert _plan(q, k, v, table, save_rotated).kernel is gluon_fwd.stream_fwd_kernel
-    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated)
+    plan = _plan(q, k, v, table, save_rotated, v_slots=v_slots)
+    assert plan.kernel is gluon_fwd.stream_fwd_kernel and plan.constexprs["V_SLOTS_"] == v_slots
+    o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
+                                         LongOptions(v_slots=v_slots))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 

@@ -87,7 +87,8 @@ def test_every_launch_compiles_for_sm90(tmp_path):
         assert {(case, "stream_gluon", name) for name in ("stream_fwd_kernel", "gluon_dq_kernel")} <= compiled
         assert (case, "stream_gluon", "fwd_kernel") not in compiled
     streams = [r for r in result["rows"] if r["kernel"] == "stream_fwd_kernel" and r["case"] in stream_cases]
-    assert len(streams) == 2 * len(stream_cases)
+    assert len(streams) == 2 * len(stream_cases) + 2  # and a ring of five V boxes at 1029
+    assert ("d64_bf16_interleaved_n1029", "stream_gluon_5_slots", "stream_fwd_kernel") in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

@@ -15,14 +15,14 @@ import random
 
 import pytest
 
-from attnhub.backends.triton_fa_rope import launch
+from attnhub.backends.triton_fa_rope import configs, launch
 
 gluon_fwd = launch._gluon("gluon_fwd")
 pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
 if gluon_fwd is not None:
-    from attnhub.backends.triton_fa_rope.gluon_stream_kernels import GROUPS, V_SLOTS
+    from attnhub.backends.triton_fa_rope.gluon_stream_kernels import GROUPS
 else:  # every test skips
-    GROUPS = V_SLOTS = 0
+    GROUPS = 0
 BLOCK = 64  # rows of a query slice and of a K or V box
 
 
@@ -52,15 +52,15 @@ class _Barrier:
 class _Model:
     """One program of stream_fwd_kernel over `heads`; NS query slices and NKC key boxes a head."""
 
-    def __init__(self, N: int, heads: list[int], rng: random.Random, v_empty_count: int = GROUPS,
+    def __init__(self, N: int, heads: list[int], rng: random.Random, v_slots: int = 4, v_empty_count: int = GROUPS,
                  arrive_for_idle: bool = True):
         self.NS, self.NKC = -(-N // BLOCK), -(-N // BLOCK)
-        self.heads, self.rng, self.arrive_for_idle = heads, rng, arrive_for_idle
+        self.heads, self.rng, self.arrive_for_idle, self.R = heads, rng, arrive_for_idle, v_slots
         bars = lambda n, count=1: [_Barrier(count) for _ in range(n)]  # noqa: E731
         self.q_loaded, self.q_ready, self.q_empty = bars(2 * GROUPS), bars(2 * GROUPS), bars(2 * GROUPS)
         self.k_loaded, self.k_ready, self.kv_free = bars(self.NKC), bars(self.NKC), bars(self.NKC, GROUPS)
-        self.v_ready, self.v_empty = bars(V_SLOTS), bars(V_SLOTS, v_empty_count)
-        self.q_buf, self.k_buf, self.v_ring = [None] * (2 * GROUPS), [None] * self.NKC, [None] * V_SLOTS
+        self.v_ready, self.v_empty = bars(v_slots), bars(v_slots, v_empty_count)
+        self.q_buf, self.k_buf, self.v_ring = [None] * (2 * GROUPS), [None] * self.NKC, [None] * v_slots
         self.reading: dict = {}  # (buffer, index) -> readers now
         self.in_flight: list = []  # TMA loads: (barrier, buffer, index, content)
         self.outputs: list = []
@@ -110,17 +110,17 @@ class _Model:
 
     def _next_round_slices(self, tile, r, j, it):
         if r + 1 < -(-self.NS // GROUPS):
-            if j == V_SLOTS:
+            if j == self.R:
                 for g in range(GROUPS):
                     if (r + 1) * GROUPS + g < self.NS:
                         yield from self._load_slice(tile, (r + 1) * GROUPS + g, it)
             for g in range(GROUPS):
-                if j == V_SLOTS + 1 + g and (r + 1) * GROUPS + g < self.NS:
+                if j == self.R + 1 + g and (r + 1) * GROUPS + g < self.NS:
                     yield from self._rotate_slice(tile, (r + 1) * GROUPS + g, it)
 
     def _issue_v(self, tile, j, vc, idle):
-        slot = vc % V_SLOTS
-        yield from self._wait(self.v_empty[slot], ((vc // V_SLOTS) & 1) ^ 1)
+        slot = vc % self.R
+        yield from self._wait(self.v_empty[slot], ((vc // self.R) & 1) ^ 1)
         self._load(self.v_ready[slot], self.v_ring, slot, ("v", tile, j, vc))
         if idle and self.arrive_for_idle:
             self.v_empty[slot].arrive(idle)
@@ -163,8 +163,8 @@ class _Model:
         for j in range(self.NKC):
             if first:
                 yield from self._wait(self.k_ready[j], phase)
-            slot = (vc + j) % V_SLOTS
-            yield from self._wait(self.v_ready[slot], ((vc + j) // V_SLOTS) & 1)
+            slot = (vc + j) % self.R
+            yield from self._wait(self.v_ready[slot], ((vc + j) // self.R) & 1)
             yield from self._read(self.q_buf, buf, ("rotated q", tile, si))
             yield from self._read(self.k_buf, j, ("rotated k", tile, j))
             yield from self._read(self.v_ring, slot, ("v", tile, j, vc + j))
@@ -211,8 +211,10 @@ class _Model:
 # 641: 11 slices (one group idle in the last round), 785: 13 (two idle), 1029: 17 (one), 1152: 18 (none)
 @pytest.mark.parametrize("N", [641, 785, 1029, 1152])
 @pytest.mark.parametrize("heads", [1, 3])
-def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads):
-    rng = random.Random(N * 10 + heads)
+@pytest.mark.parametrize("v_slots", configs.STREAM_V_SLOTS)
+def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots):
+    """Every ring depth the config table takes (`stream_v_slots`)."""
+    rng = random.Random(N * 10 + heads + 1000 * v_slots)
     for _ in range(12):
         _Model(N, list(range(heads)), rng).run()
 
