@@ -103,7 +103,8 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,)) -> list[dict]:
         no_rope = lambda: gluon_fwd.forward(q, k, v, None, qk_scale, runtime.launch)[0]  # noqa: E731
         stream = s.N > gluon_fwd.MAX_N
         if stream:  # the streaming kernel, and the Triton training forward the table runs here
-            table_slots = configs.for_call(dev, s.D).stream_v_slots
+            config = configs.for_call(dev, s.D)
+            table_slots = config.stream_v_slots
             # (rope, save_rotated, ring depth): the table's depth every way, the others with RoPE
             variants = [(rope, save, table_slots) for rope, save in ((True, False), (False, False), (True, True))]
             variants += [(True, save, n) for n in v_slots if n != table_slots for save in (False, True)
@@ -114,7 +115,6 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,)) -> list[dict]:
                 fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n)
                 err = _check(name, fn, q, k, v, table if rope else None)
                 add(name, fn, rope=rope, err=err)
-            config = configs.for_call(dev, s.D)
             fn = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)[0]  # noqa: E731
             add("triton training", fn, err=_check("triton training", fn, q, k, v, table))
         elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced

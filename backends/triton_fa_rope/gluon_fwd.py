@@ -41,7 +41,7 @@ from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, resident_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_long_kernels import WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import MAXNREG as STREAM_MAXNREG
-from attnhub.backends.triton_fa_rope.gluon_stream_kernels import stream_fwd_kernel
+from attnhub.backends.triton_fa_rope.gluon_stream_kernels import GROUPS, stream_fwd_kernel
 from attnhub.rope import CosSinTable, table_strides
 
 RESIDENT_MAX_N = 256  # Q, K and V of a head (256 x 64 bf16 each) fit shared memory twice (double-buffered): 192 KiB
@@ -78,9 +78,9 @@ def chunking(N: int, rot_rows: int = ROT_ROWS) -> dict:
 @functools.lru_cache(maxsize=None)
 def stream_v_slots(N: int, asked: int) -> int:
     """V boxes in the streaming kernel's ring at N tokens: `asked` (the config table's `stream_v_slots`), or as many
-    as fit beside K's boxes and the six query buffers where fewer do (5 only up to 1088 tokens)."""
-    box = BLOCK_N * HEAD_D * 2  # bf16 / fp16
-    return min(asked, SHARED_BYTES // box - 2 * 3 - -(-N // BLOCK_N))
+    as fit beside K's boxes and the groups' query buffers (two each) where fewer do (5 only up to 1088 tokens)."""
+    box = BLOCK_N * HEAD_D * 2  # bf16 / fp16; a query slice is as large
+    return min(asked, SHARED_BYTES // box - 2 * GROUPS - -(-N // BLOCK_N))
 
 
 @functools.lru_cache(maxsize=None)

@@ -359,9 +359,8 @@ def load_kernel_files(folder: str) -> tuple[dict[str, object], set[str]]:
         stem = f"_sm90_old_{name[:-3]}"
         with open(os.path.join(folder, name)) as fh:
             text = fh.read()
-        for other in found:
-            text = text.replace(f"{_PACKAGE}.{other[:-3]}\n", f"_sm90_old_{other[:-3]}\n").replace(
-                f"{_PACKAGE}.{other[:-3]} ", f"_sm90_old_{other[:-3]} ")
+        for other in found:  # no module's dotted name is part of another's
+            text = text.replace(f"{_PACKAGE}.{other[:-3]}", f"_sm90_old_{other[:-3]}")
         copy = os.path.join(folder, stem + ".py")
         with open(copy, "w") as fh:
             fh.write(text)
