@@ -53,6 +53,9 @@
 #          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes) against the
 #          Triton forward the table runs there, inference and training
 #                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
+#   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
+#          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)
+#                                                                                 -> h200_host_floor.txt
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -225,6 +228,10 @@ for stage in "${stages[@]}"; do
       timeout 330 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
         --v-slots 3,4,5 --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
       tail -14 "$OUT/gluon_stream.log" ;;
+    hostfloor)
+      timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \
+        || status=1
+      tail -12 "$OUT/h200_host_floor.txt" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
@@ -237,7 +244,7 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/gluon_bwd.py $GLUON_BWD_ARGS --out "$OUT/h200_gluon_bwd.json" \
         >"$OUT/gluon_bwd.log" 2>&1 || status=1
       tail -32 "$OUT/gluon_bwd.log" ;;
-    *) echo "unknown stage $stage (env, tests, tests2, first, bench, sweep, e2e, e2e384, varlen, varlenq, hostwait, naflex, graphs, mixed, multigpu, hyp, gluon, gluonlong, early, stream, groupse2e, gluontrain, gluonbwd)"; status=2 ;;
+    *) echo "unknown stage $stage: the stages are listed at the top of this script"; status=2 ;;
   esac
 done
 exit $status

@@ -14,13 +14,22 @@ through `attnhub.attention`, `FlashRopeAttention.apply`, a `Null` autograd.Funct
 autograd engine's own floor), F.sdpa, and the launcher's parts (`launch.forward`, `launch.backward`, the
 compile-ahead key, an allocation, a kept-runner launch and its key), two rounds each.
 
-Host-bound numbers vary between runs: compare rounds. Needs a CUDA GPU.
+`floor`: what a C++ autograd node would save, before one is built. Host µs per fwd+bwd at the tiny shape, by
+`benchkit.host_us` (the rows' loops interleaved, best of ten): F.sdpa; the Python `Null` Function and `Null8` (our
+Function's eight inputs and five saved tensors); a C++ node that launches nothing (`host_floor_ext.cpp`, compiled
+here by `torch.utils.cpp_extension.load`, about a minute); the C++ node calling a Python no-op in its backward (the
+GIL on the engine's device thread); the C++ node calling the kept forward and backward launchers (a C++ node with
+today's Python launchers); attnhub. `--device cpu` smoke-tests the section (the engine then runs the backward on
+the calling thread, so the numbers say nothing of a GPU host).
+
+Host-bound numbers vary between runs: compare rounds. Needs a CUDA GPU (except `floor --device cpu`).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import pathlib
 import pstats
 import time
 
@@ -28,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import attnhub
+from attnhub import benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import autograd as ag
 from attnhub.backends.triton_fa_rope import configs
@@ -78,6 +88,22 @@ class Null(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g, g, g
+
+
+class Null8(torch.autograd.Function):
+    """`Null` with FlashRopeAttention's signature: eight inputs, five saved tensors, three attributes on ctx."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, rope, scale, mask):
+        o = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, o, cos)
+        ctx.table_meta, ctx.has_mask, ctx.scale = (1, "interleaved"), mask is not None, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.saved_tensors
+        return g, g, g, None, None, None, None, None
 
 
 def kept_launch(r):
@@ -190,16 +216,67 @@ def breakdown() -> None:
         print(f"{name:40s} " + (" ".join(f"{x:7.1f}" for x in val) if isinstance(val, tuple) else f"{val:7.1f}"))
 
 
-SECTIONS = {"paths": paths, "breakdown": breakdown}
+def floor(device: str = "cuda") -> None:
+    from torch.utils.cpp_extension import load
+
+    t0 = time.perf_counter()
+    ext = load("attnhub_host_floor", [str(pathlib.Path(__file__).with_name("host_floor_ext.cpp"))])
+    print(f"host_floor_ext built in {time.perf_counter() - t0:.1f} s")
+    x = benchkit.inputs(benchkit.TINY, device, torch.bfloat16)
+    t = benchkit.rope_table(benchkit.TINY, device)
+    q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
+    do, cos_sin = x["do"], t.cos_sin()
+
+    def step(fn):
+        def run():
+            q.grad = k.grad = v.grad = None
+            fn().backward(do)
+        return run
+
+    rows = {"F.sdpa": step(lambda: F.scaled_dot_product_attention(q, k, v)),
+            "Null (Python Function)": step(lambda: Null.apply(q, k, v)),
+            "Null8 (Python Function, our signature)": step(lambda: Null8.apply(q, k, v, *cos_sin, t, SCALE, None)),
+            "C++ NullNode": step(lambda: ext.null_apply(q, k, v)),
+            "C++ CallbackNode, Python no-op": step(lambda: ext.callback_apply(q, k, v))}
+    callbacks = {}  # the callback is process-wide: each row sets its own (a no-op by default)
+    if device == "cuda":
+        cfg = configs.for_call(q.device, q.shape[-1])
+        tab = ag._Table(*cos_sin, t.prefix_tokens, t.layout)
+        o, lse, (qr, kr) = L.forward(q, k, v, tab, SCALE, True, cfg)
+
+        def launchers():
+            L.forward(q, k, v, tab, SCALE, True, cfg)
+            return ext.callback_apply(q, k, v)
+
+        rows["C++ CallbackNode + kept launchers"] = step(launchers)
+        callbacks["C++ CallbackNode + kept launchers"] = lambda g: L.backward(do, qr, kr, v, o, lse, tab, SCALE, cfg,
+                                                                              True)
+        rows["attnhub.attention"] = step(lambda: attnhub.attention(q, k, v, t))
+    res = {}
+    for name, fn in rows.items():
+        ext.set_backward_callback(callbacks.get(name, lambda g: None))
+        res[name] = [benchkit.host_us([fn], 2000, device)[0] for _ in range(2)]
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; host us per "
+          f"fwd+bwd at {benchkit.TINY}, two rounds of best of ten loops; ratio: to F.sdpa, first round")
+    for name, (a, b) in res.items():
+        print(f"{name:42s} {a:7.1f} {b:7.1f}   {a / res['F.sdpa'][0]:5.2f}x")
+
+
+SECTIONS = {"paths": paths, "breakdown": breakdown, "floor": floor}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="paths,breakdown", help=f"comma list of {', '.join(SECTIONS)}")
-    for name in p.parse_args(argv).sections.split(","):
+    p.add_argument("--device", default="cuda", help="cuda, or cpu to smoke-test the floor section")
+    args = p.parse_args(argv)
+    for name in args.sections.split(","):
         if name not in SECTIONS:
             p.error(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
-        SECTIONS[name]()
+        if name == "floor":
+            floor(args.device)
+        else:
+            SECTIONS[name]()
 
 
 if __name__ == "__main__":
