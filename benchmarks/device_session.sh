@@ -50,8 +50,8 @@
 #          groups (one partition, no early release, the Triton training forward from 384 tokens) against the
 #          table                                          -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
 #   stream the Gluon forwards' GPU tests, then benchmarks/gluon_long.py past 640 tokens (ViT-B/16@512 with 4 register
-#          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes) against the
-#          Triton forward the table runs there, inference and training
+#          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes; its key loop
+#          overlapped and not) against the Triton forward the table runs there, inference and training
 #                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)
@@ -226,7 +226,7 @@ for stage in "${stages[@]}"; do
     stream)
       gluon_tests
       timeout 330 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
-        --v-slots 3,4,5 --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
+        --v-slots 3,4,5 --overlap --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
       tail -14 "$OUT/gluon_stream.log" ;;
     hostfloor)
       timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \

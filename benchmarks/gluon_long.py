@@ -19,9 +19,10 @@ Hopper's table), and at lengths whose last 64-row slice holds at most 16 rows, t
 Past 640 tokens (`gluon_fwd.MAX_N`) the streaming kernel (`stream_fwd_kernel`: K resident, V through a ring) runs
 instead, against what serves those lengths by the config table: the Triton forward, for inference
 (`attnhub:triton_fa_rope`) and training ("triton training": `launch.forward` writing the rotated q and k); with
-`--v-slots 2,3,4,5` also with the other depths of its V ring (`stream_v_slots`) where they fit.
+`--v-slots 2,3,4,5` also with the other depths of its V ring (`stream_v_slots`) where they fit, and with
+`--overlap` also with its overlapped key loop (`stream_overlap`), every pass.
 
-    python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" --v-slots 3,4,5 \
+    python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" --v-slots 3,4,5 --overlap \
         --out h200_gluon_stream.json
 """
 
@@ -72,14 +73,15 @@ def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups, swap_
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
-def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots):
+def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     """o of the streaming kernel (past `gluon_fwd.MAX_N` tokens, whatever the config table says) with a ring of
-    v_slots V boxes."""
+    v_slots V boxes, its key loop overlapped or not."""
     assert q.shape[2] > gluon_fwd.MAX_N
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, LongOptions(v_slots=v_slots))[0]
+    options = LongOptions(v_slots=v_slots, overlap=overlap)
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
-def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,)) -> list[dict]:
+def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -104,15 +106,19 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,)) -> list[dict]:
         stream = s.N > gluon_fwd.MAX_N
         if stream:  # the streaming kernel, and the Triton training forward the table runs here
             config = configs.for_call(dev, s.D)
-            table_slots = config.stream_v_slots
-            # (rope, save_rotated, ring depth): the table's depth every way, the others with RoPE
-            variants = [(rope, save, table_slots) for rope, save in ((True, False), (False, False), (True, True))]
-            variants += [(True, save, n) for n in v_slots if n != table_slots for save in (False, True)
+            table_slots, table_overlap = config.stream_v_slots, config.stream_overlap
+            passes = ((True, False), (False, False), (True, True))  # (rope, save_rotated)
+            # (rope, save_rotated, ring depth, overlap): the table's depth every way, the others with RoPE; the other
+            # key loop every way
+            variants = [(rope, save, table_slots, table_overlap) for rope, save in passes]
+            variants += [(True, save, n, table_overlap) for n in v_slots if n != table_slots for save in (False, True)
                          if gluon_fwd.stream_v_slots(s.N, n) == n]
-            for rope, save, n in variants:
-                name = (f"gluon stream{' training' if save else ''}{'' if rope else ', no RoPE'}"
-                        f"{'' if n == table_slots else f', {n} V slots'}")
-                fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n)
+            variants += [(rope, save, table_slots, not table_overlap) for rope, save in passes if overlap]
+            for rope, save, n, over in variants:
+                name = (f"gluon stream{' training' if save else ''}{'' if n == table_slots else f', {n} V slots'}"
+                        f"{'' if over == table_overlap else ', overlapped' if over else ', not overlapped'}"
+                        f"{'' if rope else ', no RoPE'}")
+                fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n, over)
                 err = _check(name, fn, q, k, v, table if rope else None)
                 add(name, fn, rope=rope, err=err)
             fn = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)[0]  # noqa: E731
@@ -177,6 +183,8 @@ def main(argv=None) -> None:
                    "(`long_attend_groups`: 0, 3)")
     p.add_argument("--v-slots", default="4", help="comma list of the streaming kernel's V ring depths to time past "
                    "640 tokens (`stream_v_slots`: 2-5; those that fit)")
+    p.add_argument("--overlap", action="store_true", help="past 640 tokens also time the streaming kernel's other "
+                   "key loop (`stream_overlap`)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     groups = tuple(int(g) for g in args.groups.split(","))
@@ -191,7 +199,7 @@ def main(argv=None) -> None:
         p.error(f"--v-slots {args.v_slots}: {bad} not among {STREAM_V_SLOTS}")
     rows = []
     for spec in args.shapes.split(";"):
-        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots)
+        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots, args.overlap)
         if args.out:  # after every shape: a run cut short keeps what it measured
             with open(args.out, "w") as fh:
                 json.dump(dict(environment=env, rows=rows, complete=False), fh, indent=1)

@@ -58,3 +58,14 @@ def test_the_ring_depths_are_variants_of_the_streaming_kernel():
         ("gluon stream training, 5 V slots", 0.34), ("triton training", 0.44), ("attnhub:triton_fa_rope", 0.36))]
     summary = {r["kind"]: r["best"] for r in gluon_long.summarize(rows)}
     assert summary == {"inference": "gluon stream, 5 V slots", "training": "gluon stream training"}
+
+
+def test_the_overlapped_key_loop_is_a_variant_of_the_streaming_kernel():
+    """`--overlap`: rows "gluon stream, overlapped" (", no RoPE" last) compete in their own pass."""
+    gluon_long = load_script("gluon_long")
+    rows = [_row("n1029", name, ms) for name, ms in (
+        ("gluon stream", 0.30), ("gluon stream, overlapped", 0.27), ("gluon stream training", 0.33),
+        ("gluon stream training, overlapped", 0.35), ("gluon stream, no RoPE", 0.26),
+        ("gluon stream, overlapped, no RoPE", 0.24), ("triton training", 0.44), ("attnhub:triton_fa_rope", 0.36))]
+    summary = {r["kind"]: r["best"] for r in gluon_long.summarize(rows)}
+    assert summary == {"inference": "gluon stream, overlapped", "training": "gluon stream training"}

@@ -28,14 +28,15 @@ STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluo
 class LongOptions(NamedTuple):
     """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
-    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) of the
-    streaming one."""
+    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
+    overlap (`stream_overlap`) of the streaming one."""
 
     early_release: bool = False
     from_n: int = 257
     attend_groups: int = 0
     swap_tail: bool = False
     v_slots: int = 4
+    overlap: bool = False
 
 
 class KernelConfig(NamedTuple):
@@ -77,7 +78,9 @@ class ArchConfigs:
     slices; 3 (with long_early_release), three warpgroups attend as partitions of their own, 64-row slices in turn;
     long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577: one) is computed with the keys as
     the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
-    (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`).
+    (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
+    its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
+    intra-warpgroup overlap; not yet measured: off).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -105,6 +108,7 @@ class ArchConfigs:
     long_attend_groups: int = 0
     long_swap_tail: bool = False
     stream_v_slots: int = 4
+    stream_overlap: bool = False
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
@@ -121,12 +125,14 @@ class ArchConfigs:
         if self.stream_v_slots not in STREAM_V_SLOTS:
             raise ValueError(f"triton_fa_rope: stream_v_slots={self.stream_v_slots!r}; the streaming Gluon forward's "
                              f"V ring takes {STREAM_V_SLOTS} boxes")
+        if not isinstance(self.stream_overlap, bool):  # a kernel constexpr: a truthy string would pass as True
+            raise ValueError(f"triton_fa_rope: stream_overlap={self.stream_overlap!r}; True or False")
 
     @functools.cached_property
     def long_options(self) -> LongOptions:
         """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots)
+                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap)
 
 
 K = KernelConfig

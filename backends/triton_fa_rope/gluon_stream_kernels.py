@@ -12,28 +12,39 @@ the other work is placed where it cannot wait on itself. A head's first query sl
 round 0 each K box is loaded one box ahead and rotated after its V box is issued; round r + 1's query slices are
 loaded once round r's V box V_SLOTS_ is issued (every group has started round r, so their buffers are free) and
 rotated one per box after it. The ring's depth V_SLOTS_ is the config table's `stream_v_slots` (2 to 5: four with
-the 18 K boxes of 1152 tokens and the six query buffers fill 224 KiB). Read top-down: the groups' key loop, the
-producer, the kernel.
+the 18 K boxes of 1152 tokens and the six query buffers fill 224 KiB). With the table's `stream_overlap` the groups'
+key loop issues a box's S = Q K^T before the last box's P V (`_overlapped_boxes`, FA3's intra-warpgroup overlap),
+which needs 128 registers a group, so the producer gets 120 (`_registers`). Read top-down: the groups' key loop,
+the producer, the kernel.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
 
 from attnhub.backends.triton_fa_rope.gluon_kernels import (_BLOCK_N, _attend_chunk, _cta_barrier, _invalidate,
-                                                            _load_table, _mbarriers, _rope_inplace, _softmax_init,
-                                                            _tma_load, _tma_store)
+                                                            _issue_scores, _load_table, _mbarriers, _pv,
+                                                            _rope_inplace, _softmax_init, _softmax_step, _tma_load,
+                                                            _tma_store)
 from attnhub.backends.triton_fa_rope.gluon_long_kernels import _end_slice, _rotate_box
 
 GROUPS = 3  # attending warpgroups, a round of 64-row slices each: FA3's 192-row tile at D = 64
 _GROUPS = gl.constexpr(GROUPS)
-# 16 warps: the launch's cap is 65,536 / 512 threads = 128 registers; the groups' unpipelined key loop fits 120, the
-# producer takes 144 (`gluon_long_kernels`: the same split as the long kernel's three groups)
+# 16 warps: the launch's cap is 65,536 / 512 threads = 128 registers. The groups' unpipelined key loop fits 120, the
+# producer takes 144 (`gluon_long_kernels`: the same split as the long kernel's three groups); the overlapped loop
+# spills 84-140 bytes at 120 and none at 128, so there the producer gets 120 (it spills 4-20 bytes at 1029 tokens in
+# bf16, 88-96 at 1152 in fp16: benchmarks/README.md)
 MAXNREG = 128
-_GROUP_REGS = gl.constexpr(120)
-_PRODUCER_REGS = gl.constexpr(144)
+
+
+@gluon.constexpr_function
+def _registers(overlap):
+    """setmaxnreg of the worker partitions: attending groups 1 and 2, the producer (group 0 is the default one)."""
+    return [128, 128, 120] if overlap else [120, 120, 144]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The attending groups
@@ -50,19 +61,66 @@ def _release(v_empty, slot, kv_free, box, last):
 
 
 @gluon.jit
+def _p_operand(p, dtype: gl.constexpr, acc):
+    """p [M, CH] fp32 -> wgmma's A operand from registers in V's dtype (`gluon_kernels._pv`'s), kept as a value of
+    its own: the overlapped loop waits on it (its registers are read until the P V product is done)."""
+    return gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2))
+
+
+@gluon.jit
+def _overlapped_boxes(q_s, k_buf, v_ring, bars, vc, phase, first, last, N, sm_scale, acc, m_i, l_i,
+                      N_FULL: gl.constexpr, num_warps: gl.constexpr):
+    """`_attend_stream`'s whole boxes with FA3's intra-warpgroup overlap: box j's S = Q K^T is issued before box
+    j - 1's P V, and its softmax runs while that P V is on the tensor cores (one more S tile live: 32 registers).
+    The waits keep the key loop's order (K box j before V box j - 1: `_attend_stream`); box j - 1 goes back once
+    its P V is done."""
+    gl.static_assert(N_FULL >= 1)  # box 0 is taken before the loop
+    k_ready, kv_free, v_ready, v_empty = bars[4], bars[5], bars[6], bars[7]
+    CH: gl.constexpr = k_buf.shape[2]
+    D: gl.constexpr = k_buf.shape[4]
+    R: gl.constexpr = v_ring.shape[0]
+    mbarrier.wait(k_ready.index(0), phase, pred=first)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(_issue_scores(q_s, k_buf.index(0).reshape([CH, D]), num_warps),))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, N, sm_scale, False)
+    for j in range(1, N_FULL):
+        mbarrier.wait(k_ready.index(j), phase, pred=first)
+        s = _issue_scores(q_s, k_buf.index(j).reshape([CH, D]), num_warps)
+        slot = (vc + j - 1) % R
+        mbarrier.wait(v_ready.index(slot), ((vc + j - 1) // R) & 1)
+        p_op = _p_operand(p, v_ring.dtype, acc)
+        acc = warpgroup_mma(p_op, v_ring.index(slot).reshape([CH, D]), acc * gl.expand_dims(alpha, 1), is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # wgmma groups retire in order: S before P V
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, j * CH, N, sm_scale, False)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))  # P V read p_op's registers until now
+        _release(v_empty, slot, kv_free, j - 1, last)
+    slot = (vc + N_FULL - 1) % R
+    mbarrier.wait(v_ready.index(slot), ((vc + N_FULL - 1) // R) & 1)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(_pv(p, v_ring.index(slot).reshape([CH, D]),
+                                                          acc * gl.expand_dims(alpha, 1)),))
+    _release(v_empty, slot, kv_free, N_FULL - 1, last)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _attend_stream(q_s, k_buf, v_ring, bars, vc, phase, first, last, N, sm_scale, N_FULL: gl.constexpr,
-                   MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+                   MID_N: gl.constexpr, TAIL_N: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """One query slice q_s [M, D] over all keys -> acc [M, D] fp32 (unnormalised), m_i, l_i: per 64-key box, K from
     its resident box (waited for in the group's first slice of a head, `first`, at the head's `phase`; released in
     its last, `last`), V from ring box vc + j (`_release`); each chunk's S, softmax and P V in turn (120
-    registers). The last box holds a half-width chunk (MID_N) and a masked one (TAIL_N), either possibly absent."""
+    registers; OVERLAP: the whole boxes through `_overlapped_boxes`). The last box holds a half-width chunk (MID_N)
+    and a masked one (TAIL_N), either possibly absent."""
     k_ready, kv_free, v_ready, v_empty = bars[4], bars[5], bars[6], bars[7]
     M: gl.constexpr = q_s.shape[0]
     D: gl.constexpr = q_s.shape[1]
     CH: gl.constexpr = k_buf.shape[2]
     R: gl.constexpr = v_ring.shape[0]
     acc, m_i, l_i = _softmax_init(M, D, num_warps)
-    for j in range(N_FULL):
+    if OVERLAP:
+        acc, m_i, l_i = _overlapped_boxes(q_s, k_buf, v_ring, bars, vc, phase, first, last, N, sm_scale, acc, m_i,
+                                          l_i, N_FULL, num_warps)
+    for j in range(0 if OVERLAP else N_FULL):
+        # K before V: a group idle in the last round skipped its V boxes, so a slot's load of then may be in flight
+        # and the V wait pass early; k_ready[j] comes after `_issue_v(j)` saw that load read (test_stream_schedule)
         mbarrier.wait(k_ready.index(j), phase, pred=first)
         slot = (vc + j) % R
         mbarrier.wait(v_ready.index(slot), ((vc + j) // R) & 1)
@@ -70,7 +128,7 @@ def _attend_stream(q_s, k_buf, v_ring, bars, vc, phase, first, last, N, sm_scale
                                       acc, m_i, l_i, j * CH, N, sm_scale, False, num_warps)
         _release(v_empty, slot, kv_free, j, last)
     if MID_N + TAIL_N > 0:
-        mbarrier.wait(k_ready.index(N_FULL), phase, pred=first)
+        mbarrier.wait(k_ready.index(N_FULL), phase, pred=first)  # K before V, as above
         slot = (vc + N_FULL) % R
         mbarrier.wait(v_ready.index(slot), ((vc + N_FULL) // R) & 1)
         k_box = k_buf.index(N_FULL).reshape([CH, D])
@@ -94,7 +152,7 @@ def _group_slices(group, ns):
 @gluon.jit
 def _stream_group(q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
                   N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, GROUP: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  OVERLAP: gl.constexpr, num_warps: gl.constexpr):
     """Attending group GROUP (one warpgroup, a partition of its own): slice 3r + GROUP of each round r of every
     head of the program, through the group's two query buffers (o leaves by TMA from the slice's own buffer, which
     goes back to the producer once that store has read it, at the group's next slice). Its ring position counts
@@ -119,7 +177,8 @@ def _stream_group(q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm
                 mbarrier.arrive(q_empty.index(GROUP * 2 + (n + 1) % 2), count=1)
             q_s4 = q_buf.index(buf)
             acc, m_i, l_i = _attend_stream(q_s4.reshape([SLICE_, D]), k_buf, v_ring, bars, (it * NR + r) * NKC,
-                                           it & 1, r == 0, r == A - 1, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+                                           it & 1, r == 0, r == A - 1, N, sm_scale, N_FULL, MID_N, TAIL_N, OVERLAP,
+                                           num_warps)
             _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H, N,
                        r * _GROUPS + GROUP)
         it += 1
@@ -288,7 +347,7 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
 def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
                       H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                       ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
-                      V_SLOTS_: gl.constexpr):
+                      V_SLOTS_: gl.constexpr, OVERLAP_: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K arrives by TMA in boxes of
     BLOCK_N rows (rows past N as zeros) and stays; the queries in ROT_CHUNKS slices of ROT_ROWS = 64 rows, two
     buffers per attending group; V through V_SLOTS_ ring boxes, one per key chunk of each round of three slices.
@@ -318,14 +377,14 @@ def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr,
     sm_scale = 1.0 if ROPE and not SAVE_ROT else qk_scale  # without SAVE_ROT the rotation folds it into q
     gl.warp_specialize([
         (_stream_group, (q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
-                         TAIL_N, 0, num_warps)),
+                         TAIL_N, 0, OVERLAP_, num_warps)),
         (_stream_group, (q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
-                         TAIL_N, 1, num_warps)),
+                         TAIL_N, 1, OVERLAP_, num_warps)),
         (_stream_group, (q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
-                         TAIL_N, 2, num_warps)),
+                         TAIL_N, 2, OVERLAP_, num_warps)),
         (_stream_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_ring, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
-    ], [num_warps, num_warps, 4], [_GROUP_REGS, _GROUP_REGS, _PRODUCER_REGS])
+    ], [num_warps, num_warps, 4], _registers(OVERLAP_))
     _invalidate(q_loaded)
     _invalidate(q_ready)
     _invalidate(q_empty)

@@ -55,7 +55,8 @@ _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp
             torch.int32: "*i32"}
 _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"cp\.async\.(?:ca|cg)",
                "tma_load": r"cp\.async\.bulk\.tensor", "ld_global": r"\bld\.global", "st_shared": r"\bst\.shared",
-               "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx"}
+               "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx",
+               "wait_group_1": r"wgmma\.wait_group\.sync\.aligned\s+1\b"}  # an MMA left in flight
 
 
 def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
@@ -137,8 +138,8 @@ def _is_gluon(kernel) -> bool:
 
 
 def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
-    """Compile one recorded launch for sm_`arch` -> shared bytes, compile seconds (this machine's), and with
-    `ptxas` registers, spills and PTX instruction counts."""
+    """Compile one recorded launch for sm_`arch` -> shared bytes, compile seconds (this machine's), PTX instruction
+    counts, and with `ptxas` registers and spills."""
     sig, consts, attrs = _specialize(launch)
     start = time.perf_counter()
     source = ASTSource
@@ -148,9 +149,10 @@ def compile_launch(launch: Launch, arch: int = 90, ptxas: bool = True) -> dict:
                               options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages,
                                            **{k: v for k, v in launch.constexprs.items() if k in OPTIONS}))
     report = dict(compile_s=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    report.update({name: len(re.findall(pat, ptx)) for name, pat in _PTX_COUNTS.items()})
     if ptxas:
-        ptx = compiled.asm["ptx"]
-        report.update(_ptxas(ptx), **{name: len(re.findall(pat, ptx)) for name, pat in _PTX_COUNTS.items()})
+        report.update(_ptxas(ptx))
     return report
 
 
@@ -288,6 +290,16 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_5_slots",  # its deepest ring: the most shared memory
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
                                      resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=5))]
+    jobs += [("d64_bf16_norope_n1029", "stream_gluon_2_slots",  # no RoPE (no rotation), the shallowest ring
+              training_step_launches(*case_inputs(64, torch.bfloat16, None, "shared", None, grid=(32, 32), P=5),
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=2)),
+             ("d64_bf16_perhead_n785", "stream_gluon_3_slots",
+              training_step_launches(*case_inputs(*CASES["d64_bf16_perhead"], grid=(28, 28), P=1),
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=3))]
+    jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon_overlap",  # S of a box issued before P V of the last
+              training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
+                                     resident_train_max_n=1152, stream_overlap=True))
+             for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -35,10 +35,10 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 
 
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
-          swap_tail=False, v_slots=4):
+          swap_tail=False, v_slots=4, overlap=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
     return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
-                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots))
+                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap))
 
 
 def test_takes_calls_it_covers():
@@ -249,6 +249,26 @@ def test_the_ring_depth_reaches_the_plan_from_the_config_table(monkeypatch):
         assert [(x.name, x.constexprs["V_SLOTS_"]) for x in launches] == [("stream_fwd_kernel", v_slots)]
 
 
+def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
+    """`stream_overlap` travels in `long_options` to the streaming kernel's plan (OVERLAP_); shorter calls' plans,
+    the resident and long kernels', do not take it."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    assert configs.for_arch(9, 64).stream_overlap is False  # not yet measured
+    for N, kernel, overlap in ((1029, "stream_fwd_kernel", True), (577, "long_fwd_kernel", None),
+                               (197, "resident_fwd_kernel", None)):
+        q, k, v = _inputs(N=N)
+        config = dataclasses.replace(configs.for_arch(9, 64), resident_fwd_max_n=1152, stream_overlap=True)
+        with runtime.recording(run=False) as launches:
+            launch.forward(q, k, v, _table(N), 0.125, False, config)
+        assert [(x.name, x.constexprs.get("OVERLAP_")) for x in launches] == [(kernel, overlap)]
+
+
+@pytest.mark.parametrize("overlap", [1, "yes", None])
+def test_a_stream_overlap_that_is_not_a_bool_is_refused_with_the_fields_name(overlap):
+    with pytest.raises(ValueError, match="stream_overlap"):
+        dataclasses.replace(configs.for_arch(9, 64), stream_overlap=overlap)
+
+
 def test_attend_groups_without_early_release_are_refused_with_both_fields():
     with pytest.raises(ValueError, match="long_attend_groups=3 needs long_early_release=True"):
         dataclasses.replace(configs.for_arch(9, 64), long_early_release=False)
@@ -374,26 +394,32 @@ FLOAT64_CASES = [
 # the long kernel's cases again with its K/V boxes released box by box (`long_early_release`), with its attending
 # warpgroups as partitions of their own (`long_attend_groups`), and with its last slice swapped where it holds at
 # most 16 rows (`long_swap_tail`: 577 and 257 tokens): (early release, groups, swapped tail)
+# and the streaming kernel's with its overlapped key loop (`stream_overlap`)
 EARLY_CASES = [case for case in FLOAT64_CASES if 256 < case[0] <= gluon_fwd.MAX_N]
+STREAM_CASES = [case for case in FLOAT64_CASES if case[0] > gluon_fwd.MAX_N]
 HOPPER = configs.for_arch(9, 64)
-TABLE_VARIANT = (HOPPER.long_early_release, HOPPER.long_attend_groups, HOPPER.long_swap_tail)
+TABLE_VARIANT = (HOPPER.long_early_release, HOPPER.long_attend_groups, HOPPER.long_swap_tail, HOPPER.stream_overlap)
 LONG_VARIANTS = [(False, 0, False), (True, 0, False), (True, 3, True)]  # beside the table's
 
 
 def _with_variants(cases):
-    """(dtype, case, early, groups, tail): every case in bf16 and fp16 as Hopper's table has it; the long kernel's
-    other variants in bf16, and in fp16 at N = 577 (the variants share every line that depends on the dtype)."""
+    """(dtype, case, early, groups, tail, overlap): every case in bf16 and fp16 as Hopper's table has it; the long
+    kernel's other variants in bf16, and in fp16 at N = 577 (the variants share every line that depends on the
+    dtype); the streaming kernel's overlapped key loop the same way (fp16 at 1029)."""
     bf16, fp16 = torch.bfloat16, torch.float16
-    vit384 = (577, 1, "shared", "fused")
+    vit384, vit512 = (577, 1, "shared", "fused"), (1029, 5, "shared", "fused")
+    overlap = not HOPPER.stream_overlap
     return [(dtype, *case, *TABLE_VARIANT) for case in cases for dtype in (bf16, fp16)] + [
-        (bf16, *case, *variant) for case in EARLY_CASES for variant in LONG_VARIANTS] + [
-        (fp16, *vit384, *variant) for variant in LONG_VARIANTS]
+        (bf16, *case, *variant, HOPPER.stream_overlap) for case in EARLY_CASES for variant in LONG_VARIANTS] + [
+        (fp16, *vit384, *variant, HOPPER.stream_overlap) for variant in LONG_VARIANTS] + [
+        (bf16, *case, *TABLE_VARIANT[:3], overlap) for case in STREAM_CASES] + [
+        (fp16, *vit512, *TABLE_VARIANT[:3], overlap)]
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
-def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail,overlap", _with_variants(FLOAT64_CASES))
+def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, overlap, nan_empty):
     """Through `gluon_fwd.forward` with NaN-filled outputs (every row must be written), B * H = 160 heads > the
     132 SMs, so programs take several heads (the persistent loop, its buffers and barrier phases; with early
     release, the next head's boxes loaded during the last slice of the one before; with groups, each group's
@@ -406,7 +432,7 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, t
     assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
     o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch,  # NaN-filled (nan_empty)
-                                  options=LongOptions(early, attend_groups=groups, swap_tail=tail))
+                                  options=LongOptions(early, attend_groups=groups, swap_tail=tail, overlap=overlap))
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -444,8 +470,8 @@ def test_a_kept_runner_serves_new_tensors_and_shapes():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail", _with_variants(FLOAT64_CASES))
-def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, nan_empty):
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind,early,groups,tail,overlap", _with_variants(FLOAT64_CASES))
+def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, tail, overlap, nan_empty):
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
@@ -456,8 +482,8 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
     lengths = dict(resident_fwd_max_n=gluon_fwd.STREAM_MAX_N, resident_train_max_n=gluon_fwd.STREAM_MAX_N)
-    config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, long_early_release=early,
-                                 long_attend_groups=groups, long_swap_tail=tail)
+    switches = dict(long_early_release=early, long_attend_groups=groups, long_swap_tail=tail, stream_overlap=overlap)
+    config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **switches)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
     kernel = ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
@@ -476,7 +502,7 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with configs.override(**lengths, long_early_release=early, long_attend_groups=groups, long_swap_tail=tail), \
+    with configs.override(**lengths, **switches), \
             runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
     assert launches[0].name == kernel
@@ -529,21 +555,24 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("save_rotated,v_slots", [(False, 4), (True, 4), (False, 2), (False, 3), (False, 5)])
-def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, nan_empty):
+@pytest.mark.parametrize("save_rotated,v_slots,overlap", [(False, 4, False), (True, 4, False), (False, 2, False),
+                                                          (False, 3, False), (False, 5, False), (False, 4, True),
+                                                          (True, 4, True), (False, 2, True)])
+def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, overlap, nan_empty):
     """ViT-B/16@512's shape with four register tokens (N = 1029), 384 heads: each persistent program takes two or
     three, so the V ring's slots and every barrier's phase turn over across heads (the next head's K boxes load
     during the last round of the one before, its V boxes follow that round's in the ring), with the table's ring
-    of four V boxes and the other depths `stream_v_slots` takes. The programs' first and last heads against
-    float64, NaN-filled outputs."""
+    of four V boxes and the other depths `stream_v_slots` takes, and with the overlapped key loop
+    (`stream_overlap`). The programs' first and last heads against float64, NaN-filled outputs."""
     gen = torch.Generator().manual_seed(1029)
     B, H, N = 32, 12, 1029
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (32, 32), 5, 64, "interleaved"), gen)
-    plan = _plan(q, k, v, table, save_rotated, v_slots=v_slots)
-    assert plan.kernel is gluon_fwd.stream_fwd_kernel and plan.constexprs["V_SLOTS_"] == v_slots
+    plan = _plan(q, k, v, table, save_rotated, v_slots=v_slots, overlap=overlap)
+    assert plan.kernel is gluon_fwd.stream_fwd_kernel
+    assert (plan.constexprs["V_SLOTS_"], plan.constexprs["OVERLAP_"]) == (v_slots, overlap)
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                         LongOptions(v_slots=v_slots))
+                                         LongOptions(v_slots=v_slots, overlap=overlap))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 

@@ -86,9 +86,16 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     for case in stream_cases:
         assert {(case, "stream_gluon", name) for name in ("stream_fwd_kernel", "gluon_dq_kernel")} <= compiled
         assert (case, "stream_gluon", "fwd_kernel") not in compiled
-    streams = [r for r in result["rows"] if r["kernel"] == "stream_fwd_kernel" and r["case"] in stream_cases]
-    assert len(streams) == 2 * len(stream_cases) + 2  # and a ring of five V boxes at 1029
-    assert ("d64_bf16_interleaved_n1029", "stream_gluon_5_slots", "stream_fwd_kernel") in compiled
+    streams = [r for r in result["rows"] if r["kernel"] == "stream_fwd_kernel" and r["variant"] == "stream_gluon"]
+    assert len(streams) == 2 * len(stream_cases)
+    # the overlapped key loop (stream_overlap) at each case: an MMA left in flight where the plain loop has none
+    overlapped = [r for r in result["rows"] if r["kernel"] == "stream_fwd_kernel"
+                  and r["variant"] == "stream_gluon_overlap"]
+    assert {r["case"] for r in overlapped} == set(stream_cases) and len(overlapped) == 2 * len(stream_cases)
+    assert all(r["wait_group_1"] > 0 for r in overlapped) and not any(r["wait_group_1"] for r in streams)
+    # every ring depth the table takes (2 without RoPE at 1029, 3 with a per-head table at 785, 5 at 1029)
+    for case, slots in (("d64_bf16_norope_n1029", 2), ("d64_bf16_perhead_n785", 3), ("d64_bf16_interleaved_n1029", 5)):
+        assert (case, f"stream_gluon_{slots}_slots", "stream_fwd_kernel") in compiled
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

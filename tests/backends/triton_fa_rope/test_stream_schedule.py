@@ -53,9 +53,16 @@ class _Model:
     """One program of stream_fwd_kernel over `heads`; NS query slices and NKC key boxes a head."""
 
     def __init__(self, N: int, heads: list[int], rng: random.Random, v_slots: int = 4, v_empty_count: int = GROUPS,
-                 arrive_for_idle: bool = True):
-        self.NS, self.NKC = -(-N // BLOCK), -(-N // BLOCK)
+                 arrive_for_idle: bool = True, v_before_k: bool = False, tma_weight: float = 1.0,
+                 overlap: bool = False):
+        """tma_weight: how likely the scheduler lands a TMA load against running a partition (below 1: late
+        loads); overlap: the groups' overlapped key loop (`stream_overlap`); v_empty_count, arrive_for_idle,
+        v_before_k (a group's first slice of a head waits for its V box before its K box): broken protocols, for
+        the tests that show the model fails."""
+        self.NS, self.NKC, self.N_FULL = -(-N // BLOCK), -(-N // BLOCK), N // BLOCK
+        self.overlap = overlap
         self.heads, self.rng, self.arrive_for_idle, self.R = heads, rng, arrive_for_idle, v_slots
+        self.v_before_k, self.tma_weight = v_before_k, tma_weight
         bars = lambda n, count=1: [_Barrier(count) for _ in range(n)]  # noqa: E731
         self.q_loaded, self.q_ready, self.q_empty = bars(2 * GROUPS), bars(2 * GROUPS), bars(2 * GROUPS)
         self.k_loaded, self.k_ready, self.kv_free = bars(self.NKC), bars(self.NKC), bars(self.NKC, GROUPS)
@@ -159,18 +166,39 @@ class _Model:
                     vc = yield from self._issue_v(tile, j, vc, idle)
 
     # the attending groups (`_stream_group`, `_attend_stream`)
-    def _attend(self, tile, buf, si, vc, phase, first, last):
-        for j in range(self.NKC):
-            if first:
-                yield from self._wait(self.k_ready[j], phase)
-            slot = (vc + j) % self.R
+    def _scores(self, tile, buf, si, j, phase, first):  # S = Q K^T of box j
+        if first:
+            yield from self._wait(self.k_ready[j], phase)
+        yield from self._read(self.q_buf, buf, ("rotated q", tile, si))
+        yield from self._read(self.k_buf, j, ("rotated k", tile, j))
+
+    def _values(self, tile, j, vc, last, wait=True):  # P V of box j (wait: for its V box first), then the box back
+        slot = (vc + j) % self.R
+        if wait:
             yield from self._wait(self.v_ready[slot], ((vc + j) // self.R) & 1)
+        yield from self._read(self.v_ring, slot, ("v", tile, j, vc + j))
+        self.v_empty[slot].arrive()
+        if last:
+            self.kv_free[j].arrive()
+
+    def _attend(self, tile, buf, si, vc, phase, first, last):
+        rest = range(self.NKC)
+        if self.overlap:  # `_overlapped_boxes`: box j's S before box j - 1's P V; the partial box as below
+            yield from self._scores(tile, buf, si, 0, phase, first)
+            for j in range(1, self.N_FULL):
+                yield from self._scores(tile, buf, si, j, phase, first)
+                yield from self._values(tile, j - 1, vc, last)
+            yield from self._values(tile, self.N_FULL - 1, vc, last)
+            rest = range(self.N_FULL, self.NKC)
+        for j in rest:
+            slot = (vc + j) % self.R
+            waits = [(self.k_ready[j], phase)] if first else []
+            waits.insert(len(waits) if not self.v_before_k else 0, (self.v_ready[slot], ((vc + j) // self.R) & 1))
+            for bar, parity in waits:
+                yield from self._wait(bar, parity)
             yield from self._read(self.q_buf, buf, ("rotated q", tile, si))
             yield from self._read(self.k_buf, j, ("rotated k", tile, j))
-            yield from self._read(self.v_ring, slot, ("v", tile, j, vc + j))
-            self.v_empty[slot].arrive()
-            if last:
-                self.kv_free[j].arrive()
+            yield from self._values(tile, j, vc, last, wait=False)
 
     def group(self, group):
         NR = -(-self.NS // GROUPS)
@@ -197,7 +225,7 @@ class _Model:
             if not choices:
                 stuck = [i for i, p in enumerate(parts) if p is not None]
                 raise AssertionError(f"deadlock: partitions {stuck} wait (0: the producer, 1-3: the groups)")
-            kind, i = self.rng.choice(choices)
+            kind, i = self.rng.choices(choices, [self.tma_weight if c == "tma" else 1.0 for c, _ in choices])[0]
             if kind == "tma":
                 self._land(i)
                 continue
@@ -212,19 +240,34 @@ class _Model:
 @pytest.mark.parametrize("N", [641, 785, 1029, 1152])
 @pytest.mark.parametrize("heads", [1, 3])
 @pytest.mark.parametrize("v_slots", configs.STREAM_V_SLOTS)
-def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots):
-    """Every ring depth the config table takes (`stream_v_slots`)."""
+@pytest.mark.parametrize("tma_weight", [1.0, 0.02])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots, tma_weight, overlap):
+    """Every ring depth the config table takes (`stream_v_slots`), both key loops (`stream_overlap`), with loads
+    landing as often as partitions run and late."""
     rng = random.Random(N * 10 + heads + 1000 * v_slots)
-    for _ in range(12):
-        _Model(N, list(range(heads)), rng).run()
+    for _ in range(6):
+        _Model(N, list(range(heads)), rng, v_slots=v_slots, tma_weight=tma_weight, overlap=overlap).run()
 
 
-def test_the_model_finds_a_v_box_refilled_before_every_group_read_it():
-    with pytest.raises(AssertionError, match="lands in a buffer being read|changed while it was read"):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_model_finds_a_v_box_refilled_before_every_group_read_it(overlap):
+    with pytest.raises(AssertionError, match="lands in a buffer being read|changed while it was read|the buffer holds"):
         for seed in range(20):
-            _Model(1029, [0, 1], random.Random(seed), v_empty_count=GROUPS - 1).run()
+            _Model(1029, [0, 1], random.Random(seed), v_empty_count=GROUPS - 1, overlap=overlap).run()
 
 
-def test_the_model_finds_the_deadlock_without_the_producers_arrivals_for_idle_groups():
+def test_the_model_finds_a_stale_v_box_read_when_the_groups_wait_for_v_before_k():
+    """A group idle in a head's last round skips its V boxes, so in the next head's round 0 a slot's load of the
+    round before may still be in flight, and the wait for the slot's next phase passes at once: only waiting for
+    K box j first (its k_ready is arrived after `_issue_v(j)`, whose wait saw that load read) keeps the read
+    right. Late loads (tma_weight) are needed to see it."""
+    with pytest.raises(AssertionError, match="the buffer holds"):
+        for seed in range(40):
+            _Model(1029, [0, 1, 2], random.Random(seed), v_before_k=True, tma_weight=0.02).run()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_model_finds_the_deadlock_without_the_producers_arrivals_for_idle_groups(overlap):
     with pytest.raises(AssertionError, match="deadlock"):
-        _Model(1029, [0, 1], random.Random(0), arrive_for_idle=False).run()
+        _Model(1029, [0, 1], random.Random(0), arrive_for_idle=False, overlap=overlap).run()
