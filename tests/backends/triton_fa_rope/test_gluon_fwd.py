@@ -263,6 +263,16 @@ def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
         assert [(x.name, x.constexprs.get("OVERLAP_")) for x in launches] == [(kernel, overlap)]
 
 
+def test_the_overlapped_key_loop_has_a_plan_of_its_own():
+    """Two calls alike but for `stream_overlap` get two plans (the switch is part of the plan's key)."""
+    q, k, v = _inputs(N=1029)
+    table = _table(1029)
+    plain, overlapped = (_plan(q, k, v, table, overlap=overlap) for overlap in (False, True))
+    assert plain is not overlapped
+    assert (plain.constexprs["OVERLAP_"], overlapped.constexprs["OVERLAP_"]) == (False, True)
+    assert _plan(q, k, v, table, overlap=True) is overlapped
+
+
 @pytest.mark.parametrize("overlap", [1, "yes", None])
 def test_a_stream_overlap_that_is_not_a_bool_is_refused_with_the_fields_name(overlap):
     with pytest.raises(ValueError, match="stream_overlap"):
@@ -551,6 +561,25 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
                                          LongOptions(early, attend_groups=groups, swap_tail=tail))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("save_rotated", [False, True])
+@pytest.mark.parametrize("N", [1029, 1152])
+def test_the_overlapped_key_loop_computes_what_the_plain_one_does(N, save_rotated, nan_empty):
+    """Same operations in another order of issue: o, lse (and the rotated q, k) agree far closer than the float64
+    tolerance, to a bf16 rounding step (o) and fp32 rounding (lse), so a slip in the overlapped loop's order (a box
+    skipped, rescaled twice, read from the wrong ring slot) shows even where it would hide within that tolerance."""
+    gen = torch.Generator().manual_seed(N + 3)
+    q, k, v = make_qkv("fused", 20, 8, N, 64, torch.bfloat16, gen)
+    table = make_table(Shape(20, 8, (1, N - 1), 1, 64, "interleaved"), gen)
+    plain, overlapped = (gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
+                                           LongOptions(overlap=overlap)) for overlap in (False, True))
+    torch.testing.assert_close(overlapped[0], plain[0], rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(overlapped[1], plain[1], rtol=1e-6, atol=1e-6)
+    if save_rotated:  # the producer's work, which the key loop does not touch
+        assert torch.equal(overlapped[2][0], plain[2][0]) and torch.equal(overlapped[2][1], plain[2][1])
 
 
 @pytest.mark.gpu
