@@ -80,7 +80,7 @@ class ArchConfigs:
     the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
     (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
     its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
-    intra-warpgroup overlap; not yet measured: off).
+    intra-warpgroup overlap).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -143,8 +143,9 @@ K = KernelConfig
 # 1.13x at N = 257. Training takes them too (1.6x the Triton training forward at N = 197 and 257). From 257 tokens
 # the long kernel's three attending warpgroups with early release: 1.24x its one-partition form at N = 577 (1.18x
 # as the training forward, which then beats the Triton one with its rotation pass), 1.30x at 401 (H200:
-# benchmarks/README.md). Past 640 tokens the streaming Gluon forward (K resident, V through a ring) is built but not
-# yet measured on a GPU, so resident_fwd_max_n stays 640 there.
+# benchmarks/README.md). Past 640 tokens, up to 1152, the streaming Gluon forward (K resident, V through a ring of
+# four, the overlapped key loop): 1.20x the Triton forward at N = 785 and 1029, 1.07-1.08x as the training forward
+# (H100; the ring's depth moved it by 1-3%).
 # dq at 128 registers keeps two 8-warp CTAs per SM with a key padding mask too (180 registers uncapped);
 # fwd_train_prerotated, dkdv and dq re-swept on the H200 at N = 577 / 1029 and the NaFlex case, fwd_prerotated at
 # N = 785 / 1029 (1.15x the fwd config there); inference's rotation pass takes q too past the Gluon forwards' 640
@@ -157,8 +158,8 @@ HOPPER = (
                 fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q_from_n=641, narrow_tail=True,
-                resident_fwd_max_n=640,
-                resident_train_max_n=640, long_early_release=True, long_attend_groups=3,
+                resident_fwd_max_n=1152, resident_train_max_n=1152, long_early_release=True, long_attend_groups=3,
+                stream_overlap=True,
                 gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),

@@ -74,7 +74,7 @@ def test_leaves_other_calls_to_the_triton_forward(why):
     assert not gluon_fwd.eligible(q, k, v, table, mask)
 
 
-@pytest.mark.parametrize("N", [197, 256, 257, 383, 384, 577, 640, 641])
+@pytest.mark.parametrize("N", [197, 256, 257, 383, 384, 577, 640, 641, 1029, 1152, 1153])
 def test_training_takes_it_up_to_resident_train_max_n(N, monkeypatch):
     """Inference up to resident_fwd_max_n, training up to resident_train_max_n (0: never) and no further (as
     compiled code decides it: the interpreter takes none)."""
@@ -253,11 +253,10 @@ def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
     """`stream_overlap` travels in `long_options` to the streaming kernel's plan (OVERLAP_); shorter calls' plans,
     the resident and long kernels', do not take it."""
     monkeypatch.setattr(launch, "INTERPRET", False)
-    assert configs.for_arch(9, 64).stream_overlap is False  # not yet measured
     for N, kernel, overlap in ((1029, "stream_fwd_kernel", True), (577, "long_fwd_kernel", None),
                                (197, "resident_fwd_kernel", None)):
         q, k, v = _inputs(N=N)
-        config = dataclasses.replace(configs.for_arch(9, 64), resident_fwd_max_n=1152, stream_overlap=True)
+        config = dataclasses.replace(configs.for_arch(9, 64), stream_overlap=True)
         with runtime.recording(run=False) as launches:
             launch.forward(q, k, v, _table(N), 0.125, False, config)
         assert [(x.name, x.constexprs.get("OVERLAP_")) for x in launches] == [(kernel, overlap)]
