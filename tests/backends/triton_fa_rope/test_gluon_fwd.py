@@ -362,7 +362,7 @@ def test_bf16_calls_read_an_fp16_table_kept_on_the_cos_sin_table():
 
 
 def test_only_the_hopper_table_enables_it():
-    assert configs.for_arch(9, 64).resident_fwd_max_n == gluon_fwd.MAX_N
+    assert configs.for_arch(9, 64).resident_fwd_max_n == gluon_fwd.STREAM_MAX_N
     assert configs.for_arch(9, 128).resident_fwd_max_n == 0 and configs.for_arch(8, 64).resident_fwd_max_n == 0
     assert configs.for_arch(None, 64).resident_fwd_max_n == 0  # the interpreter
 
