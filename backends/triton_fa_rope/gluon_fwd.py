@@ -24,7 +24,7 @@ training (SAVE_ROT) Q is rotated without the scale (applied to S instead) and th
 by TMA stores beside the attention, so the backward kernels read them as they read the Triton forward's. Gluon has
 no interpreter: the GPU parity tests and an offline sm_90 compile check cover them
 (tests/backends/triton_fa_rope/test_gluon_fwd.py, test_sm90.py; the streaming kernel's schedule also on a model,
-test_stream_schedule.py). Measured on an H200: benchmarks/README.md (the streaming kernel not yet).
+test_stream_schedule.py). Measured on an H200 (the streaming kernel on an H100): benchmarks/README.md.
 """
 
 from __future__ import annotations
