@@ -283,9 +283,9 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
                                      resident_train_max_n=640, long_attend_groups=groups, long_early_release=early,
                                      long_swap_tail=tail, gluon_long_from_n=128))
              for case, grid, groups, early, tail in GLUON_GROUPS]
-    jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon",  # inference and training through it
-              training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
-                                     resident_train_max_n=1152))
+    jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon",  # inference and training through it (the plain
+              training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,  # loop)
+                                     resident_train_max_n=1152, stream_overlap=False))
              for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_5_slots",  # its deepest ring: the most shared memory
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
