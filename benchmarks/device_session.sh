@@ -51,7 +51,7 @@
 #          table                                          -> h200_e2e_ab_vit_b384_groups.json, e2e_ab_groups.log
 #   stream the streaming kernel's GPU tests, then benchmarks/gluon_long.py past 640 tokens (ViT-B/16@512 with 4 register
 #          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes; its key loop
-#          overlapped and not) against the Triton forward the table runs there, inference and training
+#          overlapped and not) against the Triton forward that served there before it, inference and training
 #                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)

@@ -17,8 +17,9 @@ with and without RoPE and for training (the forward that also writes the rotated
 default) also with three attending warpgroups as partitions of their own (`long_attend_groups`, with early release:
 Hopper's table), and at lengths whose last 64-row slice holds at most 16 rows, that slice swapped (`long_swap_tail`).
 Past 640 tokens (`gluon_fwd.MAX_N`) the streaming kernel (`stream_fwd_kernel`: K resident, V through a ring) runs
-instead, against what serves those lengths by the config table: the Triton forward, for inference
-(`attnhub:triton_fa_rope`) and training ("triton training": `launch.forward` writing the rotated q and k); with
+instead, against the Triton forward that served those lengths before it (forced: "triton forward" for inference,
+"triton training" for `launch.forward` writing the rotated q and k; `attnhub:triton_fa_rope` is the table's choice,
+the streaming kernel since d477586); with
 `--v-slots 2,3,4,5` also with the other depths of its V ring (`stream_v_slots`) where they fit, and with
 `--overlap` also with its overlapped key loop (`stream_overlap`), every pass.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import functools
 import json
@@ -81,6 +83,12 @@ def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
+def _triton_o(q, k, v, table, scale, save_rotated, config):
+    """o of the Triton forward past `gluon_fwd.MAX_N` tokens (the table's Gluon forwards capped at MAX_N)."""
+    triton_only = dataclasses.replace(config, resident_fwd_max_n=gluon_fwd.MAX_N, resident_train_max_n=gluon_fwd.MAX_N)
+    return launch.forward(q, k, v, table, scale, save_rotated, triton_only)[0]
+
+
 def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
@@ -121,8 +129,9 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> li
                 fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n, over)
                 err = _check(name, fn, q, k, v, table if rope else None)
                 add(name, fn, rope=rope, err=err)
-            fn = lambda: launch.forward(q, k, v, table, s.D ** -0.5, True, config)[0]  # noqa: E731
-            add("triton training", fn, err=_check("triton training", fn, q, k, v, table))
+            for name, save in (("triton forward", False), ("triton training", True)):
+                fn = functools.partial(_triton_o, q, k, v, table, s.D ** -0.5, save, config)
+                add(name, fn, err=_check(name, fn, q, k, v, table))
         elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
@@ -152,15 +161,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per shape and pass (inference with RoPE, without, the training forward): the long kernel's baseline, one
     attending partition without early release ("gluon long", "gluon long, no RoPE", "gluon long training"),
     against its fastest variant, by graph time, with cuDNN without RoPE and timm compiled against that variant; past
-    640 tokens the forward the table runs there ("attnhub:triton_fa_rope", "triton training") against the streaming
-    kernel."""
+    640 tokens the Triton forward ("triton forward", "triton training") against the streaming kernel."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         here = {r["impl"]: r["graph_ms"] for r in rows if r["shape"] == shape}
         for kind, baseline in (("inference", "gluon long"), ("no RoPE", "gluon long, no RoPE"),
-                               ("training", "gluon long training"), ("inference", "attnhub:triton_fa_rope"),
+                               ("training", "gluon long training"), ("inference", "triton forward"),
                                ("training", "triton training")):
-            # the long kernel's variants against its baseline; the streaming kernel against the table's forward
+            # the long kernel's variants against its baseline; the streaming kernel against the Triton forward
             if baseline not in here or baseline.startswith("gluon") == ("gluon stream" in here):
                 continue
             kernel = "gluon stream" if "gluon stream" in here else baseline.split(",")[0]
