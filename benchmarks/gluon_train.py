@@ -26,9 +26,9 @@ from triton.testing import do_bench_cudagraph
 
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import configs, launch
+from attnhub.backends.triton_fa_rope import configs, gluon_fwd, launch
 
-VARIANTS = {"triton": 0, "gluon": 640}  # resident_train_max_n
+VARIANTS = {"triton": 0, "gluon": gluon_fwd.STREAM_MAX_N}  # resident_train_max_n (the Gluon forwards: up to 1152)
 
 
 def fwdbwd(impl: bench.Impl, x: dict, dev: torch.device) -> dict:
