@@ -309,22 +309,23 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
     return jobs
 
 
-def check_matrix() -> dict:
-    """Compile every launch of `matrix_jobs` for sm_90 -> {"ok": bool, "rows": [...], "failures": [...]}."""
+def check_matrix(shard: int = 0, shards: int = 1) -> dict:
+    """Compile the launches of `matrix_jobs` for sm_90, every `shards`-th from the `shard`-th (a process per shard
+    uses every core) -> {"ok": bool, "rows": [...], "failures": [...]}."""
     rows, failures = [], []
     jobs = matrix_jobs()
-    for case, variant, launches in jobs:
-        for launch in launches:
-            cx = launch.constexprs
-            where = f"{case}/{variant} {launch.name} {cx.get('BLOCK_M')}x{cx.get('BLOCK_N')}"
-            try:
-                report = compile_launch(launch, ptxas=False)
-            except Exception as exc:  # noqa: BLE001 - every compile error is a finding to report
-                failures.append(f"{where}: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            if report["shared_bytes"] > H100_SHARED_BYTES:
-                failures.append(f"{where}: {report['shared_bytes']} bytes of shared memory > {H100_SHARED_BYTES}")
-            rows.append(dict(case=case, variant=variant, kernel=launch.name, **report))
+    numbered = enumerate((case, variant, launch) for case, variant, launches in jobs for launch in launches)
+    for case, variant, launch in (job for i, job in numbered if i % shards == shard):
+        cx = launch.constexprs
+        where = f"{case}/{variant} {launch.name} {cx.get('BLOCK_M')}x{cx.get('BLOCK_N')}"
+        try:
+            report = compile_launch(launch, ptxas=False)
+        except Exception as exc:  # noqa: BLE001 - every compile error is a finding to report
+            failures.append(f"{where}: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        if report["shared_bytes"] > H100_SHARED_BYTES:
+            failures.append(f"{where}: {report['shared_bytes']} bytes of shared memory > {H100_SHARED_BYTES}")
+        rows.append(dict(case=case, variant=variant, kernel=launch.name, **report))
     # the checker checks itself: a launch with one argument too few must be refused
     launch = training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"]))[0]
     try:
@@ -449,6 +450,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--matrix", action="store_true", help="compile every launch of MATRIX; exit 1 on a failure")
+    ap.add_argument("--shard", default="0/1", metavar="I/N", help="with --matrix: every N-th launch from the I-th")
     ap.add_argument("--same-ttir", metavar="OLD_KERNELS_PY",
                     help="compare every Triton launch of MATRIX with another kernels.py's; exit 1 where one differs")
     ap.add_argument("--same-ir", metavar="REV",
@@ -458,7 +460,8 @@ def main() -> int:
     if configs.INTERPRET:
         raise SystemExit("sm90: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     if args.matrix:
-        result = check_matrix()
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        result = check_matrix(shard, shards)
         print(json.dumps(result, indent=1))
         return 0 if result["ok"] else 1
     if args.same_ttir or args.same_ir:
