@@ -224,8 +224,8 @@ for stage in "${stages[@]}"; do
                                        "resident_train_max_n": 383}, "table": {}}' \
         --out "$OUT/h200_e2e_ab_vit_b384_groups.json" >"$OUT/e2e_ab_groups.log" 2>&1 || status=1
       grep -E "step .* GPU" "$OUT/e2e_ab_groups.log" ;;
-    stream)  # its tests only (44 on the GPU: the streaming lengths, ring depths, the overlapped loop), so the
-      # benchmark keeps its time in the call; the `gluon` stage runs them all
+    stream)  # the tests whose ids name the streaming kernel, its loop or its lengths (559 on the H100, 48 s), so
+      # the benchmark keeps its time in the call; the `gluon` stage runs them all
       gluon_tests "streaming or overlapped or 641 or 705 or 785 or 1029 or 1152"
       timeout 330 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
         --v-slots 3,4,5 --overlap --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
