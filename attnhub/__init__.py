@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch.fx
 
-from attnhub.api import BackendInfo, attention, attention_packed, explain, list_backends, tune, use_backend
+from attnhub.api import (BackendInfo, attention, attention_packed, explain, list_backends, tune, use_backend,
+                         wait_for_compiles)
 from attnhub.control import disable_backends, pin_backend, pinned
 from attnhub.registry import REGISTRY, RegistryError, register_backend
 from attnhub.rope import CosSinTable
@@ -29,6 +30,7 @@ __all__ = [
     "pinned",
     "disable_backends",
     "tune",
+    "wait_for_compiles",
     "list_backends",
     "register_backend",
     "CosSinTable",

@@ -73,9 +73,9 @@ def _print_table(console, report: dict) -> None:
 def _print_first_call(console, first: dict) -> None:
     from rich.table import Table
 
-    t = Table(title="first call of each shape in a fresh process (s, fwd + bwd): cold (empty Triton cache), "
-              "warm (Triton's disk cache)")
-    for col in ("backend", "shape", "cold fwd", "cold bwd", "warm fwd", "warm bwd"):
+    t = Table(title="first call of each shape in a fresh process (s, fwd + bwd; bg: the wait after them for kernels "
+              "compiling in the background): cold (empty Triton cache), warm (Triton's disk cache)")
+    for col in ("backend", "shape", "cold fwd", "cold bwd", "cold bg", "warm fwd", "warm bwd", "warm bg"):
         t.add_column(col, justify="left" if col in ("backend", "shape") else "right")
     for backend, rec in first.items():
         failed = {label: r["error"] for label, r in rec.items() if "error" in r}
@@ -83,8 +83,8 @@ def _print_first_call(console, first: dict) -> None:
             console.print(f"[red]first call {backend} {label}[/]: {err}")
         rows = {label: {r["shape"]: r for r in rs} for label, rs in rec.items() if label not in failed}
         for shape in dict.fromkeys(s for rs in rows.values() for s in rs):
-            cells = [f"{rows[label][shape][part]:.2f}" if shape in rows.get(label, {}) else "-"
-                     for label in ("cold", "warm") for part in ("fwd_s", "bwd_s")]
+            cells = [f"{rows[label][shape][part]:.2f}" if part in rows.get(label, {}).get(shape, {}) else "-"
+                     for label in ("cold", "warm") for part in ("fwd_s", "bwd_s", "background_s")]
             t.add_row(backend, shape, *cells)
     console.print(t)
 

@@ -130,8 +130,12 @@ def lookup(call, eligible: Sequence[str]) -> str | None:
 
 
 def _time_ms(run: Callable[[], None], device: torch.device, reps: int = 20) -> float:
+    from attnhub.api import wait_for_compiles  # (api imports this module)
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    run()
+    wait_for_compiles()  # time the kernels that serve the call from now on, not those serving while they compile
+    for _ in range(2):
         run()
     sync()
     start = time.perf_counter()

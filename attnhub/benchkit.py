@@ -108,15 +108,22 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _first_call(fn: Callable[[], object]) -> None:
+    """An untimed call of `fn`, then the wait for kernels it left compiling in the background
+    (`attnhub.wait_for_compiles`), so that the timings see the kernels that serve its shape from then on."""
+    fn()
+    attnhub.wait_for_compiles()
+
+
 def time_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 50, rep: int = 200,
             grads: Sequence[torch.Tensor] | None = None) -> float:
     """Median ms per call of `fn`; `warmup` and `rep` are budgets in ms (do_bench's), `grads` are set to None
     before every repetition (so a backward does not accumulate into them)."""
+    _first_call(fn)
     if torch.device(device).type == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
-    fn()
     end = time.perf_counter() + warmup / 1e3
     while time.perf_counter() < end:
         fn()
@@ -145,7 +152,7 @@ def gpu_kernels_ms(fn: Callable[[], object], *, device: torch.device | str, iter
 
     if torch.device(device).type != "cuda":
         raise ValueError(f"gpu_ms, gpu_kernels_ms: need a CUDA device, got {device}")
-    fn()
+    _first_call(fn)
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -161,7 +168,7 @@ def host_us(fns: Sequence[Callable[[], object]], calls: int, device: torch.devic
     """Host µs per call of each fn: loops of the fns interleaved (so a drifting host affects all alike), the best
     loop of each (noise only adds), with one synchronization at the end of each loop."""
     for fn in fns:
-        fn()
+        _first_call(fn)
     sync(device)
     n, best = max(1, calls // rounds), [math.inf] * len(fns)
     for _ in range(rounds):

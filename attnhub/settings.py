@@ -22,6 +22,10 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   bwd_fused_max_n), "fused" (one launch) or "split" (three launches).
     ATTNHUB_TRITON_COMPILE_AHEAD  "1" (default): the first training call of a shape compiles all its Triton kernels
                                   in parallel before launching; "0": each compiles at its launch.
+    ATTNHUB_TRITON_BACKGROUND_COMPILE  "1" (default): a Gluon forward of triton_fa_rope compiles in a background
+                                  thread at its shape's first call (2.5-3 s), the Triton forward serving the calls
+                                  until it is done (never with torch.use_deterministic_algorithms(True));
+                                  `attnhub.wait_for_compiles()` waits for it. "0": it compiles at its first launch.
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and
 ATTNHUB_HYPOTHESIS_EXAMPLES sets the randomized parity budget.
@@ -71,6 +75,7 @@ _cache_dir = _getter("ATTNHUB_CACHE_DIR")
 _measured = _getter("ATTNHUB_MEASURED")
 _triton_bwd = _getter("ATTNHUB_TRITON_BWD")
 _compile_ahead = _getter("ATTNHUB_TRITON_COMPILE_AHEAD")
+_background_compile = _getter("ATTNHUB_TRITON_BACKGROUND_COMPILE")
 
 
 def _switch(name: str, value: str | None, default: bool) -> bool:
@@ -153,6 +158,13 @@ def compile_ahead() -> bool:
     return _switch("ATTNHUB_TRITON_COMPILE_AHEAD", _compile_ahead(), True)
 
 
+def background_compile() -> bool:
+    """ATTNHUB_TRITON_BACKGROUND_COMPILE: compile a Gluon forward in the background, the Triton one serving."""
+    if "background_compile" in _OVERRIDES:
+        return _OVERRIDES["background_compile"]
+    return _switch("ATTNHUB_TRITON_BACKGROUND_COMPILE", _background_compile(), True)
+
+
 def _check_override(name: str, value: Any) -> None:
     ok = {
         "backend": lambda v: v is None or isinstance(v, str),
@@ -163,6 +175,7 @@ def _check_override(name: str, value: Any) -> None:
         "measured": lambda v: v is None or isinstance(v, str),
         "triton_bwd": lambda v: v in TRITON_BWD_PATHS,
         "compile_ahead": lambda v: isinstance(v, bool),
+        "background_compile": lambda v: isinstance(v, bool),
     }
     if name not in ok:
         raise TypeError(f"settings.override: unknown setting {name!r}; known: {sorted(ok)}")
@@ -174,8 +187,8 @@ def _check_override(name: str, value: Any) -> None:
 def override(**values: Any) -> Iterator[None]:
     """Within the block, the named settings take these values instead of the environment's; nests.
 
-    Names: backend, disable (a tuple of names), registry, tune, cache_dir, measured, triton_bwd, compile_ahead (see
-    the module docstring)."""
+    Names: backend, disable (a tuple of names), registry, tune, cache_dir, measured, triton_bwd, compile_ahead,
+    background_compile (see the module docstring)."""
     for name, value in values.items():
         _check_override(name, value)
     saved = dict(_OVERRIDES)

@@ -19,6 +19,12 @@ reach them, and each would build its C launcher (a host-compiler run per kernel 
 AsyncCompileMode, so they compile in parallel threads, then builds their C launchers in parallel (into Triton's
 disk cache, where the first launches find them).
 
+Compiling in the background: a Gluon forward takes 2.5-3 s to compile (the streaming one; its Python front end
+alone about 1 s), the Triton kernels that can serve the same call under a second. `compiling` starts such a
+kernel's compile in a background thread at its first call and tells the caller to serve the call with its Triton
+kernel until it is done (`settings.background_compile`; never where deterministic algorithms are asked for, so
+the kernel serving a call does not depend on timing). `wait_for_compiles` blocks until they are done.
+
 Tests observe launches with `recording()` and start from empty caches with `fresh_caches()`.
 """
 
@@ -32,6 +38,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import triton
+
+from attnhub import settings
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does (and configs.py)
 log = logging.getLogger("attnhub.backends")
@@ -67,12 +75,13 @@ class Launch(NamedTuple):
 class _State:
     """The caches, and the recorder of `recording`."""
 
-    __slots__ = ("keep_runners", "runners", "compiled_ahead", "recorder", "record_runs")
+    __slots__ = ("keep_runners", "runners", "compiled_ahead", "background", "recorder", "record_runs")
 
     def __init__(self, keep_runners: bool) -> None:
         self.keep_runners = keep_runners
         self.runners: dict = {}
         self.compiled_ahead: set = set()
+        self.background: dict = {}  # key -> its compile's Future, or _READY (`compiling`)
         self.recorder: list[Launch] | None = None
         self.record_runs = True
 
@@ -133,6 +142,9 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
                      None, None, *args, *tail)
     else:
         compiled[g[:3]](*args, *tail)
+
+
+runtime_launch = launch  # `launch` itself, for the functions with a parameter of that name
 
 
 def _no_hooks(knobs) -> bool:
@@ -224,6 +236,8 @@ def compile_ahead(key, device: torch.device, plan: Callable[[Callable], None], c
     def plan_one(*args, **kwargs):
         planned.append(compile_one(*args, **kwargs))
 
+    plan_one.plans_ahead = True  # a kernel that `compiling` defers is not compiled here (`_defers`)
+
     try:
         with on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
             plan(plan_one)
@@ -234,10 +248,83 @@ def compile_ahead(key, device: torch.device, plan: Callable[[Callable], None], c
                     type(exc).__name__, exc)
 
 
+_READY = True
+
+
+@functools.lru_cache(maxsize=1)
+def _background_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    # two: a second kernel's front end overlaps the first's LLVM and ptxas; more would take the foreground's CPU
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnhub-background")
+
+
+def _defers(launch, device: torch.device) -> bool:
+    """Whether a kernel not yet compiled may be left to a background compile: asked for (`settings`), on CUDA,
+    without deterministic algorithms, and at a launch that runs (`launch`, not a recording that does not run) or
+    compile-ahead's planning."""
+    if launch is runtime_launch:
+        if _state.recorder is not None and not _state.record_runs:
+            return False
+    elif not getattr(launch, "plans_ahead", False):
+        return False
+    return device.type == "cuda" and settings.background_compile() and not torch.are_deterministic_algorithms_enabled()
+
+
+def _compile_in_background(device: torch.device, kernel, grid: tuple, args: tuple, num_warps: int,
+                           num_stages: int, constexprs: dict) -> None:
+    with torch.cuda.device(device):  # Triton compiles for the current device (in this thread: cuda:0)
+        compiled = compile_only(kernel, grid, args, num_warps, num_stages, **constexprs)
+    _build_launchers([compiled])  # loading the module is left to its first launch, on the caller's thread
+
+
+def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> bool:
+    """Whether this launch's kernel is compiling in the background, so that the caller serves the call with another
+    kernel. At its first call (per `key`, which names the kernel's specialization, as `launch_keyed`'s) where
+    `_defers` allows, its compile starts in a background thread; until it is done, True. False once it is done,
+    and always where it was not deferred (the launch compiles it, as without this). A compile that failed is not
+    retried here: the launch compiles it again and raises its error. While a CUDA graph is captured, a kernel
+    compiled in the background but never launched is not launched (its module would load inside the capture)."""
+    state = _state
+    job = state.background.get(key)
+    if job is _READY:
+        return False
+    dev = getattr(args[0], "base", args[0]).device
+    if job is None:
+        if not _defers(launch, dev):
+            return False
+        if len(state.background) >= _AHEAD_MAX:
+            state.background.clear()
+        state.background[key] = _background_pool().submit(_compile_in_background, dev, kernel, grid, args,
+                                                          num_warps, num_stages, constexprs)
+        return True
+    if not job.done():
+        return True
+    if job.exception() is not None:
+        log.warning("%s: compiling in the background failed (%s: %s); it compiles again at its launch",
+                    kernel.fn.__name__, type(job.exception()).__name__, job.exception())
+    elif launch is runtime_launch and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    state.background[key] = _READY
+    return False
+
+
+def wait_for_compiles(timeout: float | None = None) -> int:
+    """Block until every compile started in the background is done (`timeout`: seconds, None for no limit); ->
+    how many were waited for. Raises TimeoutError when the time runs out."""
+    from concurrent.futures import wait
+
+    jobs = [job for job in list(_state.background.values()) if job is not _READY and not job.done()]
+    if jobs and wait(jobs, timeout).not_done:
+        raise TimeoutError(f"attnhub: {len(jobs)} kernels still compiling after {timeout} s")
+    return len(jobs)
+
+
 @contextlib.contextmanager
 def fresh_caches(keep_runners: bool | None = None) -> Iterator[_State]:
-    """Within the block: empty kept-runner and compiled-ahead caches (`.runners`, `.compiled_ahead` of the state
-    yielded), runners kept iff `keep_runners` (None: where Triton allows); the previous state after it. For tests."""
+    """Within the block: empty kept-runner, compiled-ahead and background caches (`.runners`, `.compiled_ahead`,
+    `.background` of the state yielded), runners kept iff `keep_runners` (None: where Triton allows); the previous
+    state after it. For tests."""
     global _state
     saved = _state
     _state = _State(KEEPS_RUNNERS if keep_runners is None else keep_runners)

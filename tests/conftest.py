@@ -18,6 +18,9 @@ if not HAS_CUDA:
 # Tests never read or write a user's tuning cache or pick up a user's registry or forced backend.
 for var in ("ATTNHUB_BACKEND", "ATTNHUB_DISABLE", "ATTNHUB_REGISTRY", "ATTNHUB_TUNE"):
     os.environ.pop(var, None)
+# Every call runs the kernel the config table picks for it, from its first call on: no Triton forward serving while
+# a Gluon forward compiles in the background (tests/backends/test_triton_runtime.py turns it on where it tests it).
+os.environ["ATTNHUB_TRITON_BACKGROUND_COMPILE"] = "0"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,6 +50,9 @@ def test_fallback_off_posix(monkeypatch):
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", "", True),
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", "1", True),
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", "0", False),
+    ("background_compile", "ATTNHUB_TRITON_BACKGROUND_COMPILE", None, True),
+    ("background_compile", "ATTNHUB_TRITON_BACKGROUND_COMPILE", "", True),
+    ("background_compile", "ATTNHUB_TRITON_BACKGROUND_COMPILE", "0", False),
 ])
 def test_values(setting, var, value, expected, monkeypatch):
     if value is None:
@@ -65,6 +68,7 @@ def test_values(setting, var, value, expected, monkeypatch):
     ("triton_bwd", "ATTNHUB_TRITON_BWD", " split", "expected one of auto, fused, split"),
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", "yes", "expected 0 or 1"),
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", " 1", "expected 0 or 1"),
+    ("background_compile", "ATTNHUB_TRITON_BACKGROUND_COMPILE", "on", "expected 0 or 1"),
 ])
 def test_invalid_value_names_the_variable(setting, var, value, expected, monkeypatch):
     monkeypatch.setenv(var, value)

@@ -239,7 +239,8 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
-    (`eligible`, given a call without a mask). qk_scale: scale * log2(e); options: the long kernels' switches from
+    (`eligible`, given a call without a mask) or while its kernel compiles in the background (`runtime.compiling`:
+    the Triton forward serves those calls). qk_scale: scale * log2(e); options: the long kernels' switches from
     the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
     serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of
     `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them; v_slots, overlap: the
@@ -261,9 +262,12 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
                    torch.empty(k.shape, device=k.device, dtype=k.dtype))
         rot_descs = (plan.make_rot[0](rotated[0]), plan.make_rot[1](rotated[1]))
     args = (q_desc, k_desc, plan.make_v(v), plan.make_o(o), *rot_descs, lse, cos, sin, *plan.ints, qk_scale)
-    if launch is runtime.launch:  # the plan knows every argument's specialization but the table's alignment
-        runtime.launch_keyed((plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0, qk_scale),
-                             plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs)
+    # the plan knows every argument's specialization but the table's alignment
+    spec = (plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0)
+    if runtime.compiling(spec, launch, plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs):
+        return None  # the Triton forward serves the call
+    if launch is runtime.launch:
+        runtime.launch_keyed((*spec, qk_scale), plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs)
     else:
         launch(plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs)
     return o, lse, rotated

@@ -144,7 +144,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     H_KV, N_KV = k.shape[1:3]
     resident = _resident_forward(config, N_Q, save_rotated)
     if resident is not None and key_padding_mask is None:
-        out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call
+        out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call now
                                config.long_options)
         if out is not None:
             return out

@@ -4,10 +4,13 @@ then launches)."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import triton.runtime
 
+import attnhub
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import autograd, configs, kernels, launch
 from tests.backends.triton_fa_rope.test_launch import _case
@@ -171,3 +174,112 @@ def test_kept_runners_skip_the_hook_plumbing_only_while_no_hook_is_set():
     chain.add(print)  # a profiler's hook: every launch must call it
     assert not runtime._no_hooks(idle)
     assert not runtime._no_hooks(type("Knobs", (), {"launch_enter_hook": None, "launch_exit_hook": print}))
+
+
+# ------------------------------------------------------------------------------------------- background compiles
+class _Arg:
+    """A launch's first argument as `compiling` reads it: its device."""
+
+    def __init__(self, device="cuda"):
+        self.device = torch.device(device)
+
+
+_Named = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="named_kernel"))  # a kernel, as logs name it
+
+
+@pytest.fixture
+def background(monkeypatch):
+    """`compiling` with its policy allowing every call, no CUDA graph capture, and its compiles run by `jobs`:
+    {"started": [...]}, each job waiting for `release` (a threading.Event) and raising `fail` when set."""
+    import threading
+
+    jobs = {"started": [], "release": threading.Event(), "fail": None}
+
+    def compile_job(device, kernel, grid, args, num_warps, num_stages, constexprs):
+        jobs["started"].append((kernel, grid, constexprs))
+        jobs["release"].wait(10)
+        if jobs["fail"] is not None:
+            raise jobs["fail"]
+
+    monkeypatch.setattr(runtime, "_defers", lambda launch, device: True)
+    monkeypatch.setattr(runtime, "_compile_in_background", compile_job)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with runtime.fresh_caches() as state:
+        yield jobs, state
+    jobs["release"].set()
+
+
+def test_a_kernel_compiling_in_the_background_is_served_elsewhere_until_done(background):
+    """The first call starts one compile and is served elsewhere, as is every call until it is done; then the
+    kernel launches (False), and no compile starts again."""
+    jobs, _ = background
+    call = lambda: runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1, A=1)  # noqa: E731
+    assert call() is True and call() is True
+    assert jobs["started"] == [(_Named, (1,), {"A": 1})]
+    jobs["release"].set()
+    assert runtime.wait_for_compiles(timeout=10) == 1
+    assert call() is False and call() is False
+    assert runtime.wait_for_compiles() == 0 and len(jobs["started"]) == 1
+
+
+def test_a_failed_background_compile_warns_and_leaves_the_kernel_to_its_launch(background, caplog):
+    jobs, _ = background
+    jobs["fail"] = RuntimeError("ptxas died")
+    call = lambda: runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1)  # noqa: E731
+    assert call() is True
+    jobs["release"].set()
+    runtime.wait_for_compiles(timeout=10)
+    with caplog.at_level("WARNING", logger=runtime.log.name):
+        assert call() is False  # the launch compiles it again and raises its error
+    assert "named_kernel: compiling in the background failed (RuntimeError: ptxas died)" in caplog.text
+    assert call() is False and len(jobs["started"]) == 1
+
+
+def test_a_kernel_compiled_in_the_background_is_not_first_launched_inside_a_cuda_graph_capture(background,
+                                                                                                monkeypatch):
+    jobs, _ = background
+    jobs["release"].set()
+    call = lambda: runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1)  # noqa: E731
+    assert call() is True
+    runtime.wait_for_compiles(timeout=10)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert call() is True  # its module would load inside the capture: the graph keeps the other kernel
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert call() is False
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert call() is False  # launched once outside: it may be captured
+
+
+def test_wait_for_compiles_raises_when_its_time_runs_out(background):
+    jobs, _ = background
+    runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1)
+    with pytest.raises(TimeoutError, match="1 kernels still compiling after 0.01 s"):
+        runtime.wait_for_compiles(timeout=0.01)
+    jobs["release"].set()
+    assert attnhub.wait_for_compiles(timeout=10) == 1  # the public entry
+
+
+def test_background_compiles_are_asked_for_on_cuda_without_deterministic_algorithms_at_real_launches():
+    """`_defers`: the setting, a CUDA device, no deterministic algorithms, a launch that runs or compile-ahead's
+    planning; never a recording that does not run or another launcher."""
+    from attnhub import settings
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    planner = lambda *a, **kw: None  # noqa: E731
+    planner.plans_ahead = True
+    with settings.override(background_compile=True), runtime.fresh_caches():
+        assert runtime._defers(runtime.launch, cuda) and runtime._defers(planner, cuda)
+        assert not runtime._defers(runtime.launch, cpu)
+        assert not runtime._defers(lambda *a, **kw: None, cuda)  # e.g. a test's recording launcher
+        with runtime.recording(run=False):
+            assert not runtime._defers(runtime.launch, cuda)
+        with runtime.recording(run=True):
+            assert runtime._defers(runtime.launch, cuda)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert not runtime._defers(runtime.launch, cuda)  # the kernel serving a call must not depend on timing
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+    with settings.override(background_compile=False):
+        assert not runtime._defers(runtime.launch, cuda)

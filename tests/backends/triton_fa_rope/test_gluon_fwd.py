@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import attnhub
+from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.backends.triton_fa_rope.autograd import _Table
@@ -628,3 +629,40 @@ def test_the_long_kernel_from_128_tokens_matches_math(N, early, groups, tail, sa
         assert_close_rel(qr, qd, q.dtype, "rotated q")
         assert_close_rel(kr, kd, q.dtype, "rotated k")
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("N,kernel", [(197, "resident_fwd_kernel"), (1029, "stream_fwd_kernel")])
+def test_the_triton_forward_serves_while_the_gluon_one_compiles_in_the_background(N, kernel, training):
+    """ATTNHUB_TRITON_BACKGROUND_COMPILE: a shape's first call starts its Gluon forward's compile and runs the Triton
+    forward; once `attnhub.wait_for_compiles` returns, the Gluon forward serves. Both against math in float64;
+    with deterministic algorithms the first call is the Gluon forward's."""
+    q, k, v = _inputs(N=N, H=6)
+    table = _table(N, H=6)
+
+    def call():
+        qg, kg, vg = (t.detach().clone().requires_grad_(training) for t in (q, k, v))
+        with runtime.recording() as launches, torch.set_grad_enabled(training):
+            o = attnhub.attention(qg, kg, vg, table, backend="triton_fa_rope")
+            if training:
+                o.backward(torch.ones_like(o))
+        assert_close_rel(o.detach(), _reference(q, k, v, table), q.dtype, "o")
+        return [x.name for x in launches], (qg.grad if training else None)
+
+    with settings.override(background_compile=True), runtime.fresh_caches():
+        first, dq_first = call()
+        assert kernel not in first and "fwd_kernel" in first
+        attnhub.wait_for_compiles(timeout=300)
+        later, dq_later = call()
+        assert kernel in later and "fwd_kernel" not in later
+        if training:  # the same saved tensors reach the same backward kernels
+            assert_close_rel(dq_later, dq_first.double(), q.dtype, "dq", grad=True)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with runtime.fresh_caches():
+                assert kernel in call()[0]
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
