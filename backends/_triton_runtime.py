@@ -275,7 +275,8 @@ def _compile_in_background(device: torch.device, kernel, grid: tuple, args: tupl
                            num_stages: int, constexprs: dict) -> None:
     with torch.cuda.device(device):  # Triton compiles for the current device (in this thread: cuda:0)
         compiled = compile_only(kernel, grid, args, num_warps, num_stages, **constexprs)
-    _build_launchers([compiled])  # loading the module is left to its first launch, on the caller's thread
+        # its module and C launcher loaded here too: its first launch may come inside a CUDA graph capture
+        compiled._init_handles()
 
 
 def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> bool:
@@ -283,8 +284,7 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
     kernel. At its first call (per `key`, which names the kernel's specialization, as `launch_keyed`'s) where
     `_defers` allows, its compile starts in a background thread; until it is done, True. False once it is done,
     and always where it was not deferred (the launch compiles it, as without this). A compile that failed is not
-    retried here: the launch compiles it again and raises its error. While a CUDA graph is captured, a kernel
-    compiled in the background but never launched is not launched (its module would load inside the capture)."""
+    retried here: the launch compiles it again and raises its error."""
     state = _state
     job = state.background.get(key)
     if job is _READY:
@@ -303,8 +303,6 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
     if job.exception() is not None:
         log.warning("%s: compiling in the background failed (%s: %s); it compiles again at its launch",
                     kernel.fn.__name__, type(job.exception()).__name__, job.exception())
-    elif launch is runtime_launch and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return True
     state.background[key] = _READY
     return False
 

@@ -189,8 +189,8 @@ _Named = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="named_kernel")
 
 @pytest.fixture
 def background(monkeypatch):
-    """`compiling` with its policy allowing every call, no CUDA graph capture, and its compiles run by `jobs`:
-    {"started": [...]}, each job waiting for `release` (a threading.Event) and raising `fail` when set."""
+    """`compiling` with its policy allowing every call and its compiles run by `jobs`: {"started": [...]}, each
+    job waiting for `release` (a threading.Event) and raising `fail` when set."""
     import threading
 
     jobs = {"started": [], "release": threading.Event(), "fail": None}
@@ -203,7 +203,6 @@ def background(monkeypatch):
 
     monkeypatch.setattr(runtime, "_defers", lambda launch, device: True)
     monkeypatch.setattr(runtime, "_compile_in_background", compile_job)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with runtime.fresh_caches() as state:
         yield jobs, state
     jobs["release"].set()
@@ -233,21 +232,6 @@ def test_a_failed_background_compile_warns_and_leaves_the_kernel_to_its_launch(b
         assert call() is False  # the launch compiles it again and raises its error
     assert "named_kernel: compiling in the background failed (RuntimeError: ptxas died)" in caplog.text
     assert call() is False and len(jobs["started"]) == 1
-
-
-def test_a_kernel_compiled_in_the_background_is_not_first_launched_inside_a_cuda_graph_capture(background,
-                                                                                                monkeypatch):
-    jobs, _ = background
-    jobs["release"].set()
-    call = lambda: runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1)  # noqa: E731
-    assert call() is True
-    runtime.wait_for_compiles(timeout=10)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert call() is True  # its module would load inside the capture: the graph keeps the other kernel
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert call() is False
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert call() is False  # launched once outside: it may be captured
 
 
 def test_wait_for_compiles_raises_when_its_time_runs_out(background):

@@ -666,3 +666,23 @@ def test_the_triton_forward_serves_while_the_gluon_one_compiles_in_the_backgroun
                 assert kernel in call()[0]
         finally:
             torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_gluon_forward_compiled_in_the_background_is_first_launched_inside_a_cuda_graph_capture():
+    """The background compile loads the kernel's module too: its first launch may be captured (a graph captured
+    after `attnhub.wait_for_compiles` runs the Gluon forward)."""
+    q, k, v = _inputs(N=577, H=6)
+    table = _table(577, H=6)
+    with settings.override(background_compile=True), runtime.fresh_caches(), torch.no_grad():
+        attnhub.attention(q, k, v, table, backend="triton_fa_rope")  # the Triton forward; the long one compiling
+        attnhub.wait_for_compiles(timeout=300)
+        graph = torch.cuda.CUDAGraph()
+        with runtime.recording() as launches, torch.cuda.graph(graph):
+            o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
+        o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+    assert [x.name for x in launches] == ["long_fwd_kernel"]
+    assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
