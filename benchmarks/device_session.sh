@@ -15,6 +15,10 @@
 #   first  python -m attnhub bench --sections first_call: each backend's first call per shape in fresh processes,
 #          cold (empty Triton cache) and warm, Gluon forwards compiling in the background; then triton_fa_rope's
 #          with them compiled in the call (ATTNHUB_TRITON_BACKGROUND_COMPILE=0)  -> first_call{,_foreground}.json
+#   background the GPU tests of the Gluon forwards compiling in the background (the Triton forward serving meanwhile,
+#          a CUDA graph capturing the first launch after), then the runtime's tests on CUDA
+#                                                                           -> pytest_gluon.log, pytest_runtime.log
+#   host   python -m attnhub bench --sections host (host µs per cached call, dispatch overhead)  -> h200_host.json
 #   bench  python -m attnhub bench --sections table,host (kernel table, host overhead), its winners merged into a copy
 #          of measured.yaml                                   -> h200.json, .png, measured.yaml, bench.log
 #   sweep  benchmarks/sweep.py over the forward configs ($SWEEP_ARGS overrides)   -> sweep.json, sweep.log
@@ -130,6 +134,15 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_mixed_224 --modes train \
         --no-compile --out "$OUT/e2e_h100_rope_mixed.json" >"$OUT/e2e_rope_mixed.log" 2>&1 || status=1
       tail -15 "$OUT/e2e_rope_mixed.log" ;;
+    background)  # the Gluon forwards compiling in the background while the Triton forward serves (its GPU tests)
+      gluon_tests "background"
+      timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/backends/test_triton_runtime.py \
+        >"$OUT/pytest_runtime.log" 2>&1 || status=1
+      tail -2 "$OUT/pytest_runtime.log" ;;
+    host)
+      timeout 200 python3 -m attnhub bench --sections host --no-progress --out "$OUT/h200_host.json" \
+        >"$OUT/host.log" 2>&1 || status=1
+      tail -25 "$OUT/host.log" ;;
     first)  # as users get it (Gluon forwards compiling in the background), then with them compiled in the call
       ATTNHUB_TRITON_BACKGROUND_COMPILE=1 timeout 250 python3 -m attnhub bench --sections first_call --no-progress \
         --impls attnhub:triton_fa_rope,attnhub:triton_rope_sdpa,attnhub:torch_sdpa --out "$OUT/first_call.json" \
