@@ -23,7 +23,8 @@ Compiling in the background: a Gluon forward takes 2.5-3 s to compile (the strea
 alone about 1 s), the Triton kernels that can serve the same call under a second. `compiling` starts such a
 kernel's compile in a background thread at its first call and tells the caller to serve the call with its Triton
 kernel until it is done (`settings.background_compile`; never where deterministic algorithms are asked for, so
-the kernel serving a call does not depend on timing). `wait_for_compiles` blocks until they are done.
+the kernel serving a call does not depend on timing). A background compile starts once the call's own compiles are
+done (they would share the interpreter lock). `wait_for_compiles` blocks until they are done.
 
 Tests observe launches with `recording()` and start from empty caches with `fresh_caches()`.
 """
@@ -34,6 +35,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
@@ -87,6 +89,7 @@ class _State:
 
 
 _state = _State(KEEPS_RUNNERS)
+_foreground = threading.RLock()  # held while a call compiles what it launches (`compile_ahead`, a kept runner's miss)
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> None:
@@ -127,7 +130,8 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
         key = ("keyed", kernel, dev.index, key)
     hit = state.runners.get(key)
     if hit is None:
-        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        with _foreground:  # a compile here comes first: background compiles wait for it (`_compile_in_background`)
+            compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         params = kernel.params[len(args):]
         if not all(p.is_constexpr and p.name in constexprs for p in params):  # not this backend's kernel layout
             return
@@ -239,10 +243,11 @@ def compile_ahead(key, device: torch.device, plan: Callable[[Callable], None], c
     plan_one.plans_ahead = True  # a kernel that `compiling` defers is not compiled here (`_defers`)
 
     try:
-        with on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
+        with _foreground, on_device, triton.AsyncCompileMode(_compile_pool(), ignore_errors=True):
             plan(plan_one)
-        _build_launchers([p.result(ignore_errors=True) if isinstance(p, triton.FutureKernel) else p
-                          for p in planned])
+        with _foreground:
+            _build_launchers([p.result(ignore_errors=True) if isinstance(p, triton.FutureKernel) else p
+                              for p in planned])
     except Exception as exc:  # noqa: BLE001 - the launches that follow compile and raise on their own
         log.warning("triton_fa_rope: compiling ahead failed (%s: %s); kernels compile at their launches",
                     type(exc).__name__, exc)
@@ -273,6 +278,8 @@ def _defers(launch, device: torch.device) -> bool:
 
 def _compile_in_background(device: torch.device, kernel, grid: tuple, args: tuple, num_warps: int,
                            num_stages: int, constexprs: dict) -> None:
+    with _foreground:  # the call's own compiles first: they share the interpreter lock with this one's front end
+        pass
     with torch.cuda.device(device):  # Triton compiles for the current device (in this thread: cuda:0)
         compiled = compile_only(kernel, grid, args, num_warps, num_stages, **constexprs)
         # its module and C launcher loaded here too: its first launch may come inside a CUDA graph capture

@@ -267,3 +267,23 @@ def test_background_compiles_are_asked_for_on_cuda_without_deterministic_algorit
             torch.use_deterministic_algorithms(deterministic)
     with settings.override(background_compile=False):
         assert not runtime._defers(runtime.launch, cuda)
+
+
+def test_a_background_compile_starts_after_the_calls_own_compiles_and_loads_its_kernel(monkeypatch):
+    """`_compile_in_background` waits while a call compiles what it launches (they would share the interpreter
+    lock), then compiles and loads the kernel (module and launcher: its first launch may be inside a capture)."""
+    import contextlib
+    import time
+
+    order = []
+    compiled = types.SimpleNamespace(_init_handles=lambda: order.append("loaded"))
+    monkeypatch.setattr(runtime, "compile_only", lambda *a, **kw: order.append("compiled") or compiled)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with runtime._foreground:
+        job = runtime._background_pool().submit(runtime._compile_in_background, torch.device("cuda", 0), _Named,
+                                                (1,), (), 4, 1, {})
+        time.sleep(0.2)
+        assert order == [] and not job.done()
+        order.append("call compiled")
+    job.result(timeout=10)
+    assert order == ["call compiled", "compiled", "loaded"]
