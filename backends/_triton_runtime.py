@@ -24,7 +24,7 @@ alone about 1 s), the Triton kernels that can serve the same call under a second
 kernel's compile in a background thread at its first call and tells the caller to serve the call with its Triton
 kernel until it is done (`settings.background_compile`; never where deterministic algorithms are asked for, so
 the kernel serving a call does not depend on timing). A background compile starts once the call's own compiles are
-done (they would share the interpreter lock). `wait_for_compiles` blocks until they are done.
+done (they would share the interpreter lock). `wait_for_compiles` blocks until they are done and loads them.
 
 Tests observe launches with `recording()` and start from empty caches with `fresh_caches()`.
 """
@@ -277,13 +277,22 @@ def _defers(launch, device: torch.device) -> bool:
 
 
 def _compile_in_background(device: torch.device, kernel, grid: tuple, args: tuple, num_warps: int,
-                           num_stages: int, constexprs: dict) -> None:
+                           num_stages: int, constexprs: dict):
+    """-> the compiled kernel, its C launcher built (into Triton's disk cache). Its module is loaded on the
+    caller's thread (`_load`): a module load here could meet a CUDA graph capture there, which forbids it."""
     with _foreground:  # the call's own compiles first: they share the interpreter lock with this one's front end
         pass
     with torch.cuda.device(device):  # Triton compiles for the current device (in this thread: cuda:0)
         compiled = compile_only(kernel, grid, args, num_warps, num_stages, **constexprs)
-        # its module and C launcher loaded here too: its first launch may come inside a CUDA graph capture
-        compiled._init_handles()
+    _build_launchers([compiled])
+    return compiled
+
+
+def _load(job, device: torch.device) -> None:
+    """Load a background compile's kernel (module, launcher), unless it failed (its launch compiles it again)."""
+    if job.exception() is None:
+        with torch.cuda.device(device):
+            job.result()._init_handles()
 
 
 def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> bool:
@@ -291,7 +300,8 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
     kernel. At its first call (per `key`, which names the kernel's specialization, as `launch_keyed`'s) where
     `_defers` allows, its compile starts in a background thread; until it is done, True. False once it is done,
     and always where it was not deferred (the launch compiles it, as without this). A compile that failed is not
-    retried here: the launch compiles it again and raises its error."""
+    retried here: the launch compiles it again and raises its error. While a CUDA graph is captured, a kernel not
+    yet loaded is not launched (True): its module would load inside the capture; `wait_for_compiles` loads it."""
     state = _state
     job = state.background.get(key)
     if job is _READY:
@@ -302,27 +312,37 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
             return False
         if len(state.background) >= _AHEAD_MAX:
             state.background.clear()
-        state.background[key] = _background_pool().submit(_compile_in_background, dev, kernel, grid, args,
-                                                          num_warps, num_stages, constexprs)
+        state.background[key] = (_background_pool().submit(_compile_in_background, dev, kernel, grid, args,
+                                                           num_warps, num_stages, constexprs), dev)
         return True
-    if not job.done():
+    future = job[0]
+    if not future.done():
         return True
-    if job.exception() is not None:
+    if future.exception() is not None:
         log.warning("%s: compiling in the background failed (%s: %s); it compiles again at its launch",
-                    kernel.fn.__name__, type(job.exception()).__name__, job.exception())
+                    kernel.fn.__name__, type(future.exception()).__name__, future.exception())
+    elif dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
     state.background[key] = _READY
     return False
 
 
 def wait_for_compiles(timeout: float | None = None) -> int:
-    """Block until every compile started in the background is done (`timeout`: seconds, None for no limit); ->
-    how many were waited for. Raises TimeoutError when the time runs out."""
+    """Block until every compile started in the background is done (`timeout`: seconds, None for no limit), and
+    load their kernels, so that a CUDA graph captured next may launch them; -> how many were still compiling.
+    Raises TimeoutError when the time runs out."""
     from concurrent.futures import wait
 
-    jobs = [job for job in list(_state.background.values()) if job is not _READY and not job.done()]
-    if jobs and wait(jobs, timeout).not_done:
-        raise TimeoutError(f"attnhub: {len(jobs)} kernels still compiling after {timeout} s")
-    return len(jobs)
+    state = _state
+    jobs = {key: job for key, job in list(state.background.items()) if job is not _READY}
+    running = [future for future, _ in jobs.values() if not future.done()]
+    if running and wait(running, timeout).not_done:
+        raise TimeoutError(f"attnhub: {len(running)} kernels still compiling after {timeout} s")
+    for key, (future, device) in jobs.items():
+        _load(future, device)
+        if future.exception() is None:
+            state.background[key] = _READY
+    return len(running)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ then launches)."""
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -189,20 +190,24 @@ _Named = types.SimpleNamespace(fn=types.SimpleNamespace(__name__="named_kernel")
 
 @pytest.fixture
 def background(monkeypatch):
-    """`compiling` with its policy allowing every call and its compiles run by `jobs`: {"started": [...]}, each
-    job waiting for `release` (a threading.Event) and raising `fail` when set."""
+    """`compiling` with its policy allowing every call, no CUDA graph capture, and its compiles run by `jobs`:
+    {"started": [...]}, each job waiting for `release` (a threading.Event) and raising `fail` when set, else
+    returning a kernel whose load appends it to jobs["loaded"]."""
     import threading
 
-    jobs = {"started": [], "release": threading.Event(), "fail": None}
+    jobs = {"started": [], "release": threading.Event(), "fail": None, "loaded": []}
 
     def compile_job(device, kernel, grid, args, num_warps, num_stages, constexprs):
         jobs["started"].append((kernel, grid, constexprs))
         jobs["release"].wait(10)
         if jobs["fail"] is not None:
             raise jobs["fail"]
+        return types.SimpleNamespace(_init_handles=lambda: jobs["loaded"].append(kernel))
 
     monkeypatch.setattr(runtime, "_defers", lambda launch, device: True)
     monkeypatch.setattr(runtime, "_compile_in_background", compile_job)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with runtime.fresh_caches() as state:
         yield jobs, state
     jobs["release"].set()
@@ -232,6 +237,21 @@ def test_a_failed_background_compile_warns_and_leaves_the_kernel_to_its_launch(b
         assert call() is False  # the launch compiles it again and raises its error
     assert "named_kernel: compiling in the background failed (RuntimeError: ptxas died)" in caplog.text
     assert call() is False and len(jobs["started"]) == 1
+
+
+def test_a_kernel_not_yet_loaded_is_not_launched_inside_a_cuda_graph_capture(background, monkeypatch):
+    """Its module would load inside the capture (which forbids it): the other kernel serves and the graph keeps
+    it; `wait_for_compiles` loads it, so that a graph captured after it launches it."""
+    jobs, _ = background
+    jobs["release"].set()
+    call = lambda key: runtime.compiling(key, runtime.launch, _Named, (1,), (_Arg(),), 4, 1)  # noqa: E731
+    assert call("a") is True and call("b") is True
+    for key in "ab":
+        runtime._state.background[key][0].result(timeout=10)  # compiled
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert call("a") is True and call("a") is True and jobs["loaded"] == []
+    assert runtime.wait_for_compiles(timeout=10) == 0  # none still compiling; both loaded
+    assert jobs["loaded"] == [_Named, _Named] and call("a") is False and call("b") is False
 
 
 def test_wait_for_compiles_raises_when_its_time_runs_out(background):
@@ -269,15 +289,15 @@ def test_background_compiles_are_asked_for_on_cuda_without_deterministic_algorit
         assert not runtime._defers(runtime.launch, cuda)
 
 
-def test_a_background_compile_starts_after_the_calls_own_compiles_and_loads_its_kernel(monkeypatch):
+def test_a_background_compile_starts_after_the_calls_own_compiles(monkeypatch):
     """`_compile_in_background` waits while a call compiles what it launches (they would share the interpreter
-    lock), then compiles and loads the kernel (module and launcher: its first launch may be inside a capture)."""
-    import contextlib
+    lock), then compiles the kernel and builds its launcher; its module is loaded on the caller's thread."""
     import time
 
     order = []
     compiled = types.SimpleNamespace(_init_handles=lambda: order.append("loaded"))
     monkeypatch.setattr(runtime, "compile_only", lambda *a, **kw: order.append("compiled") or compiled)
+    monkeypatch.setattr(runtime, "_build_launchers", lambda kernels: order.append(("launchers", kernels)))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     with runtime._foreground:
         job = runtime._background_pool().submit(runtime._compile_in_background, torch.device("cuda", 0), _Named,
@@ -285,5 +305,5 @@ def test_a_background_compile_starts_after_the_calls_own_compiles_and_loads_its_
         time.sleep(0.2)
         assert order == [] and not job.done()
         order.append("call compiled")
-    job.result(timeout=10)
-    assert order == ["call compiled", "compiled", "loaded"]
+    assert job.result(timeout=10) is compiled
+    assert order == ["call compiled", "compiled", ("launchers", [compiled])]  # its module: not in this thread

@@ -671,8 +671,8 @@ def test_the_triton_forward_serves_while_the_gluon_one_compiles_in_the_backgroun
 @pytest.mark.gpu
 @gpu
 def test_a_gluon_forward_compiled_in_the_background_is_first_launched_inside_a_cuda_graph_capture():
-    """The background compile loads the kernel's module too: its first launch may be captured (a graph captured
-    after `attnhub.wait_for_compiles` runs the Gluon forward)."""
+    """`attnhub.wait_for_compiles` loads the kernel's module: its first launch may then be captured (a graph
+    captured after it runs the Gluon forward)."""
     q, k, v = _inputs(N=577, H=6)
     table = _table(577, H=6)
     with settings.override(background_compile=True), runtime.fresh_caches(), torch.no_grad():
