@@ -22,6 +22,8 @@
 #   bench  python -m attnhub bench --sections table,host (kernel table, host overhead), its winners merged into a copy
 #          of measured.yaml                                   -> h200.json, .png, measured.yaml, bench.log
 #   sweep  benchmarks/sweep.py over the forward configs ($SWEEP_ARGS overrides)   -> sweep.json, sweep.log
+#   bwdsweep benchmarks/sweep.py over gluon_dkdv and gluon_dq (the Gluon backward's configs) at 577 and 1029 tokens,
+#          fwd+bwd, the kernels' GPU time                        -> h200_sweep_gluon_{dkdv,dq}.json, sweep_*.log
 #   e2e    benchmarks/bench_e2e.py, ViT-S/16 train and inference, eager and compiled -> e2e_h100_vit_s.json, .log
 #   e2e384 ViT-B/16@384 (N = 577) train step, B = 64, eager and compiled  -> e2e_vit_b384.json, .log
 #   varlen bench_varlen.py (kernel level, NaFlex and grouped heads; its winners merged into a copy of measured.yaml),
@@ -156,6 +158,12 @@ for stage in "${stages[@]}"; do
       timeout 400 python3 benchmarks/sweep.py ${SWEEP_ARGS:---field fwd} --out "$OUT/sweep.json" >"$OUT/sweep.log" \
         2>&1 || status=1
       tail -30 "$OUT/sweep.log" ;;
+    bwdsweep)  # the Gluon backward's configs at 577 and 1029 tokens, fwd+bwd by the kernels' GPU time
+      for field in gluon_dkdv gluon_dq; do
+        timeout 270 python3 benchmarks/sweep.py --field $field --shapes vit_b16_384,vit_b16_512_reg4 --passes fwdbwd \
+          --timer gpu --out "$OUT/h200_sweep_$field.json" >"$OUT/sweep_$field.log" 2>&1 || status=1
+        tail -12 "$OUT/sweep_$field.log"
+      done ;;
     e2e)
       timeout 300 python3 benchmarks/bench_e2e.py --models vit_small_patch16_rope_224 --out "$OUT/e2e_h100_vit_s.json" \
         >"$OUT/e2e_vit_s.log" 2>&1 || status=1

@@ -52,6 +52,10 @@ CANDIDATES = {
     "gluon_long_from_n": [257, 128],  # at N <= 256 the resident Gluon forward, or the long one
     "long_attend_groups": [0, 3],  # the long kernel's attending warpgroups: one partition, or each its own
     "long_swap_tail": [False, True],  # with --set long_attend_groups=3: the last slice of <= 16 rows swapped
+    # the Gluon backward's (from 257 tokens): the shipped one first, then those that compile without spills at 1029
+    # tokens (sm_90, Triton 3.6, offline; the shipped dK/dV spills 12 bytes at its cap of 168 registers)
+    "gluon_dkdv": [K(64, 64, 4, 2, 168), K(64, 64, 4, 3, 168), K(64, 64, 4, 2), K(64, 128, 8, 2), K(64, 128, 8, 3)],
+    "gluon_dq": [K(64, 64, 4, 2, 168), K(64, 64, 4, 3, 168), K(128, 64, 8, 2), K(128, 64, 8, 3), K(128, 128, 8, 2)],
 }
 CANDIDATES["fwd_train"] = CANDIDATES["fwd_train_prerotated"] = CANDIDATES["fwd_prerotated"] = CANDIDATES["fwd"]
 PASSES = ("fwd", "fwdbwd")
