@@ -314,6 +314,8 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
             state.background.clear()
         state.background[key] = (_background_pool().submit(_compile_in_background, dev, kernel, grid, args,
                                                            num_warps, num_stages, constexprs), dev)
+        log.info("%s: compiling in the background; another kernel serves its calls until it is ready",
+                 kernel.fn.__name__)
         return True
     future = job[0]
     if not future.done():

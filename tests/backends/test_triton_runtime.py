@@ -219,12 +219,14 @@ def background(monkeypatch):
     jobs["release"].set()
 
 
-def test_a_kernel_compiling_in_the_background_is_served_elsewhere_until_done(background):
-    """The first call starts one compile and is served elsewhere, as is every call until it is done; then the
-    kernel launches (False), and no compile starts again."""
+def test_a_kernel_compiling_in_the_background_is_served_elsewhere_until_done(background, caplog):
+    """The first call starts one compile (logged) and is served elsewhere, as is every call until it is done; then
+    the kernel launches (False), and no compile starts again."""
     jobs, _ = background
     call = lambda: runtime.compiling("key", runtime.launch, _Named, (1,), (_Arg(),), 4, 1, A=1)  # noqa: E731
-    assert call() is True and call() is True
+    with caplog.at_level("INFO", logger=runtime.log.name):
+        assert call() is True and call() is True
+    assert caplog.text.count("named_kernel: compiling in the background") == 1
     assert jobs["started"] == [(_Named, (1,), {"A": 1})]
     jobs["release"].set()
     assert runtime.wait_for_compiles(timeout=10) == 1
