@@ -3,7 +3,8 @@
 Off by default (static priorities from `registry.yaml` decide). On with `ATTNHUB_TUNE=1` (measures on the first
 call of each new key) or explicitly with `attnhub.tune(q, k, v, rope=...)`. Results persist in
 `$ATTNHUB_CACHE_DIR/tune.json` (default `~/.cache/attnhub`), keyed by device name and library versions, so a later
-process with `ATTNHUB_TUNE=1` starts with the measured choice.
+process with `ATTNHUB_TUNE=1` starts with the measured choice. Each backend is timed after
+`wait_for_compiles` (public as `attnhub.wait_for_compiles`), so kernels compiling in the background do not skew it.
 
 tune.json: {environment: {key: backend name}}. The key is the decision key plus the `candidates` measured (each
 eligible backend with its implementation), so a registry change that adds, removes or re-points an eligible backend
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -129,9 +131,18 @@ def lookup(call, eligible: Sequence[str]) -> str | None:
     return name if name in eligible else None
 
 
-def _time_ms(run: Callable[[], None], device: torch.device, reps: int = 20) -> float:
-    from attnhub.api import wait_for_compiles  # (api imports this module)
+def wait_for_compiles(timeout: float | None = None) -> int:
+    """Block until the kernels compiling in the background are ready; -> how many were waited for.
 
+    triton_fa_rope's Gluon forwards compile in a background thread at a shape's first call while its Triton forward
+    serves the calls (ATTNHUB_TRITON_BACKGROUND_COMPILE, `attnhub.settings`): call this before timing a model or
+    capturing a CUDA graph, so both see the kernels that serve the shape from then on. Raises `TimeoutError` when
+    `timeout` seconds pass first."""
+    runtime = sys.modules.get("attnhub.backends._triton_runtime")
+    return 0 if runtime is None else runtime.wait_for_compiles(timeout)  # not imported: nothing compiles
+
+
+def _time_ms(run: Callable[[], None], device: torch.device, reps: int = 20) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run()
     wait_for_compiles()  # time the kernels that serve the call from now on, not those serving while they compile

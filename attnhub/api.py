@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 
 import torch
 
 from attnhub import _tuning, control, select
+from attnhub._tuning import wait_for_compiles  # noqa: F401  (public, as attnhub.wait_for_compiles)
 from attnhub.control import use_backend  # noqa: F401  (public, as attnhub.use_backend)
 from attnhub.rope import CosSinTable
 
@@ -209,17 +209,6 @@ def tune(
     best = _tuning.measure(call, _entries(names, key_padding_mask), q, k, v, rope, _scale(q, scale))
     select.clear_cache()
     return best
-
-
-def wait_for_compiles(timeout: float | None = None) -> int:
-    """Block until the kernels compiling in the background are ready; -> how many were waited for.
-
-    triton_fa_rope's Gluon forwards compile in a background thread at a shape's first call while its Triton forward
-    serves the calls (ATTNHUB_TRITON_BACKGROUND_COMPILE, `attnhub.settings`): call this before timing a model or
-    capturing a CUDA graph, so both see the kernels that serve the shape from then on. Raises `TimeoutError` when
-    `timeout` seconds pass first."""
-    runtime = sys.modules.get("attnhub.backends._triton_runtime")
-    return 0 if runtime is None else runtime.wait_for_compiles(timeout)  # not imported: nothing compiles
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,7 +108,7 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _first_call(fn: Callable[[], object]) -> None:
+def _warm(fn: Callable[[], object]) -> None:
     """An untimed call of `fn`, then the wait for kernels it left compiling in the background
     (`attnhub.wait_for_compiles`), so that the timings see the kernels that serve its shape from then on."""
     fn()
@@ -119,7 +119,7 @@ def time_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int
             grads: Sequence[torch.Tensor] | None = None) -> float:
     """Median ms per call of `fn`; `warmup` and `rep` are budgets in ms (do_bench's), `grads` are set to None
     before every repetition (so a backward does not accumulate into them)."""
-    _first_call(fn)
+    _warm(fn)
     if torch.device(device).type == "cuda":
         import triton.testing
 
@@ -152,7 +152,7 @@ def gpu_kernels_ms(fn: Callable[[], object], *, device: torch.device | str, iter
 
     if torch.device(device).type != "cuda":
         raise ValueError(f"gpu_ms, gpu_kernels_ms: need a CUDA device, got {device}")
-    _first_call(fn)
+    _warm(fn)
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
@@ -168,7 +168,7 @@ def host_us(fns: Sequence[Callable[[], object]], calls: int, device: torch.devic
     """Host µs per call of each fn: loops of the fns interleaved (so a drifting host affects all alike), the best
     loop of each (noise only adds), with one synchronization at the end of each loop."""
     for fn in fns:
-        _first_call(fn)
+        _warm(fn)
     sync(device)
     n, best = max(1, calls // rounds), [math.inf] * len(fns)
     for _ in range(rounds):

@@ -83,7 +83,7 @@ class _State:
         self.keep_runners = keep_runners
         self.runners: dict = {}
         self.compiled_ahead: set = set()
-        self.background: dict = {}  # key -> its compile's Future, or _READY (`compiling`)
+        self.background: dict = {}  # key -> (its compile's Future, device), or _READY once done (`compiling`)
         self.recorder: list[Launch] | None = None
         self.record_runs = True
 
@@ -146,9 +146,6 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
                      None, None, *args, *tail)
     else:
         compiled[g[:3]](*args, *tail)
-
-
-runtime_launch = launch  # `launch` itself, for the functions with a parameter of that name
 
 
 def _no_hooks(knobs) -> bool:
@@ -264,14 +261,14 @@ def _background_pool():
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnhub-background")
 
 
-def _defers(launch, device: torch.device) -> bool:
+def _defers(launcher, device: torch.device) -> bool:
     """Whether a kernel not yet compiled may be left to a background compile: asked for (`settings`), on CUDA,
     without deterministic algorithms, and at a launch that runs (`launch`, not a recording that does not run) or
     compile-ahead's planning."""
-    if launch is runtime_launch:
+    if launcher is launch:
         if _state.recorder is not None and not _state.record_runs:
             return False
-    elif not getattr(launch, "plans_ahead", False):
+    elif not getattr(launcher, "plans_ahead", False):
         return False
     return device.type == "cuda" and settings.background_compile() and not torch.are_deterministic_algorithms_enabled()
 
@@ -295,7 +292,8 @@ def _load(job, device: torch.device) -> None:
             job.result()._init_handles()
 
 
-def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int, **constexprs) -> bool:
+def compiling(key, launcher, kernel, grid: tuple, args: tuple, num_warps: int, num_stages: int,
+              **constexprs) -> bool:
     """Whether this launch's kernel is compiling in the background, so that the caller serves the call with another
     kernel. At its first call (per `key`, which names the kernel's specialization, as `launch_keyed`'s) where
     `_defers` allows, its compile starts in a background thread; until it is done, True. False once it is done,
@@ -308,7 +306,7 @@ def compiling(key, launch, kernel, grid: tuple, args: tuple, num_warps: int, num
         return False
     dev = getattr(args[0], "base", args[0]).device
     if job is None:
-        if not _defers(launch, dev):
+        if not _defers(launcher, dev):
             return False
         if len(state.background) >= _AHEAD_MAX:
             state.background.clear()
