@@ -60,6 +60,8 @@
 #          tokens, ViT-L/16@448): the streaming kernel (K resident, V through a ring of 3, 4 or 5 boxes; its key loop
 #          overlapped and not) against the Triton forward that served there before it, inference and training
 #                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
+#   hostprof benchmarks/host_profile.py --sections paths,breakdown: host µs per cached call by path, a cProfile of
+#          cached training steps at the tiny shape, the call's pieces                   -> h200_host_profile.txt
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)
 #                                                                                 -> h200_host_floor.txt
@@ -257,6 +259,10 @@ for stage in "${stages[@]}"; do
       timeout 330 python3 benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" \
         --v-slots 3,4,5 --overlap --out "$OUT/h200_gluon_stream.json" >"$OUT/gluon_stream.log" 2>&1 || status=1
       tail -14 "$OUT/gluon_stream.log" ;;
+    hostprof)
+      timeout 240 python3 benchmarks/host_profile.py --sections paths,breakdown >"$OUT/h200_host_profile.txt" 2>&1 \
+        || status=1
+      tail -12 "$OUT/h200_host_profile.txt" ;;
     hostfloor)
       timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \
         || status=1
