@@ -109,7 +109,8 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
     determine everything `launch`'s key holds (the int arguments' values, each tensor's dtype and 16-byte alignment,
     the descriptors' dtype, block and layout, the scalars, the constexprs, the launch options); the kernel and the
     device are added here."""
-    dev = getattr(args[0], "base", args[0]).device  # a Gluon kernel's first argument is a TMA descriptor
+    first = args[0]  # a tensor, or a TMA descriptor of one (a Gluon kernel's)
+    dev = (first if isinstance(first, torch.Tensor) else first.base).device
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
             launch_keyed(key, kernel, grid, args, num_warps, num_stages, **constexprs)

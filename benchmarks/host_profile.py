@@ -10,9 +10,10 @@ F.sdpa's, and a cProfile of 500 triton_fa_rope steps.
 
 `breakdown`: host µs per call piece by piece (best of 3 loops): the ViT-S/16 inference call (B = 256) through
 `attnhub.attention`, the backend's entry, `launch.forward` and the launch alone; then at the tiny shape fwd+bwd
-through `attnhub.attention`, `FlashRopeAttention.apply`, a `Null` autograd.Function that launches nothing (the
-autograd engine's own floor), F.sdpa, and the launcher's parts (`launch.forward`, `launch.backward`, the
-compile-ahead key, an allocation, a kept-runner launch and its key), two rounds each.
+through `attnhub.attention` (its backward as the forward planned it, and unplanned: planned by `launch.backward` on
+the engine's thread), `FlashRopeAttention.apply`, a `Null` autograd.Function that launches nothing (the autograd
+engine's own floor), F.sdpa, and the launcher's parts (`launch.forward`, `launch.backward`, the planned
+`FusedBackward.run`, the compile-ahead key, an allocation, a kept-runner launch and its key), two rounds each.
 
 `floor`: what a C++ autograd node would save, before one is built. Host µs per fwd+bwd at the tiny shape, by
 `benchkit.host_us` (the rows' loops interleaved, best of ten): F.sdpa; the Python `Null` Function and `Null8` (our
@@ -148,15 +149,28 @@ def training_rows(cfg) -> dict:
             fn().backward(do)
         return run
 
+    def unplanned(fn):  # the forward plans no backward: `launch.backward` plans it on the engine's thread
+        def run():
+            L.plan_backward = no_plan
+            try:
+                fn()
+            finally:
+                L.plan_backward = planner
+        return run
+
+    planner, no_plan = L.plan_backward, lambda *args, **kwargs: None
+    plan = L.plan_backward(qr, kr, v, o, tab, SCALE, cfg, None)
     rows = {
         "F.sdpa fwd+bwd": step(lambda: F.scaled_dot_product_attention(q, k, v)),
         "attnhub fwd+bwd": step(lambda: attnhub.attention(q, k, v, t)),
+        "attnhub fwd+bwd, backward unplanned": unplanned(step(lambda: attnhub.attention(q, k, v, t))),
         "Function.apply fwd+bwd": step(lambda: ag.FlashRopeAttention.apply(q, k, v, *t.cos_sin(), t, SCALE, None)),
         "Null Function fwd+bwd": step(lambda: Null.apply(q, k, v)),
         "F.sdpa fwd (grad)": lambda: F.scaled_dot_product_attention(q, k, v),
         "attnhub fwd (grad)": lambda: attnhub.attention(q, k, v, t),
         "launch.forward train": lambda: L.forward(q, k, v, tab, SCALE, True, cfg),
         "launch.backward fused": lambda: L.backward(do, qr, kr, v, o, lse, tab, SCALE, cfg, True),
+        "FusedBackward.run (planned)": lambda: plan.run(do, qr, kr, v, o, lse, tab),
         "compile_ahead key": lambda: L.compile_ahead(q, k, v, tab, SCALE, cfg),
         "torch.empty x1": lambda: torch.empty(1, 17, 64, device="cuda", dtype=torch.bfloat16),
         "q.new_empty(1) x1": lambda: q.new_empty(1, dtype=torch.uint8),

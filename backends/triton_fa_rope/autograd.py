@@ -72,8 +72,9 @@ def _backward(do, q, k, v, o, lse, mask, rope, scale, out=None):
     return launch.backward(do, q, k, v, o, lse, rope, scale, config, fused, key_padding_mask=mask, out=out)
 
 
-def _forward(ctx, q, k, v, cos, sin, rope, scale, mask, training: bool):
-    """The forward of both autograd Functions: o, and with `training` what the backward needs kept on ctx."""
+def _forward(ctx, q, k, v, cos, sin, rope, scale, mask, training: bool, grad_strides: tuple | None = None):
+    """The forward of both autograd Functions: o, and with `training` what the backward needs kept on ctx, its
+    launch planned (`launch.plan_backward`; grad_strides: dq, dk, dv's, None for contiguous ones)."""
     config = configs.for_call(q.device, q.shape[-1])
     table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
     if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
@@ -81,13 +82,19 @@ def _forward(ctx, q, k, v, cos, sin, rope, scale, mask, training: bool):
     o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, training, config, key_padding_mask=mask)
     if training:
         _save(ctx, q, k, v, table, scale, o, lse, q_saved, k_saved, mask)
+        ctx.plan = launch.plan_backward(q_saved, k_saved, v, o, table, scale, config, mask, grad_strides)
     return o
 
 
 def _grads(ctx, do, out=None):
-    """-> dq, dk, dv (into `out` when given), dcos, dsin of the call saved on ctx."""
+    """-> dq, dk, dv (into `out` when given), dcos, dsin of the call saved on ctx: as the forward planned it where
+    the call matches the plan, else by `launch.backward`."""
     q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
-    dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale, out)
+    plan = ctx.plan
+    if plan is not None and plan.matches(do, out):
+        dq, dk, dv = plan.run(do, q, k, v, o, lse, table, out)
+    else:
+        dq, dk, dv = _backward(do, q, k, v, o, lse, mask, table, scale, out)
     dcos, dsin = _table_grad(table, *unrotated, dq, dk) if unrotated else (None, None)
     return dq, dk, dv, dcos, dsin
 
@@ -115,7 +122,7 @@ class FlashRopeAttentionPacked(torch.autograd.Function):
         """q, k, v: qkv's `_split` views, detached (they are read; their gradients go to qkv)."""
         ctx.proj = qkv.shape, qkv.dtype
         return _forward(ctx, q, k, v, cos, sin, rope, scale, mask,
-                        ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]))
+                        ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]), _packed_strides(qkv.shape))
 
     @staticmethod
     def backward(ctx, do):
@@ -123,6 +130,12 @@ class FlashRopeAttentionPacked(torch.autograd.Function):
         dqkv = torch.empty(shape, device=do.device, dtype=dtype)
         _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dqkv))
         return dqkv, None, None, None, dcos, dsin, None, None, None
+
+
+def _packed_strides(shape: torch.Size) -> tuple:
+    """The strides of `_split`'s views of a contiguous qkv of this shape (the packed backward's gradient)."""
+    B, N, _, H, D = shape
+    return ((N * 3 * H * D, D, 3 * H * D, 1),) * 3
 
 
 def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

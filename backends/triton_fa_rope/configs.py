@@ -188,6 +188,7 @@ LIMITS = {"head_dim": {"max": min(table[-1].max_head_dim for table in (*TABLES.v
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does
 _OVERRIDES: dict[str, Any] = {}
+_REPLACED: dict[int, ArchConfigs] = {}  # id of base configs -> them with _OVERRIDES applied (emptied as those change)
 
 
 def for_arch(major: int | None, head_dim: int) -> ArchConfigs:
@@ -208,9 +209,15 @@ def _for_device(device: torch.device, head_dim: int) -> ArchConfigs:
 
 
 def for_call(device: torch.device, head_dim: int) -> ArchConfigs:
-    """The configs a call on `device` with head dim `head_dim` runs with, fields of `override` applied."""
+    """The configs a call on `device` with head dim `head_dim` runs with, fields of `override` applied (one object
+    per base configs within an `override` block, so plans keyed by a config's identity hold there too)."""
     configs = _for_device(device, head_dim)
-    return dataclasses.replace(configs, **_OVERRIDES) if _OVERRIDES else configs
+    if not _OVERRIDES:
+        return configs
+    hit = _REPLACED.get(id(configs))  # the base configs are kept by _for_device's cache: their ids stay theirs
+    if hit is None:
+        hit = _REPLACED[id(configs)] = dataclasses.replace(configs, **_OVERRIDES)
+    return hit
 
 
 @contextlib.contextmanager
@@ -223,8 +230,10 @@ def override(**fields: Any) -> Iterator[None]:
         raise TypeError(f"configs.override: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(fields)
+    _REPLACED.clear()
     try:
         yield
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(saved)
+        _REPLACED.clear()

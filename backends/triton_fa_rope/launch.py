@@ -18,7 +18,7 @@ import triton.language as tl
 
 from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import kernels
+from attnhub.backends.triton_fa_rope import configs, kernels
 from attnhub.backends.triton_fa_rope.configs import INTERPRET, ArchConfigs
 from attnhub.rope import CosSinTable, table_strides
 
@@ -234,6 +234,10 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     are contiguous [B, H, N, D]: a fused qkv projection stacks them (`unbind`'s backward), and eager torch.stack is
     slower on [B, N, H, D]-laid ones (benchmarks/README.md)."""
     launch = launch or runtime.launch
+    if fused:
+        plan = FusedBackward(q, k, v, o, rope, scale, config, do.stride(),
+                             None if out is None else tuple(t.stride() for t in out))
+        return plan.run(do, q, k, v, o, lse, rope, out, launch)
     B, H, N_Q, D = q.shape
     N_KV = k.shape[2]
     cx = meta(q, rope)
@@ -242,17 +246,6 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     dq, dk, dv = out or (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
-    if fused:
-        cfg = config.bwd_fused
-        single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
-        delta, dq_acc = (lse, lse) if single else (
-            torch.empty_like(lse), torch.empty(B * H, N_Q, D, device=q.device, dtype=torch.float32))
-        launch(kernels.bwd_fused_kernel, (grid(1, 1, B * H),),
-               (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *common, *o.stride(), *dq.stride(),
-                *dk.stride(), *dv.stride(), stab_h, stab_n, *sizes),
-               cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-               SINGLE_M=single, **cx)
-        return dq, dk, dv
     delta = torch.empty_like(lse)
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
     plan = (None, None) if gluon is None else gluon.plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
@@ -277,6 +270,114 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
                cfg.num_warps, cfg.num_stages, **cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
                **varlen)
     return dq, dk, dv
+
+
+class FusedBackward:
+    """The fused backward's launch of one training call signature, planned by its forward (`plan_backward`) or by
+    `backward`: the int arguments, grid and compile-time parameters, so that a run only allocates and launches.
+
+    The autograd engine runs a CUDA call's backward on its device thread, where the same Python cost 2-4x what it
+    costs on the calling thread (benchmarks/README.md, the host floor): a cached training call's backward does
+    `matches` and `run`, not `backward`'s planning."""
+
+    __slots__ = ("config", "path", "do_stride", "grad_strides", "shapes", "dtype", "device", "single", "lse_shape",
+                 "grid", "ints", "table_fp32", "cfg", "constexprs")
+
+    def __init__(self, q, k, v, o, rope, scale: float, config: ArchConfigs, do_stride: tuple,
+                 grad_strides: tuple | None = None, path: str = "fused"):
+        """q, k: as the forward saved them, v, o: [B, H, N, D]; do_stride: the incoming gradient's strides;
+        grad_strides: dq, dk, dv's (None: contiguous, as `run` allocates them); path: the backward setting this plan
+        was chosen under (`matches`)."""
+        B, H, N_Q, D = q.shape
+        shapes = tuple(t.shape for t in (q, k, v))
+        self.config, self.path, self.do_stride = config, path, do_stride
+        self.grad_strides = grad_strides or tuple(_contiguous_strides(shape) for shape in shapes)
+        self.shapes, self.dtype, self.device, self.lse_shape = shapes, v.dtype, q.device, (B * H, N_Q)
+        self.cfg = cfg = config.bwd_fused
+        self.single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
+        self.grid = (grid(1, 1, B * H),)
+        cos = None if rope is None else rope.cos
+        self.table_fp32 = cos is None or cos.dtype == torch.float32
+        stab_h, stab_n = (0, 0) if cos is None else table_strides(cos if self.table_fp32 else cos.float())[1:]
+        self.ints = (*q.stride(), *k.stride(), *v.stride(), *do_stride, *o.stride(), *sum(self.grad_strides, ()),
+                     stab_h, stab_n, H, N_Q, k.shape[2], 0 if rope is None else rope.prefix_tokens, scale * LOG2E,
+                     scale)
+        self.constexprs = dict(**cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_M=self.single,
+                               **meta(q, rope))
+
+    def matches(self, do: torch.Tensor, out: tuple | None) -> bool:
+        """Whether a backward with this incoming gradient (and `out`, see `backward`) runs as planned: do and out laid
+        out as planned, the configs and the backward setting as at planning (`configs.override`,
+        ATTNHUB_TRITON_BWD)."""
+        return (_laid_out(do, self.do_stride)
+                and (out is None or all(_laid_out(t, strides) for t, strides in zip(out, self.grad_strides)))
+                and configs.for_call(self.device, self.shapes[0][-1]) is self.config
+                and settings.triton_bwd() == self.path)
+
+    def run(self, do, q, k, v, o, lse, rope, out: tuple | None = None, launch: Launcher | None = None):
+        """-> dq, dk, dv (into `out` when given). The tensors as for `backward`, laid out as planned."""
+        device = self.device
+        dq, dk, dv = out or (torch.empty(shape, device=device, dtype=self.dtype) for shape in self.shapes)
+        delta, dq_acc = (lse, lse) if self.single else (
+            torch.empty_like(lse), torch.empty(*self.lse_shape, self.shapes[0][-1], device=device,
+                                               dtype=torch.float32))
+        if rope is None:
+            cos = sin = _dummy(device, torch.float32)
+        elif self.table_fp32:
+            cos, sin = rope.cos, rope.sin
+        else:
+            cos, sin = rope.cos.detach().float(), rope.sin.detach().float()
+        args = (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *self.ints)
+        cfg = self.cfg
+        if launch is None and _aligned(q, k, v, do, cos, sin, *(out or ())):  # the rest: this call's allocations
+            runtime.launch_keyed(self, kernels.bwd_fused_kernel, self.grid, args, cfg.num_warps, cfg.num_stages,
+                                 **self.constexprs)
+        else:
+            (launch or runtime.launch)(kernels.bwd_fused_kernel, self.grid, args, cfg.num_warps, cfg.num_stages,
+                                       **self.constexprs)
+        return dq, dk, dv
+
+
+_BACKWARD_PLANS: dict = {}  # training call signature -> FusedBackward, or None where the backward is not fused
+
+
+def plan_backward(q, k, v, o, rope, scale: float, config: ArchConfigs, key_padding_mask,
+                  grad_strides: tuple | None = None) -> FusedBackward | None:
+    """The forward's plan of its backward (the tensors as `backward` takes them, the incoming gradient taken to be
+    laid out like o, as compile-ahead takes it): a `FusedBackward` where the backward is fused, else None."""
+    if key_padding_mask is not None:
+        return None
+    path = settings.triton_bwd()
+    table = None if rope is None else (rope.layout, rope.cos.shape, rope.cos.stride(), rope.cos.dtype,
+                                       rope.prefix_tokens)
+    sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), o.stride(), q.dtype, v.dtype, q.device,
+           table, scale, grad_strides, id(config), path)
+    return runtime.remember(_BACKWARD_PLANS, sig, lambda: FusedBackward(q, k, v, o, rope, scale, config, o.stride(),
+                                                                         grad_strides, path)
+                            if use_fused_backward(config, q, k, rope, None, path) else None)
+
+
+def _laid_out(t: torch.Tensor, strides: tuple) -> bool:
+    """Whether t has these strides, those of its dimensions of size 1 aside (they address nothing: a kernel may be
+    handed any stride there)."""
+    got = t.stride()
+    return got == strides or all(a == b or n == 1 for n, a, b in zip(t.shape, got, strides))
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)  # as torch strides a dimension of size 0
+    return tuple(reversed(strides))
+
+
+def _aligned(*tensors) -> bool:
+    """Whether every tensor's base is 16-byte aligned (what a kept runner's planned key assumes)."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % 16 == 0
 
 
 def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
@@ -316,9 +417,8 @@ def compile_ahead(q, k, v, rope, scale, config: ArchConfigs, compile_one=None,
     another layout compiles its own kernels at the backward, as without this)."""
     key = (q.device, q.dtype, q.shape, k.shape, q.stride(), k.stride(), v.stride(), key_padding_mask is None,
            None if rope is None else (rope.layout, rope.cos.shape[:-2], rope.prefix_tokens, rope.cos.dtype))
-    fused = use_fused_backward(config, q, k, rope, key_padding_mask, settings.triton_bwd())
-
     def plan(launch: Launcher) -> None:
+        fused = use_fused_backward(config, q, k, rope, key_padding_mask, settings.triton_bwd())
         o, lse, (q_saved, k_saved) = forward(q, k, v, rope, scale, True, config, launch, key_padding_mask)
         backward(o, q_saved, k_saved, v, o, lse, rope, scale, config, fused, launch, key_padding_mask)
 

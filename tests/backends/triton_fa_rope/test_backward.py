@@ -11,12 +11,16 @@ blocks, the last one partial; with CUDA the same tests run on the GPU.
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
+import attnhub
 from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import configs
+from attnhub.backends.triton_fa_rope import configs, launch
 from tests.helpers import (
     DEVICE, TRITON, Shape, assert_close_rel, available, make_qkv, make_table, make_tensor, run_backend,
 )
@@ -121,3 +125,68 @@ def test_auto_takes_fused_up_to_the_configured_length(max_n, expected):
             runtime.recording() as recorded:
         run_backend(TRITON, q, k, v, do, table)  # N_Q = 71, N_KV = 16: the longer one decides
     assert [x.name for x in recorded if x.name in BWD_KERNELS] == expected
+
+
+# The forward plans its fused backward (`launch.plan_backward`), and a backward that matches the plan only runs it
+# (`FusedBackward.run`); any other backward takes `launch.backward`, as without a plan.
+def _planned_grads(q, k, v, do, table, between=contextlib.nullcontext, plans: bool = True):
+    """(dq, dk, dv, how many backward passes ran the forward's plan) of one fused-path call whose backward runs
+    inside `between()`; plans=False: the forward plans nothing."""
+    ran = []
+    real_run, real_plan = launch.FusedBackward.run, launch.plan_backward
+
+    def run(self, *args, **kwargs):
+        ran.append(len(args) + len(kwargs) <= 8)  # `backward` passes its launcher too
+        return real_run(self, *args, **kwargs)
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with mock.patch.object(launch.FusedBackward, "run", run), \
+            mock.patch.object(launch, "plan_backward", real_plan if plans else lambda *a, **kw: None), \
+            settings.override(triton_bwd="fused"):
+        o = attnhub.attention(q, k, v, table, backend=TRITON)
+        with between():
+            o.backward(do)
+    return q.grad, k.grad, v.grad, sum(ran)
+
+
+@pytest.mark.parametrize("shape_name", ["il_p1_7x10_d32", "norope_p1_7x10_d64", "perhead_half_p0_8x9_d64"])
+def test_the_forward_plans_the_fused_backward(shape_name):
+    """With the incoming gradient laid out like o, the backward runs the forward's plan: the same gradients, bit for
+    bit, as the backward planned there and then."""
+    q, k, v, do, table = _inputs(SHAPES[shape_name], torch.float32, "fused", 16)
+    *planned, runs = _planned_grads(q, k, v, do, table)
+    *unplanned, no_runs = _planned_grads(q, k, v, do, table, plans=False)
+    assert (runs, no_runs) == (1, 0)
+    for what, a, b in zip(("dq", "dk", "dv"), planned, unplanned):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0, f"{what} is not finite or all zero"
+        assert torch.equal(a, b), f"{what}: the planned backward differs from the one planned at the backward"
+
+
+def test_a_gradient_of_another_layout_takes_the_unplanned_backward():
+    """o is laid out [B, N, H, D]; a contiguous [B, H, N, D] gradient (H > 1) is not what the plan holds."""
+    q, k, v, _, table = _inputs(SHAPES["il_p1_7x10_d32"], torch.float32, "fused", 17)
+    do = make_tensor("contiguous", *q.shape, torch.float32, torch.Generator().manual_seed(17))
+    *grads, runs = _planned_grads(q, k, v, do, table)
+    ref = run_backend("math", *(t.detach().double() for t in (q, k, v, do)), table)[1:]
+    assert runs == 0
+    for what, a, r in zip(("dq", "dk", "dv"), grads, ref):
+        assert_close_rel(a, r, torch.float32, f"{what} vs math")
+
+
+def test_settings_and_configs_changed_before_the_backward_are_honoured():
+    """The plan holds the backward setting and the configs of its forward: a backward under others plans anew."""
+    q, k, v, do, table = _inputs(SHAPES["il_p1_7x10_d32"], torch.float32, "fused", 18)
+    with runtime.recording() as recorded:
+        *_, runs = _planned_grads(q, k, v, do, table, lambda: settings.override(triton_bwd="split"))
+    assert runs == 0 and [x.name for x in recorded if x.name in BWD_KERNELS] == SPLIT_KERNELS
+    with runtime.recording() as recorded:
+        *_, runs = _planned_grads(q, k, v, do, table, lambda: configs.override(bwd_fused=SINGLE_BLOCK))
+    assert runs == 0
+    assert [x.constexprs.get("SINGLE_M") for x in recorded if x.name == "bwd_fused_kernel"] == [True]
+
+
+def test_dimensions_of_size_one_do_not_decide_the_layout():
+    """A kernel indexes a dimension of size 1 at 0 only: its stride may be anything."""
+    t = torch.empty(1, 1, 5, 4)  # contiguous strides (20, 20, 4, 1)
+    assert launch._laid_out(t, (20, 4, 4, 1)) and launch._laid_out(t, (20, 20, 4, 1))
+    assert not launch._laid_out(torch.empty(1, 2, 5, 4), (40, 4, 8, 1))
