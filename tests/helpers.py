@@ -7,6 +7,7 @@ interpreter: conftest sets TRITON_INTERPRET=1). Tolerances come from `attnhub.to
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -181,3 +182,13 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def plan_as_compiled(monkeypatch) -> None:
+    """triton_fa_rope plans as compiled code does (on CPU the interpreter takes no Gluon kernel) for the test, with a
+    cache of its compile-time parameters of its own: they depend on INTERPRET (bf16 dots compiled, fp32 in the
+    interpreter, triton#11584), and the shared cache would hand compiled ones to the interpreter tests after it."""
+    from attnhub.backends.triton_fa_rope import launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "_meta_for", functools.lru_cache(maxsize=None)(launch._meta_for.__wrapped__))

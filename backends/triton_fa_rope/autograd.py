@@ -127,7 +127,7 @@ class FlashRopeAttentionPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         shape, dtype = ctx.proj
-        dqkv = torch.empty(shape, device=do.device, dtype=dtype)
+        dqkv = torch.empty(*shape, device=do.device, dtype=dtype)
         _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dqkv))
         return dqkv, None, None, None, dcos, dsin, None, None, None
 

@@ -13,7 +13,7 @@ import torch
 import attnhub
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
-from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
+from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table, plan_as_compiled
 
 gluon_bwd = launch._gluon("gluon_bwd")
 pytestmark = pytest.mark.skipif(gluon_bwd is None, reason="this Triton has no Gluon Hopper API")
@@ -25,7 +25,7 @@ ON = dict(gluon_bwd_from_n=0)  # every split backward that the kernel can take
 @pytest.fixture(autouse=True)
 def compiled_code(monkeypatch):
     """Plan as compiled code does (on CPU the interpreter takes no Gluon kernel)."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
 
 
 def _backward_launches(q, k, v, table, mask=None, **fields) -> list[str]:

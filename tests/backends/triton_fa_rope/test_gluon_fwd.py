@@ -20,7 +20,7 @@ from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.backends.triton_fa_rope.autograd import _Table
 from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.rope import apply_rope_qk
-from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table
+from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table, plan_as_compiled
 
 gluon_fwd = launch._gluon("gluon_fwd")
 pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
@@ -79,7 +79,7 @@ def test_leaves_other_calls_to_the_triton_forward(why):
 def test_training_takes_it_up_to_resident_train_max_n(N, monkeypatch):
     """Inference up to resident_fwd_max_n, training up to resident_train_max_n (0: never) and no further (as
     compiled code decides it: the interpreter takes none)."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     hopper = configs.for_arch(9, 64)
     assert (launch._resident_forward(hopper, N, False) is gluon_fwd) == (N <= hopper.resident_fwd_max_n)
     assert (launch._resident_forward(hopper, N, True) is gluon_fwd) == (N <= hopper.resident_train_max_n)
@@ -165,7 +165,7 @@ def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypa
     """`long_early_release` reaches the long kernel as EARLY_RELEASE, a plan of its own; the resident kernel has no
     such switch; the shipped tables leave it off (as compiled code decides it: the interpreter takes no Gluon
     kernel)."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     q, k, v = _inputs(N=577)
     table = _table(577)
     early = _plan(q, k, v, table, early_release=True)
@@ -191,7 +191,7 @@ def test_attend_groups_give_the_long_kernel_64_row_slices_in_warpgroups_of_their
     slices, one warpgroup as the default partition (num_warps 4) and the groups' register cap, always with early
     release; 0 launches it with one partition of NUM_WARPS; the resident kernel never takes it; a plan per
     setting."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     q, k, v = _inputs(N=577)
     table = _table(577)
     one = _plan(q, k, v, table, early_release=True)
@@ -239,7 +239,7 @@ def test_other_stream_ring_depths_are_refused_with_the_fields_name(v_slots):
 
 def test_the_ring_depth_reaches_the_plan_from_the_config_table(monkeypatch):
     """`stream_v_slots` travels in `long_options` to `gluon_fwd.forward`'s plan."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     q, k, v = _inputs(N=1029)
     table = _table(1029)
     for v_slots in (3, 5):
@@ -253,7 +253,7 @@ def test_the_ring_depth_reaches_the_plan_from_the_config_table(monkeypatch):
 def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
     """`stream_overlap` travels in `long_options` to the streaming kernel's plan (OVERLAP_); shorter calls' plans,
     the resident and long kernels', do not take it."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     for N, kernel, overlap in ((1029, "stream_fwd_kernel", True), (577, "long_fwd_kernel", None),
                                (197, "resident_fwd_kernel", None)):
         q, k, v = _inputs(N=N)
@@ -289,7 +289,7 @@ def test_gluon_long_from_n_moves_the_boundary_between_the_two_kernels(long_from_
     """The resident kernel below `gluon_long_from_n`, the long one from it on, but never below 128 tokens (its slice
     loop needs two key chunks) nor the resident one past 256 (K, V and Q of a head in shared memory twice); a plan
     per kernel."""
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     config = dataclasses.replace(configs.for_arch(9, 64), gluon_long_from_n=long_from_n)
     for n in (100, 127, 128, 196, 197, 256, 257, 577):
         q, k, v = _inputs(N=n)

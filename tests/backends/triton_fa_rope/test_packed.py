@@ -19,7 +19,7 @@ import torch
 import attnhub
 from attnhub import settings
 from attnhub.backends.triton_fa_rope import autograd
-from tests.helpers import DEVICE, TRITON, Shape, assert_close_rel, make_emb, make_table
+from tests.helpers import DEVICE, TRITON, Shape, assert_close_rel, make_emb, make_table, plan_as_compiled
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
@@ -226,7 +226,7 @@ def test_the_packed_operators_run_where_the_gluon_backward_writes_qkv(case, expe
     interleaved or no RoPE, one table or one per head; not the fused backward forced), else the views."""
     from attnhub.backends.triton_fa_rope import configs, launch
 
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    plan_as_compiled(monkeypatch)
     monkeypatch.setattr(configs, "for_call", lambda device, head_dim: configs.for_arch(9, head_dim))
     facts = dict(device=torch.device("cpu"), dtype=torch.bfloat16, n=577, heads=12, head_dim=64,
                  layout="interleaved", per_sample=False)
