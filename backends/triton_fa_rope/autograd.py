@@ -3,7 +3,9 @@ entry `attention` the registry points to.
 
 Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
-call. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
+call. Their forward also plans a fused backward (`launch.plan_backward`): the autograd engine runs the backward on
+its device thread, where Python costs several times more, so a backward that matches the plan only allocates and
+launches. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
 it shapes and strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the
 projection qkv, whose backward returns its gradient whole.
 

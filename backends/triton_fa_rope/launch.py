@@ -3,7 +3,8 @@ backward, with an explicit `ArchConfigs`.
 
 `forward` and `backward` take `launch(kernel, grid, args, num_warps, num_stages, **constexprs)`, by default
 `runtime.launch` (which runs the kernel); compiling ahead passes one that only compiles, the offline sm_90 check
-one that records.
+one that records. The fused backward's launch is a `FusedBackward` plan, which a training forward makes ahead of
+its backward (`plan_backward`).
 """
 
 from __future__ import annotations
