@@ -11,9 +11,11 @@ F.sdpa's, and a cProfile of 500 triton_fa_rope steps.
 `breakdown`: host µs per call piece by piece (best of 3 loops): the ViT-S/16 inference call (B = 256) through
 `attnhub.attention`, the backend's entry, `launch.forward` and the launch alone; then at the tiny shape fwd+bwd
 through `attnhub.attention` (its backward as the forward planned it, and unplanned: planned by `launch.backward` on
-the engine's thread), `FlashRopeAttention.apply`, a `Null` autograd.Function that launches nothing (the autograd
-engine's own floor), F.sdpa, and the launcher's parts (`launch.forward`, `launch.backward`, the planned
-`FusedBackward.run`, the compile-ahead key, an allocation, a kept-runner launch and its key), two rounds each.
+the engine's thread; then, as F.sdpa's, with the engine's multithreading off, so the backward runs on the calling
+thread: what the engine's device thread adds), `FlashRopeAttention.apply`, a `Null` autograd.Function that
+launches nothing (the autograd engine's own floor), F.sdpa, and the launcher's parts (`launch.forward`,
+`launch.backward`, the planned `FusedBackward.run`, the compile-ahead key, an allocation, a kept-runner launch and
+its key), two rounds each.
 
 `floor`: what a C++ autograd node would save, before one is built. Host µs per fwd+bwd at the tiny shape, by
 `benchkit.host_us` (the rows' loops interleaved, best of ten): F.sdpa; the Python `Null` Function and `Null8` (our
@@ -158,12 +160,21 @@ def training_rows(cfg) -> dict:
                 L.plan_backward = planner
         return run
 
+    def one_thread(fn):  # the autograd engine runs the backward on the calling thread
+        def run():
+            with torch.autograd.set_multithreading_enabled(False):
+                fn()
+        return run
+
     planner, no_plan = L.plan_backward, lambda *args, **kwargs: None
     plan = L.plan_backward(qr, kr, v, o, tab, SCALE, cfg, None)
     rows = {
         "F.sdpa fwd+bwd": step(lambda: F.scaled_dot_product_attention(q, k, v)),
         "attnhub fwd+bwd": step(lambda: attnhub.attention(q, k, v, t)),
         "attnhub fwd+bwd, backward unplanned": unplanned(step(lambda: attnhub.attention(q, k, v, t))),
+        # the engine's device thread against the calling thread (what a backward's Python costs there)
+        "F.sdpa fwd+bwd, one thread": one_thread(step(lambda: F.scaled_dot_product_attention(q, k, v))),
+        "attnhub fwd+bwd, one thread": one_thread(step(lambda: attnhub.attention(q, k, v, t))),
         "Function.apply fwd+bwd": step(lambda: ag.FlashRopeAttention.apply(q, k, v, *t.cos_sin(), t, SCALE, None)),
         "Null Function fwd+bwd": step(lambda: Null.apply(q, k, v)),
         "F.sdpa fwd (grad)": lambda: F.scaled_dot_product_attention(q, k, v),
