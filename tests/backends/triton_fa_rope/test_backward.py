@@ -129,24 +129,33 @@ def test_auto_takes_fused_up_to_the_configured_length(max_n, expected):
 
 # The forward plans its fused backward (`launch.plan_backward`), and a backward that matches the plan only runs it
 # (`FusedBackward.run`); any other backward takes `launch.backward`, as without a plan.
-def _planned_grads(q, k, v, do, table, between=contextlib.nullcontext, plans: bool = True):
-    """(dq, dk, dv, how many backward passes ran the forward's plan) of one fused-path call whose backward runs
-    inside `between()`; plans=False: the forward plans nothing."""
+@contextlib.contextmanager
+def _counting_planned_runs(plans: bool = True):
+    """Within the block the fused backward is forced; yields a list that gets one entry per backward that ran the
+    forward's plan (not `launch.backward`'s); plans=False: the forward plans nothing."""
     ran = []
     real_run, real_plan = launch.FusedBackward.run, launch.plan_backward
 
     def run(self, *args, **kwargs):
-        ran.append(len(args) + len(kwargs) <= 8)  # `backward` passes its launcher too
+        if len(args) + len(kwargs) <= 8:  # `launch.backward` passes its launcher too
+            ran.append(self)
         return real_run(self, *args, **kwargs)
 
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     with mock.patch.object(launch.FusedBackward, "run", run), \
             mock.patch.object(launch, "plan_backward", real_plan if plans else lambda *a, **kw: None), \
             settings.override(triton_bwd="fused"):
+        yield ran
+
+
+def _planned_grads(q, k, v, do, table, between=contextlib.nullcontext, plans: bool = True):
+    """(dq, dk, dv, how many backward passes ran the forward's plan) of one fused-path call whose backward runs
+    inside `between()`; plans: see `_counting_planned_runs`."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with _counting_planned_runs(plans) as ran:
         o = attnhub.attention(q, k, v, table, backend=TRITON)
         with between():
             o.backward(do)
-    return q.grad, k.grad, v.grad, sum(ran)
+    return q.grad, k.grad, v.grad, len(ran)
 
 
 @pytest.mark.parametrize("shape_name", ["il_p1_7x10_d32", "norope_p1_7x10_d64", "perhead_half_p0_8x9_d64"])
@@ -160,6 +169,26 @@ def test_the_forward_plans_the_fused_backward(shape_name):
     for what, a, b in zip(("dq", "dk", "dv"), planned, unplanned):
         assert torch.isfinite(a).all() and a.abs().sum() > 0, f"{what} is not finite or all zero"
         assert torch.equal(a, b), f"{what}: the planned backward differs from the one planned at the backward"
+
+
+def test_the_packed_backward_runs_the_plan_into_the_projections_gradient():
+    """`attention_packed`: the plan holds the strides of qkv's gradient views, which the kernel writes into."""
+    s = SHAPES["il_p1_7x10_d32"]
+    gen = torch.Generator().manual_seed(19)
+    proj0 = torch.randn(s.B, s.N, 3 * s.H * s.D, generator=gen).to(DEVICE)
+    do = make_tensor("transposed", s.B, s.H, s.N, s.D, torch.float32, gen)  # laid out like o
+    table = make_table(s, gen)
+
+    def grad(plans: bool):
+        proj = proj0.detach().requires_grad_()
+        with _counting_planned_runs(plans) as ran:
+            attnhub.attention_packed(proj.reshape(s.B, s.N, 3, s.H, s.D), table, backend=TRITON).backward(do)
+        return proj.grad, len(ran)
+
+    (planned, runs), (unplanned, no_runs) = grad(True), grad(False)
+    assert (runs, no_runs) == (1, 0)
+    assert torch.isfinite(planned).all() and planned.abs().sum() > 0
+    assert torch.equal(planned, unplanned), "the planned packed backward differs from the one planned at the backward"
 
 
 def test_a_gradient_of_another_layout_takes_the_unplanned_backward():
