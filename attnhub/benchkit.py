@@ -71,6 +71,7 @@ VIT_SHAPES = {
 }
 # One image, one head, 17 tokens: the device work is a few microseconds, so a loop of calls measures the host.
 TINY = Shape("tiny_host", 1, 1, 17, 64, 1, 4)
+PASSES = ("fwd", "fwdbwd")  # forward only; forward and backward (o.backward(do))
 
 
 def parse_shape(spec: str) -> Shape:
@@ -286,3 +287,9 @@ def environment(device: torch.device | str) -> dict:
                      "timm": _version("timm"), "python": platform.python_version()},
         "git_commit": git_commit(),
     }
+
+
+def error_text(exc: BaseException) -> str:
+    """One line naming an exception, for a report: its type and its message's first line (at most 300 chars)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
