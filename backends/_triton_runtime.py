@@ -109,8 +109,7 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
     determine everything `launch`'s key holds (the int arguments' values, each tensor's dtype and 16-byte alignment,
     the descriptors' dtype, block and layout, the scalars, the constexprs, the launch options); the kernel and the
     device are added here."""
-    first = args[0]  # a tensor, or a TMA descriptor of one (a Gluon kernel's)
-    dev = (first if isinstance(first, torch.Tensor) else first.base).device
+    dev = _device_of(args[0])
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         with torch.cuda.device(dev):
             launch_keyed(key, kernel, grid, args, num_warps, num_stages, **constexprs)
@@ -147,6 +146,20 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
                      None, None, *args, *tail)
     else:
         compiled[g[:3]](*args, *tail)
+
+
+def _device_of(first) -> torch.device:
+    """The device of a launch: that of its first argument, a tensor or a TMA descriptor of one (a Gluon kernel's)."""
+    return first.device if isinstance(first, torch.Tensor) else getattr(first, "base", first).device
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's base is 16-byte aligned, as TMA reads need and as a caller's planned `launch_keyed`
+    key assumes (checked per call: the plans are per call signature, the addresses are not)."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % 16 == 0
 
 
 def _no_hooks(knobs) -> bool:
@@ -305,7 +318,7 @@ def compiling(key, launcher, kernel, grid: tuple, args: tuple, num_warps: int, n
     job = state.background.get(key)
     if job is _READY:
         return False
-    dev = getattr(args[0], "base", args[0]).device
+    dev = _device_of(args[0])
     if job is None:
         if not _defers(launcher, dev):
             return False

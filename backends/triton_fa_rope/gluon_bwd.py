@@ -24,7 +24,7 @@ import torch
 
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import ArchConfigs, KernelConfig
-from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _aligned, _maker, _tma_strides
+from attnhub.backends.triton_fa_rope.gluon_fwd import HEAD_D, _maker, _tma_strides
 from attnhub.backends.triton_fa_rope.gluon_bwd_kernels import gluon_dkdv_kernel, gluon_dq_kernel
 from attnhub.rope import table_strides
 
@@ -39,7 +39,7 @@ def takes(q, k, v, do, rope, *grads) -> bool:
     sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), q.dtype, k.dtype,
            v.dtype, do.dtype, None if rope is None else (rope.layout, rope.cos.dim()),
            tuple(g.stride(-1) for g in grads))
-    return runtime.remember(_TAKES, sig, lambda: _takes(q, k, v, do, rope, grads)) and _aligned(q, k, v, do)
+    return runtime.remember(_TAKES, sig, lambda: _takes(q, k, v, do, rope, grads)) and runtime.aligned(q, k, v, do)
 
 
 def _takes(q, k, v, do, rope, grads) -> bool:
@@ -118,7 +118,7 @@ def plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_L
            config.gluon_dkdv, config.gluon_dq, config.narrow_tail, config.delta_in_dq)
     launches = runtime.remember(_PLANS, sig, lambda: _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
                                 if _takes(q, k, v, do, rope, (o, dq, dk, dv)) else None)
-    return launches if launches is not None and _aligned(q, k, v, do) else (None, None)
+    return launches if launches is not None and runtime.aligned(q, k, v, do) else (None, None)
 
 
 def run(launches, which: int, q, k, v, do, o, lse, delta, dq, dk, dv, cos, sin, qk_scale: float, scale: float,

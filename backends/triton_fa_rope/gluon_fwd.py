@@ -217,21 +217,13 @@ def _tables(rope, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return fp32(rope.cos), fp32(rope.sin)
 
 
-def _aligned(*tensors) -> bool:
-    """Whether every tensor's base is 16-byte aligned (TMA reads from it; per call)."""
-    ptr = 0
-    for t in tensors:
-        ptr |= t.data_ptr()
-    return ptr % 16 == 0
-
-
 def eligible(q, k, v, rope, key_padding_mask) -> bool:
     """Whether `forward` takes this call: no key padding mask, and a signature `_plan` accepts with 16-byte aligned
     q, k, v."""
     if key_padding_mask is not None:
         return False
     cos = None if rope is None else _tables(rope, q.dtype)[0]
-    return _aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
+    return runtime.aligned(q, k, v) and _plan(q, k, v, rope, cos) is not None
 
 
 def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
@@ -247,7 +239,7 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
     streaming kernel's V ring and key loop past `MAX_N` tokens, `stream_v_slots`, `stream_overlap`)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
-    plan = _plan(q, k, v, rope, cos, save_rotated, options) if _aligned(q, k, v) else None
+    plan = _plan(q, k, v, rope, cos, save_rotated, options) if runtime.aligned(q, k, v) else None
     if plan is None:
         return None
     # sizes as separate ints: torch.empty parses them in half the time of one tuple (a cached call's host time)

@@ -282,7 +282,7 @@ class FusedBackward:
     `matches` and `run`, not `backward`'s planning."""
 
     __slots__ = ("config", "path", "do_stride", "grad_strides", "shapes", "dtype", "device", "single", "lse_shape",
-                 "grid", "ints", "table_fp32", "cfg", "constexprs")
+                 "grid", "ints", "table_as_is", "cfg", "constexprs")
 
     def __init__(self, q, k, v, o, rope, scale: float, config: ArchConfigs, do_stride: tuple,
                  grad_strides: tuple | None = None, path: str = "fused"):
@@ -292,17 +292,15 @@ class FusedBackward:
         B, H, N_Q, D = q.shape
         shapes = tuple(t.shape for t in (q, k, v))
         self.config, self.path, self.do_stride = config, path, do_stride
-        self.grad_strides = grad_strides or tuple(_contiguous_strides(shape) for shape in shapes)
+        self.grad_strides = grad_strides or tuple(torch.empty(shape, device="meta").stride() for shape in shapes)
         self.shapes, self.dtype, self.device, self.lse_shape = shapes, v.dtype, q.device, (B * H, N_Q)
         self.cfg = cfg = config.bwd_fused
         self.single = N_Q <= cfg.block_m  # all queries in one block: delta and dq stay in registers, no scratch
         self.grid = (grid(1, 1, B * H),)
-        cos = None if rope is None else rope.cos
-        self.table_fp32 = cos is None or cos.dtype == torch.float32
-        stab_h, stab_n = (0, 0) if cos is None else table_strides(cos if self.table_fp32 else cos.float())[1:]
+        self.table_as_is = rope is not None and rope.cos.dtype == torch.float32  # else `_table_args` per run
+        _, _, _, stab_h, stab_n, P = _table_args(rope, q)
         self.ints = (*q.stride(), *k.stride(), *v.stride(), *do_stride, *o.stride(), *sum(self.grad_strides, ()),
-                     stab_h, stab_n, H, N_Q, k.shape[2], 0 if rope is None else rope.prefix_tokens, scale * LOG2E,
-                     scale)
+                     stab_h, stab_n, H, N_Q, k.shape[2], P, scale * LOG2E, scale)
         self.constexprs = dict(**cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_M=self.single,
                                **meta(q, rope))
 
@@ -323,15 +321,10 @@ class FusedBackward:
         delta, dq_acc = (lse, lse) if self.single else (
             torch.empty_like(lse), torch.empty(*self.lse_shape, self.shapes[0][-1], device=device,
                                                dtype=torch.float32))
-        if rope is None:
-            cos = sin = _dummy(device, torch.float32)
-        elif self.table_fp32:
-            cos, sin = rope.cos, rope.sin
-        else:
-            cos, sin = rope.cos.detach().float(), rope.sin.detach().float()
+        cos, sin = (rope.cos, rope.sin) if self.table_as_is else _table_args(rope, q)[:2]
         args = (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *self.ints)
         cfg = self.cfg
-        if launch is None and _aligned(q, k, v, do, cos, sin, *(out or ())):  # the rest: this call's allocations
+        if launch is None and runtime.aligned(q, k, v, do, cos, sin, *(out or ())):  # the rest: this call's allocations
             runtime.launch_keyed(self, kernels.bwd_fused_kernel, self.grid, args, cfg.num_warps, cfg.num_stages,
                                  **self.constexprs)
         else:
@@ -364,22 +357,6 @@ def _laid_out(t: torch.Tensor, strides: tuple) -> bool:
     handed any stride there)."""
     got = t.stride()
     return got == strides or all(a == b or n == 1 for n, a, b in zip(t.shape, got, strides))
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)  # as torch strides a dimension of size 0
-    return tuple(reversed(strides))
-
-
-def _aligned(*tensors) -> bool:
-    """Whether every tensor's base is 16-byte aligned (what a kept runner's planned key assumes)."""
-    ptr = 0
-    for t in tensors:
-        ptr |= t.data_ptr()
-    return ptr % 16 == 0
 
 
 def _gluon_bwd(config: ArchConfigs, n_kv: int, key_padding_mask):
