@@ -134,14 +134,15 @@ def _counting_planned_runs(plans: bool = True):
     """Within the block the fused backward is forced; yields a list that gets one entry per backward that ran the
     forward's plan (not `launch.backward`'s); plans=False: the forward plans nothing."""
     ran = []
-    real_run, real_plan = launch.FusedBackward.run, launch.plan_backward
+    real_matches, real_plan = launch.FusedBackward.matches, launch.plan_backward
 
-    def run(self, *args, **kwargs):
-        if len(args) + len(kwargs) <= 8:  # `launch.backward` passes its launcher too
+    def matches(self, *args):  # True: the backward runs this plan (autograd._grads), not `launch.backward`
+        hit = real_matches(self, *args)
+        if hit:
             ran.append(self)
-        return real_run(self, *args, **kwargs)
+        return hit
 
-    with mock.patch.object(launch.FusedBackward, "run", run), \
+    with mock.patch.object(launch.FusedBackward, "matches", matches), \
             mock.patch.object(launch, "plan_backward", real_plan if plans else lambda *a, **kw: None), \
             settings.override(triton_bwd="fused"):
         yield ran
