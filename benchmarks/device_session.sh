@@ -62,6 +62,9 @@
 #                                                        -> pytest_gluon.log, h200_gluon_stream.json, gluon_stream.log
 #   hostprof benchmarks/host_profile.py --sections paths,breakdown: host µs per cached call by path, a cProfile of
 #          cached training steps at the tiny shape, the call's pieces                   -> h200_host_profile.txt
+#   hostthread benchmarks/host_profile.py --sections thread,breakdown: a fwd+bwd's host time in parts (forward, the
+#          engine's hand-over, the backward's Python, the hand-back) on the engine's thread and the calling thread
+#                                                                                 -> h200_host_thread.txt
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)
 #                                                                                 -> h200_host_floor.txt
@@ -263,6 +266,10 @@ for stage in "${stages[@]}"; do
       timeout 240 python3 benchmarks/host_profile.py --sections paths,breakdown >"$OUT/h200_host_profile.txt" 2>&1 \
         || status=1
       tail -12 "$OUT/h200_host_profile.txt" ;;
+    hostthread)
+      timeout 200 python3 benchmarks/host_profile.py --sections thread,breakdown >"$OUT/h200_host_thread.txt" 2>&1 \
+        || status=1
+      cat "$OUT/h200_host_thread.txt" | grep -v "^ " | tail -60 ;;
     hostfloor)
       timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \
         || status=1

@@ -291,7 +291,110 @@ def floor(device: str = "cuda") -> None:
         print(f"{name:42s} {a:7.1f} {b:7.1f}   {a / res['F.sdpa'][0]:5.2f}x")
 
 
-SECTIONS = {"paths": paths, "breakdown": breakdown, "floor": floor}
+class Timed(torch.autograd.Function):
+    """A Function whose backward runs `Timed.work` between two time stamps (`STAMPS`)."""
+
+    work = staticmethod(lambda: None)
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, g):
+        STAMPS.append(time.perf_counter())
+        Timed.work()
+        STAMPS.append(time.perf_counter())
+        return g, g, g
+
+
+STAMPS: list = []
+
+
+def thread() -> None:
+    """Where the backward's host time goes: per fwd+bwd at the tiny shape, the forward, the engine's hand-over to the
+    backward, the backward's own Python (timed inside it), and the hand-back, with the engine's device thread (as
+    shipped) and with its multithreading off (the calling thread runs the backward); and each backward's work called
+    directly. Medians of 500 calls, two rounds."""
+    cfg = configs.for_call(torch.device("cuda", torch.cuda.current_device()), 64)
+    (q, k, v), do = _tiny_inputs()
+    t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda", prefix_tokens=1)
+    tab = ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+    o, lse, (qr, kr) = L.forward(q, k, v, tab, SCALE, True, cfg)
+    plan = L.plan_backward(qr, kr, v, o, tab, SCALE, cfg, None)
+    works = {
+        "nothing": lambda: None,
+        "Python loop": lambda: sum(i * i for i in range(300)),
+        "torch.empty x3": lambda: [torch.empty(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16) for _ in "qkv"],
+        "FusedBackward.run": lambda: plan.run(do, qr, kr, v, o, lse, tab),
+    }
+    grads = ag._grads
+
+    def stamped_grads(*args, **kwargs):
+        STAMPS.append(time.perf_counter())
+        out = grads(*args, **kwargs)
+        STAMPS.append(time.perf_counter())
+        return out
+
+    def measure(fn, one_thread: bool, n=500):
+        """-> median µs of forward, hand-over, inside, hand-back."""
+        parts = []
+        with torch.autograd.set_multithreading_enabled(not one_thread):
+            for i in range(n + 50):
+                q.grad = k.grad = v.grad = None
+                STAMPS.clear()
+                t0 = time.perf_counter()
+                out = fn()
+                t1 = time.perf_counter()
+                out.backward(do)
+                t2 = time.perf_counter()
+                enter, leave = STAMPS[0], STAMPS[-1]
+                if i >= 50:
+                    parts.append((t1 - t0, enter - t1, leave - enter, t2 - leave))
+        torch.cuda.synchronize()
+        return [sorted(col)[len(col) // 2] * 1e6 for col in zip(*parts)]
+
+    def direct(work, n=500):
+        for _ in range(50):
+            work()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        return sorted(times)[n // 2] * 1e6
+
+    rows = []
+    for rnd in range(2):
+        for name, work in works.items():
+            Timed.work = staticmethod(work)
+            for one in (False, True):
+                rows.append((rnd, f"Timed, {name}", "calling" if one else "engine",
+                             *measure(lambda: Timed.apply(q, k, v), one)))
+            rows.append((rnd, f"{name} direct", "calling", 0.0, 0.0, direct(work), 0.0))
+        ag._grads = stamped_grads
+        try:
+            for one in (False, True):
+                rows.append((rnd, "attnhub.attention", "calling" if one else "engine",
+                             *measure(lambda: attnhub.attention(q, k, v, t), one)))
+        finally:
+            ag._grads = grads
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; median host us per fwd+bwd at (1, 1, 17, 64)")
+    print(f"{'r':>1} {'backward':32s} {'thread':8s} {'fwd':>7} {'handover':>8} {'inside':>7} {'handback':>8} "
+          f"{'total':>7}")
+    for rnd, name, where, *us in rows:
+        print(f"{rnd:1d} {name:32s} {where:8s} " + " ".join(f"{x:7.1f}" if i != 1 and i != 3 else f"{x:8.1f}"
+                                                            for i, x in enumerate(us)) + f" {sum(us):7.1f}")
+
+
+def _tiny_inputs():
+    q, k, v = (torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    return (q, k, v), torch.randn_like(q)
+
+
+SECTIONS = {"paths": paths, "breakdown": breakdown, "floor": floor, "thread": thread}
 
 
 def main(argv=None) -> None:
