@@ -26,6 +26,10 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   thread at its shape's first call (2.5-3 s), the Triton forward serving the calls
                                   until it is done (never with torch.use_deterministic_algorithms(True));
                                   `attnhub.wait_for_compiles()` waits for it. "0": it compiles at its first launch.
+    ATTNHUB_TRITON_LAUNCHER       "driver" (default): a Triton backend's cached launches call the CUDA driver with
+                                  parameters packed once, where that launches exactly what Triton's launcher would;
+                                  "triton": always Triton's launcher. Read when a kernel specialization is first
+                                  launched (`attnhub.backends._driver_launch`).
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and
 ATTNHUB_HYPOTHESIS_EXAMPLES sets the randomized parity budget.
@@ -76,6 +80,8 @@ _measured = _getter("ATTNHUB_MEASURED")
 _triton_bwd = _getter("ATTNHUB_TRITON_BWD")
 _compile_ahead = _getter("ATTNHUB_TRITON_COMPILE_AHEAD")
 _background_compile = _getter("ATTNHUB_TRITON_BACKGROUND_COMPILE")
+_triton_launcher = _getter("ATTNHUB_TRITON_LAUNCHER")
+TRITON_LAUNCHERS = ("driver", "triton")
 
 
 def _switch(name: str, value: str | None, default: bool) -> bool:
@@ -165,6 +171,16 @@ def background_compile() -> bool:
     return _switch("ATTNHUB_TRITON_BACKGROUND_COMPILE", _background_compile(), True)
 
 
+def triton_launcher() -> str:
+    """ATTNHUB_TRITON_LAUNCHER: "driver" or "triton"."""
+    if "triton_launcher" in _OVERRIDES:
+        return _OVERRIDES["triton_launcher"]
+    value = _triton_launcher() or "driver"
+    if value not in TRITON_LAUNCHERS:
+        raise ValueError(f"ATTNHUB_TRITON_LAUNCHER={value!r}: expected one of {', '.join(TRITON_LAUNCHERS)}")
+    return value
+
+
 def _check_override(name: str, value: Any) -> None:
     ok = {
         "backend": lambda v: v is None or isinstance(v, str),
@@ -176,6 +192,7 @@ def _check_override(name: str, value: Any) -> None:
         "triton_bwd": lambda v: v in TRITON_BWD_PATHS,
         "compile_ahead": lambda v: isinstance(v, bool),
         "background_compile": lambda v: isinstance(v, bool),
+        "triton_launcher": lambda v: v in TRITON_LAUNCHERS,
     }
     if name not in ok:
         raise TypeError(f"settings.override: unknown setting {name!r}; known: {sorted(ok)}")
@@ -188,7 +205,7 @@ def override(**values: Any) -> Iterator[None]:
     """Within the block, the named settings take these values instead of the environment's; nests.
 
     Names: backend, disable (a tuple of names), registry, tune, cache_dir, measured, triton_bwd, compile_ahead,
-    background_compile (see the module docstring)."""
+    background_compile, triton_launcher (see the module docstring)."""
     for name, value in values.items():
         _check_override(name, value)
     saved = dict(_OVERRIDES)

@@ -11,7 +11,8 @@ them to it: so in triton 3.6 and 3.8 (their sources were read for this); older v
 descriptor argument (a Gluon kernel's) is keyed by what Triton specializes it on, its dtype, block shape and shared
 layout; its base, shape and strides go to the runner, whose launcher encodes the tensor map from them. Building
 that key from every argument costs 4-10 µs of host time per launch (benchmarks/README.md); a caller that plans
-its launches per call signature passes its own key to `launch_keyed` instead.
+its launches per call signature passes its own key to `launch_keyed` instead. Where `_driver_launch` can, a kept
+runner launches through the CUDA driver with its parameters packed once (`settings.triton_launcher`).
 
 Compiling ahead: the first training call of a shape would compile its kernels one after another as the launches
 reach them, and each would build its C launcher (a host-compiler run per kernel signature) at its first launch.
@@ -42,6 +43,7 @@ import torch
 import triton
 
 from attnhub import settings
+from attnhub.backends import _driver_launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does (and configs.py)
 log = logging.getLogger("attnhub.backends")
@@ -137,13 +139,18 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
             return
         if len(state.runners) >= _RUNNERS_MAX:
             state.runners.clear()
-        state.runners[key] = (compiled, tuple(constexprs[p.name] for p in params))
+        tail = tuple(constexprs[p.name] for p in params)
+        driver = (_driver_launch.runner(compiled, args, tail)
+                  if dev.type == "cuda" and settings.triton_launcher() == "driver" else None)
+        state.runners[key] = (compiled, tail, driver)
         return
-    compiled, tail = hit
+    compiled, tail, driver = hit
     g = (*grid, 1, 1)
     if dev.type == "cuda" and _no_hooks(_RUNTIME_KNOBS):  # the runner's own work, minus its hook plumbing
-        compiled.run(g[0], g[1], g[2], _raw_stream(dev.index), compiled.function, compiled.packed_metadata, None,
-                     None, None, *args, *tail)
+        stream = _raw_stream(dev.index)
+        if driver is None or not driver(args, grid, stream):
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *tail)
     else:
         compiled[g[:3]](*args, *tail)
 

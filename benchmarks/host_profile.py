@@ -17,6 +17,15 @@ launches nothing (the autograd engine's own floor), F.sdpa, and the launcher's p
 `launch.backward`, the planned `FusedBackward.run`, the compile-ahead key, an allocation, a kept-runner launch and
 its key), two rounds each.
 
+The training rows ending in ", Triton's launcher" run with kept runners launching through Triton's launcher
+(`settings.triton_launcher`), the others through the driver (`backends/_driver_launch.py`), where it applies.
+
+`thread`: where a fwd+bwd's host time goes at the tiny shape, as medians of 500 calls, two rounds: the forward, the
+engine's hand-over to the backward, the backward's own Python (stamped inside it) and the hand-back, with the
+engine's device thread (as shipped) and with its multithreading off (the calling thread runs the backward); for
+`attnhub.attention` (both launchers) and for a `Timed` Function whose backward does nothing, a Python loop, three
+allocations or the planned `FusedBackward.run`, each also called directly.
+
 `floor`: what a C++ autograd node would save, before one is built. Host µs per fwd+bwd at the tiny shape, by
 `benchkit.host_us` (the rows' loops interleaved, best of ten): F.sdpa; the Python `Null` Function and `Null8` (our
 Function's eight inputs and five saved tensors); a C++ node that launches nothing (`host_floor_ext.cpp`, compiled here
@@ -33,6 +42,7 @@ Host-bound numbers vary between runs: compare rounds. Needs a CUDA GPU (except `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pathlib
 import pstats
@@ -42,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import attnhub
-from attnhub import benchkit
+from attnhub import benchkit, settings
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import autograd as ag
 from attnhub.backends.triton_fa_rope import configs
@@ -111,6 +121,17 @@ class Null8(torch.autograd.Function):
         return g, g, g, None, None, None, None, None
 
 
+TRITONS = ", Triton's launcher"  # rows timed with every kept runner launching through Triton's launcher
+
+
+@contextlib.contextmanager
+def tritons_launcher():
+    """Within the block kept runners launch through Triton's launcher, not the driver's (`_driver_launch`): fresh
+    caches, their runners kept at the block's first calls."""
+    with settings.override(triton_launcher="triton"), runtime.fresh_caches():
+        yield
+
+
 def kept_launch(r):
     return lambda: runtime.launch(r.kernel, r.grid, r.args, r.num_warps, r.num_stages, **r.constexprs)
 
@@ -177,6 +198,9 @@ def training_rows(cfg) -> dict:
         "attnhub fwd+bwd, one thread": one_thread(step(lambda: attnhub.attention(q, k, v, t))),
         "Function.apply fwd+bwd": step(lambda: ag.FlashRopeAttention.apply(q, k, v, *t.cos_sin(), t, SCALE, None)),
         "Null Function fwd+bwd": step(lambda: Null.apply(q, k, v)),
+        f"attnhub fwd+bwd{TRITONS}": step(lambda: attnhub.attention(q, k, v, t)),
+        f"attnhub fwd (grad){TRITONS}": lambda: attnhub.attention(q, k, v, t),
+        f"FusedBackward.run (planned){TRITONS}": lambda: plan.run(do, qr, kr, v, o, lse, tab),
         "F.sdpa fwd (grad)": lambda: F.scaled_dot_product_attention(q, k, v),
         "attnhub fwd (grad)": lambda: attnhub.attention(q, k, v, t),
         "launch.forward train": lambda: L.forward(q, k, v, tab, SCALE, True, cfg),
@@ -236,11 +260,12 @@ def breakdown() -> None:
     with torch.no_grad():
         res = {name: best(fn, 300) for name, fn in inference_rows(cfg).items()}
     for name, fn in training_rows(cfg).items():  # two rounds: host cells vary run to run
-        res[name] = (best(fn), best(fn))
+        with tritons_launcher() if name.endswith(TRITONS) else contextlib.nullcontext():
+            res[name] = (best(fn), best(fn))
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; host us per call (best of 3x500; train: two "
           "rounds)")
     for name, val in res.items():
-        print(f"{name:40s} " + (" ".join(f"{x:7.1f}" for x in val) if isinstance(val, tuple) else f"{val:7.1f}"))
+        print(f"{name:58s} " + (" ".join(f"{x:7.1f}" for x in val) if isinstance(val, tuple) else f"{val:7.1f}"))
 
 
 def floor(device: str = "cuda") -> None:
@@ -375,16 +400,18 @@ def thread() -> None:
             rows.append((rnd, f"{name} direct", "calling", 0.0, 0.0, direct(work), 0.0))
         ag._grads = stamped_grads
         try:
-            for one in (False, True):
-                rows.append((rnd, "attnhub.attention", "calling" if one else "engine",
-                             *measure(lambda: attnhub.attention(q, k, v, t), one)))
+            for tag, ctx in (("", contextlib.nullcontext), (TRITONS, tritons_launcher)):
+                with ctx():
+                    for one in (False, True):
+                        rows.append((rnd, f"attnhub.attention{tag}", "calling" if one else "engine",
+                                     *measure(lambda: attnhub.attention(q, k, v, t), one)))
         finally:
             ag._grads = grads
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; median host us per fwd+bwd at (1, 1, 17, 64)")
-    print(f"{'r':>1} {'backward':32s} {'thread':8s} {'fwd':>7} {'handover':>8} {'inside':>7} {'handback':>8} "
+    print(f"{'r':>1} {'backward':50s} {'thread':8s} {'fwd':>7} {'handover':>8} {'inside':>7} {'handback':>8} "
           f"{'total':>7}")
     for rnd, name, where, *us in rows:
-        print(f"{rnd:1d} {name:32s} {where:8s} " + " ".join(f"{x:7.1f}" if i != 1 and i != 3 else f"{x:8.1f}"
+        print(f"{rnd:1d} {name:50s} {where:8s} " + " ".join(f"{x:7.1f}" if i != 1 and i != 3 else f"{x:8.1f}"
                                                             for i, x in enumerate(us)) + f" {sum(us):7.1f}")
 
 

@@ -22,7 +22,8 @@ The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=Non
 first access, so that reading `configs` (the registry does, at `import attnhub`) loads neither Triton's kernels nor
 the custom operators.
 
-Switches: ATTNHUB_TRITON_BWD (the backward path) and ATTNHUB_TRITON_COMPILE_AHEAD, through `attnhub.settings`.
+Switches: ATTNHUB_TRITON_BWD (the backward path), ATTNHUB_TRITON_COMPILE_AHEAD and ATTNHUB_TRITON_LAUNCHER, through
+`attnhub.settings`.
 Under `TRITON_INTERPRET=1` (CPU) the interpreter's config table is used and bfloat16 dot operands are upcast to
 fp32 (triton-lang/triton#11584).
 """

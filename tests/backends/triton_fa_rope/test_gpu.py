@@ -158,7 +158,9 @@ def test_relaunch_through_the_cached_compiled_kernel_is_bitwise_equal():
         assert state.runners, "no launch was kept"
         hits = []  # launches through the kept kernels
         runners = dict(state.runners)
-        state.runners.update({key: (_Counting(compiled, hits), tail) for key, (compiled, tail) in runners.items()})
+        # the driver's launches off: each kept launch goes through the counting runner
+        state.runners.update({key: (_Counting(compiled, hits), tail, None)
+                              for key, (compiled, tail, _) in runners.items()})
         again = _run("triton_fa_rope", q, k, v, do, table)
         assert set(state.runners) == set(runners) and len(hits) >= len(runners)  # no launch missed the kept ones
     for a, b in zip(first, again):
