@@ -87,6 +87,43 @@ def test_keyed_launches_find_their_runner_by_the_callers_key():
     assert [r.args[1] for r in launches] == [7, 7, 7, 7]
 
 
+def test_kept_runners_launch_through_the_driver_where_it_built_one(monkeypatch):
+    """On CUDA a kept runner gets a driver launch at its first call (`_driver_launch.runner`) unless
+    ATTNHUB_TRITON_LAUNCHER=triton; later calls launch through it, and through Triton's runner when it declines."""
+    from attnhub import settings
+    from attnhub.backends import _driver_launch
+
+    kernel, built, driven = _FakeKernel(), [], []
+    answer = [True]
+
+    def runner(compiled, args, tail):
+        built.append(tail)
+        return lambda args, grid, stream: driven.append((args, grid, stream)) or answer[0]
+
+    class Run:  # the compiled kernel's launcher as `launch_keyed` calls it on CUDA
+        def __call__(self, *args):
+            kernel.runner_calls.append(args[:4])
+
+    kernel.compiled.run, kernel.compiled.function, kernel.compiled.packed_metadata = Run(), 0, None
+    monkeypatch.setattr(_driver_launch, "runner", runner)
+    monkeypatch.setattr(runtime, "_device_of", lambda first: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(runtime, "_raw_stream", lambda index: 7)
+    x = torch.zeros(4)
+    with runtime.fresh_caches(keep_runners=True) as state:
+        for _ in range(2):
+            runtime.launch(kernel, (3,), (x, 5, 0.5), 4, 2, A=1, B=2)
+        assert built == [(1, 2)] and driven == [((x, 5, 0.5), (3,), 7)] and not kernel.runner_calls
+        answer[0] = False  # declined (a descriptor of another layout): Triton's runner launches
+        runtime.launch(kernel, (3,), (x, 5, 0.5), 4, 2, A=1, B=2)
+        assert len(driven) == 2 and kernel.runner_calls == [(3, 1, 1, 7)]
+        with settings.override(triton_launcher="triton"):
+            runtime.launch(kernel, (3,), (x, 6, 0.5), 4, 2, A=1, B=2)  # a new runner: none built
+            runtime.launch(kernel, (3,), (x, 6, 0.5), 4, 2, A=1, B=2)
+        assert len(built) == 1 and len(kernel.runner_calls) == 2
+        assert [entry[2] is None for entry in state.runners.values()] == [False, True]
+
+
 def test_launcher_without_kept_kernels_calls_triton_every_time():
     kernel = _FakeKernel()
     with runtime.fresh_caches(keep_runners=False):
