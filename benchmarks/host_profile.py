@@ -32,7 +32,10 @@ Function's eight inputs and five saved tensors); a C++ node that launches nothin
 by `torch.utils.cpp_extension.load`, about a minute); the C++ node calling a Python no-op in its backward (the GIL on
 the engine's device thread); the C++ node calling the kept forward and backward launchers (a C++ node with today's
 Python launchers), against the two launchers back to back on the calling thread with no autograd (what running the
-backward's launcher on the engine's thread adds); attnhub. `--device cpu` smoke-tests the section: the engine then
+backward's launcher on the engine's thread adds); attnhub; and `DriverNode`, a C++ node that runs the tiny call's
+planned kernels (the resident Gluon forward, the fused backward) through the CUDA driver with the parameters
+`_driver_launch` packed, its outputs and gradients first checked bit for bit against attnhub's: the floor of a C++
+operator with a C++ backward. `--device cpu` smoke-tests the section: the engine then
 runs the backward on the calling thread, so its numbers say nothing of a GPU host (on this project's 2-core CPU
 machine a C++ node cost more than the Python Function: 14 against 4.4 µs forward, 67-72 against 41-44 fwd+bwd).
 
@@ -44,12 +47,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import ctypes
 import pathlib
 import pstats
 import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import attnhub
 from attnhub import benchkit, settings
@@ -272,7 +277,9 @@ def floor(device: str = "cuda") -> None:
     from torch.utils.cpp_extension import load
 
     t0 = time.perf_counter()
-    ext = load("attnhub_host_floor", [str(pathlib.Path(__file__).with_name("host_floor_ext.cpp"))])
+    cuda_h = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "include"  # Triton's cuda.h
+    ext = load("attnhub_host_floor", [str(pathlib.Path(__file__).with_name("host_floor_ext.cpp"))],
+               extra_include_paths=[str(cuda_h)])
     print(f"host_floor_ext built in {time.perf_counter() - t0:.1f} s")
     x = benchkit.inputs(benchkit.TINY, device, torch.bfloat16)
     t = benchkit.rope_table(benchkit.TINY, device)
@@ -306,6 +313,22 @@ def floor(device: str = "cuda") -> None:
         callbacks["C++ CallbackNode + kept launchers"] = lambda g: L.backward(do, qr, kr, v, o, lse, tab, SCALE, cfg,
                                                                               True)
         rows["attnhub.attention"] = step(lambda: attnhub.attention(q, k, v, t))
+        specs = driver_specs(step(lambda: attnhub.attention(q, k, v, t)))
+        if specs is None:
+            print("DriverNode: the tiny call's kept runners are not the resident forward and the fused backward, each "
+                  "with a driver launch; row left out")
+        else:
+            ext.set_driver_launches(*specs)
+            got = [ext.driver_apply(q, k, v, *cos_sin)]
+            got[0].backward(do)
+            got += [q.grad, k.grad, v.grad]
+            q.grad = k.grad = v.grad = None
+            ref = [attnhub.attention(q, k, v, t)]
+            ref[0].backward(do)
+            ref += [q.grad, k.grad, v.grad]
+            print("DriverNode's o, dq, dk, dv bit for bit attnhub's:", all(torch.equal(a, b) for a, b in zip(got, ref)))
+            rows["C++ DriverNode (planned kernels, driver launches)"] = step(lambda: ext.driver_apply(q, k, v,
+                                                                                                    *cos_sin))
     res = {}
     for name, fn in rows.items():
         ext.set_backward_callback(callbacks.get(name, lambda g: None))
@@ -314,6 +337,32 @@ def floor(device: str = "cuda") -> None:
           f"fwd+bwd at {benchkit.TINY}, two rounds of best of ten loops; ratio: to F.sdpa, first round")
     for name, (a, b) in res.items():
         print(f"{name:42s} {a:7.1f} {b:7.1f}   {a / res['F.sdpa'][0]:5.2f}x")
+
+
+_KEPT: list = []  # the driver launches DriverNode's packed specs point into (their buffers must stay alive)
+
+
+def driver_specs(train_step) -> tuple | None:
+    """(forward, backward) packed launches of the tiny training call for `host_floor_ext.set_driver_launches`, from
+    the kept runners of three calls with fresh caches: (function, grid, block, shared, params address, [(word address,
+    argument index)], [(tensor map address, argument index)]); None unless they are the resident Gluon forward and
+    the fused backward, each with a driver launch (`_driver_launch`)."""
+    with runtime.fresh_caches() as state, runtime.recording() as launches:
+        for _ in range(3):
+            train_step()
+    grids = {r.name: r.grid for r in launches}
+    runners = {compiled.name: driver for compiled, _, driver in state.runners.values()}
+    names = ("resident_fwd_kernel", "bwd_fused_kernel")
+    if set(runners) != set(names) or any(driver is None for driver in runners.values()):
+        return None
+    _KEPT.extend(runners.values())
+
+    def spec(r, grid):
+        base = ctypes.addressof(r.buffer)
+        return (r.function, list(grid), r.block, r.shared, ctypes.addressof(r.params),
+                [(base + 8 * slot, i) for slot, i in r.pointers], [(address, i) for address, i, _, _ in r.maps])
+
+    return tuple(spec(runners[name], grids[name]) for name in names)
 
 
 class Timed(torch.autograd.Function):
