@@ -66,8 +66,8 @@
 #          engine's hand-over, the backward's Python, the hand-back) on the engine's thread and the calling thread
 #                                                                                 -> h200_host_thread.txt
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
-#          autograd floor of a C++ node against the Python Function's (builds host_floor_ext.cpp, about a minute)
-#                                                                                 -> h200_host_floor.txt
+#          autograd floor of a C++ node against the Python Function's, and of a C++ node running the planned
+#          kernels through the driver (DriverNode; builds host_floor_ext.cpp, about a minute)  -> h200_host_floor.txt
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
