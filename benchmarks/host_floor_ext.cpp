@@ -4,6 +4,7 @@
 // the fused one-block backward) through the CUDA driver with the parameters `_driver_launch` packed: the floor of a
 // C++ operator with C++ backward.
 #include <dlfcn.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -68,25 +69,40 @@ void run(const PackedLaunch& k, const std::vector<torch::Tensor>& args) {
                         static_cast<CUstream>(stream), k.params, nullptr) == CUDA_SUCCESS, "cuLaunchKernel");
 }
 
-// q, k, v [B, H, N, D] (B = H = 1: layouts of size-1 dimensions aside), cos, sin -> o, as triton_fa_rope's training
-// call at the shape the kernels were planned for; backward: dq, dk, dv by the fused backward kernel.
+// The tiny training call's forward as triton_fa_rope runs it at the shape the kernels were planned for: q, k, v
+// [B, H, N, D] (B = H = 1: layouts of size-1 dimensions aside), cos, sin -> o, lse, rotated q and k.
+std::vector<torch::Tensor> driver_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                          const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  auto o = torch::empty({B, N, H, D}, q.options()).transpose(1, 2);
+  auto lse = torch::empty({B * H, N}, q.options().dtype(torch::kFloat32));
+  auto qr = torch::empty({B, H, N, D}, q.options()), kr = torch::empty({B, H, N, D}, q.options());
+  run(fwd_launch, {q, k, v, o, qr, kr, lse, cos, sin});  // the Gluon forward's tensor arguments, in order
+  return {o, lse, qr, kr};
+}
+
+// Its fused backward: do, the forward's rotated q and k, v, o, lse, cos, sin -> dq, dk, dv.
+std::vector<torch::Tensor> driver_backward(const torch::Tensor& d_o, const torch::Tensor& qr, const torch::Tensor& kr,
+                                           const torch::Tensor& v, const torch::Tensor& o, const torch::Tensor& lse,
+                                           const torch::Tensor& cos, const torch::Tensor& sin) {
+  auto dq = torch::empty_like(qr), dk = torch::empty_like(kr), dv = torch::empty_like(v);
+  // the kernel's tensor arguments: q, k, v, o, do, lse, delta, dq scratch (lse: one block), dq, dk, dv, cos, sin
+  run(bwd_launch, {qr, kr, v, o, d_o, lse, lse, lse, dq, dk, dv, cos, sin});
+  return {dq, dk, dv};
+}
+
+// Both as one C++ autograd node.
 struct DriverNode : public torch::autograd::Function<DriverNode> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                torch::Tensor cos, torch::Tensor sin) {
-    auto B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-    auto o = torch::empty({B, N, H, D}, q.options()).transpose(1, 2);
-    auto lse = torch::empty({B * H, N}, q.options().dtype(torch::kFloat32));
-    auto qr = torch::empty({B, H, N, D}, q.options()), kr = torch::empty({B, H, N, D}, q.options());
-    run(fwd_launch, {q, k, v, o, qr, kr, lse, cos, sin});  // the Gluon forward's tensor arguments, in order
-    ctx->save_for_backward({qr, kr, v, o, lse, cos, sin});
-    return o;
+    auto out = driver_forward(q, k, v, cos, sin);
+    ctx->save_for_backward({out[2], out[3], v, out[0], out[1], cos, sin});
+    return out[0];
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
-    auto dq = torch::empty_like(s[0]), dk = torch::empty_like(s[1]), dv = torch::empty_like(s[2]);
-    // the fused backward's: q, k, v, o, do, lse, delta, dq scratch (lse: one block), dq, dk, dv, cos, sin
-    run(bwd_launch, {s[0], s[1], s[2], s[3], grads[0], s[4], s[4], s[4], dq, dk, dv, s[5], s[6]});
-    return {dq, dk, dv, torch::Tensor(), torch::Tensor()};
+    auto d = driver_backward(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+    return {d[0], d[1], d[2], torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -109,13 +125,14 @@ PackedLaunch packed(pybind11::tuple spec) {
 }  // namespace
 
 void set_driver_launches(pybind11::tuple fwd, pybind11::tuple bwd) {
+  auto f = packed(fwd), b = packed(bwd);
   void* lib = dlopen("libcuda.so.1", RTLD_NOW);
   TORCH_CHECK(lib != nullptr, "no libcuda.so.1");
   cu_launch = reinterpret_cast<launch_t>(dlsym(lib, "cuLaunchKernel"));
   cu_replace = reinterpret_cast<replace_t>(dlsym(lib, "cuTensorMapReplaceAddress"));
   TORCH_CHECK(cu_launch && cu_replace, "libcuda without cuLaunchKernel or cuTensorMapReplaceAddress");
-  fwd_launch = packed(fwd);
-  bwd_launch = packed(bwd);
+  fwd_launch = f;
+  bwd_launch = b;
 }
 
 torch::Tensor driver_apply(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin) {
@@ -135,10 +152,26 @@ void set_backward_callback(pybind11::object fn) {
   backward_callback = fn.inc_ref().ptr();
 }
 
+// The same nodes behind operators of the dispatcher (torch.ops.attnhub_floor.*), as PyTorch's own operators are
+// called, against pybind11's entry above.
+TORCH_LIBRARY(attnhub_floor, m) {
+  m.def("null(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def("driver(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attnhub_floor, CompositeImplicitAutograd, m) {
+  m.impl("null", [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+    return NullNode::apply(q, k, v);
+  });
+  m.impl("driver", &driver_apply);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("null_apply", &null_apply, "NullNode: q, k, v -> empty_like(q)");
   m.def("callback_apply", &callback_apply, "CallbackNode: NullNode whose backward calls the Python callback");
   m.def("set_backward_callback", &set_backward_callback, "the callable CallbackNode's backward calls with grad");
   m.def("set_driver_launches", &set_driver_launches, "DriverNode's packed forward and backward launches");
   m.def("driver_apply", &driver_apply, "DriverNode: q, k, v, cos, sin -> o, the planned kernels through the driver");
+  m.def("driver_forward", &driver_forward, "DriverNode's forward body: q, k, v, cos, sin -> o, lse, qr, kr");
+  m.def("driver_backward", &driver_backward, "its backward body: do, qr, kr, v, o, lse, cos, sin -> dq, dk, dv");
 }

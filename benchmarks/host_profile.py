@@ -35,7 +35,9 @@ Python launchers), against the two launchers back to back on the calling thread 
 backward's launcher on the engine's thread adds); attnhub; and `DriverNode`, a C++ node that runs the tiny call's
 planned kernels (the resident Gluon forward, the fused backward) through the CUDA driver with the parameters
 `_driver_launch` packed, its outputs and gradients first checked bit for bit against attnhub's: the floor of a C++
-operator with a C++ backward. `--device cpu` smoke-tests the section: the engine then
+operator with a C++ backward. The two C++ nodes also run behind dispatcher operators (`torch.ops.attnhub_floor`), as
+PyTorch's own operators are called; and `DriverBodies`, a Python Function whose forward and backward are one C++
+call each (DriverNode's bodies). `--device cpu` smoke-tests the section: the engine then
 runs the backward on the calling thread, so its numbers say nothing of a GPU host (on this project's 2-core CPU
 machine a C++ node cost more than the Python Function: 14 against 4.4 µs forward, 67-72 against 41-44 fwd+bwd).
 
@@ -296,6 +298,7 @@ def floor(device: str = "cuda") -> None:
             "Null (Python Function)": step(lambda: Null.apply(q, k, v)),
             "Null8 (Python Function, our signature)": step(lambda: Null8.apply(q, k, v, *cos_sin, t, SCALE, None)),
             "C++ NullNode": step(lambda: ext.null_apply(q, k, v)),
+            "C++ NullNode as a dispatcher operator": step(lambda: torch.ops.attnhub_floor.null(q, k, v)),
             "C++ CallbackNode, Python no-op": step(lambda: ext.callback_apply(q, k, v))}
     callbacks = {}  # the callback is process-wide: each row sets its own (a no-op by default)
     if device == "cuda":
@@ -319,6 +322,7 @@ def floor(device: str = "cuda") -> None:
                   "with a driver launch; row left out")
         else:
             ext.set_driver_launches(*specs)
+            q.grad = k.grad = v.grad = None
             got = [ext.driver_apply(q, k, v, *cos_sin)]
             got[0].backward(do)
             got += [q.grad, k.grad, v.grad]
@@ -329,6 +333,10 @@ def floor(device: str = "cuda") -> None:
             print("DriverNode's o, dq, dk, dv bit for bit attnhub's:", all(torch.equal(a, b) for a, b in zip(got, ref)))
             rows["C++ DriverNode (planned kernels, driver launches)"] = step(lambda: ext.driver_apply(q, k, v,
                                                                                                     *cos_sin))
+            rows["C++ DriverNode as a dispatcher operator"] = step(lambda: torch.ops.attnhub_floor.driver(q, k, v,
+                                                                                                        *cos_sin))
+            DriverBodies.ext = ext
+            rows["Python Function, DriverNode's C++ bodies"] = step(lambda: DriverBodies.apply(q, k, v, *cos_sin))
     res = {}
     for name, fn in rows.items():
         ext.set_backward_callback(callbacks.get(name, lambda g: None))
@@ -339,6 +347,23 @@ def floor(device: str = "cuda") -> None:
         print(f"{name:42s} {a:7.1f} {b:7.1f}   {a / res['F.sdpa'][0]:5.2f}x")
 
 
+class DriverBodies(torch.autograd.Function):
+    """A Python Function whose forward and backward are one C++ call each (`host_floor_ext`'s DriverNode bodies):
+    the planned kernels through the driver, allocations in C++, the autograd node Python's."""
+
+    ext = None
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin):
+        o, lse, qr, kr = DriverBodies.ext.driver_forward(q, k, v, cos, sin)
+        ctx.save_for_backward(qr, kr, v, o, lse, cos, sin)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return *DriverBodies.ext.driver_backward(do, *ctx.saved_tensors), None, None
+
+
 _KEPT: list = []  # the driver launches DriverNode's packed specs point into (their buffers must stay alive)
 
 
@@ -347,7 +372,8 @@ def driver_specs(train_step) -> tuple | None:
     the kept runners of three calls with fresh caches: (function, grid, block, shared, params address, [(word address,
     argument index)], [(tensor map address, argument index)]); None unless they are the resident Gluon forward and
     the fused backward, each with a driver launch (`_driver_launch`)."""
-    with runtime.fresh_caches() as state, runtime.recording() as launches:
+    with settings.override(background_compile=False), runtime.fresh_caches() as state, \
+            runtime.recording() as launches:
         for _ in range(3):
             train_step()
     grids = {r.name: r.grid for r in launches}
