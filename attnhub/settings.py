@@ -27,8 +27,8 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   until it is done (never with torch.use_deterministic_algorithms(True));
                                   `attnhub.wait_for_compiles()` waits for it. "0": it compiles at its first launch.
     ATTNHUB_TRITON_LAUNCHER       "driver" (default): a Triton backend's cached launches call the CUDA driver with
-                                  parameters packed once, where that launches exactly what Triton's launcher would;
-                                  "triton": always Triton's launcher. Read when a kernel specialization is first
+                                  parameters packed once, where that launches exactly what Triton's launcher would
+                                  (Triton 3.6); "triton": always Triton's launcher. Read when a kernel specialization is first
                                   launched (`attnhub.backends._driver_launch`).
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and

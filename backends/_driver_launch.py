@@ -7,7 +7,9 @@ Python loop that turns each descriptor into a tensor map, its shape and strides)
 for each tensor's address (`cuPointerGetAttribute`). That cost 20-26 µs of host time per kept launch on the H200 host
 (benchmarks/README.md, the host breakdown), the largest part of a tiny training call's launches.
 
-`runner` builds one only where it launches exactly what Triton's launcher would: Triton's CUDA launcher with no
+`runner` builds one only where it launches exactly what Triton's launcher would: Triton 3.6 (whose launcher this
+mirrors and was tested against; triton 3.8 rewrote it, and other versions launch through their own), its CUDA
+launcher with no
 scratch buffers, no programmatic dependent launch, no cooperative grid, one CTA per cluster; parameter types it
 knows (pointers, integers, fp32/fp64 scalars, TMA descriptors lowered to tensor maps); and a parameter list whose
 sizes the driver confirms (`cuFuncGetParamInfo`). Anything else gets None, and Triton's launcher serves.
@@ -26,8 +28,10 @@ import threading
 from typing import Any
 
 import torch
+import triton
 
 log = logging.getLogger("attnhub")
+MIRRORS_LAUNCHER = triton.__version__.split(".")[:2] == ["3", "6"]  # the Triton whose launcher `_build` mirrors
 
 _SCALARS = {"i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q", "u1": "B", "u8": "B", "u16": "H", "u32": "I",
             "u64": "Q", "fp32": "f", "f32": "f", "fp64": "d"}
@@ -131,7 +135,7 @@ def runner(compiled, args: tuple, tail: tuple) -> Runner | None:
     """A driver launch of `compiled` (a Triton CompiledKernel, launched once already) for calls whose arguments
     other than tensors and descriptors' bases are those of `args` (a kept runner's key fixes them); tail: the
     constexpr values after args. None where it cannot launch exactly as Triton would (the module docstring)."""
-    driver = _get_driver()
+    driver = _get_driver() if MIRRORS_LAUNCHER else None
     if driver is None:
         return None
     try:

@@ -136,6 +136,15 @@ def test_launch_writes_this_calls_addresses_and_falls_back_on_another_descriptor
     assert not r((_Desc(other.base, [64, 64], [128, 1]), x), (5,), 0) and not calls
 
 
+def test_runner_only_for_the_triton_whose_launcher_it_mirrors(monkeypatch):
+    monkeypatch.setattr(dl, "_get_driver", lambda: _FakeDriver([8, 4, 8, 8]))
+    compiled, args = _compiled({"X": "*fp32", "n": "i32"}), (torch.zeros(1), 3)
+    monkeypatch.setattr(dl, "MIRRORS_LAUNCHER", True)
+    assert dl.runner(compiled, args, ()) is not None
+    monkeypatch.setattr(dl, "MIRRORS_LAUNCHER", False)
+    assert dl.runner(compiled, args, ()) is None
+
+
 def test_runner_needs_the_driver_to_confirm_the_count():
     sig = {"X": "*fp32", "n": "i32"}
     assert dl._build(_FakeDriver([8, 4, 8, 8, 4]), _compiled(sig), (torch.zeros(1), 3), ()) is None
@@ -162,8 +171,9 @@ def test_driver_launches_give_tritons_bits(B, H, grid, P, bwd):
     """Three calls each with fresh caches (kept runners launch from the second call on), through Triton's launcher
     and through the driver: the same bits, a driver launch built for every kept runner, and the result against
     float64 math."""
-    if not runtime.KEEPS_RUNNERS or dl._get_driver() is None:
-        pytest.skip("no kept runners or no CUDA 12.4 driver")
+    if not runtime.KEEPS_RUNNERS or not dl.MIRRORS_LAUNCHER or dl._get_driver() is None:
+        pytest.skip("no kept runners, a Triton whose launcher the driver launch does not mirror, or no CUDA 12.4 "
+                    "driver")
     N, D = P + grid[0] * grid[1], 64
     table = attnhub.CosSinTable(grid=grid, head_dim=D, prefix_tokens=P, device="cuda")
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16)
