@@ -65,6 +65,8 @@
 #   hostthread benchmarks/host_profile.py --sections thread,breakdown: a fwd+bwd's host time in parts (forward, the
 #          engine's hand-over, the backward's Python, the hand-back) on the engine's thread and the calling thread
 #                                                                                 -> h200_host_thread.txt
+#   atomics benchmarks/atomic_bw.py: fp32 atomic adds of dQ partials at ViT-B/16@512 + 4 registers, against plain stores
+#          (does a dK/dV kernel that also accumulates dQ pay at D = 64?)                  -> h200_atomic_bw.txt
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's, and of a C++ node running the planned
 #          kernels through the driver (DriverNode; builds host_floor_ext.cpp, about a minute)  -> h200_host_floor.txt
@@ -273,6 +275,9 @@ for stage in "${stages[@]}"; do
       timeout 200 python3 benchmarks/host_profile.py --sections thread,breakdown >"$OUT/h200_host_thread.txt" 2>&1 \
         || status=1
       cat "$OUT/h200_host_thread.txt" | grep -v "^ " | tail -60 ;;
+    atomics)
+      timeout 120 python3 benchmarks/atomic_bw.py >"$OUT/h200_atomic_bw.txt" 2>&1 || status=1
+      cat "$OUT/h200_atomic_bw.txt" ;;
     hostfloor)
       timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \
         || status=1
