@@ -28,8 +28,8 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   `attnhub.wait_for_compiles()` waits for it. "0": it compiles at its first launch.
     ATTNHUB_TRITON_LAUNCHER       "driver" (default): a Triton backend's cached launches call the CUDA driver with
                                   parameters packed once, where that launches exactly what Triton's launcher would
-                                  (Triton 3.6); "triton": always Triton's launcher. Read when a kernel specialization is first
-                                  launched (`attnhub.backends._driver_launch`).
+                                  (Triton 3.6); "triton": always Triton's launcher. Read when a kernel
+                                  specialization is first launched (`attnhub.backends._driver_launch`).
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and
 ATTNHUB_HYPOTHESIS_EXAMPLES sets the randomized parity budget.
@@ -93,6 +93,14 @@ def _switch(name: str, value: str | None, default: bool) -> bool:
     return value == "1"
 
 
+def _one_of(name: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """A variable with named values: unset or empty -> choices[0] (the default)."""
+    value = value or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 def backend() -> str | None:
     """ATTNHUB_BACKEND: the forced backend name, or None."""
     if "backend" in _OVERRIDES:
@@ -151,10 +159,7 @@ def triton_bwd() -> str:
     """ATTNHUB_TRITON_BWD: "auto", "fused" or "split"."""
     if "triton_bwd" in _OVERRIDES:
         return _OVERRIDES["triton_bwd"]
-    value = _triton_bwd() or "auto"
-    if value not in TRITON_BWD_PATHS:
-        raise ValueError(f"ATTNHUB_TRITON_BWD={value!r}: expected one of {', '.join(TRITON_BWD_PATHS)}")
-    return value
+    return _one_of("ATTNHUB_TRITON_BWD", _triton_bwd(), TRITON_BWD_PATHS)
 
 
 def compile_ahead() -> bool:
@@ -175,10 +180,7 @@ def triton_launcher() -> str:
     """ATTNHUB_TRITON_LAUNCHER: "driver" or "triton"."""
     if "triton_launcher" in _OVERRIDES:
         return _OVERRIDES["triton_launcher"]
-    value = _triton_launcher() or "driver"
-    if value not in TRITON_LAUNCHERS:
-        raise ValueError(f"ATTNHUB_TRITON_LAUNCHER={value!r}: expected one of {', '.join(TRITON_LAUNCHERS)}")
-    return value
+    return _one_of("ATTNHUB_TRITON_LAUNCHER", _triton_launcher(), TRITON_LAUNCHERS)
 
 
 def _check_override(name: str, value: Any) -> None:

@@ -9,10 +9,10 @@ for each tensor's address (`cuPointerGetAttribute`). That cost 20-26 µs of host
 
 `runner` builds one only where it launches exactly what Triton's launcher would: Triton 3.6 (whose launcher this
 mirrors and was tested against; triton 3.8 rewrote it, and other versions launch through their own), its CUDA
-launcher with no
-scratch buffers, no programmatic dependent launch, no cooperative grid, one CTA per cluster; parameter types it
-knows (pointers, integers, fp32/fp64 scalars, TMA descriptors lowered to tensor maps); and a parameter list whose
-sizes the driver confirms (`cuFuncGetParamInfo`). Anything else gets None, and Triton's launcher serves.
+launcher with no scratch buffers, no programmatic dependent launch, no cooperative grid, one CTA per cluster;
+parameter types it knows (pointers, integers, fp32/fp64 scalars, TMA descriptors lowered to tensor maps); and a
+parameter list whose sizes the driver confirms (`cuFuncGetParamInfo`). Anything else gets None, and Triton's
+launcher serves.
 
 The parameter list mirrors Triton 3.6's `make_launcher`: the signature's non-constexpr entries in order, a
 descriptor expanded to its tensor map (encoded as `fill_tma_descriptor` encodes it), its shape (i32) and strides
@@ -22,6 +22,7 @@ descriptor expanded to its tensor map (encoded as `fill_tma_descriptor` encodes 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import struct
 import threading
@@ -69,18 +70,14 @@ class _Driver:
             raise RuntimeError(f"attnhub: {what} failed: CUDA error {result} ({(text.value or b'?').decode()})")
 
 
-_driver: _Driver | None | bool = False  # False: not loaded yet; None: unavailable
-
-
+@functools.lru_cache(maxsize=1)
 def _get_driver() -> _Driver | None:
-    global _driver
-    if _driver is False:
-        try:
-            _driver = _Driver()
-        except (OSError, AttributeError) as exc:  # no libcuda, or one older than CUDA 12.4
-            log.info("attnhub: kernels launch through Triton's launcher (%s)", exc)
-            _driver = None
-    return _driver
+    """libcuda's entry points, loaded once; None without libcuda or with one older than CUDA 12.4."""
+    try:
+        return _Driver()
+    except (OSError, AttributeError) as exc:
+        log.info("attnhub: kernels launch through Triton's launcher (%s)", exc)
+        return None
 
 
 class _Params:
@@ -200,17 +197,17 @@ def _confirmed(driver: _Driver, function: int, layout: list) -> bool:
 def _pack(driver: _Driver, compiled, params: _Params, pointers: list, maps: list) -> Runner:
     words = -(-(params.size + _MAP_ALIGN) // 8)
     storage = (ctypes.c_uint64 * words)()
-    base = -(-ctypes.addressof(storage) // _MAP_ALIGN) * _MAP_ALIGN  # the buffer's 64-byte aligned start
-    shift = (base - ctypes.addressof(storage)) // 8
+    start = ctypes.addressof(storage)
+    base = -(-start // _MAP_ALIGN) * _MAP_ALIGN  # the buffer's 64-byte aligned start
     raw = (ctypes.c_char * (words * 8)).from_buffer(storage)
     for offset, fmt, value in params.fills:
-        struct.pack_into(fmt, raw, base - ctypes.addressof(storage) + offset, value)
+        struct.pack_into(fmt, raw, base - start + offset, value)
     r = Runner()
     r.driver, r.lock = driver, threading.Lock()
     r.function, r.block, r.shared = compiled.function, 32 * compiled.metadata.num_warps, compiled.metadata.shared
     r.buffer = storage
     r.base = base
-    r.pointers = tuple((shift + slot, i) for slot, i in pointers)
+    r.pointers = tuple(((base - start) // 8 + slot, i) for slot, i in pointers)
     # the example's own shape and strides: a descriptor copied from the same checked one (`descriptor_maker`)
     # shares them, so the per-launch check is an identity test
     r.maps = tuple((base + offset, i, desc.shape, desc.strides) for offset, i, _, desc in maps)

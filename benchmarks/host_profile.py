@@ -73,6 +73,15 @@ def make(B, H=6, N=197, D=64):
     return (*qkv.permute(2, 0, 3, 1, 4).unbind(0), attnhub.CosSinTable(grid=(14, 14), head_dim=D, device="cuda"))
 
 
+def tiny_training():
+    """The tiny training call's inputs: q, k, v (1, 1, 17, 64) bf16 leaves, do, a table with one prefix token and
+    its `_Table` as the training forward hands it to the kernels."""
+    q, k, v = (torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda", prefix_tokens=1)
+    return q, k, v, torch.randn_like(q), t, ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+
+
 def timed(fn, n=300):
     """-> (host µs, wall µs) per call of n calls after 30 untimed ones."""
     for _ in range(30):
@@ -166,11 +175,7 @@ def inference_rows(cfg) -> dict:
 
 
 def training_rows(cfg) -> dict:
-    q, k, v = (torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    do = torch.randn_like(q)
-    t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda", prefix_tokens=1)
-    tab = ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+    q, k, v, do, t, tab = tiny_training()
     o, lse, (qr, kr) = L.forward(q, k, v, tab, SCALE, True, cfg)
 
     def step(fn):
@@ -417,9 +422,7 @@ def thread() -> None:
     shipped) and with its multithreading off (the calling thread runs the backward); and each backward's work called
     directly. Medians of 500 calls, two rounds."""
     cfg = configs.for_call(torch.device("cuda", torch.cuda.current_device()), 64)
-    (q, k, v), do = _tiny_inputs()
-    t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda", prefix_tokens=1)
-    tab = ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+    q, k, v, do, t, tab = tiny_training()
     o, lse, (qr, kr) = L.forward(q, k, v, tab, SCALE, True, cfg)
     plan = L.plan_backward(qr, kr, v, o, tab, SCALE, cfg, None)
     works = {
@@ -488,12 +491,6 @@ def thread() -> None:
     for rnd, name, where, *us in rows:
         print(f"{rnd:1d} {name:50s} {where:8s} " + " ".join(f"{x:7.1f}" if i != 1 and i != 3 else f"{x:8.1f}"
                                                             for i, x in enumerate(us)) + f" {sum(us):7.1f}")
-
-
-def _tiny_inputs():
-    q, k, v = (torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    return (q, k, v), torch.randn_like(q)
 
 
 SECTIONS = {"paths": paths, "breakdown": breakdown, "floor": floor, "thread": thread}

@@ -3,11 +3,11 @@ entry `attention` the registry points to.
 
 Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
-call. Their forward also plans a fused backward (`launch.plan_backward`): the autograd engine runs the backward on
-its device thread, where Python costs several times more, so a backward that matches the plan only allocates and
-launches. Inside torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give
-it shapes and strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the
-projection qkv, whose backward returns its gradient whole.
+call. Their forward also plans a fused backward (`launch.plan_backward`), so that a backward that matches the plan
+only allocates and launches (on the autograd engine's device thread, where Python costs 20-30% more). Inside
+torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give it shapes and
+strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the projection qkv, whose
+backward returns its gradient whole.
 
 Training: the forward also returns the rotated q and k it computed, so the backward kernels need no rotation. A
 table that requires grad (learnable frequencies, RoPE-Mixed) gets its gradient from `_table_grad`, in PyTorch after

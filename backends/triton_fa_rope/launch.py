@@ -277,9 +277,9 @@ class FusedBackward:
     """The fused backward's launch of one training call signature, planned by its forward (`plan_backward`) or by
     `backward`: the int arguments, grid and compile-time parameters, so that a run only allocates and launches.
 
-    The autograd engine runs a CUDA call's backward on its device thread, where the same Python cost 2-4x what it
-    costs on the calling thread (benchmarks/README.md, the host floor): a cached training call's backward does
-    `matches` and `run`, not `backward`'s planning."""
+    A cached training call's backward does `matches` and `run`, not `backward`'s planning: 28-44 µs of host time
+    against 51-78 on H100 hosts' calling thread; the autograd engine's device thread, where the backward runs, adds
+    20-30% to either (benchmarks/README.md, sessions 14 and 15)."""
 
     __slots__ = ("config", "path", "do_stride", "grad_strides", "shapes", "dtype", "device", "single", "lse_shape",
                  "grid", "ints", "table_as_is", "cfg", "constexprs")
