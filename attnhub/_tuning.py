@@ -137,7 +137,11 @@ def wait_for_compiles(timeout: float | None = None) -> int:
     triton_fa_rope's Gluon forwards compile in a background thread at a shape's first call while its Triton forward
     serves the calls (ATTNHUB_TRITON_BACKGROUND_COMPILE, `attnhub.settings`): call this before timing a model or
     capturing a CUDA graph, so both see the kernels that serve the shape from then on. Raises `TimeoutError` when
-    `timeout` seconds pass first."""
+    `timeout` seconds pass first. Also waits for the C++ replay of training calls if its build has started
+    (ATTNHUB_TRITON_REPLAY)."""
+    replay = sys.modules.get("attnhub.backends._replay")
+    if replay is not None:
+        replay.wait(timeout)
     runtime = sys.modules.get("attnhub.backends._triton_runtime")
     return 0 if runtime is None else runtime.wait_for_compiles(timeout)  # not imported: nothing compiles
 

@@ -110,10 +110,13 @@ def sync(device: torch.device | str) -> None:
 
 
 def _warm(fn: Callable[[], object]) -> None:
-    """An untimed call of `fn`, then the wait for kernels it left compiling in the background
-    (`attnhub.wait_for_compiles`), so that the timings see the kernels that serve its shape from then on."""
+    """Two untimed calls of `fn` (a training call's second starts the build of its C++ replay), the wait for what
+    they left compiling in the background (`attnhub.wait_for_compiles`), and a third call (which builds the replay),
+    so that the timings see the path that serves its shape from then on."""
+    fn()
     fn()
     attnhub.wait_for_compiles()
+    fn()
 
 
 def time_ms(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 50, rep: int = 200,

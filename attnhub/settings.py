@@ -30,6 +30,11 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   parameters packed once, where that launches exactly what Triton's launcher would
                                   (Triton 3.6); "triton": always Triton's launcher. Read when a kernel
                                   specialization is first launched (`attnhub.backends._driver_launch`).
+    ATTNHUB_TRITON_REPLAY         "1" (default): from its second call on, a cached eager training call of
+                                  triton_fa_rope runs its forward and backward launches from C++, each one call from
+                                  Python (`attnhub.backends._replay`, built once per machine in a background thread:
+                                  a C++ compiler and ninja needed; the Python path serves until then, and where the
+                                  build fails); "0": always the Python path.
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and
 ATTNHUB_HYPOTHESIS_EXAMPLES sets the randomized parity budget.
@@ -81,6 +86,7 @@ _triton_bwd = _getter("ATTNHUB_TRITON_BWD")
 _compile_ahead = _getter("ATTNHUB_TRITON_COMPILE_AHEAD")
 _background_compile = _getter("ATTNHUB_TRITON_BACKGROUND_COMPILE")
 _triton_launcher = _getter("ATTNHUB_TRITON_LAUNCHER")
+_triton_replay = _getter("ATTNHUB_TRITON_REPLAY")
 TRITON_LAUNCHERS = ("driver", "triton")
 
 
@@ -183,6 +189,13 @@ def triton_launcher() -> str:
     return _one_of("ATTNHUB_TRITON_LAUNCHER", _triton_launcher(), TRITON_LAUNCHERS)
 
 
+def triton_replay() -> bool:
+    """ATTNHUB_TRITON_REPLAY: replay cached eager training calls of triton_fa_rope from C++."""
+    if "triton_replay" in _OVERRIDES:
+        return _OVERRIDES["triton_replay"]
+    return _switch("ATTNHUB_TRITON_REPLAY", _triton_replay(), True)
+
+
 def _check_override(name: str, value: Any) -> None:
     ok = {
         "backend": lambda v: v is None or isinstance(v, str),
@@ -195,6 +208,7 @@ def _check_override(name: str, value: Any) -> None:
         "compile_ahead": lambda v: isinstance(v, bool),
         "background_compile": lambda v: isinstance(v, bool),
         "triton_launcher": lambda v: v in TRITON_LAUNCHERS,
+        "triton_replay": lambda v: isinstance(v, bool),
     }
     if name not in ok:
         raise TypeError(f"settings.override: unknown setting {name!r}; known: {sorted(ok)}")

@@ -62,7 +62,7 @@ _AHEAD_MAX = 4096
 
 
 class Launch(NamedTuple):
-    """One kernel launch as `launch` receives it."""
+    """One kernel launch as `launch` receives it (key: `launch_keyed`'s, None from `launch`)."""
 
     kernel: Any
     grid: tuple
@@ -70,6 +70,7 @@ class Launch(NamedTuple):
     num_warps: int
     num_stages: int
     constexprs: dict
+    key: Any = None
 
     @property
     def name(self) -> str:
@@ -79,7 +80,7 @@ class Launch(NamedTuple):
 class _State:
     """The caches, and the recorder of `recording`."""
 
-    __slots__ = ("keep_runners", "runners", "compiled_ahead", "background", "recorder", "record_runs")
+    __slots__ = ("keep_runners", "runners", "compiled_ahead", "background", "recorder", "record_runs", "calls")
 
     def __init__(self, keep_runners: bool) -> None:
         self.keep_runners = keep_runners
@@ -88,9 +89,11 @@ class _State:
         self.background: dict = {}  # key -> (its compile's Future, device), or _READY once done (`compiling`)
         self.recorder: list[Launch] | None = None
         self.record_runs = True
+        self.calls: dict = {}  # per call signature, a whole call's replay of kept runners (`replay_cache`)
 
 
 _state = _State(KEEPS_RUNNERS)
+_dry = threading.local()  # .launches: this thread's `dry_run` list, else absent or None
 _foreground = threading.RLock()  # held while a call compiles what it launches (`compile_ahead`, a kept runner's miss)
 
 
@@ -117,19 +120,18 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
             launch_keyed(key, kernel, grid, args, num_warps, num_stages, **constexprs)
         return
     state = _state
+    dry = getattr(_dry, "launches", None)
+    if dry is not None:
+        dry.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs, key))
+        return
     if state.recorder is not None:
-        state.recorder.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs))
+        state.recorder.append(Launch(kernel, grid, args, num_warps, num_stages, constexprs, key))
         if not state.record_runs:
             return
     if not state.keep_runners:
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return
-    if key is None:  # ints as themselves (the common case, and the cheapest), other scalars with their type
-        key = (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
-               tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
-                      else _other_key(a) for a in args]))
-    else:
-        key = ("keyed", kernel, dev.index, key)
+    key = _runner_key(key, kernel, dev, args, num_warps, num_stages, constexprs)
     hit = state.runners.get(key)
     if hit is None:
         with _foreground:  # a compile here comes first: background compiles wait for it (`_compile_in_background`)
@@ -155,6 +157,44 @@ def launch_keyed(key, kernel, grid: tuple, args: tuple, num_warps: int, num_stag
         compiled[g[:3]](*args, *tail)
 
 
+def _runner_key(key, kernel, dev: torch.device, args: tuple, num_warps: int, num_stages: int, constexprs: dict):
+    """The kept runners' key of a launch: the caller's planned key, else one built from every argument (ints as
+    themselves, the common case and the cheapest; tensors by dtype and 16-byte alignment; other scalars with their
+    type)."""
+    if key is not None:
+        return ("keyed", kernel, dev.index, key)
+    return (kernel, dev.index, num_warps, num_stages, tuple(constexprs.items()),
+            tuple([a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+                   else _other_key(a) for a in args]))
+
+
+def kept_runner(launch: Launch):
+    """-> (compiled kernel, its driver launch) of the kept runner that serves this launch (as recorded by `dry_run`),
+    or None where there is none yet or it launches through Triton's launcher."""
+    dev = _device_of(launch.args[0])
+    hit = _state.runners.get(_runner_key(launch.key, launch.kernel, dev, launch.args, launch.num_warps,
+                                         launch.num_stages, launch.constexprs))
+    return None if hit is None or hit[2] is None else (hit[0], hit[2])
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[list[Launch]]:
+    """Within the block, this thread's launches (only this thread's) are appended to the list yielded and do not
+    run, and start no background compile: what `_replay` records of a planned call."""
+    saved = getattr(_dry, "launches", None)
+    _dry.launches = []
+    try:
+        yield _dry.launches
+    finally:
+        _dry.launches = saved
+
+
+def background_pending() -> bool:
+    """Whether a background compile has started and not been found done by its call (`compiling`): until then a
+    call's launches may be those of the kernel serving in its place."""
+    return any(job is not _READY for job in _state.background.values())
+
+
 def _device_of(first) -> torch.device:
     """The device of a launch: that of its first argument, a tensor or a TMA descriptor of one (a Gluon kernel's)."""
     return first.device if isinstance(first, torch.Tensor) else getattr(first, "base", first).device
@@ -167,6 +207,17 @@ def aligned(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         ptr |= t.data_ptr()
     return ptr % 16 == 0
+
+
+def replay_cache() -> dict | None:
+    """The cache of whole calls replayed from their kept runners' driver launches (`triton_fa_rope.replay`), or None
+    where a call must launch through here: no runners kept, launches recorded (`recording`), a Triton launch hook
+    set (a profiler's) or the driver launches off (`settings.triton_launcher`)."""
+    state = _state
+    if (not state.keep_runners or state.recorder is not None or not _no_hooks(_RUNTIME_KNOBS)
+            or settings.triton_launcher() != "driver"):
+        return None
+    return state.calls
 
 
 def _no_hooks(knobs) -> bool:
@@ -287,7 +338,7 @@ def _defers(launcher, device: torch.device) -> bool:
     without deterministic algorithms, and at a launch that runs (`launch`, not a recording that does not run) or
     compile-ahead's planning."""
     if launcher is launch:
-        if _state.recorder is not None and not _state.record_runs:
+        if (_state.recorder is not None and not _state.record_runs) or getattr(_dry, "launches", None) is not None:
             return False
     elif not getattr(launcher, "plans_ahead", False):
         return False

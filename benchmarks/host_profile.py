@@ -75,11 +75,11 @@ def make(B, H=6, N=197, D=64):
 
 def tiny_training():
     """The tiny training call's inputs: q, k, v (1, 1, 17, 64) bf16 leaves, do, a table with one prefix token and
-    its `_Table` as the training forward hands it to the kernels."""
+    its `Table` as the training forward hands it to the kernels."""
     q, k, v = (torch.randn(1, 1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     t = attnhub.CosSinTable(grid=(4, 4), head_dim=64, device="cuda", prefix_tokens=1)
-    return q, k, v, torch.randn_like(q), t, ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+    return q, k, v, torch.randn_like(q), t, L.Table(*t.cos_sin(), t.prefix_tokens, t.layout)
 
 
 def timed(fn, n=300):
@@ -161,7 +161,7 @@ def launch_key(r):
 
 def inference_rows(cfg) -> dict:
     q, k, v, t = make(256)
-    tab = ag._Table(*t.cos_sin(), t.prefix_tokens, t.layout)
+    tab = L.Table(*t.cos_sin(), t.prefix_tokens, t.layout)
     with runtime.recording(run=True) as rec:
         L.forward(q, k, v, tab, SCALE, False, cfg)
     (r,) = rec
@@ -308,7 +308,7 @@ def floor(device: str = "cuda") -> None:
     callbacks = {}  # the callback is process-wide: each row sets its own (a no-op by default)
     if device == "cuda":
         cfg = configs.for_call(q.device, q.shape[-1])
-        tab = ag._Table(*cos_sin, t.prefix_tokens, t.layout)
+        tab = L.Table(*cos_sin, t.prefix_tokens, t.layout)
         o, lse, (qr, kr) = L.forward(q, k, v, tab, SCALE, True, cfg)
 
         def launchers():

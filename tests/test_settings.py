@@ -56,6 +56,7 @@ def test_fallback_off_posix(monkeypatch):
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", None, "driver"),
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", "", "driver"),
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", "triton", "triton"),
+    ("triton_replay", "ATTNHUB_TRITON_REPLAY", None, True), ("triton_replay", "ATTNHUB_TRITON_REPLAY", "0", False),
 ])
 def test_values(setting, var, value, expected, monkeypatch):
     if value is None:
@@ -73,6 +74,7 @@ def test_values(setting, var, value, expected, monkeypatch):
     ("compile_ahead", "ATTNHUB_TRITON_COMPILE_AHEAD", " 1", "expected 0 or 1"),
     ("background_compile", "ATTNHUB_TRITON_BACKGROUND_COMPILE", "on", "expected 0 or 1"),
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", "ctypes", "expected one of driver, triton"),
+    ("triton_replay", "ATTNHUB_TRITON_REPLAY", "off", "expected 0 or 1"),
 ])
 def test_invalid_value_names_the_variable(setting, var, value, expected, monkeypatch):
     monkeypatch.setenv(var, value)
@@ -92,6 +94,7 @@ def test_override_replaces_the_environment_and_restores(monkeypatch):
 
 @pytest.mark.parametrize("values,error", [(dict(triton_bwd="both"), ValueError), (dict(tune="1"), ValueError),
                                           (dict(triton_launcher="c"), ValueError),
+                                          (dict(triton_replay="1"), ValueError),
                                           (dict(nonesuch=1), TypeError)])
 def test_override_rejects_unknown_names_and_values(values, error):
     with pytest.raises(error, match="settings.override"):

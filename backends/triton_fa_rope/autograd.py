@@ -4,7 +4,8 @@ entry `attention` the registry points to.
 Both paths run the same `launch.forward` / `launch.backward` and keep what the backward needs with one pair of
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
 call. Their forward also plans a fused backward (`launch.plan_backward`), so that a backward that matches the plan
-only allocates and launches (on the autograd engine's device thread, where Python costs 20-30% more). Inside
+only allocates and launches (on the autograd engine's device thread, where Python costs 20-30% more); from a
+signature's second call on, `replay` may run both from C++, one call each (`ReplayedAttention`). Inside
 torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give it shapes and
 strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the projection qkv, whose
 backward returns its gradient whole.
@@ -18,33 +19,23 @@ A key padding mask travels with the saved tensors to the backward kernels.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope import configs, launch
+from attnhub.backends.triton_fa_rope import configs, launch, replay
+from attnhub.backends.triton_fa_rope.launch import Table
 from attnhub.rope import CosSinTable, table_grad
 
 
-class _Table(NamedTuple):
-    """The parts of a `CosSinTable` the kernels read; cos, sin: [N_grid, D/2], [H, N_grid, D/2] or
-    [B, 1|H, N_grid, D/2]."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    prefix_tokens: int
-    layout: str
-    source: CosSinTable | None = None  # the table of an inference call, for conversions kept on it (`gluon_fwd`)
-
-
-def _table_grad(table: _Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
+def _table_grad(table: Table, q, k, dq, dk) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. table.cos and table.sin from the unrotated q, k and the kernels' dq, dk."""
     return table_grad(table.cos, table.sin, table.prefix_tokens, table.layout, q, k, dq, dk)
 
 
-def _save(ctx, q, k, v, table: _Table | None, scale: float, o, lse, q_saved, k_saved, mask) -> None:
+def _save(ctx, q, k, v, table: Table | None, scale: float, o, lse, q_saved, k_saved, mask) -> None:
     """Keep what the backward needs: q_saved, k_saved (rotated with RoPE), v, o, lse, the key padding mask, the
     table and, when the table requires grad, the unrotated q and k."""
     table_grad = table is not None and (table.cos.requires_grad or table.sin.requires_grad)
@@ -63,7 +54,7 @@ def _saved(ctx):
     if ctx.table_meta is None:
         return q, k, v, o, lse, mask, None, (), ctx.scale
     cos, sin, *unrotated = rest
-    return q, k, v, o, lse, mask, _Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
+    return q, k, v, o, lse, mask, Table(cos, sin, *ctx.table_meta), tuple(unrotated), ctx.scale
 
 
 def _backward(do, q, k, v, o, lse, mask, rope, scale, out=None):
@@ -78,7 +69,7 @@ def _forward(ctx, q, k, v, cos, sin, rope, scale, mask, training: bool, grad_str
     """The forward of both autograd Functions: o, and with `training` what the backward needs kept on ctx, its
     launch planned (`launch.plan_backward`; grad_strides: dq, dk, dv's, None for contiguous ones)."""
     config = configs.for_call(q.device, q.shape[-1])
-    table = None if rope is None else _Table(cos, sin, rope.prefix_tokens, rope.layout)
+    table = None if rope is None else Table(cos, sin, rope.prefix_tokens, rope.layout)
     if training and q.is_cuda and runtime.CAN_COMPILE_AHEAD and settings.compile_ahead():
         launch.compile_ahead(q, k, v, table, scale, config, key_padding_mask=mask)
     o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, training, config, key_padding_mask=mask)
@@ -113,6 +104,31 @@ class FlashRopeAttention(torch.autograd.Function):
         return *_grads(ctx, do), None, None, None
 
 
+class ReplayedAttention(torch.autograd.Function):
+    """FlashRopeAttention of a call `replay` took: its forward and backward are one C++ call each where they can
+    be, else the Python path's launches (the same kernels)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, call: replay.TrainingCall):
+        out = call.forward(q, k, v, cos, sin)
+        if out is None:
+            o, lse, (q_saved, k_saved) = launch.forward(q, k, v, call.table(cos, sin), call.scale, True, call.config)
+        else:
+            o, lse, q_saved, k_saved = out
+        ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if cos is None else (cos, sin)))
+        ctx.call = call
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        call, saved = ctx.call, ctx.saved_tensors
+        grads = call.backward(do, saved)
+        if grads is None:
+            q, k, v, o, lse, *table = saved
+            grads = _backward(do, q, k, v, o, lse, None, call.table(*table) if table else None, call.scale)
+        return *grads, None, None, None
+
+
 class FlashRopeAttentionPacked(torch.autograd.Function):
     """FlashRopeAttention of a fused projection qkv [B, N, 3, H, D] (`attnhub.attention_packed`): autograd sees qkv
     as the input, and the backward writes dq, dk, dv straight into one gradient of its shape, where the views' own
@@ -145,8 +161,8 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _op_table(cos, sin, prefix: int, layout: str) -> _Table | None:
-    return None if layout == "none" else _Table(cos, sin, prefix, layout)
+def _op_table(cos, sin, prefix: int, layout: str) -> Table | None:
+    return None if layout == "none" else Table(cos, sin, prefix, layout)
 
 
 def _fwd_impl(q, k, v, cos, sin, prefix: int, layout: str, scale: float, save_rotated: bool, mask):
@@ -231,7 +247,7 @@ def _gluon_writes_packed(device: torch.device, dtype: torch.dtype, n: int, heads
     GPU time more than Inductor's copy of the views' (benchmarks/README.md): those calls run on the views."""
     q, k, _ = _split(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
     table_dim = 4 if per_sample else 2
-    rope = None if layout == "none" else _Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,
+    rope = None if layout == "none" else Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,
                                                 layout)
     config = configs.for_call(device, head_dim)
     return (not launch.use_fused_backward(config, q, k, rope, None, settings.triton_bwd())
@@ -314,9 +330,12 @@ def attention(
         return fwd_op(q, k, v, *table, scale, training, mask)[0]
     cos_sin = (None, None) if rope is None else rope.cos_sin()
     if not training:  # inference: no graph to record, so no autograd.Function (host time: benchmarks/README.md)
-        table = None if rope is None else _Table(*cos_sin, rope.prefix_tokens, rope.layout, rope)
+        table = None if rope is None else Table(*cos_sin, rope.prefix_tokens, rope.layout, rope)
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
     if qkv is not None and qkv.requires_grad:  # the backward writes qkv's gradient whole
         return FlashRopeAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
+    call = None if mask is not None or not q.is_cuda else replay.lookup(q, k, v, *cos_sin, rope, scale)
+    if call is not None:
+        return ReplayedAttention.apply(q, k, v, *cos_sin, call)
     return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -31,6 +31,17 @@ PRE_M = 64  # rows per program of the split backward's delta pass
 BOUNDS_BLOCK = 512  # mask entries per step of `key_bounds_kernel`
 
 Launcher = Callable[..., object]
+
+
+class Table(NamedTuple):
+    """The parts of a `CosSinTable` the kernels read (the autograd's view of a table, whose cos and sin are its
+    inputs); cos, sin: [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prefix_tokens: int
+    layout: str
+    source: CosSinTable | None = None  # the table of an inference call, for conversions kept on it (`gluon_fwd`)
 
 
 def meta(q: torch.Tensor, rope: CosSinTable | None) -> dict:
@@ -74,11 +85,11 @@ def rot_dtype(dtype: torch.dtype) -> torch.dtype:
 def _table_args(rope: CosSinTable | None, q: torch.Tensor):
     """(cos, sin, batch stride, head stride, row stride, prefix) for the kernels; a 1-element dummy without RoPE.
 
-    rope: a `CosSinTable` (one `from_coords` is read as its materialised cos and sin) or the autograd's `_Table`:
+    rope: a `CosSinTable` (one `from_coords` is read as its materialised cos and sin) or a `Table`:
     cos, sin [N_grid, D/2], [H, N_grid, D/2] or [B, 1|H, N_grid, D/2], and prefix_tokens."""
     if rope is None:
-        dummy = _dummy(q.device, torch.float32)
-        return dummy, dummy, 0, 0, 0, 0
+        unread = dummy(q.device, torch.float32)
+        return unread, unread, 0, 0, 0, 0
     cos, sin = rope.cos.detach(), rope.sin.detach()
     if cos.dtype != torch.float32:  # e.g. a bf16 table from a model cast to bf16: the kernels read fp32 angles
         cos, sin = cos.float(), sin.float()
@@ -86,7 +97,7 @@ def _table_args(rope: CosSinTable | None, q: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=None)
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A 1-element tensor for a pointer argument the kernel does not read in this call (no table, no mask): one per
     device and dtype, kept, so that calls allocate none."""
     return torch.empty(1, device=device, dtype=dtype)
@@ -99,7 +110,7 @@ def _varlen_args(q, k, cos, key_padding_mask, launch: Launcher):
     last; NaFlex batches pad at the end), 1-element dummies without a mask; H / H_kv query heads per k/v head, one
     table per sample."""
     if key_padding_mask is None:
-        kpm = bounds = _dummy(q.device, torch.uint8)
+        kpm = bounds = dummy(q.device, torch.uint8)
     else:
         kpm = key_padding_mask.contiguous().view(torch.uint8)
         bounds = torch.empty(kpm.shape[0], 2, device=kpm.device, dtype=torch.int32)
@@ -304,23 +315,28 @@ class FusedBackward:
         self.constexprs = dict(**cfg.options(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_M=self.single,
                                **meta(q, rope))
 
+    def scratch_like(self, lse: torch.Tensor) -> tuple:
+        """-> delta [B*H, N_Q] and dq's accumulator [B*H, N_Q, D], fp32: the scratch of a run that is not `single`."""
+        return torch.empty_like(lse), torch.empty(*self.lse_shape, self.shapes[0][-1], device=self.device,
+                                                  dtype=torch.float32)
+
     def matches(self, do: torch.Tensor, out: tuple | None) -> bool:
         """Whether a backward with this incoming gradient (and `out`, see `backward`) runs as planned: do and out laid
         out as planned, the configs and the backward setting as at planning (`configs.override`,
         ATTNHUB_TRITON_BWD)."""
-        return (_laid_out(do, self.do_stride)
-                and (out is None or all(_laid_out(t, strides) for t, strides in zip(out, self.grad_strides)))
+        return (laid_out(do, self.do_stride)
+                and (out is None or all(laid_out(t, strides) for t, strides in zip(out, self.grad_strides)))
                 and configs.for_call(self.device, self.shapes[0][-1]) is self.config
                 and settings.triton_bwd() == self.path)
 
-    def run(self, do, q, k, v, o, lse, rope, out: tuple | None = None, launch: Launcher | None = None):
-        """-> dq, dk, dv (into `out` when given). The tensors as for `backward`, laid out as planned."""
+    def run(self, do, q, k, v, o, lse, rope, out: tuple | None = None, launch: Launcher | None = None,
+            scratch: tuple | None = None):
+        """-> dq, dk, dv (into `out` when given). The tensors as for `backward`, laid out as planned; scratch: delta
+        and dq's fp32 accumulator where all queries do not fit one block (`scratch_like`), None to allocate them."""
         device = self.device
         # sizes as separate ints: torch.empty parses them in half the time of one tuple
         dq, dk, dv = out or (torch.empty(*shape, device=device, dtype=self.dtype) for shape in self.shapes)
-        delta, dq_acc = (lse, lse) if self.single else (
-            torch.empty_like(lse), torch.empty(*self.lse_shape, self.shapes[0][-1], device=device,
-                                               dtype=torch.float32))
+        delta, dq_acc = (lse, lse) if self.single else scratch or self.scratch_like(lse)
         cos, sin = (rope.cos, rope.sin) if self.table_as_is else _table_args(rope, q)[:2]
         args = (q, k, v, o, do, lse, delta, dq_acc, dq, dk, dv, cos, sin, *self.ints)
         cfg = self.cfg
@@ -352,7 +368,7 @@ def plan_backward(q, k, v, o, rope, scale: float, config: ArchConfigs, key_paddi
                             if use_fused_backward(config, q, k, rope, None, path) else None)
 
 
-def _laid_out(t: torch.Tensor, strides: tuple) -> bool:
+def laid_out(t: torch.Tensor, strides: tuple) -> bool:
     """Whether t has these strides, those of its dimensions of size 1 aside (they address nothing: a kernel may be
     handed any stride there)."""
     got = t.stride()

@@ -148,7 +148,7 @@ def _launch_signature(kernel, grid, args, num_warps, num_stages, **constexprs):
 def _compile_ahead(q, k, v, table, scale, compile_one):
     """`launch.compile_ahead` as a training call's forward runs it: with the table as `autograd._forward` hands it
     over (the Gluon forward reads a `CosSinTable` as fp16 and this one as fp32: different kernels)."""
-    table = None if table is None else autograd._Table(*table.cos_sin(), table.prefix_tokens, table.layout)
+    table = None if table is None else launch.Table(*table.cos_sin(), table.prefix_tokens, table.layout)
     launch.compile_ahead(q, k, v, table, scale, configs.for_call(q.device, q.shape[-1]), compile_one)
 
 

@@ -218,5 +218,5 @@ def test_settings_and_configs_changed_before_the_backward_are_honoured():
 def test_dimensions_of_size_one_do_not_decide_the_layout():
     """A kernel indexes a dimension of size 1 at 0 only: its stride may be anything."""
     t = torch.empty(1, 1, 5, 4)  # contiguous strides (20, 20, 4, 1)
-    assert launch._laid_out(t, (20, 4, 4, 1)) and launch._laid_out(t, (20, 20, 4, 1))
-    assert not launch._laid_out(torch.empty(1, 2, 5, 4), (40, 4, 8, 1))
+    assert launch.laid_out(t, (20, 4, 4, 1)) and launch.laid_out(t, (20, 20, 4, 1))
+    assert not launch.laid_out(torch.empty(1, 2, 5, 4), (40, 4, 8, 1))

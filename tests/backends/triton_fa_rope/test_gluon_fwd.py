@@ -17,7 +17,7 @@ import attnhub
 from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
-from attnhub.backends.triton_fa_rope.autograd import _Table
+from attnhub.backends.triton_fa_rope.launch import Table
 from attnhub.backends.triton_fa_rope.configs import LongOptions
 from attnhub.rope import apply_rope_qk
 from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table, plan_as_compiled
@@ -350,13 +350,13 @@ def test_one_plan_per_call_signature():
 
 def test_bf16_calls_read_an_fp16_table_kept_on_the_cos_sin_table():
     """bf16 calls read fp16 copies kept on the `CosSinTable` (within 2^-12 of its values; the entry hands it over
-    as `_Table.source`); fp16 calls and tables without their `CosSinTable` (compiled calls) read fp32."""
+    as `Table.source`); fp16 calls and tables without their `CosSinTable` (compiled calls) read fp32."""
     table = _table(197)
     cos, sin = gluon_fwd._tables(table, torch.bfloat16)
     assert cos.dtype == sin.dtype == torch.float16 and gluon_fwd._tables(table, torch.bfloat16)[0] is cos
     assert (cos.float() - table.cos).abs().max() <= 2 ** -12 and (sin.float() - table.sin).abs().max() <= 2 ** -12
     assert gluon_fwd._tables(table, torch.float16)[0].dtype == torch.float32
-    bare = _Table(*table.cos_sin(), table.prefix_tokens, table.layout)
+    bare = Table(*table.cos_sin(), table.prefix_tokens, table.layout)
     assert gluon_fwd._tables(bare, torch.bfloat16)[0].dtype == torch.float32
     assert gluon_fwd._tables(bare._replace(source=table), torch.bfloat16)[0] is cos
     assert _plan(*_inputs(), table) is not _plan(*_inputs(dtype=torch.float16), table)

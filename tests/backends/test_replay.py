@@ -1,0 +1,160 @@
+"""`backends/_replay`: a dry run's launches turned into a body's slots and launch specs (CPU, with stand-in runners
+and extension), the body's allocations and refusals in the built extension (CPU: a body without launches), and
+`runtime.dry_run` recording only its own thread's launches. On a GPU, whole training calls replayed:
+tests/backends/triton_fa_rope/test_replay.py."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import threading
+import types
+
+import pytest
+import torch
+
+from attnhub.backends import _driver_launch as dl
+from attnhub.backends import _replay
+from attnhub.backends import _triton_runtime as runtime
+from tests.backends.test_driver_launch import _compiled, _Desc, _FakeDriver
+
+
+class _Module:
+    """A stand-in extension: records what `add` registers."""
+
+    def __init__(self):
+        self.added = []
+
+    def add(self, *args):
+        self.added.append(args)
+        return 7
+
+    def release(self, body_id):
+        pass
+
+
+def _runner():
+    """A runner of kernel(D: a descriptor, X: *fp32, n: i32): map @0, shape @128, strides @136, X @152, n @160."""
+    meta = [dict(swizzle=3, elem_size=2, elem_type=10, block_size=[64, 64], fp4_padded=False)]
+    example = _Desc(torch.zeros(64, 64, dtype=torch.bfloat16), [64, 64], [64, 1])
+    sig = {"D": "tensordesc<bf16[64,64]>", "X": "*fp32", "n": "i32"}
+    return dl._build(_FakeDriver([128, 4, 4, 8, 8, 8, 4, 8, 8]), _compiled(sig, tensordesc_meta=meta),
+                     (example, torch.zeros(2), 3), ()), example
+
+
+@pytest.fixture
+def module(monkeypatch):
+    fake = _Module()
+    monkeypatch.setattr(_replay, "extension", lambda: fake)
+    return fake
+
+
+def test_body_maps_each_launchs_tensors_to_slots(module, monkeypatch):
+    """Inputs, then allocations (returned, then scratch), then constants: each pointer word and tensor map of the
+    runner's buffer gets its tensor's slot, the buffer is copied from its aligned start, the grid as recorded."""
+    runner, example = _runner()
+    monkeypatch.setattr(runtime, "kept_runner", lambda launch: ("compiled", runner))
+    q, out, scratch = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(4), torch.zeros(3)
+    launches = [runtime.Launch("k", (5,), (_Desc(q, example.shape, example.strides), out, 3), 4, 1, {}),
+                runtime.Launch("k", (2, 3), (_Desc(out, example.shape, example.strides), scratch, 3), 4, 1, {})]
+    body = _replay.body(launches, (q,), (out,), (scratch,))
+    assert body is not None and body.id == 7
+    ((n_inputs, allocations, constants, specs, returned),) = module.added
+    assert n_inputs == 1 and returned == [1] and constants == []
+    assert [(sizes, strides, like.dtype) for sizes, strides, like in allocations] == \
+        [([4], [1], torch.float32), ([3], [1], torch.float32)]
+    first, second = specs
+    function, grid, block, shared, raw, offsets, pointers, maps = first
+    assert (function, grid, block, shared) == (0x1234, [5], 128, 1024)
+    assert raw == ctypes.string_at(runner.base, len(raw)) and offsets == [0, 128, 132, 136, 144, 152, 160, 168, 176]
+    assert pointers == [(152, 1)] and maps == [(0, 0)]
+    assert second[1] == [2, 3] and second[6] == [(152, 2)] and second[7] == [(0, 1)]
+
+
+@pytest.mark.parametrize("case", ["unknown tensor", "shared address", "no runner", "other descriptor strides"])
+def test_body_refuses_what_it_cannot_replay(case, module, monkeypatch):
+    """None (the Python path serves) where a launch reads a tensor that is neither input, allocation nor constant (a
+    tensor the call computed with PyTorch), where two slots share an address, where a launch has no kept driver
+    launch, and where a descriptor is laid out otherwise than the runner's."""
+    runner, example = _runner()
+    kept = None if case == "no runner" else ("compiled", runner)
+    monkeypatch.setattr(runtime, "kept_runner", lambda launch: kept)
+    q, out = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(4)
+    strides = [128, 1] if case == "other descriptor strides" else example.strides
+    x = torch.zeros(4) if case == "unknown tensor" else out
+    inputs = (q, q.view(-1)) if case == "shared address" else (q,)
+    launches = [runtime.Launch("k", (1,), (_Desc(q, example.shape, strides), x, 3), 4, 1, {})]
+    assert _replay.body(launches, inputs, (out,)) is None and not module.added
+
+
+def test_body_waits_for_the_extension(monkeypatch):
+    monkeypatch.setattr(_replay, "extension", lambda: None)
+    assert _replay.body([runtime.Launch("k", (1,), (torch.zeros(1),), 4, 1, {})], (torch.zeros(1),), ()) is None
+
+
+class _Kernel:
+    """Records `kernel[grid](*args)` calls (a launch that runs)."""
+
+    def __init__(self):
+        self.ran = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.ran.append((threading.current_thread().name, grid))
+
+
+def test_dry_run_records_only_its_own_threads_launches():
+    """Inside `dry_run` this thread's launches are recorded (with `launch_keyed`'s key) and do not run; another
+    thread's launches at the same time run, unrecorded."""
+    kernel = _Kernel()
+    with runtime.fresh_caches(keep_runners=False), runtime.dry_run() as launches:
+        runtime.launch_keyed("my key", kernel, (3,), (torch.zeros(1), 5), 4, 1, BLOCK=16)
+        other = threading.Thread(target=runtime.launch, args=(kernel, (2,), (torch.zeros(1),), 4, 1), name="other")
+        other.start()
+        other.join()
+    assert [(r.grid, r.args[1], r.key, r.constexprs) for r in launches] == [((3,), 5, "my key", {"BLOCK": 16})]
+    assert kernel.ran == [("other", (2,))]
+    runtime.launch(kernel, (1,), (torch.zeros(1),), 4, 1)  # after the block: runs again
+    assert len(kernel.ran) == 2
+
+
+def test_replay_cache_only_where_calls_launch_through_kept_runners():
+    """No replay while launches are recorded, without kept runners or with Triton's launcher."""
+    from attnhub import settings
+
+    with runtime.fresh_caches(keep_runners=True) as state:
+        assert runtime.replay_cache() is state.calls
+        with runtime.recording():
+            assert runtime.replay_cache() is None
+        with settings.override(triton_launcher="triton"):
+            assert runtime.replay_cache() is None
+    with runtime.fresh_caches(keep_runners=False):
+        assert runtime.replay_cache() is None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+def test_extension_allocates_returns_and_refuses_misaligned_inputs():
+    """The built extension (CPU tensors, a body without launches): allocations with the registered sizes, strides
+    and dtypes on the inputs' device, constants and inputs by slot, nothing for an input not 16-byte aligned, a
+    typed error for the wrong number of inputs, and `release`."""
+    _replay.extension()
+    assert _replay.wait(600), "the extension did not build (see the log)"
+    ext = _replay.extension()
+    const = torch.arange(3.0)
+    like = torch.empty(0, dtype=torch.bfloat16)
+    body = _replay.Body(ext, ext.add(2, [([2, 3], [1, 2], like)], [const], [], [2, 3, 0]), ())
+    x, y = torch.zeros(8), torch.ones(8)
+    allocated, constant, first = body(x, y)
+    assert allocated.shape == (2, 3) and allocated.stride() == (1, 2) and allocated.dtype == torch.bfloat16
+    assert constant is const or torch.equal(constant, const)
+    assert first.data_ptr() == x.data_ptr()
+    assert body(x[1:], y) is None  # 4 bytes past an aligned base
+    with pytest.raises(RuntimeError, match="takes 2 inputs"):
+        body(x)
+    count = ext.count()
+    del body
+    assert ext.count() == count - 1
+
+
+def test_wait_without_a_build_started(monkeypatch):
+    monkeypatch.setattr(_replay, "_build", types.SimpleNamespace(thread=None, module=None))
+    assert _replay.wait(0) is False

@@ -1,0 +1,136 @@
+"""`triton_fa_rope.replay` on the GPU: cached eager training calls replayed from C++ give the Python path's bits
+(outputs poisoned before the kernels write them), agree with float64 math, and fall back to the Python path where
+they cannot replay (a gradient laid out otherwise, an input not 16-byte aligned, a learnable table, launches
+recorded)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import attnhub
+from attnhub import settings
+from attnhub.backends import _driver_launch as dl
+from attnhub.backends import _replay
+from attnhub.backends import _triton_runtime as runtime
+from tests.helpers import Shape, assert_close_rel, make_learnable_table, make_table
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+REPLAYED, PYTHON = "ReplayedAttentionBackward", "FlashRopeAttentionBackward"
+
+
+@pytest.fixture(autouse=True)
+def replayable():
+    if not runtime.KEEPS_RUNNERS or not dl.MIRRORS_LAUNCHER or dl._get_driver() is None:
+        pytest.skip("no kept runners, or no driver launches (Triton other than 3.6, no CUDA 12.4 driver)")
+    _replay.extension()
+    assert _replay.wait(600), "the replay extension did not build (see the log)"
+    with settings.override(background_compile=False), runtime.fresh_caches():
+        yield
+
+
+def _inputs(B, H, grid, P, dtype, layout, per_head=False):
+    """q, k, v: views of one projection qkv [B, N, 3, H, D], do laid out like o ([B, N, H, D]), the table."""
+    shape = Shape(B, H, grid, P, 64, layout, per_head)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, shape.N, 3, H, shape.D, generator=gen).to("cuda", dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    do = torch.randn(B, shape.N, H, shape.D, generator=gen).to("cuda", dtype).transpose(1, 2)
+    return q, k, v, do, make_table(shape, gen)
+
+
+def _step(q, k, v, do, table):
+    """-> the autograd node's name, [o, dq, dk, dv]."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
+    name = type(o.grad_fn).__name__
+    o.backward(do)
+    return name, [o.detach(), q.grad, k.grad, v.grad]
+
+
+def _math(q, k, v, do, table):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o = attnhub.attention(q, k, v, table, backend="math")
+    o.backward(do.double())
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+CASES = {
+    "tiny": ((1, 1, (4, 4), 1, torch.bfloat16, "interleaved"), "auto"),  # resident forward, one-block backward
+    "no rope": ((2, 3, (8, 8), 0, torch.float16, None), "auto"),
+    "N=197 fused": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "fused"),  # dq in fp32 scratch
+    "fp32 half": ((1, 2, (4, 4), 1, torch.float32, "half"), "auto"),  # the Triton forward
+    "per head": ((2, 2, (4, 4), 5, torch.bfloat16, "interleaved", True), "auto"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replay_gives_the_python_paths_bits(case):
+    """Four calls with the Python path, then four replayed (the first of a signature runs its Python path, the
+    second builds the bodies): from then on the node is ReplayedAttention and its o, dq, dk, dv are the Python
+    path's bit for bit, and within the float64 bound, with every new allocation NaN-filled (deterministic mode)."""
+    args, bwd = CASES[case]
+    q, k, v, do, table = _inputs(*args)
+    with settings.override(triton_bwd=bwd), _poisoned():
+        with settings.override(triton_replay=False):
+            names, ref = zip(*(_step(q, k, v, do, table) for _ in range(4)))
+        assert set(names) == {PYTHON}
+        got = [_step(q, k, v, do, table) for _ in range(4)]
+    assert [name for name, _ in got] == [PYTHON, REPLAYED, REPLAYED, REPLAYED]
+    for _, results in got[1:]:
+        for what, a, b in zip(("o", "dq", "dk", "dv"), results, ref[-1]):
+            assert torch.equal(a, b), what
+    for what, a, b in zip(("o", "dq", "dk", "dv"), got[-1][1], _math(q, k, v, do, table)):
+        assert_close_rel(a, b, args[4], what, grad=what != "o")
+
+
+@contextlib.contextmanager
+def _poisoned():
+    """Every allocation NaN-filled (`torch.utils.deterministic.fill_uninitialized_memory`, C++ ones included)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_falls_back_where_it_cannot_replay():
+    """A gradient laid out otherwise than o, and an input not 16-byte aligned, run the Python path's launches in the
+    replayed node: the Python path's bits. A learnable table and recorded launches take the Python path's node."""
+    q, k, v, do, table = _inputs(2, 2, (4, 4), 1, torch.bfloat16, "interleaved")
+    other_do = do.contiguous()  # [B, H, N, D]: o is [B, N, H, D] in memory
+    buf = torch.empty(q.numel() + 8, device="cuda", dtype=q.dtype)
+    misaligned = buf[1:1 + q.numel()].view(q.shape)
+    misaligned.copy_(q)
+    assert misaligned.stride() == q.contiguous().stride() and misaligned.data_ptr() % 16 != 0
+    qc = q.contiguous()
+    for inputs in ((q, k, v, other_do, table), (qc, k, v, do, table), (misaligned, k, v, do, table)):
+        with settings.override(triton_replay=False):
+            ref = _step(*inputs)[1]
+        for _ in range(3):
+            name, got = _step(*((qc if t is misaligned else t) for t in inputs))  # builds with aligned inputs
+        name, got = _step(*inputs)
+        assert name == REPLAYED
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+    _, learnable = make_learnable_table(Shape(2, 2, (4, 4), 1, 64, "interleaved"), torch.Generator(), torch.float32)
+    assert {_step(q, k, v, do, learnable)[0] for _ in range(3)} == {PYTHON}
+    for _ in range(3):
+        _step(q, k, v, do, table)
+    with runtime.recording() as launches:
+        assert _step(q, k, v, do, table)[0] == PYTHON
+    assert launches
+
+
+def test_bodies_released_with_their_cache():
+    q, k, v, do, table = _inputs(1, 1, (4, 4), 1, torch.bfloat16, "interleaved")
+    ext = _replay.extension()
+    before = ext.count()
+    with runtime.fresh_caches():
+        for _ in range(3):
+            _step(q, k, v, do, table)
+        assert ext.count() == before + 2  # its forward and backward
+    assert ext.count() == before
