@@ -15,15 +15,17 @@ Read in this order, one job per module:
     launch.py         compile-time parameters, grids, strides: `forward` and `backward` with an explicit config,
                       launched through `backends/_triton_runtime.py` (shared with triton_rope_sdpa: the only
                       module touching Triton internals, kept compiled runners, compiling ahead)
-    autograd.py       the `autograd.Function`, the torch.compile custom operators and the entry `attention`
+    replay.py         a cached eager training call's forward and fused backward replayed from C++, one call each
+                      (`backends/_replay.py`), from a signature's second call on
+    autograd.py       the `autograd.Function`s, the torch.compile custom operators and the entry `attention`
 
 The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=None)` (q: [B, H, N, D], k, v:
 [B, H_kv, N_kv, D]; rope shared, per head, per sample or from coordinates) -> o. It is imported from `autograd` on
 first access, so that reading `configs` (the registry does, at `import attnhub`) loads neither Triton's kernels nor
 the custom operators.
 
-Switches: ATTNHUB_TRITON_BWD (the backward path), ATTNHUB_TRITON_COMPILE_AHEAD and ATTNHUB_TRITON_LAUNCHER, through
-`attnhub.settings`.
+Switches: ATTNHUB_TRITON_BWD (the backward path), ATTNHUB_TRITON_COMPILE_AHEAD, ATTNHUB_TRITON_LAUNCHER and
+ATTNHUB_TRITON_REPLAY, through `attnhub.settings`.
 Under `TRITON_INTERPRET=1` (CPU) the interpreter's config table is used and bfloat16 dot operands are upcast to
 fp32 (triton-lang/triton#11584).
 """
