@@ -70,8 +70,9 @@ def lookup(q, k, v, cos, sin, rope, scale: float) -> TrainingCall | None:
     if hit < 0:  # the first call: its Python path compiles the kernels and keeps their runners
         _remember(calls, sig, 0)
         return None
-    if _replay.extension() is None or runtime.background_pending():
-        return None  # not yet: the build is not counted
+    tensors = (q, k, v) if cos is None else (q, k, v, cos, sin)
+    if _replay.extension() is None or runtime.background_pending() or not runtime.aligned(*tensors):
+        return None  # not yet (the kernels a misaligned call launches are not those of aligned ones): not counted
     call = _build(q, k, v, cos, sin, rope, scale, config)
     _remember(calls, sig, call if call is not None or hit + 1 >= _TRIES else hit + 1)
     return call
