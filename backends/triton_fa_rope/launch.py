@@ -232,10 +232,12 @@ def _gluon(module: str):
 
 
 def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool, launch: Launcher | None = None,
-             key_padding_mask: torch.Tensor | None = None, out: tuple | None = None):
+             key_padding_mask: torch.Tensor | None = None, out: tuple | None = None,
+             delta: torch.Tensor | None = None):
     """q, k: rotated (from `forward(save_rotated=True)`) with RoPE, else the inputs -> dq, dk, dv (dk, dv [B, H_kv,
     N_KV, D]: summed over the query heads of each k/v head), written into `out` (three tensors of those shapes, any
-    strides, e.g. views of one projection's gradient) when given.
+    strides, e.g. views of one projection's gradient) when given; delta: the split path's scratch like lse (None: it
+    allocates one).
 
     Both paths are deterministic (no atomics). Split: three launches, `bwd_preprocess` (delta = rowsum(o * do)),
     `bwd_dkdv_kernel` (per BLOCK_N keys, over all queries) and `bwd_dq_kernel` (per BLOCK_M queries, recomputing the
@@ -258,7 +260,7 @@ def backward(do, q, k, v, o, lse, rope, scale, config: ArchConfigs, fused: bool,
     dq, dk, dv = out or (torch.empty(t.shape, device=t.device, dtype=v.dtype) for t in (q, k, v))
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, N_Q, N_KV, P, scale * LOG2E, scale)
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(lse) if delta is None else delta
     gluon = _gluon_bwd(config, N_KV, key_padding_mask)
     plan = (None, None) if gluon is None else gluon.plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
     if plan[1] is None or not config.delta_in_dq:

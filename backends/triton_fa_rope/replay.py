@@ -1,14 +1,14 @@
 """Cached eager training calls of triton_fa_rope replayed from C++ (`attnhub.backends._replay`): per call
 signature, a forward body (allocate o, lse and the rotated q and k; launch the forward) and a backward body
-(allocate dq, dk, dv and any scratch; launch the fused backward), each one call from Python.
+(allocate dq, dk, dv and any scratch; launch the backward), each one call from Python.
 
 A signature's first call runs the Python path (`autograd.FlashRopeAttention`), which compiles its kernels and keeps
-their runners. A later call builds the bodies from a dry run of the same launches (`launch.forward`, the planned
-`FusedBackward.run`) and, once built, every call of the signature runs `autograd.ReplayedAttention` on them.
-Calls this does not take keep the Python path: a key padding mask, a table that requires grad, a packed qkv, a
-backward that is not fused, launches of a kernel through Triton's launcher, a tensor the call computes with
-PyTorch (a bf16 table read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an input
-not 16-byte aligned) and a gradient laid out otherwise than o run that call's Python path.
+their runners. A later call builds the bodies from a dry run of the same launches (`launch.forward`; the planned
+`FusedBackward.run` or the split `launch.backward`) and, once built, every call of the signature runs
+`autograd.ReplayedAttention` on them. Calls this does not take keep the Python path: a key padding mask, a table that
+requires grad, a packed qkv, launches of a kernel through Triton's launcher, a tensor the call computes with PyTorch
+(a bf16 table read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an input not 16-byte
+aligned) and a gradient laid out otherwise than o run that call's Python path.
 """
 
 from __future__ import annotations
@@ -85,18 +85,20 @@ def _remember(calls: dict, sig, value) -> None:
 
 
 def _build(q, k, v, cos, sin, rope, scale: float, config) -> TrainingCall | None:
-    """The bodies of this call's signature from a dry run of its launches, or None where `_replay.body` cannot
-    make them or the backward is not fused."""
+    """The bodies of this call's signature from a dry run of its launches (the backward's as the Python path runs
+    it: the planned fused backward, or the split one), or None where `_replay.body` cannot make them."""
     table = None if rope is None else Table(cos, sin, rope.prefix_tokens, rope.layout)
     with runtime.dry_run() as forward_launches:
         o, lse, (q_saved, k_saved) = launch.forward(q, k, v, table, scale, True, config)
     plan = launch.plan_backward(q_saved, k_saved, v, o, table, scale, config, None)
-    if plan is None:
-        return None
-    do = torch.empty_like(o)
-    scratch = () if plan.single else plan.scratch_like(lse)
+    do = torch.empty_like(o)  # laid out like o, as the plan takes it (and as a model's gradient comes)
     with runtime.dry_run() as backward_launches:
-        grads = plan.run(do, q_saved, k_saved, v, o, lse, table, scratch=scratch or None)
+        if plan is not None:  # the fused backward, as planned
+            scratch = () if plan.single else plan.scratch_like(lse)
+            grads = plan.run(do, q_saved, k_saved, v, o, lse, table, scratch=scratch or None)
+        else:  # the split one
+            scratch = (torch.empty_like(lse),)
+            grads = launch.backward(do, q_saved, k_saved, v, o, lse, table, scale, config, False, delta=scratch[0])
     constants = (launch.dummy(q.device, torch.float32), launch.dummy(q.device, torch.uint8))
     tables = () if table is None else (cos, sin)
     returned = (o, lse) if table is None else (o, lse, q_saved, k_saved)

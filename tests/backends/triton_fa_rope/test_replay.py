@@ -31,12 +31,14 @@ def replayable():
         yield
 
 
-def _inputs(B, H, grid, P, dtype, layout, per_head=False):
-    """q, k, v: views of one projection qkv [B, N, 3, H, D], do laid out like o ([B, N, H, D]), the table."""
+def _inputs(B, H, grid, P, dtype, layout, per_head=False, kv_heads=None):
+    """q, k, v: views of one projection qkv [B, N, 3, H, D] (k, v: their first kv_heads heads), do laid out like o
+    ([B, N, H, D]), the table."""
     shape = Shape(B, H, grid, P, 64, layout, per_head)
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(B, shape.N, 3, H, shape.D, generator=gen).to("cuda", dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
     do = torch.randn(B, shape.N, H, shape.D, generator=gen).to("cuda", dtype).transpose(1, 2)
     return q, k, v, do, make_table(shape, gen)
 
@@ -61,6 +63,8 @@ CASES = {
     "tiny": ((1, 1, (4, 4), 1, torch.bfloat16, "interleaved"), "auto"),  # resident forward, one-block backward
     "no rope": ((2, 3, (8, 8), 0, torch.float16, None), "auto"),
     "N=197 fused": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "fused"),  # dq in fp32 scratch
+    "N=197 split": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "split"),  # the Gluon kernels on Hopper
+    "grouped heads": ((1, 4, (8, 8), 1, torch.bfloat16, "interleaved", False, 2), "auto"),  # the split backward
     "fp32 half": ((1, 2, (4, 4), 1, torch.float32, "half"), "auto"),  # the Triton forward
     "per head": ((2, 2, (4, 4), 5, torch.bfloat16, "interleaved", True), "auto"),
 }
