@@ -32,7 +32,8 @@ Function's eight inputs and five saved tensors); a C++ node that launches nothin
 by `torch.utils.cpp_extension.load`, about a minute); the C++ node calling a Python no-op in its backward (the GIL on
 the engine's device thread); the C++ node calling the kept forward and backward launchers (a C++ node with today's
 Python launchers), against the two launchers back to back on the calling thread with no autograd (what running the
-backward's launcher on the engine's thread adds); attnhub; and `DriverNode`, a C++ node that runs the tiny call's
+backward's launcher on the engine's thread adds); attnhub (replayed from C++ since session 16: `triton_fa_rope.replay`),
+and its Python path inside a settings override; and `DriverNode`, a C++ node that runs the tiny call's
 planned kernels (the resident Gluon forward, the fused backward) through the CUDA driver with the parameters
 `_driver_launch` packed, its outputs and gradients first checked bit for bit against attnhub's: the floor of a C++
 operator with a C++ backward. The two C++ nodes also run behind dispatcher operators (`torch.ops.attnhub_floor`), as
@@ -320,7 +321,13 @@ def floor(device: str = "cuda") -> None:
         rows["C++ CallbackNode + kept launchers"] = step(launchers)
         callbacks["C++ CallbackNode + kept launchers"] = lambda g: L.backward(do, qr, kr, v, o, lse, tab, SCALE, cfg,
                                                                               True)
-        rows["attnhub.attention"] = step(lambda: attnhub.attention(q, k, v, t))
+        rows["attnhub.attention"] = step(lambda: attnhub.attention(q, k, v, t))  # replayed (ATTNHUB_TRITON_REPLAY)
+
+        def python_path():
+            with settings.override(triton_replay=False):
+                return attnhub.attention(q, k, v, t)
+
+        rows["attnhub.attention, Python path (in an override)"] = step(python_path)
         specs = driver_specs(step(lambda: attnhub.attention(q, k, v, t)))
         if specs is None:
             print("DriverNode: the tiny call's kept runners are not the resident forward and the fused backward, each "
