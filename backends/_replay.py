@@ -3,7 +3,7 @@ an allocation and a launch each.
 
 Why: a cached eager training call of triton_fa_rope at a tiny shape cost 1.8-1.9x the host time of F.sdpa's own
 fwd+bwd with every launch through the driver (`_driver_launch`); a Python Function whose forward and backward are one
-C++ call each cost 1.25x (benchmarks/README.md, session 16). The rest is Python around the launches: allocating
+C++ call each cost 1.25x (benchmarks/README.md, session 16: `benchmarks/host_profile.py --sections floor`). The rest is Python around the launches: allocating
 outputs, making descriptors, keys, `launch_keyed`'s lookups.
 
 A `Body` is built from a dry run of the call (`runtime.dry_run`: its launches recorded, not run), the tensors it

@@ -70,6 +70,10 @@
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's, and of a C++ node running the planned
 #          kernels through the driver (DriverNode; builds host_floor_ext.cpp, about a minute)  -> h200_host_floor.txt
+#   replay the C++ replay's GPU tests (tests/backends/triton_fa_rope/test_replay.py, the extension's and the driver
+#          launches'), then the host section twice in separate processes, interleaved, with ATTNHUB_TRITON_REPLAY=0
+#          and 1, and a summary (fwd+bwd host µs against F.sdpa's)  -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
+#          (before the replay becomes the default: ATTNHUB_TRITON_REPLAY=1 bash benchmarks/device_session.sh tests)
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -282,6 +286,24 @@ for stage in "${stages[@]}"; do
       timeout 300 python3 benchmarks/host_profile.py --sections breakdown,floor >"$OUT/h200_host_floor.txt" 2>&1 \
         || status=1
       tail -12 "$OUT/h200_host_floor.txt" ;;
+    replay)
+      timeout 240 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_replay.py \
+        tests/backends/test_replay.py tests/backends/test_driver_launch.py >"$OUT/pytest_replay.log" 2>&1 || status=1
+      tail -5 "$OUT/pytest_replay.log"
+      for round in 1 2; do
+        for on in 0 1; do
+          ATTNHUB_TRITON_REPLAY=$on timeout 120 python3 -m attnhub bench --sections host --no-progress \
+            --out "$OUT/h200_host_replay${on}_r$round.json" >/dev/null 2>&1 || status=1
+        done
+      done
+      python3 - "$OUT" <<'PY' || status=1
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("h200_host_replay*_r*.json")):
+    us = json.loads(path.read_text())["host"]["us"]
+    mine, sdpa = us["attnhub:triton_fa_rope"]["fwdbwd"], us["sdpa"]["fwdbwd"]
+    print(f"{path.stem}: fwd+bwd {mine:.1f} us, F.sdpa {sdpa:.1f} us, {mine / sdpa:.2f}x")
+PY
+      ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \

@@ -1,4 +1,5 @@
-"""Cached eager training calls of triton_fa_rope replayed from C++ (`attnhub.backends._replay`): per call
+"""Cached eager training calls of triton_fa_rope replayed from C++ (ATTNHUB_TRITON_REPLAY=1; off by default until
+its GPU tests, tests/backends/triton_fa_rope/test_replay.py, have run) (`attnhub.backends._replay`): per call
 signature, a forward body (allocate o, lse and the rotated q and k; launch the forward) and a backward body
 (allocate dq, dk, dv and any scratch; launch the backward), each one call from Python.
 

@@ -1,7 +1,8 @@
-"""`triton_fa_rope.replay` on the GPU: cached eager training calls replayed from C++ give the Python path's bits
-(outputs poisoned before the kernels write them), agree with float64 math, and fall back to the Python path where
-they cannot replay (a gradient laid out otherwise, an input not 16-byte aligned, a learnable table, launches
-recorded)."""
+"""`triton_fa_rope.replay`: on the CPU (interpreter), the dry runs a replay is built from read only tensors its
+bodies hold and write every tensor they allocate; on the GPU, cached eager training calls replayed from C++ give the
+Python path's bits (outputs poisoned before the kernels write them), agree with float64 math, and fall back to the
+Python path where they cannot replay (a gradient laid out otherwise, an input not 16-byte aligned, a learnable
+table, launches recorded)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,20 @@ from attnhub import settings
 from attnhub.backends import _driver_launch as dl
 from attnhub.backends import _replay
 from attnhub.backends import _triton_runtime as runtime
-from tests.helpers import Shape, assert_close_rel, make_learnable_table, make_table
+from attnhub.backends.triton_fa_rope import configs, replay
+from tests.helpers import DEVICE, Shape, assert_close_rel, make_learnable_table, make_table
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 REPLAYED, PYTHON = "ReplayedAttentionBackward", "FlashRopeAttentionBackward"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def replayable():
     if not runtime.KEEPS_RUNNERS or not dl.MIRRORS_LAUNCHER or dl._get_driver() is None:
         pytest.skip("no kept runners, or no driver launches (Triton other than 3.6, no CUDA 12.4 driver)")
     _replay.extension()
     assert _replay.wait(600), "the replay extension did not build (see the log)"
-    with settings.override(background_compile=False), runtime.fresh_caches():
+    with settings.override(background_compile=False, triton_replay=True), runtime.fresh_caches():
         yield
 
 
@@ -36,10 +38,10 @@ def _inputs(B, H, grid, P, dtype, layout, per_head=False, kv_heads=None):
     ([B, N, H, D]), the table."""
     shape = Shape(B, H, grid, P, 64, layout, per_head)
     gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(B, shape.N, 3, H, shape.D, generator=gen).to("cuda", dtype)
+    qkv = torch.randn(B, shape.N, 3, H, shape.D, generator=gen).to(DEVICE, dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     k, v = k[:, :kv_heads], v[:, :kv_heads]
-    do = torch.randn(B, shape.N, H, shape.D, generator=gen).to("cuda", dtype).transpose(1, 2)
+    do = torch.randn(B, shape.N, H, shape.D, generator=gen).to(DEVICE, dtype).transpose(1, 2)
     return q, k, v, do, make_table(shape, gen)
 
 
@@ -71,7 +73,35 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_replay_gives_the_python_paths_bits(case):
+def test_dry_runs_read_only_what_the_bodies_hold(case, monkeypatch):
+    """The launches `replay._build` records (nothing runs): every tensor one reads (a pointer, a descriptor's base)
+    is an input, an allocation or a constant of its body, and every allocation is some launch's argument (none is
+    computed by PyTorch, which a body would not replay): what `_replay.body` maps by address, checked here on the
+    kernels the CPU records (the Triton forward; the fused and split backwards)."""
+    made = []
+    def body(launches, inputs, returned, scratch=(), constants=()):
+        made.append((launches, inputs, returned, scratch, constants))
+        return object()
+
+    monkeypatch.setattr(_replay, "body", body)
+    args, bwd = CASES[case]
+    q, k, v, _, table = _inputs(*args)
+    cos_sin = (None, None) if table is None else table.cos_sin()
+    with settings.override(triton_bwd=bwd), runtime.fresh_caches(keep_runners=False):
+        call = replay._build(q, k, v, *cos_sin, table, q.shape[-1] ** -0.5, configs.for_call(q.device, q.shape[-1]))
+    assert call is not None and len(made) == 2
+    for launches, inputs, returned, scratch, constants in made:
+        held = {t.data_ptr() for t in (*inputs, *returned, *scratch, *constants)}
+        read = [getattr(a, "base", a) for r in launches for a in r.args]
+        read = {t.data_ptr() for t in read if isinstance(t, torch.Tensor)}
+        assert launches and read <= held
+        assert {t.data_ptr() for t in (*returned, *scratch)} <= read
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_replay_gives_the_python_paths_bits(case, replayable):
     """Four calls with the Python path, then four replayed (the first of a signature runs its Python path, the
     second builds the bodies): from then on the node is ReplayedAttention and its o, dq, dk, dv are the Python
     path's bit for bit, and within the float64 bound, with every new allocation NaN-filled (deterministic mode)."""
@@ -101,7 +131,9 @@ def _poisoned():
         torch.use_deterministic_algorithms(before)
 
 
-def test_falls_back_where_it_cannot_replay():
+@gpu
+@pytest.mark.gpu
+def test_falls_back_where_it_cannot_replay(replayable):
     """A gradient laid out otherwise than o, and an input not 16-byte aligned, run the Python path's launches in the
     replayed node: the Python path's bits. A learnable table and recorded launches take the Python path's node."""
     q, k, v, do, table = _inputs(2, 2, (4, 4), 1, torch.bfloat16, "interleaved")
@@ -129,7 +161,9 @@ def test_falls_back_where_it_cannot_replay():
     assert launches
 
 
-def test_bodies_released_with_their_cache():
+@gpu
+@pytest.mark.gpu
+def test_bodies_released_with_their_cache(replayable):
     q, k, v, do, table = _inputs(1, 1, (4, 4), 1, torch.bfloat16, "interleaved")
     ext = _replay.extension()
     before = ext.count()
