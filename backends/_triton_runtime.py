@@ -190,9 +190,9 @@ def dry_run() -> Iterator[list[Launch]]:
 
 
 def background_pending() -> bool:
-    """Whether a background compile has started and not been found done by its call (`compiling`): until then a
-    call's launches may be those of the kernel serving in its place."""
-    return any(job is not _READY for job in _state.background.values())
+    """Whether a background compile is still running: until it is done, a call's launches may be those of the
+    kernel serving in its place."""
+    return any(job is not _READY and not job[0].done() for job in _state.background.values())
 
 
 def _device_of(first) -> torch.device:

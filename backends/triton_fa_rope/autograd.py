@@ -249,7 +249,7 @@ def _gluon_writes_packed(device: torch.device, dtype: torch.dtype, n: int, heads
     q, k, _ = _split(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
     table_dim = 4 if per_sample else 2
     rope = None if layout == "none" else Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,
-                                                layout)
+                                               layout)
     config = configs.for_call(device, head_dim)
     return (not launch.use_fused_backward(config, q, k, rope, None, settings.triton_bwd())
             and launch.gluon_split(config, q, k, rope, n))

@@ -131,6 +131,20 @@ def test_replay_cache_only_where_calls_launch_through_kept_runners():
         assert runtime.replay_cache() is None
 
 
+def test_background_pending_only_while_a_compile_runs():
+    """A replay is not built while a background compile runs (its call's launches may be the stand-in kernel's);
+    a compile that is done counts as not pending, whether or not its call has seen it."""
+    from concurrent.futures import Future
+
+    with runtime.fresh_caches() as state:
+        running, done = Future(), Future()
+        done.set_result(None)
+        state.background.update(a=(done, None), b=runtime._READY)
+        assert not runtime.background_pending()
+        state.background["c"] = (running, None)
+        assert runtime.background_pending()
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
 def test_extension_allocates_returns_and_refuses_misaligned_inputs():
     """The built extension (CPU tensors, a body without launches): allocations with the registered sizes, strides
