@@ -155,8 +155,8 @@ std::vector<torch::Tensor> run(int64_t id, const std::vector<torch::Tensor>& inp
   const auto options = inputs[0].options();
   for (const auto& a : body.allocations) slots.push_back(at::empty_strided(a.sizes, a.strides, options.dtype(a.dtype)));
   slots.insert(slots.end(), body.constants.begin(), body.constants.end());
-  CUstream stream = nullptr;
-  if (!body.launches.empty())
+  CUstream stream = nullptr;  // CPU tensors: only the tests' stand-in driver launches them
+  if (!body.launches.empty() && device.is_cuda())
     stream = static_cast<CUstream>(c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle());
   bool first = true;
   for (const Launch& k : body.launches) {

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import types
 
@@ -172,3 +175,88 @@ def test_extension_allocates_returns_and_refuses_misaligned_inputs():
 def test_wait_without_a_build_started(monkeypatch):
     monkeypatch.setattr(_replay, "_build", types.SimpleNamespace(thread=None, module=None))
     assert _replay.wait(0) is False
+
+
+# A stand-in libcuda (soname libcuda.so.1, loaded before the extension resolves the driver): records each launch's
+# function, grid, block, shared bytes, its parameters' offsets from the first and the buffer's bytes, and each tensor
+# map replacement; `result` is what cuLaunchKernel returns.
+_FAKE_LIBCUDA = r"""
+#include <stdint.h>
+#include <string.h>
+int result = 0, nparams = 0, nbytes = 0, launches = 0, replaced = 0;
+uint64_t func[8], grid[8][3], block[8], shared[8], base[8], offsets[8][16], maps[16][2];
+unsigned char bytes[8][512];
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   unsigned sh, void* stream, void** params, void** extra) {
+  if (result) return result;
+  int i = launches++;
+  func[i] = (uint64_t)f; grid[i][0] = gx; grid[i][1] = gy; grid[i][2] = gz; block[i] = bx; shared[i] = sh;
+  base[i] = (uint64_t)params[0];
+  for (int p = 0; p < nparams; ++p) offsets[i][p] = (uint64_t)params[p] - (uint64_t)params[0];
+  memcpy(bytes[i], params[0], nbytes);
+  return 0;
+}
+int cuTensorMapReplaceAddress(void* map, void* address) {
+  maps[replaced][0] = (uint64_t)map; maps[replaced][1] = (uint64_t)address; ++replaced;
+  return 0;
+}
+int cuGetErrorString(int error, const char** text) { *text = "stand-in error"; return 0; }
+"""
+
+_FAKE_RUN = r"""
+import ctypes, struct, sys
+import torch
+fake = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+from attnhub.backends import _replay
+
+def var(name, ty=ctypes.c_int):
+    return ty.in_dll(fake, name)
+
+_replay.extension()
+assert _replay.wait(600), "the extension did not build"
+ext = _replay.extension()
+var("nparams").value, var("nbytes").value = 3, 144
+first = bytearray(144)
+first[:128] = b"\xab" * 128  # a tensor map, its base replaced per run
+struct.pack_into("i", first, 136, 7)  # an int parameter, packed once
+specs = [(0x1234, [5], 128, 1024, bytes(first), [0, 128, 136], [(128, 1)], [(0, 0)]),
+         (0x5678, [2, 3, 4], 256, 0, bytes(16), [0], [(0, 2)], [])]
+x, y = torch.zeros(16), torch.ones(16)
+body = ext.add(2, [([4], [1], torch.empty(0))], [], specs, [2])
+(out,) = ext.run(body, [x, y])
+assert var("launches").value == 2 and out.shape == (4,)
+SIZES = dict(func=8, grid=24, block=8, shared=8, base=8, offsets=128, maps=32)
+u64 = lambda name: (ctypes.c_uint64 * SIZES[name]).in_dll(fake, name)
+assert (u64("func")[0], u64("func")[1]) == (0x1234, 0x5678)
+assert list(u64("grid")[:6]) == [5, 1, 1, 2, 3, 4] and (u64("block")[0], u64("shared")[0]) == (128, 1024)
+assert list(u64("offsets")[:3]) == [0, 128, 136] and u64("base")[0] % 64 == 0
+raw = bytes((ctypes.c_ubyte * (8 * 512)).in_dll(fake, "bytes"))
+assert struct.unpack_from("Qi", raw, 128) == (y.data_ptr(), 7) and raw[:128] == b"\xab" * 128
+assert struct.unpack_from("Q", raw, 512)[0] == out.data_ptr()
+assert var("replaced").value == 1 and (u64("maps")[0] - u64("base")[0], u64("maps")[1]) == (0, x.data_ptr())
+assert ext.run(body, [x[1:], y]) == [] and var("launches").value == 2  # not 16-byte aligned: nothing launched
+var("result").value = 201  # CUDA_ERROR_INVALID_CONTEXT at the first launch: the Python path runs the call
+assert ext.run(body, [x, y]) == [] and var("launches").value == 2
+var("result").value = 1
+try:
+    ext.run(body, [x, y])
+    raise AssertionError("no error raised")
+except RuntimeError as exc:
+    assert "cuLaunchKernel failed: CUDA error 1 (stand-in error)" in str(exc), exc
+print("ok")
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real driver is loaded here (the GPU tests launch through it)")
+def test_extension_launches_through_the_driver(tmp_path):
+    """In a process whose libcuda is a stand-in: each launch gets its copied parameter buffer (64-byte aligned) with
+    this run's addresses in its pointer words and tensor maps, the grid, block and shared bytes registered, in order;
+    nothing launches for a misaligned input or a thread without a context; another error is raised with its text."""
+    source = tmp_path / "fake_libcuda.c"
+    source.write_text(_FAKE_LIBCUDA)
+    lib = tmp_path / "libcuda.so.1"
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(lib), str(source)], check=True)
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_FAKE_RUN), str(lib)], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
