@@ -18,7 +18,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-BACKEND_FILES = sorted(p.relative_to(ROOT / "backends").as_posix() for p in (ROOT / "backends").rglob("*.py"))
+BACKEND_FILES = sorted(p.relative_to(ROOT / "backends").as_posix() for pattern in ("*.py", "*.cpp")
+                       for p in (ROOT / "backends").rglob(pattern))  # the C++ replay's source is built where installed
 
 
 def _build_wheel(tmp_path: Path) -> Path:
