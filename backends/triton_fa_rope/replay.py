@@ -55,8 +55,10 @@ def lookup(q, k, v, cos, sin, rope, scale: float) -> TrainingCall | None:
     found it not ready.) The replay of this eager training call (q, k, v: [B, H, N, D] on CUDA, cos, sin: the table's inputs, or None
     without RoPE), or None: its Python path serves (the first call of a signature, one this cannot take, while the
     extension builds)."""
+    if not settings.triton_replay():
+        return None
     calls = runtime.replay_cache()
-    if calls is None or not settings.triton_replay() or q.device.type != "cuda":
+    if calls is None or q.device.type != "cuda":
         return None
     if cos is not None and (cos.requires_grad or sin.requires_grad):
         return None
