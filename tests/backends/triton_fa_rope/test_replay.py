@@ -65,7 +65,8 @@ CASES = {
     "tiny": ((1, 1, (4, 4), 1, torch.bfloat16, "interleaved"), "auto"),  # resident forward, one-block backward
     "no rope": ((2, 3, (8, 8), 0, torch.float16, None), "auto"),
     "N=197 fused": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "fused"),  # dq in fp32 scratch
-    "N=197 split": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "split"),  # the Gluon kernels on Hopper
+    "N=197 split": ((1, 2, (14, 14), 1, torch.bfloat16, "interleaved"), "split"),  # Triton's split kernels
+    "N=257": ((1, 2, (16, 16), 1, torch.bfloat16, "interleaved"), "auto"),  # on Hopper the Gluon backward's
     "grouped heads": ((1, 4, (8, 8), 1, torch.bfloat16, "interleaved", False, 2), "auto"),  # the split backward
     "fp32 half": ((1, 2, (4, 4), 1, torch.float32, "half"), "auto"),  # the Triton forward
     "per head": ((2, 2, (4, 4), 5, torch.bfloat16, "interleaved", True), "auto"),
