@@ -46,8 +46,8 @@ def _inputs(B, H, grid, P, dtype, layout, per_head=False, kv_heads=None):
 
 
 def _step(q, k, v, do, table):
-    """-> the autograd node's name, [o, dq, dk, dv]."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    """-> the autograd node's name, [o, dq, dk, dv]; q, k, v as given (views, strides, offsets kept)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     o = attnhub.attention(q, k, v, table, backend="triton_fa_rope")
     name = type(o.grad_fn).__name__
     o.backward(do)
