@@ -10,8 +10,8 @@ Used by the kernel table (`attnhub.bench`, `python -m attnhub bench`) and the sc
 - Error: `errors` is the relative L2 error of o, dq, dk, dv against `reference`, `math` run in float64 on the same
   (upcast) inputs; `within_bounds` compares it with the bounds of `attnhub.tolerances`, the table the tests use;
   `nan_empty` NaN-fills new buffers while a checked call runs (so do the tests), so unwritten output shows.
-- Environment: `environment` records the device, driver, CUDA, versions of python/torch/triton/timm/attnhub and
-  the git commit of the attnhub source that ran.
+- Environment: `environment` records the device, driver, CUDA, versions of python/torch/triton/timm/attnhub, the
+  ATTNHUB_* variables set and the git commit of the attnhub source that ran.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device | str) -> dict:
-    """Device, driver, CUDA/cuDNN, versions of python/torch/triton/timm/attnhub and the git commit."""
+    """Device, driver, CUDA/cuDNN, versions of python/torch/triton/timm/attnhub, the git commit and the ATTNHUB_*
+    variables set (`attnhub.settings`: e.g. a run with ATTNHUB_TRITON_REPLAY=1 says so)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
@@ -289,6 +290,8 @@ def environment(device: torch.device | str) -> dict:
         "versions": {"attnhub": attnhub.__version__, "torch": torch.__version__, "triton": _version("triton"),
                      "timm": _version("timm"), "python": platform.python_version()},
         "git_commit": git_commit(),
+        "settings": {name: value for name, value in sorted(os.environ.items())
+                     if name.startswith("ATTNHUB_") and name != "ATTNHUB_GIT_COMMIT"},
     }
 
 

@@ -59,6 +59,13 @@ def test_environment():
     assert env["git_commit"] is None or len(env["git_commit"].removesuffix("+dirty")) == 40
 
 
+def test_environment_records_the_attnhub_variables_set(monkeypatch):
+    monkeypatch.setenv("ATTNHUB_TRITON_REPLAY", "1")
+    monkeypatch.setenv("ATTNHUB_GIT_COMMIT", "cd4df1b")
+    settings = benchkit.environment("cpu")["settings"]
+    assert settings["ATTNHUB_TRITON_REPLAY"] == "1" and "ATTNHUB_GIT_COMMIT" not in settings
+
+
 def test_git_commit_named_by_the_environment(monkeypatch):
     monkeypatch.setenv("ATTNHUB_GIT_COMMIT", "cd4df1b")
     assert benchkit.environment("cpu")["git_commit"] == "cd4df1b"
