@@ -336,7 +336,7 @@ def attention(
                               key_padding_mask=mask)[0]
     if qkv is not None and qkv.requires_grad:  # the backward writes qkv's gradient whole
         return FlashRopeAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
-    call = None if mask is not None or not q.is_cuda else replay.lookup(q, k, v, *cos_sin, rope, scale)
+    call = None if mask is not None else replay.lookup(q, k, v, *cos_sin, rope, scale)
     if call is not None:
         return ReplayedAttention.apply(q, k, v, *cos_sin, call)
     return FlashRopeAttention.apply(q, k, v, *cos_sin, rope, scale, mask)

@@ -23,6 +23,7 @@ from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.backends.triton_fa_rope.launch import Table
 
 _TRIES = 3  # builds of one signature that find it not ready (a runner not kept yet) before it keeps the Python path
+DEVICE_TYPE = "cuda"  # where calls replay (the CPU tests replay through a stand-in body in the interpreter)
 
 
 class TrainingCall:
@@ -58,7 +59,7 @@ def lookup(q, k, v, cos, sin, rope, scale: float) -> TrainingCall | None:
     if not settings.triton_replay():
         return None
     calls = runtime.replay_cache()
-    if calls is None or q.device.type != "cuda":
+    if calls is None or q.device.type != DEVICE_TYPE:
         return None
     if cos is not None and (cos.requires_grad or sin.requires_grad):
         return None

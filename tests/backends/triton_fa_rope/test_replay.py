@@ -1,5 +1,6 @@
 """`triton_fa_rope.replay`: on the CPU (interpreter), the dry runs a replay is built from read only tensors its
-bodies hold and write every tensor they allocate; on the GPU, cached eager training calls replayed from C++ give the
+bodies hold and write every tensor they allocate, and whole replayed calls through a stand-in body (the recorded
+kernels run in the interpreter with each run's tensors in their slots) give the Python path's bits; on the GPU, cached eager training calls replayed from C++ give the
 Python path's bits (outputs poisoned before the kernels write them), agree with float64 math, and fall back to the
 Python path where they cannot replay (a gradient laid out otherwise, an input not 16-byte aligned, a learnable
 table, launches recorded)."""
@@ -97,6 +98,73 @@ def test_dry_runs_read_only_what_the_bodies_hold(case, monkeypatch):
         read = {t.data_ptr() for t in read if isinstance(t, torch.Tensor)}
         assert launches and read <= held
         assert {t.data_ptr() for t in (*returned, *scratch)} <= read
+
+
+class _InterpretedBody:
+    """A stand-in for `_replay.body` on the CPU: maps each recorded launch's tensors to slots by address, as the
+    built one does, and per run allocates NaN-filled outputs and scratch and runs the recorded kernels (the Triton
+    interpreter) with this run's tensors in their slots."""
+
+    def __init__(self, launches, inputs, returned, scratch=(), constants=()):
+        allocated = (*returned, *scratch)
+        slots = (*inputs, *allocated, *constants)
+        slot_of = {t.data_ptr(): i for i, t in enumerate(slots)}
+        assert len(slot_of) == len(slots)
+        self.inputs, self.returned, self.constants = len(inputs), len(returned), constants
+        self.layouts = [(t.shape, t.stride(), t.dtype) for t in allocated]
+        self.launches = [(r, [slot_of[a.data_ptr()] if isinstance(a, torch.Tensor) else None for a in r.args])
+                         for r in launches]
+
+    def __call__(self, *inputs):
+        allocated = [torch.empty_strided(shape, stride, dtype=dtype).fill_(float("nan"))
+                     for shape, stride, dtype in self.layouts]
+        slots = (*inputs, *allocated, *self.constants)
+        for r, where in self.launches:
+            args = [a if i is None else slots[i] for a, i in zip(r.args, where)]
+            r.kernel[r.grid](*args, num_warps=r.num_warps, num_stages=r.num_stages, **r.constexprs)
+        return list(slots[self.inputs:self.inputs + self.returned])
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Replays on the CPU through `_InterpretedBody` (the built extension's launches are tested in
+    tests/backends/test_replay.py)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests replay through the extension")
+    calls: dict = {}
+    monkeypatch.setattr(replay, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(_replay, "extension", lambda: _replay)
+    monkeypatch.setattr(_replay, "body", _InterpretedBody)
+    monkeypatch.setattr(runtime, "replay_cache", lambda: calls)
+    with settings.override(triton_replay=True), runtime.fresh_caches(keep_runners=False):
+        yield calls
+
+
+CPU_CASES = {**{name: case for name, case in CASES.items() if Shape(*case[0][:4], 64, None).N <= 65},
+             "N=37 fused": ((1, 2, (6, 6), 1, torch.float32, "interleaved"), "fused")}  # dq in fp32 scratch
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_replayed_calls_give_the_python_paths_bits_on_the_cpu(case, interpreted):
+    """The whole replay (lookup, the dry runs, `ReplayedAttention`'s forward and backward) through the stand-in body:
+    from a signature's second call on the node is ReplayedAttention, and its o, dq, dk, dv are the Python path's
+    bit for bit, its outputs NaN-filled before the kernels write them; a gradient laid out otherwise than o runs the
+    Python backward in the replayed node."""
+    args, bwd = CPU_CASES[case]
+    q, k, v, do, table = _inputs(*args)
+    with settings.override(triton_bwd=bwd):
+        with settings.override(triton_replay=False):
+            name, ref = _step(q, k, v, do, table)
+        assert name == PYTHON
+        got = [_step(q, k, v, do, table) for _ in range(3)]
+        other = _step(q, k, v, do.contiguous(), table)
+        with settings.override(triton_replay=False):
+            other_ref = _step(q, k, v, do.contiguous(), table)[1]
+    assert [name for name, _ in got] == [PYTHON, REPLAYED, REPLAYED] and other[0] == REPLAYED
+    assert len(interpreted) == 1
+    for results, expected in ((got[1][1], ref), (got[2][1], ref), (other[1], other_ref)):
+        for what, a, b in zip(("o", "dq", "dk", "dv"), results, expected):
+            assert torch.equal(a, b), what
 
 
 @gpu
