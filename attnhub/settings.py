@@ -221,7 +221,7 @@ def override(**values: Any) -> Iterator[None]:
     """Within the block, the named settings take these values instead of the environment's; nests.
 
     Names: backend, disable (a tuple of names), registry, tune, cache_dir, measured, triton_bwd, compile_ahead,
-    background_compile, triton_launcher (see the module docstring)."""
+    background_compile, triton_launcher, triton_replay (see the module docstring)."""
     for name, value in values.items():
         _check_override(name, value)
     saved = dict(_OVERRIDES)

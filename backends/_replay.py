@@ -3,8 +3,8 @@ an allocation and a launch each.
 
 Why: a cached eager training call of triton_fa_rope at a tiny shape cost 1.8-1.9x the host time of F.sdpa's own
 fwd+bwd with every launch through the driver (`_driver_launch`); a Python Function whose forward and backward are one
-C++ call each cost 1.25x (benchmarks/README.md, session 16: `benchmarks/host_profile.py --sections floor`). The rest is Python around the launches: allocating
-outputs, making descriptors, keys, `launch_keyed`'s lookups.
+C++ call each cost 1.25x (benchmarks/README.md, session 16: `benchmarks/host_profile.py --sections floor`). The rest
+is Python around the launches: allocating outputs, making descriptors, keys, `launch_keyed`'s lookups.
 
 A `Body` is built from a dry run of the call (`runtime.dry_run`: its launches recorded, not run), the tensors it
 was given (`inputs`) and those it allocated (`allocated`: returned and scratch). Every tensor a recorded launch
@@ -85,7 +85,7 @@ class Body:
     """A registered body: `body(*inputs)` -> its returned tensors, or None where the Python path must run the call
     (an input not 16-byte aligned, as every kernel was specialized for; a thread without a CUDA context)."""
 
-    __slots__ = ("module", "id", "keep", "__weakref__")
+    __slots__ = ("module", "id", "keep")
 
     def __init__(self, module, body_id: int, keep: tuple) -> None:
         self.module, self.id, self.keep = module, body_id, keep

@@ -72,7 +72,8 @@
 #          kernels through the driver (DriverNode; builds host_floor_ext.cpp, about a minute)  -> h200_host_floor.txt
 #   replay the C++ replay's GPU tests (tests/backends/triton_fa_rope/test_replay.py, the extension's and the driver
 #          launches'), then the host section twice in separate processes, interleaved, with ATTNHUB_TRITON_REPLAY=0
-#          and 1, and a summary (fwd+bwd host µs against F.sdpa's)  -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
+#          and 1, and a summary (fwd+bwd host µs against F.sdpa's)
+#                                                     -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
 #          (before the replay becomes the default: ATTNHUB_TRITON_REPLAY=1 bash benchmarks/device_session.sh tests)
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log

@@ -52,10 +52,10 @@ class TrainingCall:
 
 
 def lookup(q, k, v, cos, sin, rope, scale: float) -> TrainingCall | None:
-    """(`runtime.replay_cache` holds per signature a TrainingCall, None for the Python path, or how many builds
-    found it not ready.) The replay of this eager training call (q, k, v: [B, H, N, D] on CUDA, cos, sin: the table's inputs, or None
+    """The replay of this eager training call (q, k, v: [B, H, N, D] on CUDA; cos, sin: the table's inputs, or None
     without RoPE), or None: its Python path serves (the first call of a signature, one this cannot take, while the
-    extension builds)."""
+    extension builds). `runtime.replay_cache` holds per signature a TrainingCall, None for the Python path, or how
+    many builds found it not ready."""
     if not settings.triton_replay():
         return None
     calls = runtime.replay_cache()

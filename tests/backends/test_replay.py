@@ -248,7 +248,7 @@ print("ok")
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the real driver is loaded here (the GPU tests launch through it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real driver is here (the GPU tests launch through it)")
 def test_extension_launches_through_the_driver(tmp_path):
     """In a process whose libcuda is a stand-in: each launch gets its copied parameter buffer (64-byte aligned) with
     this run's addresses in its pointer words and tensor maps, the grid, block and shared bytes registered, in order;

@@ -1,9 +1,9 @@
 """`triton_fa_rope.replay`: on the CPU (interpreter), the dry runs a replay is built from read only tensors its
 bodies hold and write every tensor they allocate, and whole replayed calls through a stand-in body (the recorded
-kernels run in the interpreter with each run's tensors in their slots) give the Python path's bits; on the GPU, cached eager training calls replayed from C++ give the
-Python path's bits (outputs poisoned before the kernels write them), agree with float64 math, and fall back to the
-Python path where they cannot replay (a gradient laid out otherwise, an input not 16-byte aligned, a learnable
-table, launches recorded)."""
+kernels run in the interpreter with each run's tensors in their slots) give the Python path's bits; on the GPU,
+cached eager training calls replayed from C++ give the Python path's bits (outputs poisoned before the kernels write
+them), agree with float64 math, and fall back to the Python path where they cannot replay (a gradient laid out
+otherwise, an input not 16-byte aligned, a learnable table, launches recorded)."""
 
 from __future__ import annotations
 
