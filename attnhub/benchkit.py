@@ -276,7 +276,7 @@ def git_commit() -> str | None:
 
 def environment(device: torch.device | str) -> dict:
     """Device, driver, CUDA/cuDNN, versions of python/torch/triton/timm/attnhub, the git commit and the ATTNHUB_*
-    variables set (`attnhub.settings`: e.g. a run with ATTNHUB_TRITON_REPLAY=1 says so)."""
+    variables set (`attnhub.settings`: e.g. a run with ATTNHUB_TRITON_REPLAY=0 says so)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None

@@ -30,11 +30,11 @@ call; an invalid value raises `ValueError` naming the variable, at that use.
                                   parameters packed once, where that launches exactly what Triton's launcher would
                                   (Triton 3.6); "triton": always Triton's launcher. Read when a kernel
                                   specialization is first launched (`attnhub.backends._driver_launch`).
-    ATTNHUB_TRITON_REPLAY         "1": from its second call on, a cached eager training call of triton_fa_rope runs
-                                  its forward and backward launches from C++, each one call from Python
-                                  (`attnhub.backends._replay`, built once per machine in a background thread: a C++
-                                  compiler and ninja needed; the Python path serves until then, and where the build
-                                  fails). "0" (default, until its GPU tests have run): always the Python path.
+    ATTNHUB_TRITON_REPLAY         "1" (default): from its second call on, a cached eager training call of
+                                  triton_fa_rope runs its forward and backward launches from C++, each one call from
+                                  Python (`attnhub.backends._replay`, built once per machine in a background thread:
+                                  a C++ compiler and ninja needed; the Python path serves until then, and where the
+                                  build fails). "0": always the Python path.
 
 The test suite reads two of its own (tests/conftest.py): ATTNHUB_SLOW=1 runs the `slow` tests, and
 ATTNHUB_HYPOTHESIS_EXAMPLES sets the randomized parity budget.
@@ -193,7 +193,7 @@ def triton_replay() -> bool:
     """ATTNHUB_TRITON_REPLAY: replay cached eager training calls of triton_fa_rope from C++."""
     if "triton_replay" in _OVERRIDES:
         return _OVERRIDES["triton_replay"]
-    return _switch("ATTNHUB_TRITON_REPLAY", _triton_replay(), False)
+    return _switch("ATTNHUB_TRITON_REPLAY", _triton_replay(), True)
 
 
 def _check_override(name: str, value: Any) -> None:

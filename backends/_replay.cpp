@@ -8,6 +8,9 @@
 // address of a slot into each pointer word and the base of each tensor map of its parameter buffer, then launches
 // on the current stream of the inputs' device. The interpreter lock is held throughout: a body's buffers are
 // written by one thread at a time.
+//
+// Nothing here throws: an error is kept (`take_error`) and the call returns -1 or nothing, and `_replay.py` raises
+// it. A C++ exception thrown out of this module crashed the process on the lent H100's image (torch 2.11).
 #include <dlfcn.h>
 #include <pybind11/stl.h>
 #include <torch/extension.h>
@@ -17,6 +20,8 @@
 
 #include <cstring>
 #include <memory>
+#include <string>
+#include <utility>
 #include <unordered_map>
 
 #include "cuda.h"  // Triton's copy (its nvidia backend's include folder): no CUDA toolkit needed
@@ -34,26 +39,36 @@ struct Driver {
   error_t error_string = nullptr;
 };
 
-const Driver& driver() {
+std::string error;  // the last call's error, for `take_error`
+
+bool fail(const std::string& what) {
+  error = "attnhub replay: " + what;
+  return false;
+}
+
+// nullptr (and `error` set) where libcuda or an entry point is missing.
+const Driver* driver() {
   static const Driver d = [] {
     Driver d;
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
-    TORCH_CHECK(lib != nullptr, "attnhub replay: libcuda.so.1 not found");
+    if (lib == nullptr) return d;
     d.launch = reinterpret_cast<launch_t>(dlsym(lib, "cuLaunchKernel"));
     d.replace = reinterpret_cast<replace_t>(dlsym(lib, "cuTensorMapReplaceAddress"));
     d.error_string = reinterpret_cast<error_t>(dlsym(lib, "cuGetErrorString"));
-    TORCH_CHECK(d.launch && d.replace && d.error_string, "attnhub replay: libcuda without the entry points needed");
     return d;
   }();
-  return d;
+  if (d.launch && d.replace && d.error_string) return &d;
+  fail("libcuda.so.1 not found, or without cuLaunchKernel, cuTensorMapReplaceAddress and cuGetErrorString");
+  return nullptr;
 }
 
-void check(CUresult result, const char* what) {
-  if (result == CUDA_SUCCESS) return;
+bool check(const Driver& d, CUresult result, const char* what) {
+  if (result == CUDA_SUCCESS) return true;
   const char* text = "?";
-  driver().error_string(result, &text);
-  TORCH_CHECK(false, "attnhub replay: ", what, " failed: CUDA error ", static_cast<int>(result), " (", text, ")");
+  d.error_string(result, &text);
+  return fail(std::string(what) + " failed: CUDA error " + std::to_string(static_cast<int>(result)) + " (" + text +
+              ")");
 }
 
 struct Launch {
@@ -84,11 +99,10 @@ int64_t next_id = 0;
 
 // spec: (function, grid, block, shared, buffer bytes from the aligned start, parameter offsets,
 //        [(pointer word offset, slot)], [(tensor map offset, slot)])
-Launch make_launch(const pybind11::tuple& spec) {
-  Launch k;
+bool make_launch(const pybind11::tuple& spec, int slots, Launch& k) {
   k.function = reinterpret_cast<CUfunction>(spec[0].cast<uint64_t>());
   auto grid = spec[1].cast<std::vector<unsigned>>();
-  TORCH_CHECK(!grid.empty() && grid.size() <= 3, "attnhub replay: a grid has 1 to 3 axes");
+  if (grid.empty() || grid.size() > 3) return fail("a grid has 1 to 3 axes");
   for (size_t i = 0; i < grid.size(); ++i) k.grid[i] = grid[i];
   k.block = spec[2].cast<unsigned>();
   k.shared = spec[3].cast<unsigned>();
@@ -98,26 +112,29 @@ Launch make_launch(const pybind11::tuple& spec) {
   k.base = reinterpret_cast<char*>((start + 63) / 64 * 64);
   std::memcpy(k.base, bytes.data(), bytes.size());
   for (auto offset : spec[5].cast<std::vector<size_t>>()) {
-    TORCH_CHECK(offset < bytes.size(), "attnhub replay: a parameter past its buffer");
+    if (offset >= bytes.size()) return fail("a parameter past its buffer");
     k.params.push_back(k.base + offset);
   }
   k.pointers = spec[6].cast<std::vector<std::pair<size_t, int>>>();
   k.maps = spec[7].cast<std::vector<std::pair<size_t, int>>>();
-  for (const auto& [offset, slot] : k.pointers) TORCH_CHECK(offset + 8 <= bytes.size(), "attnhub replay: a word");
+  for (const auto& [offset, slot] : k.pointers)
+    if (offset + 8 > bytes.size() || slot < 0 || slot >= slots) return fail("a pointer word past its buffer or slots");
   for (const auto& [offset, slot] : k.maps)
-    TORCH_CHECK(offset % 64 == 0 && offset + 128 <= bytes.size(), "attnhub replay: a tensor map");
-  return k;
+    if (offset % 64 != 0 || offset + 128 > bytes.size() || slot < 0 || slot >= slots)
+      return fail("a tensor map misaligned, or past its buffer or slots");
+  return true;
 }
 
 }  // namespace
 
-// -> the body's id. allocations: [(sizes, strides, a tensor of the dtype)]; launches: `make_launch`'s specs;
-// returned: slots.
+// -> the body's id (-1: an error, see `take_error`). allocations: [(sizes, strides, a tensor of the dtype)];
+// launches: `make_launch`'s specs; returned: slots.
 int64_t add(int64_t inputs,
             const std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, torch::Tensor>>& allocations,
             const std::vector<torch::Tensor>& constants, const std::vector<pybind11::tuple>& launches,
             const std::vector<int>& returned) {
-  if (!launches.empty()) driver();
+  error.clear();
+  if (!launches.empty() && driver() == nullptr) return -1;
   Body body;
   body.inputs = static_cast<size_t>(inputs);
   for (const auto& [sizes, strides, like] : allocations)
@@ -125,13 +142,11 @@ int64_t add(int64_t inputs,
   body.constants = constants;
   const int slots = static_cast<int>(body.inputs + body.allocations.size() + body.constants.size());
   for (const auto& spec : launches) {
-    body.launches.push_back(make_launch(spec));
-    for (const auto& [offset, slot] : body.launches.back().pointers)
-      TORCH_CHECK(0 <= slot && slot < slots, "attnhub replay: a slot out of range");
-    for (const auto& [offset, slot] : body.launches.back().maps)
-      TORCH_CHECK(0 <= slot && slot < slots, "attnhub replay: a slot out of range");
+    body.launches.emplace_back();
+    if (!make_launch(spec, slots, body.launches.back())) return -1;
   }
-  for (int slot : returned) TORCH_CHECK(0 <= slot && slot < slots, "attnhub replay: a slot out of range");
+  for (int slot : returned)
+    if (slot < 0 || slot >= slots) return fail("a returned slot out of range"), -1;
   body.returned = returned;
   bodies.emplace(next_id, std::move(body));
   return next_id++;
@@ -140,12 +155,16 @@ int64_t add(int64_t inputs,
 void release(int64_t id) { bodies.erase(id); }
 
 // -> the returned slots' tensors; empty (nothing launched) where an input is not 16-byte aligned, as every kernel
-// was specialized for, or where the thread has no current CUDA context: the caller then runs its Python path.
+// was specialized for, or where the thread has no current CUDA context: the caller then runs its Python path; empty
+// with an error kept (`take_error`) for a bad call or a failed launch.
 std::vector<torch::Tensor> run(int64_t id, const std::vector<torch::Tensor>& inputs) {
+  error.clear();
   auto found = bodies.find(id);
-  TORCH_CHECK(found != bodies.end(), "attnhub replay: no body ", id);
+  if (found == bodies.end()) return fail("no body " + std::to_string(id)), std::vector<torch::Tensor>{};
   const Body& body = found->second;
-  TORCH_CHECK(inputs.size() == body.inputs, "attnhub replay: body ", id, " takes ", body.inputs, " inputs");
+  if (inputs.size() != body.inputs)
+    return fail("body " + std::to_string(id) + " takes " + std::to_string(body.inputs) + " inputs"),
+           std::vector<torch::Tensor>{};
   for (const auto& t : inputs)
     if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return {};
   const auto device = inputs[0].device();
@@ -159,17 +178,18 @@ std::vector<torch::Tensor> run(int64_t id, const std::vector<torch::Tensor>& inp
   if (!body.launches.empty() && device.is_cuda())
     stream = static_cast<CUstream>(c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle());
   bool first = true;
+  const Driver* d = body.launches.empty() ? nullptr : driver();  // found when the body was added
   for (const Launch& k : body.launches) {
-    const Driver& d = driver();
     for (const auto& [offset, slot] : k.pointers)
       *reinterpret_cast<uint64_t*>(k.base + offset) = reinterpret_cast<uint64_t>(slots[slot].data_ptr());
     for (const auto& [offset, slot] : k.maps)
-      check(d.replace(reinterpret_cast<CUtensorMap*>(k.base + offset), slots[slot].data_ptr()),
-            "cuTensorMapReplaceAddress");
-    auto result = d.launch(k.function, k.grid[0], k.grid[1], k.grid[2], k.block, 1, 1, k.shared, stream,
-                           const_cast<void**>(k.params.data()), nullptr);
+      if (!check(*d, d->replace(reinterpret_cast<CUtensorMap*>(k.base + offset), slots[slot].data_ptr()),
+                 "cuTensorMapReplaceAddress"))
+        return {};
+    auto result = d->launch(k.function, k.grid[0], k.grid[1], k.grid[2], k.block, 1, 1, k.shared, stream,
+                            const_cast<void**>(k.params.data()), nullptr);
     if (first && result == CUDA_ERROR_INVALID_CONTEXT) return {};
-    check(result, "cuLaunchKernel");
+    if (!check(*d, result, "cuLaunchKernel")) return {};
     first = false;
   }
   std::vector<torch::Tensor> out;
@@ -183,4 +203,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release", &release, "forget a body");
   m.def("run", &run, "run a body on its inputs -> its returned tensors (empty: run the Python path)");
   m.def("count", [] { return bodies.size(); }, "bodies registered");
+  m.def("take_error", [] { return std::exchange(error, std::string()); }, "the last error (empty: none), cleared");
 }

@@ -91,7 +91,11 @@ class Body:
         self.module, self.id, self.keep = module, body_id, keep
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor] | None:
-        return self.module.run(self.id, inputs) or None
+        out = self.module.run(self.id, inputs)
+        if out:
+            return out
+        _raise_kept_error(self.module)
+        return None
 
     def __del__(self) -> None:
         try:
@@ -126,7 +130,16 @@ def body(launches: Sequence[runtime.Launch], inputs: Sequence[torch.Tensor], ret
     allocations = [(list(t.shape), list(t.stride()), t.new_empty(0)) for t in allocated]
     body_id = module.add(len(inputs), allocations, list(constants), specs, list(range(len(inputs),
                                                                                       len(inputs) + len(returned))))
+    if body_id < 0:
+        _raise_kept_error(module)
     return Body(module, body_id, (tuple(keep), tuple(constants)))
+
+
+def _raise_kept_error(module) -> None:
+    """Raise the extension's kept error, if any (it returns errors rather than throw them: `_replay.cpp`)."""
+    error = module.take_error()
+    if error:
+        raise RuntimeError(error)
 
 
 def _spec(runner, launch: runtime.Launch, slot_of: dict) -> tuple | None:

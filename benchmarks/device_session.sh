@@ -74,7 +74,6 @@
 #          launches'), then the host section twice in separate processes, interleaved, with ATTNHUB_TRITON_REPLAY=0
 #          and 1, and a summary (fwd+bwd host µs against F.sdpa's)
 #                                                     -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
-#          (before the replay becomes the default: ATTNHUB_TRITON_REPLAY=1 bash benchmarks/device_session.sh tests)
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)

@@ -56,7 +56,7 @@ def test_fallback_off_posix(monkeypatch):
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", None, "driver"),
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", "", "driver"),
     ("triton_launcher", "ATTNHUB_TRITON_LAUNCHER", "triton", "triton"),
-    ("triton_replay", "ATTNHUB_TRITON_REPLAY", None, False), ("triton_replay", "ATTNHUB_TRITON_REPLAY", "1", True),
+    ("triton_replay", "ATTNHUB_TRITON_REPLAY", None, True), ("triton_replay", "ATTNHUB_TRITON_REPLAY", "0", False),
 ])
 def test_values(setting, var, value, expected, monkeypatch):
     if value is None:

@@ -16,7 +16,7 @@ Read in this order, one job per module:
                       launched through `backends/_triton_runtime.py` (shared with triton_rope_sdpa: the only
                       module touching Triton internals, kept compiled runners, compiling ahead)
     replay.py         a cached eager training call's forward and backward replayed from C++, one call each
-                      (`backends/_replay.py`), from a signature's second call on (ATTNHUB_TRITON_REPLAY=1)
+                      (`backends/_replay.py`), from a signature's second call on (ATTNHUB_TRITON_REPLAY)
     autograd.py       the `autograd.Function`s, the torch.compile custom operators and the entry `attention`
 
 The registry's entry is `attention(q, k, v, rope, scale, *, key_padding_mask=None)` (q: [B, H, N, D], k, v:

@@ -5,8 +5,8 @@ Both paths run the same `launch.forward` / `launch.backward` and keep what the b
 helpers, `_save` / `_saved`. Eager calls skip the operator layer: it costs tens of microseconds of host time per
 call. Their forward also plans a fused backward (`launch.plan_backward`), so that a backward that matches the plan
 only allocates and launches (on the autograd engine's device thread, where Python costs 20-30% more); from a
-signature's second call on, `replay` may run both from C++, one call each (`ReplayedAttention`;
-ATTNHUB_TRITON_REPLAY=1). Inside
+signature's second call on, `replay` runs both from C++ where it can, one call each (`ReplayedAttention`;
+ATTNHUB_TRITON_REPLAY=0 turns it off). Inside
 torch.compile the kernels run as custom operators, opaque to the compiler (fake implementations give it shapes and
 strides); `attention_packed`, where the Gluon backward kernels serve it, as operators of the projection qkv, whose
 backward returns its gradient whole.

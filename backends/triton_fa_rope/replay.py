@@ -1,7 +1,6 @@
-"""Cached eager training calls of triton_fa_rope replayed from C++ (ATTNHUB_TRITON_REPLAY=1; off by default until
-its GPU tests, tests/backends/triton_fa_rope/test_replay.py, have run) (`attnhub.backends._replay`): per call
-signature, a forward body (allocate o, lse and the rotated q and k; launch the forward) and a backward body
-(allocate dq, dk, dv and any scratch; launch the backward), each one call from Python.
+"""Cached eager training calls of triton_fa_rope replayed from C++ (`attnhub.backends._replay`; ATTNHUB_TRITON_REPLAY=0
+turns it off): per call signature, a forward body (allocate o, lse and the rotated q and k; launch the forward) and a
+backward body (allocate dq, dk, dv and any scratch; launch the backward), each one call from Python.
 
 A signature's first call runs the Python path (`autograd.FlashRopeAttention`), which compiles its kernels and keeps
 their runners. A later call builds the bodies from a dry run of the same launches (`launch.forward`; the planned
@@ -9,7 +8,9 @@ their runners. A later call builds the bodies from a dry run of the same launche
 `autograd.ReplayedAttention` on them. Calls this does not take keep the Python path: a key padding mask, a table that
 requires grad, a packed qkv, launches of a kernel through Triton's launcher, a tensor the call computes with PyTorch
 (a bf16 table read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an input not 16-byte
-aligned) and a gradient laid out otherwise than o run that call's Python path.
+aligned) and a gradient laid out otherwise than o run that call's Python path. A signature whose gradients never come
+laid out like o keeps the Python path: the backward body's kernels are those of such a gradient, which its calls
+never compiled.
 """
 
 from __future__ import annotations

@@ -109,15 +109,16 @@ def test_dry_run_records_only_its_own_threads_launches():
     """Inside `dry_run` this thread's launches are recorded (with `launch_keyed`'s key) and do not run; another
     thread's launches at the same time run, unrecorded."""
     kernel = _Kernel()
-    with runtime.fresh_caches(keep_runners=False), runtime.dry_run() as launches:
-        runtime.launch_keyed("my key", kernel, (3,), (torch.zeros(1), 5), 4, 1, BLOCK=16)
-        other = threading.Thread(target=runtime.launch, args=(kernel, (2,), (torch.zeros(1),), 4, 1), name="other")
-        other.start()
-        other.join()
-    assert [(r.grid, r.args[1], r.key, r.constexprs) for r in launches] == [((3,), 5, "my key", {"BLOCK": 16})]
-    assert kernel.ran == [("other", (2,))]
-    runtime.launch(kernel, (1,), (torch.zeros(1),), 4, 1)  # after the block: runs again
-    assert len(kernel.ran) == 2
+    with runtime.fresh_caches(keep_runners=False):  # the stand-in kernel launches as given (no runner to keep)
+        with runtime.dry_run() as launches:
+            runtime.launch_keyed("my key", kernel, (3,), (torch.zeros(1), 5), 4, 1, BLOCK=16)
+            other = threading.Thread(target=runtime.launch, args=(kernel, (2,), (torch.zeros(1),), 4, 1), name="other")
+            other.start()
+            other.join()
+        assert [(r.grid, r.args[1], r.key, r.constexprs) for r in launches] == [((3,), 5, "my key", {"BLOCK": 16})]
+        assert kernel.ran == [("other", (2,))]
+        runtime.launch(kernel, (1,), (torch.zeros(1),), 4, 1)  # after the block: runs again
+        assert len(kernel.ran) == 2
 
 
 def test_replay_cache_only_where_calls_launch_through_kept_runners():
@@ -152,7 +153,8 @@ def test_background_pending_only_while_a_compile_runs():
 def test_extension_allocates_returns_and_refuses_misaligned_inputs():
     """The built extension (CPU tensors, a body without launches): allocations with the registered sizes, strides
     and dtypes on the inputs' device, constants and inputs by slot, nothing for an input not 16-byte aligned, a
-    typed error for the wrong number of inputs, and `release`."""
+    RuntimeError for the wrong number of inputs (kept by the extension, raised by `Body`), -1 and the error kept for a
+    bad body, and `release`."""
     _replay.extension()
     assert _replay.wait(600), "the extension did not build (see the log)"
     ext = _replay.extension()
@@ -167,6 +169,8 @@ def test_extension_allocates_returns_and_refuses_misaligned_inputs():
     assert body(x[1:], y) is None  # 4 bytes past an aligned base
     with pytest.raises(RuntimeError, match="takes 2 inputs"):
         body(x)
+    assert body(x, y) is not None  # the error was taken
+    assert ext.add(2, [], [], [], [5]) == -1 and "returned slot out of range" in ext.take_error()
     count = ext.count()
     del body
     assert ext.count() == count - 1
@@ -234,15 +238,17 @@ raw = bytes((ctypes.c_ubyte * (8 * 512)).in_dll(fake, "bytes"))
 assert struct.unpack_from("Qi", raw, 128) == (y.data_ptr(), 7) and raw[:128] == b"\xab" * 128
 assert struct.unpack_from("Q", raw, 512)[0] == out.data_ptr()
 assert var("replaced").value == 1 and (u64("maps")[0] - u64("base")[0], u64("maps")[1]) == (0, x.data_ptr())
-assert ext.run(body, [x[1:], y]) == [] and var("launches").value == 2  # not 16-byte aligned: nothing launched
+wrapped = _replay.Body(ext, body, ())
+assert wrapped(x[1:], y) is None and var("launches").value == 2  # not 16-byte aligned: nothing launched
 var("result").value = 201  # CUDA_ERROR_INVALID_CONTEXT at the first launch: the Python path runs the call
-assert ext.run(body, [x, y]) == [] and var("launches").value == 2
+assert wrapped(x, y) is None and var("launches").value == 2
 var("result").value = 1
 try:
-    ext.run(body, [x, y])
+    wrapped(x, y)
     raise AssertionError("no error raised")
 except RuntimeError as exc:
     assert "cuLaunchKernel failed: CUDA error 1 (stand-in error)" in str(exc), exc
+assert ext.take_error() == ""  # taken by the raise
 print("ok")
 """
 

@@ -215,8 +215,8 @@ def test_falls_back_where_it_cannot_replay(replayable):
     for inputs in ((q, k, v, other_do, table), (qc, k, v, do, table), (misaligned, k, v, do, table)):
         with settings.override(triton_replay=False):
             ref = _step(*inputs)[1]
-        for _ in range(3):
-            name, got = _step(*((qc if t is misaligned else t) for t in inputs))  # builds with aligned inputs
+        for _ in range(3):  # builds with aligned inputs and a gradient laid out like o (the kernels the body keeps)
+            _step(*((qc if t is misaligned else do if t is other_do else t) for t in inputs))
         name, got = _step(*inputs)
         assert name == REPLAYED
         for a, b in zip(got, ref):
