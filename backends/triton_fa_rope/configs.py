@@ -85,7 +85,9 @@ class ArchConfigs:
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
     never) the split backward runs them where they apply (`gluon_bwd.takes`); delta_in_dq: the Gluon dQ kernel
-    computes delta (rowsum(o * dO)) of its queries and runs first, instead of the delta pass.
+    computes delta (rowsum(o * dO)) of its queries and runs first, instead of the delta pass. bwd_swap_tail: a
+    head's last resident block of 64 keys (dK/dV) or queries (dQ) holding at most 16 valid ones runs swapped, the
+    streamed side as the MMA's rows and 16 columns for its few (`gluon_bwd.swap_rows`).
     """
 
     max_head_dim: int
@@ -113,6 +115,7 @@ class ArchConfigs:
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
     delta_in_dq: bool = False
+    bwd_swap_tail: bool = False
 
     def __post_init__(self):
         # checked once per table (and per `override`), not per call: the long kernel's static_assert refuses the same

@@ -62,6 +62,12 @@ def tail_rows(N: int, block_m: int) -> int:
     return 0
 
 
+def swap_rows(N: int, block: int, config: ArchConfigs) -> int:
+    """Valid rows a head's last resident block (`block` rows) runs swapped with (`bwd_swap_tail`; 0: as written):
+    16 where it holds at most 16 (577 = 9 * 64 + 1, 1029 = 16 * 64 + 5), with one warpgroup's 64-row blocks."""
+    return 16 if config.bwd_swap_tail and block == 64 and 0 < N % block <= 16 else 0
+
+
 def _check(name: str, cfg: KernelConfig, resident: int, streamed: int) -> None:
     if resident != 16 * cfg.num_warps or cfg.num_stages < 2 or streamed not in (64, 128):
         raise ValueError(f"triton_fa_rope: {name} {cfg} needs its resident rows = 16 * num_warps (a warpgroup's 64 "
@@ -95,7 +101,8 @@ def _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_
         blocks = -(-N // cfg.block_n)
         dkdv = _Launch(gluon_dkdv_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
                        (*dk.stride()[:3], *dv.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
-                       STAGES=cfg.num_stages, TAIL_M=tail_rows(N, cfg.block_m) if config.narrow_tail else 0)
+                       STAGES=cfg.num_stages, TAIL_M=tail_rows(N, cfg.block_m) if config.narrow_tail else 0,
+                       SWAP_K=swap_rows(N, cfg.block_n, config) if cfg.block_m == 64 else 0)
     if config.gluon_dq is not None:
         cfg = config.gluon_dq
         _check("gluon_dq", cfg, cfg.block_m, cfg.block_n)
@@ -103,7 +110,7 @@ def _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_
         dq_ = _Launch(gluon_dq_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
                       (*o.stride()[:3], *dq.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
                       STAGES=cfg.num_stages, TAIL_N=tail_rows(N, cfg.block_n) if config.narrow_tail else 0,
-                      DELTA=config.delta_in_dq)
+                      DELTA=config.delta_in_dq, SWAP_Q=swap_rows(N, cfg.block_m, config) if cfg.block_n == 64 else 0)
     return dkdv, dq_
 
 
@@ -115,7 +122,7 @@ def plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_L
     sig = (q.shape, k.shape, v.shape, do.shape, q.stride(), k.stride(), v.stride(), do.stride(), o.stride(),
            dq.stride(), dk.stride(), dv.stride(), q.dtype, k.dtype, v.dtype, do.dtype, q.device,
            None if rope is None else (rope.layout, cos.shape, cos.stride(), rope.prefix_tokens),
-           config.gluon_dkdv, config.gluon_dq, config.narrow_tail, config.delta_in_dq)
+           config.gluon_dkdv, config.gluon_dq, config.narrow_tail, config.delta_in_dq, config.bwd_swap_tail)
     launches = runtime.remember(_PLANS, sig, lambda: _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config)
                                 if _takes(q, k, v, do, rope, (o, dq, dk, dv)) else None)
     return launches if launches is not None and runtime.aligned(q, k, v, do) else (None, None)

@@ -304,6 +304,13 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))
              for case, grid in LONG_GLUON.items()]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_swapped",  # a head's last block swapped (577, 641)
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=True))
+             for case, grid in LONG_GLUON.items()]
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_swapped_delta_pass",  # and with the delta pass
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=True, narrow_tail=False,
+                                     delta_in_dq=False))
+             for case, grid in LONG_GLUON.items()]
     if rotate:
         jobs += [(f"rope_sdpa_{case}", "rotate", rotate_launches(*spec)) for case, spec in ROTATE_CASES.items()]
     return jobs

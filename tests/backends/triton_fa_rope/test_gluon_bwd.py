@@ -28,13 +28,14 @@ def compiled_code(monkeypatch):
     plan_as_compiled(monkeypatch)
 
 
-def _backward_launches(q, k, v, table, mask=None, **fields) -> list[str]:
-    """The kernel names of a split backward of this call with the Hopper table (fields replaced), recorded."""
+def _backward_launches(q, k, v, table, mask=None, constexprs=False, **fields) -> list:
+    """The kernel names of a split backward of this call with the Hopper table (fields replaced), recorded (with
+    `constexprs`: (name, constexprs) pairs)."""
     config = dataclasses.replace(HOPPER, **fields)
     names = []
 
-    def record(kernel, grid, args, num_warps, num_stages, **constexprs):
-        names.append(kernel.fn.__name__)
+    def record(kernel, grid, args, num_warps, num_stages, **given):
+        names.append((kernel.fn.__name__, given) if constexprs else kernel.fn.__name__)
 
     o, lse, (qr, kr) = launch.forward(q, k, v, table, 0.125, True, config, record, mask)
     names.clear()
@@ -111,6 +112,24 @@ def test_the_last_block_is_only_as_wide_as_its_rows_need(N, block, rows):
     assert gluon_bwd.tail_rows(N, block) == rows
 
 
+@pytest.mark.parametrize("N,block,on,rows", [(577, 64, True, 16), (1029, 64, True, 16), (1, 64, True, 16),
+                                             (592, 64, True, 16), (593, 64, True, 0), (640, 64, True, 0),
+                                             (577, 128, True, 0), (577, 64, False, 0)])
+def test_a_last_resident_block_of_few_rows_runs_swapped_where_switched_on(N, block, on, rows):
+    """`bwd_swap_tail`: at most 16 valid rows of a 64-row resident block (one warpgroup's); never with 128."""
+    config = dataclasses.replace(HOPPER, bwd_swap_tail=on)
+    assert gluon_bwd.swap_rows(N, block, config) == rows
+
+
+def test_the_swapped_tails_reach_the_launches():
+    """The plan passes SWAP_K and SWAP_Q (16 at N = 577 with the switch on, 0 off or with 128-row blocks)."""
+    q, k, v, table = _case(N=577)
+    for fields, swap in ((dict(bwd_swap_tail=True), 16), ({}, 0),
+                         (dict(bwd_swap_tail=True, gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)), 0)):
+        launches = dict(_backward_launches(q, k, v, table, constexprs=True, **ON, **fields))
+        assert (launches["gluon_dkdv_kernel"]["SWAP_K"], launches["gluon_dq_kernel"]["SWAP_Q"]) == (swap, swap)
+
+
 # ------------------------------------------------------------------------------------------------- on the GPU
 gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU")
 
@@ -131,10 +150,13 @@ FLOAT64_CASES = [  # N, prefix, table, layout of q, k, v; keys in blocks of 128 
 ]
 K = configs.KernelConfig
 CONFIGS = {  # name -> config fields: the table's; two warpgroups; three buffers, every last block whole, the
-    "table": {},  # delta pass
+    "table": {},  # delta pass; a head's last resident block swapped (577, 1029, 257, 129, 1), with the delta pass
     "w8": dict(gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)),
     "s3_wide": dict(gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3), narrow_tail=False, delta_in_dq=False),
+    "swapped": dict(bwd_swap_tail=True),
+    "swapped_delta_pass": dict(bwd_swap_tail=True, narrow_tail=False, delta_in_dq=False),
 }
+DELTA_PASS = ("s3_wide", "swapped_delta_pass")
 
 
 def _grads(q, k, v, table, do, packed: bool):
@@ -171,7 +193,7 @@ def test_gradients_match_math_in_float64(cfg, dtype, N, P, table_kind, kind, nan
         o, *grads = _grads(q, k, v, table, do, packed)
     names = {x.name for x in launches}
     assert set(GLUON) <= names and not names & set(TRITON[1:])
-    assert ("bwd_preprocess" in names) == (cfg == "s3_wide")
+    assert ("bwd_preprocess" in names) == (cfg in DELTA_PASS)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_leaves, table)
     ref.backward(do.double())
