@@ -74,6 +74,9 @@
 #          launches'), then the host section twice in separate processes, interleaved, with ATTNHUB_TRITON_REPLAY=0
 #          and 1, and a summary (fwd+bwd host µs against F.sdpa's)
 #                                                     -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
+#   swaptail the Gluon backward's GPU tests with a head's last resident block swapped (bwd_swap_tail), then
+#          benchmarks/gluon_bwd.py at N = 577 and 1029, the table's kernels against the swapped ones
+#                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -304,6 +307,14 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("h200_host_replay*_r*.json")):
     print(f"{path.stem}: fwd+bwd {mine:.1f} us, F.sdpa {sdpa:.1f} us, {mine / sdpa:.2f}x")
 PY
       ;;
+    swaptail)
+      timeout 150 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_bwd.py \
+        -k "swapped or reach" >"$OUT/pytest_swapped.log" 2>&1 || status=1
+      tail -3 "$OUT/pytest_swapped.log"
+      timeout 270 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_384;vit_b16_512_reg4" \
+        --variants "gluon dkdv+dq,gluon dkdv+dq swapped" --out "$OUT/h200_gluon_bwd_swapped.json" \
+        >"$OUT/gluon_bwd_swapped.log" 2>&1 || status=1
+      tail -8 "$OUT/gluon_bwd_swapped.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
