@@ -7,8 +7,9 @@ stream the other side through a two-buffer TMA ring in 64-row blocks (the last o
 `tail_rows`), and feed wgmma from shared memory and, for P^T / dS^T and dS, from registers; dK and dQ are rotated
 back (R^T) in the epilogue. Small programs under a register cap run three (dK/dV) or four (dQ) CTAs per SM, so
 one CTA's softmax hides behind another's MMAs. With `delta_in_dq` the dQ kernel computes delta (rowsum(o * dO))
-of its queries as it loads them and runs first: no delta pass. Deterministic like Triton's: no atomics, each
-block's sums in one order.
+of its queries as it loads them and runs first: no delta pass. With `bwd_swap_tail` a head's last resident block
+that holds at most 16 valid rows runs swapped, the streamed rows as the MMA's 64 and 16 columns for its few
+(`swap_rows`). Deterministic like Triton's: no atomics, each block's sums in one order.
 
 Only `launch.backward` plans and runs them (split path, from the config table's `gluon_bwd_from_n` tokens on; a kernel
 whose config, `gluon_dkdv` or `gluon_dq`, is None is left to Triton's), for the calls they can take (`takes`): no key
