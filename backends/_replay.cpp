@@ -5,7 +5,8 @@
 //
 // Slots: a body's tensors are numbered inputs first (as passed to `run`), then its allocations, then its constants
 // (tensors it keeps, e.g. a 1-element stand-in for an argument the kernel does not read). Each launch writes the
-// address of a slot into each pointer word and the base of each tensor map of its parameter buffer, then launches
+// address of a slot (plus a byte offset: a view into an allocation) into each pointer word and the base of each
+// tensor map of its parameter buffer, then launches
 // on the current stream of the inputs' device. The interpreter lock is held throughout: a body's buffers are
 // written by one thread at a time.
 //
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <unordered_map>
 
@@ -77,7 +79,7 @@ struct Launch {
   std::unique_ptr<char[]> storage;  // the parameter buffer, its start 64-byte aligned (tensor maps need it)
   char* base = nullptr;
   std::vector<void*> params;                     // each kernel parameter's address in the buffer
-  std::vector<std::pair<size_t, int>> pointers;  // (byte offset of a pointer word, slot)
+  std::vector<std::tuple<size_t, int, int64_t>> pointers;  // (byte offset of a pointer word, slot, bytes into it)
   std::vector<std::pair<size_t, int>> maps;      // (byte offset of a tensor map, slot)
 };
 
@@ -98,7 +100,7 @@ std::unordered_map<int64_t, Body> bodies;
 int64_t next_id = 0;
 
 // spec: (function, grid, block, shared, buffer bytes from the aligned start, parameter offsets,
-//        [(pointer word offset, slot)], [(tensor map offset, slot)])
+//        [(pointer word offset, slot, bytes into the slot)], [(tensor map offset, slot)])
 bool make_launch(const pybind11::tuple& spec, int slots, Launch& k) {
   k.function = reinterpret_cast<CUfunction>(spec[0].cast<uint64_t>());
   auto grid = spec[1].cast<std::vector<unsigned>>();
@@ -115,9 +117,9 @@ bool make_launch(const pybind11::tuple& spec, int slots, Launch& k) {
     if (offset >= bytes.size()) return fail("a parameter past its buffer");
     k.params.push_back(k.base + offset);
   }
-  k.pointers = spec[6].cast<std::vector<std::pair<size_t, int>>>();
+  k.pointers = spec[6].cast<std::vector<std::tuple<size_t, int, int64_t>>>();
   k.maps = spec[7].cast<std::vector<std::pair<size_t, int>>>();
-  for (const auto& [offset, slot] : k.pointers)
+  for (const auto& [offset, slot, delta] : k.pointers)
     if (offset + 8 > bytes.size() || slot < 0 || slot >= slots) return fail("a pointer word past its buffer or slots");
   for (const auto& [offset, slot] : k.maps)
     if (offset % 64 != 0 || offset + 128 > bytes.size() || slot < 0 || slot >= slots)
@@ -180,8 +182,8 @@ std::vector<torch::Tensor> run(int64_t id, const std::vector<torch::Tensor>& inp
   bool first = true;
   const Driver* d = body.launches.empty() ? nullptr : driver();  // found when the body was added
   for (const Launch& k : body.launches) {
-    for (const auto& [offset, slot] : k.pointers)
-      *reinterpret_cast<uint64_t*>(k.base + offset) = reinterpret_cast<uint64_t>(slots[slot].data_ptr());
+    for (const auto& [offset, slot, delta] : k.pointers)
+      *reinterpret_cast<uint64_t*>(k.base + offset) = reinterpret_cast<uint64_t>(slots[slot].data_ptr()) + delta;
     for (const auto& [offset, slot] : k.maps)
       if (!check(*d, d->replace(reinterpret_cast<CUtensorMap*>(k.base + offset), slots[slot].data_ptr()),
                  "cuTensorMapReplaceAddress"))

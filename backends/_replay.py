@@ -108,8 +108,9 @@ def body(launches: Sequence[runtime.Launch], inputs: Sequence[torch.Tensor], ret
          scratch: Sequence[torch.Tensor] = (), constants: Sequence[torch.Tensor] = ()) -> Body | None:
     """The body of a dry run's launches: called with tensors laid out as `inputs`, it allocates tensors laid out as
     `returned` and `scratch` (same sizes, strides and dtypes, on the inputs' device), launches, and returns the
-    first. None where the launches read a tensor that is none of these (by address; an address two of them share
-    is ambiguous), or one launch has no kept driver launch yet."""
+    first. A launch's pointer may also address a view into an allocation (e.g. dk inside a packed projection's
+    gradient): its slot and byte offset. None where the launches read a tensor that is none of these (by address;
+    an address two of them share is ambiguous), or one launch has no kept driver launch yet."""
     module = extension()
     if module is None or not launches:
         return None
@@ -118,7 +119,7 @@ def body(launches: Sequence[runtime.Launch], inputs: Sequence[torch.Tensor], ret
     addresses = [t.data_ptr() for t in slots]
     if len(set(addresses)) != len(addresses) or 0 in addresses:
         return None
-    slot_of = {address: i for i, address in enumerate(addresses)}
+    slot_of = _Slots(addresses, {len(inputs) + i: _extent(t) for i, t in enumerate(allocated)})
     specs, keep = [], []
     for launch in launches:
         kept = runtime.kept_runner(launch)
@@ -135,6 +136,30 @@ def body(launches: Sequence[runtime.Launch], inputs: Sequence[torch.Tensor], ret
     return Body(module, body_id, (tuple(keep), tuple(constants)))
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes a tensor of these sizes and strides addresses."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+class _Slots:
+    """address -> (slot, byte offset): a slot's own address (offset 0), or an address inside an allocation (a view
+    into it, found by the allocations' extents, which never overlap)."""
+
+    def __init__(self, addresses: list[int], extents: dict[int, tuple[int, int]]) -> None:
+        self.exact = {address: i for i, address in enumerate(addresses)}
+        self.extents = extents
+
+    def get(self, address: int) -> tuple[int, int] | None:
+        slot = self.exact.get(address)
+        if slot is not None:
+            return slot, 0
+        for slot, (first, end) in self.extents.items():
+            if first <= address < end:
+                return slot, address - first
+        return None
+
+
 def _raise_kept_error(module) -> None:
     """Raise the extension's kept error, if any (it returns errors rather than throw them: `_replay.cpp`)."""
     error = module.take_error()
@@ -142,26 +167,26 @@ def _raise_kept_error(module) -> None:
         raise RuntimeError(error)
 
 
-def _spec(runner, launch: runtime.Launch, slot_of: dict) -> tuple | None:
+def _spec(runner, launch: runtime.Launch, slot_of: _Slots) -> tuple | None:
     """`_replay.cpp`'s launch spec of a driver launch (`_driver_launch.Runner`) for this recorded launch, its
-    tensors found in `slot_of` (address -> slot); None where one is not there or a descriptor differs from the
-    runner's."""
+    tensors found in `slot_of`; None where one is not there, or a descriptor differs from the runner's or addresses
+    inside another tensor."""
     start = ctypes.addressof(runner.buffer)
     size = ctypes.sizeof(runner.buffer) - (runner.base - start)
     args = launch.args
     pointers = []
     for word, i in runner.pointers:
-        slot = slot_of.get(args[i].data_ptr())
-        if slot is None:
+        found = slot_of.get(args[i].data_ptr())
+        if found is None:
             return None
-        pointers.append((8 * word - (runner.base - start), slot))
+        pointers.append((8 * word - (runner.base - start), *found))
     maps = []
     for address, i, shape, strides in runner.maps:
         desc = args[i]
-        slot = slot_of.get(desc.base.data_ptr())
-        if slot is None or list(desc.shape) != list(shape) or list(desc.strides) != list(strides):
+        found = slot_of.get(desc.base.data_ptr())
+        if found is None or found[1] or list(desc.shape) != list(shape) or list(desc.strides) != list(strides):
             return None
-        maps.append((address - runner.base, slot))
+        maps.append((address - runner.base, found[0]))
     offsets = [address - runner.base for address in runner.params]
     grid = [int(g) for g in launch.grid]
     return (runner.function, grid, runner.block, runner.shared, ctypes.string_at(runner.base, size), offsets,

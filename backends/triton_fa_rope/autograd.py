@@ -111,23 +111,54 @@ class ReplayedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin, call: replay.TrainingCall):
-        out = call.forward(q, k, v, cos, sin)
-        if out is None:
-            o, lse, (q_saved, k_saved) = launch.forward(q, k, v, call.table(cos, sin), call.scale, True, call.config)
-        else:
-            o, lse, q_saved, k_saved = out
-        ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if cos is None else (cos, sin)))
-        ctx.call = call
-        return o
+        return _replayed_forward(ctx, q, k, v, cos, sin, call)
 
     @staticmethod
     def backward(ctx, do):
-        call, saved = ctx.call, ctx.saved_tensors
-        grads = call.backward(do, saved)
-        if grads is None:
-            q, k, v, o, lse, *table = saved
-            grads = _backward(do, q, k, v, o, lse, None, call.table(*table) if table else None, call.scale)
-        return *grads, None, None, None
+        return *_replayed_grads(ctx, do), None, None, None
+
+
+def _replayed_forward(ctx, q, k, v, cos, sin, call: replay.TrainingCall):
+    """The replayed forward body (else the Python path's launches), what the backward needs saved on ctx -> o."""
+    out = call.forward(q, k, v, cos, sin)
+    if out is None:
+        o, lse, (q_saved, k_saved) = launch.forward(q, k, v, call.table(cos, sin), call.scale, True, call.config)
+    else:
+        o, lse, q_saved, k_saved = out
+    ctx.save_for_backward(q_saved, k_saved, v, o, lse, *(() if cos is None else (cos, sin)))
+    ctx.call = call
+    return o
+
+
+class ReplayedAttentionPacked(torch.autograd.Function):
+    """FlashRopeAttentionPacked of a call `replay` took (replay.PACKED): `ReplayedAttention`'s bodies, the backward
+    one returning the projection's gradient whole."""
+
+    @staticmethod
+    def forward(ctx, qkv, q, k, v, cos, sin, call: replay.TrainingCall):
+        """q, k, v: qkv's `launch.packed_views`, detached."""
+        return _replayed_forward(ctx, q, k, v, cos, sin, call)
+
+    @staticmethod
+    def backward(ctx, do):
+        (dqkv,) = _replayed_grads(ctx, do)
+        return dqkv, None, None, None, None, None, None
+
+
+def _replayed_grads(ctx, do) -> list:
+    """The replayed backward body's gradients, dq, dk, dv (packed: [dqkv], the projection's), else the Python path's
+    launches into the same (a gradient laid out otherwise than o, an input the body cannot launch with)."""
+    call, saved = ctx.call, ctx.saved_tensors
+    grads = call.backward(do, saved)
+    if grads is not None:
+        return grads
+    q, k, v, o, lse, *table = saved
+    table = call.table(*table) if table else None
+    if call.packed is None:
+        return list(_backward(do, q, k, v, o, lse, None, table, call.scale))
+    dqkv = torch.empty(call.packed, device=do.device, dtype=v.dtype)
+    _backward(do, q, k, v, o, lse, None, table, call.scale, out=launch.packed_views(dqkv))
+    return [dqkv]
 
 
 class FlashRopeAttentionPacked(torch.autograd.Function):
@@ -138,28 +169,17 @@ class FlashRopeAttentionPacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, q, k, v, cos, sin, rope, scale, mask):
-        """q, k, v: qkv's `_split` views, detached (they are read; their gradients go to qkv)."""
+        """q, k, v: qkv's `launch.packed_views`, detached (they are read; their gradients go to qkv)."""
         ctx.proj = qkv.shape, qkv.dtype
         return _forward(ctx, q, k, v, cos, sin, rope, scale, mask,
-                        ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]), _packed_strides(qkv.shape))
+                        ctx.needs_input_grad[0] or any(ctx.needs_input_grad[4:6]), launch.packed_strides(qkv.shape))
 
     @staticmethod
     def backward(ctx, do):
         shape, dtype = ctx.proj
         dqkv = torch.empty(*shape, device=do.device, dtype=dtype)
-        _, _, _, dcos, dsin = _grads(ctx, do, out=_split(dqkv))
+        _, _, _, dcos, dsin = _grads(ctx, do, out=launch.packed_views(dqkv))
         return dqkv, None, None, None, dcos, dsin, None, None, None
-
-
-def _packed_strides(shape: torch.Size) -> tuple:
-    """The strides of `_split`'s views of a contiguous qkv of this shape (the packed backward's gradient)."""
-    B, N, _, H, D = shape
-    return ((N * 3 * H * D, D, 3 * H * D, 1),) * 3
-
-
-def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv: [B, N, 3, H, D] -> q, k, v: [B, H, N, D] views (as `attnhub.attention_packed` splits it)."""
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _op_table(cos, sin, prefix: int, layout: str) -> Table | None:
@@ -246,7 +266,7 @@ def _gluon_writes_packed(device: torch.device, dtype: torch.dtype, n: int, heads
     table per sample) runs the Gluon kernels, decided once at trace time on stand-ins of qkv's views. Triton's kernels
     write 12-20% slower into qkv's gradient, and copying their gradients into it cost a compiled ViT-S step 1.4 ms of
     GPU time more than Inductor's copy of the views' (benchmarks/README.md): those calls run on the views."""
-    q, k, _ = _split(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
+    q, k, _ = launch.packed_views(torch.empty(1, n, 3, heads, head_dim, device="meta", dtype=dtype))
     table_dim = 4 if per_sample else 2
     rope = None if layout == "none" else Table(*(torch.empty((1,) * table_dim, device="meta") for _ in "cs"), 0,
                                                layout)
@@ -260,13 +280,13 @@ def fwd_packed_op(
     qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str,
     scale: float, save_rotated: bool, mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`fwd_op` of qkv's three parts (`_split`)."""
-    return _fwd_impl(*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask)
+    """`fwd_op` of qkv's three parts (`launch.packed_views`)."""
+    return _fwd_impl(*launch.packed_views(qkv), cos, sin, prefix, layout, scale, save_rotated, mask)
 
 
 @fwd_packed_op.register_fake
 def _(qkv, cos, sin, prefix, layout, scale, save_rotated, mask=None):
-    q, k, _ = _split(qkv)
+    q, k, _ = launch.packed_views(qkv)
     return _fwd_fake(q, k, layout, save_rotated)
 
 
@@ -276,10 +296,10 @@ def bwd_packed_op(
     cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], prefix: int, layout: str, scale: float,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """`bwd_op` -> dqkv [B, N, 3, H, D], the kernels writing dq, dk, dv into it (`_split` views)."""
+    """`bwd_op` -> dqkv [B, N, 3, H, D], the kernels writing dq, dk, dv into it (`launch.packed_views`)."""
     B, H, N, D = q.shape
     dqkv = torch.empty(B, N, 3, H, D, device=do.device, dtype=v.dtype)
-    _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, out=_split(dqkv))
+    _backward(do, q, k, v, o, lse, mask, _op_table(cos, sin, prefix, layout), scale, out=launch.packed_views(dqkv))
     return dqkv
 
 
@@ -291,14 +311,14 @@ def _(do, q, k, v, o, lse, cos, sin, prefix, layout, scale, mask=None):
 
 def _op_packed_setup_context(ctx, inputs, output):
     qkv, cos, sin, prefix, layout, scale, save_rotated, mask = inputs
-    _op_setup_context(ctx, (*_split(qkv), cos, sin, prefix, layout, scale, save_rotated, mask), output)
+    _op_setup_context(ctx, (*launch.packed_views(qkv), cos, sin, prefix, layout, scale, save_rotated, mask), output)
 
 
 def _op_packed_backward(ctx, do, _dlse, _dqr, _dkr):
     q, k, v, o, lse, mask, table, unrotated, scale = _saved(ctx)
     op_table = (None, None, 0, "none") if table is None else (table.cos, table.sin, table.prefix_tokens, table.layout)
     dqkv = bwd_packed_op(do, q, k, v, o, lse, *op_table, scale, mask)
-    dcos, dsin = _table_grad(table, *unrotated, *_split(dqkv)[:2]) if unrotated else (None, None)
+    dcos, dsin = _table_grad(table, *unrotated, *launch.packed_views(dqkv)[:2]) if unrotated else (None, None)
     return dqkv, dcos, dsin, None, None, None, None, None
 
 
@@ -319,7 +339,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None, qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [B, H, N, D], k, v: [B, H_kv, N_kv, D], rope: any table (shared, per head, per sample, from coordinates),
-    key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are the `_split` views of (the API passes
+    key_padding_mask: bool [B, N_kv], qkv: [B, N, 3, H, D] that q, k, v are the `launch.packed_views` of (the API passes
     it only then) or None -> o: [B, H, N, D] in q's dtype (memory layout [B, N, H, D])."""
     mask = key_padding_mask
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
@@ -335,6 +355,9 @@ def attention(
         return launch.forward(q, k, v, table, scale, False, configs.for_call(q.device, q.shape[-1]),
                               key_padding_mask=mask)[0]
     if qkv is not None and qkv.requires_grad:  # the backward writes qkv's gradient whole
+        call = None if mask is not None else replay.lookup(q, k, v, *cos_sin, rope, scale, packed=qkv.shape)
+        if call is not None:
+            return ReplayedAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, call)
         return FlashRopeAttentionPacked.apply(qkv, q.detach(), k.detach(), v.detach(), *cos_sin, rope, scale, mask)
     call = None if mask is not None else replay.lookup(q, k, v, *cos_sin, rope, scale)
     if call is not None:

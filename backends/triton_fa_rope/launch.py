@@ -370,6 +370,17 @@ def plan_backward(q, k, v, o, rope, scale: float, config: ArchConfigs, key_paddi
                             if use_fused_backward(config, q, k, rope, None, path) else None)
 
 
+def packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv: [B, N, 3, H, D] -> q, k, v: [B, H, N, D] views (as `attnhub.attention_packed` splits it)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def packed_strides(shape: torch.Size) -> tuple:
+    """The strides of `packed_views` of a contiguous qkv of this shape (the packed backward's gradient)."""
+    B, N, _, H, D = shape
+    return ((N * 3 * H * D, D, 3 * H * D, 1),) * 3
+
+
 def laid_out(t: torch.Tensor, strides: tuple) -> bool:
     """Whether t has these strides, those of its dimensions of size 1 aside (they address nothing: a kernel may be
     handed any stride there)."""

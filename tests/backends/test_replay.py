@@ -70,8 +70,26 @@ def test_body_maps_each_launchs_tensors_to_slots(module, monkeypatch):
     function, grid, block, shared, raw, offsets, pointers, maps = first
     assert (function, grid, block, shared) == (0x1234, [5], 128, 1024)
     assert raw == ctypes.string_at(runner.base, len(raw)) and offsets == [0, 128, 132, 136, 144, 152, 160, 168, 176]
-    assert pointers == [(152, 1)] and maps == [(0, 0)]
-    assert second[1] == [2, 3] and second[6] == [(152, 2)] and second[7] == [(0, 1)]
+    assert pointers == [(152, 1, 0)] and maps == [(0, 0)]
+    assert second[1] == [2, 3] and second[6] == [(152, 2, 0)] and second[7] == [(0, 1)]
+
+
+def test_a_pointer_into_an_allocation_is_its_slot_and_offset(module, monkeypatch):
+    """A view into a returned allocation (dk inside a packed projection's gradient): its slot and byte offset; a
+    descriptor of such a view, or an address past every allocation, is refused."""
+    runner, example = _runner()
+    monkeypatch.setattr(runtime, "kept_runner", lambda launch: ("compiled", runner))
+    q, grad = torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(3, 4)
+    launches = [runtime.Launch("k", (1,), (_Desc(q, example.shape, example.strides), grad[1], 3), 4, 1, {})]
+    assert _replay.body(launches, (q,), (grad,)) is not None
+    assert module.added[-1][3][0][6] == [(152, 1, 16)]  # row 1 of fp32 [3, 4]: 16 bytes in
+    module.added.clear()
+    past = torch.zeros(12)[4:]  # another tensor's storage
+    launches = [runtime.Launch("k", (1,), (_Desc(q, example.shape, example.strides), past, 3), 4, 1, {})]
+    assert _replay.body(launches, (q,), (grad,)) is None
+    inner = torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    launches = [runtime.Launch("k", (1,), (_Desc(inner[1], example.shape, example.strides), grad, 3), 4, 1, {})]
+    assert _replay.body(launches, (q,), (inner, grad)) is None and not module.added
 
 
 @pytest.mark.parametrize("case", ["unknown tensor", "shared address", "no runner", "other descriptor strides"])
@@ -223,8 +241,8 @@ var("nparams").value, var("nbytes").value = 3, 144
 first = bytearray(144)
 first[:128] = b"\xab" * 128  # a tensor map, its base replaced per run
 struct.pack_into("i", first, 136, 7)  # an int parameter, packed once
-specs = [(0x1234, [5], 128, 1024, bytes(first), [0, 128, 136], [(128, 1)], [(0, 0)]),
-         (0x5678, [2, 3, 4], 256, 0, bytes(16), [0], [(0, 2)], [])]
+specs = [(0x1234, [5], 128, 1024, bytes(first), [0, 128, 136], [(128, 1, 0)], [(0, 0)]),
+         (0x5678, [2, 3, 4], 256, 0, bytes(16), [0, 8], [(0, 2, 0), (8, 2, 12)], [])]  # the second: 12 bytes in
 x, y = torch.zeros(16), torch.ones(16)
 body = ext.add(2, [([4], [1], torch.empty(0))], [], specs, [2])
 (out,) = ext.run(body, [x, y])
@@ -236,7 +254,7 @@ assert list(u64("grid")[:6]) == [5, 1, 1, 2, 3, 4] and (u64("block")[0], u64("sh
 assert list(u64("offsets")[:3]) == [0, 128, 136] and u64("base")[0] % 64 == 0
 raw = bytes((ctypes.c_ubyte * (8 * 512)).in_dll(fake, "bytes"))
 assert struct.unpack_from("Qi", raw, 128) == (y.data_ptr(), 7) and raw[:128] == b"\xab" * 128
-assert struct.unpack_from("Q", raw, 512)[0] == out.data_ptr()
+assert struct.unpack_from("QQ", raw, 512) == (out.data_ptr(), out.data_ptr() + 12)
 assert var("replaced").value == 1 and (u64("maps")[0] - u64("base")[0], u64("maps")[1]) == (0, x.data_ptr())
 wrapped = _replay.Body(ext, body, ())
 assert wrapped(x[1:], y) is None and var("launches").value == 2  # not 16-byte aligned: nothing launched

@@ -22,12 +22,14 @@ from tests.helpers import DEVICE, Shape, assert_close_rel, make_learnable_table,
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 REPLAYED, PYTHON = "ReplayedAttentionBackward", "FlashRopeAttentionBackward"
+PACKED_REPLAYED, PACKED_PYTHON = "ReplayedAttentionPackedBackward", "FlashRopeAttentionPackedBackward"
 
 
 @pytest.fixture
-def replayable():
+def replayable(monkeypatch):
     if not runtime.KEEPS_RUNNERS or not dl.MIRRORS_LAUNCHER or dl._get_driver() is None:
         pytest.skip("no kept runners, or no driver launches (Triton other than 3.6, no CUDA 12.4 driver)")
+    monkeypatch.setattr(replay, "PACKED", True)
     _replay.extension()
     assert _replay.wait(600), "the replay extension did not build (see the log)"
     with settings.override(background_compile=False, triton_replay=True), runtime.fresh_caches():
@@ -55,6 +57,18 @@ def _step(q, k, v, do, table):
     return name, [o.detach(), q.grad, k.grad, v.grad]
 
 
+def _step_packed(q, k, v, do, table):
+    """`_step` through `attention_packed` of the projection q, k, v are the views of (`_inputs`): the gradient
+    written whole, then split as [dq, dk, dv]."""
+    qkv = q.as_strided((q.shape[0], q.shape[2], 3, q.shape[1], q.shape[3]), (q.stride(0), q.stride(2),
+                                                                           q.shape[1] * q.shape[3], q.stride(1), 1))
+    qkv = qkv.detach().requires_grad_()
+    o = attnhub.attention_packed(qkv, table, backend="triton_fa_rope")
+    name = type(o.grad_fn).__name__
+    o.backward(do)
+    return name, [o.detach(), *qkv.grad.permute(2, 0, 3, 1, 4).unbind(0)]
+
+
 def _math(q, k, v, do, table):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     o = attnhub.attention(q, k, v, table, backend="math")
@@ -74,12 +88,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
 @pytest.mark.parametrize("case", CASES)
-def test_dry_runs_read_only_what_the_bodies_hold(case, monkeypatch):
+def test_dry_runs_read_only_what_the_bodies_hold(case, packed, monkeypatch):
     """The launches `replay._build` records (nothing runs): every tensor one reads (a pointer, a descriptor's base)
-    is an input, an allocation or a constant of its body, and every allocation is some launch's argument (none is
-    computed by PyTorch, which a body would not replay): what `_replay.body` maps by address, checked here on the
-    kernels the CPU records (the Triton forward; the fused and split backwards)."""
+    is an input, an allocation or a constant of its body (packed: dq, dk, dv are views into the one allocated
+    gradient), and every allocation is some launch's argument (none is computed by PyTorch, which a body would not
+    replay): what `_replay.body` maps, checked here on the kernels the CPU records (the Triton forward; the fused
+    and split backwards)."""
     made = []
     def body(launches, inputs, returned, scratch=(), constants=()):
         made.append((launches, inputs, returned, scratch, constants))
@@ -87,15 +103,20 @@ def test_dry_runs_read_only_what_the_bodies_hold(case, monkeypatch):
 
     monkeypatch.setattr(_replay, "body", body)
     args, bwd = CASES[case]
+    if _kind(args, packed) is None:
+        pytest.skip("grouped heads: no one projection")
     q, k, v, _, table = _inputs(*args)
+    B, H, N, D = q.shape
     cos_sin = (None, None) if table is None else table.cos_sin()
     with settings.override(triton_bwd=bwd), runtime.fresh_caches(keep_runners=False):
-        call = replay._build(q, k, v, *cos_sin, table, q.shape[-1] ** -0.5, configs.for_call(q.device, q.shape[-1]))
+        call = replay._build(q, k, v, *cos_sin, table, D ** -0.5, configs.for_call(q.device, D),
+                             torch.Size((B, N, 3, H, D)) if packed else None)
     assert call is not None and len(made) == 2
     for launches, inputs, returned, scratch, constants in made:
         held = {t.data_ptr() for t in (*inputs, *returned, *scratch, *constants)}
         read = [getattr(a, "base", a) for r in launches for a in r.args]
-        read = {t.data_ptr() for t in read if isinstance(t, torch.Tensor)}
+        read = {t.data_ptr() if t.data_ptr() in held else t.untyped_storage().data_ptr() for t in read
+                if isinstance(t, torch.Tensor)}  # a view into an allocation: its storage's address
         assert launches and read <= held
         assert {t.data_ptr() for t in (*returned, *scratch)} <= read
 
@@ -112,15 +133,23 @@ class _InterpretedBody:
         assert len(slot_of) == len(slots)
         self.inputs, self.returned, self.constants = len(inputs), len(returned), constants
         self.layouts = [(t.shape, t.stride(), t.dtype) for t in allocated]
-        self.launches = [(r, [slot_of[a.data_ptr()] if isinstance(a, torch.Tensor) else None for a in r.args])
-                         for r in launches]
+        views = {}  # an argument inside an allocation (a packed gradient's dk): (slot, its view's layout)
+        for r in launches:
+            for a in r.args:
+                if isinstance(a, torch.Tensor) and a.data_ptr() not in slot_of:
+                    i = next(len(inputs) + j for j, t in enumerate(allocated) if a.untyped_storage().data_ptr()
+                             == t.untyped_storage().data_ptr())
+                    views[a.data_ptr()] = (i, a.shape, a.stride(), a.storage_offset())
+        self.launches = [(r, [slot_of.get(a.data_ptr(), views.get(a.data_ptr())) if isinstance(a, torch.Tensor)
+                              else None for a in r.args]) for r in launches]
 
     def __call__(self, *inputs):
         allocated = [torch.empty_strided(shape, stride, dtype=dtype).fill_(float("nan"))
                      for shape, stride, dtype in self.layouts]
         slots = (*inputs, *allocated, *self.constants)
         for r, where in self.launches:
-            args = [a if i is None else slots[i] for a, i in zip(r.args, where)]
+            args = [a if i is None else slots[i] if isinstance(i, int) else slots[i[0]].as_strided(*i[1:])
+                    for a, i in zip(r.args, where)]
             r.kernel[r.grid](*args, num_warps=r.num_warps, num_stages=r.num_stages, **r.constexprs)
         return list(slots[self.inputs:self.inputs + self.returned])
 
@@ -133,6 +162,7 @@ def interpreted(monkeypatch):
         pytest.skip("the GPU tests replay through the extension")
     calls: dict = {}
     monkeypatch.setattr(replay, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(replay, "PACKED", True)
     monkeypatch.setattr(_replay, "extension", lambda: _replay)
     monkeypatch.setattr(_replay, "body", _InterpretedBody)
     monkeypatch.setattr(runtime, "replay_cache", lambda: calls)
@@ -144,23 +174,35 @@ CPU_CASES = {**{name: case for name, case in CASES.items() if Shape(*case[0][:4]
              "N=37 fused": ((1, 2, (6, 6), 1, torch.float32, "interleaved"), "fused")}  # dq in fp32 scratch
 
 
+def _kind(args, packed: bool):
+    """-> the step, the Python path's node name, the replayed one's; None for grouped heads packed (no projection)."""
+    if packed and len(args) > 7:
+        return None
+    return (_step_packed, PACKED_PYTHON, PACKED_REPLAYED) if packed else (_step, PYTHON, REPLAYED)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
 @pytest.mark.parametrize("case", CPU_CASES)
-def test_replayed_calls_give_the_python_paths_bits_on_the_cpu(case, interpreted):
-    """The whole replay (lookup, the dry runs, `ReplayedAttention`'s forward and backward) through the stand-in body:
-    from a signature's second call on the node is ReplayedAttention, and its o, dq, dk, dv are the Python path's
-    bit for bit, its outputs NaN-filled before the kernels write them; a gradient laid out otherwise than o runs the
-    Python backward in the replayed node."""
+def test_replayed_calls_give_the_python_paths_bits_on_the_cpu(case, packed, interpreted):
+    """The whole replay (lookup, the dry runs, `ReplayedAttention`'s forward and backward; packed,
+    `ReplayedAttentionPacked` writing the projection's gradient whole) through the stand-in body: from a signature's
+    second call on the node is the replayed one, and its o, dq, dk, dv are the Python path's bit for bit, its
+    outputs NaN-filled before the kernels write them; a gradient laid out otherwise than o runs the Python backward
+    in the replayed node."""
     args, bwd = CPU_CASES[case]
+    if _kind(args, packed) is None:
+        pytest.skip("grouped heads: no one projection")
+    step, python, replayed = _kind(args, packed)
     q, k, v, do, table = _inputs(*args)
     with settings.override(triton_bwd=bwd):
         with settings.override(triton_replay=False):
-            name, ref = _step(q, k, v, do, table)
-        assert name == PYTHON
-        got = [_step(q, k, v, do, table) for _ in range(3)]
-        other = _step(q, k, v, do.contiguous(), table)
+            name, ref = step(q, k, v, do, table)
+        assert name == python
+        got = [step(q, k, v, do, table) for _ in range(3)]
+        other = step(q, k, v, do.contiguous(), table)
         with settings.override(triton_replay=False):
-            other_ref = _step(q, k, v, do.contiguous(), table)[1]
-    assert [name for name, _ in got] == [PYTHON, REPLAYED, REPLAYED] and other[0] == REPLAYED
+            other_ref = step(q, k, v, do.contiguous(), table)[1]
+    assert [name for name, _ in got] == [python, replayed, replayed] and other[0] == replayed
     assert len(interpreted) == 1
     for results, expected in ((got[1][1], ref), (got[2][1], ref), (other[1], other_ref)):
         for what, a, b in zip(("o", "dq", "dk", "dv"), results, expected):
@@ -169,19 +211,24 @@ def test_replayed_calls_give_the_python_paths_bits_on_the_cpu(case, interpreted)
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
 @pytest.mark.parametrize("case", CASES)
-def test_replay_gives_the_python_paths_bits(case, replayable):
+def test_replay_gives_the_python_paths_bits(case, packed, replayable):
     """Four calls with the Python path, then four replayed (the first of a signature runs its Python path, the
-    second builds the bodies): from then on the node is ReplayedAttention and its o, dq, dk, dv are the Python
-    path's bit for bit, and within the float64 bound, with every new allocation NaN-filled (deterministic mode)."""
+    second builds the bodies): from then on the node is the replayed one and its o, dq, dk, dv are the Python
+    path's bit for bit (packed: the projection's gradient, written whole), and within the float64 bound, with every
+    new allocation NaN-filled (deterministic mode)."""
     args, bwd = CASES[case]
+    if _kind(args, packed) is None:
+        pytest.skip("grouped heads: no one projection")
+    step, python, replayed = _kind(args, packed)
     q, k, v, do, table = _inputs(*args)
     with settings.override(triton_bwd=bwd), _poisoned():
         with settings.override(triton_replay=False):
-            names, ref = zip(*(_step(q, k, v, do, table) for _ in range(4)))
-        assert set(names) == {PYTHON}
-        got = [_step(q, k, v, do, table) for _ in range(4)]
-    assert [name for name, _ in got] == [PYTHON, REPLAYED, REPLAYED, REPLAYED]
+            names, ref = zip(*(step(q, k, v, do, table) for _ in range(4)))
+        assert set(names) == {python}
+        got = [step(q, k, v, do, table) for _ in range(4)]
+    assert [name for name, _ in got] == [python, replayed, replayed, replayed]
     for _, results in got[1:]:
         for what, a, b in zip(("o", "dq", "dk", "dv"), results, ref[-1]):
             assert torch.equal(a, b), what
