@@ -21,6 +21,22 @@ for var in ("ATTNHUB_BACKEND", "ATTNHUB_DISABLE", "ATTNHUB_REGISTRY", "ATTNHUB_T
 # Every call runs the kernel the config table picks for it, from its first call on: no Triton forward serving while
 # a Gluon forward compiles in the background (tests/backends/test_triton_runtime.py turns it on where it tests it).
 os.environ["ATTNHUB_TRITON_BACKGROUND_COMPILE"] = "0"
+_STARTED: list = []  # test modules whose background processes `pytest_collection_finish` started
+
+
+def pytest_collection_finish(session):
+    """The offline sm_90 compile check takes minutes in processes of its own: started now where it was collected,
+    they compile while the other tests run (not in an xdist worker: each would start them)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None and not session.config.option.collectonly:
+        for item in session.items:
+            if item.nodeid.endswith("test_sm90.py::test_every_launch_compiles_for_sm90"):
+                item.module.start_matrix(alone=len(session.items) == 1)
+                _STARTED.append(item.module)
+
+
+def pytest_sessionfinish(session):
+    for module in _STARTED:  # a session that ended before the test (-x, a keyboard interrupt): no process left behind
+        module.stop_matrix()
 
 
 def pytest_collection_modifyitems(config, items):

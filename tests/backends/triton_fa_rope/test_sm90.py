@@ -15,35 +15,76 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[3]
+_MATRIX: dict = {}  # the running compile processes (`start_matrix`): folder, [(process, stdout file, stderr file)]
 
 
-def test_every_launch_compiles_for_sm90(tmp_path):
+def _why_not() -> str | None:
+    """Why this triton cannot compile for sm_90 here (None: it can)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:  # older triton: no offline compile API
-        pytest.skip(f"triton {triton.__version__} has no offline compile API: {exc}")
+        return f"triton {triton.__version__} has no offline compile API: {exc}"
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton ships no ptxas")
+        return "this triton ships no ptxas"
+    return None
+
+
+def start_matrix(alone: bool = True) -> None:
+    """Start the matrix's compile processes (`sm90.py --matrix`, a shard per core, each with its own Triton cache and
+    output files), once. tests/conftest.py starts them when collection selects the test below, so that their
+    minutes of compiling overlap the other tests' (not `alone`: a core left to those)."""
+    if _MATRIX or _why_not():
+        return
+    folder = tempfile.mkdtemp(prefix="attnhub-sm90-")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    shards = max(1, min(4, os.cpu_count() or 1))  # a process per core: the compiles take minutes
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.backends.triton_fa_rope.sm90", "--matrix", "--shard",
-                               f"{i}/{shards}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"triton-cache-{i}")}, cwd=ROOT)
-             for i in range(shards)]
+    env["ATTNHUB_CACHE_DIR"] = os.path.join(folder, "attnhub-cache")  # started before any test's own (conftest)
+    shards = max(1, min(4, (os.cpu_count() or 1) - (0 if alone else 1)))  # the compiles take minutes
+    procs = []
+    for i in range(shards):
+        out, err = (open(os.path.join(folder, f"shard{i}.{ext}"), "w+") for ext in ("json", "log"))
+        procs.append((subprocess.Popen([sys.executable, "-m", "tests.backends.triton_fa_rope.sm90", "--matrix",
+                                        "--shard", f"{i}/{shards}"], stdout=out, stderr=err, text=True, cwd=ROOT,
+                                       env={**env, "TRITON_CACHE_DIR": os.path.join(folder, f"cache{i}")}), out, err))
+    _MATRIX.update(folder=folder, procs=procs)
+
+
+def stop_matrix() -> None:
+    """Stop processes still running (a session that ended before the test) and remove their folder."""
+    for proc, out, err in _MATRIX.pop("procs", ()):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+        err.close()
+    shutil.rmtree(_MATRIX.pop("folder", ""), ignore_errors=True)
+
+
+def test_every_launch_compiles_for_sm90():
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    start_matrix()  # started at collection, unless this session did not (an xdist worker)
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode in (0, 1), err[-3000:]
-        results.append(json.loads(out))
+    try:
+        for proc, out, err in _MATRIX["procs"]:
+            proc.wait(timeout=900)
+            out.seek(0)
+            err.seek(0)
+            assert proc.returncode in (0, 1), err.read()[-3000:]
+            results.append(json.load(out))
+    finally:
+        stop_matrix()
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     result = dict(rows=[row for r in results for row in r["rows"]])
