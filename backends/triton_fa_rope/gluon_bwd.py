@@ -63,10 +63,11 @@ def tail_rows(N: int, block_m: int) -> int:
     return 0
 
 
-def swap_rows(N: int, block: int, config: ArchConfigs) -> int:
-    """Valid rows a head's last resident block (`block` rows) runs swapped with (`bwd_swap_tail`; 0: as written):
-    16 where it holds at most 16 (577 = 9 * 64 + 1, 1029 = 16 * 64 + 5), with one warpgroup's 64-row blocks."""
-    return 16 if config.bwd_swap_tail and block == 64 and 0 < N % block <= 16 else 0
+def swap_rows(N: int, resident: int, streamed: int, config: ArchConfigs) -> int:
+    """Valid rows a head's last resident block (`resident` rows) runs swapped with (`bwd_swap_tail`; 0: as written):
+    16 where it holds at most 16 (577 = 9 * 64 + 1, 1029 = 16 * 64 + 5), with one warpgroup's 64-row blocks on both
+    sides (the streamed ones become the MMA's 64 rows)."""
+    return 16 if config.bwd_swap_tail and resident == streamed == 64 and 0 < N % resident <= 16 else 0
 
 
 def _check(name: str, cfg: KernelConfig, resident: int, streamed: int) -> None:
@@ -103,7 +104,7 @@ def _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_
         dkdv = _Launch(gluon_dkdv_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
                        (*dk.stride()[:3], *dv.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
                        STAGES=cfg.num_stages, TAIL_M=tail_rows(N, cfg.block_m) if config.narrow_tail else 0,
-                       SWAP_K=swap_rows(N, cfg.block_n, config) if cfg.block_m == 64 else 0)
+                       SWAP_K=swap_rows(N, cfg.block_n, cfg.block_m, config))
     if config.gluon_dq is not None:
         cfg = config.gluon_dq
         _check("gluon_dq", cfg, cfg.block_m, cfg.block_n)
@@ -111,7 +112,7 @@ def _plan(q, k, v, do, o, dq, dk, dv, rope, cos, config: ArchConfigs) -> tuple[_
         dq_ = _Launch(gluon_dq_kernel, tensors, cfg.block_m, cfg.block_n, (blocks * B * H,),
                       (*o.stride()[:3], *dq.stride()[:3], stab_h, stab_n, H, N, P, blocks), cfg, ROPE=rope_on,
                       STAGES=cfg.num_stages, TAIL_N=tail_rows(N, cfg.block_n) if config.narrow_tail else 0,
-                      DELTA=config.delta_in_dq, SWAP_Q=swap_rows(N, cfg.block_m, config) if cfg.block_n == 64 else 0)
+                      DELTA=config.delta_in_dq, SWAP_Q=swap_rows(N, cfg.block_m, cfg.block_n, config))
     return dkdv, dq_
 
 

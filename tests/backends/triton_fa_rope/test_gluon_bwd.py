@@ -118,7 +118,7 @@ def test_the_last_block_is_only_as_wide_as_its_rows_need(N, block, rows):
 def test_a_last_resident_block_of_few_rows_runs_swapped_where_switched_on(N, block, on, rows):
     """`bwd_swap_tail`: at most 16 valid rows of a 64-row resident block (one warpgroup's); never with 128."""
     config = dataclasses.replace(HOPPER, bwd_swap_tail=on)
-    assert gluon_bwd.swap_rows(N, block, config) == rows
+    assert gluon_bwd.swap_rows(N, block, 64, config) == rows
 
 
 def test_the_swapped_tails_reach_the_launches():
