@@ -6,6 +6,7 @@
         --batch 64 --seq-len 576 --modes train       # variable-resolution batches (NaFlex, 10-40% padding)
     python benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 --modes train \
         --model-kwargs '{"attn_type": "rope", "num_kv_heads": 4, "qkv_fused": false}'   # grouped k/v heads
+    python benchmarks/bench_e2e.py ... --triton-configs '{"bwd_swap_tail": true}'   # a candidate config table
 
 For each model, mode and variant one fresh model (random weights, same seed) runs:
   train  forward + backward + AdamW step under bf16 autocast (cross-entropy on random labels)
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 import attnhub
 from attnhub import benchkit
+from attnhub.backends.triton_fa_rope import configs
 from attnhub.integrations import timm as attnhub_timm
 
 MODELS = ("vit_small_patch16_rope_224", "vit_base_patch16_rope_224")
@@ -311,6 +313,7 @@ def run(args) -> dict:
         "environment": benchkit.environment(device),
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
                    "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs,
+                   "triton_configs": args.triton_configs,
                    "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
                    "optimizer": "AdamW", "gc_freeze": args.gc_freeze, "compile": None if args.no_compile else
                    {"mode": args.compile_mode, "fullgraph": False, "backend": args.compile_backend}},
@@ -332,6 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON keyword arguments of timm.create_model, e.g. \'{"attn_type": "rope", "num_kv_heads": 4, '
                         '"qkv_fused": false}\' (grouped k/v heads)')
+    p.add_argument("--triton-configs", type=json.loads, default={},
+                   help='JSON fields of triton_fa_rope\'s configs to override for the whole run (configs.override), '
+                        'e.g. \'{"bwd_swap_tail": true}\': a candidate table against timm in one run')
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=500, help="untimed steps after the first call, ms (do_bench)")
     p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")
@@ -351,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if unknown := [m for m in args.modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    report = run(args)
+    with configs.override(**args.triton_configs):
+        report = run(args)
     print_table(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,8 @@
 #   swaptail the Gluon backward's GPU tests with a head's last resident block swapped (bwd_swap_tail), then
 #          benchmarks/gluon_bwd.py at N = 577 and 1029, the table's kernels against the swapped ones
 #                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
+#   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table, then the table with
+#          bwd_swap_tail (bench_e2e --triton-configs)                   -> e2e_vit_b384_{table,swapped}.json, .log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -315,6 +317,13 @@ PY
         --variants "gluon dkdv+dq,gluon dkdv+dq swapped" --out "$OUT/h200_gluon_bwd_swapped.json" \
         >"$OUT/gluon_bwd_swapped.log" 2>&1 || status=1
       tail -8 "$OUT/gluon_bwd_swapped.log" ;;
+    swape2e)
+      for variant in table swapped; do
+        timeout 200 python3 benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 \
+          --modes train --compile-only --triton-configs "$([ $variant = swapped ] && echo '{"bwd_swap_tail": true}' \
+          || echo '{}')" --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
+        echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
+      done ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \
