@@ -75,10 +75,10 @@
 #          and 1, and a summary (fwd+bwd host µs against F.sdpa's)
 #                                                     -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
 #   swaptail the Gluon backward's GPU tests with a head's last resident block swapped (bwd_swap_tail), then
-#          benchmarks/gluon_bwd.py at N = 577 and 1029, the table's kernels against the swapped ones
+#          benchmarks/gluon_bwd.py at N = 577 and 1029, the kernels without it against the table's (with it)
 #                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
-#   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table, then the table with
-#          bwd_swap_tail (bench_e2e --triton-configs)                   -> e2e_vit_b384_{table,swapped}.json, .log
+#   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table without
+#          bwd_swap_tail (bench_e2e --triton-configs), then the table           -> e2e_vit_b384_{unswapped,table}.json, .log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -311,16 +311,16 @@ PY
       ;;
     swaptail)
       timeout 150 python3 -m pytest $XDIST -q -rs -p no:cacheprovider tests/backends/triton_fa_rope/test_gluon_bwd.py \
-        -k "swapped or reach" >"$OUT/pytest_swapped.log" 2>&1 || status=1
+        -k "table or swapped or reach" >"$OUT/pytest_swapped.log" 2>&1 || status=1
       tail -3 "$OUT/pytest_swapped.log"
       timeout 270 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_384;vit_b16_512_reg4" \
-        --variants "gluon dkdv+dq,gluon dkdv+dq swapped" --out "$OUT/h200_gluon_bwd_swapped.json" \
+        --variants "gluon dkdv+dq unswapped,gluon dkdv+dq" --out "$OUT/h200_gluon_bwd_swapped.json" \
         >"$OUT/gluon_bwd_swapped.log" 2>&1 || status=1
       tail -8 "$OUT/gluon_bwd_swapped.log" ;;
     swape2e)
-      for variant in table swapped; do
+      for variant in unswapped table; do
         timeout 200 python3 benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 \
-          --modes train --compile-only --triton-configs "$([ $variant = swapped ] && echo '{"bwd_swap_tail": true}' \
+          --modes train --compile-only --triton-configs "$([ $variant = unswapped ] && echo '{"bwd_swap_tail": false}' \
           || echo '{}')" --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
         echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
       done ;;

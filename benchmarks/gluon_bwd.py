@@ -37,7 +37,7 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     "gluon dkdv+dq w8": dict(gluon_bwd_from_n=0, gluon_dq=K(128, 64, 8, 2, 128)),
     "gluon dkdv+dq dq s4": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 4)),
     "gluon dkdv+dq no fused": dict(gluon_bwd_from_n=0, bwd_fused_max_n=0),  # N <= 256 too
-    "gluon dkdv+dq swapped": dict(gluon_bwd_from_n=0, bwd_swap_tail=True),  # a head's last block of <= 16 rows
+    "gluon dkdv+dq unswapped": dict(gluon_bwd_from_n=0, bwd_swap_tail=False),  # the table before bwd_swap_tail
 }
 
 

@@ -155,7 +155,9 @@ K = KernelConfig
 # tokens (3.5-3.8% at N = 785 / 1029 once q and k share one launch; not measured with key padding, which the Triton
 # forward serves from 384 tokens). From 257 tokens the
 # split backward runs the Gluon dK/dV and dQ kernels (capped registers: three and four CTAs per SM); below, the
-# fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there.
+# fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there. A head's
+# last block of at most 16 rows runs swapped there (bwd_swap_tail): its dK/dV and dQ kernels 1.02-1.06x faster at
+# N = 577 and 1029, fwd+bwd 1.01-1.02x (GPU time, H100).
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_prerotated=K(64, 64, 4, 3),
                 fwd_train_prerotated=K(64, 64, 4, 3),
@@ -163,7 +165,8 @@ HOPPER = (
                 prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q_from_n=641, narrow_tail=True,
                 resident_fwd_max_n=1152, resident_train_max_n=1152, long_early_release=True, long_attend_groups=3,
                 stream_overlap=True,
-                gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True),
+                gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True,
+                bwd_swap_tail=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

@@ -66,8 +66,11 @@ def tail_rows(N: int, block_m: int) -> int:
 def swap_rows(N: int, resident: int, streamed: int, config: ArchConfigs) -> int:
     """Valid rows a head's last resident block (`resident` rows) runs swapped with (`bwd_swap_tail`; 0: as written):
     16 where it holds at most 16 (577 = 9 * 64 + 1, 1029 = 16 * 64 + 5), with one warpgroup's 64-row blocks on both
-    sides (the streamed ones become the MMA's 64 rows)."""
-    return 16 if config.bwd_swap_tail and resident == streamed == 64 and 0 < N % resident <= 16 else 0
+    sides (the streamed ones become the MMA's 64 rows), in heads of several blocks: Triton 3.6 fails to lower the
+    swapped kernels at N = 1 (an int argument of 1 compiles as a constant), and one block's heads take the fused
+    backward anyway."""
+    swap = config.bwd_swap_tail and resident == streamed == 64 and N > resident
+    return 16 if swap and 0 < N % resident <= 16 else 0
 
 
 def _check(name: str, cfg: KernelConfig, resident: int, streamed: int) -> None:

@@ -3,13 +3,13 @@ turns it off): per call signature, a forward body (allocate o, lse and the rotat
 backward body (allocate dq, dk, dv and any scratch; launch the backward), each one call from Python. A packed call
 (`attention_packed`: q, k, v views of one projection, as patched timm models call it) has a backward body that
 allocates the projection's gradient whole and writes dq, dk, dv into its views (`autograd.ReplayedAttentionPacked`;
-`PACKED`, off until its GPU tests have run).
+`PACKED` turns it off).
 
 A signature's first call runs the Python path (`autograd.FlashRopeAttention`), which compiles its kernels and keeps
 their runners. A later call builds the bodies from a dry run of the same launches (`launch.forward`; the planned
 `FusedBackward.run` or the split `launch.backward`) and, once built, every call of the signature runs
 `autograd.ReplayedAttention` on them. Calls this does not take keep the Python path: a key padding mask, a table that
-requires grad, a packed qkv while `PACKED` is off, launches of a kernel through Triton's launcher, a tensor the call
+requires grad, a packed qkv with `PACKED` off, launches of a kernel through Triton's launcher, a tensor the call
 computes with PyTorch (a bf16 table read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an
 input not 16-byte aligned) and a gradient laid out otherwise than o run that call's Python path. A signature whose
 gradients never come laid out like o keeps the Python path: the backward body's kernels are those of such a gradient,
@@ -28,8 +28,7 @@ from attnhub.backends.triton_fa_rope.launch import Table
 
 _TRIES = 3  # builds of one signature that find it not ready (a runner not kept yet) before it keeps the Python path
 DEVICE_TYPE = "cuda"  # where calls replay (the CPU tests replay through a stand-in body in the interpreter)
-PACKED = False  # calls of a packed qkv (`attention_packed`: patched timm models) replay too; off until their GPU tests
-# (tests/backends/triton_fa_rope/test_replay.py) have run
+PACKED = True  # calls of a packed qkv (`attention_packed`: patched timm models) replay too
 
 
 class TrainingCall:

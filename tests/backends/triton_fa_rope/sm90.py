@@ -304,11 +304,11 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))
              for case, grid in LONG_GLUON.items()]
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_swapped",  # a head's last block swapped (577, 641)
-              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=True))
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_unswapped",  # no last block swapped (the table's
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=False))  # at 577, 641)
              for case, grid in LONG_GLUON.items()]
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_swapped_delta_pass",  # and with the delta pass
-              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=True, narrow_tail=False,
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_unswapped_delta_pass",  # and with the delta pass
+              training_step_launches(*case_inputs(*CASES[case], grid=grid), bwd_swap_tail=False, narrow_tail=False,
                                      delta_in_dq=False))
              for case, grid in LONG_GLUON.items()]
     if rotate:

@@ -112,19 +112,22 @@ def test_the_last_block_is_only_as_wide_as_its_rows_need(N, block, rows):
     assert gluon_bwd.tail_rows(N, block) == rows
 
 
-@pytest.mark.parametrize("N,block,on,rows", [(577, 64, True, 16), (1029, 64, True, 16), (1, 64, True, 16),
+@pytest.mark.parametrize("N,block,on,rows", [(577, 64, True, 16), (1029, 64, True, 16), (65, 64, True, 16),
+                                             (1, 64, True, 0), (16, 64, True, 0),
                                              (592, 64, True, 16), (593, 64, True, 0), (640, 64, True, 0),
                                              (577, 128, True, 0), (577, 64, False, 0)])
 def test_a_last_resident_block_of_few_rows_runs_swapped_where_switched_on(N, block, on, rows):
-    """`bwd_swap_tail`: at most 16 valid rows of a 64-row resident block (one warpgroup's); never with 128."""
+    """`bwd_swap_tail`: at most 16 valid rows of a head's last 64-row resident block (one warpgroup's) where the head
+    has several; never with 128."""
     config = dataclasses.replace(HOPPER, bwd_swap_tail=on)
     assert gluon_bwd.swap_rows(N, block, 64, config) == rows
 
 
 def test_the_swapped_tails_reach_the_launches():
-    """The plan passes SWAP_K and SWAP_Q (16 at N = 577 with the switch on, 0 off or with 128-row blocks)."""
+    """The plan passes SWAP_K and SWAP_Q (16 at N = 577 with the switch on, as the Hopper table has it; 0 off or with
+    128-row blocks)."""
     q, k, v, table = _case(N=577)
-    for fields, swap in ((dict(bwd_swap_tail=True), 16), ({}, 0),
+    for fields, swap in (({}, 16), (dict(bwd_swap_tail=False), 0),
                          (dict(bwd_swap_tail=True, gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)), 0)):
         launches = dict(_backward_launches(q, k, v, table, constexprs=True, **ON, **fields))
         assert (launches["gluon_dkdv_kernel"]["SWAP_K"], launches["gluon_dq_kernel"]["SWAP_Q"]) == (swap, swap)
@@ -149,14 +152,15 @@ FLOAT64_CASES = [  # N, prefix, table, layout of q, k, v; keys in blocks of 128 
     (1, 1, "shared", "fused"),  # the prefix token alone
 ]
 K = configs.KernelConfig
-CONFIGS = {  # name -> config fields: the table's; two warpgroups; three buffers, every last block whole, the
-    "table": {},  # delta pass; a head's last resident block swapped (577, 1029, 257, 129, 1), with the delta pass
+CONFIGS = {  # name -> config fields: the table's (a head's last resident block swapped at 577, 1029, 257, 129);
+    "table": {},  # two warpgroups; three buffers, every last block whole, the delta pass; no block swapped, with
+    # delta in dQ and with the delta pass
     "w8": dict(gluon_dkdv=K(64, 128, 8, 3), gluon_dq=K(128, 64, 8, 2)),
     "s3_wide": dict(gluon_dkdv=K(64, 64, 4, 3, 168), gluon_dq=K(64, 64, 4, 3), narrow_tail=False, delta_in_dq=False),
-    "swapped": dict(bwd_swap_tail=True),
-    "swapped_delta_pass": dict(bwd_swap_tail=True, narrow_tail=False, delta_in_dq=False),
+    "unswapped": dict(bwd_swap_tail=False),
+    "unswapped_delta_pass": dict(bwd_swap_tail=False, narrow_tail=False, delta_in_dq=False),
 }
-DELTA_PASS = ("s3_wide", "swapped_delta_pass")
+DELTA_PASS = ("s3_wide", "unswapped_delta_pass")
 
 
 def _grads(q, k, v, table, do, packed: bool):

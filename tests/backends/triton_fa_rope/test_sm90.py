@@ -128,9 +128,10 @@ def test_every_launch_compiles_for_sm90():
         # delta in the dQ kernel (the table's) and from the delta pass
         assert (case, "long_gluon", "bwd_preprocess") not in compiled
         assert (case, "gluon_bwd_whole_tail", "bwd_preprocess") in compiled
-    # a head's last resident block swapped (bwd_swap_tail: N = 577 and 641), with delta in dQ and the delta pass
+    # a head's last resident block as written (the table swaps it at N = 577 and 641: bwd_swap_tail), with delta in
+    # dQ and the delta pass
     for case in ("d64_bf16_interleaved_n577", "d64_fp16_interleaved_n641"):
-        for variant in ("gluon_bwd_swapped", "gluon_bwd_swapped_delta_pass"):
+        for variant in ("gluon_bwd_unswapped", "gluon_bwd_unswapped_delta_pass"):
             assert {(case, variant, name) for name in ("gluon_dkdv_kernel", "gluon_dq_kernel")} <= compiled
     # past 640 tokens the streaming kernel (K resident, V through a ring), inference and training (each case two
     # launches of it), then the Gluon backward; ViT-B/16@512 with 4 register tokens, ViT-L/16@448, 1152 tokens
