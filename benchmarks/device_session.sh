@@ -70,8 +70,9 @@
 #   hostfloor benchmarks/host_profile.py --sections breakdown,floor: the cached call's host µs piece by piece, then the
 #          autograd floor of a C++ node against the Python Function's, and of a C++ node running the planned
 #          kernels through the driver (DriverNode; builds host_floor_ext.cpp, about a minute)  -> h200_host_floor.txt
-#   replay the C++ replay's GPU tests (tests/backends/triton_fa_rope/test_replay.py, packed calls among them: once
-#          green, turn on replay.PACKED; the extension's and the driver launches'), then the host section twice in separate processes, interleaved, with ATTNHUB_TRITON_REPLAY=0
+#   replay the C++ replay's GPU tests (tests/backends/triton_fa_rope/test_replay.py, packed calls among them; the
+#          extension's and the driver launches'), then the host section twice in separate processes, interleaved,
+#          with ATTNHUB_TRITON_REPLAY=0
 #          and 1, and a summary (fwd+bwd host µs against F.sdpa's)
 #                                                     -> pytest_replay.log, h200_host_replay{0,1}_r{1,2}.json
 #   swaptail the Gluon backward's GPU tests with a head's last resident block swapped (bwd_swap_tail), then

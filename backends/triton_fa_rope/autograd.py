@@ -131,7 +131,7 @@ def _replayed_forward(ctx, q, k, v, cos, sin, call: replay.TrainingCall):
 
 
 class ReplayedAttentionPacked(torch.autograd.Function):
-    """FlashRopeAttentionPacked of a call `replay` took (replay.PACKED): `ReplayedAttention`'s bodies, the backward
+    """FlashRopeAttentionPacked of a call `replay` took: `ReplayedAttention`'s bodies, the backward
     one returning the projection's gradient whole."""
 
     @staticmethod

@@ -2,16 +2,15 @@
 turns it off): per call signature, a forward body (allocate o, lse and the rotated q and k; launch the forward) and a
 backward body (allocate dq, dk, dv and any scratch; launch the backward), each one call from Python. A packed call
 (`attention_packed`: q, k, v views of one projection, as patched timm models call it) has a backward body that
-allocates the projection's gradient whole and writes dq, dk, dv into its views (`autograd.ReplayedAttentionPacked`;
-`PACKED` turns it off).
+allocates the projection's gradient whole and writes dq, dk, dv into its views (`autograd.ReplayedAttentionPacked`).
 
 A signature's first call runs the Python path (`autograd.FlashRopeAttention`), which compiles its kernels and keeps
 their runners. A later call builds the bodies from a dry run of the same launches (`launch.forward`; the planned
 `FusedBackward.run` or the split `launch.backward`) and, once built, every call of the signature runs
 `autograd.ReplayedAttention` on them. Calls this does not take keep the Python path: a key padding mask, a table that
-requires grad, a packed qkv with `PACKED` off, launches of a kernel through Triton's launcher, a tensor the call
-computes with PyTorch (a bf16 table read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an
-input not 16-byte aligned) and a gradient laid out otherwise than o run that call's Python path. A signature whose
+requires grad, launches of a kernel through Triton's launcher, a tensor the call computes with PyTorch (a bf16 table
+read as fp32), launch hooks set (a profiler's); a body's run that cannot launch (an input not 16-byte aligned) and a
+gradient laid out otherwise than o run that call's Python path. A signature whose
 gradients never come laid out like o keeps the Python path: the backward body's kernels are those of such a gradient,
 which its calls never compiled.
 """
@@ -28,7 +27,6 @@ from attnhub.backends.triton_fa_rope.launch import Table
 
 _TRIES = 3  # builds of one signature that find it not ready (a runner not kept yet) before it keeps the Python path
 DEVICE_TYPE = "cuda"  # where calls replay (the CPU tests replay through a stand-in body in the interpreter)
-PACKED = True  # calls of a packed qkv (`attention_packed`: patched timm models) replay too
 
 
 class TrainingCall:
@@ -64,7 +62,7 @@ def lookup(q, k, v, cos, sin, rope, scale: float, packed: torch.Size | None = No
     whole, or None), or None: its Python path serves (the first call of a signature, one this cannot take, while the
     extension builds). `runtime.replay_cache` holds per signature a TrainingCall, None for the Python path, or how
     many builds found it not ready."""
-    if not settings.triton_replay() or (packed is not None and not PACKED):
+    if not settings.triton_replay():
         return None
     calls = runtime.replay_cache()
     if calls is None or q.device.type != DEVICE_TYPE:

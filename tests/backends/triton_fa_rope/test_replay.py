@@ -26,10 +26,9 @@ PACKED_REPLAYED, PACKED_PYTHON = "ReplayedAttentionPackedBackward", "FlashRopeAt
 
 
 @pytest.fixture
-def replayable(monkeypatch):
+def replayable():
     if not runtime.KEEPS_RUNNERS or not dl.MIRRORS_LAUNCHER or dl._get_driver() is None:
         pytest.skip("no kept runners, or no driver launches (Triton other than 3.6, no CUDA 12.4 driver)")
-    monkeypatch.setattr(replay, "PACKED", True)
     _replay.extension()
     assert _replay.wait(600), "the replay extension did not build (see the log)"
     with settings.override(background_compile=False, triton_replay=True), runtime.fresh_caches():
@@ -162,7 +161,6 @@ def interpreted(monkeypatch):
         pytest.skip("the GPU tests replay through the extension")
     calls: dict = {}
     monkeypatch.setattr(replay, "DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(replay, "PACKED", True)
     monkeypatch.setattr(_replay, "extension", lambda: _replay)
     monkeypatch.setattr(_replay, "body", _InterpretedBody)
     monkeypatch.setattr(runtime, "replay_cache", lambda: calls)
