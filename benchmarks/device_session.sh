@@ -80,6 +80,10 @@
 #                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
 #   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table without
 #          bwd_swap_tail (bench_e2e --triton-configs), then the table           -> e2e_vit_b384_{unswapped,table}.json, .log
+#   latewait the streaming forward's GPU tests (its late store waits bitwise against the eager ones, 384 heads), then
+#          benchmarks/gluon_bwd.py at N = 1029, fwd+bwd with the streaming forward's training form waiting for its
+#          slices' stores once a round (stream_late_store_wait) against the table's, in two processes
+#                             -> pytest_late_wait.log, h200_gluon_bwd_late_wait_r{1,2}.json, gluon_bwd_late_wait_r{1,2}.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -324,6 +328,15 @@ PY
           --modes train --compile-only --triton-configs "$([ $variant = unswapped ] && echo '{"bwd_swap_tail": false}' \
           || echo '{}')" --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
         echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
+      done ;;
+    latewait)
+      gluon_tests "late or streaming_kernel_over_many_heads"
+      mv "$OUT/pytest_gluon.log" "$OUT/pytest_late_wait.log"
+      for run in 1 2; do
+        timeout 150 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_512_reg4" \
+          --variants "gluon dkdv+dq,gluon dkdv+dq late store waits" --out "$OUT/h200_gluon_bwd_late_wait_r$run.json" \
+          >"$OUT/gluon_bwd_late_wait_r$run.log" 2>&1 || status=1
+        tail -4 "$OUT/gluon_bwd_late_wait_r$run.log"
       done ;;
     gluontrain)
       gluon_tests

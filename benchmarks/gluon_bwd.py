@@ -38,6 +38,8 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     "gluon dkdv+dq dq s4": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 4)),
     "gluon dkdv+dq no fused": dict(gluon_bwd_from_n=0, bwd_fused_max_n=0),  # N <= 256 too
     "gluon dkdv+dq unswapped": dict(gluon_bwd_from_n=0, bwd_swap_tail=False),  # the table before bwd_swap_tail
+    # past 640 tokens: the streaming forward's training form waiting for its slices' stores once a round
+    "gluon dkdv+dq late store waits": dict(gluon_bwd_from_n=0, stream_late_store_wait=True),
 }
 
 

@@ -56,7 +56,8 @@ _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp
 _PTX_COUNTS = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "cp_async": r"cp\.async\.(?:ca|cg)",
                "tma_load": r"cp\.async\.bulk\.tensor", "ld_global": r"\bld\.global", "st_shared": r"\bst\.shared",
                "ldmatrix": r"ldmatrix", "ex2": r"ex2\.approx",
-               "wait_group_1": r"wgmma\.wait_group\.sync\.aligned\s+1\b"}  # an MMA left in flight
+               "wait_group_1": r"wgmma\.wait_group\.sync\.aligned\s+1\b",  # an MMA left in flight
+               "store_wait": r"cp\.async\.bulk\.wait_group"}  # waits for TMA stores
 
 
 def training_step_launches(q, k, v, rope, mask=None, arch: int = 9, bwd: str = "split", **config) -> list[Launch]:
@@ -300,6 +301,9 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
                                      resident_train_max_n=1152, stream_overlap=True))
              for case, (grid, P) in STREAM_GLUON.items()]
+    jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_late_wait",  # the slices' stores waited for once a round
+              training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_late_store_wait=True))]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

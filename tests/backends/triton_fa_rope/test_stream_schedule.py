@@ -3,9 +3,11 @@ Gluon has no interpreter, so on CPU its code is only compiled (test_sm90.py); th
 partitions follow. The producer and the three attending groups are generators that follow the kernel's functions
 step by step (same buffer indices, barrier phases and ring positions); mbarriers complete a phase when their
 arrivals and TMA bytes are in; every TMA load lands at a random later time; a random scheduler interleaves it all.
-Checked: no deadlock; each read finds what it expects (the rotated K box of its head, the V box of its ring
-position, its rotated query slice); no TMA load lands in a buffer that is being read; every (head, slice) output
-written once. Keep the model in step with the kernel: it mirrors `_stream_producer`, `_stream_group` and
+With `stores` (the training form, SAVE_ROT) the producer's TMA stores of the rotated slices and K boxes read their
+buffers until they complete, also at random later times, and `tma.store_wait(0)` waits for them all. Checked: no
+deadlock; each read finds what it expects (the rotated K box of its head, the V box of its ring position, its
+rotated query slice); no TMA load lands in a buffer that is being read, and no o is written into a slice buffer a
+store still reads; every (head, slice) output written once. Keep the model in step with the kernel: it mirrors `_stream_producer`, `_stream_group` and
 `_attend_stream`; the last two tests show that it fails when the protocol is broken.
 """
 
@@ -54,15 +56,19 @@ class _Model:
 
     def __init__(self, N: int, heads: list[int], rng: random.Random, v_slots: int = 4, v_empty_count: int = GROUPS,
                  arrive_for_idle: bool = True, v_before_k: bool = False, tma_weight: float = 1.0,
-                 overlap: bool = False):
-        """tma_weight: how likely the scheduler lands a TMA load against running a partition (below 1: late
-        loads); overlap: the groups' overlapped key loop (`stream_overlap`); v_empty_count, arrive_for_idle,
-        v_before_k (a group's first slice of a head waits for its V box before its K box): broken protocols, for
-        the tests that show the model fails."""
+                 overlap: bool = False, stores: str | None = None, store_weight: float | None = None):
+        """tma_weight: how likely the scheduler lands a TMA load against running a partition (below 1: late loads);
+        store_weight: the same for completing a TMA store (tma_weight if None; far below it: stores complete after
+        the loads issued with them); overlap: the groups' overlapped key loop (`stream_overlap`); stores: the training
+        form's stores, each slice's waited for at once ("eager") or before a round's last V box ("late",
+        `stream_late_store_wait`); v_empty_count, arrive_for_idle, v_before_k (a group's first slice of a head waits
+        for its V box before its K box), stores="unwaited": broken protocols, for the tests that show the model
+        fails."""
         self.NS, self.NKC, self.N_FULL = -(-N // BLOCK), -(-N // BLOCK), N // BLOCK
         self.overlap = overlap
         self.heads, self.rng, self.arrive_for_idle, self.R = heads, rng, arrive_for_idle, v_slots
-        self.v_before_k, self.tma_weight = v_before_k, tma_weight
+        self.v_before_k, self.tma_weight, self.stores = v_before_k, tma_weight, stores
+        self.store_weight = tma_weight if store_weight is None else store_weight
         bars = lambda n, count=1: [_Barrier(count) for _ in range(n)]  # noqa: E731
         self.q_loaded, self.q_ready, self.q_empty = bars(2 * GROUPS), bars(2 * GROUPS), bars(2 * GROUPS)
         self.k_loaded, self.k_ready, self.kv_free = bars(self.NKC), bars(self.NKC), bars(self.NKC, GROUPS)
@@ -70,6 +76,7 @@ class _Model:
         self.q_buf, self.k_buf, self.v_ring = [None] * (2 * GROUPS), [None] * self.NKC, [None] * v_slots
         self.reading: dict = {}  # (buffer, index) -> readers now
         self.in_flight: list = []  # TMA loads: (barrier, buffer, index, content)
+        self.storing: list = []  # TMA stores: (buffer, index, content)
         self.outputs: list = []
 
     # primitives: a generator yields a predicate it waits on (None: it just lets the others run)
@@ -88,6 +95,19 @@ class _Model:
         yield None
         assert buf[index] == expected, f"{expected} changed while it was read: {buf[index]}"
         self.reading[key] -= 1
+
+    def _store(self, buf, index):
+        self.reading[(id(buf), index)] = self.reading.get((id(buf), index), 0) + 1
+        self.storing.append((buf, index, buf[index]))
+
+    def _store_wait(self):  # tma.store_wait(0): the producer's stores have all read their buffers
+        while self.storing:
+            yield lambda: not self.storing
+
+    def _complete_store(self, i):
+        buf, index, content = self.storing.pop(i)
+        assert buf[index] == content, f"{content} changed while it was stored: {buf[index]}"
+        self.reading[(id(buf), index)] -= 1
 
     def _land(self, i):
         bar, buf, index, content = self.in_flight.pop(i)
@@ -113,7 +133,15 @@ class _Model:
         assert self.q_buf[buf] == ("q", tile, si)
         self.q_buf[buf] = ("rotated q", tile, si)
         yield None
+        if self.stores:
+            self._store(self.q_buf, buf)
+            if self.stores == "eager":
+                yield from self._store_wait()
         self.q_ready[buf].arrive()
+
+    def _slices_stored(self, j):  # `_slices_stored`, rounds 1, 2, ...
+        if self.stores == "late" and j == self.NKC - 1:
+            yield from self._store_wait()
 
     def _next_round_slices(self, tile, r, j, it):
         if r + 1 < -(-self.NS // GROUPS):
@@ -135,6 +163,8 @@ class _Model:
 
     def _load_k_box(self, tile, j, it):
         yield from self._wait(self.kv_free[j], (it & 1) ^ 1)
+        if self.stores and j == 0:  # STORES_DONE
+            yield from self._store_wait()
         self._load(self.k_loaded[j], self.k_buf, j, ("k", tile, j))
 
     def producer(self):
@@ -155,14 +185,18 @@ class _Model:
                 assert self.k_buf[j] == ("k", tile, j)
                 self.k_buf[j] = ("rotated k", tile, j)
                 yield None
+                if self.stores:
+                    self._store(self.k_buf, j)
                 self.k_ready[j].arrive()
                 yield from self._next_round_slices(tile, 0, j, it)
             for r in range(1, NR - 1):
                 for j in range(self.NKC):
+                    yield from self._slices_stored(j)
                     vc = yield from self._issue_v(tile, j, vc, 0)
                     yield from self._next_round_slices(tile, r, j, it)
             if NR > 1:
                 for j in range(self.NKC):
+                    yield from self._slices_stored(j)
                     vc = yield from self._issue_v(tile, j, vc, idle)
 
     # the attending groups (`_stream_group`, `_attend_stream`)
@@ -212,22 +246,28 @@ class _Model:
                     self.q_empty[group * 2 + (n + 1) % 2].arrive()
                 si = r * GROUPS + group
                 yield from self._attend(tile, buf, si, (it * NR + r) * self.NKC, it & 1, r == 0, r == A - 1)
+                assert not self.reading.get((id(self.q_buf), buf)), f"o of {(tile, si)} written while stored"
                 self.q_buf[buf] = ("o", tile, si)  # o leaves through the slice's buffer
                 self.outputs.append((tile, si))
 
     def run(self):
         parts = [self.producer()] + [self.group(g) for g in range(GROUPS)]
         waiting = [None] * len(parts)
-        while any(p is not None for p in parts) or self.in_flight:
+        while any(p is not None for p in parts) or self.in_flight or self.storing:
             runnable = [("part", i) for i, p in enumerate(parts) if p is not None and (waiting[i] is None
                                                                                        or waiting[i]())]
-            choices = runnable + [("tma", i) for i in range(len(self.in_flight))]
+            choices = (runnable + [("tma", i) for i in range(len(self.in_flight))]
+                       + [("store", i) for i in range(len(self.storing))])
             if not choices:
                 stuck = [i for i, p in enumerate(parts) if p is not None]
                 raise AssertionError(f"deadlock: partitions {stuck} wait (0: the producer, 1-3: the groups)")
-            kind, i = self.rng.choices(choices, [self.tma_weight if c == "tma" else 1.0 for c, _ in choices])[0]
+            weights = {"part": 1.0, "tma": self.tma_weight, "store": self.store_weight}
+            kind, i = self.rng.choices(choices, [weights[c] for c, _ in choices])[0]
             if kind == "tma":
                 self._land(i)
+                continue
+            if kind == "store":
+                self._complete_store(i)
                 continue
             try:
                 waiting[i] = next(parts[i])
@@ -242,12 +282,15 @@ class _Model:
 @pytest.mark.parametrize("v_slots", configs.STREAM_V_SLOTS)
 @pytest.mark.parametrize("tma_weight", [1.0, 0.02])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots, tma_weight, overlap):
-    """Every ring depth the config table takes (`stream_v_slots`), both key loops (`stream_overlap`), with loads
-    landing as often as partitions run and late."""
+@pytest.mark.parametrize("stores", [None, "eager", "late"])
+def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots, tma_weight, overlap, stores):
+    """Every ring depth the config table takes (`stream_v_slots`), both key loops (`stream_overlap`), inference
+    and training (its stores waited for at once or late, `stream_late_store_wait`), with loads and stores
+    completing as often as partitions run and late (stores in half the runs later than the loads too)."""
     rng = random.Random(N * 10 + heads + 1000 * v_slots)
-    for _ in range(6):
-        _Model(N, list(range(heads)), rng, v_slots=v_slots, tma_weight=tma_weight, overlap=overlap).run()
+    for run in range(4 if stores else 6):
+        _Model(N, list(range(heads)), rng, v_slots=v_slots, tma_weight=tma_weight, overlap=overlap, stores=stores,
+               store_weight=tma_weight * (1e-3 if run % 2 else 1.0)).run()
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -271,3 +314,12 @@ def test_the_model_finds_a_stale_v_box_read_when_the_groups_wait_for_v_before_k(
 def test_the_model_finds_the_deadlock_without_the_producers_arrivals_for_idle_groups(overlap):
     with pytest.raises(AssertionError, match="deadlock"):
         _Model(1029, [0, 1], random.Random(0), arrive_for_idle=False, overlap=overlap).run()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_model_finds_an_o_written_while_its_slice_is_stored_without_the_waits(overlap):
+    """The training form with neither wait for the slices' stores: a late store still reads a slice buffer when
+    its group writes o there."""
+    with pytest.raises(AssertionError, match="written while stored|changed while it was stored|lands in a buffer"):
+        for seed in range(40):
+            _Model(1029, [0, 1], random.Random(seed), stores="unwaited", store_weight=1e-3, overlap=overlap).run()
