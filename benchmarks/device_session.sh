@@ -323,10 +323,11 @@ PY
         >"$OUT/gluon_bwd_swapped.log" 2>&1 || status=1
       tail -8 "$OUT/gluon_bwd_swapped.log" ;;
     swape2e)
+      declare -A swape2e_configs=([unswapped]='{"bwd_swap_tail": false}' [table]='{}')
       for variant in unswapped table; do
         timeout 200 python3 benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 \
-          --modes train --compile-only --triton-configs "$([ $variant = unswapped ] && echo '{"bwd_swap_tail": false}' \
-          || echo '{}')" --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
+          --modes train --compile-only --triton-configs "${swape2e_configs[$variant]}" \
+          --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
         echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
       done ;;
     latewait)
