@@ -84,6 +84,9 @@
 #          benchmarks/gluon_bwd.py at N = 1029, fwd+bwd with the streaming forward's training form waiting for its
 #          slices' stores once a round (stream_late_store_wait) against the table's, in two processes
 #                             -> pytest_late_wait.log, h200_gluon_bwd_late_wait_r{1,2}.json, gluon_bwd_late_wait_r{1,2}.log
+#   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
+#          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it against the table's, in two processes
+#                             -> pytest_rotate_first.log, h200_gluon_bwd_rotate_first_r{1,2}.json, its logs
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -338,6 +341,18 @@ PY
           --variants "gluon dkdv+dq,gluon dkdv+dq late store waits" --out "$OUT/h200_gluon_bwd_late_wait_r$run.json" \
           >"$OUT/gluon_bwd_late_wait_r$run.log" 2>&1 || status=1
         tail -4 "$OUT/gluon_bwd_late_wait_r$run.log"
+      done ;;
+    rotatefirst)
+      gluon_tests "rotation_pass"
+      mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"
+      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/backends/triton_fa_rope/test_launch.py \
+        -k "gluon_forward" >>"$OUT/pytest_rotate_first.log" 2>&1 || status=1
+      tail -1 "$OUT/pytest_rotate_first.log"
+      for run in 1 2; do
+        timeout 200 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_384;vit_b16_512_reg4;custom:32,16,785,64,1,28" \
+          --variants "gluon dkdv+dq,gluon dkdv+dq rotate first" --out "$OUT/h200_gluon_bwd_rotate_first_r$run.json" \
+          >"$OUT/gluon_bwd_rotate_first_r$run.log" 2>&1 || status=1
+        tail -12 "$OUT/gluon_bwd_rotate_first_r$run.log"
       done ;;
     gluontrain)
       gluon_tests

@@ -71,7 +71,9 @@ class ArchConfigs:
     resident_fwd_max_n: inference calls up to this length (0: none) take the Gluon forward of `gluon_fwd` where it
     applies (`gluon_fwd.eligible`; past 640 tokens, up to `gluon_fwd.STREAM_MAX_N`, its streaming kernel);
     resident_train_max_n: training calls up to this length (and resident_fwd_max_n; 0: none) take it too, writing the
-    rotated q and k for the backward. long_early_release: its long kernel (256 < N <= 640) hands each K/V box back
+    rotated q and k for the backward. gluon_prerotate_train_from_n: from this K/V length on (None: never) a training
+    call the Gluon forward takes has q and K rotated by `rotate_kernel` first, and the forward runs on them without
+    RoPE, saving nothing (the rotation pass's q and k are what the backward reads). long_early_release: its long kernel (256 < N <= 640) hands each K/V box back
     in a head's last slice as soon as it is done with it, so the next head's boxes load and rotate during that slice.
     gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from 128
     at the earliest), the resident one below.
@@ -107,6 +109,7 @@ class ArchConfigs:
     narrow_tail: bool = False
     resident_fwd_max_n: int = 0
     resident_train_max_n: int = 0
+    gluon_prerotate_train_from_n: int | None = None
     long_early_release: bool = False
     gluon_long_from_n: int = 257
     long_attend_groups: int = 0

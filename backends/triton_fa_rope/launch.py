@@ -155,13 +155,16 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
     resident = _resident_forward(config, N_Q, save_rotated)
+    training = save_rotated and rope is not None
     if resident is not None and key_padding_mask is None:
+        first = config.gluon_prerotate_train_from_n
+        if training and first is not None and N_KV >= first:
+            return _rotated_first(resident, q, k, v, rope, scale, config, launch)
         out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call now
                                config.long_options)
         if out is not None:
             return out
     cx = meta(q, rope)
-    training = save_rotated and rope is not None
     from_n = config.prerotate_train_from_n if training else config.prerotate_from_n
     prerotate = rope is not None and from_n is not None and N_KV >= from_n
     if training:
@@ -196,6 +199,21 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
            SAVE_ROT=save_rot, ROPE_K=rope_k and cx["ROPE"],
            TAIL_N=tail(N_KV, cfg.block_n) if config.narrow_tail else cfg.block_n, **cx, **varlen)
     return o, lse, (qr, kr) if training else (q, k)
+
+
+def _rotated_first(gluon_fwd, q, k, v, rope, scale: float, config: ArchConfigs, launch: Launcher):
+    """A training call of `forward` after the rotation pass (`config.gluon_prerotate_train_from_n`): q and k rotated
+    into qr, kr by `rotate_kernel`, then the Gluon forward on them without RoPE (its inference form: o and lse, no
+    stores of rotated slices in its loop); where that cannot take the call now (compiling in the background, or a
+    call it does not cover), `forward` on qr, kr without RoPE (the Triton kernel). -> o, lse, (qr, kr)."""
+    rdtype = rot_dtype(q.dtype)
+    qr = torch.empty(*q.shape, device=q.device, dtype=rdtype)
+    kr = torch.empty(*k.shape, device=k.device, dtype=rdtype)
+    table_args = _table_args(rope, q)
+    rotation_pass(((q, qr), (k, kr)), table_args, meta(q, rope), table_args[0].dim() == 4, launch)
+    out = gluon_fwd.forward(qr, kr, v, None, scale * LOG2E, launch, False, config.long_options)
+    o, lse, _ = out or forward(qr, kr, v, None, scale, False, config, launch)
+    return o, lse, (qr, kr)
 
 
 def rotation_pass(pairs, table_args, cx: dict, batched_table: bool, launch: Launcher, rows: int = ROT_M,

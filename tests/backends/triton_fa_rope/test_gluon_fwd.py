@@ -505,6 +505,24 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
+    switches = dict(long_early_release=early, long_attend_groups=groups, long_swap_tail=tail, stream_overlap=overlap)
+    _check_training(dtype, N, P, table_kind, kind, switches, rotated_first=False)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind", [
+    (dtype, *case) for case in FLOAT64_CASES if case[2] is not None and case[0] > case[1]
+    for dtype in (torch.bfloat16, torch.float16)])
+def test_training_after_the_rotation_pass_matches_math_in_float64(dtype, N, P, table_kind, kind, nan_empty):
+    """`gluon_prerotate_train_from_n`: the rotation pass writes the rotated q and k the backward reads, then the
+    Gluon forward runs on them without RoPE; the same checks as the training forward's own (NaN-filled outputs)."""
+    _check_training(dtype, N, P, table_kind, kind, dict(gluon_prerotate_train_from_n=0), rotated_first=True)
+
+
+def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: bool):
+    """`launch.forward` in training with the config table's `fields` (the Gluon forwards at every length they
+    serve): its launches, the rotated q and k, o and lse against float64; then `attnhub.attention`'s gradients."""
     gen = torch.Generator().manual_seed(N + 1)
     B, H = 20, 8
     q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
@@ -512,13 +530,13 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
         Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
     scale = 64 ** -0.5
     lengths = dict(resident_fwd_max_n=gluon_fwd.STREAM_MAX_N, resident_train_max_n=gluon_fwd.STREAM_MAX_N)
-    switches = dict(long_early_release=early, long_attend_groups=groups, long_swap_tail=tail, stream_overlap=overlap)
-    config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **switches)
+    config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **fields)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
     kernel = ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
               else "stream_fwd_kernel")
-    assert [x.name for x in launches] == [kernel]
+    kernels = ["rotate_kernel", kernel] if rotated_first else [kernel]
+    assert [x.name for x in launches] == kernels
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     if table is None:
         assert qr is q and kr is k
@@ -532,10 +550,10 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
 
     do = torch.randn(q.shape, generator=gen).to(q.device, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with configs.override(**lengths, **switches), \
+    with configs.override(**lengths, **fields), \
             runtime.recording() as launches:
         got = attnhub.attention(*leaves, table, backend="triton_fa_rope")
-    assert launches[0].name == kernel
+    assert [x.name for x in launches[:len(kernels)]] == kernels
     got.backward(do)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     _reference(*ref_leaves, table).backward(do.double())

@@ -108,6 +108,51 @@ def test_prerotate_from_n_is_a_sequence_length_threshold(training, q_from):
         assert rope_in_kernel == (rotations == 0 or not both), (from_n, rope_in_kernel)
 
 
+class _GluonServesNothing:
+    """A stand-in for `gluon_fwd` that takes no call (as while its kernel compiles in the background), recording
+    what it was handed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, q, k, v, rope, qk_scale, launch_, save_rotated=False, options=None):
+        self.calls.append((q, k, rope, save_rotated))
+
+
+@pytest.mark.parametrize("shape_name", [name for name, s in SHAPES.items() if s.layout is not None])
+def test_training_after_the_rotation_pass_for_the_gluon_forward_matches_math(shape_name, monkeypatch, nan_empty):
+    """`gluon_prerotate_train_from_n`: a training call the Gluon forward may take rotates q and k first and hands
+    them to it without RoPE; where it takes none, the Triton kernel attends on the rotated pair (no rotation of its
+    own, no second pass) and the backward reads that pair: o and the gradients against math in float64."""
+    s, gen, q, k, v, table = _case(shape_name, "transposed", 5)
+    gluon = _GluonServesNothing()
+    monkeypatch.setattr(launch, "_resident_forward", lambda config, n, training: gluon)
+    do = make_tensor("contiguous", s.B, s.H, s.N, s.D, q.dtype, gen)
+    ref = run_backend("math", *(t.double() for t in (q, k, v, do)), table)
+    with configs.override(**NEVER, gluon_prerotate_train_from_n=s.N), runtime.recording() as launched:
+        got = run_backend(TRITON, q, k, v, do, table)
+    for what, a, b in zip(("o", "dq", "dk", "dv"), got, ref):
+        assert_close_rel(a, b, q.dtype, what)
+    forward = [x for x in launched if x.kernel in (kernels.rotate_kernel, kernels.fwd_kernel)]
+    assert [x.kernel for x in forward] == [kernels.rotate_kernel, kernels.fwd_kernel]
+    assert forward[0].constexprs["TWO"] and not forward[1].constexprs["ROPE"]
+    (qr, kr, rope, save_rotated), *inference = gluon.calls  # then the inference form's try on the same pair
+    assert rope is None and not save_rotated and qr.is_contiguous() and kr.is_contiguous()
+    assert all(c[0] is qr and c[2] is None for c in inference)
+
+
+def test_the_rotation_pass_for_the_gluon_forward_starts_at_its_length(monkeypatch):
+    """Below `gluon_prerotate_train_from_n`, and in inference, the Gluon forward gets the call with its table."""
+    s, _, q, k, v, table = _case("il_p1_7x10_d64", "contiguous", 3)
+    gluon = _GluonServesNothing()
+    monkeypatch.setattr(launch, "_resident_forward", lambda config, n, training: gluon)
+    for training, from_n in ((True, s.N + 1), (False, 0)):
+        gluon.calls.clear()
+        with configs.override(**NEVER, gluon_prerotate_train_from_n=from_n):
+            launch.forward(q, k, v, table, s.D ** -0.5, training, configs.for_call(q.device, s.D))
+        assert [c[2] for c in gluon.calls] == [table], (training, from_n)
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_the_forward_after_the_rotation_pass_has_its_own_config(training):
     """fwd_prerotated (fwd_train_prerotated) launches the attention kernel after the rotation pass, fwd (fwd_train)
