@@ -73,8 +73,9 @@ class ArchConfigs:
     resident_train_max_n: training calls up to this length (and resident_fwd_max_n; 0: none) take it too, writing the
     rotated q and k for the backward. gluon_prerotate_train_from_n: from this K/V length on (None: never) a training
     call the Gluon forward takes has q and K rotated by `rotate_kernel` first, and the forward runs on them without
-    RoPE, saving nothing (the rotation pass's q and k are what the backward reads). long_early_release: its long kernel (256 < N <= 640) hands each K/V box back
-    in a head's last slice as soon as it is done with it, so the next head's boxes load and rotate during that slice.
+    RoPE, saving nothing (the rotation pass's q and k are what the backward reads).
+    long_early_release: its long kernel (256 < N <= 640) hands each K/V box back in a head's last slice as soon as it
+    is done with it, so the next head's boxes load and rotate during that slice.
     gluon_long_from_n: the Gluon forwards take the long kernel from this length on (past 256 tokens always, from 128
     at the earliest), the resident one below.
     long_attend_groups: 0, the long kernel's two attending warpgroups work as one partition on 128-row query
