@@ -87,6 +87,8 @@
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it against the table's, in two processes
 #                             -> pytest_rotate_first.log, h200_gluon_bwd_rotate_first_r{1,2}.json, its logs
+#   rotatetests the suites the rotation pass first touches, on CUDA: the Gluon forwards', the replay's, the launch
+#          paths', the packed calls'                                               -> pytest_rotate_tests.log
 #   gluontrain the Gluon forwards' GPU tests, then benchmarks/gluon_train.py (training through the Gluon forwards
 #          against the Triton training forward)              -> pytest_gluon.log, h200_gluon_train.json, gluon_train.log
 #   gluonbwd the Gluon dK/dV kernel's GPU tests, then benchmarks/gluon_bwd.py (against Triton's dK/dV kernel)
@@ -354,6 +356,12 @@ PY
           >"$OUT/gluon_bwd_rotate_first_r$run.log" 2>&1 || status=1
         tail -12 "$OUT/gluon_bwd_rotate_first_r$run.log"
       done ;;
+    rotatetests)
+      timeout 420 python3 -m pytest $XDIST -q -rs -p no:cacheprovider -o faulthandler_timeout=60 \
+        tests/backends/triton_fa_rope/test_gluon_fwd.py tests/backends/triton_fa_rope/test_replay.py \
+        tests/backends/triton_fa_rope/test_launch.py tests/backends/triton_fa_rope/test_packed.py \
+        >"$OUT/pytest_rotate_tests.log" 2>&1 || status=1
+      tail -4 "$OUT/pytest_rotate_tests.log" ;;
     gluontrain)
       gluon_tests
       timeout 300 python3 benchmarks/gluon_train.py --out "$OUT/h200_gluon_train.json" >"$OUT/gluon_train.log" 2>&1 \

@@ -166,13 +166,16 @@ K = KernelConfig
 # split backward runs the Gluon dK/dV and dQ kernels (capped registers: three and four CTAs per SM); below, the
 # fused backward's one launch wins where the host bounds the step (a compiled ViT-S), so it stays there. A head's
 # last block of at most 16 rows runs swapped there (bwd_swap_tail): its dK/dV and dQ kernels 1.02-1.06x faster at
-# N = 577 and 1029, fwd+bwd 1.01-1.02x (GPU time, H100).
+# N = 577 and 1029, fwd+bwd 1.01-1.02x (GPU time, H100). Past 640 tokens training rotates q and k in a pass and runs
+# the streaming kernel without RoPE: its training form, which rotates and stores them itself, costs more than the
+# pass (at 577 the long kernel's does not: benchmarks/README.md).
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_prerotated=K(64, 64, 4, 3),
                 fwd_train_prerotated=K(64, 64, 4, 3),
                 dkdv=K(32, 128, 4, 3), dq=K(128, 64, 8, 3, 128), bwd_fused=K(256, 64, 8, 1), bwd_fused_max_n=256,
                 prerotate_from_n=384, prerotate_train_from_n=384, prerotate_q_from_n=641, narrow_tail=True,
-                resident_fwd_max_n=1152, resident_train_max_n=1152, long_early_release=True, long_attend_groups=3,
+                resident_fwd_max_n=1152, resident_train_max_n=1152, gluon_prerotate_train_from_n=641,
+                long_early_release=True, long_attend_groups=3,
                 stream_overlap=True,
                 gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True,
                 bwd_swap_tail=True),

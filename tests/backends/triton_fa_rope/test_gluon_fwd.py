@@ -285,7 +285,8 @@ def test_late_store_waits_reach_the_streaming_training_plan_only(monkeypatch):
     the rotated q and k (training); inference plans and shorter calls' plans do not take it, and a plan with it is
     a plan of its own."""
     plan_as_compiled(monkeypatch)
-    config = dataclasses.replace(configs.for_arch(9, 64), stream_late_store_wait=True)
+    config = dataclasses.replace(configs.for_arch(9, 64), stream_late_store_wait=True,
+                                 gluon_prerotate_train_from_n=None)  # the kernel's own training form
     assert config.long_options.late_store_wait
     for N, save, kernel, late in ((1029, True, "stream_fwd_kernel", True), (1029, False, "stream_fwd_kernel", False),
                                   (577, True, "long_fwd_kernel", None)):
@@ -297,6 +298,25 @@ def test_late_store_waits_reach_the_streaming_training_plan_only(monkeypatch):
     table = _table(1029)
     eager, late = (_plan(q, k, v, table, True, late_wait=late) for late in (False, True))
     assert eager is not late and (eager.constexprs["LATE_WAIT_"], late.constexprs["LATE_WAIT_"]) == (False, True)
+
+
+def test_training_past_the_long_kernel_rotates_first_by_the_table(monkeypatch):
+    """Hopper's table (`gluon_prerotate_train_from_n`): a training call past 640 tokens launches the rotation pass
+    (q and k, one launch), then the streaming kernel without RoPE and saving nothing; up to 640 the long kernel's
+    training form rotates and saves; inference never rotates first."""
+    plan_as_compiled(monkeypatch)
+    hopper = configs.for_arch(9, 64)
+    assert hopper.gluon_prerotate_train_from_n == gluon_fwd.MAX_N + 1
+    for N, save, expected in ((1029, True, [("rotate_kernel", None, True), ("stream_fwd_kernel", False, False)]),
+                              (641, True, [("rotate_kernel", None, True), ("stream_fwd_kernel", False, False)]),
+                              (640, True, [("long_fwd_kernel", True, True)]),
+                              (1029, False, [("stream_fwd_kernel", True, False)])):
+        q, k, v = _inputs(N=N)
+        with runtime.recording(run=False) as launches:
+            launch.forward(q, k, v, _table(N), 0.125, save, hopper)
+        got = [(x.name, x.constexprs.get("ROPE"), x.constexprs.get("SAVE_ROT", x.constexprs.get("TWO")))
+               for x in launches]
+        assert got == expected, (N, save)
 
 
 def test_attend_groups_without_early_release_are_refused_with_both_fields():
@@ -505,7 +525,8 @@ def test_training_matches_math_in_float64(dtype, N, P, table_kind, kind, early, 
     """A training forward through the Gluon kernels (at every length they serve, whatever the table says) with
     NaN-filled outputs: the rotated q and k it saves against the float64 rotation (unscaled, rounded to the input
     dtype), o and lse; then the whole call's gradients, the backward kernels reading what it saved."""
-    switches = dict(long_early_release=early, long_attend_groups=groups, long_swap_tail=tail, stream_overlap=overlap)
+    switches = dict(long_early_release=early, long_attend_groups=groups, long_swap_tail=tail, stream_overlap=overlap,
+                    gluon_prerotate_train_from_n=None)  # the kernel's own training form, which rotates and saves
     _check_training(dtype, N, P, table_kind, kind, switches, rotated_first=False)
 
 

@@ -219,6 +219,22 @@ def test_replay_gives_the_python_paths_bits(case, packed, replayable):
     args, bwd = CASES[case]
     if _kind(args, packed) is None:
         pytest.skip("grouped heads: no one projection")
+    _check_replay(args, bwd, packed)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
+@pytest.mark.parametrize("grid,P", [((24, 24), 1), ((32, 32), 5)], ids=["N=577", "N=1029"])
+def test_replay_of_the_training_forward_after_the_rotation_pass(grid, P, packed, replayable):
+    """`gluon_prerotate_train_from_n`: the replayed forward body (rotate_kernel, then the Gluon forward without RoPE
+    on the rotated pair, the TMA descriptors' bases in the pass's outputs) gives the Python path's bits."""
+    with configs.override(gluon_prerotate_train_from_n=0):
+        _check_replay((2, 2, grid, P, torch.bfloat16, "interleaved"), "auto", packed)
+
+
+def _check_replay(args, bwd: str, packed: bool):
+    """`test_replay_gives_the_python_paths_bits` of one case."""
     step, python, replayed = _kind(args, packed)
     q, k, v, do, table = _inputs(*args)
     with settings.override(triton_bwd=bwd), _poisoned():
