@@ -148,9 +148,11 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
 
     Inference up to `config.resident_fwd_max_n` tokens takes the Gluon forward where it applies (`gluon_fwd`),
     training up to `config.resident_train_max_n` tokens too (it writes the rotated q and k in the order of its only
-    layout, interleaved: joined pair order). Otherwise, with RoPE, from `config.prerotate_from_n` (inference) or
-    `prerotate_train_from_n` (training) on, K (inference; q too from `config.prerotate_q_from_n`) or q and K
-    (training) are rotated by `rotate_kernel` into a buffer before the attention kernel, not inside it."""
+    layout, interleaved: joined pair order; from `config.gluon_prerotate_train_from_n` on the rotation pass writes
+    them and the Gluon forward runs without RoPE, `_rotated_first`). Otherwise, with RoPE, from
+    `config.prerotate_from_n` (inference) or `prerotate_train_from_n` (training) on, K (inference; q too from
+    `config.prerotate_q_from_n`) or q and K (training) are rotated by `rotate_kernel` into a buffer before the
+    attention kernel, not inside it."""
     launch = launch or runtime.launch
     B, H, N_Q, D = q.shape
     H_KV, N_KV = k.shape[1:3]
