@@ -257,6 +257,11 @@ def rotate_launches(D, dtype, layout, table, h_kv, B=2, H=3, grid=(14, 14), P=1)
     return launches
 
 
+# the streaming kernel's jobs compile its own training form (rotating q and K, storing them), which Hopper's table
+# replaces past 640 tokens by the rotation pass and the kernel without RoPE (`gluon_prerotate_train_from_n`)
+OWN_TRAINING_FORM = dict(gluon_prerotate_train_from_n=None)
+
+
 def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
     """(case, variant, launches) of `MATRIX`, the Gluon forwards up to 640 tokens (inference, training, early
     release, attending groups), the Gluon backward with whole last blocks and, with `rotate`, triton_rope_sdpa's
@@ -286,24 +291,29 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
              for case, grid, groups, early, tail in GLUON_GROUPS]
     jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon",  # inference and training through it (the plain
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,  # loop)
-                                     resident_train_max_n=1152, stream_overlap=False))
+                                     resident_train_max_n=1152, stream_overlap=False, **OWN_TRAINING_FORM))
              for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_5_slots",  # its deepest ring: the most shared memory
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
-                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=5))]
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=5,
+                                     **OWN_TRAINING_FORM))]
     jobs += [("d64_bf16_norope_n1029", "stream_gluon_2_slots",  # no RoPE (no rotation), the shallowest ring
               training_step_launches(*case_inputs(64, torch.bfloat16, None, "shared", None, grid=(32, 32), P=5),
                                      resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=2)),
              ("d64_bf16_perhead_n785", "stream_gluon_3_slots",
               training_step_launches(*case_inputs(*CASES["d64_bf16_perhead"], grid=(28, 28), P=1),
-                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=3))]
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_v_slots=3,
+                                     **OWN_TRAINING_FORM))]
     jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon_overlap",  # S of a box issued before P V of the last
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
-                                     resident_train_max_n=1152, stream_overlap=True))
+                                     resident_train_max_n=1152, stream_overlap=True, **OWN_TRAINING_FORM))
              for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_late_wait",  # the slices' stores waited for once a round
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
-                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_late_store_wait=True))]
+                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_late_store_wait=True,
+                                     **OWN_TRAINING_FORM)),
+             ("d64_bf16_interleaved_n1029", "stream_gluon_rotate_first",  # the table's training past 640 tokens:
+              training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5)))]  # the pass
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))
