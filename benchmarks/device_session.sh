@@ -80,10 +80,6 @@
 #                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
 #   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table without
 #          bwd_swap_tail (bench_e2e --triton-configs), then the table           -> e2e_vit_b384_{unswapped,table}.json, .log
-#   latewait the streaming forward's GPU tests (its late store waits bitwise against the eager ones, 384 heads), then
-#          benchmarks/gluon_bwd.py at N = 1029, fwd+bwd with the streaming forward's training form waiting for its
-#          slices' stores once a round (stream_late_store_wait) against the table's, in two processes
-#                             -> pytest_late_wait.log, h200_gluon_bwd_late_wait_r{1,2}.json, gluon_bwd_late_wait_r{1,2}.log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it against the table's, in two processes
 #                             -> pytest_rotate_first.log, h200_gluon_bwd_rotate_first_r{1,2}.json, its logs
@@ -334,15 +330,6 @@ PY
           --modes train --compile-only --triton-configs "${swape2e_configs[$variant]}" \
           --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
         echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
-      done ;;
-    latewait)
-      gluon_tests "late or streaming_kernel_over_many_heads"
-      mv "$OUT/pytest_gluon.log" "$OUT/pytest_late_wait.log"
-      for run in 1 2; do
-        timeout 150 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_512_reg4" \
-          --variants "gluon dkdv+dq,gluon dkdv+dq late store waits" --out "$OUT/h200_gluon_bwd_late_wait_r$run.json" \
-          >"$OUT/gluon_bwd_late_wait_r$run.log" 2>&1 || status=1
-        tail -4 "$OUT/gluon_bwd_late_wait_r$run.log"
       done ;;
     rotatefirst)
       gluon_tests "rotation_pass"

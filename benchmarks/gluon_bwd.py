@@ -38,8 +38,6 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     "gluon dkdv+dq dq s4": dict(gluon_bwd_from_n=0, gluon_dq=K(64, 64, 4, 4)),
     "gluon dkdv+dq no fused": dict(gluon_bwd_from_n=0, bwd_fused_max_n=0),  # N <= 256 too
     "gluon dkdv+dq unswapped": dict(gluon_bwd_from_n=0, bwd_swap_tail=False),  # the table before bwd_swap_tail
-    # past 640 tokens: the streaming forward's training form waiting for its slices' stores once a round
-    "gluon dkdv+dq late store waits": dict(gluon_bwd_from_n=0, stream_late_store_wait=True),
     # the training forward after the rotation pass: the Gluon forward without RoPE, saving nothing (the table's past
     # 640 tokens), and the kernel's own training form there (the table before gluon_prerotate_train_from_n)
     "gluon dkdv+dq rotate first": dict(gluon_bwd_from_n=0, gluon_prerotate_train_from_n=0),

@@ -28,8 +28,8 @@ STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluo
 class LongOptions(NamedTuple):
     """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
-    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`), overlap
-    (`stream_overlap`) and late_store_wait (`stream_late_store_wait`) of the streaming one."""
+    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
+    overlap (`stream_overlap`) of the streaming one."""
 
     early_release: bool = False
     from_n: int = 257
@@ -37,7 +37,6 @@ class LongOptions(NamedTuple):
     swap_tail: bool = False
     v_slots: int = 4
     overlap: bool = False
-    late_store_wait: bool = False
 
 
 class KernelConfig(NamedTuple):
@@ -84,8 +83,7 @@ class ArchConfigs:
     the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
     (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
     its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
-    intra-warpgroup overlap); stream_late_store_wait: in its training form the producer waits for the stores of
-    the rotated query slices once a round instead of after each (`gluon_stream_kernels._slices_stored`).
+    intra-warpgroup overlap).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -117,7 +115,6 @@ class ArchConfigs:
     long_swap_tail: bool = False
     stream_v_slots: int = 4
     stream_overlap: bool = False
-    stream_late_store_wait: bool = False
     gluon_dkdv: KernelConfig | None = None
     gluon_dq: KernelConfig | None = None
     gluon_bwd_from_n: int | None = None
@@ -135,16 +132,14 @@ class ArchConfigs:
         if self.stream_v_slots not in STREAM_V_SLOTS:
             raise ValueError(f"triton_fa_rope: stream_v_slots={self.stream_v_slots!r}; the streaming Gluon forward's "
                              f"V ring takes {STREAM_V_SLOTS} boxes")
-        for name in ("stream_overlap", "stream_late_store_wait"):  # kernel constexprs: a truthy string would pass
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"triton_fa_rope: {name}={getattr(self, name)!r}; True or False")
+        if not isinstance(self.stream_overlap, bool):  # a kernel constexpr: a truthy string would pass as True
+            raise ValueError(f"triton_fa_rope: stream_overlap={self.stream_overlap!r}; True or False")
 
     @functools.cached_property
     def long_options(self) -> LongOptions:
         """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap,
-                           self.stream_late_store_wait)
+                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap)
 
 
 K = KernelConfig

@@ -127,13 +127,13 @@ class _Plan:
     boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE); groups: its attending
     partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of its swapped last query slice (TAIL_Q; 0:
     none); v_slots: the streaming kernel's V ring (`stream_v_slots`), overlap: its groups' key loop
-    (`stream_overlap`), late_wait: its producer's waits for the rotated slices' stores (`stream_late_store_wait`)."""
+    (`stream_overlap`)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs", "num_warps")
 
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
-                 groups: int, tail_q: int, v_slots: int, overlap: bool, late_wait: bool):
+                 groups: int, tail_q: int, v_slots: int, overlap: bool):
         B, H, N, D = q.shape
         stream = N > MAX_N  # K resident, V streamed: three attending groups (the options do not apply)
         self.kernel = stream_fwd_kernel if stream else long_fwd_kernel if long else resident_fwd_kernel
@@ -156,7 +156,7 @@ class _Plan:
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
                                **chunking(N, slice_rows if long else ROT_ROWS))
         if stream:
-            self.constexprs.update(V_SLOTS_=v_slots, OVERLAP_=overlap, LATE_WAIT_=late_wait, maxnreg=STREAM_MAXNREG)
+            self.constexprs.update(V_SLOTS_=v_slots, OVERLAP_=overlap, maxnreg=STREAM_MAXNREG)
         elif long:
             self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_3_GROUPS_MAXNREG if groups else WS_MAXNREG)
@@ -175,8 +175,7 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     N = q.shape[2]
     long = _takes_long(N, options.from_n)
     stream = MAX_N < N <= STREAM_MAX_N  # past it: no plan (`_takes`)
-    v_slots, overlap, late = ((stream_v_slots(N, options.v_slots), options.overlap, options.late_store_wait and save)
-                              if stream else (0, False, False))
+    v_slots, overlap = (stream_v_slots(N, options.v_slots), options.overlap) if stream else (0, False)
     if N > MAX_N:  # the long kernel's switches do not apply
         options = LongOptions()
     # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
@@ -185,10 +184,9 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     early = options.early_release and long and (N > SLICE or groups > 0)
     tail_q = TAIL_ROWS if options.swap_tail and groups and 0 < N % GROUP_SLICE <= TAIL_ROWS else 0
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early, groups, tail_q, v_slots, overlap, late)
+           rope_sig, save, long, early, groups, tail_q, v_slots, overlap)
     return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups,
-                                                       tail_q, v_slots, overlap, late)
-                            if _takes(q, k, v, rope) else None)
+                                                       tail_q, v_slots, overlap) if _takes(q, k, v, rope) else None)
 
 
 def _takes_long(n: int, long_from_n: int) -> bool:
@@ -238,8 +236,7 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
     the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
     serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of
     `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them; v_slots, overlap: the
-    streaming kernel's V ring, key loop and store waits past `MAX_N` tokens, `stream_v_slots`, `stream_overlap`,
-    `stream_late_store_wait`)."""
+    streaming kernel's V ring and key loop past `MAX_N` tokens, `stream_v_slots`, `stream_overlap`)."""
     cos, sin = (None, None) if rope is None else _tables(rope, q.dtype)
     # a plan is built from aligned tensors
     plan = _plan(q, k, v, rope, cos, save_rotated, options) if runtime.aligned(q, k, v) else None

@@ -14,10 +14,8 @@ loaded once round r's V box V_SLOTS_ is issued (every group has started round r,
 rotated one per box after it. The ring's depth V_SLOTS_ is the config table's `stream_v_slots` (2 to 5: four with
 the 18 K boxes of 1152 tokens and the six query buffers fill 224 KiB). With the table's `stream_overlap` the groups'
 key loop issues a box's S = Q K^T before the last box's P V (`_overlapped_boxes`, FA3's intra-warpgroup overlap),
-which needs 128 registers a group, so the producer gets 120 (`_registers`). The training form (SAVE_ROT) also
-stores each rotated slice and K box by TMA; a slice's store is waited for at once, or with the table's
-`stream_late_store_wait` once a round (`_slices_stored`). Read top-down: the groups' key loop, the producer, the
-kernel.
+which needs 128 registers a group, so the producer gets 120 (`_registers`). Read top-down: the groups' key loop,
+the producer, the kernel.
 """
 
 from __future__ import annotations
@@ -213,10 +211,9 @@ def _load_slice(q_desc, q_buf, bars, b, h, si, it, NS: gl.constexpr):
 
 @gluon.jit
 def _rotate_slice(q_buf, qr_desc, bars, cos_base, sin_base, t0, b, h, si, it, N, P, stab_n, qk_scale,
-                  NS: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, LATE_WAIT: gl.constexpr):
+                  NS: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr):
     """Query slice si, once landed, rotated in place (scale * log2 e folded in unless SAVE_ROT) -> q_ready; SAVE_ROT:
-    the rotated slice also to qr_desc, waited for (the group writes o into the buffer) here, or with LATE_WAIT
-    before the round's last V box (`_slices_stored`)."""
+    the rotated slice also to qr_desc, waited for (the group writes o into the buffer)."""
     q_loaded, q_ready = bars[0], bars[1]
     SLICE_: gl.constexpr = q_buf.shape[2]
     D: gl.constexpr = q_buf.shape[4]
@@ -232,26 +229,13 @@ def _rotate_slice(q_buf, qr_desc, bars, cos_base, sin_base, t0, b, h, si, it, N,
     _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
     if SAVE_ROT:
         _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
-        if not LATE_WAIT:
-            tma.store_wait(0)
+        tma.store_wait(0)
     mbarrier.arrive(q_ready.index(buf), count=1)
 
 
 @gluon.jit
-def _slices_stored(j, NKC: gl.constexpr, SAVE_ROT: gl.constexpr, LATE_WAIT: gl.constexpr):
-    """LATE_WAIT: before V box j = NKC - 1 of rounds 1, 2, ..., the rotated slices' stores issued so far have read
-    their buffers. A group writes a slice's o into its buffer only after that box, and the groups only read a slice
-    while it is stored, so the producer need not wait after each store (in round 0, which stores round 1's slices,
-    it feeds the groups K boxes). Round 0's own slices were waited for with the head's first K box (STORES_DONE)."""
-    if SAVE_ROT and LATE_WAIT:
-        if j == NKC - 1:
-            tma.store_wait(0)
-
-
-@gluon.jit
 def _next_round_slices(q_desc, qr_desc, q_buf, bars, cos_base, sin_base, t0, b, h, r, j, it, N, P, stab_n, qk_scale,
-                       NS: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, V_AHEAD: gl.constexpr,
-                       LATE_WAIT: gl.constexpr):
+                       NS: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, V_AHEAD: gl.constexpr):
     """At V box j of round r: round r + 1's slices loaded at box V_AHEAD (issuing it waited for every group to be
     done with round r's box 0, so they have all started round r and freed the buffers), rotated one per box
     after it."""
@@ -263,7 +247,7 @@ def _next_round_slices(q_desc, qr_desc, q_buf, bars, cos_base, sin_base, t0, b, 
         for g in gl.static_range(_GROUPS):
             if j == V_AHEAD + 1 + g and (r + 1) * _GROUPS + g < NS:
                 _rotate_slice(q_buf, qr_desc, bars, cos_base, sin_base, t0, b, h, (r + 1) * _GROUPS + g, it, N, P,
-                              stab_n, qk_scale, NS, ROPE, SAVE_ROT, LATE_WAIT)
+                              stab_n, qk_scale, NS, ROPE, SAVE_ROT)
 
 
 @gluon.jit
@@ -298,11 +282,10 @@ def _load_k_box(k_desc, k_buf, bars, b, h, j, it, STORES_DONE: gl.constexpr):
 @gluon.jit
 def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_ring, bars, cos_ptr, sin_ptr, stab_h,
                      stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
-                     SAVE_ROT: gl.constexpr, LATE_WAIT: gl.constexpr):
+                     SAVE_ROT: gl.constexpr):
     """Per head: round 0's query slices; then round 0's key boxes, each K box loaded one ahead, its V box issued
     and the K box rotated in place -> k_ready (SAVE_ROT: also stored to kr_desc); then the V boxes of rounds
-    1, 2, ...; from each round's box V_SLOTS_ on, the next round's slices (`_next_round_slices`; LATE_WAIT: their
-    stores waited for before a round's last V box, `_slices_stored`)."""
+    1, 2, ...; from each round's box V_SLOTS_ on, the next round's slices (`_next_round_slices`)."""
     k_loaded, k_ready = bars[3], bars[4]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = k_desc.block_type.shape[3]
@@ -324,7 +307,7 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
             _load_slice(q_desc, q_buf, bars, b, h, g, it, NS)
         for g in gl.static_range(_GROUPS):
             _rotate_slice(q_buf, qr_desc, bars, cos_base, sin_base, t0, b, h, g, it, N, P, stab_n, qk_scale, NS,
-                          ROPE, SAVE_ROT, LATE_WAIT)
+                          ROPE, SAVE_ROT)
         _load_k_box(k_desc, k_buf, bars, b, h, 0, it, SAVE_ROT)
         if ROPE:  # box 0's table
             c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, CH, D, num_warps)
@@ -341,16 +324,14 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
                 mbarrier.wait(k_loaded.index(j), it & 1)
             mbarrier.arrive(k_ready.index(j), count=1)
             _next_round_slices(q_desc, qr_desc, q_buf, bars, cos_base, sin_base, t0, b, h, 0, j, it, N, P, stab_n,
-                               qk_scale, NS, ROPE, SAVE_ROT, R, LATE_WAIT)
+                               qk_scale, NS, ROPE, SAVE_ROT, R)
         for r in range(1, NR - 1):
             for j in range(NKC):
-                _slices_stored(j, NKC, SAVE_ROT, LATE_WAIT)
                 vc = _issue_v(v_desc, v_ring, bars, b, h, j, vc, 0)
                 _next_round_slices(q_desc, qr_desc, q_buf, bars, cos_base, sin_base, t0, b, h, r, j, it, N, P,
-                                   stab_n, qk_scale, NS, ROPE, SAVE_ROT, R, LATE_WAIT)
+                                   stab_n, qk_scale, NS, ROPE, SAVE_ROT, R)
         if NR > 1:  # the last round: no slices after it, the idle groups arrived for
             for j in range(NKC):
-                _slices_stored(j, NKC, SAVE_ROT, LATE_WAIT)
                 vc = _issue_v(v_desc, v_ring, bars, b, h, j, vc, IDLE)
         it += 1
     if SAVE_ROT:
@@ -366,13 +347,12 @@ def _stream_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_r
 def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
                       H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                       ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
-                      V_SLOTS_: gl.constexpr, OVERLAP_: gl.constexpr, LATE_WAIT_: gl.constexpr):
+                      V_SLOTS_: gl.constexpr, OVERLAP_: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K arrives by TMA in boxes of
     BLOCK_N rows (rows past N as zeros) and stays; the queries in ROT_CHUNKS slices of ROT_ROWS = 64 rows, two
     buffers per attending group; V through V_SLOTS_ ring boxes, one per key chunk of each round of three slices.
     The producer (`_stream_producer`) loads, rotates and feeds the ring; the groups (`_stream_group`) attend;
-    mbarriers hand each buffer over. SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too
-    (LATE_WAIT_: waiting for a round's slice stores once, `_slices_stored`)."""
+    mbarriers hand each buffer over. SAVE_ROT: the producer writes the rotated q and k to qr_desc, kr_desc too."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -403,7 +383,7 @@ def stream_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr,
         (_stream_group, (q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS, N_FULL, MID_N,
                          TAIL_N, 2, OVERLAP_, num_warps)),
         (_stream_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_ring, bars, cos_ptr, sin_ptr,
-                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, LATE_WAIT_)),
+                            stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT)),
     ], [num_warps, num_warps, 4], _registers(OVERLAP_))
     _invalidate(q_loaded)
     _invalidate(q_ready)

@@ -308,11 +308,7 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,
                                      resident_train_max_n=1152, stream_overlap=True, **OWN_TRAINING_FORM))
              for case, (grid, P) in STREAM_GLUON.items()]
-    jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_late_wait",  # the slices' stores waited for once a round
-              training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5),
-                                     resident_fwd_max_n=1152, resident_train_max_n=1152, stream_late_store_wait=True,
-                                     **OWN_TRAINING_FORM)),
-             ("d64_bf16_interleaved_n1029", "stream_gluon_rotate_first",  # the table's training past 640 tokens:
+    jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_rotate_first",  # the table's training past 640 tokens:
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5)))]  # the pass
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass

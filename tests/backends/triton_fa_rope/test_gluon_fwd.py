@@ -36,10 +36,10 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 
 
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
-          swap_tail=False, v_slots=4, overlap=False, late_wait=False):
+          swap_tail=False, v_slots=4, overlap=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, LongOptions(early_release, long_from_n, attend_groups,
-                                                                          swap_tail, v_slots, overlap, late_wait))
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
+                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap))
 
 
 def test_takes_calls_it_covers():
@@ -273,31 +273,10 @@ def test_the_overlapped_key_loop_has_a_plan_of_its_own():
     assert _plan(q, k, v, table, overlap=True) is overlapped
 
 
-@pytest.mark.parametrize("field", ["stream_overlap", "stream_late_store_wait"])
-@pytest.mark.parametrize("value", [1, "yes", None])
-def test_a_stream_switch_that_is_not_a_bool_is_refused_with_the_fields_name(field, value):
-    with pytest.raises(ValueError, match=f"{field}={value!r}; True or False"):
-        dataclasses.replace(configs.for_arch(9, 64), **{field: value})
-
-
-def test_late_store_waits_reach_the_streaming_training_plan_only(monkeypatch):
-    """`stream_late_store_wait` travels in `long_options` to the streaming kernel's plan (LATE_WAIT_) where it stores
-    the rotated q and k (training); inference plans and shorter calls' plans do not take it, and a plan with it is
-    a plan of its own."""
-    plan_as_compiled(monkeypatch)
-    config = dataclasses.replace(configs.for_arch(9, 64), stream_late_store_wait=True,
-                                 gluon_prerotate_train_from_n=None)  # the kernel's own training form
-    assert config.long_options.late_store_wait
-    for N, save, kernel, late in ((1029, True, "stream_fwd_kernel", True), (1029, False, "stream_fwd_kernel", False),
-                                  (577, True, "long_fwd_kernel", None)):
-        q, k, v = _inputs(N=N)
-        with runtime.recording(run=False) as launches:
-            launch.forward(q, k, v, _table(N), 0.125, save, config)
-        assert [(x.name, x.constexprs.get("LATE_WAIT_")) for x in launches] == [(kernel, late)]
-    q, k, v = _inputs(N=1029)
-    table = _table(1029)
-    eager, late = (_plan(q, k, v, table, True, late_wait=late) for late in (False, True))
-    assert eager is not late and (eager.constexprs["LATE_WAIT_"], late.constexprs["LATE_WAIT_"]) == (False, True)
+@pytest.mark.parametrize("overlap", [1, "yes", None])
+def test_a_stream_overlap_that_is_not_a_bool_is_refused_with_the_fields_name(overlap):
+    with pytest.raises(ValueError, match="stream_overlap"):
+        dataclasses.replace(configs.for_arch(9, 64), stream_overlap=overlap)
 
 
 def test_training_past_the_long_kernel_rotates_first_by_the_table(monkeypatch):
@@ -643,43 +622,24 @@ def test_the_overlapped_key_loop_computes_what_the_plain_one_does(N, save_rotate
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("N", [785, 1029, 1152])
-def test_late_store_waits_change_no_bit_of_the_training_forward(N, overlap, nan_empty):
-    """`stream_late_store_wait` moves only the producer's waits for its stores: o, lse and the rotated q and k are
-    bitwise the eager waits' (a slice's o written into its buffer while the store still read it would show in the
-    rotated q), over 160 heads (on a 132-SM GPU some programs take two)."""
-    gen = torch.Generator().manual_seed(N + 4)
-    q, k, v = make_qkv("fused", 20, 8, N, 64, torch.bfloat16, gen)
-    table = make_table(Shape(20, 8, (1, N - 1), 1, 64, "interleaved"), gen)
-    eager, late = (gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, True,
-                                     LongOptions(overlap=overlap, late_store_wait=late)) for late in (False, True))
-    for got, want, name in zip((late[0], late[1], *late[2]), (eager[0], eager[1], *eager[2]), ("o", "lse", "qr", "kr")):
-        assert torch.equal(got, want), name
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("save_rotated,v_slots,overlap,late_wait", [
-    (False, 4, False, False), (True, 4, False, False), (False, 2, False, False), (False, 3, False, False),
-    (False, 5, False, False), (False, 4, True, False), (True, 4, True, False), (False, 2, True, False),
-    (True, 4, True, True), (True, 2, False, True), (True, 5, True, True)])
-def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, overlap, late_wait, nan_empty):
+@pytest.mark.parametrize("save_rotated,v_slots,overlap", [(False, 4, False), (True, 4, False), (False, 2, False),
+                                                          (False, 3, False), (False, 5, False), (False, 4, True),
+                                                          (True, 4, True), (False, 2, True)])
+def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, overlap, nan_empty):
     """ViT-B/16@512's shape with four register tokens (N = 1029), 384 heads: each persistent program takes two or
     three, so the V ring's slots and every barrier's phase turn over across heads (the next head's K boxes load
     during the last round of the one before, its V boxes follow that round's in the ring), with the table's ring
-    of four V boxes and the other depths `stream_v_slots` takes, with the overlapped key loop (`stream_overlap`),
-    and in training with the slices' stores waited for once a round (`stream_late_store_wait`). The programs' first
-    and last heads against float64, NaN-filled outputs."""
+    of four V boxes and the other depths `stream_v_slots` takes, and with the overlapped key loop
+    (`stream_overlap`). The programs' first and last heads against float64, NaN-filled outputs."""
     gen = torch.Generator().manual_seed(1029)
     B, H, N = 32, 12, 1029
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (32, 32), 5, 64, "interleaved"), gen)
-    plan = _plan(q, k, v, table, save_rotated, v_slots=v_slots, overlap=overlap, late_wait=late_wait)
+    plan = _plan(q, k, v, table, save_rotated, v_slots=v_slots, overlap=overlap)
     assert plan.kernel is gluon_fwd.stream_fwd_kernel
-    assert [plan.constexprs[c] for c in ("V_SLOTS_", "OVERLAP_", "LATE_WAIT_")] == [v_slots, overlap, late_wait]
+    assert (plan.constexprs["V_SLOTS_"], plan.constexprs["OVERLAP_"]) == (v_slots, overlap)
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                         LongOptions(v_slots=v_slots, overlap=overlap, late_store_wait=late_wait))
+                                         LongOptions(v_slots=v_slots, overlap=overlap))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 

@@ -149,16 +149,12 @@ def test_every_launch_compiles_for_sm90():
     # every ring depth the table takes (2 without RoPE at 1029, 3 with a per-head table at 785, 5 at 1029)
     for case, slots in (("d64_bf16_norope_n1029", 2), ("d64_bf16_perhead_n785", 3), ("d64_bf16_interleaved_n1029", 5)):
         assert (case, f"stream_gluon_{slots}_slots", "stream_fwd_kernel") in compiled
-    # the training form with the slices' stores waited for once a round (stream_late_store_wait): fewer waits for
-    # TMA stores than the table's (rows in launch order: inference, which it does not change, then training)
-    streams = {v: [r for r in result["rows"] if r["case"] == "d64_bf16_interleaved_n1029" and r["variant"] == v
-                   and r["kernel"] == "stream_fwd_kernel"] for v in ("stream_gluon_overlap", "stream_gluon_late_wait")}
-    (inference, eager), (inference_late, late) = streams.values()
-    assert inference_late["store_wait"] == inference["store_wait"] and late["store_wait"] < eager["store_wait"]
     # the table's training past 640 tokens: the rotation pass, then the kernel's form without stores of its own
     rotated_first = [r for r in result["rows"] if r["variant"] == "stream_gluon_rotate_first"]
     assert [r["kernel"] for r in rotated_first][:3] == ["stream_fwd_kernel", "rotate_kernel", "stream_fwd_kernel"]
-    assert rotated_first[2]["store_wait"] < eager["store_wait"]
+    own = [r for r in result["rows"] if r["case"] == "d64_bf16_interleaved_n1029"  # the same kernel in its own
+           and r["variant"] == "stream_gluon_overlap" and r["kernel"] == "stream_fwd_kernel"][1]  # training form
+    assert rotated_first[2]["store_wait"] < own["store_wait"]
     for case in ("d64_bf16_mask", "d64_bf16_gqa", "d64_bf16_per_sample", "d80_fp16_mask_gqa",  # KEY_MASK, GROUP,
                  "d128_fp32_mask_norope"):                                                   # BATCHED_TABLE
         assert {(case, "default", kernel) for kernel in ("fwd_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel")} <= compiled

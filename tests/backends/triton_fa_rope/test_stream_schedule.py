@@ -60,10 +60,9 @@ class _Model:
         """tma_weight: how likely the scheduler lands a TMA load against running a partition (below 1: late loads);
         store_weight: the same for completing a TMA store (tma_weight if None; far below it: stores complete after
         the loads issued with them); overlap: the groups' overlapped key loop (`stream_overlap`); stores: the training
-        form's stores, each slice's waited for at once ("eager") or before a round's last V box ("late",
-        `stream_late_store_wait`); v_empty_count, arrive_for_idle, v_before_k (a group's first slice of a head waits
-        for its V box before its K box), stores="unwaited": broken protocols, for the tests that show the model
-        fails."""
+        form's stores, each slice's waited for at once ("eager"); v_empty_count, arrive_for_idle, v_before_k (a
+        group's first slice of a head waits for its V box before its K box), stores="unwaited": broken protocols, for
+        the tests that show the model fails."""
         self.NS, self.NKC, self.N_FULL = -(-N // BLOCK), -(-N // BLOCK), N // BLOCK
         self.overlap = overlap
         self.heads, self.rng, self.arrive_for_idle, self.R = heads, rng, arrive_for_idle, v_slots
@@ -139,10 +138,6 @@ class _Model:
                 yield from self._store_wait()
         self.q_ready[buf].arrive()
 
-    def _slices_stored(self, j):  # `_slices_stored`, rounds 1, 2, ...
-        if self.stores == "late" and j == self.NKC - 1:
-            yield from self._store_wait()
-
     def _next_round_slices(self, tile, r, j, it):
         if r + 1 < -(-self.NS // GROUPS):
             if j == self.R:
@@ -191,12 +186,10 @@ class _Model:
                 yield from self._next_round_slices(tile, 0, j, it)
             for r in range(1, NR - 1):
                 for j in range(self.NKC):
-                    yield from self._slices_stored(j)
                     vc = yield from self._issue_v(tile, j, vc, 0)
                     yield from self._next_round_slices(tile, r, j, it)
             if NR > 1:
                 for j in range(self.NKC):
-                    yield from self._slices_stored(j)
                     vc = yield from self._issue_v(tile, j, vc, idle)
 
     # the attending groups (`_stream_group`, `_attend_stream`)
@@ -282,10 +275,10 @@ class _Model:
 @pytest.mark.parametrize("v_slots", configs.STREAM_V_SLOTS)
 @pytest.mark.parametrize("tma_weight", [1.0, 0.02])
 @pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("stores", [None, "eager", "late"])
+@pytest.mark.parametrize("stores", [None, "eager"])
 def test_the_schedule_finishes_and_every_read_finds_its_data(N, heads, v_slots, tma_weight, overlap, stores):
     """Every ring depth the config table takes (`stream_v_slots`), both key loops (`stream_overlap`), inference
-    and training (its stores waited for at once or late, `stream_late_store_wait`), with loads and stores
+    and training (its stores waited for at once), with loads and stores
     completing as often as partitions run and late (stores in half the runs later than the loads too)."""
     rng = random.Random(N * 10 + heads + 1000 * v_slots)
     for run in range(4 if stores else 6):
