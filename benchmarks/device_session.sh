@@ -81,7 +81,8 @@
 #   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table without
 #          bwd_swap_tail (bench_e2e --triton-configs), then the table           -> e2e_vit_b384_{unswapped,table}.json, .log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
-#          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it against the table's, in two processes
+#          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
+#          own training form, in two processes
 #                             -> pytest_rotate_first.log, h200_gluon_bwd_rotate_first_r{1,2}.json, its logs
 #   rotatetests the suites the rotation pass first touches, on CUDA: the Gluon forwards', the replay's, the launch
 #          paths', the packed calls'                                               -> pytest_rotate_tests.log
@@ -339,7 +340,8 @@ PY
       tail -1 "$OUT/pytest_rotate_first.log"
       for run in 1 2; do
         timeout 200 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_384;vit_b16_512_reg4;custom:32,16,785,64,1,28" \
-          --variants "gluon dkdv+dq,gluon dkdv+dq rotate first" --out "$OUT/h200_gluon_bwd_rotate_first_r$run.json" \
+          --variants "gluon dkdv+dq own training form,gluon dkdv+dq rotate first" \
+          --out "$OUT/h200_gluon_bwd_rotate_first_r$run.json" \
           >"$OUT/gluon_bwd_rotate_first_r$run.log" 2>&1 || status=1
         tail -12 "$OUT/gluon_bwd_rotate_first_r$run.log"
       done ;;

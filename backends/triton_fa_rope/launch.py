@@ -161,7 +161,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     if resident is not None and key_padding_mask is None:
         first = config.gluon_prerotate_train_from_n
         if training and first is not None and N_KV >= first:
-            return _rotated_first(resident, q, k, v, rope, scale, config, launch)
+            return _rotated_first(q, k, v, rope, scale, config, launch)
         out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call now
                                config.long_options)
         if out is not None:
@@ -203,18 +203,17 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
     return o, lse, (qr, kr) if training else (q, k)
 
 
-def _rotated_first(gluon_fwd, q, k, v, rope, scale: float, config: ArchConfigs, launch: Launcher):
+def _rotated_first(q, k, v, rope, scale: float, config: ArchConfigs, launch: Launcher):
     """A training call of `forward` after the rotation pass (`config.gluon_prerotate_train_from_n`): q and k rotated
-    into qr, kr by `rotate_kernel`, then the Gluon forward on them without RoPE (its inference form: o and lse, no
-    stores of rotated slices in its loop); where that cannot take the call now (compiling in the background, or a
-    call it does not cover), `forward` on qr, kr without RoPE (the Triton kernel). -> o, lse, (qr, kr)."""
+    into qr, kr by `rotate_kernel`, then `forward`'s inference on them without RoPE: the Gluon forward (o and lse,
+    no stores of rotated slices in its loop), or the Triton kernel where that cannot take the call now (compiling
+    in the background, or a call it does not cover). -> o, lse, (qr, kr)."""
     rdtype = rot_dtype(q.dtype)
     qr = torch.empty(*q.shape, device=q.device, dtype=rdtype)
     kr = torch.empty(*k.shape, device=k.device, dtype=rdtype)
     table_args = _table_args(rope, q)
     rotation_pass(((q, qr), (k, kr)), table_args, meta(q, rope), table_args[0].dim() == 4, launch)
-    out = gluon_fwd.forward(qr, kr, v, None, scale * LOG2E, launch, False, config.long_options)
-    o, lse, _ = out or forward(qr, kr, v, None, scale, False, config, launch)
+    o, lse, _ = forward(qr, kr, v, None, scale, False, config, launch)
     return o, lse, (qr, kr)
 
 
