@@ -14,7 +14,9 @@ For each model, mode and variant one fresh model (random weights, same seed) run
 Variants: timm | attnhub (`attnhub.integrations.timm.patch`), each eager and `torch.compile` (--compile-mode, not
 fullgraph: attnhub's dispatch may break the graph; the breaks are counted and recorded). Each time is the median
 step time of `attnhub.benchkit.time_ms` (triton.testing.do_bench with --warmup and --rep budgets in ms;
-perf_counter on the CPU); the first call is timed apart (compilation included); each record also counts, per
+perf_counter on the CPU); with --rounds R the two variants of a model and mode live together and are timed in R
+alternating rounds (timm first, then attnhub first, ...), each time the median of its rounds, so a GPU clock that
+drifts over the run weighs on both; the first call is timed apart (compilation included); each record also counts, per
 timed step, Python's garbage collections and, on CUDA, the caching allocator's retries and cudaMallocs
 (`host_events`: what can make a step wait on the host). Before timing, each model's
 patched and timm logits and gradients are compared (relative L2, bf16 autocast). Ratios: timm ms / attnhub ms
@@ -30,6 +32,7 @@ import copy
 import datetime
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -206,63 +209,124 @@ def _per_step(events: dict, steps: int) -> dict:
             for k, v in events.items()}
 
 
-def measure(name: str, mode: str, variant: str, compiled: bool, args, device, x, y) -> dict:
-    rec = {"model": name, "mode": mode, "variant": variant, "compiled": compiled}
-    model = fn = None
-    try:
-        model = build(name, variant, args, device)
-        if variant == "attnhub" and not compiled:
-            rec["attnhub_explain"] = chosen_backend(model, mode, x, y, device)
-        if compiled:
-            torch._dynamo.reset()
-            torch._dynamo.utils.counters.clear()
-        if compiled:
-            model = torch.compile(model, backend=args.compile_backend,
-                                  mode=args.compile_mode if args.compile_backend == "inductor" else None)
-        fn = step_fn(model, mode, x, y, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        fn()
-        benchkit.sync(device)
-        rec["first_call_s"] = time.perf_counter() - start
-        if args.gc_freeze:  # what exists now (model, compiled code) leaves the collector's generations
-            gc.collect()
-            gc.freeze()
-        steps = [0]
+class Variant:
+    """One variant's model and step, built and called once (the first call timed apart, compilation included);
+    `time` adds a timed round (`benchkit.time_ms`) to its record, `close` frees the model. A failing variant (OOM,
+    compile error) keeps the error in its record and is not timed; the others still run."""
+
+    def __init__(self, name: str, mode: str, variant: str, compiled: bool, args, device, x, y):
+        self.rec = {"model": name, "mode": mode, "variant": variant, "compiled": compiled}
+        self.args, self.device, self.batch = args, device, len(y)
+        self.model = self.fn = None
+        self.events, self.steps = {}, 0
+        try:
+            model = build(name, variant, args, device)
+            if variant == "attnhub" and not compiled:
+                self.rec["attnhub_explain"] = chosen_backend(model, mode, x, y, device)
+            if compiled:
+                model = torch.compile(model, backend=args.compile_backend,
+                                      mode=args.compile_mode if args.compile_backend == "inductor" else None)
+            self.model, self.fn = model, step_fn(model, mode, x, y, device)
+            breaks = _graph_breaks()
+            start = time.perf_counter()
+            self.fn()
+            benchkit.sync(device)
+            self.rec["first_call_s"] = time.perf_counter() - start
+            if compiled:
+                self.rec["graph_breaks"] = _graph_breaks() - breaks
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        self.rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        self.model = self.fn = None
+
+    def time(self) -> None:
+        if self.fn is None:
+            return
+        fn, steps = self.fn, [0]
 
         def counted():
             steps[0] += 1
             fn()
 
-        with host_events(device) as events:
-            rec["ms"] = benchkit.time_ms(counted, device=device, warmup=args.warmup, rep=args.rep)
-        rec["host_events_per_step"] = _per_step(events, steps[0])
-        rec["img_per_s"] = len(y) / rec["ms"] * 1e3
-        if compiled:
-            rec["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-        if device.type == "cuda":
-            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    except Exception as exc:  # a failing variant (OOM, compile error) is recorded, the others still run
-        rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    finally:
-        del model, fn
-        gc.unfreeze()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            if self.args.gc_freeze:  # what exists now (models, compiled code) leaves the collector's generations
+                gc.collect()
+                gc.freeze()
+            with host_events(self.device) as events:
+                self.rec.setdefault("round_ms", []).append(
+                    benchkit.time_ms(counted, device=self.device, warmup=self.args.warmup, rep=self.args.rep))
+        except Exception as exc:
+            self.fail(exc)
+            return
+        finally:
+            gc.unfreeze()
+        self.steps += steps[0]
+        self.events = _summed(self.events, events)
+        self.rec["ms"] = statistics.median(self.rec["round_ms"])
+        self.rec["img_per_s"] = self.batch / self.rec["ms"] * 1e3
+        self.rec["host_events_per_step"] = _per_step(self.events, self.steps)
+        if self.device.type == "cuda":  # with --rounds the other variant's model and optimizer state count too
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.rec["peak_mem_gib"] = max(peak, self.rec.get("peak_mem_gib", 0.0))
+
+    def close(self) -> dict:
+        self.model = self.fn = None
         gc.collect()
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-    return rec
+        return self.rec
+
+
+def _summed(total: dict, events: dict) -> dict:
+    """host_events counts of several rounds added up (lists element-wise)."""
+    add = lambda a, b: [x + y for x, y in zip(a, b)] if isinstance(b, list) else a + b  # noqa: E731
+    return {k: add(total[k], v) if k in total else v for k, v in events.items()}
+
+
+def _graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def measure_pair(name: str, mode: str, compiled: bool, args, device, x, y) -> list[dict]:
+    """timm's and attnhub's records for one model, mode and compile setting. One round (the default): each variant
+    built, timed and freed in turn. --rounds R > 1: both built, then timed in R rounds, timm first in even rounds
+    and attnhub first in odd ones, so drift of the GPU's clock over the run falls on both alike; `ms` is the median
+    of a variant's rounds (`round_ms`)."""
+    if args.rounds == 1:
+        records = []
+        for variant in VARIANTS:
+            if compiled:
+                torch._dynamo.reset()
+            v = Variant(name, mode, variant, compiled, args, device, x, y)
+            v.time()
+            records.append(v.close())
+        return records
+    if compiled:
+        torch._dynamo.reset()
+    pair = [Variant(name, mode, variant, compiled, args, device, x, y) for variant in VARIANTS]
+    for r in range(args.rounds):
+        for v in pair if r % 2 == 0 else pair[::-1]:
+            v.time()
+    return [v.close() for v in pair]
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """timm ms / attnhub ms per model and mode, eager vs eager and compiled vs compiled."""
-    ms = {(r["model"], r["mode"], r["variant"], r["compiled"]): r.get("ms") for r in records}
+    """timm ms / attnhub ms per model and mode, eager vs eager and compiled vs compiled; with several rounds also
+    each round's (`<key>_rounds`: round r's timm over round r's attnhub, the spread of the ratio)."""
+    by = {(r["model"], r["mode"], r["variant"], r["compiled"]): r for r in records}
     out = []
     for name, mode in dict.fromkeys((r["model"], r["mode"]) for r in records):
         row = {"model": name, "mode": mode}
         for compiled, key in ((False, "attnhub_eager_vs_timm_eager"), (True, "attnhub_compiled_vs_timm_compiled")):
-            timm_ms, ours = ms.get((name, mode, "timm", compiled)), ms.get((name, mode, "attnhub", compiled))
-            row[key] = timm_ms / ours if timm_ms and ours else None
+            timm_rec, ours = by.get((name, mode, "timm", compiled), {}), by.get((name, mode, "attnhub", compiled), {})
+            row[key] = timm_rec["ms"] / ours["ms"] if timm_rec.get("ms") and ours.get("ms") else None
+            rounds = list(zip(timm_rec.get("round_ms", ()), ours.get("round_ms", ())))
+            if row[key] and len(rounds) > 1:
+                row[key + "_rounds"] = [t / a for t, a in rounds]
         out.append(row)
     return out
 
@@ -283,9 +347,11 @@ def print_table(report: dict) -> None:
         print(f"{c['model']:<28} attnhub vs timm (bf16): " + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else
                                                                    f"{k} {v}" for k, v in c.items() if k != "model"))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}x"  # noqa: E731
+    spread = lambda v: f" (rounds {min(v):.3f}-{max(v):.3f}x)" if v else ""  # noqa: E731
     for r in report["ratios"]:
-        print(f"{r['model']:<28} {r['mode']:<6} attnhub vs timm: eager {fmt(r['attnhub_eager_vs_timm_eager'])}, "
-              f"compiled {fmt(r['attnhub_compiled_vs_timm_compiled'])}  (timm ms / attnhub ms)")
+        eager, comp = "attnhub_eager_vs_timm_eager", "attnhub_compiled_vs_timm_compiled"
+        print(f"{r['model']:<28} {r['mode']:<6} attnhub vs timm: "
+              f"eager {fmt(r[eager])}{spread(r.get(eager + '_rounds'))}, compiled {fmt(r[comp])}{spread(r.get(comp + '_rounds'))}  (timm ms / attnhub ms)")
 
 
 def run(args) -> dict:
@@ -302,11 +368,11 @@ def run(args) -> dict:
         print(f"  {name} check (attnhub vs timm, bf16): {checks[-1]}", file=sys.stderr)
         for mode in args.modes:
             for compiled in compiled_opts:
-                for variant in VARIANTS:
-                    rec = measure(name, mode, variant, compiled, args, device, x, y)
-                    print(f"  {name} {mode} {variant} compiled={compiled}: "
+                for rec in measure_pair(name, mode, compiled, args, device, x, y):
+                    print(f"  {name} {mode} {rec['variant']} compiled={compiled}: "
                           + (rec["error"][:200] if "error" in rec else
-                             f"{rec['ms']:.2f} ms; per step {rec['host_events_per_step']}"), file=sys.stderr)
+                             f"{rec['ms']:.2f} ms (rounds {rec['round_ms']}); per step "
+                             f"{rec['host_events_per_step']}"), file=sys.stderr)
                     records.append(rec)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -314,7 +380,7 @@ def run(args) -> dict:
         "config": {"models": list(args.models), "modes": list(args.modes), "batch": args.batch, "img": args.img,
                    "depth": args.depth, "seq_len": args.seq_len, "model_kwargs": args.model_kwargs,
                    "triton_configs": args.triton_configs,
-                   "warmup_ms": args.warmup, "rep_ms": args.rep, "autocast": "bfloat16",
+                   "warmup_ms": args.warmup, "rep_ms": args.rep, "rounds": args.rounds, "autocast": "bfloat16",
                    "optimizer": "AdamW", "gc_freeze": args.gc_freeze, "compile": None if args.no_compile else
                    {"mode": args.compile_mode, "fullgraph": False, "backend": args.compile_backend}},
         "checks": checks,
@@ -341,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=500, help="untimed steps after the first call, ms (do_bench)")
     p.add_argument("--rep", type=int, default=2000, help="timed steps, ms (do_bench; the median is reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed rounds per variant; > 1: timm and attnhub alive together, timed in alternation "
+                        "(ABBA...), each variant's ms the median of its rounds")
     compile_opts = p.add_mutually_exclusive_group()
     compile_opts.add_argument("--no-compile", action="store_true", help="eager only")
     compile_opts.add_argument("--compile-only", action="store_true", help="torch.compile only")
@@ -355,6 +424,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: {args.rounds}; give 1 or more")
     if unknown := [m for m in args.modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {list(MODES)}")
     with configs.override(**args.triton_configs):

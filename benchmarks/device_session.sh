@@ -80,6 +80,10 @@
 #                                      -> pytest_swapped.log, h200_gluon_bwd_swapped.json, gluon_bwd_swapped.log
 #   swape2e ViT-B/16@384 (N = 577) compiled train step, B = 64, against timm compiled: the table without
 #          bwd_swap_tail (bench_e2e --triton-configs), then the table           -> e2e_vit_b384_{unswapped,table}.json, .log
+#   e2e384r ViT-B/16@384 (N = 577) compiled train step, B = 64: timm and attnhub alive together, timed in 6 alternating
+#          rounds (bench_e2e --rounds)                                      -> e2e_vit_b384_rounds.json, .log
+#   rotatee2e the same step through benchmarks/e2e_ab.py: the table against the rotation pass first at every length
+#          (gluon_prerotate_train_from_n = 0; the table starts at 641), interleaved -> e2e_ab_vit_b384_rotate.json, .log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
 #          own training form, in two processes
@@ -332,6 +336,16 @@ PY
           --out "$OUT/e2e_vit_b384_$variant.json" >"$OUT/e2e_vit_b384_$variant.log" 2>&1 || status=1
         echo "$variant:"; tail -4 "$OUT/e2e_vit_b384_$variant.log"
       done ;;
+    e2e384r)
+      timeout 360 python3 benchmarks/bench_e2e.py --models vit_base_patch16_rope_224 --img 384 --batch 64 \
+        --modes train --compile-only --rounds 6 --rep 1000 --out "$OUT/e2e_vit_b384_rounds.json" \
+        >"$OUT/e2e_vit_b384_rounds.log" 2>&1 || status=1
+      tail -4 "$OUT/e2e_vit_b384_rounds.log" ;;
+    rotatee2e)
+      timeout 300 python3 benchmarks/e2e_ab.py --model vit_base_patch16_rope_224 --img 384 --batch 64 \
+        --variants '{"table": {}, "rotate_first": {"gluon_prerotate_train_from_n": 0}}' \
+        --out "$OUT/e2e_ab_vit_b384_rotate.json" >"$OUT/e2e_ab_vit_b384_rotate.log" 2>&1 || status=1
+      grep -E "^(table|rotate_first) " "$OUT/e2e_ab_vit_b384_rotate.log" ;;
     rotatefirst)
       gluon_tests "rotation_pass"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"

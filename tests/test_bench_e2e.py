@@ -86,6 +86,41 @@ def test_compile_only_with_gc_freeze(tmp_path):
     assert gc.get_freeze_count() == 0
 
 
+def test_rounds_alternate_the_variants(tmp_path, monkeypatch):
+    """--rounds 3: both variants built once, timed in alternating order (timm, attnhub / attnhub, timm / ...);
+    each ms is the median of its rounds, and the ratios carry each round's."""
+    bench_e2e = _load()
+    fake = iter([10.0, 5.0, 6.0, 12.0, 11.0, 4.0])  # timm 10, 12, 11; attnhub 5, 6, 4
+
+    def time_ms(fn, **kw):
+        fn()
+        return next(fake)
+
+    timed = []
+    real_time = bench_e2e.Variant.time
+    monkeypatch.setattr(bench_e2e.Variant, "time", lambda self: (timed.append(self.rec["variant"]), real_time(self)))
+    monkeypatch.setattr(bench_e2e.benchkit, "time_ms", time_ms)
+    built = []
+    real_build = bench_e2e.build
+    monkeypatch.setattr(bench_e2e, "build", lambda *a, **kw: (built.append(a[1]), real_build(*a, **kw))[1])
+    out = tmp_path / "e2e.json"
+    argv = ["--device", "cpu", "--batch", "2", "--img", "64", "--depth", "1", "--models", "vit_small_patch16_rope_224",
+            "--modes", "train", "--no-compile", "--rounds", "3", "--out", str(out)]
+    assert bench_e2e.main(argv) == 0
+    assert timed == ["timm", "attnhub", "attnhub", "timm", "timm", "attnhub"]
+    assert built == ["timm", "attnhub"] * 2  # the check's models, then each variant's once for all rounds
+    report = json.loads(out.read_text())
+    assert report["config"]["rounds"] == 3
+    timm_rec, ours = report["records"]
+    assert timm_rec["round_ms"] == [10.0, 12.0, 11.0] and timm_rec["ms"] == 11.0
+    assert ours["round_ms"] == [5.0, 6.0, 4.0] and ours["ms"] == 5.0
+    (row,) = report["ratios"]
+    assert row["attnhub_eager_vs_timm_eager"] == 11.0 / 5.0
+    assert row["attnhub_eager_vs_timm_eager_rounds"] == [2.0, 2.0, 11.0 / 4.0]
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench_e2e.main([*argv[:-4], "--rounds", "0"])
+
+
 def test_host_events_count_garbage_collections():
     bench_e2e = _load()
     with bench_e2e.host_events(torch.device("cpu")) as events:
