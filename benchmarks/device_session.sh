@@ -84,9 +84,6 @@
 #          rounds (bench_e2e --rounds)                                      -> e2e_vit_b384_rounds.json, .log
 #   rotatee2e the same step through benchmarks/e2e_ab.py: the table against the rotation pass first at every length
 #          (gluon_prerotate_train_from_n = 0; the table starts at 641), interleaved -> e2e_ab_vit_b384_rotate.json, .log
-#   lateq  the long kernel's GPU tests with the rotated slices' stores waited for late (long_late_q_wait), then
-#          benchmarks/gluon_bwd.py at N = 577 and 401, fwd+bwd, the table against it, in two processes
-#                                      -> pytest_late_q.log, h200_gluon_bwd_late_q_r{1,2}.json, their logs
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
 #          own training form, in two processes
@@ -349,15 +346,6 @@ PY
         --variants '{"table": {}, "rotate_first": {"gluon_prerotate_train_from_n": 0}}' \
         --out "$OUT/e2e_ab_vit_b384_rotate.json" >"$OUT/e2e_ab_vit_b384_rotate.log" 2>&1 || status=1
       grep -E "^(table|rotate_first) " "$OUT/e2e_ab_vit_b384_rotate.log" ;;
-    lateq)
-      gluon_tests "late_q_wait or many_heads"
-      mv "$OUT/pytest_gluon.log" "$OUT/pytest_late_q.log"
-      for run in 1 2; do
-        timeout 200 python3 benchmarks/gluon_bwd.py --shapes "vit_b16_384;custom:64,12,401,64,1,20" \
-          --variants "gluon dkdv+dq,gluon dkdv+dq late q wait" --out "$OUT/h200_gluon_bwd_late_q_r$run.json" \
-          >"$OUT/gluon_bwd_late_q_r$run.log" 2>&1 || status=1
-        tail -8 "$OUT/gluon_bwd_late_q_r$run.log"
-      done ;;
     rotatefirst)
       gluon_tests "rotation_pass"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"

@@ -42,8 +42,6 @@ VARIANTS = {  # name -> config fields over the Hopper table's
     # 640 tokens), and the kernel's own training form there (the table before gluon_prerotate_train_from_n)
     "gluon dkdv+dq rotate first": dict(gluon_bwd_from_n=0, gluon_prerotate_train_from_n=0),
     "gluon dkdv+dq own training form": dict(gluon_bwd_from_n=0, gluon_prerotate_train_from_n=None),
-    # the long kernel's training form handing each rotated slice over before its store has read it (up to 640)
-    "gluon dkdv+dq late q wait": dict(gluon_bwd_from_n=0, long_late_q_wait=True),
 }
 
 

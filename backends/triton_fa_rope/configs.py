@@ -28,8 +28,8 @@ STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluo
 class LongOptions(NamedTuple):
     """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
-    (`long_attend_groups`), swap_tail (`long_swap_tail`), late_q_wait (`long_late_q_wait`) of the long kernel;
-    v_slots (`stream_v_slots`) and overlap (`stream_overlap`) of the streaming one."""
+    (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
+    overlap (`stream_overlap`) of the streaming one."""
 
     early_release: bool = False
     from_n: int = 257
@@ -37,7 +37,6 @@ class LongOptions(NamedTuple):
     swap_tail: bool = False
     v_slots: int = 4
     overlap: bool = False
-    late_q_wait: bool = False
 
 
 class KernelConfig(NamedTuple):
@@ -81,9 +80,7 @@ class ArchConfigs:
     long_attend_groups: 0, the long kernel's two attending warpgroups work as one partition on 128-row query
     slices; 3 (with long_early_release), three warpgroups attend as partitions of their own, 64-row slices in turn;
     long_swap_tail: with groups, a last query slice of at most 16 rows (N = 577: one) is computed with the keys as
-    the MMA's rows (slower on the H200: off); long_late_q_wait: with groups, a training call's rotated query slice
-    goes to its group before its store to the rotated q has read it, the producer waiting for that store after the
-    next slice's rotation instead (off: under measurement). stream_v_slots: V boxes in the ring of the streaming Gluon forward
+    the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
     (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
     its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
     intra-warpgroup overlap).
@@ -116,7 +113,6 @@ class ArchConfigs:
     gluon_long_from_n: int = 257
     long_attend_groups: int = 0
     long_swap_tail: bool = False
-    long_late_q_wait: bool = False
     stream_v_slots: int = 4
     stream_overlap: bool = False
     gluon_dkdv: KernelConfig | None = None
@@ -143,7 +139,7 @@ class ArchConfigs:
     def long_options(self) -> LongOptions:
         """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap, self.long_late_q_wait)
+                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap)
 
 
 K = KernelConfig

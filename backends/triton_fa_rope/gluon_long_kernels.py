@@ -259,16 +259,9 @@ def _rotate_box(k_buf, k_loaded, kr_desc, c, s, b, h, j, phase, SAVE_ROT: gl.con
 
 
 @gluon.jit
-def _group_buffer(g, GROUPS: gl.constexpr):
-    """The buffer of the program's query slice g with GROUPS attending groups: its group's (g % GROUPS) two in turn."""
-    return (g % GROUPS) * 2 + (g // GROUPS) % 2
-
-
-@gluon.jit
 def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
                  stab_n, H, N, P, n_heads, qk_scale, NS: gl.constexpr, NKC: gl.constexpr, ROPE: gl.constexpr,
-                 SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr,
-                 LATE_Q_WAIT: gl.constexpr):
+                 SAVE_ROT: gl.constexpr, EARLY_RELEASE: gl.constexpr, GROUPS: gl.constexpr):
     """Per head: each query slice into a free buffer by TMA, rotated in place (scale * log2 e folded in) ->
     q_ready; after the head's first slice, once the heads before are done with them (kv_empty), K and V by TMA in
     boxes (V straight to v_ready), each K box rotated as it lands -> k_ready. So the next head's first slice is
@@ -277,10 +270,7 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
     to qr_desc, kr_desc (waited for before its buffer is loaded again). EARLY_RELEASE: each K/V box is loaded as soon
     as the head before releases it (kv_free, in its last slice), one box ahead of the rotation. GROUPS (0: the
     attending warps are one partition): slice g goes to attending group g % GROUPS, into the next of its two
-    buffers, and the head's first GROUPS slices are loaded before its K/V boxes, so that every group has one.
-    LATE_Q_WAIT (with GROUPS and SAVE_ROT): a rotated slice goes to its group as soon as its store is issued; the
-    store is waited for after the next slice's rotation, which then arrives on the slice's q_stored (bars[8]) for
-    the group's o, so the store's read of the buffer overlaps the next slice's load and rotation."""
+    buffers, and the head's first GROUPS slices are loaded before its K/V boxes, so that every group has one."""
     q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty = bars[:7]
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
@@ -301,11 +291,11 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
                 buf = g % 2
                 n = g
             else:  # the group's own two buffers; n: the group's slices before this one
-                buf = _group_buffer(g, GROUPS)
+                buf = (g % GROUPS) * 2 + (g // GROUPS) % 2
                 n = g // GROUPS
             mbarrier.wait(q_empty.index(buf), ((n // 2) & 1) ^ 1)  # a fresh barrier passes phase 1
-            if SAVE_ROT and not LATE_Q_WAIT:  # the stores from this buffer have read it (long done: the slice was
-                tma.store_wait(0)  # attended since; late: waited for after the next slice's rotation)
+            if SAVE_ROT:  # the stores from this buffer have read it (long done: the slice was attended since)
+                tma.store_wait(0)
             mbarrier.expect(q_loaded.index(buf), q_desc.block_type.nbytes)
             _tma_load(q_desc, [b, si * SLICE_, h, 0], q_loaded.index(buf), q_buf.index(buf))
             if ROPE:  # in BLOCK_N-row steps: 32 values and 32 table entries per thread
@@ -317,13 +307,8 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
                                   1.0 if SAVE_ROT else qk_scale, num_warps)
             else:
                 mbarrier.wait(q_loaded.index(buf), (n // 2) & 1)
-            if LATE_Q_WAIT:  # the previous slice's store (and the K boxes' since) have read their buffers
-                tma.store_wait(0)
             fence_async_shared()
             _cta_barrier()  # this warpgroup's stores, before one thread arrives for all
-            if LATE_Q_WAIT:
-                if g > 0:
-                    mbarrier.arrive(bars[8].index(_group_buffer(g - 1, GROUPS)), count=1)
             if GROUPS == 0:
                 mbarrier.arrive(q_ready.index(buf), count=1)
                 if SAVE_ROT:
@@ -331,8 +316,7 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
             else:  # a group writes its o into the slice's buffer: the rotated slice must have left it
                 if SAVE_ROT:
                     _tma_store(qr_desc, [b, si * SLICE_, h, 0], q_buf.index(buf))
-                    if not LATE_Q_WAIT:
-                        tma.store_wait(0)
+                    tma.store_wait(0)
                 mbarrier.arrive(q_ready.index(buf), count=1)
             if si == (0 if GROUPS == 0 else GROUPS - 1):
                 if ROPE:  # box 0's table while the heads before finish with K and V
@@ -366,10 +350,6 @@ def _ws_producer(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, 
         it += 1
     if SAVE_ROT:
         tma.store_wait(0)
-    if LATE_Q_WAIT:  # the program's last slice
-        _cta_barrier()
-        if it > 0:
-            mbarrier.arrive(bars[8].index(_group_buffer(it * NS - 1, GROUPS)), count=1)
 
 
 @gluon.jit
@@ -430,11 +410,11 @@ def _one_slice_may_be_first_and_last(ns, groups):
 
 @gluon.jit
 def _group_slice(q_s4, k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, first, last, phase,
-                 stored, stored_phase, NS: gl.constexpr, N_FULL: gl.constexpr, MID_N: gl.constexpr,
-                 TAIL_N: gl.constexpr, GROUPS: gl.constexpr, LATE_Q_WAIT: gl.constexpr, num_warps: gl.constexpr):
+                 NS: gl.constexpr, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                 GROUPS: gl.constexpr, num_warps: gl.constexpr):
     """A group's query slice si (its buffer q_s4) over all keys, unpipelined (`_attend_slice_serial`: 120
     registers), waiting on the boxes if it is the group's first of the head, releasing them box by box if its
-    last; then `_end_slice` (stored, stored_phase: with LATE_Q_WAIT, the barrier of the rotated slice's store)."""
+    last; then `_end_slice`."""
     k_ready, v_ready, kv_free = bars[4], bars[5], bars[7]
     SLICE_: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
@@ -451,13 +431,12 @@ def _group_slice(q_s4, k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale
                                              kv_free=kv_free, RELEASE=True)
     else:
         acc, m_i, l_i = _attend_slice_serial(q_s, k_buf, v_buf, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
-    _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H, N, si, stored,
-               stored_phase, LATE_Q_WAIT)
+    _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H, N, si)
 
 
 @gluon.jit
-def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, phase, stored,
-                stored_phase, LATE_Q_WAIT: gl.constexpr, num_warps: gl.constexpr):
+def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si, phase,
+                num_warps: gl.constexpr):
     """A group's swapped last slice (`_attend_tail` over every K/V box, releasing each: the last slice of a head is
     its group's last), then `_end_slice` of its TAIL_Q rows."""
     SLICE_: gl.constexpr = q_s4.shape[1]
@@ -466,21 +445,17 @@ def _group_tail(q_s4, k_buf, v_buf, pt_s, bars, o_desc, lse_ptr, tile, H, N, sm_
     o_t, m_i, l_i = _attend_tail(q_s, k_buf, v_buf, pt_s, N, sm_scale, k_buf.shape[0], bars[4], bars[5], phase,
                                  bars[7], True, num_warps)
     _end_slice(q_s4, gl.permute(o_t / gl.expand_dims(l_i, 0), [1, 0]), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H,
-               N, si, stored, stored_phase, LATE_Q_WAIT)
+               N, si)
 
 
 @gluon.jit
-def _end_slice(q_s4, o, lse, o_desc, lse_ptr, tile, H, N, si, stored, stored_phase, LATE_Q_WAIT: gl.constexpr):
+def _end_slice(q_s4, o, lse, o_desc, lse_ptr, tile, H, N, si):
     """A group's slice done: lse [R] (log2 units) and o [R, D] (normalised) of query slice si's first R rows (rows
-    >= N clipped), o by TMA through the slice's buffer q_s4 [1, SLICE, 1, D], whose rows past R are past N.
-    LATE_Q_WAIT: the producer's store of the rotated slice may still be reading the buffer; o waits for it
-    (`stored` at `stored_phase`)."""
+    >= N clipped), o by TMA through the slice's buffer q_s4 [1, SLICE, 1, D], whose rows past R are past N."""
     SLICE_: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
     R: gl.constexpr = o.shape[0]
     _cta_barrier()  # the group's warps are done with the slice's buffer
-    if LATE_Q_WAIT:
-        mbarrier.wait(stored, stored_phase)
     rows = si * SLICE_ + gl.arange(0, R, layout=lse.type.layout)
     gl.store(lse_ptr + tile.to(gl.int64) * N + rows, lse, mask=rows < N)
     q_s4.reshape([SLICE_, D]).slice(0, R).store(o.to(q_s4.dtype))
@@ -492,17 +467,15 @@ def _end_slice(q_s4, o, lse, o_desc, lse_ptr, tile, H, N, si, stored, stored_pha
 @gluon.jit
 def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS: gl.constexpr,
                      N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, TAIL_Q: gl.constexpr,
-                     GROUP: gl.constexpr, GROUPS: gl.constexpr, LATE_Q_WAIT: gl.constexpr, num_warps: gl.constexpr):
+                     GROUP: gl.constexpr, GROUPS: gl.constexpr, num_warps: gl.constexpr):
     """Attending group GROUP of GROUPS (one warpgroup, a partition of its own): the program's query slices
     g = GROUP, GROUP + GROUPS, ... (counted over its heads) through its two buffers, each over all keys
     (`_group_slice`: waiting on the boxes in its first slice of a head, releasing them box by box in its last,
     kv_free counting GROUPS arrivals). TAIL_Q (0: none): the
     head's last slice holds at most TAIL_Q rows and is computed swapped (`_group_tail`, through the group's pt_buf).
     o leaves by TMA from the slice's own buffer, which goes back to the producer once that store has read it, at
-    the group's next slice. LATE_Q_WAIT: the producer hands a rotated slice over while its store to qr_desc still
-    reads the buffer, and signals that store's end on q_stored (bars[8]), which o waits for."""
+    the group's next slice."""
     q_ready, q_empty = bars[1], bars[2]
-    q_stored = bars[8] if LATE_Q_WAIT else q_ready  # q_ready: not waited on
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     it = 0
@@ -520,15 +493,13 @@ def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n
             if TAIL_Q > 0:
                 if si == NS - 1:  # the head's last slice is every group's last: its boxes may be released
                     _group_tail(q_buf.index(buf), k_buf, v_buf, pt_buf.index(GROUP), bars, o_desc, lse_ptr, tile, H,
-                                N, sm_scale, si, it & 1, q_stored.index(buf), (n // 2) & 1, LATE_Q_WAIT, num_warps)
+                                N, sm_scale, si, it & 1, num_warps)
                 else:
                     _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
-                                 si == first, last, it & 1, q_stored.index(buf), (n // 2) & 1, NS, N_FULL, MID_N,
-                                 TAIL_N, GROUPS, LATE_Q_WAIT, num_warps)
+                                 si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, GROUPS, num_warps)
             else:
                 _group_slice(q_buf.index(buf), k_buf, v_buf, bars, o_desc, lse_ptr, tile, H, N, sm_scale, si,
-                             si == first, last, it & 1, q_stored.index(buf), (n // 2) & 1, NS, N_FULL, MID_N, TAIL_N,
-                             GROUPS, LATE_Q_WAIT, num_warps)
+                             si == first, last, it & 1, NS, N_FULL, MID_N, TAIL_N, GROUPS, num_warps)
             n += 1
         it += 1
     tma.store_wait(0)
@@ -538,8 +509,7 @@ def _ws_attend_group(q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n
 def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n, H,
                     N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                     ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
-                    EARLY_RELEASE: gl.constexpr, ATTEND_GROUPS: gl.constexpr, TAIL_Q: gl.constexpr,
-                    LATE_Q_WAIT: gl.constexpr):
+                    EARLY_RELEASE: gl.constexpr, ATTEND_GROUPS: gl.constexpr, TAIL_Q: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H). Per head, K and V arrive by TMA in
     boxes of BLOCK_N rows (rows past N as zeros), the queries in SLICE-row slices through two buffers. A producer
     warpgroup issues the loads and rotates each slice and K box in place (`_ws_producer`); the kernel's num_warps
@@ -551,9 +521,7 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     buffers (`_ws_attend_group`), taking the slices in turn, so a head of NS slices takes about NS / 3 slice times
     instead of NS / 2 rounded up (FA3's 192-row tiles at D = 64).
     TAIL_Q (0: none; with groups): the last slice holds at most TAIL_Q rows (N = 577: one) and is computed with keys
-    as the MMA's rows and its TAIL_Q queries as columns (`_attend_tail`). LATE_Q_WAIT (with groups and SAVE_ROT): the
-    producer hands a rotated slice over before its store to qr_desc has read it, and o waits for that store
-    (`_ws_producer`)."""
+    as the MMA's rows and its TAIL_Q queries as columns (`_attend_tail`)."""
     SLICE_: gl.constexpr = q_desc.block_type.shape[1]
     CH: gl.constexpr = k_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
@@ -566,7 +534,6 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     gl.static_assert(ATTEND_GROUPS == 0 or (ATTEND_GROUPS == 3 and num_warps == 4 and NS >= ATTEND_GROUPS
                                             and EARLY_RELEASE))
     gl.static_assert(TAIL_Q == 0 or (ATTEND_GROUPS > 0 and TAIL_Q % 16 == 0 and TAIL_Q <= 64))
-    gl.static_assert(not LATE_Q_WAIT or (ATTEND_GROUPS > 0 and SAVE_ROT))
     QB: gl.constexpr = 2 if ATTEND_GROUPS == 0 else 2 * ATTEND_GROUPS  # query slice buffers
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [QB, 1, SLICE_, 1, D], q_desc.layout)
     if ATTEND_GROUPS == 0:  # the groups write o through their slice's buffer
@@ -607,13 +574,6 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
         fence_async_shared()
         _cta_barrier()
         bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty, kv_free)
-    if LATE_Q_WAIT:  # with groups, so with EARLY_RELEASE: bars[8]
-        q_stored = gl.allocate_shared_memory(gl.int64, [QB, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(QB):
-            mbarrier.init(q_stored.index(i), count=1)
-        fence_async_shared()
-        _cta_barrier()
-        bars = (q_loaded, q_ready, q_empty, k_loaded, k_ready, v_ready, kv_empty, kv_free, q_stored)
     if ROPE and not SAVE_ROT:
         sm_scale = 1.0  # folded into q
     else:
@@ -624,19 +584,19 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
                           MID_N, TAIL_N, EARLY_RELEASE, num_warps)),
             (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
-                            ATTEND_GROUPS, LATE_Q_WAIT)),
+                            ATTEND_GROUPS)),
         ], [_WS_PRODUCER_WARPS], [_WS_PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, TAIL_Q, 0, 3, LATE_Q_WAIT, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 0, 3, num_warps)),
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, TAIL_Q, 1, 3, LATE_Q_WAIT, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 1, 3, num_warps)),
             (_ws_attend_group, (q_buf, k_buf, v_buf, pt_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale, NS,
-                                N_FULL, MID_N, TAIL_N, TAIL_Q, 2, 3, LATE_Q_WAIT, num_warps)),
+                                N_FULL, MID_N, TAIL_N, TAIL_Q, 2, 3, num_warps)),
             (_ws_producer, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
                             stab_h, stab_n, H, N, P, n_heads, qk_scale, NS, NKC, ROPE, SAVE_ROT, EARLY_RELEASE,
-                            ATTEND_GROUPS, LATE_Q_WAIT)),
+                            ATTEND_GROUPS)),
         ], [num_warps, num_warps, _WS_PRODUCER_WARPS],
         [_WS_3_GROUP_REGS, _WS_3_GROUP_REGS, _WS_3_PRODUCER_REGS])
     for i in gl.static_range(QB):
@@ -651,6 +611,3 @@ def long_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, c
     if EARLY_RELEASE:
         for j in gl.static_range(NKC):
             mbarrier.invalidate(bars[7].index(j))
-    if LATE_Q_WAIT:
-        for i in gl.static_range(QB):
-            mbarrier.invalidate(bars[8].index(i))

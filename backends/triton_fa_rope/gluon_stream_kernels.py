@@ -180,7 +180,7 @@ def _stream_group(q_buf, k_buf, v_ring, bars, o_desc, lse_ptr, H, N, n_heads, sm
                                            it & 1, r == 0, r == A - 1, N, sm_scale, N_FULL, MID_N, TAIL_N, OVERLAP,
                                            num_warps)
             _end_slice(q_s4, acc / gl.expand_dims(l_i, 1), m_i + gl.log2(l_i), o_desc, lse_ptr, tile, H, N,
-                       r * _GROUPS + GROUP, q_ready.index(buf), 0, False)  # the slice's store waited for
+                       r * _GROUPS + GROUP)
         it += 1
     tma.store_wait(0)
 

@@ -289,10 +289,6 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
                                      resident_train_max_n=640, long_attend_groups=groups, long_early_release=early,
                                      long_swap_tail=tail, gluon_long_from_n=128))
              for case, grid, groups, early, tail in GLUON_GROUPS]
-    jobs += [(f"d64_bf16_interleaved_n{1 + grid[0] * grid[1]}", "gluon_late_q_wait",  # stores waited for late
-              training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=grid), long_late_q_wait=True,
-                                     long_swap_tail=tail, gluon_long_from_n=128))
-             for grid, tail in (((24, 24), False), ((14, 14), True))]
     jobs += [(f"{case}_n{P + grid[0] * grid[1]}", "stream_gluon",  # inference and training through it (the plain
               training_step_launches(*case_inputs(*CASES[case], grid=grid, P=P), resident_fwd_max_n=1152,  # loop)
                                      resident_train_max_n=1152, stream_overlap=False, **OWN_TRAINING_FORM))

@@ -36,10 +36,10 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 
 
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
-          swap_tail=False, v_slots=4, overlap=False, late_q_wait=False):
+          swap_tail=False, v_slots=4, overlap=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, LongOptions(early_release, long_from_n, attend_groups,
-                                                                          swap_tail, v_slots, overlap, late_q_wait))
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
+                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap))
 
 
 def test_takes_calls_it_covers():
@@ -184,24 +184,6 @@ def test_early_release_is_the_long_kernels_switch_from_the_config_table(monkeypa
     one, two = (_plan(*_inputs(N=n), _table(n), early_release=True, long_from_n=0) for n in (128, 129))
     assert one.kernel is two.kernel is gluon_fwd.long_fwd_kernel
     assert (one.constexprs["EARLY_RELEASE"], two.constexprs["EARLY_RELEASE"]) == (False, True)
-
-
-def test_late_q_wait_is_the_long_kernels_training_switch_with_groups(monkeypatch):
-    """`long_late_q_wait` reaches the long kernel as LATE_Q_WAIT only where its producer stores rotated slices
-    that groups then overwrite with o: a training call (save_rotated) with attending groups; a plan of its own; off
-    in the shipped table."""
-    plan_as_compiled(monkeypatch)
-    q, k, v = _inputs(N=577)
-    table = _table(577)
-    groups = dict(early_release=True, attend_groups=3)
-    late = _plan(q, k, v, table, True, late_q_wait=True, **groups)
-    assert late.constexprs["LATE_Q_WAIT"] is True and late is not _plan(q, k, v, table, True, **groups)
-    assert _plan(q, k, v, table, True, **groups).constexprs["LATE_Q_WAIT"] is False
-    assert _plan(q, k, v, table, False, late_q_wait=True, **groups).constexprs["LATE_Q_WAIT"] is False  # inference
-    assert _plan(q, k, v, None, True, late_q_wait=True, **groups).constexprs["LATE_Q_WAIT"] is False  # no RoPE
-    assert _plan(q, k, v, table, True, early_release=True, late_q_wait=True).constexprs["LATE_Q_WAIT"] is False
-    assert "LATE_Q_WAIT" not in _plan(*_inputs(N=1029), _table(1029), True, late_q_wait=True, **groups).constexprs
-    assert configs.for_arch(9, 64).long_late_q_wait is False
 
 
 def test_attend_groups_give_the_long_kernel_64_row_slices_in_warpgroups_of_their_own(monkeypatch):
@@ -617,28 +599,6 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
                                          LongOptions(early, attend_groups=groups, swap_tail=tail))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("N,B,H,tail", [(577, 64, 12, False), (577, 64, 12, True), (401, 20, 8, False),
-                                        (640, 20, 8, False), (257, 20, 8, True), (197, 20, 8, True)])
-def test_late_q_wait_computes_what_the_table_does(N, B, H, tail, nan_empty):
-    """`long_late_q_wait` moves only when the producer waits for a rotated slice's store (and o for it): a training
-    forward's o, lse and rotated q, k equal the table's bit for bit, at ViT-B/16@384 over 768 heads (five or six per
-    program: every buffer's q_stored phase turns over), with the swapped last slice, an odd slice count (401), the
-    long kernel's largest length and its shortest with groups (197, from gluon_long_from_n = 128: one slice per
-    group and head); the late form's first and last samples against float64 besides (NaN-filled outputs)."""
-    gen = torch.Generator().manual_seed(N + 7)
-    q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
-    table = make_table(Shape(B, H, (1, N - 1), 1, 64, "interleaved"), gen)
-    base = dict(early_release=True, from_n=128, attend_groups=3, swap_tail=tail)
-    table_form, late = (gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, True,
-                                          LongOptions(**base, late_q_wait=w)) for w in (False, True))
-    assert _plan(q, k, v, table, True, True, 128, 3, tail, late_q_wait=True).constexprs["LATE_Q_WAIT"] is True
-    for got, want, name in zip((*late[:2], *late[2]), (*table_form[:2], *table_form[2]), ("o", "lse", "qr", "kr")):
-        assert torch.equal(got, want), name
-    _check_first_and_last_samples(q, k, v, table, late[0], late[1], *late[2], True)
 
 
 @pytest.mark.gpu
