@@ -167,6 +167,34 @@ def test_default_and_custom_scale(backend):
     assert_close_rel(attnhub.attention(q, k, v, scale=1, backend=backend), manual(1.0), torch.float32, "int scale")
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton_rope_sdpa"])
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+def test_negative_and_zero_scale(backend, scale):
+    """softmax(q k^T * scale) v for a negative or zero scale, with a RoPE table, o and the gradients against float64.
+    Scores spread over hundreds (q, k scaled by 3), so that exponents taken against anything but the row max of the
+    scaled scores overflow (kernels that take the max before the scale must take the min for a negative one).
+    N = 150: the Triton kernel's key tiles whole and a masked last one."""
+    q, k, v = _qkv(torch.float32, N=150, D=16, device=device_for(backend))
+    q, k = q * 3, k * 3
+    rope = _table(grid=(1, 149)).to(q.device)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q.device)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attnhub.attention(*refs, rope, scale=scale, backend="math")
+    ref.backward(do.double())
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = attnhub.attention(*got, rope, scale=scale, backend=backend)
+    o.backward(do)
+    assert_close_rel(o, ref.detach(), torch.float32, f"{backend} scale={scale}")
+    for name, t, r in zip("qkv", got, refs):
+        if r.grad.norm() > 0:  # a zero scale gives dq = dk = 0
+            assert_close_rel(t.grad, r.grad, torch.float32, f"{backend} scale={scale} d{name}", grad=True)
+        else:
+            assert t.grad.abs().max() < 1e-6, f"{backend} scale={scale} d{name}"
+    if scale < 0:  # the scale's sign matters at these inputs
+        o_pos = attnhub.attention(q, k, v, rope, scale=-scale, backend=backend)
+        assert (o.detach() - o_pos).norm() > 1e-2 * o_pos.norm()
+
+
 def test_fast_path_passes_the_scale_and_mask():
     """A repeated call (the fast path) hands the entry what the first call did: the default scale of its head dim,
     a given scale as a float, the mask."""

@@ -468,6 +468,37 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, t
     assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N,rope", [(197, True), (577, True), (1029, True), (577, False)])
+def test_a_negative_scale_through_the_gluon_forwards(N, rope, nan_empty):
+    """scale = -0.7 (the Gluon forwards take the row min of the raw scores then), scores spread over hundreds (q, k
+    scaled by 3: exponents against anything but the row max of the scaled scores overflow), forced triton_fa_rope
+    with the table as shipped (background compiles off): the resident, long and streaming kernels (1029: after the
+    rotation pass, without RoPE), inference and training, o and the gradients against float64."""
+    gen = torch.Generator().manual_seed(N + 11)
+    B, H = 8, 6
+    q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
+    q, k = (q * 3).detach(), (k * 3).detach()
+    P = 5 if N == 1029 else 1
+    table = make_table(Shape(B, H, (1, N - P), P, 64, "interleaved"), gen) if rope else None
+    do = torch.randn(q.shape, generator=gen).to(q.device, q.dtype)
+    refs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attnhub.attention(*refs, table, scale=-0.7, backend="math")
+    ref.backward(do.double())
+    with settings.override(background_compile=False), runtime.recording() as launches:
+        with torch.no_grad():
+            o_inf = attnhub.attention(q, k, v, table, scale=-0.7, backend="triton_fa_rope")
+        got = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attnhub.attention(*got, table, scale=-0.7, backend="triton_fa_rope")
+        o.backward(do)
+    assert sum("fwd_kernel" in x.name and x.name != "fwd_kernel" for x in launches) == 2, [x.name for x in launches]
+    assert_close_rel(o_inf, ref.detach(), q.dtype, "o (inference)")
+    assert_close_rel(o, ref.detach(), q.dtype, "o (training)")
+    for name, t, r in zip("qkv", got, refs):
+        assert_close_rel(t.grad, r.grad, q.dtype, f"d{name}", grad=True)
+
+
 def _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated):
     """o (and with save_rotated the rotated q and k) of the first two and last two samples (the persistent programs'
     first and last heads) against float64; every output finite (NaN-filled before: every head's rows written)."""
