@@ -167,7 +167,7 @@ def test_default_and_custom_scale(backend):
     assert_close_rel(attnhub.attention(q, k, v, scale=1, backend=backend), manual(1.0), torch.float32, "int scale")
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "triton_rope_sdpa"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [-0.7, 0.0])
 def test_negative_and_zero_scale(backend, scale):
     """softmax(q k^T * scale) v for a negative or zero scale, with a RoPE table, o and the gradients against float64.
