@@ -84,6 +84,9 @@
 #          rounds (bench_e2e --rounds)                                      -> e2e_vit_b384_rounds.json, .log
 #   rotatee2e the same step through benchmarks/e2e_ab.py: the table against the rotation pass first at every length
 #          (gluon_prerotate_train_from_n = 0; the table starts at 641), interleaved -> e2e_ab_vit_b384_rotate.json, .log
+#   storeab benchmarks/gluon_long.py at 577 and 1029 tokens with three attending groups, the training forms beside
+#          themselves with the rotated q and k stores clipped by TMA (--clipped-stores: the price of those writes)
+#                                               -> h200_gluon_store_ablation.json, gluon_store_ablation.log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
 #          own training form, in two processes
@@ -346,6 +349,10 @@ PY
         --variants '{"table": {}, "rotate_first": {"gluon_prerotate_train_from_n": 0}}' \
         --out "$OUT/e2e_ab_vit_b384_rotate.json" >"$OUT/e2e_ab_vit_b384_rotate.log" 2>&1 || status=1
       grep -E "^(table|rotate_first) " "$OUT/e2e_ab_vit_b384_rotate.log" ;;
+    storeab)
+      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 \
+        --clipped-stores --out "$OUT/h200_gluon_store_ablation.json" >"$OUT/gluon_store_ablation.log" 2>&1 || status=1
+      grep -E "training" "$OUT/gluon_store_ablation.log" | tail -8 ;;
     rotatefirst)
       gluon_tests "rotation_pass"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"

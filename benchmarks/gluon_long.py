@@ -25,6 +25,12 @@ the streaming kernel since d477586); with
 
     python benchmarks/gluon_long.py --shapes "vit_b16_512_reg4;custom:32,16,785,64,1,28" --v-slots 3,4,5 --overlap \
         --out h200_gluon_stream.json
+
+`--clipped-stores` also times the training forms (the table's variant) with their rotated q and k stored through
+descriptors of one head's [1, 1, N, D] buffer, which TMA clips for every other head (`_stores_clipped`): the
+kernel's whole work but those HBM writes, a timing ablation (rows "..., stores clipped", in no pass's summary).
+
+    python benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 --clipped-stores
 """
 
 from __future__ import annotations
@@ -83,13 +89,39 @@ def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
+CLIPPED = ", stores clipped"  # the ablation's rows (`_stores_clipped`)
+
+
+def _stores_clipped(q, k, v, table, options: LongOptions):
+    """-> a context manager: within it, a training call of this signature (`gluon_fwd.forward` with save_rotated)
+    stores its rotated q and k through descriptors of one head's [1, 1, N, D] buffer, and TMA clips every box of the
+    other heads, so the kernel does all its work but the HBM writes of the rotated q and k. A timing ablation: what
+    the call returns as the rotated q and k is not written. The plan's makers are swapped within the block for
+    makers of the small buffer (the plan's own, given it, would copy the full tensor's shape); the buffer lives as
+    long as the context manager (a CUDA graph captured within keeps writing it)."""
+    plan = gluon_fwd._plan(q, k, v, table, gluon_fwd._tables(table, q.dtype)[0], True, options)
+    one = torch.empty(1, 1, q.shape[2], q.shape[3], device=q.device, dtype=q.dtype)
+    rows = [make(torch.empty_like(q)).block_shape[1] for make in plan.make_rot]
+    clipped = tuple(lambda _t, make=gluon_fwd._maker(one, r): make(one) for r in rows)
+
+    @contextlib.contextmanager
+    def swapped():
+        saved, plan.make_rot = plan.make_rot, clipped
+        try:
+            yield
+        finally:
+            plan.make_rot = saved
+
+    return swapped
+
+
 def _triton_o(q, k, v, table, scale, save_rotated, triton_only):
     """o of the Triton forward past `gluon_fwd.MAX_N` tokens; triton_only: the table with its Gluon forwards capped
     at MAX_N (made once, outside the timed call)."""
     return launch.forward(q, k, v, table, scale, save_rotated, triton_only)[0]
 
 
-def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> list[dict]:
+def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipped=False) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -129,6 +161,10 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> li
                 fn = functools.partial(_stream_o, q, k, v, table if rope else None, qk_scale, save, n, over)
                 err = _check(name, fn, q, k, v, table if rope else None)
                 add(name, fn, rope=rope, err=err)
+            if clipped:
+                fn = functools.partial(_stream_o, q, k, v, table, qk_scale, True, table_slots, table_overlap)
+                options = LongOptions(v_slots=table_slots, overlap=table_overlap)
+                add("gluon stream training" + CLIPPED, fn, _stores_clipped(q, k, v, table, options))
             triton_only = dataclasses.replace(config, resident_fwd_max_n=gluon_fwd.MAX_N,
                                               resident_train_max_n=gluon_fwd.MAX_N)
             for name, save in (("triton forward", False), ("triton training", True)):
@@ -153,6 +189,9 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False) -> li
             err = _check(name, fn, q, k, v, table if rope else None)
             print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
             add(name, fn, rope=rope, err=err)
+            if clipped and save:
+                options = LongOptions(early, gluon_fwd.LONG_MIN_N, g, tail)
+                add(name + CLIPPED, fn, _stores_clipped(q, k, v, table, options))
     for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
         built = bench.build(impl, s, dev)
         add(impl + ("" if built.rope else " (no RoPE)"), lambda: built.fn(q, k, v), built.context, built.rope)
@@ -163,7 +202,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Per shape and pass (inference with RoPE, without, the training forward): the long kernel's baseline, one
     attending partition without early release ("gluon long", "gluon long, no RoPE", "gluon long training"),
     against its fastest variant, by graph time, with cuDNN without RoPE and timm compiled against that variant; past
-    640 tokens the Triton forward ("triton forward", "triton training") against the streaming kernel."""
+    640 tokens the Triton forward ("triton forward", "triton training") against the streaming kernel. The ablation's
+    rows (`CLIPPED`) are no pass's variants."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         here = {r["impl"]: r["graph_ms"] for r in rows if r["shape"] == shape}
@@ -175,7 +215,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                 continue
             kernel = "gluon stream" if "gluon stream" in here else baseline.split(",")[0]
             same_kind = [name for name in here if (name.startswith(kernel) or name == baseline)
-                         and name.endswith(", no RoPE") == (kind == "no RoPE")
+                         and CLIPPED not in name and name.endswith(", no RoPE") == (kind == "no RoPE")
                          and (" training" in name) == (kind == "training")]
             best = min(same_kind, key=here.__getitem__)
             out.append(dict(shape=shape, kind=kind, baseline_ms=here[baseline], best=best, best_ms=here[best],
@@ -195,6 +235,8 @@ def main(argv=None) -> None:
                    "640 tokens (`stream_v_slots`: 2-5; those that fit)")
     p.add_argument("--overlap", action="store_true", help="past 640 tokens also time the streaming kernel's other "
                    "key loop (`stream_overlap`)")
+    p.add_argument("--clipped-stores", action="store_true", help="also time the training forms with their rotated q "
+                   "and k stores clipped by TMA (`_stores_clipped`: the price of those writes)")
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     groups = tuple(int(g) for g in args.groups.split(","))
@@ -209,7 +251,7 @@ def main(argv=None) -> None:
         p.error(f"--v-slots {args.v_slots}: {bad} not among {STREAM_V_SLOTS}")
     rows = []
     for spec in args.shapes.split(";"):
-        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots, args.overlap)
+        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots, args.overlap, args.clipped_stores)
         if args.out:  # after every shape: a run cut short keeps what it measured
             with open(args.out, "w") as fh:
                 json.dump(dict(environment=env, rows=rows, complete=False), fh, indent=1)

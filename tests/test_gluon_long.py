@@ -4,8 +4,9 @@ kernel's baseline (one attending partition) against its fastest variant."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.helpers import load_script
+from tests.helpers import Shape, load_script, make_qkv, make_table, plan_as_compiled
 
 pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
@@ -70,3 +71,34 @@ def test_the_overlapped_key_loop_is_a_variant_of_the_streaming_kernel():
         ("gluon stream, overlapped, no RoPE", 0.24), ("triton training", 0.44), ("triton forward", 0.36))]
     summary = {r["kind"]: r["best"] for r in gluon_long.summarize(rows)}
     assert summary == {"inference": "gluon stream, overlapped", "training": "gluon stream training"}
+
+
+def test_clipped_stores_give_the_training_plan_one_heads_buffer_for_the_rotated_q_and_k(monkeypatch):
+    """`--clipped-stores`: within the context a training call's plan makes its rotated q and k descriptors over one
+    head's buffer ([1, N, 1, D] as TMA reads it: every other head's boxes clipped), with the plan's block shapes;
+    after it the plan's own makers again; the ablation's rows are no pass's variants."""
+    from attnhub.backends.triton_fa_rope import launch
+    from attnhub.backends.triton_fa_rope.configs import LongOptions
+
+    plan_as_compiled(monkeypatch)
+    gluon_long, gluon_fwd = load_script("gluon_long"), launch._gluon("gluon_fwd")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv("fused", 2, 3, 577, 64, torch.bfloat16, gen)
+    table = make_table(Shape(2, 3, (24, 24), 1, 64, "interleaved"), gen)
+    options = LongOptions(True, 257, 3)
+    swapped = gluon_long._stores_clipped(q, k, v, table, options)
+    plan = gluon_fwd._plan(q, k, v, table, gluon_fwd._tables(table, q.dtype)[0], True, options)
+    full = torch.empty(q.shape, dtype=q.dtype)
+    own = [make(full) for make in plan.make_rot]
+    assert [list(d.shape) for d in own] == [[2, 577, 3, 64]] * 2
+    with swapped():
+        inside = [make(full) for make in plan.make_rot]
+    assert [list(d.shape) for d in inside] == [[1, 577, 1, 64]] * 2
+    assert [d.block_shape for d in inside] == [d.block_shape for d in own]
+    assert inside[0].base is inside[1].base and inside[0].base is not full
+    assert [list(make(full).shape) for make in plan.make_rot] == [[2, 577, 3, 64]] * 2
+    rows = [_row("vit_b16_384", name, ms) for name, ms in (
+        ("gluon long training", 0.28), ("gluon long training, 3 groups, early release", 0.25),
+        ("gluon long training, 3 groups, early release" + gluon_long.CLIPPED, 0.22))]
+    (training,) = gluon_long.summarize(rows)
+    assert training["best"] == "gluon long training, 3 groups, early release"
