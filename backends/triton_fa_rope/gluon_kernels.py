@@ -141,19 +141,18 @@ def _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK: gl.constexpr):
     and the row max as the raw scores' max (min, for a negative scale) times sm_scale: a multiply per score less where
     the scale is not folded into q. A masked chunk is scaled first, so that its -inf is the least for either sign."""
     s_layout: gl.constexpr = s.type.layout
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    scale = sm_scale
     if MASK:  # keys past N (zeros from TMA) get no weight
         cols = key0 + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
         s = gl.where(gl.expand_dims(cols < N, 0), s * sm_scale, -float("inf"))
-        m_new = gl.maximum(m_i, gl.convert_layout(gl.max(s, axis=1), m_i.type.layout))
-        p = gl.exp2(s - gl.expand_dims(gl.convert_layout(m_new, rows), 1))
+        scale = 1.0
+        m_raw = gl.max(s, axis=1)
+    elif sm_scale >= 0:
+        m_raw = gl.max(s, axis=1)
     else:
-        if sm_scale >= 0:
-            m_raw = gl.max(s, axis=1)
-        else:
-            m_raw = gl.min(s, axis=1)
-        m_new = gl.maximum(m_i, gl.convert_layout(m_raw, m_i.type.layout) * sm_scale)
-        p = gl.exp2(s * sm_scale - gl.expand_dims(gl.convert_layout(m_new, rows), 1))
+        m_raw = gl.min(s, axis=1)
+    m_new = gl.maximum(m_i, gl.convert_layout(m_raw, m_i.type.layout) * scale)
+    p = gl.exp2(s * scale - gl.expand_dims(gl.convert_layout(m_new, gl.SliceLayout(1, s_layout)), 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.convert_layout(gl.sum(p, axis=1), m_i.type.layout)
     return p, alpha, m_new, l_i

@@ -200,23 +200,23 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kpm_base, start_n, N_KV, skn, sk
         if (start_n // BLOCK_N) % (n_m * GROUP) == pid_m * GROUP + h % GROUP:
             _store_rows(KR_base, k, offs_n, mask_n, HEAD_D, 1, offs_d, HEAD_D, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-    if MASK or KEY_MASK:  # scaled first, so that -inf is the least for either sign of the scale
+    # the scale enters each exponent as one fused multiply-add, s * scale - m, and the row max as the raw scores'
+    # max (min for a negative scale) times it; a masked tile is scaled first, its -inf the least for either sign
+    scale = qk_scale
+    if MASK or KEY_MASK:
         s = tl.where(keep[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:  # the scale into each exponent as one fused multiply-add (below) and onto the raw max (min if negative)
-        if qk_scale >= 0:
-            m_raw = tl.max(s, 1)
-        else:
-            m_raw = tl.min(s, 1)
-        m_new = tl.maximum(m_i, m_raw * qk_scale)
+        scale = 1.0
+        m_raw = tl.max(s, 1)
+    elif qk_scale >= 0:
+        m_raw = tl.max(s, 1)
+    else:
+        m_raw = tl.min(s, 1)
+    m_new = tl.maximum(m_i, m_raw * scale)
     m_ref = m_new
     if KEY_MASK:  # a row whose keys so far are all masked has m = -inf: exponents against 0 give 0, not NaN
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_ref)
-    if MASK or KEY_MASK:
-        p = tl.math.exp2(s - m_ref[:, None])
-    else:
-        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+    p = tl.math.exp2(s * scale - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     # masked keys have p = 0; v is read within bounds only (a load mask taken from KPM slowed the tile loop)
     v = _load_rows(v_base, offs_n, mask_n, svn, svd, offs_d, HEAD_D, BLOCK_D)
