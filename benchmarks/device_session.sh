@@ -361,7 +361,7 @@ PY
       gluon_tests "ahead"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_ahead.log"
       timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_s16_224;vit_b16_224;vit_l16_224" --groups "" \
-        --ahead "64,0,1;64,1,2;32,1,1;128,2,2" --out "$OUT/h200_gluon_ahead.json" >"$OUT/gluon_ahead.log" 2>&1 \
+        --ahead "64,0,1;64,1,2;64,3,2;128,3,2" --out "$OUT/h200_gluon_ahead.json" >"$OUT/gluon_ahead.log" 2>&1 \
         || status=1
       grep -A 12 "fastest variant" "$OUT/gluon_ahead.log" ;;
     rotatefirst)

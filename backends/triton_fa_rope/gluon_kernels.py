@@ -83,16 +83,30 @@ def _invalidate(bars):
 
 
 @gluon.jit
-def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
-                num_warps: gl.constexpr):
-    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
+def _table_offsets(row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """Offsets and mask of the table rows of tokens row0.. (table row n - P; prefix tokens and rows >= N: masked)."""
     layout: gl.constexpr = _pair_layout(num_warps, D)
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims((rows - P) * stab_n, 1) + gl.expand_dims(cols, 0)  # int32: a table is small
-    mask = gl.expand_dims((rows >= P) & (rows < N), 1)
+    return offs, gl.expand_dims((rows >= P) & (rows < N), 1)
+
+
+@gluon.jit
+def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
+                num_warps: gl.constexpr):
+    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
+    offs, mask = _table_offsets(row0, N, P, stab_n, ROWS, D, num_warps)
     cos = gl.load(cos_base + offs, mask=mask, other=1.0).to(gl.float32)  # fp16 or fp32 tables (`_tables`)
     return cos, gl.load(sin_base + offs, mask=mask, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _load_table_raw(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """`_load_table` in the table's dtype: the loads stay in flight until the values are used."""
+    offs, mask = _table_offsets(row0, N, P, stab_n, ROWS, D, num_warps)
+    return gl.load(cos_base + offs, mask=mask, other=1.0), gl.load(sin_base + offs, mask=mask, other=0.0)
 
 
 @gluon.jit
@@ -224,17 +238,30 @@ def _rotate_head(q_s, k_s, bar_qk, phase, cos_base, sin_base, t0, N, P, stab_n, 
 
 
 @gluon.jit
-def _rotate_unit(nq_s, nk_s, bar_qk, phase, cos_base, sin_base, t0, N, P, stab_n, q_mult, has_next,
-                 UNIT: gl.constexpr, ROT_ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """Rows UNIT * ROT_ROWS.. of the next head's K and Q rotated in place (`_rotate_head`'s step), where there is a
-    next head (its loads were issued as this head started; waited for here)."""
+def _rotate_unit(nq_s, nk_s, bar_qk, phase, c, s, q_mult, has_next, UNIT: gl.constexpr, ROT_ROWS: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Rows UNIT * ROT_ROWS.. of the next head's K and Q rotated in place (`_rotate_head`'s step; c, s: their table
+    rows, `_load_table_raw`), where there is a next head (its loads were issued as this head started; waited for
+    here)."""
     if UNIT >= 0:
         if has_next:
-            c, s = _load_table(cos_base, sin_base, t0 + UNIT * ROT_ROWS, N, P, stab_n, ROT_ROWS, nq_s.shape[1],
-                               num_warps)
+            c32 = c.to(gl.float32)
+            s32 = s.to(gl.float32)
             mbarrier.wait(bar_qk, phase=phase)
-            _rope_inplace(nk_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
-            _rope_inplace(nq_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c, s, q_mult, num_warps)
+            _rope_inplace(nk_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c32, s32, 1.0, num_warps)
+            _rope_inplace(nq_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c32, s32, q_mult, num_warps)
+
+
+@gluon.jit
+def _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT: gl.constexpr, ROT_ROWS: gl.constexpr, D: gl.constexpr,
+                num_warps: gl.constexpr):
+    """The table rows of the next head's rotation unit UNIT, loads issued (-1: none; placeholders)."""
+    if UNIT >= 0:
+        c, s = _load_table_raw(ncos, nsin, t0 + UNIT * ROT_ROWS, N, P, stab_n, ROT_ROWS, D, num_warps)
+    else:
+        c = 0.0
+        s = 0.0
+    return c, s
 
 
 @gluon.jit
@@ -242,15 +269,17 @@ def _step(q_s, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, nq_s, nk_s, n
           stab_n, q_mult, has_next, MASK: gl.constexpr, UNIT_S: gl.constexpr, UNIT_PV: gl.constexpr,
           ROT_ROWS: gl.constexpr, num_warps: gl.constexpr):
     """`_attend_chunk`, with a unit of the next head's rotation (`_rotate_unit`; -1: none) in the shadow of each
-    wgmma: UNIT_S while S = Q K^T computes, UNIT_PV while P V does."""
+    wgmma: UNIT_S while S = Q K^T computes, UNIT_PV while P V does. Both units' table loads are issued first, so
+    the scores and the softmax cover the PV unit's."""
+    D: gl.constexpr = q_s.shape[1]
+    c_pv, s_pv = _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT_PV, ROT_ROWS, D, num_warps)
+    c_s, s_s = _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT_S, ROT_ROWS, D, num_warps)
     tok = _issue_scores(q_s, k_chunk, num_warps)
-    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, N, P, stab_n, q_mult, has_next, UNIT_S, ROT_ROWS,
-                 num_warps)
+    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c_s, s_s, q_mult, has_next, UNIT_S, ROT_ROWS, num_warps)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK)
     acc = _pv(p, v_chunk, acc * gl.expand_dims(alpha, 1))
-    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, N, P, stab_n, q_mult, has_next, UNIT_PV, ROT_ROWS,
-                 num_warps)
+    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c_pv, s_pv, q_mult, has_next, UNIT_PV, ROT_ROWS, num_warps)
     return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_i, l_i
 
 
@@ -317,8 +346,8 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
                               True, _ahead_unit(2 * STEPS - 2, AHEAD_FIRST, AHEAD_STEP, UNITS),
                               _ahead_unit(2 * STEPS - 1, AHEAD_FIRST, AHEAD_STEP, UNITS), ROT_ROWS, num_warps)
     for u in gl.static_range(_ahead_placed(STEPS, AHEAD_FIRST, AHEAD_STEP, UNITS), UNITS):  # no window left
-        _rotate_unit(nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, N, P, stab_n, q_mult, has_next, u, ROT_ROWS,
-                     num_warps)
+        c, s = _unit_table(ncos, nsin, t0, N, P, stab_n, u, ROT_ROWS, D, num_warps)
+        _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c, s, q_mult, has_next, u, ROT_ROWS, num_warps)
 
     # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
     rows = gl.arange(0, BLOCK, layout=m_i.type.layout)

@@ -139,7 +139,8 @@ def test_the_rotation_ahead_reaches_the_resident_plan_from_the_config_table():
     assert off.constexprs["AHEAD"] is False and off.constexprs["ROT_ROWS"] == gluon_fwd.ROT_ROWS
     for rows, first, step in AHEAD_VARIANTS:
         with configs.override(resident_rotate_ahead=(rows, first, step)):
-            options = configs.for_call(torch.device("cuda"), 64).long_options
+            assert configs.for_call(q.device, 64).long_options.rotate_ahead == (rows, first, step)
+        options = LongOptions(rotate_ahead=(rows, first, step))
         on = gluon_fwd._plan(q, k, v, _table(197), gluon_fwd._tables(_table(197), q.dtype)[0], True, options)
         assert on is not off and on.kernel is gluon_fwd.resident_fwd_kernel
         assert (on.constexprs["AHEAD"], on.constexprs["AHEAD_FIRST"], on.constexprs["AHEAD_STEP"]) == (
