@@ -87,10 +87,6 @@
 #   storeab benchmarks/gluon_long.py at 577 and 1029 tokens with three attending groups, the training forms beside
 #          themselves with the rotated q and k stores clipped by TMA (--clipped-stores: the price of those writes)
 #                                               -> h200_gluon_store_ablation.json, gluon_store_ablation.log
-#   ahead  the resident kernel's GPU tests rotating the next head ahead, then benchmarks/gluon_long.py at the three
-#          197-token shapes: the resident kernel, inference and training, as shipped and with four placements of the
-#          next head's rotation in its wgmma windows (`resident_rotate_ahead`)
-#                                                       -> pytest_ahead.log, h200_gluon_ahead.json, gluon_ahead.log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
 #          own training form, in two processes
@@ -357,13 +353,6 @@ PY
       timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 \
         --clipped-stores --out "$OUT/h200_gluon_store_ablation.json" >"$OUT/gluon_store_ablation.log" 2>&1 || status=1
       grep -E "training" "$OUT/gluon_store_ablation.log" | tail -8 ;;
-    ahead)
-      gluon_tests "ahead"
-      mv "$OUT/pytest_gluon.log" "$OUT/pytest_ahead.log"
-      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_s16_224;vit_b16_224;vit_l16_224" --groups "" \
-        --ahead "64,0,1;64,1,2;64,3,2;128,3,2" --out "$OUT/h200_gluon_ahead.json" >"$OUT/gluon_ahead.log" 2>&1 \
-        || status=1
-      grep -A 12 "fastest variant" "$OUT/gluon_ahead.log" ;;
     rotatefirst)
       gluon_tests "rotation_pass"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"

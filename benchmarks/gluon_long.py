@@ -32,11 +32,8 @@ kernel's whole work but those HBM writes, a timing ablation (rows "..., stores c
 
     python benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 --clipped-stores
 
-Up to 256 tokens the resident kernel runs for inference and training; `--ahead` also times it rotating the next
-head's q and k in the shadow of this head's wgmmas (`resident_rotate_ahead`: rows per unit, first window, window
-step), and `--groups ""` leaves the long kernel out.
-
-    python benchmarks/gluon_long.py --shapes "vit_s16_224;vit_b16_224" --groups "" --ahead "64,0,1;64,1,2"
+Up to 256 tokens the resident kernel runs for inference (with and without RoPE) and training; `--groups ""` leaves
+the long kernel out there.
 """
 
 from __future__ import annotations
@@ -95,10 +92,9 @@ def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
-def _resident_o(q, k, v, table, qk_scale, save_rotated, ahead):
-    """o of the resident kernel (N <= 256), rotating the next head's q and k ahead (`resident_rotate_ahead`) or not."""
-    options = LongOptions(rotate_ahead=ahead)
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
+def _resident_o(q, k, v, table, qk_scale):
+    """o of the resident kernel's training form (N <= 256: it also writes the rotated q and k)."""
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, True)[0]
 
 
 CLIPPED = ", stores clipped"  # the ablation's rows (`_stores_clipped`)
@@ -133,7 +129,7 @@ def _triton_o(q, k, v, table, scale, save_rotated, triton_only):
     return launch.forward(q, k, v, table, scale, save_rotated, triton_only)[0]
 
 
-def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipped=False, ahead=()) -> list[dict]:
+def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipped=False) -> list[dict]:
     dev = torch.device("cuda")
     qkv = torch.randn(s.B, s.N, 3, s.H, s.D, device=dev, dtype=torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -185,11 +181,8 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
         elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-            # with the next head's rotation in this one's wgmma windows (`resident_rotate_ahead`), both passes
-            for a, save in [(a, save) for a in (None, *ahead) for save in (False, True) if a or save]:
-                name = f"gluon resident{' training' if save else ''}{'' if a is None else ', ahead %d/%d/%d' % a}"
-                fn_a = functools.partial(_resident_o, q, k, v, table, qk_scale, save, a)
-                add(name, fn_a, err=_check(name, fn_a, q, k, v, table))
+            train = functools.partial(_resident_o, q, k, v, table, qk_scale)
+            add("gluon resident training", train, err=_check("gluon resident training", train, q, k, v, table))
         # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
         # swapped tail: with groups where the last 64-row slice holds at most 16 rows); groups need early release
         # (each row is a kernel of its own to compile)
@@ -249,8 +242,6 @@ def main(argv=None) -> None:
                    default="vit_b16_384;custom:64,12,401,64,1,20;custom:64,12,257,64,1,16;vit_b16_224;vit_s16_224")
     p.add_argument("--groups", default="0,3", help="comma list of the long kernel's attending groups to time "
                    "(`long_attend_groups`: 0, 3; empty: the long kernel not at all)")
-    p.add_argument("--ahead", default="", help="semicolon list of rows,first,step: up to 256 tokens also time the "
-                   "resident kernel rotating the next head's q and k in its wgmma windows (`resident_rotate_ahead`)")
     p.add_argument("--v-slots", default="4", help="comma list of the streaming kernel's V ring depths to time past "
                    "640 tokens (`stream_v_slots`: 2-5; those that fit)")
     p.add_argument("--overlap", action="store_true", help="past 640 tokens also time the streaming kernel's other "
@@ -260,12 +251,6 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="write the rows and the environment as JSON")
     args = p.parse_args(argv)
     groups = tuple(int(g) for g in args.groups.split(",") if g)
-    ahead = tuple(tuple(int(x) for x in a.split(",")) for a in args.ahead.split(";") if a)
-    try:
-        for a in ahead:
-            dataclasses.replace(configs.for_arch(9, 64), resident_rotate_ahead=a)
-    except ValueError as exc:
-        p.error(f"--ahead {args.ahead}: {exc}")
     bad = [g for g in groups if g not in LONG_ATTEND_GROUPS]
     if bad:
         p.error(f"--groups {args.groups}: {bad} not among {LONG_ATTEND_GROUPS}")
@@ -277,7 +262,7 @@ def main(argv=None) -> None:
         p.error(f"--v-slots {args.v_slots}: {bad} not among {STREAM_V_SLOTS}")
     rows = []
     for spec in args.shapes.split(";"):
-        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots, args.overlap, args.clipped_stores, ahead)
+        rows += run_shape(benchkit.parse_shape(spec), groups, v_slots, args.overlap, args.clipped_stores)
         if args.out:  # after every shape: a run cut short keeps what it measured
             with open(args.out, "w") as fh:
                 json.dump(dict(environment=env, rows=rows, complete=False), fh, indent=1)

@@ -23,15 +23,13 @@ import torch
 
 LONG_ATTEND_GROUPS = (0, 3)  # `long_attend_groups`: one partition of two warpgroups attends, or three warpgroups
 STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluon forward's ring
-RESIDENT_AHEAD_ROWS = (32, 64, 128)  # `resident_rotate_ahead`'s rows per unit: whole tiles of the rotation's layout
 
 
 class LongOptions(NamedTuple):
     """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
     (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
-    overlap (`stream_overlap`) of the streaming one; rotate_ahead (`resident_rotate_ahead`) of the resident one (N <=
-    256), which the other switches leave alone."""
+    overlap (`stream_overlap`) of the streaming one."""
 
     early_release: bool = False
     from_n: int = 257
@@ -39,7 +37,6 @@ class LongOptions(NamedTuple):
     swap_tail: bool = False
     v_slots: int = 4
     overlap: bool = False
-    rotate_ahead: tuple[int, int, int] | None = None
 
 
 class KernelConfig(NamedTuple):
@@ -86,10 +83,7 @@ class ArchConfigs:
     the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
     (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
     its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
-    intra-warpgroup overlap). resident_rotate_ahead: None, the resident Gluon forward (N <= 256) rotates a head's Q
-    and K before its keys; (rows, first, step), each head rotates the next one's in units of `rows` rows (a multiple
-    of 32) in the shadow of its wgmmas: the first unit in window `first` (window 2j: key step j's S = Q K^T, 2j + 1:
-    its P V), then one every `step` windows, those that find none after the keys.
+    intra-warpgroup overlap).
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -126,7 +120,6 @@ class ArchConfigs:
     gluon_bwd_from_n: int | None = None
     delta_in_dq: bool = False
     bwd_swap_tail: bool = False
-    resident_rotate_ahead: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         # checked once per table (and per `override`), not per call: the long kernel's static_assert refuses the same
@@ -139,12 +132,6 @@ class ArchConfigs:
         if self.stream_v_slots not in STREAM_V_SLOTS:
             raise ValueError(f"triton_fa_rope: stream_v_slots={self.stream_v_slots!r}; the streaming Gluon forward's "
                              f"V ring takes {STREAM_V_SLOTS} boxes")
-        ahead = self.resident_rotate_ahead
-        if ahead is not None and not (isinstance(ahead, tuple) and len(ahead) == 3
-                                      and all(isinstance(x, int) for x in ahead)
-                                      and ahead[0] in RESIDENT_AHEAD_ROWS and ahead[1] >= 0 and ahead[2] >= 1):
-            raise ValueError(f"triton_fa_rope: resident_rotate_ahead={ahead!r}; None or (rows, first window, window "
-                             f"step) with rows in {RESIDENT_AHEAD_ROWS}, first >= 0, step >= 1")
         if not isinstance(self.stream_overlap, bool):  # a kernel constexpr: a truthy string would pass as True
             raise ValueError(f"triton_fa_rope: stream_overlap={self.stream_overlap!r}; True or False")
 
@@ -152,7 +139,7 @@ class ArchConfigs:
     def long_options(self) -> LongOptions:
         """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap, self.resident_rotate_ahead)
+                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap)
 
 
 K = KernelConfig

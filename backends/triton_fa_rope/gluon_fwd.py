@@ -127,14 +127,13 @@ class _Plan:
     boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE); groups: its attending
     partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of its swapped last query slice (TAIL_Q; 0:
     none); v_slots: the streaming kernel's V ring (`stream_v_slots`), overlap: its groups' key loop
-    (`stream_overlap`); ahead: the resident kernel's rotation of the next head (`resident_rotate_ahead`; None: none,
-    and none without RoPE)."""
+    (`stream_overlap`)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
                  "ints", "constexprs", "num_warps")
 
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
-                 groups: int, tail_q: int, v_slots: int, overlap: bool, ahead: tuple[int, int, int] | None):
+                 groups: int, tail_q: int, v_slots: int, overlap: bool):
         B, H, N, D = q.shape
         stream = N > MAX_N  # K resident, V streamed: three attending groups (the options do not apply)
         self.kernel = stream_fwd_kernel if stream else long_fwd_kernel if long else resident_fwd_kernel
@@ -155,15 +154,12 @@ class _Plan:
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
-                               **chunking(N, slice_rows if long else ahead[0] if ahead else ROT_ROWS))
+                               **chunking(N, slice_rows if long else ROT_ROWS))
         if stream:
             self.constexprs.update(V_SLOTS_=v_slots, OVERLAP_=overlap, maxnreg=STREAM_MAXNREG)
         elif long:
             self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_3_GROUPS_MAXNREG if groups else WS_MAXNREG)
-        else:
-            first, step = ahead[1:] if ahead else (0, 1)
-            self.constexprs.update(AHEAD=ahead is not None, AHEAD_FIRST=first, AHEAD_STEP=step)
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
@@ -187,12 +183,10 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     # one query slice has no last slice apart from its first (with groups each has its own last slice)
     early = options.early_release and long and (N > SLICE or groups > 0)
     tail_q = TAIL_ROWS if options.swap_tail and groups and 0 < N % GROUP_SLICE <= TAIL_ROWS else 0
-    ahead = options.rotate_ahead if N <= RESIDENT_MAX_N and not long and rope is not None else None
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early, groups, tail_q, v_slots, overlap, ahead)
+           rope_sig, save, long, early, groups, tail_q, v_slots, overlap)
     return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups,
-                                                       tail_q, v_slots, overlap, ahead)
-                            if _takes(q, k, v, rope) else None)
+                                                       tail_q, v_slots, overlap) if _takes(q, k, v, rope) else None)
 
 
 def _takes_long(n: int, long_from_n: int) -> bool:

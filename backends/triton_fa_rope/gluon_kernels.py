@@ -83,30 +83,16 @@ def _invalidate(bars):
 
 
 @gluon.jit
-def _table_offsets(row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
-    """Offsets and mask of the table rows of tokens row0.. (table row n - P; prefix tokens and rows >= N: masked)."""
+def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
+                num_warps: gl.constexpr):
+    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
     layout: gl.constexpr = _pair_layout(num_warps, D)
     rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, layout))
     offs = gl.expand_dims((rows - P) * stab_n, 1) + gl.expand_dims(cols, 0)  # int32: a table is small
-    return offs, gl.expand_dims((rows >= P) & (rows < N), 1)
-
-
-@gluon.jit
-def _load_table(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
-                num_warps: gl.constexpr):
-    """cos, sin [ROWS, D/2] fp32 of tokens row0.. (table row n - P; prefix tokens and rows >= N: cos 1, sin 0)."""
-    offs, mask = _table_offsets(row0, N, P, stab_n, ROWS, D, num_warps)
+    mask = gl.expand_dims((rows >= P) & (rows < N), 1)
     cos = gl.load(cos_base + offs, mask=mask, other=1.0).to(gl.float32)  # fp16 or fp32 tables (`_tables`)
     return cos, gl.load(sin_base + offs, mask=mask, other=0.0).to(gl.float32)
-
-
-@gluon.jit
-def _load_table_raw(cos_base, sin_base, row0, N, P, stab_n, ROWS: gl.constexpr, D: gl.constexpr,
-                    num_warps: gl.constexpr):
-    """`_load_table` in the table's dtype: the loads stay in flight until the values are used."""
-    offs, mask = _table_offsets(row0, N, P, stab_n, ROWS, D, num_warps)
-    return gl.load(cos_base + offs, mask=mask, other=1.0), gl.load(sin_base + offs, mask=mask, other=0.0)
 
 
 @gluon.jit
@@ -203,113 +189,38 @@ def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, til
     _tma_load(v_desc, [b, 0, h, 0], bar_v, v_dst, pred=pred)
 
 
-@gluon.constexpr_function
-def _ahead_unit(window, first, step, units):
-    """Which unit of the next head's rotation runs in wgmma window `window` (2 * key step + 0 while S = Q K^T
-    computes, + 1 while P V does): units from window `first` on, one every `step` windows; -1: none."""
-    w = window - first
-    return w // step if w >= 0 and w % step == 0 and w // step < units else -1
-
-
-@gluon.constexpr_function
-def _ahead_placed(steps, first, step, units):
-    """Units of the next head's rotation that find a window among a head's 2 * steps (the rest run after its keys)."""
-    return max(0, min(units, -(-(2 * steps - first) // step)))
-
-
-@gluon.jit
-def _rotate_head(q_s, k_s, bar_qk, phase, cos_base, sin_base, t0, N, P, stab_n, q_mult, ROT_ROWS: gl.constexpr,
-                 ROT_CHUNKS: gl.constexpr, num_warps: gl.constexpr):
-    """K and Q (times q_mult) of a head rotated in place in ROT_CHUNKS steps of ROT_ROWS rows, once its loads on
-    bar_qk have landed. q and k rows are the same tokens: one table load for both; the next step's load in flight
-    while one rotates; rows past the last step (>= N) are TMA's zeros, left as they are."""
-    D: gl.constexpr = q_s.shape[1]
-    c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
-    mbarrier.wait(bar_qk, phase=phase)
-    for i in gl.static_range(ROT_CHUNKS):
-        if i + 1 < ROT_CHUNKS:
-            c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
-                                         D, num_warps)
-        _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
-        _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, q_mult, num_warps)
-        if i + 1 < ROT_CHUNKS:
-            c = c_next
-            s = s_next
-
-
-@gluon.jit
-def _rotate_unit(nq_s, nk_s, bar_qk, phase, c, s, q_mult, has_next, UNIT: gl.constexpr, ROT_ROWS: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """Rows UNIT * ROT_ROWS.. of the next head's K and Q rotated in place (`_rotate_head`'s step; c, s: their table
-    rows, `_load_table_raw`), where there is a next head (its loads were issued as this head started; waited for
-    here)."""
-    if UNIT >= 0:
-        if has_next:
-            c32 = c.to(gl.float32)
-            s32 = s.to(gl.float32)
-            mbarrier.wait(bar_qk, phase=phase)
-            _rope_inplace(nk_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c32, s32, 1.0, num_warps)
-            _rope_inplace(nq_s.slice(UNIT * ROT_ROWS, ROT_ROWS), c32, s32, q_mult, num_warps)
-
-
-@gluon.jit
-def _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT: gl.constexpr, ROT_ROWS: gl.constexpr, D: gl.constexpr,
-                num_warps: gl.constexpr):
-    """The table rows of the next head's rotation unit UNIT, loads issued (-1: none; placeholders)."""
-    if UNIT >= 0:
-        c, s = _load_table_raw(ncos, nsin, t0 + UNIT * ROT_ROWS, N, P, stab_n, ROT_ROWS, D, num_warps)
-    else:
-        c = 0.0
-        s = 0.0
-    return c, s
-
-
-@gluon.jit
-def _step(q_s, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, P,
-          stab_n, q_mult, has_next, MASK: gl.constexpr, UNIT_S: gl.constexpr, UNIT_PV: gl.constexpr,
-          ROT_ROWS: gl.constexpr, num_warps: gl.constexpr):
-    """`_attend_chunk`, with a unit of the next head's rotation (`_rotate_unit`; -1: none) in the shadow of each
-    wgmma: UNIT_S while S = Q K^T computes, UNIT_PV while P V does. Both units' table loads are issued first, so
-    the scores and the softmax cover the PV unit's."""
-    D: gl.constexpr = q_s.shape[1]
-    c_pv, s_pv = _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT_PV, ROT_ROWS, D, num_warps)
-    c_s, s_s = _unit_table(ncos, nsin, t0, N, P, stab_n, UNIT_S, ROT_ROWS, D, num_warps)
-    tok = _issue_scores(q_s, k_chunk, num_warps)
-    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c_s, s_s, q_mult, has_next, UNIT_S, ROT_ROWS, num_warps)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, key0, N, sm_scale, MASK)
-    acc = _pv(p, v_chunk, acc * gl.expand_dims(alpha, 1))
-    _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c_pv, s_pv, q_mult, has_next, UNIT_PV, ROT_ROWS, num_warps)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), m_i, l_i
-
-
 @gluon.jit
 def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, t0,
-          stab_h, stab_n, H, N, P, qk_scale, nq_s4, nk_s4, nbar_qk, nphase, nxt, has_next, N_FULL: gl.constexpr,
-          MID_N: gl.constexpr, TAIL_N: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr,
-          ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr, AHEAD: gl.constexpr, AHEAD_FIRST: gl.constexpr,
-          AHEAD_STEP: gl.constexpr, num_warps: gl.constexpr):
+          stab_h, stab_n, H, N, P, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+          ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr,
+          num_warps: gl.constexpr):
     """Attention of head `tile` = b * H + h, whose loads were issued on bar_qk (Q, K) and bar_v (V). t0: a zero
     the compiler cannot see through; table offsets without it are hoisted out of the persistent loop and held in
     registers, which spills (sm_90 compile, N = 197). SAVE_ROT (training, with ROPE): Q is rotated without the
-    scale (applied to S instead), and the rotated Q and K leave by TMA to qr_desc, kr_desc for the backward.
-    AHEAD (with ROPE): this head's Q and K were rotated while the previous head computed, and this head rotates the
-    next one's (nq_s4, nk_s4, loads on nbar_qk; head nxt, where has_next) in units of ROT_ROWS rows in its wgmma
-    windows (`_ahead_unit`), what finds no window after its keys."""
+    scale, and the rotated Q and K leave by TMA to qr_desc, kr_desc for the backward."""
     BLOCK: gl.constexpr = q_s4.shape[1]
     D: gl.constexpr = q_s4.shape[3]
     q_s = q_s4.reshape([BLOCK, D])
     k_s = k_s4.reshape([BLOCK, D])
     v_s = v_s4.reshape([BLOCK, D])
-    nq_s = nq_s4.reshape([BLOCK, D])
-    nk_s = nk_s4.reshape([BLOCK, D])
     h = tile % H
-    q_mult = 1.0 if SAVE_ROT else qk_scale
     if ROPE:
-        if not AHEAD:
-            _rotate_head(q_s, k_s, bar_qk, phase, cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h,
-                         t0, N, P, stab_n, q_mult, ROT_ROWS, ROT_CHUNKS, num_warps)
-        fence_async_shared()  # the stores above (AHEAD: the previous head's), before wgmma (and TMA) read them
+        cos_base = cos_ptr + h.to(gl.int64) * stab_h
+        sin_base = sin_ptr + h.to(gl.int64) * stab_h
+        # q and k rows are the same tokens: one table load for both; the next chunk's load in flight while one
+        # rotates; rows past the last chunk (>= N) are TMA's zeros, left as they are
+        c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
+        mbarrier.wait(bar_qk, phase=phase)
+        for i in gl.static_range(ROT_CHUNKS):
+            if i + 1 < ROT_CHUNKS:
+                c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
+                                             D, num_warps)
+            _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
+            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0 if SAVE_ROT else qk_scale, num_warps)
+            if i + 1 < ROT_CHUNKS:
+                c = c_next
+                s = s_next
+        fence_async_shared()  # the stores above, before wgmma (and TMA) read them
         _cta_barrier()  # every warpgroup reads all of K
         if SAVE_ROT:  # rows >= N clipped; waited for before q_s takes o
             _tma_store(qr_desc, [tile // H, 0, h, 0], q_s4)
@@ -320,34 +231,19 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
     else:
         mbarrier.wait(bar_qk, phase=phase)
         sm_scale = qk_scale
-    hn = nxt % H
-    ncos = cos_ptr + hn.to(gl.int64) * stab_h
-    nsin = sin_ptr + hn.to(gl.int64) * stab_h
-    UNITS: gl.constexpr = ROT_CHUNKS if AHEAD and ROPE else 0
-    STEPS: gl.constexpr = N_FULL + (MID_N > 0) + (TAIL_N > 0)
 
     acc, m_i, l_i = _softmax_init(BLOCK, D, num_warps)
     mbarrier.wait(bar_v, phase=phase)
     for j in gl.static_range(N_FULL):
-        acc, m_i, l_i = _step(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N), acc, m_i,
-                              l_i, j * _BLOCK_N, N, sm_scale, nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, P, stab_n,
-                              q_mult, has_next, False, _ahead_unit(2 * j, AHEAD_FIRST, AHEAD_STEP, UNITS),
-                              _ahead_unit(2 * j + 1, AHEAD_FIRST, AHEAD_STEP, UNITS), ROT_ROWS, num_warps)
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),
+                                      acc, m_i, l_i, j * _BLOCK_N, N, sm_scale, False, num_warps)
     if MID_N > 0:
-        acc, m_i, l_i = _step(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N), acc,
-                              m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0,
-                              P, stab_n, q_mult, has_next, False,
-                              _ahead_unit(2 * N_FULL, AHEAD_FIRST, AHEAD_STEP, UNITS),
-                              _ahead_unit(2 * N_FULL + 1, AHEAD_FIRST, AHEAD_STEP, UNITS), ROT_ROWS, num_warps)
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N),
+                                      acc, m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, False, num_warps)
     if TAIL_N > 0:
         key0: gl.constexpr = N_FULL * _BLOCK_N + MID_N
-        acc, m_i, l_i = _step(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0, N,
-                              sm_scale, nq_s, nk_s, nbar_qk, nphase, ncos, nsin, t0, P, stab_n, q_mult, has_next,
-                              True, _ahead_unit(2 * STEPS - 2, AHEAD_FIRST, AHEAD_STEP, UNITS),
-                              _ahead_unit(2 * STEPS - 1, AHEAD_FIRST, AHEAD_STEP, UNITS), ROT_ROWS, num_warps)
-    for u in gl.static_range(_ahead_placed(STEPS, AHEAD_FIRST, AHEAD_STEP, UNITS), UNITS):  # no window left
-        c, s = _unit_table(ncos, nsin, t0, N, P, stab_n, u, ROT_ROWS, D, num_warps)
-        _rotate_unit(nq_s, nk_s, nbar_qk, nphase, c, s, q_mult, has_next, u, ROT_ROWS, num_warps)
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0,
+                                      N, sm_scale, True, num_warps)
 
     # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
     rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
@@ -366,21 +262,17 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
 def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
                         H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                         ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr,
-                        ROT_CHUNKS: gl.constexpr, AHEAD: gl.constexpr, AHEAD_FIRST: gl.constexpr,
-                        AHEAD_STEP: gl.constexpr):
+                        ROT_CHUNKS: gl.constexpr):
     """Persistent: program i takes heads i, i + grid, ... (n_heads = B * H), with the next head's TMA loads in
     flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
     (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N.
-    SAVE_ROT: the rotated q and k are written to qr_desc, kr_desc too (`_head`). AHEAD: each head rotates the next
-    one's Q and K in its wgmma windows, from window AHEAD_FIRST on, a unit of ROT_ROWS rows every AHEAD_STEP
-    windows (`_head`); the first head is rotated before the loop."""
+    SAVE_ROT: the rotated q and k are written to qr_desc, kr_desc too (`_head`)."""
     BLOCK: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
     num_warps: gl.constexpr = gl.num_warps()
     gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
     gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
     gl.static_assert(BLOCK % (16 * num_warps) == 0)
-    gl.static_assert(AHEAD_STEP >= 1)
     q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
     k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
     v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
@@ -396,11 +288,6 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_pt
     nprog = gl.num_programs(0)
     _issue_loads(q_desc, k_desc, v_desc, q_buf.index(0), k_buf.index(0), v_buf.index(0), bars_qk.index(0),
                  bars_v.index(0), pid, H, True)
-    if AHEAD and ROPE:  # the first head's rotation; each head rotates the next one's
-        h0 = pid % H
-        _rotate_head(q_buf.index(0).reshape([BLOCK, D]), k_buf.index(0).reshape([BLOCK, D]), bars_qk.index(0), 0,
-                     cos_ptr + h0.to(gl.int64) * stab_h, sin_ptr + h0.to(gl.int64) * stab_h, pid // n_heads, N, P,
-                     stab_n, 1.0 if SAVE_ROT else qk_scale, ROT_ROWS, ROT_CHUNKS, num_warps)
     it = 0
     for tile in range(pid, n_heads, nprog):
         slot = it % 2
@@ -409,9 +296,7 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_pt
                      bars_qk.index(1 - slot), bars_v.index(1 - slot), nxt, H, nxt < n_heads)
         _head(q_buf.index(slot), k_buf.index(slot), v_buf.index(slot), bars_qk.index(slot), bars_v.index(slot),
               (it // 2) & 1, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, tile, tile // n_heads, stab_h,
-              stab_n, H, N, P, qk_scale, q_buf.index(1 - slot), k_buf.index(1 - slot), bars_qk.index(1 - slot),
-              ((it + 1) // 2) & 1, nxt, nxt < n_heads, N_FULL, MID_N, TAIL_N, ROPE, SAVE_ROT, ROT_ROWS, ROT_CHUNKS,
-              AHEAD, AHEAD_FIRST, AHEAD_STEP, num_warps)
+              stab_n, H, N, P, qk_scale, N_FULL, MID_N, TAIL_N, ROPE, SAVE_ROT, ROT_ROWS, ROT_CHUNKS, num_warps)
         it += 1
     for i in gl.static_range(2):
         mbarrier.invalidate(bars_qk.index(i))

@@ -310,11 +310,6 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
              for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_rotate_first",  # the table's training past 640 tokens:
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5)))]  # the pass
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", f"gluon_ahead_{'_'.join(map(str, ahead))}",  # the resident kernel
-              training_step_launches(*case_inputs(*CASES[case], grid=grid),  # rotating the next head ahead
-                                     resident_rotate_ahead=ahead))
-             for case, grid, ahead in (("d64_bf16_interleaved", (14, 14), (64, 1, 2)),
-                                       ("d64_bf16_perhead", (1, 99), (32, 1, 1)))]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass
                                      delta_in_dq=False))

@@ -112,51 +112,6 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     assert N <= rotated <= gluon_fwd.block_rows(N) and c["ROT_ROWS"] % 32 == 0  # whole tiles of `_rot_layout`
 
 
-AHEAD_VARIANTS = [(64, 0, 1), (64, 1, 2), (32, 1, 1), (128, 2, 2)]  # resident_rotate_ahead: (rows, first, step)
-
-
-@pytest.mark.parametrize("ahead", AHEAD_VARIANTS)
-def test_each_unit_of_the_next_heads_rotation_runs_once(ahead):
-    """`resident_rotate_ahead`: at every length the resident kernel serves, each unit of the next head's rotation
-    runs in one wgmma window (none holds two) or after the keys, and the units cover the block's N rows."""
-    from attnhub.backends.triton_fa_rope.gluon_kernels import _ahead_placed, _ahead_unit
-
-    rows, first, step = ahead
-    for N in range(1, gluon_fwd.RESIDENT_MAX_N + 1):
-        c = gluon_fwd.chunking(N, rows)
-        units, steps = c["ROT_CHUNKS"], c["N_FULL"] + (c["MID_N"] > 0) + (c["TAIL_N"] > 0)
-        in_windows = [u for u in (_ahead_unit(w, first, step, units) for w in range(2 * steps)) if u >= 0]
-        after = list(range(_ahead_placed(steps, first, step, units), units))
-        assert sorted(in_windows + after) == list(range(units)), N
-        assert N <= units * rows <= gluon_fwd.block_rows(N) and rows % 32 == 0
-
-
-def test_the_rotation_ahead_reaches_the_resident_plan_from_the_config_table():
-    """`resident_rotate_ahead` reaches the resident kernel with RoPE as AHEAD (its rows as ROT_ROWS), a plan of its
-    own; without RoPE, and for the long kernel, the plan is the one without it."""
-    q, k, v = _inputs(N=197)
-    off = _plan(q, k, v, _table(197))
-    assert off.constexprs["AHEAD"] is False and off.constexprs["ROT_ROWS"] == gluon_fwd.ROT_ROWS
-    for rows, first, step in AHEAD_VARIANTS:
-        with configs.override(resident_rotate_ahead=(rows, first, step)):
-            assert configs.for_call(q.device, 64).long_options.rotate_ahead == (rows, first, step)
-        options = LongOptions(rotate_ahead=(rows, first, step))
-        on = gluon_fwd._plan(q, k, v, _table(197), gluon_fwd._tables(_table(197), q.dtype)[0], True, options)
-        assert on is not off and on.kernel is gluon_fwd.resident_fwd_kernel
-        assert (on.constexprs["AHEAD"], on.constexprs["AHEAD_FIRST"], on.constexprs["AHEAD_STEP"]) == (
-            True, first, step) and on.constexprs["ROT_ROWS"] == rows and on.constexprs["ROT_CHUNKS"] == -(-197 // rows)
-        assert gluon_fwd._plan(q, k, v, None, None, False, options) is _plan(q, k, v, None)
-        q5, k5, v5 = _inputs(N=577)
-        assert gluon_fwd._plan(q5, k5, v5, _table(577), gluon_fwd._tables(_table(577), q.dtype)[0], False,
-                               options) is _plan(q5, k5, v5, _table(577))
-
-
-@pytest.mark.parametrize("ahead", [(48, 0, 1), (64, -1, 1), (64, 0, 0), [64, 0, 1], (64, 0)])
-def test_a_rotation_ahead_the_kernel_cannot_take_is_refused_with_the_fields_name(ahead):
-    with pytest.raises(ValueError, match="resident_rotate_ahead"):
-        dataclasses.replace(configs.for_arch(9, 64), resident_rotate_ahead=ahead)
-
-
 @pytest.mark.parametrize("N", range(gluon_fwd.RESIDENT_MAX_N + 1, gluon_fwd.MAX_N + 1) if gluon_fwd else [])
 def test_long_kernel_chunks_fit_its_boxes(N):
     """long_fwd_kernel holds K and V in boxes of BLOCK_N rows: one per full chunk, and the half-width and masked
@@ -586,35 +541,6 @@ def _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated):
             assert_close_rel(kr[sl], kd, q.dtype, f"rotated k of sample {b}")
     written = (o, lse, qr, kr) if save_rotated else (o, lse)
     assert all(torch.isfinite(t).all() for t in written)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("save_rotated", [False, True])
-@pytest.mark.parametrize("ahead", AHEAD_VARIANTS)
-@pytest.mark.parametrize("N,P,table_kind,kind", [(197, 1, "shared", "fused"), (100, 5, "per_head", "contiguous"),
-                                                 (256, 0, "shared", "transposed"), (17, 1, "shared", "fused")])
-def test_the_resident_kernel_rotating_the_next_head_ahead(N, P, table_kind, kind, ahead, save_rotated, nan_empty):
-    """`resident_rotate_ahead`: 288 heads (two or three per program, so a head rotates the next one's Q and K in its
-    wgmma windows while both buffers and their barriers' phases turn over), NaN-filled outputs: o, lse and (training)
-    the rotated q and k of every sample against float64."""
-    gen = torch.Generator().manual_seed(N + sum(ahead))
-    B, H = 24, 12
-    q, k, v = make_qkv(kind, B, H, N, 64, torch.bfloat16, gen)
-    table = make_table(Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
-    scale = 64 ** -0.5
-    with runtime.recording() as launches:
-        o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
-                                             LongOptions(rotate_ahead=ahead))
-    assert [x.constexprs["AHEAD"] for x in launches] == [True]
-    assert_close_rel(o, _reference(q, k, v, table), q.dtype, "o")
-    qd, kd = apply_rope_qk(q.double(), k.double(), table)
-    lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E
-    assert_close_rel(lse, lse_ref.reshape(B * H, N), q.dtype, "lse")
-    if save_rotated:
-        assert_close_rel(qr, qd, q.dtype, "rotated q")
-        assert_close_rel(kr, kd, q.dtype, "rotated k")
-    assert all(torch.isfinite(t).all() for t in ((o, lse, qr, kr) if save_rotated else (o, lse)))
 
 
 @pytest.mark.gpu
