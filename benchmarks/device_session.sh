@@ -87,6 +87,9 @@
 #   storeab benchmarks/gluon_long.py at 577 and 1029 tokens with three attending groups, the training forms beside
 #          themselves with the rotated q and k stores clipped by TMA (--clipped-stores: the price of those writes)
 #                                               -> h200_gluon_store_ablation.json, gluon_store_ablation.log
+#   ws     the warp-specialized resident kernel's GPU tests, then benchmarks/gluon_long.py at the three 197-token
+#          shapes: the resident kernel as shipped and warp-specialized (`resident_warp_specialized`), inference with
+#          and without RoPE, training             -> pytest_ws.log, h200_gluon_resident_ws.json, gluon_resident_ws.log
 #   rotatefirst the GPU tests of the training forward after the rotation pass (gluon_prerotate_train_from_n), then
 #          benchmarks/gluon_bwd.py at N = 577, 785 and 1029, fwd+bwd with it everywhere against the Gluon forwards'
 #          own training form, in two processes
@@ -353,6 +356,12 @@ PY
       timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 \
         --clipped-stores --out "$OUT/h200_gluon_store_ablation.json" >"$OUT/gluon_store_ablation.log" 2>&1 || status=1
       grep -E "training" "$OUT/gluon_store_ablation.log" | tail -8 ;;
+    ws)
+      gluon_tests "warp_specialized"
+      mv "$OUT/pytest_gluon.log" "$OUT/pytest_ws.log"
+      timeout 300 python3 benchmarks/gluon_long.py --shapes "vit_s16_224;vit_b16_224;vit_l16_224" --groups "" \
+        --out "$OUT/h200_gluon_resident_ws.json" >"$OUT/gluon_resident_ws.log" 2>&1 || status=1
+      grep -E "resident|cudnn|timm" "$OUT/gluon_resident_ws.log" | grep -v "^ " | tail -21 ;;
     rotatefirst)
       gluon_tests "rotation_pass"
       mv "$OUT/pytest_gluon.log" "$OUT/pytest_rotate_first.log"

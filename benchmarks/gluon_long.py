@@ -32,8 +32,9 @@ kernel's whole work but those HBM writes, a timing ablation (rows "..., stores c
 
     python benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 --clipped-stores
 
-Up to 256 tokens the resident kernel runs for inference (with and without RoPE) and training; `--groups ""` leaves
-the long kernel out there.
+Up to 256 tokens the resident kernel runs for inference (with and without RoPE) and training, as shipped and
+warp-specialized (`resident_warp_specialized`, rows "gluon resident ws"); `--groups ""` leaves the long kernel out
+there.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
-def _resident_o(q, k, v, table, qk_scale):
-    """o of the resident kernel's training form (N <= 256: it also writes the rotated q and k)."""
-    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, True)[0]
+def _resident_o(q, k, v, table, qk_scale, save_rotated, ws):
+    """o of the resident kernel (N <= 256), as shipped or warp-specialized (`resident_warp_specialized`)."""
+    options = LongOptions(resident_ws=ws)
+    return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
 CLIPPED = ", stores clipped"  # the ablation's rows (`_stores_clipped`)
@@ -181,8 +183,15 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
         elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-            train = functools.partial(_resident_o, q, k, v, table, qk_scale)
-            add("gluon resident training", train, err=_check("gluon resident training", train, q, k, v, table))
+            # as shipped and warp-specialized (`resident_warp_specialized`): inference with and without RoPE, training
+            for ws in (False, True):
+                for name, rope, save in (("gluon resident", True, False), ("gluon resident, no RoPE", False, False),
+                                         ("gluon resident training", True, True)):
+                    if not ws and not save:
+                        continue  # above
+                    name = name.replace("gluon resident", "gluon resident ws") if ws else name
+                    fn = functools.partial(_resident_o, q, k, v, table if rope else None, qk_scale, save, ws)
+                    add(name, fn, rope=rope, err=_check(name, fn, q, k, v, table if rope else None))
         # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
         # swapped tail: with groups where the last 64-row slice holds at most 16 rows); groups need early release
         # (each row is a kernel of its own to compile)

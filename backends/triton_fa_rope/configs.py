@@ -29,7 +29,7 @@ class LongOptions(NamedTuple):
     """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
     (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
-    overlap (`stream_overlap`) of the streaming one."""
+    overlap (`stream_overlap`) of the streaming one; resident_ws (`resident_warp_specialized`) of the resident one."""
 
     early_release: bool = False
     from_n: int = 257
@@ -37,6 +37,7 @@ class LongOptions(NamedTuple):
     swap_tail: bool = False
     v_slots: int = 4
     overlap: bool = False
+    resident_ws: bool = False
 
 
 class KernelConfig(NamedTuple):
@@ -83,7 +84,8 @@ class ArchConfigs:
     the MMA's rows (slower on the H200: off). stream_v_slots: V boxes in the ring of the streaming Gluon forward
     (past 640 tokens; fewer where K's boxes leave no room for them, `gluon_fwd.stream_v_slots`); stream_overlap:
     its groups issue a key box's S = Q K^T before the last box's P V and run that softmax while P V computes (FA3's
-    intra-warpgroup overlap).
+    intra-warpgroup overlap). resident_warp_specialized: up to 256 tokens the resident Gluon forward's
+    warp-specialized form, a warpgroup loading and rotating the next head while the others attend this one.
     gluon_dkdv, gluon_dq: the Gluon backward kernels' configs (None: Triton's kernel), dK/dV: (queries per step,
     keys per program = 16 * num_warps, num_warps, query buffers[, maxnreg]), dQ: (queries per program = 16 *
     num_warps, keys per step, num_warps, K/V buffers[, maxnreg]); gluon_bwd_from_n: from this length on (None:
@@ -120,6 +122,7 @@ class ArchConfigs:
     gluon_bwd_from_n: int | None = None
     delta_in_dq: bool = False
     bwd_swap_tail: bool = False
+    resident_warp_specialized: bool = False
 
     def __post_init__(self):
         # checked once per table (and per `override`), not per call: the long kernel's static_assert refuses the same
@@ -132,14 +135,16 @@ class ArchConfigs:
         if self.stream_v_slots not in STREAM_V_SLOTS:
             raise ValueError(f"triton_fa_rope: stream_v_slots={self.stream_v_slots!r}; the streaming Gluon forward's "
                              f"V ring takes {STREAM_V_SLOTS} boxes")
-        if not isinstance(self.stream_overlap, bool):  # a kernel constexpr: a truthy string would pass as True
-            raise ValueError(f"triton_fa_rope: stream_overlap={self.stream_overlap!r}; True or False")
+        for name in ("stream_overlap", "resident_warp_specialized"):  # a truthy string would pass as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"triton_fa_rope: {name}={getattr(self, name)!r}; True or False")
 
     @functools.cached_property
     def long_options(self) -> LongOptions:
         """The long Gluon forwards' switches (built once per table)."""
         return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap)
+                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap,
+                           self.resident_warp_specialized)
 
 
 K = KernelConfig

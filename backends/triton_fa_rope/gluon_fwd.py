@@ -38,7 +38,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope.configs import LongOptions
-from attnhub.backends.triton_fa_rope.gluon_kernels import BLOCK_N, resident_fwd_kernel
+from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_ROT_ROWS, resident_fwd_kernel,
+                                                             resident_ws_fwd_kernel)
+from attnhub.backends.triton_fa_rope.gluon_kernels import WS_MAXNREG as RESIDENT_WS_MAXNREG
 from attnhub.backends.triton_fa_rope.gluon_long_kernels import WS_3_GROUPS_MAXNREG, WS_MAXNREG, long_fwd_kernel
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import MAXNREG as STREAM_MAXNREG
 from attnhub.backends.triton_fa_rope.gluon_stream_kernels import GROUPS, stream_fwd_kernel
@@ -127,16 +129,17 @@ class _Plan:
     boxes handed back box by box in a head's last slice (`long_fwd_kernel`'s EARLY_RELEASE); groups: its attending
     partitions (ATTEND_GROUPS; 0: one of NUM_WARPS warps); tail_q: rows of its swapped last query slice (TAIL_Q; 0:
     none); v_slots: the streaming kernel's V ring (`stream_v_slots`), overlap: its groups' key loop
-    (`stream_overlap`)."""
+    (`stream_overlap`); ws: the resident kernel's warp-specialized form (`resident_ws_fwd_kernel`)."""
 
     __slots__ = ("kernel", "make_q", "make_k", "make_v", "make_o", "make_rot", "o_shape", "lse_shape", "grid",
-                 "ints", "constexprs", "num_warps")
+                 "ints", "constexprs", "num_warps", "s_scale_one")
 
     def __init__(self, q, k, v, rope, cos, device, save_rotated: bool, long: bool, early_release: bool,
-                 groups: int, tail_q: int, v_slots: int, overlap: bool):
+                 groups: int, tail_q: int, v_slots: int, overlap: bool, ws: bool):
         B, H, N, D = q.shape
         stream = N > MAX_N  # K resident, V streamed: three attending groups (the options do not apply)
-        self.kernel = stream_fwd_kernel if stream else long_fwd_kernel if long else resident_fwd_kernel
+        self.kernel = (stream_fwd_kernel if stream else long_fwd_kernel if long else resident_ws_fwd_kernel if ws
+                       else resident_fwd_kernel)
         slice_rows = GROUP_SLICE if groups or stream else SLICE
         q_rows, kv_rows = (slice_rows, BLOCK_N) if long else (block_rows(N),) * 2  # TMA boxes [1, rows, 1, D]
         self.num_warps = 4 if groups or stream else NUM_WARPS  # with groups: the default partition, group 0
@@ -154,12 +157,16 @@ class _Plan:
         self.grid = (min(n_heads, _num_sms(device.index)) if device.type == "cuda" else n_heads,)  # CPU: recorded
         self.ints = (stab_h, stab_n, H, N, 0 if rope is None else rope.prefix_tokens, n_heads)
         self.constexprs = dict(ROPE=rope is not None, SAVE_ROT=save_rotated,
-                               **chunking(N, slice_rows if long else ROT_ROWS))
+                               **chunking(N, slice_rows if long else WS_ROT_ROWS if ws else ROT_ROWS))
         if stream:
             self.constexprs.update(V_SLOTS_=v_slots, OVERLAP_=overlap, maxnreg=STREAM_MAXNREG)
         elif long:
             self.constexprs.update(EARLY_RELEASE=early_release, ATTEND_GROUPS=groups, TAIL_Q=tail_q,
                                    maxnreg=WS_3_GROUPS_MAXNREG if groups else WS_MAXNREG)
+        elif ws:
+            self.constexprs.update(maxnreg=RESIDENT_WS_MAXNREG)
+        # the warp-specialized resident kernel takes the scale of S as an argument: 1.0 where q carries it
+        self.s_scale_one = None if not ws else rope is not None and not save_rotated
 
 
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
@@ -183,10 +190,12 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     # one query slice has no last slice apart from its first (with groups each has its own last slice)
     early = options.early_release and long and (N > SLICE or groups > 0)
     tail_q = TAIL_ROWS if options.swap_tail and groups and 0 < N % GROUP_SLICE <= TAIL_ROWS else 0
+    ws = options.resident_ws and not long and N <= RESIDENT_MAX_N
     sig = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-           rope_sig, save, long, early, groups, tail_q, v_slots, overlap)
+           rope_sig, save, long, early, groups, tail_q, v_slots, overlap, ws)
     return runtime.remember(_PLANS, sig, lambda: _Plan(q, k, v, rope, cos, q.device, save, long, early, groups,
-                                                       tail_q, v_slots, overlap) if _takes(q, k, v, rope) else None)
+                                                       tail_q, v_slots, overlap, ws)
+                            if _takes(q, k, v, rope) else None)
 
 
 def _takes_long(n: int, long_from_n: int) -> bool:
@@ -255,6 +264,8 @@ def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
                    torch.empty(*k.shape, device=k.device, dtype=k.dtype))
         rot_descs = (plan.make_rot[0](rotated[0]), plan.make_rot[1](rotated[1]))
     args = (q_desc, k_desc, plan.make_v(v), plan.make_o(o), *rot_descs, lse, cos, sin, *plan.ints, qk_scale)
+    if plan.s_scale_one is not None:
+        args += (1.0 if plan.s_scale_one else qk_scale,)
     # the plan knows every argument's specialization but the table's alignment
     spec = (plan, cos.data_ptr() % 16 == 0, sin.data_ptr() % 16 == 0)
     if runtime.compiling(spec, launch, plan.kernel, plan.grid, args, plan.num_warps, 1, **plan.constexprs):

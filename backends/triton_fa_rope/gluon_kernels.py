@@ -6,8 +6,11 @@ this module's layouts, table load and key-chunk steps.
 
     resident_fwd_kernel  N <= 256: per head, TMA loads Q, K and V whole while the previous head computes; each
                          warpgroup owns 64-row slices of the queries.
+    resident_ws_fwd_kernel  the same, warp-specialized: a warpgroup loads and rotates the next head while the
+                         others attend this one.
 
-Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps, the resident kernel. Written
+Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps, the resident kernel, its
+warp-specialized form. Written
 against Triton 3.6; names that 3.7+ renamed are aliased below.
 """
 
@@ -178,6 +181,24 @@ def _attend_chunk(q_smem, k_chunk, v_chunk, acc, m_i, l_i, key0, N, sm_scale, MA
 
 
 @gluon.jit
+def _attend_keys(q_s, k_s, v_s, acc, m_i, l_i, N, sm_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr,
+                 TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+    """A resident head's keys (q_s, k_s, v_s [BLOCK, D] shared): N_FULL unmasked chunks of BLOCK_N, one unmasked
+    chunk of MID_N (0: none), one masked chunk of TAIL_N (0: none), each `_attend_chunk`."""
+    for j in gl.static_range(N_FULL):
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),
+                                      acc, m_i, l_i, j * _BLOCK_N, N, sm_scale, False, num_warps)
+    if MID_N > 0:
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N),
+                                      acc, m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, False, num_warps)
+    if TAIL_N > 0:
+        key0: gl.constexpr = N_FULL * _BLOCK_N + MID_N
+        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0,
+                                      N, sm_scale, True, num_warps)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, tile, H, pred):
     """TMA: Q and K of head `tile` (-> bar_qk), V (-> bar_v, so V still lands while K and Q rotate)."""
     b = tile // H
@@ -187,6 +208,26 @@ def _issue_loads(q_desc, k_desc, v_desc, q_dst, k_dst, v_dst, bar_qk, bar_v, til
     _tma_load(k_desc, [b, 0, h, 0], bar_qk, k_dst, pred=pred)
     mbarrier.expect(bar_v, v_desc.block_type.nbytes, pred=pred)
     _tma_load(v_desc, [b, 0, h, 0], bar_v, v_dst, pred=pred)
+
+
+@gluon.jit
+def _rotate_qk(q_s, k_s, bar_qk, phase, cos_base, sin_base, t0, N, P, stab_n, q_mult, ROT_ROWS: gl.constexpr,
+               ROT_CHUNKS: gl.constexpr, num_warps: gl.constexpr):
+    """K and Q (times q_mult) of a head [BLOCK, D] rotated in place in ROT_CHUNKS steps of ROT_ROWS rows once their
+    loads on bar_qk have landed. q and k rows are the same tokens: one table load for both; the next step's load in
+    flight while one rotates; rows past the last step (>= N) are TMA's zeros, left as they are."""
+    D: gl.constexpr = q_s.shape[1]
+    c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
+    mbarrier.wait(bar_qk, phase=phase)
+    for i in gl.static_range(ROT_CHUNKS):
+        if i + 1 < ROT_CHUNKS:
+            c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
+                                         D, num_warps)
+        _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
+        _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, q_mult, num_warps)
+        if i + 1 < ROT_CHUNKS:
+            c = c_next
+            s = s_next
 
 
 @gluon.jit
@@ -205,21 +246,8 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
     v_s = v_s4.reshape([BLOCK, D])
     h = tile % H
     if ROPE:
-        cos_base = cos_ptr + h.to(gl.int64) * stab_h
-        sin_base = sin_ptr + h.to(gl.int64) * stab_h
-        # q and k rows are the same tokens: one table load for both; the next chunk's load in flight while one
-        # rotates; rows past the last chunk (>= N) are TMA's zeros, left as they are
-        c, s = _load_table(cos_base, sin_base, t0, N, P, stab_n, ROT_ROWS, D, num_warps)  # overlaps the TMA
-        mbarrier.wait(bar_qk, phase=phase)
-        for i in gl.static_range(ROT_CHUNKS):
-            if i + 1 < ROT_CHUNKS:
-                c_next, s_next = _load_table(cos_base, sin_base, t0 + (i + 1) * ROT_ROWS, N, P, stab_n, ROT_ROWS,
-                                             D, num_warps)
-            _rope_inplace(k_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0, num_warps)
-            _rope_inplace(q_s.slice(i * ROT_ROWS, ROT_ROWS), c, s, 1.0 if SAVE_ROT else qk_scale, num_warps)
-            if i + 1 < ROT_CHUNKS:
-                c = c_next
-                s = s_next
+        _rotate_qk(q_s, k_s, bar_qk, phase, cos_ptr + h.to(gl.int64) * stab_h, sin_ptr + h.to(gl.int64) * stab_h, t0,
+                   N, P, stab_n, 1.0 if SAVE_ROT else qk_scale, ROT_ROWS, ROT_CHUNKS, num_warps)
         fence_async_shared()  # the stores above, before wgmma (and TMA) read them
         _cta_barrier()  # every warpgroup reads all of K
         if SAVE_ROT:  # rows >= N clipped; waited for before q_s takes o
@@ -234,16 +262,7 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
 
     acc, m_i, l_i = _softmax_init(BLOCK, D, num_warps)
     mbarrier.wait(bar_v, phase=phase)
-    for j in gl.static_range(N_FULL):
-        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(j * _BLOCK_N, _BLOCK_N), v_s.slice(j * _BLOCK_N, _BLOCK_N),
-                                      acc, m_i, l_i, j * _BLOCK_N, N, sm_scale, False, num_warps)
-    if MID_N > 0:
-        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(N_FULL * _BLOCK_N, MID_N), v_s.slice(N_FULL * _BLOCK_N, MID_N),
-                                      acc, m_i, l_i, N_FULL * _BLOCK_N, N, sm_scale, False, num_warps)
-    if TAIL_N > 0:
-        key0: gl.constexpr = N_FULL * _BLOCK_N + MID_N
-        acc, m_i, l_i = _attend_chunk(q_s, k_s.slice(key0, TAIL_N), v_s.slice(key0, TAIL_N), acc, m_i, l_i, key0,
-                                      N, sm_scale, True, num_warps)
+    acc, m_i, l_i = _attend_keys(q_s, k_s, v_s, acc, m_i, l_i, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
 
     # epilogue: lse in log2 units (as the Triton kernels store it); o through q's buffer, by TMA (rows >= N clipped)
     rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
@@ -301,3 +320,145 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_pt
     for i in gl.static_range(2):
         mbarrier.invalidate(bars_qk.index(i))
         mbarrier.invalidate(bars_v.index(i))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The warp-specialized resident kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+_WS_ROTATE_WARPS = gl.constexpr(4)
+# 12 warps: the launch's cap (65,536 / 384 threads = 170, in steps of 8); the attending warps get (168 * 12 - 160 *
+# 4) / 8 = 172, of which ptxas takes 168 (offline sm_90, Triton 3.6: 4 bytes spilled; the rotating warpgroup
+# spilled at 120-152 registers, the attending warps at 152)
+WS_MAXNREG = 168
+_WS_ROTATE_REGS = gl.constexpr(160)
+WS_ROT_ROWS = 32  # the rotating warpgroup's step: 16 values and 16 table entries per thread
+
+
+@gluon.jit
+def _ws_rotate_heads(q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr, stab_h,
+                     stab_n, H, N, P, n_heads, qk_scale, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr,
+                     ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+    """The loading and rotating warpgroup: per head, once the attending warps are done with its slot (slot_free),
+    Q, K and V by TMA into it, K and Q rotated in place (`_rotate_qk`; scale * log2 e folded into Q but for
+    SAVE_ROT) -> qk_ready; SAVE_ROT: the rotated Q and K also stored by TMA (waited for before the slot loads
+    again). So head i + 1 lands and rotates while head i is attended."""
+    qk_loaded, v_ready, qk_ready, slot_free = bars
+    BLOCK: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    num_warps: gl.constexpr = gl.num_warps()
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        slot = it % 2
+        phase = (it // 2) & 1
+        b = tile // H
+        h = tile % H
+        mbarrier.wait(slot_free.index(slot), phase ^ 1)  # a fresh barrier passes phase 1
+        if SAVE_ROT:  # the slot's rotated q and k of two heads before have left it
+            tma.store_wait(0)
+        _issue_loads(q_desc, k_desc, v_desc, q_buf.index(slot), k_buf.index(slot), v_buf.index(slot),
+                     qk_loaded.index(slot), v_ready.index(slot), tile, H, True)
+        if ROPE:
+            q_s = q_buf.index(slot).reshape([BLOCK, D])
+            k_s = k_buf.index(slot).reshape([BLOCK, D])
+            _rotate_qk(q_s, k_s, qk_loaded.index(slot), phase, cos_ptr + h.to(gl.int64) * stab_h,
+                       sin_ptr + h.to(gl.int64) * stab_h, tile // n_heads, N, P, stab_n,
+                       1.0 if SAVE_ROT else qk_scale, ROT_ROWS, ROT_CHUNKS, num_warps)
+            fence_async_shared()
+            _cta_barrier()  # this warpgroup's stores, before one thread arrives for all (and the TMA stores read)
+            if SAVE_ROT:  # rows >= N clipped
+                _tma_store(qr_desc, [b, 0, h, 0], q_buf.index(slot))
+                _tma_store(kr_desc, [b, 0, h, 0], k_buf.index(slot))
+        else:
+            mbarrier.wait(qk_loaded.index(slot), phase)
+        mbarrier.arrive(qk_ready.index(slot), count=1)
+        it += 1
+    if SAVE_ROT:
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _ws_attend_heads(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, sm_scale,
+                     N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
+    """The attending warps: per head, once its Q and K are rotated (qk_ready) and V has landed, the key chunks as
+    `_head` runs them; the slot handed back (slot_free) before the epilogue, o by TMA through o_buf."""
+    qk_loaded, v_ready, qk_ready, slot_free = bars
+    BLOCK: gl.constexpr = q_buf.shape[2]
+    D: gl.constexpr = q_buf.shape[4]
+    o_s = o_buf.reshape([BLOCK, D])
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    it = 0
+    for tile in range(pid, n_heads, nprog):
+        slot = it % 2
+        phase = (it // 2) & 1
+        q_s = q_buf.index(slot).reshape([BLOCK, D])
+        k_s = k_buf.index(slot).reshape([BLOCK, D])
+        v_s = v_buf.index(slot).reshape([BLOCK, D])
+        acc, m_i, l_i = _softmax_init(BLOCK, D, num_warps)
+        mbarrier.wait(qk_ready.index(slot), phase)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc, m_i, l_i = _attend_keys(q_s, k_s, v_s, acc, m_i, l_i, N, sm_scale, N_FULL, MID_N, TAIL_N, num_warps)
+        _cta_barrier()  # every attending warp is done with the slot
+        mbarrier.arrive(slot_free.index(slot), count=1)
+
+        # epilogue: lse in log2 units; o by TMA (rows >= N clipped) through o_buf, once the head before's o left it
+        rows = gl.arange(0, BLOCK, layout=m_i.type.layout)
+        gl.store(lse_ptr + tile.to(gl.int64) * N + rows, m_i + gl.log2(l_i), mask=rows < N)
+        tma.store_wait(0)
+        _cta_barrier()
+        o_s.store((acc / gl.expand_dims(l_i, 1)).to(o_s.dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(o_desc, [tile // H, 0, tile % H, 0], o_buf)
+        it += 1
+    tma.store_wait(0)
+
+
+@gluon.jit
+def resident_ws_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h,
+                           stab_n, H, N, P, n_heads, qk_scale, s_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr,
+                           TAIL_N: gl.constexpr, ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr,
+                           ROT_CHUNKS: gl.constexpr):
+    """`resident_fwd_kernel`'s work warp-specialized: a warpgroup loads each head into one of two slots and rotates
+    its K and Q there (`_ws_rotate_heads`) while the kernel's num_warps attend the head in the other slot
+    (`_ws_attend_heads`), so RoPE runs beside the tensor cores; o leaves through a buffer of its own. Four mbarriers
+    per slot hand it over: Q and K landed, V landed, Q and K rotated, slot free. Its arguments are
+    `resident_fwd_kernel`'s and s_scale, the scale S takes (1.0 where q carries it): as a constant the attending
+    warps spilled 356 bytes (sm_90 compile)."""
+    BLOCK: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
+    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
+    gl.static_assert(BLOCK % (16 * num_warps) == 0)
+    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
+    k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
+    v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
+    o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, BLOCK, 1, D], o_desc.layout)
+    qk_loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    qk_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    slot_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(qk_loaded.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(qk_ready.index(i), count=1)
+        mbarrier.init(slot_free.index(i), count=1)
+    fence_async_shared()
+    _cta_barrier()
+
+    bars = (qk_loaded, v_ready, qk_ready, slot_free)
+    gl.warp_specialize([
+        (_ws_attend_heads, (q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_heads, s_scale, N_FULL,
+                            MID_N, TAIL_N, num_warps)),
+        (_ws_rotate_heads, (q_desc, k_desc, v_desc, qr_desc, kr_desc, q_buf, k_buf, v_buf, bars, cos_ptr, sin_ptr,
+                            stab_h, stab_n, H, N, P, n_heads, qk_scale, ROPE, SAVE_ROT, ROT_ROWS, ROT_CHUNKS)),
+    ], [_WS_ROTATE_WARPS], [_WS_ROTATE_REGS])
+    for i in gl.static_range(2):
+        mbarrier.invalidate(qk_loaded.index(i))
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(qk_ready.index(i))
+        mbarrier.invalidate(slot_free.index(i))

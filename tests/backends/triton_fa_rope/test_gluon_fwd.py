@@ -112,6 +112,36 @@ def test_key_chunks_cover_the_sequence_within_the_block(N):
     assert N <= rotated <= gluon_fwd.block_rows(N) and c["ROT_ROWS"] % 32 == 0  # whole tiles of `_rot_layout`
 
 
+def test_the_warp_specialized_resident_kernel_is_the_config_tables_switch():
+    """`resident_warp_specialized` reaches the plans up to 256 tokens (with RoPE and without): the warp-specialized
+    kernel, its register cap, the rotating warpgroup's step as ROT_ROWS, and the scale S takes as an argument (1.0
+    where q carries it: inference with RoPE); the long kernel's plans are the ones without it."""
+    with configs.override(resident_warp_specialized=True):
+        options = configs.for_call(torch.device("cpu"), 64).long_options
+    assert options.resident_ws is True
+    for N in (1, 17, 197, 256):
+        q, k, v = _inputs(N=N)
+        for table in (_table(N) if N > 1 else None, None):
+            for save in (False, True):
+                cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
+                plan = gluon_fwd._plan(q, k, v, table, cos, save, options)
+                assert plan is not _plan(q, k, v, table, save_rotated=save)
+                assert plan.kernel is gluon_fwd.resident_ws_fwd_kernel and plan.num_warps == gluon_fwd.NUM_WARPS
+                assert plan.constexprs["maxnreg"] == gluon_fwd.RESIDENT_WS_MAXNREG
+                assert plan.constexprs["ROT_ROWS"] == gluon_fwd.WS_ROT_ROWS
+                assert plan.s_scale_one is (table is not None and not save)
+    assert _plan(*_inputs(N=197), _table(197)).s_scale_one is None
+    q, k, v = _inputs(N=577)
+    assert gluon_fwd._plan(q, k, v, _table(577), gluon_fwd._tables(_table(577), q.dtype)[0], False,
+                           options) is _plan(q, k, v, _table(577))
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_a_resident_warp_specialized_that_is_not_a_bool_is_refused_with_the_fields_name(value):
+    with pytest.raises(ValueError, match="resident_warp_specialized"):
+        dataclasses.replace(configs.for_arch(9, 64), resident_warp_specialized=value)
+
+
 @pytest.mark.parametrize("N", range(gluon_fwd.RESIDENT_MAX_N + 1, gluon_fwd.MAX_N + 1) if gluon_fwd else [])
 def test_long_kernel_chunks_fit_its_boxes(N):
     """long_fwd_kernel holds K and V in boxes of BLOCK_N rows: one per full chunk, and the half-width and masked
@@ -395,6 +425,15 @@ def _reference(q, k, v, table):
     return attnhub.attention(q.double(), k.double(), v.double(), table, backend="math")
 
 
+def _case_inputs(dtype, N, P, table_kind, kind, B, H, gen):
+    """q, k, v [B, H, N, 64] of a float64 case (`FLOAT64_CASES`' kind) and its table (None: no RoPE, or only prefix
+    tokens)."""
+    q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
+    table = None if table_kind is None or N == P else make_table(
+        Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
+    return q, k, v, table
+
+
 FLOAT64_CASES = [
     (197, 1, "shared", "fused"),  # ViT/16 at 224 px, views of a fused qkv projection
     (197, 1, "per_head", "fused"),
@@ -543,6 +582,48 @@ def _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated):
     assert all(torch.isfinite(t).all() for t in written)
 
 
+RESIDENT_CASES = [case for case in FLOAT64_CASES if case[0] <= gluon_fwd.RESIDENT_MAX_N]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("save_rotated", [False, True])
+@pytest.mark.parametrize("dtype,N,P,table_kind,kind", [(torch.bfloat16, *case) for case in RESIDENT_CASES]
+                         + [(torch.float16, *RESIDENT_CASES[0])])
+def test_the_warp_specialized_resident_kernel_matches_math_in_float64(dtype, N, P, table_kind, kind, save_rotated,
+                                                                      nan_empty):
+    """`resident_warp_specialized`: 288 heads (two or three per program, so both slots and their four barriers'
+    phases turn over, the rotating warpgroup a head ahead), NaN-filled outputs: o, lse and (training) the rotated q
+    and k of every sample against float64."""
+    B, H = 24, 12
+    q, k, v, table = _case_inputs(dtype, N, P, table_kind, kind, B, H, torch.Generator().manual_seed(N + 7))
+    scale = 64 ** -0.5
+    with runtime.recording() as launches:
+        o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
+                                             LongOptions(resident_ws=True))
+    assert [x.name for x in launches] == ["resident_ws_fwd_kernel"]
+    assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
+    qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
+    lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E
+    assert_close_rel(lse, lse_ref.reshape(B * H, N), dtype, "lse")
+    written = [o, lse]
+    if save_rotated and table is not None:
+        assert_close_rel(qr, qd, dtype, "rotated q")
+        assert_close_rel(kr, kd, dtype, "rotated k")
+        written += [qr, kr]
+    assert all(torch.isfinite(t).all() for t in written)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N", [197, 100])
+def test_training_through_the_warp_specialized_resident_kernel(N):
+    """The table's training call with `resident_warp_specialized`: the forward through it, the backward reading the
+    rotated q and k it saved, o and the gradients against float64."""
+    _check_training(torch.bfloat16, N, 1, "shared", "fused", dict(resident_warp_specialized=True),
+                    rotated_first=False, kernel="resident_ws_fwd_kernel")
+
+
 @pytest.mark.gpu
 @gpu
 def test_a_kept_runner_serves_new_tensors_and_shapes():
@@ -580,21 +661,20 @@ def test_training_after_the_rotation_pass_matches_math_in_float64(dtype, N, P, t
     _check_training(dtype, N, P, table_kind, kind, dict(gluon_prerotate_train_from_n=0), rotated_first=True)
 
 
-def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: bool):
+def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: bool, kernel: str | None = None):
     """`launch.forward` in training with the config table's `fields` (the Gluon forwards at every length they
-    serve): its launches, the rotated q and k, o and lse against float64; then `attnhub.attention`'s gradients."""
+    serve): its launches (kernel: the Gluon forward expected; default: the one the length picks), the rotated q and
+    k, o and lse against float64; then `attnhub.attention`'s gradients."""
     gen = torch.Generator().manual_seed(N + 1)
     B, H = 20, 8
-    q, k, v = make_qkv(kind, B, H, N, 64, dtype, gen)
-    table = None if table_kind is None or N == P else make_table(
-        Shape(B, H, (1, N - P), P, 64, "interleaved", per_head=table_kind == "per_head"), gen)
+    q, k, v, table = _case_inputs(dtype, N, P, table_kind, kind, B, H, gen)
     scale = 64 ** -0.5
     lengths = dict(resident_fwd_max_n=gluon_fwd.STREAM_MAX_N, resident_train_max_n=gluon_fwd.STREAM_MAX_N)
     config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **fields)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
-    kernel = ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
-              else "stream_fwd_kernel")
+    kernel = kernel or ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel"
+                        if N <= gluon_fwd.MAX_N else "stream_fwd_kernel")
     kernels = ["rotate_kernel", kernel] if rotated_first else [kernel]
     assert [x.name for x in launches] == kernels
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
