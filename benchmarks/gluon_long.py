@@ -33,8 +33,7 @@ kernel's whole work but those HBM writes, a timing ablation (rows "..., stores c
     python benchmarks/gluon_long.py --shapes "vit_b16_384;vit_b16_512_reg4" --groups 3 --clipped-stores
 
 Up to 256 tokens the resident kernel runs for inference (with and without RoPE) and training, as shipped and
-warp-specialized (`resident_warp_specialized`, rows "gluon resident ws"); `--groups ""` leaves the long kernel out
-there.
+warp-specialized (`resident_warp_specialized`, rows "..., ws"); `--groups ""` leaves the long kernel out there.
 """
 
 from __future__ import annotations
@@ -189,7 +188,8 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
                                          ("gluon resident training", True, True)):
                     if not ws and not save:
                         continue  # above
-                    name = name.replace("gluon resident", "gluon resident ws") if ws else name
+                    if ws:  # "..., ws" (the summary's variants of their pass)
+                        name = "gluon resident, ws, no RoPE" if not rope else name + ", ws"
                     fn = functools.partial(_resident_o, q, k, v, table if rope else None, qk_scale, save, ws)
                     add(name, fn, rope=rope, err=_check(name, fn, q, k, v, table if rope else None))
         # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
@@ -227,6 +227,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         here = {r["impl"]: r["graph_ms"] for r in rows if r["shape"] == shape}
         for kind, baseline in (("inference", "gluon resident"), ("training", "gluon resident training"),
+                               ("no RoPE", "gluon resident, no RoPE"),
                                ("inference", "gluon long"), ("no RoPE", "gluon long, no RoPE"),
                                ("training", "gluon long training"), ("inference", "triton forward"),
                                ("training", "triton training")):

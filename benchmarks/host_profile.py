@@ -390,7 +390,8 @@ def driver_specs(train_step) -> tuple | None:
             train_step()
     grids = {r.name: r.grid for r in launches}
     runners = {compiled.name: driver for compiled, _, driver in state.runners.values()}
-    names = ("resident_fwd_kernel", "bwd_fused_kernel")
+    resident = "resident_ws_fwd_kernel" if configs.for_arch(9, 64).resident_warp_specialized else "resident_fwd_kernel"
+    names = (resident, "bwd_fused_kernel")
     if set(runners) != set(names) or any(driver is None for driver in runners.values()):
         return None
     _KEPT.extend(runners.values())

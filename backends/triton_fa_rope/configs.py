@@ -168,7 +168,9 @@ K = KernelConfig
 # last block of at most 16 rows runs swapped there (bwd_swap_tail): its dK/dV and dQ kernels 1.02-1.06x faster at
 # N = 577 and 1029, fwd+bwd 1.01-1.02x (GPU time, H100). Past 640 tokens training rotates q and k in a pass and runs
 # the streaming kernel without RoPE: its training form, which rotates and stores them itself, costs more than the
-# pass (at 577 the long kernel's does not: benchmarks/README.md).
+# pass (at 577 the long kernel's does not: benchmarks/README.md). Up to 256 tokens the resident kernel is
+# warp-specialized (a warpgroup loads and rotates the next head while the others attend): 1.07-1.12x its plain form
+# for inference, 1.09-1.15x for training at N = 197 (H100).
 HOPPER = (
     ArchConfigs(64, fwd=K(128, 64, 4, 3), fwd_train=K(256, 64, 8, 3), fwd_prerotated=K(64, 64, 4, 3),
                 fwd_train_prerotated=K(64, 64, 4, 3),
@@ -178,7 +180,7 @@ HOPPER = (
                 long_early_release=True, long_attend_groups=3,
                 stream_overlap=True,
                 gluon_dkdv=K(64, 64, 4, 2, 168), gluon_dq=K(64, 64, 4, 2, 168), gluon_bwd_from_n=257, delta_in_dq=True,
-                bwd_swap_tail=True),
+                bwd_swap_tail=True, resident_warp_specialized=True),
     ArchConfigs(128, fwd=K(128, 64, 8, 2), fwd_train=K(128, 64, 8, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 64, 4, 2),
                 bwd_fused=K(64, 64, 8, 2)),
     ArchConfigs(256, fwd=K(64, 32, 8, 2), fwd_train=K(64, 32, 8, 2), dkdv=K(32, 32, 8, 1), dq=K(32, 32, 8, 1),

@@ -10,7 +10,8 @@ and Q once with scale * log2(e) folded in (fp32 math from fp16 tables with bf16 
 input dtype, as a rotation pass would), and each warpgroup runs S = Q K^T over 64-key chunks with an online
 softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors over [B, N, H, D]: rows past N
 arrive as zeros, no other sample is read. `resident_fwd_kernel` serves N <= 256 (Q, K and V of a head whole, the
-next head's loads in flight), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
+next head's loads in flight; as Hopper's table has it (`resident_warp_specialized`), `resident_ws_fwd_kernel`: a
+warpgroup loads and rotates the next head while two attend this one), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
 rotates K/V boxes and query slices; as Hopper's table has it (`long_attend_groups` = 3), three warpgroups attend as
 partitions of their own on 64-row slices, handing the K/V boxes back box by box (`long_early_release`); with 0, two
 warpgroups attend 128-row slices as one partition; with `long_swap_tail` a last slice of at most 16 rows runs with

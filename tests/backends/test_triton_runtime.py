@@ -170,7 +170,7 @@ def test_compile_ahead_plans_the_launches_of_a_training_call(shape_name):
     assert planned == launched
     # Hopper takes the Gluon forward and the fused backward at these lengths, others Triton's forward and split
     names = {x[0].fn.__name__ for x in planned}
-    assert names & {"fwd_kernel", "resident_fwd_kernel"}
+    assert names & {"fwd_kernel", "resident_fwd_kernel", "resident_ws_fwd_kernel"}
     assert {"bwd_fused_kernel"} <= names or {"bwd_dkdv_kernel", "bwd_dq_kernel"} <= names
 
 

@@ -285,7 +285,7 @@ def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
     the resident and long kernels', do not take it."""
     plan_as_compiled(monkeypatch)
     for N, kernel, overlap in ((1029, "stream_fwd_kernel", True), (577, "long_fwd_kernel", None),
-                               (197, "resident_fwd_kernel", None)):
+                               (197, RESIDENT, None)):
         q, k, v = _inputs(N=N)
         config = dataclasses.replace(configs.for_arch(9, 64), stream_overlap=True)
         with runtime.recording(run=False) as launches:
@@ -345,7 +345,7 @@ def test_gluon_long_from_n_moves_the_boundary_between_the_two_kernels(long_from_
         with runtime.recording(run=False) as launches:
             launch.forward(q, k, v, _table(n), 0.125, False, config)
         long = n > 256 or n >= max(long_from_n, 128)
-        assert [x.name for x in launches] == ["long_fwd_kernel" if long else "resident_fwd_kernel"], n
+        assert [x.name for x in launches] == ["long_fwd_kernel" if long else RESIDENT], n
     q, k, v = _inputs(N=197)
     assert _plan(q, k, v, None, long_from_n=0) is not _plan(q, k, v, None)
 
@@ -466,6 +466,7 @@ FLOAT64_CASES = [
 EARLY_CASES = [case for case in FLOAT64_CASES if 256 < case[0] <= gluon_fwd.MAX_N]
 STREAM_CASES = [case for case in FLOAT64_CASES if case[0] > gluon_fwd.MAX_N]
 HOPPER = configs.for_arch(9, 64)
+RESIDENT = "resident_ws_fwd_kernel" if HOPPER.resident_warp_specialized else "resident_fwd_kernel"  # the table's
 TABLE_VARIANT = (HOPPER.long_early_release, HOPPER.long_attend_groups, HOPPER.long_swap_tail, HOPPER.stream_overlap)
 LONG_VARIANTS = [(False, 0, False), (True, 0, False), (True, 3, True)]  # beside the table's
 
@@ -559,7 +560,7 @@ def test_a_negative_scale_through_the_table(N, nan_empty):
             o_inf = attnhub.attention(q, k, v, table, scale=-0.125, backend="triton_fa_rope")
         o = attnhub.attention(*got, table, scale=-0.125, backend="triton_fa_rope")
         o.backward(do)
-    gluon = [x.name for x in launches if x.name in ("resident_fwd_kernel", "long_fwd_kernel", "stream_fwd_kernel")]
+    gluon = [x.name for x in launches if x.name in (RESIDENT, "long_fwd_kernel", "stream_fwd_kernel")]
     assert len(gluon) == 2, [x.name for x in launches]
     assert_close_rel(o_inf, ref.detach(), q.dtype, "o (inference)")
     assert_close_rel(o, ref.detach(), q.dtype, "o (training)")
@@ -673,8 +674,9 @@ def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: 
     config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **fields)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
-    kernel = kernel or ("resident_fwd_kernel" if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel"
-                        if N <= gluon_fwd.MAX_N else "stream_fwd_kernel")
+    resident = "resident_ws_fwd_kernel" if config.resident_warp_specialized else "resident_fwd_kernel"
+    kernel = kernel or (resident if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
+                        else "stream_fwd_kernel")
     kernels = ["rotate_kernel", kernel] if rotated_first else [kernel]
     assert [x.name for x in launches] == kernels
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
@@ -707,7 +709,7 @@ def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("N,kernel", [(197, "resident_fwd_kernel"), (577, "long_fwd_kernel")])
+@pytest.mark.parametrize("N,kernel", [(197, RESIDENT), (577, "long_fwd_kernel")])
 def test_attention_takes_it_for_inference_and_for_training_by_the_table(N, kernel):
     """Inference calls take it; training calls up to the config table's resident_train_max_n."""
     q, k, v = _inputs(N=N, H=6)
@@ -812,7 +814,7 @@ def test_the_long_kernel_from_128_tokens_matches_math(N, early, groups, tail, sa
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("N,kernel", [(197, "resident_fwd_kernel"), (1029, "stream_fwd_kernel")])
+@pytest.mark.parametrize("N,kernel", [(197, RESIDENT), (1029, "stream_fwd_kernel")])
 def test_the_triton_forward_serves_while_the_gluon_one_compiles_in_the_background(N, kernel, training):
     """ATTNHUB_TRITON_BACKGROUND_COMPILE: a shape's first call starts its Gluon forward's compile and runs the Triton
     forward; once `attnhub.wait_for_compiles` returns, the Gluon forward serves. Both against math in float64;

@@ -23,8 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from attnhub.backends.triton_fa_rope import configs
+
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[3]
+# the resident Gluon forward Hopper's table runs (warp-specialized or not)
+RESIDENT = "resident_ws_fwd_kernel" if configs.for_arch(9, 64).resident_warp_specialized else "resident_fwd_kernel"
 _MATRIX: dict = {}  # the running compile processes (`start_matrix`): folder, [(process, stdout file, stderr file)]
 
 
@@ -96,14 +100,14 @@ def test_every_launch_compiles_for_sm90():
     assert ("d256_bf16_interleaved", "default", "fwd_kernel") in compiled
     # inference at N = 197, D = 64: the Gluon forward, shared and per-head tables, bf16 and fp16
     for case in ("d64_bf16_interleaved", "d64_bf16_perhead", "d64_fp16_interleaved"):
-        assert (case, "default", "resident_fwd_kernel") in compiled
+        assert (case, "default", RESIDENT) in compiled
     # longer inference with the Gluon forward enabled up to 640 tokens: its long kernel (N = 577, 401, 641 -> 640
     # is the Triton forward's)
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
         assert (case, "long_gluon", "long_fwd_kernel") in compiled
     assert ("d64_fp16_interleaved_n641", "long_gluon", "fwd_kernel") in compiled
     # training forwards through them (writing the rotated q and k), both kernels, then the backward
-    for case, kernel, dq in (("d64_bf16_perhead_n197", "resident_fwd_kernel", "bwd_dq_kernel"),
+    for case, kernel, dq in (("d64_bf16_perhead_n197", RESIDENT, "bwd_dq_kernel"),
                              ("d64_bf16_interleaved_n577", "long_fwd_kernel", "gluon_dq_kernel")):
         assert {(case, "gluon_train", name) for name in (kernel, dq)} <= compiled
         assert (case, "gluon_train", "fwd_kernel") not in compiled
@@ -118,7 +122,7 @@ def test_every_launch_compiles_for_sm90():
     # the long kernel below 257 tokens (gluon_long_from_n): two query slices with early release, and one
     for case in ("d64_bf16_interleaved_n197", "d64_fp16_interleaved_n128"):
         assert (case, "gluon_long_from_128", "long_fwd_kernel") in compiled
-        assert (case, "gluon_long_from_128", "resident_fwd_kernel") not in compiled
+        assert (case, "gluon_long_from_128", RESIDENT) not in compiled
     # the Gluon backward from gluon_bwd_from_n on (shared and per-head tables, bf16 and fp16; last blocks narrow
     # and whole), Triton's below it
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401", "d64_fp16_interleaved_n641"):
