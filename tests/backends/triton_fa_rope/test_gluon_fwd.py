@@ -36,10 +36,10 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 
 
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
-          swap_tail=False, v_slots=4, overlap=False):
+          swap_tail=False, v_slots=4, overlap=False, resident_ws=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated,
-                           LongOptions(early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap))
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, LongOptions(
+        early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap, resident_ws))
 
 
 def test_takes_calls_it_covers():

@@ -273,7 +273,9 @@ def test_varlen_paths_match_math(case, path, nan_empty):
 
 def test_a_register_cap_reaches_the_dq_launch_as_an_option():
     """`KernelConfig.maxnreg` goes to `kernel[grid](...)` as Triton's `maxnreg` option, and only where set: on
-    Hopper at D = 64 the dq launch is capped (with and without a key padding mask), every other launch not."""
+    Hopper at D = 64 the dq launch is capped (with and without a key padding mask), every other launch not but the
+    warp-specialized Gluon forward, which carries its own."""
+    from attnhub.backends.triton_fa_rope import gluon_kernels
     from tests.backends.triton_fa_rope.sm90 import CASES, case_inputs, training_step_launches
 
     assert configs.KernelConfig(16, 16, 1, 1).options() == {}
@@ -283,4 +285,7 @@ def test_a_register_cap_reaches_the_dq_launch_as_an_option():
         capped = {launch.name: launch.constexprs.get("maxnreg")
                   for launch in training_step_launches(q, k, v, rope, key_padding_mask)}
         assert capped.pop("bwd_dq_kernel") == 128
+        # the warp-specialized Gluon forward's own cap (its registers split between its warpgroups), where it runs
+        # (without a mask, on a Hopper GPU)
+        assert capped.pop("resident_ws_fwd_kernel", gluon_kernels.WS_MAXNREG) == gluon_kernels.WS_MAXNREG
         assert set(capped.values()) == {None}, capped
