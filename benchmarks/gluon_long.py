@@ -53,7 +53,7 @@ import attnhub
 from attnhub import bench, benchkit
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, gluon_fwd, launch
-from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, STREAM_V_SLOTS, LongOptions
+from attnhub.backends.triton_fa_rope.configs import LONG_ATTEND_GROUPS, STREAM_V_SLOTS, GluonOptions
 from attnhub.tolerances import bound, rel_l2
 
 
@@ -80,7 +80,7 @@ def _check(name, fn, q, k, v, table, n_ref=4) -> float:
 
 def _long_o(q, k, v, table, qk_scale, save_rotated, early_release, groups, swap_tail=False):
     """o of the long kernel, at any length it serves (`gluon_fwd.LONG_MIN_N` tokens on)."""
-    options = LongOptions(early_release, gluon_fwd.LONG_MIN_N, groups, swap_tail)
+    options = GluonOptions(early_release, gluon_fwd.LONG_MIN_N, groups, swap_tail)
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
@@ -88,20 +88,20 @@ def _stream_o(q, k, v, table, qk_scale, save_rotated, v_slots, overlap):
     """o of the streaming kernel (past `gluon_fwd.MAX_N` tokens, whatever the config table says) with a ring of
     v_slots V boxes, its key loop overlapped or not."""
     assert q.shape[2] > gluon_fwd.MAX_N
-    options = LongOptions(v_slots=v_slots, overlap=overlap)
+    options = GluonOptions(v_slots=v_slots, overlap=overlap)
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
 def _resident_o(q, k, v, table, qk_scale, save_rotated, ws):
     """o of the resident kernel (N <= 256), as shipped or warp-specialized (`resident_warp_specialized`)."""
-    options = LongOptions(resident_ws=ws)
+    options = GluonOptions(resident_ws=ws)
     return gluon_fwd.forward(q, k, v, table, qk_scale, runtime.launch, save_rotated, options)[0]
 
 
 CLIPPED = ", stores clipped"  # the ablation's rows (`_stores_clipped`)
 
 
-def _stores_clipped(q, k, v, table, options: LongOptions):
+def _stores_clipped(q, k, v, table, options: GluonOptions):
     """-> a context manager: within it, a training call of this signature (`gluon_fwd.forward` with save_rotated)
     stores its rotated q and k through descriptors of one head's [1, 1, N, D] buffer, and TMA clips every box of the
     other heads, so the kernel does all its work but the HBM writes of the rotated q and k. A timing ablation: what
@@ -172,7 +172,7 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
                 add(name, fn, rope=rope, err=err)
             if clipped:
                 fn = functools.partial(_stream_o, q, k, v, table, qk_scale, True, table_slots, table_overlap)
-                options = LongOptions(v_slots=table_slots, overlap=table_overlap)
+                options = GluonOptions(v_slots=table_slots, overlap=table_overlap)
                 add("gluon stream training" + CLIPPED, fn, _stores_clipped(q, k, v, table, options))
             triton_only = dataclasses.replace(config, resident_fwd_max_n=gluon_fwd.MAX_N,
                                               resident_train_max_n=gluon_fwd.MAX_N)
@@ -182,16 +182,14 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
         elif s.N <= gluon_fwd.RESIDENT_MAX_N:  # the kernel serving this length, then the long one forced
             add("gluon resident", fn, err=_check("gluon resident", fn, q, k, v, table))
             add("gluon resident, no RoPE", no_rope, rope=False)
-            # as shipped and warp-specialized (`resident_warp_specialized`): inference with and without RoPE, training
-            for ws in (False, True):
-                for name, rope, save in (("gluon resident", True, False), ("gluon resident, no RoPE", False, False),
-                                         ("gluon resident training", True, True)):
-                    if not ws and not save:
-                        continue  # above
-                    if ws:  # "..., ws" (the summary's variants of their pass)
-                        name = "gluon resident, ws, no RoPE" if not rope else name + ", ws"
-                    fn = functools.partial(_resident_o, q, k, v, table if rope else None, qk_scale, save, ws)
-                    add(name, fn, rope=rope, err=_check(name, fn, q, k, v, table if rope else None))
+            # the training form, then warp-specialized (`resident_warp_specialized`; "..., ws": the summary's
+            # variants of their pass): (name, RoPE, training, warp-specialized)
+            for name, rope, save, ws in (("gluon resident training", True, True, False),
+                                         ("gluon resident, ws", True, False, True),
+                                         ("gluon resident, ws, no RoPE", False, False, True),
+                                         ("gluon resident training, ws", True, True, True)):
+                fn = functools.partial(_resident_o, q, k, v, table if rope else None, qk_scale, save, ws)
+                add(name, fn, rope=rope, err=_check(name, fn, q, k, v, table if rope else None))
         # (rope, save_rotated: the training forward, which writes the rotated q and k too, early release, groups,
         # swapped tail: with groups where the last 64-row slice holds at most 16 rows); groups need early release
         # (each row is a kernel of its own to compile)
@@ -209,7 +207,7 @@ def run_shape(s: benchkit.Shape, groups=(0,), v_slots=(4,), overlap=False, clipp
             print(f"  {s} {name}: rel_l2 vs float64 {err:.2e}", flush=True)
             add(name, fn, rope=rope, err=err)
             if clipped and save:
-                options = LongOptions(early, gluon_fwd.LONG_MIN_N, g, tail)
+                options = GluonOptions(early, gluon_fwd.LONG_MIN_N, g, tail)
                 add(name + CLIPPED, fn, _stores_clipped(q, k, v, table, options))
     for impl in ("attnhub", "attnhub:triton_fa_rope", "attnhub:triton_rope_sdpa", "sdpa_cudnn", "timm_compiled"):
         built = bench.build(impl, s, dev)

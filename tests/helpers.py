@@ -192,3 +192,12 @@ def plan_as_compiled(monkeypatch) -> None:
 
     monkeypatch.setattr(launch, "INTERPRET", False)
     monkeypatch.setattr(launch, "_meta_for", functools.lru_cache(maxsize=None)(launch._meta_for.__wrapped__))
+
+
+def resident_kernel(config=None) -> str:
+    """The name of the resident Gluon forward (N <= 256) that `config` (default: Hopper's table at D = 64) runs: its
+    warp-specialized form where `resident_warp_specialized` is on."""
+    from attnhub.backends.triton_fa_rope import configs
+
+    config = config or configs.for_arch(9, 64)
+    return "resident_ws_fwd_kernel" if config.resident_warp_specialized else "resident_fwd_kernel"

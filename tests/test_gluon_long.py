@@ -78,14 +78,14 @@ def test_clipped_stores_give_the_training_plan_one_heads_buffer_for_the_rotated_
     head's buffer ([1, N, 1, D] as TMA reads it: every other head's boxes clipped), with the plan's block shapes;
     after it the plan's own makers again; the ablation's rows are no pass's variants."""
     from attnhub.backends.triton_fa_rope import launch
-    from attnhub.backends.triton_fa_rope.configs import LongOptions
+    from attnhub.backends.triton_fa_rope.configs import GluonOptions
 
     plan_as_compiled(monkeypatch)
     gluon_long, gluon_fwd = load_script("gluon_long"), launch._gluon("gluon_fwd")
     gen = torch.Generator().manual_seed(0)
     q, k, v = make_qkv("fused", 2, 3, 577, 64, torch.bfloat16, gen)
     table = make_table(Shape(2, 3, (24, 24), 1, 64, "interleaved"), gen)
-    options = LongOptions(True, 257, 3)
+    options = GluonOptions(True, 257, 3)
     swapped = gluon_long._stores_clipped(q, k, v, table, options)
     plan = gluon_fwd._plan(q, k, v, table, gluon_fwd._tables(table, q.dtype)[0], True, options)
     full = torch.empty(q.shape, dtype=q.dtype)

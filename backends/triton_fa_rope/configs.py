@@ -25,8 +25,8 @@ LONG_ATTEND_GROUPS = (0, 3)  # `long_attend_groups`: one partition of two warpgr
 STREAM_V_SLOTS = (2, 3, 4, 5)  # `stream_v_slots`: V boxes in the streaming Gluon forward's ring
 
 
-class LongOptions(NamedTuple):
-    """The switches of the long Gluon forwards (`gluon_fwd`), as `ArchConfigs.long_options` gathers them from its
+class GluonOptions(NamedTuple):
+    """The switches of the Gluon forwards (`gluon_fwd`), as `ArchConfigs.gluon_options` gathers them from its
     fields: early_release (`long_early_release`), from_n (`gluon_long_from_n`), attend_groups
     (`long_attend_groups`), swap_tail (`long_swap_tail`) of the long kernel; v_slots (`stream_v_slots`) and
     overlap (`stream_overlap`) of the streaming one; resident_ws (`resident_warp_specialized`) of the resident one."""
@@ -140,11 +140,11 @@ class ArchConfigs:
                 raise ValueError(f"triton_fa_rope: {name}={getattr(self, name)!r}; True or False")
 
     @functools.cached_property
-    def long_options(self) -> LongOptions:
-        """The long Gluon forwards' switches (built once per table)."""
-        return LongOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
-                           self.long_swap_tail, self.stream_v_slots, self.stream_overlap,
-                           self.resident_warp_specialized)
+    def gluon_options(self) -> GluonOptions:
+        """The Gluon forwards' switches (built once per table)."""
+        return GluonOptions(self.long_early_release, self.gluon_long_from_n, self.long_attend_groups,
+                            self.long_swap_tail, self.stream_v_slots, self.stream_overlap,
+                            self.resident_warp_specialized)
 
 
 K = KernelConfig

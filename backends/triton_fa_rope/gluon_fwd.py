@@ -11,12 +11,13 @@ input dtype, as a rotation pass would), and each warpgroup runs S = Q K^T over 6
 softmax, P staying in registers as wgmma's A operand. TMA reads 4-D descriptors over [B, N, H, D]: rows past N
 arrive as zeros, no other sample is read. `resident_fwd_kernel` serves N <= 256 (Q, K and V of a head whole, the
 next head's loads in flight; as Hopper's table has it (`resident_warp_specialized`), `resident_ws_fwd_kernel`: a
-warpgroup loads and rotates the next head while two attend this one), `long_fwd_kernel` 256 < N <= 640 (warp-specialized: a producer warpgroup loads and
-rotates K/V boxes and query slices; as Hopper's table has it (`long_attend_groups` = 3), three warpgroups attend as
-partitions of their own on 64-row slices, handing the K/V boxes back box by box (`long_early_release`); with 0, two
-warpgroups attend 128-row slices as one partition; with `long_swap_tail` a last slice of at most 16 rows runs with
-the keys as the MMA's rows); `stream_fwd_kernel` 640 < N <= 1152 (K resident, V through a ring of boxes, three attending
-warpgroups on a round of three 64-row slices at a time).
+warpgroup loads and rotates the next head while two attend this one), `long_fwd_kernel` 256 < N <= 640
+(warp-specialized: a producer warpgroup loads and rotates K/V boxes and query slices; as Hopper's table has it
+(`long_attend_groups` = 3), three warpgroups attend as partitions of their own on 64-row slices, handing the K/V
+boxes back box by box (`long_early_release`); with 0, two warpgroups attend 128-row slices as one partition; with
+`long_swap_tail` a last slice of at most 16 rows runs with the keys as the MMA's rows); `stream_fwd_kernel` 640 < N
+<= 1152 (K resident, V through a ring of boxes, three attending warpgroups on a round of three 64-row slices at a
+time).
 
 Only `launch.forward` calls them, for the calls they can take (`eligible`): no key padding mask, equal head counts,
 interleaved RoPE with one table (or one per head) or none, bf16/fp16, D = 64, N_Q = N_KV <= 1152, TMA-aligned
@@ -38,7 +39,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnhub.backends import _triton_runtime as runtime
-from attnhub.backends.triton_fa_rope.configs import LongOptions
+from attnhub.backends.triton_fa_rope.configs import GluonOptions
 from attnhub.backends.triton_fa_rope.gluon_kernels import (BLOCK_N, WS_ROT_ROWS, resident_fwd_kernel,
                                                              resident_ws_fwd_kernel)
 from attnhub.backends.triton_fa_rope.gluon_kernels import WS_MAXNREG as RESIDENT_WS_MAXNREG
@@ -173,7 +174,8 @@ class _Plan:
 _PLANS: dict = {}  # call signature -> _Plan or None (`runtime.remember`)
 
 
-def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions = LongOptions()) -> _Plan | None:
+def _plan(q, k, v, rope, cos, save_rotated: bool = False,
+          options: GluonOptions = GluonOptions()) -> _Plan | None:
     """The plan of this call's signature, or None when the kernel cannot take it: q, k, v [B, H, N, D] alike in
     shape and dtype (bf16 or fp16), D = 64, 0 < N <= STREAM_MAX_N, TMA-readable strides; rope None or interleaved
     with one table or one per head. cos: the table as the kernel reads it (`_tables`); save_rotated: write the
@@ -185,7 +187,7 @@ def _plan(q, k, v, rope, cos, save_rotated: bool = False, options: LongOptions =
     stream = MAX_N < N <= STREAM_MAX_N  # past it: no plan (`_takes`)
     v_slots, overlap = (stream_v_slots(N, options.v_slots), options.overlap) if stream else (0, False)
     if N > MAX_N:  # the long kernel's switches do not apply
-        options = LongOptions()
+        options = GluonOptions()
     # every group needs a slice of each head (N > 64 * (groups - 1)); the long kernel's N >= 128 gives it for 2
     groups = options.attend_groups if long and N > GROUP_SLICE * (options.attend_groups - 1) else 0
     # one query slice has no last slice apart from its first (with groups each has its own last slice)
@@ -237,13 +239,13 @@ def eligible(q, k, v, rope, key_padding_mask) -> bool:
 
 
 def forward(q, k, v, rope, qk_scale: float, launch, save_rotated: bool = False,
-            options: LongOptions = LongOptions()):
+            options: GluonOptions = GluonOptions()):
     """q, k, v: [B, H, N, D], rope: a table with cos, sin [N - P, D/2] or [H, N - P, D/2], or None ->
     o [B, H, N, D] laid out [B, N, H, D], lse [B*H, N] fp32 (base 2) and, with save_rotated and rope, the rotated
     q and k [B, H, N, D] (contiguous, q's dtype; else q and k themselves); None when the kernel cannot take the call
     (`eligible`, given a call without a mask) or while its kernel compiles in the background (`runtime.compiling`:
     the Triton forward serves those calls). qk_scale: scale * log2(e); options: the long kernels' switches from
-    the config table (`ArchConfigs.long_options`; its from_n: the long kernel from that length on, the resident one
+    the config table (`ArchConfigs.gluon_options`; its from_n: the long kernel from that length on, the resident one
     serving up to `RESIDENT_MAX_N` tokens, the long one from `LONG_MIN_N`; attend_groups: one of
     `configs.LONG_ATTEND_GROUPS`, groups with early_release, as `ArchConfigs` checks them; v_slots, overlap: the
     streaming kernel's V ring and key loop past `MAX_N` tokens, `stream_v_slots`, `stream_overlap`)."""

@@ -10,8 +10,7 @@ this module's layouts, table load and key-chunk steps.
                          others attend this one.
 
 Read top-down: layouts, RoPE on shared memory, the scores / softmax / P V steps, the resident kernel, its
-warp-specialized form. Written
-against Triton 3.6; names that 3.7+ renamed are aliased below.
+warp-specialized form. Written against Triton 3.6; names that 3.7+ renamed are aliased below.
 """
 
 from __future__ import annotations
@@ -278,6 +277,21 @@ def _head(q_s4, k_s4, v_s4, bar_qk, bar_v, phase, o_desc, qr_desc, kr_desc, lse_
 
 
 @gluon.jit
+def _head_slots(q_desc, k_desc, v_desc, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
+                ROT_ROWS: gl.constexpr, ROT_CHUNKS: gl.constexpr):
+    """The resident kernels' two slots of a head's Q, K and V ([2, 1, BLOCK, 1, D] each, as the descriptors' blocks),
+    once the key chunks and rotation steps are checked to fit BLOCK rows and the warps to tile them."""
+    BLOCK: gl.constexpr = q_desc.block_type.shape[1]
+    D: gl.constexpr = q_desc.block_type.shape[3]
+    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
+    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
+    gl.static_assert(BLOCK % (16 * gl.num_warps()) == 0)
+    return (gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout),
+            gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout),
+            gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout))
+
+
+@gluon.jit
 def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_ptr, cos_ptr, sin_ptr, stab_h, stab_n,
                         H, N, P, n_heads, qk_scale, N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr,
                         ROPE: gl.constexpr, SAVE_ROT: gl.constexpr, ROT_ROWS: gl.constexpr,
@@ -286,15 +300,8 @@ def resident_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse_pt
     flight (two buffers) while one computes. Keys: N_FULL unmasked chunks of BLOCK_N, one unmasked chunk of MID_N
     (0: none), one masked chunk of TAIL_N (0: none); descriptors' blocks [1, BLOCK, 1, D], BLOCK = pow2 >= N.
     SAVE_ROT: the rotated q and k are written to qr_desc, kr_desc too (`_head`)."""
-    BLOCK: gl.constexpr = q_desc.block_type.shape[1]
-    D: gl.constexpr = q_desc.block_type.shape[3]
     num_warps: gl.constexpr = gl.num_warps()
-    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
-    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
-    gl.static_assert(BLOCK % (16 * num_warps) == 0)
-    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
-    k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
-    v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
+    q_buf, k_buf, v_buf = _head_slots(q_desc, k_desc, v_desc, N_FULL, MID_N, TAIL_N, ROT_ROWS, ROT_CHUNKS)
     bars_qk = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     bars_v = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
@@ -384,7 +391,7 @@ def _ws_attend_heads(q_buf, k_buf, v_buf, o_buf, bars, o_desc, lse_ptr, H, N, n_
                      N_FULL: gl.constexpr, MID_N: gl.constexpr, TAIL_N: gl.constexpr, num_warps: gl.constexpr):
     """The attending warps: per head, once its Q and K are rotated (qk_ready) and V has landed, the key chunks as
     `_head` runs them; the slot handed back (slot_free) before the epilogue, o by TMA through o_buf."""
-    qk_loaded, v_ready, qk_ready, slot_free = bars
+    _, v_ready, qk_ready, slot_free = bars
     BLOCK: gl.constexpr = q_buf.shape[2]
     D: gl.constexpr = q_buf.shape[4]
     o_s = o_buf.reshape([BLOCK, D])
@@ -431,12 +438,7 @@ def resident_ws_fwd_kernel(q_desc, k_desc, v_desc, o_desc, qr_desc, kr_desc, lse
     BLOCK: gl.constexpr = q_desc.block_type.shape[1]
     D: gl.constexpr = q_desc.block_type.shape[3]
     num_warps: gl.constexpr = gl.num_warps()
-    gl.static_assert(N_FULL * _BLOCK_N + MID_N + TAIL_N <= BLOCK)
-    gl.static_assert(ROT_ROWS * ROT_CHUNKS <= BLOCK)
-    gl.static_assert(BLOCK % (16 * num_warps) == 0)
-    q_buf = gl.allocate_shared_memory(q_desc.dtype, [2, 1, BLOCK, 1, D], q_desc.layout)
-    k_buf = gl.allocate_shared_memory(k_desc.dtype, [2, 1, BLOCK, 1, D], k_desc.layout)
-    v_buf = gl.allocate_shared_memory(v_desc.dtype, [2, 1, BLOCK, 1, D], v_desc.layout)
+    q_buf, k_buf, v_buf = _head_slots(q_desc, k_desc, v_desc, N_FULL, MID_N, TAIL_N, ROT_ROWS, ROT_CHUNKS)
     o_buf = gl.allocate_shared_memory(o_desc.dtype, [1, BLOCK, 1, D], o_desc.layout)
     qk_loaded = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())

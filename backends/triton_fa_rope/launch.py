@@ -163,7 +163,7 @@ def forward(q, k, v, rope, scale, save_rotated: bool, config: ArchConfigs, launc
         if training and first is not None and N_KV >= first:
             return _rotated_first(q, k, v, rope, scale, config, launch)
         out = resident.forward(q, k, v, rope, scale * LOG2E, launch, save_rotated,  # None: it cannot take the call now
-                               config.long_options)
+                               config.gluon_options)
         if out is not None:
             return out
     cx = meta(q, rope)

@@ -310,8 +310,9 @@ def matrix_jobs(rotate: bool = True) -> list[tuple[str, str, list[Launch]]]:
              for case, (grid, P) in STREAM_GLUON.items()]
     jobs += [("d64_bf16_interleaved_n1029", "stream_gluon_rotate_first",  # the table's training past 640 tokens:
               training_step_launches(*case_inputs(*CASES["d64_bf16_interleaved"], grid=(32, 32), P=5)))]  # the pass
-    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_resident_ws",  # the resident kernel warp-specialized
-              training_step_launches(*case_inputs(*CASES[case], grid=grid), resident_warp_specialized=True))
+    jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_resident_plain",  # the resident kernel without its
+              training_step_launches(*case_inputs(*CASES[case], grid=grid),  # rotating warpgroup (the table's: with)
+                                     resident_warp_specialized=False))
              for case, grid in (("d64_bf16_interleaved", (14, 14)), ("d64_bf16_perhead", (1, 99)))]
     jobs += [(f"{case}_n{1 + grid[0] * grid[1]}", "gluon_bwd_whole_tail",  # the Gluon backward, last blocks whole,
               training_step_launches(*case_inputs(*CASES[case], grid=grid), narrow_tail=False,  # the delta pass

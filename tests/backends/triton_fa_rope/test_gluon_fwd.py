@@ -18,9 +18,10 @@ from attnhub import settings
 from attnhub.backends import _triton_runtime as runtime
 from attnhub.backends.triton_fa_rope import configs, launch
 from attnhub.backends.triton_fa_rope.launch import Table
-from attnhub.backends.triton_fa_rope.configs import LongOptions
+from attnhub.backends.triton_fa_rope.configs import GluonOptions
 from attnhub.rope import apply_rope_qk
-from tests.helpers import Shape, assert_close_rel, make_emb, make_qkv, make_table, plan_as_compiled
+from tests.helpers import (Shape, assert_close_rel, make_emb, make_qkv, make_table, plan_as_compiled,
+                           resident_kernel)
 
 gluon_fwd = launch._gluon("gluon_fwd")
 pytestmark = pytest.mark.skipif(gluon_fwd is None, reason="this Triton has no Gluon Hopper API")
@@ -38,7 +39,7 @@ def _table(N, P=1, layout="interleaved", per_head=False, H=3):
 def _plan(q, k, v, table, save_rotated=False, early_release=False, long_from_n=257, attend_groups=0,
           swap_tail=False, v_slots=4, overlap=False, resident_ws=False):
     cos = None if table is None else gluon_fwd._tables(table, q.dtype)[0]
-    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, LongOptions(
+    return gluon_fwd._plan(q, k, v, table, cos, save_rotated, GluonOptions(
         early_release, long_from_n, attend_groups, swap_tail, v_slots, overlap, resident_ws))
 
 
@@ -117,7 +118,7 @@ def test_the_warp_specialized_resident_kernel_is_the_config_tables_switch():
     kernel, its register cap, the rotating warpgroup's step as ROT_ROWS, and the scale S takes as an argument (1.0
     where q carries it: inference with RoPE); the long kernel's plans are the ones without it."""
     with configs.override(resident_warp_specialized=True):
-        options = configs.for_call(torch.device("cpu"), 64).long_options
+        options = configs.for_call(torch.device("cpu"), 64).gluon_options
     assert options.resident_ws is True
     for N in (1, 17, 197, 256):
         q, k, v = _inputs(N=N)
@@ -268,20 +269,20 @@ def test_other_stream_ring_depths_are_refused_with_the_fields_name(v_slots):
 
 
 def test_the_ring_depth_reaches_the_plan_from_the_config_table(monkeypatch):
-    """`stream_v_slots` travels in `long_options` to `gluon_fwd.forward`'s plan."""
+    """`stream_v_slots` travels in `gluon_options` to `gluon_fwd.forward`'s plan."""
     plan_as_compiled(monkeypatch)
     q, k, v = _inputs(N=1029)
     table = _table(1029)
     for v_slots in (3, 5):
         config = dataclasses.replace(configs.for_arch(9, 64), resident_fwd_max_n=1152, stream_v_slots=v_slots)
-        assert config.long_options.v_slots == v_slots
+        assert config.gluon_options.v_slots == v_slots
         with runtime.recording(run=False) as launches:
             launch.forward(q, k, v, table, 0.125, False, config)
         assert [(x.name, x.constexprs["V_SLOTS_"]) for x in launches] == [("stream_fwd_kernel", v_slots)]
 
 
 def test_the_overlapped_key_loop_reaches_the_streaming_plan_only(monkeypatch):
-    """`stream_overlap` travels in `long_options` to the streaming kernel's plan (OVERLAP_); shorter calls' plans,
+    """`stream_overlap` travels in `gluon_options` to the streaming kernel's plan (OVERLAP_); shorter calls' plans,
     the resident and long kernels', do not take it."""
     plan_as_compiled(monkeypatch)
     for N, kernel, overlap in ((1029, "stream_fwd_kernel", True), (577, "long_fwd_kernel", None),
@@ -466,7 +467,7 @@ FLOAT64_CASES = [
 EARLY_CASES = [case for case in FLOAT64_CASES if 256 < case[0] <= gluon_fwd.MAX_N]
 STREAM_CASES = [case for case in FLOAT64_CASES if case[0] > gluon_fwd.MAX_N]
 HOPPER = configs.for_arch(9, 64)
-RESIDENT = "resident_ws_fwd_kernel" if HOPPER.resident_warp_specialized else "resident_fwd_kernel"  # the table's
+RESIDENT = resident_kernel(HOPPER)  # the table's
 TABLE_VARIANT = (HOPPER.long_early_release, HOPPER.long_attend_groups, HOPPER.long_swap_tail, HOPPER.stream_overlap)
 LONG_VARIANTS = [(False, 0, False), (True, 0, False), (True, 3, True)]  # beside the table's
 
@@ -501,7 +502,7 @@ def test_matches_math_in_float64(dtype, N, P, table_kind, kind, early, groups, t
     assert gluon_fwd.eligible(q, k, v, table, None)
     scale = 64 ** -0.5
     o, lse, _ = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch,  # NaN-filled (nan_empty)
-                                  options=LongOptions(early, attend_groups=groups, swap_tail=tail, overlap=overlap))
+                                  options=GluonOptions(early, attend_groups=groups, swap_tail=tail, overlap=overlap))
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
     lse_ref = torch.logsumexp(qd @ kd.transpose(-1, -2) * scale, -1) * launch.LOG2E  # base 2, as the kernels keep it
@@ -529,9 +530,9 @@ def test_a_negative_scale_takes_the_row_min_of_the_raw_scores(N, nan_empty):
 
     with settings.override(background_compile=False):
         o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, True,
-                                             HOPPER.long_options)
+                                             HOPPER.gluon_options)
         o_plain, lse_plain, _ = gluon_fwd.forward(q, k, v, None, scale * launch.LOG2E, runtime.launch, False,
-                                                  HOPPER.long_options)
+                                                  HOPPER.gluon_options)
     for (got_o, got_lse), (ref_o, ref_lse), form in (((o, lse), reference(qr, kr), "training form"),
                                                      ((o_plain, lse_plain), reference(q, k), "without RoPE")):
         assert_close_rel(got_o, ref_o, q.dtype, f"o, {form}")
@@ -601,7 +602,7 @@ def test_the_warp_specialized_resident_kernel_matches_math_in_float64(dtype, N, 
     scale = 64 ** -0.5
     with runtime.recording() as launches:
         o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
-                                             LongOptions(resident_ws=True))
+                                             GluonOptions(resident_ws=True))
     assert [x.name for x in launches] == ["resident_ws_fwd_kernel"]
     assert_close_rel(o, _reference(q, k, v, table), dtype, "o")
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
@@ -622,7 +623,7 @@ def test_training_through_the_warp_specialized_resident_kernel(N):
     """The table's training call with `resident_warp_specialized`: the forward through it, the backward reading the
     rotated q and k it saved, o and the gradients against float64."""
     _check_training(torch.bfloat16, N, 1, "shared", "fused", dict(resident_warp_specialized=True),
-                    rotated_first=False, kernel="resident_ws_fwd_kernel")
+                    rotated_first=False)
 
 
 @pytest.mark.gpu
@@ -662,10 +663,9 @@ def test_training_after_the_rotation_pass_matches_math_in_float64(dtype, N, P, t
     _check_training(dtype, N, P, table_kind, kind, dict(gluon_prerotate_train_from_n=0), rotated_first=True)
 
 
-def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: bool, kernel: str | None = None):
+def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: bool):
     """`launch.forward` in training with the config table's `fields` (the Gluon forwards at every length they
-    serve): its launches (kernel: the Gluon forward expected; default: the one the length picks), the rotated q and
-    k, o and lse against float64; then `attnhub.attention`'s gradients."""
+    serve): its launches, the rotated q and k, o and lse against float64; then `attnhub.attention`'s gradients."""
     gen = torch.Generator().manual_seed(N + 1)
     B, H = 20, 8
     q, k, v, table = _case_inputs(dtype, N, P, table_kind, kind, B, H, gen)
@@ -674,9 +674,8 @@ def _check_training(dtype, N, P, table_kind, kind, fields: dict, rotated_first: 
     config = dataclasses.replace(configs.for_call(q.device, 64), **lengths, **fields)
     with runtime.recording() as launches:
         o, lse, (qr, kr) = launch.forward(q, k, v, table, scale, True, config)
-    resident = "resident_ws_fwd_kernel" if config.resident_warp_specialized else "resident_fwd_kernel"
-    kernel = kernel or (resident if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel" if N <= gluon_fwd.MAX_N
-                        else "stream_fwd_kernel")
+    kernel = (resident_kernel(config) if N <= gluon_fwd.RESIDENT_MAX_N else "long_fwd_kernel"
+              if N <= gluon_fwd.MAX_N else "stream_fwd_kernel")
     kernels = ["rotate_kernel", kernel] if rotated_first else [kernel]
     assert [x.name for x in launches] == kernels
     qd, kd = (q.double(), k.double()) if table is None else apply_rope_qk(q.double(), k.double(), table)
@@ -739,7 +738,7 @@ def test_long_kernel_over_many_heads_per_program(early, groups, tail, save_rotat
     table = make_table(Shape(B, H, (24, 24), 1, 64, "interleaved"), gen)
     scale = 64 ** -0.5
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, scale * launch.LOG2E, runtime.launch, save_rotated,
-                                         LongOptions(early, attend_groups=groups, swap_tail=tail))
+                                         GluonOptions(early, attend_groups=groups, swap_tail=tail))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 
@@ -755,7 +754,7 @@ def test_the_overlapped_key_loop_computes_what_the_plain_one_does(N, save_rotate
     q, k, v = make_qkv("fused", 20, 8, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(20, 8, (1, N - 1), 1, 64, "interleaved"), gen)
     plain, overlapped = (gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                           LongOptions(overlap=overlap)) for overlap in (False, True))
+                                           GluonOptions(overlap=overlap)) for overlap in (False, True))
     torch.testing.assert_close(overlapped[0], plain[0], rtol=2 ** -7, atol=1e-6)
     torch.testing.assert_close(overlapped[1], plain[1], rtol=1e-6, atol=1e-6)
     if save_rotated:  # the producer's work, which the key loop does not touch
@@ -781,7 +780,7 @@ def test_streaming_kernel_over_many_heads_per_program(save_rotated, v_slots, ove
     assert plan.kernel is gluon_fwd.stream_fwd_kernel
     assert (plan.constexprs["V_SLOTS_"], plan.constexprs["OVERLAP_"]) == (v_slots, overlap)
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
-                                         LongOptions(v_slots=v_slots, overlap=overlap))
+                                         GluonOptions(v_slots=v_slots, overlap=overlap))
     _check_first_and_last_samples(q, k, v, table, o, lse, qr, kr, save_rotated)
 
 
@@ -799,7 +798,7 @@ def test_the_long_kernel_from_128_tokens_matches_math(N, early, groups, tail, sa
     B, H = 20, 8
     q, k, v = make_qkv("fused", B, H, N, 64, torch.bfloat16, gen)
     table = make_table(Shape(B, H, (1, N - 1), 1, 64, "interleaved"), gen)
-    options = LongOptions(early, 128, groups, tail)
+    options = GluonOptions(early, 128, groups, tail)
     assert _plan(q, k, v, table, save_rotated, *options).kernel is gluon_fwd.long_fwd_kernel
     o, lse, (qr, kr) = gluon_fwd.forward(q, k, v, table, 64 ** -0.5 * launch.LOG2E, runtime.launch, save_rotated,
                                          options)

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from attnhub.backends.triton_fa_rope import configs
+from tests.helpers import resident_kernel
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[3]
-# the resident Gluon forward Hopper's table runs (warp-specialized or not)
-RESIDENT = "resident_ws_fwd_kernel" if configs.for_arch(9, 64).resident_warp_specialized else "resident_fwd_kernel"
+RESIDENT = resident_kernel()  # the resident Gluon forward Hopper's table runs
 _MATRIX: dict = {}  # the running compile processes (`start_matrix`): folder, [(process, stdout file, stderr file)]
 
 
@@ -101,6 +100,9 @@ def test_every_launch_compiles_for_sm90():
     # inference at N = 197, D = 64: the Gluon forward, shared and per-head tables, bf16 and fp16
     for case in ("d64_bf16_interleaved", "d64_bf16_perhead", "d64_fp16_interleaved"):
         assert (case, "default", RESIDENT) in compiled
+    # and its form without the rotating warpgroup (shared and per-head tables)
+    for case in ("d64_bf16_interleaved_n197", "d64_bf16_perhead_n100"):
+        assert (case, "gluon_resident_plain", "resident_fwd_kernel") in compiled
     # longer inference with the Gluon forward enabled up to 640 tokens: its long kernel (N = 577, 401, 641 -> 640
     # is the Triton forward's)
     for case in ("d64_bf16_interleaved_n577", "d64_bf16_perhead_n401"):
